@@ -1,0 +1,37 @@
+"""Evaluation of segmentations: numpy metrics on hard masks, and the reports built on them."""
+
+from medseg.evaluation.metrics import (
+    classification_metrics,
+    dice_score,
+    evaluate_case,
+    hausdorff_distance_95,
+    iou_score,
+    precision_score,
+    recall_score,
+    volume_ml,
+)
+from medseg.evaluation.reports import (
+    DEFAULT_SUMMARY_METRICS,
+    choose_overlay_slice,
+    flatten_summary,
+    plot_overlays,
+    plot_training_curves,
+    summarize_metrics,
+)
+
+__all__ = [
+    "DEFAULT_SUMMARY_METRICS",
+    "choose_overlay_slice",
+    "classification_metrics",
+    "dice_score",
+    "evaluate_case",
+    "flatten_summary",
+    "hausdorff_distance_95",
+    "iou_score",
+    "plot_overlays",
+    "plot_training_curves",
+    "precision_score",
+    "recall_score",
+    "summarize_metrics",
+    "volume_ml",
+]

@@ -1,0 +1,388 @@
+"""Evaluation metrics on hard binary masks and on per-case classification scores.
+
+All segmentation metrics take hard masks of one structure: arrays of shape (X, Y, Z) (any
+number of dimensions works, as long as `spacing` has one entry per axis) of bool or integer
+dtype, where every non-zero voxel is foreground. A float mask is accepted only if it holds
+nothing but 0 and 1; threshold probabilities first (`probabilities >= 0.5`).
+
+Spacing is the voxel size in mm per axis, in the same axis order as the array. Distances are
+returned in mm, volumes in ml (1 ml = 1000 mm³).
+
+Empty masks follow one convention everywhere (see DESIGN.md, section 4):
+
+=========================  ======  ======  ===========  ==============  ==============
+case                       dice    iou     hd95_mm      precision       recall
+=========================  ======  ======  ===========  ==============  ==============
+both empty                 NaN     NaN     NaN          NaN             NaN
+only the reference empty   0.0     0.0     NaN          0.0             NaN
+only the prediction empty  0.0     0.0     NaN          NaN             0.0
+=========================  ======  ======  ===========  ==============  ==============
+
+NaN means "undefined for this case": the summary leaves it out of the mean and counts it as
+missing (`medseg.evaluation.reports.summarize_metrics`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from scipy import ndimage, stats
+
+from medseg.errors import GeometryMismatchError, InvalidLabelError
+
+__all__ = [
+    "classification_metrics",
+    "dice_score",
+    "evaluate_case",
+    "hausdorff_distance_95",
+    "iou_score",
+    "precision_score",
+    "recall_score",
+    "volume_ml",
+]
+
+Spacing = Sequence[float]
+
+
+def _as_mask(mask: np.ndarray, name: str) -> np.ndarray:
+    """Return `mask` as a bool array (non-zero is foreground).
+
+    Raises:
+        InvalidLabelError: if `mask` is floating point with values other than 0 and 1.
+    """
+    array = np.asarray(mask)
+    if array.dtype == bool:
+        return array
+    if np.issubdtype(array.dtype, np.floating) and not np.isin(array, (0.0, 1.0)).all():
+        raise InvalidLabelError(
+            f"The {name} mask holds values other than 0 and 1 (dtype {array.dtype}). "
+            "Pass a hard mask: threshold probabilities first, e.g. `probabilities >= 0.5`."
+        )
+    return array != 0
+
+
+def _as_mask_pair(reference: np.ndarray, prediction: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Return both masks as bool arrays after checking that their shapes agree."""
+    reference_mask = _as_mask(reference, "reference")
+    prediction_mask = _as_mask(prediction, "prediction")
+    if reference_mask.shape != prediction_mask.shape:
+        raise GeometryMismatchError(
+            f"The reference mask has shape {reference_mask.shape} but the prediction has shape "
+            f"{prediction_mask.shape}. Map the prediction back to the reference geometry "
+            "(undo resampling and reorientation) before evaluating."
+        )
+    return reference_mask, prediction_mask
+
+
+def _as_spacing(spacing: Spacing, ndim: int) -> np.ndarray:
+    """Return `spacing` as a float64 vector of length `ndim` with positive, finite entries."""
+    values = np.asarray(spacing, dtype=np.float64).reshape(-1)
+    if values.size != ndim:
+        raise GeometryMismatchError(
+            f"Spacing {tuple(values.tolist())} has {values.size} entries but the masks have "
+            f"{ndim} axes. Give one voxel size in mm per axis, e.g. from the NIfTI header zooms."
+        )
+    if not (np.isfinite(values).all() and (values > 0).all()):
+        raise GeometryMismatchError(
+            f"Spacing {tuple(values.tolist())} must be positive and finite (mm per axis). "
+            "Check the voxel sizes in the image header."
+        )
+    return values
+
+
+def _overlap_counts(reference: np.ndarray, prediction: np.ndarray) -> tuple[int, int, int]:
+    """Return (|A|, |B|, |A∩B|) in voxels for bool masks A = reference, B = prediction."""
+    n_reference = int(np.count_nonzero(reference))
+    n_prediction = int(np.count_nonzero(prediction))
+    n_both = int(np.count_nonzero(reference & prediction))
+    return n_reference, n_prediction, n_both
+
+
+def _ratio(numerator: int, denominator: int) -> float:
+    """Return numerator / denominator, or NaN when the denominator is 0."""
+    return float(numerator / denominator) if denominator else float("nan")
+
+
+def dice_score(reference: np.ndarray, prediction: np.ndarray) -> float:
+    """Dice similarity coefficient 2|A∩B| / (|A| + |B|) of two hard masks.
+
+    Args:
+        reference: ground-truth mask A, shape (X, Y, Z), bool or integer (non-zero = foreground).
+        prediction: predicted mask B, same shape as `reference`.
+
+    Returns:
+        Dice in [0, 1]. NaN when both masks are empty (undefined, left out of the mean);
+        0.0 when exactly one of them is empty.
+
+    Raises:
+        GeometryMismatchError: if the shapes differ.
+    """
+    n_reference, n_prediction, n_both = _overlap_counts(*_as_mask_pair(reference, prediction))
+    return _ratio(2 * n_both, n_reference + n_prediction)
+
+
+def iou_score(reference: np.ndarray, prediction: np.ndarray) -> float:
+    """Intersection over union (Jaccard index) |A∩B| / |A∪B| of two hard masks.
+
+    Args:
+        reference: ground-truth mask A, shape (X, Y, Z), bool or integer (non-zero = foreground).
+        prediction: predicted mask B, same shape as `reference`.
+
+    Returns:
+        IoU in [0, 1]. NaN when both masks are empty; 0.0 when exactly one of them is empty.
+
+    Raises:
+        GeometryMismatchError: if the shapes differ.
+    """
+    n_reference, n_prediction, n_both = _overlap_counts(*_as_mask_pair(reference, prediction))
+    return _ratio(n_both, n_reference + n_prediction - n_both)
+
+
+def precision_score(reference: np.ndarray, prediction: np.ndarray) -> float:
+    """Voxel precision |A∩B| / |B| (positive predictive value) of a predicted mask.
+
+    Args:
+        reference: ground-truth mask A, shape (X, Y, Z), bool or integer (non-zero = foreground).
+        prediction: predicted mask B, same shape as `reference`.
+
+    Returns:
+        Precision in [0, 1]. NaN when the prediction is empty (nothing was predicted, so
+        precision is undefined), whatever the reference holds.
+
+    Raises:
+        GeometryMismatchError: if the shapes differ.
+    """
+    _, n_prediction, n_both = _overlap_counts(*_as_mask_pair(reference, prediction))
+    return _ratio(n_both, n_prediction)
+
+
+def recall_score(reference: np.ndarray, prediction: np.ndarray) -> float:
+    """Voxel recall |A∩B| / |A| (sensitivity) of a predicted mask.
+
+    Args:
+        reference: ground-truth mask A, shape (X, Y, Z), bool or integer (non-zero = foreground).
+        prediction: predicted mask B, same shape as `reference`.
+
+    Returns:
+        Recall in [0, 1]. NaN when the reference is empty (there is nothing to find),
+        whatever the prediction holds.
+
+    Raises:
+        GeometryMismatchError: if the shapes differ.
+    """
+    n_reference, _, n_both = _overlap_counts(*_as_mask_pair(reference, prediction))
+    return _ratio(n_both, n_reference)
+
+
+def _mask_surface(mask: np.ndarray) -> np.ndarray:
+    """Return the surface voxels of a bool mask: the mask minus its erosion.
+
+    The erosion uses scipy's default structuring element (face connectivity, the cross) and
+    treats everything outside the array as background, so foreground voxels on the array
+    border are surface voxels. This is MONAI's `get_mask_edges` definition.
+    """
+    return mask & ~ndimage.binary_erosion(mask)
+
+
+def _joint_bounding_box(
+    first: np.ndarray, second: np.ndarray, margin: int
+) -> tuple[slice, ...]:
+    """Return slices of the smallest box holding both non-empty bool masks, padded by `margin`.
+
+    The padded box is clipped to the array, so a mask touching the array border keeps that
+    border (and the erosion keeps treating it as background beyond).
+    """
+    union = first | second
+    box = []
+    for axis in range(union.ndim):
+        other_axes = tuple(a for a in range(union.ndim) if a != axis)
+        indices = np.flatnonzero(union.any(axis=other_axes))
+        start = max(int(indices[0]) - margin, 0)
+        stop = min(int(indices[-1]) + 1 + margin, union.shape[axis])
+        box.append(slice(start, stop))
+    return tuple(box)
+
+
+def _directed_surface_distances(
+    source_surface: np.ndarray, target_surface: np.ndarray, spacing: np.ndarray
+) -> np.ndarray:
+    """Return the distance in mm from each source surface voxel to the nearest target one.
+
+    Shape (n_source_surface_voxels,), float64. `target_surface` must not be empty.
+    """
+    distance_to_target = ndimage.distance_transform_edt(~target_surface, sampling=spacing)
+    return distance_to_target[source_surface]
+
+
+def hausdorff_distance_95(
+    reference: np.ndarray, prediction: np.ndarray, spacing: Spacing
+) -> float:
+    """95th-percentile symmetric Hausdorff distance between two mask surfaces, in mm.
+
+    Follows MONAI's `compute_hausdorff_distance(percentile=95, directed=False)`:
+
+    1. the surface of a mask is the mask minus its binary erosion (scipy's default cross
+       structuring element; voxels on the array border count as surface);
+    2. for every surface voxel of one mask, the Euclidean distance in mm to the nearest
+       surface voxel of the other mask (`scipy.ndimage.distance_transform_edt` with
+       `sampling=spacing`);
+    3. the 95th percentile (numpy's default linear interpolation) of each direction;
+    4. the larger of the two directed values.
+
+    The distance transform is computed only inside the bounding box of both masks, padded by
+    one voxel. Every surface voxel of both masks lies in that box, so the distance from a box
+    voxel to the nearest surface voxel is the same as over the whole volume: the result is
+    exact, while memory and time scale with the size of the structures, not of the scan.
+
+    Args:
+        reference: ground-truth mask, shape (X, Y, Z), bool or integer (non-zero = foreground).
+        prediction: predicted mask, same shape as `reference`.
+        spacing: voxel size in mm along each axis, e.g. (0.8, 0.8, 2.5) for (X, Y, Z).
+
+    Returns:
+        HD95 in mm (0.0 for identical masks). NaN when either mask is empty: with both empty
+        the distance is undefined, and with exactly one empty it would be infinite; it is
+        reported as missing instead, and the summary counts it under `n_missing`.
+
+    Raises:
+        GeometryMismatchError: if the shapes differ or `spacing` does not have one positive
+            entry per axis.
+    """
+    reference_mask, prediction_mask = _as_mask_pair(reference, prediction)
+    sampling = _as_spacing(spacing, reference_mask.ndim)
+    if not reference_mask.any() or not prediction_mask.any():
+        return float("nan")
+
+    box = _joint_bounding_box(reference_mask, prediction_mask, margin=1)
+    reference_surface = _mask_surface(reference_mask[box])
+    prediction_surface = _mask_surface(prediction_mask[box])
+    reference_to_prediction = _directed_surface_distances(
+        reference_surface, prediction_surface, sampling
+    )
+    prediction_to_reference = _directed_surface_distances(
+        prediction_surface, reference_surface, sampling
+    )
+    return float(
+        max(
+            np.percentile(reference_to_prediction, 95),
+            np.percentile(prediction_to_reference, 95),
+        )
+    )
+
+
+def volume_ml(mask: np.ndarray, spacing: Spacing) -> float:
+    """Volume of a mask in ml: foreground voxel count × voxel volume (mm³) / 1000.
+
+    Args:
+        mask: shape (X, Y, Z), bool or integer (non-zero = foreground).
+        spacing: voxel size in mm along each axis.
+
+    Returns:
+        Volume in ml (cm³); 0.0 for an empty mask.
+
+    Raises:
+        GeometryMismatchError: if `spacing` does not have one positive entry per axis.
+    """
+    foreground = _as_mask(mask, "input")
+    voxel_volume_mm3 = float(np.prod(_as_spacing(spacing, foreground.ndim)))
+    return int(np.count_nonzero(foreground)) * voxel_volume_mm3 / 1000.0
+
+
+def evaluate_case(
+    reference: np.ndarray, prediction: np.ndarray, spacing: Spacing
+) -> dict[str, float | bool]:
+    """All segmentation metrics of one case, as one row of the per-case report.
+
+    Args:
+        reference: ground-truth mask, shape (X, Y, Z), bool or integer (non-zero = foreground).
+        prediction: predicted mask in the same geometry, same shape as `reference`.
+        spacing: voxel size in mm along each axis (of the geometry both masks are in).
+
+    Returns:
+        A dict with plain Python values:
+        `dice`, `iou`, `hd95_mm`, `precision`, `recall` (floats, NaN where undefined; see the
+        module docstring), `reference_ml`, `predicted_ml` (volumes in ml), and
+        `reference_empty`, `prediction_empty` (bools), which tell why a metric is NaN.
+
+    Raises:
+        GeometryMismatchError: if the shapes differ (the message gives both shapes) or
+            `spacing` does not have one positive entry per axis.
+    """
+    reference_mask, prediction_mask = _as_mask_pair(reference, prediction)
+    sampling = _as_spacing(spacing, reference_mask.ndim)
+    n_reference, n_prediction, n_both = _overlap_counts(reference_mask, prediction_mask)
+    voxel_volume_ml = float(np.prod(sampling)) / 1000.0
+    return {
+        "dice": _ratio(2 * n_both, n_reference + n_prediction),
+        "iou": _ratio(n_both, n_reference + n_prediction - n_both),
+        "hd95_mm": hausdorff_distance_95(reference_mask, prediction_mask, sampling),
+        "precision": _ratio(n_both, n_prediction),
+        "recall": _ratio(n_both, n_reference),
+        "reference_ml": n_reference * voxel_volume_ml,
+        "predicted_ml": n_prediction * voxel_volume_ml,
+        "reference_empty": n_reference == 0,
+        "prediction_empty": n_prediction == 0,
+    }
+
+
+def _roc_auc(y_true: np.ndarray, y_score: np.ndarray) -> float:
+    """ROC-AUC by the Mann–Whitney U statistic; ties in `y_score` count one half.
+
+    Equals the probability that a random positive scores higher than a random negative.
+    NaN when only one class is present.
+    """
+    n_positive = int(np.count_nonzero(y_true))
+    n_negative = y_true.size - n_positive
+    if n_positive == 0 or n_negative == 0:
+        return float("nan")
+    ranks = stats.rankdata(y_score)  # average ranks for ties
+    u_statistic = ranks[y_true].sum() - n_positive * (n_positive + 1) / 2.0
+    return float(u_statistic / (n_positive * n_negative))
+
+
+def classification_metrics(
+    y_true: np.ndarray, y_score: np.ndarray, threshold: float = 0.5
+) -> dict[str, float]:
+    """Accuracy, ROC-AUC and F1 of binary scores, e.g. "does this case contain the structure".
+
+    Args:
+        y_true: true labels, shape (N,), values 0/1 or bool.
+        y_score: scores or probabilities, shape (N,), finite; higher means more likely positive.
+        threshold: a sample is predicted positive when `y_score >= threshold`. Used by
+            accuracy and F1; ROC-AUC does not depend on it.
+
+    Returns:
+        A dict of plain floats:
+        `accuracy`: fraction of correct thresholded predictions (NaN when N = 0);
+        `roc_auc`: Mann–Whitney estimate with tied scores counted as one half (average ranks
+            from `scipy.stats.rankdata`); NaN when only one class is present in `y_true`;
+        `f1`: 2TP / (2TP + FP + FN). 0.0 when positives exist but none is predicted (or none
+            of the predicted ones is right); NaN when there are no positives and none is
+            predicted (0 / 0).
+
+    Raises:
+        ValueError: if the shapes differ, `y_true` is not binary or `y_score` is not finite.
+    """
+    labels = np.asarray(y_true).reshape(-1)
+    scores = np.asarray(y_score, dtype=np.float64).reshape(-1)
+    if labels.shape != scores.shape:
+        raise ValueError(
+            f"y_true has {labels.size} values but y_score has {scores.size}; "
+            "give one score per label."
+        )
+    if not np.isin(labels, (0, 1)).all():
+        raise ValueError("y_true must hold only 0 and 1 (or False and True).")
+    if not np.isfinite(scores).all():
+        raise ValueError("y_score holds NaN or infinite values.")
+
+    positives = labels.astype(bool)
+    predicted = scores >= threshold
+    true_positive = int(np.count_nonzero(positives & predicted))
+    false_positive = int(np.count_nonzero(~positives & predicted))
+    false_negative = int(np.count_nonzero(positives & ~predicted))
+    return {
+        "accuracy": _ratio(int(np.count_nonzero(positives == predicted)), labels.size),
+        "roc_auc": _roc_auc(positives, scores),
+        "f1": _ratio(2 * true_positive, 2 * true_positive + false_positive + false_negative),
+    }

@@ -1,0 +1,258 @@
+"""Evaluation reports: the metrics summary, training curves and overlay figures.
+
+Figures are built with matplotlib's object API (`matplotlib.figure.Figure`, rendered by Agg
+when saved), never with pyplot, so no global figure state leaks between nodes or tests. They
+are returned, not written: the Kedro catalog saves them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
+from medseg.errors import ConfigurationError, GeometryMismatchError
+
+__all__ = [
+    "DEFAULT_SUMMARY_METRICS",
+    "choose_overlay_slice",
+    "flatten_summary",
+    "plot_overlays",
+    "plot_training_curves",
+    "summarize_metrics",
+]
+
+DEFAULT_SUMMARY_METRICS: tuple[str, ...] = ("dice", "iou", "hd95_mm", "precision", "recall")
+
+REFERENCE_COLOR = "lime"
+PREDICTION_COLOR = "red"
+
+
+def _new_figure(width_in: float, height_in: float) -> Figure:
+    """Return an empty Figure (size in inches) drawn by the Agg canvas, whatever the backend."""
+    figure = Figure(figsize=(width_in, height_in), layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def _json_float(value: float) -> float | None:
+    """Return `value` as a plain float, or None when it is NaN or infinite (not valid JSON)."""
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _summarize_column(values: pd.Series) -> dict[str, float | int | None]:
+    """Mean, population std, median, n and n_missing of one metric column."""
+    numbers = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64)
+    finite = numbers[np.isfinite(numbers)]
+    if finite.size == 0:
+        mean = std = median = None
+    else:
+        mean = _json_float(finite.mean())
+        std = _json_float(finite.std(ddof=0))
+        median = _json_float(np.median(finite))
+    return {
+        "mean": mean,
+        "std": std,
+        "median": median,
+        "n": int(finite.size),
+        "n_missing": int(numbers.size - finite.size),
+    }
+
+
+def summarize_metrics(
+    per_case: pd.DataFrame, metrics: Sequence[str] = DEFAULT_SUMMARY_METRICS
+) -> dict[str, object]:
+    """Summary statistics of the per-case metrics, ready for `json.JSONDataset`.
+
+    Args:
+        per_case: one row per case, with a column per metric (as from
+            `medseg.evaluation.metrics.evaluate_case`). Optional bool columns
+            `reference_empty` and `prediction_empty` add the empty-mask counts below.
+        metrics: the metric columns to summarize.
+
+    Returns:
+        `{"n_cases": int, "<metric>": {"mean", "std", "median", "n", "n_missing"}, ...}` where
+        only finite values enter mean, std and median; `n` counts them and `n_missing` counts
+        the NaN and infinite values left out (e.g. Dice when both masks are empty, HD95 when
+        either is). `std` is the population standard deviation (ddof=0): the test cases are
+        the whole population being described, and it is defined for a single case (0.0).
+        Statistics of a metric with no finite value are None. When the empty-flag columns
+        exist, the summary also has `n_reference_empty`, `n_prediction_empty` and
+        `n_both_empty`. All values are plain Python ints, floats or None (JSON null).
+
+    Raises:
+        ConfigurationError: if a requested metric is not a column of `per_case`.
+    """
+    missing_columns = [name for name in metrics if name not in per_case.columns]
+    if missing_columns:
+        raise ConfigurationError(
+            f"Metrics {missing_columns} are not columns of the per-case table "
+            f"(columns: {list(per_case.columns)}). Choose metrics among the columns."
+        )
+    summary: dict[str, object] = {"n_cases": int(len(per_case))}
+    for name in metrics:
+        summary[name] = _summarize_column(per_case[name])
+    if {"reference_empty", "prediction_empty"} <= set(per_case.columns):
+        reference_empty = per_case["reference_empty"].astype(bool)
+        prediction_empty = per_case["prediction_empty"].astype(bool)
+        summary["n_reference_empty"] = int(reference_empty.sum())
+        summary["n_prediction_empty"] = int(prediction_empty.sum())
+        summary["n_both_empty"] = int((reference_empty & prediction_empty).sum())
+    return summary
+
+
+def flatten_summary(summary: Mapping[str, object], prefix: str = "test_") -> dict[str, float]:
+    """Flatten a `summarize_metrics` summary into MLflow-style scalar metrics.
+
+    Args:
+        summary: output of `summarize_metrics`.
+        prefix: prepended to every key.
+
+    Returns:
+        `{"<prefix><metric>_<stat>": float}`, e.g. `test_dice_mean`, plus the top-level
+        counts, e.g. `test_n_cases`. Statistics that are None are left out (MLflow has no
+        missing value).
+    """
+    flat: dict[str, float] = {}
+    for key, value in summary.items():
+        if isinstance(value, Mapping):
+            for stat, stat_value in value.items():
+                if stat_value is not None:
+                    flat[f"{prefix}{key}_{stat}"] = float(stat_value)
+        elif value is not None:
+            flat[f"{prefix}{key}"] = float(value)
+    return flat
+
+
+def _metric_families(names: Iterable[str]) -> list[str]:
+    """Return the metric families of history keys (`val_dice` -> `dice`), loss first."""
+    families: list[str] = []
+    for name in names:
+        family = name.removeprefix("val_")
+        if family not in families:
+            families.append(family)
+    if "loss" in families:
+        families.remove("loss")
+        families.insert(0, "loss")
+    return families
+
+
+def plot_training_curves(history: Mapping[str, Sequence[float]]) -> Figure:
+    """Plot a Keras-style training history, one axis per metric family.
+
+    Args:
+        history: `History.history`-like mapping from metric name to one value per epoch,
+            e.g. `{"loss": [...], "val_loss": [...], "dice": [...], "val_dice": [...],
+            "iou": [...], "val_iou": [...]}`. A key `val_<name>` is the validation curve of
+            family `<name>`; a family may have only one of the two.
+
+    Returns:
+        A Figure with one axis per family (loss first, then in the order met), side by side.
+        Each axis has a "train" line and, when present, a "val" line, epochs 1..N on x.
+
+    Raises:
+        ValueError: if `history` is empty.
+    """
+    families = _metric_families(history)
+    if not families:
+        raise ValueError("The training history is empty: there is nothing to plot.")
+    figure = _new_figure(4.5 * len(families), 3.5)
+    axes = figure.subplots(1, len(families), squeeze=False)[0]
+    for axis, family in zip(axes, families):
+        for split, key in (("train", family), ("val", f"val_{family}")):
+            values = history.get(key)
+            if values is None or len(values) == 0:
+                continue
+            epochs = np.arange(1, len(values) + 1)
+            axis.plot(epochs, np.asarray(values, dtype=np.float64), marker=".", label=split)
+        axis.set_title(family)
+        axis.set_xlabel("epoch")
+        axis.set_ylabel(family)
+        axis.grid(True, alpha=0.3)
+        axis.legend()
+    return figure
+
+
+def choose_overlay_slice(reference: np.ndarray, prediction: np.ndarray) -> int:
+    """Axial slice to show for a case: the one where the reference is largest.
+
+    Args:
+        reference: ground-truth mask, shape (X, Y, Z) (non-zero = foreground).
+        prediction: predicted mask, same shape.
+
+    Returns:
+        The index along the third (axial) axis with the largest reference area (the first
+        such slice on ties). When the reference is empty, the slice with the largest
+        prediction area; when both are empty, the middle slice `Z // 2`.
+
+    Raises:
+        GeometryMismatchError: if the shapes differ or the masks are not 3D.
+    """
+    reference = np.asarray(reference)
+    prediction = np.asarray(prediction)
+    if reference.shape != prediction.shape or reference.ndim != 3:
+        raise GeometryMismatchError(
+            f"Overlay slices need two 3D masks of one shape; got reference {reference.shape} "
+            f"and prediction {prediction.shape}."
+        )
+    for mask in (reference, prediction):
+        area_per_slice = np.count_nonzero(mask, axis=(0, 1))
+        if area_per_slice.any():
+            return int(np.argmax(area_per_slice))
+    return reference.shape[2] // 2
+
+
+def _draw_contour(axis, mask2d: np.ndarray, color: str) -> None:
+    """Draw the outline of a 2D mask (X, Y) on `axis`; nothing when the mask is empty or full."""
+    mask = np.asarray(mask2d) != 0
+    if mask.any() and not mask.all():
+        axis.contour(mask.T.astype(np.float32), levels=[0.5], colors=[color], linewidths=1.2)
+
+
+def plot_overlays(cases: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray]]) -> Figure:
+    """Lay the reference and predicted contours over one image slice per case.
+
+    Args:
+        cases: `(case_id, image2d, reference2d, prediction2d)` per case; the three arrays are
+            one slice of shape (X, Y), e.g. `volume[:, :, z]` with `z` from
+            `choose_overlay_slice`. The caller chooses the slice.
+
+    Returns:
+        A Figure with one axis per case, one row each: the image in gray (x to the right, y
+        up, i.e. `image2d.T` with origin lower), the reference contour in green and the
+        prediction contour in red, titled with the case id. An empty mask draws no contour.
+
+    Raises:
+        ValueError: if `cases` is empty.
+        GeometryMismatchError: if a case's arrays are not 2D of one shape.
+    """
+    if len(cases) == 0:
+        raise ValueError("No case to plot: `cases` is empty.")
+    figure = _new_figure(4.0, 4.0 * len(cases))
+    axes = figure.subplots(len(cases), 1, squeeze=False)[:, 0]
+    legend_handles = [
+        Line2D([], [], color=REFERENCE_COLOR, label="reference"),
+        Line2D([], [], color=PREDICTION_COLOR, label="prediction"),
+    ]
+    for axis, (case_id, image, reference, prediction) in zip(axes, cases):
+        image = np.asarray(image)
+        shapes = {np.shape(image), np.shape(reference), np.shape(prediction)}
+        if len(shapes) != 1 or image.ndim != 2:
+            raise GeometryMismatchError(
+                f"Case {case_id}: the image slice {np.shape(image)}, reference "
+                f"{np.shape(reference)} and prediction {np.shape(prediction)} must be 2D arrays "
+                "of one shape. Take the same axial index from each volume."
+            )
+        axis.imshow(image.T, cmap="gray", origin="lower", interpolation="nearest")
+        _draw_contour(axis, reference, REFERENCE_COLOR)
+        _draw_contour(axis, prediction, PREDICTION_COLOR)
+        axis.set_title(str(case_id))
+        axis.set_axis_off()
+        axis.legend(handles=legend_handles, loc="upper right", fontsize="small")
+    return figure

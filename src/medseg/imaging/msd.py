@@ -1,0 +1,253 @@
+"""The Medical Segmentation Decathlon (MSD) folder layout, as nnU-Net and MONAI read it.
+
+A dataset folder holds `dataset.json`, `imagesTr/` and `labelsTr/`. Images are either one file
+per case (3-D, or 4-D with channels last) or one file per channel with a `_0000` suffix
+(nnU-Net v2). A user's folder is only ever read; synthetic phantoms are written into a fresh
+folder that replaces the old one in a single rename.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from medseg.errors import (
+    ChannelError,
+    CorruptFileError,
+    DatasetNotFoundError,
+    EmptyDatasetError,
+    MissingLabelError,
+    UnsafePathError,
+)
+from medseg.imaging.io import Volume, write_volume
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+@dataclass(frozen=True)
+class CaseFiles:
+    """Where one training case lives.
+
+    Attributes:
+        case_id: the name without channel suffix or extension, e.g. "hippocampus_367".
+        image_path: the image file (absolute).
+        label_path: the label file (absolute).
+        channel: the channel to take from a 4-D image file, or None for a 3-D file.
+    """
+
+    case_id: str
+    image_path: str
+    label_path: str
+    channel: int | None
+
+
+def _strip_nifti_suffix(name: str) -> str:
+    for suffix in NIFTI_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _inside(root: Path, relative: str, manifest: Path) -> Path:
+    """Resolve a dataset.json path lexically and refuse one that leaves `root`."""
+    candidate = Path(os.path.normpath(root / relative))
+    if Path(relative).is_absolute() or not candidate.is_relative_to(root):
+        raise UnsafePathError(
+            f"{manifest}: the entry '{relative}' points outside the dataset folder {root}. "
+            "Paths in dataset.json must be relative and stay inside the folder (like './imagesTr/x.nii.gz')."
+        )
+    return candidate
+
+
+def read_dataset_json(root: Path) -> dict:
+    """Parse `root/dataset.json`, with a clear error if it is missing or not JSON."""
+    manifest = root / "dataset.json"
+    if not root.is_dir():
+        raise DatasetNotFoundError(
+            f"{root}: dataset folder not found. Set data.msd_dir to an MSD folder that holds "
+            "dataset.json, imagesTr/ and labelsTr/ (an absolute path is safest)."
+        )
+    if not manifest.is_file():
+        raise DatasetNotFoundError(
+            f"{manifest}: not found. An MSD folder needs dataset.json beside imagesTr/ and labelsTr/."
+        )
+    try:
+        return json.loads(manifest.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CorruptFileError(f"{manifest}: not valid JSON ({exc}). Fix or regenerate the file.") from exc
+
+
+def modality_names(meta: dict) -> list[str]:
+    """Channel names in index order, from MSD's `modality` or nnU-Net v2's `channel_names`."""
+    names = meta.get("modality") or meta.get("channel_names") or {"0": "image"}
+    return [str(names[key]) for key in sorted(names, key=int)]
+
+
+def resolve_channel(meta: dict, channel: int | str | None, manifest: Path) -> int | None:
+    """Turn `data.channel` (index, name or None) into a channel index.
+
+    Returns None for a single-channel dataset with no choice made. A multi-channel dataset
+    with no choice is an error: silently training on channel 0 would hide a mistake.
+    """
+    names = modality_names(meta)
+    if channel is None:
+        if len(names) > 1:
+            raise ChannelError(
+                f"{manifest}: the dataset has {len(names)} channels {names} and data.channel is not set. "
+                "Choose one, e.g. --params data.channel=0 or data.channel=<name>."
+            )
+        return None
+    if isinstance(channel, str) and not channel.isdigit():
+        lowered = [name.lower() for name in names]
+        if channel.lower() not in lowered:
+            raise ChannelError(f"{manifest}: data.channel='{channel}' is not one of the channels {names}.")
+        return lowered.index(channel.lower())
+    index = int(channel)
+    if not 0 <= index < len(names):
+        raise ChannelError(f"{manifest}: data.channel={index} is out of range for the channels {names}.")
+    return index
+
+
+def _image_file(root: Path, entry: str, channel: int | None, manifest: Path) -> tuple[Path, int | None]:
+    """The image file of a `training` entry, and the channel to take from inside it.
+
+    MSD lists `./imagesTr/x.nii.gz`; nnU-Net v2 stores `imagesTr/x_0000.nii.gz` per channel.
+    """
+    listed = _inside(root, entry, manifest)
+    if listed.exists():
+        return listed, channel
+    stem = _strip_nifti_suffix(listed.name)
+    suffix = listed.name[len(stem):] or ".nii.gz"
+    per_channel = listed.with_name(f"{stem}_{(channel or 0):04d}{suffix}")
+    if per_channel.exists():
+        return per_channel, None
+    raise DatasetNotFoundError(
+        f"{manifest}: the image '{entry}' was not found (nor {per_channel.name}). "
+        "Restore the file or remove its entry from dataset.json."
+    )
+
+
+def _cases_from_training_list(root: Path, meta: dict, channel: int | None, manifest: Path) -> list[CaseFiles]:
+    cases = []
+    for item in meta["training"]:
+        image_path, inner_channel = _image_file(root, item["image"], channel, manifest)
+        label_path = _inside(root, item["label"], manifest)
+        case_id = _strip_nifti_suffix(Path(item["label"]).name)
+        if not label_path.exists():
+            raise MissingLabelError(
+                f"{label_path}: the label of case '{case_id}' (listed in {manifest}) is missing. "
+                "Add the label file or remove the case from dataset.json."
+            )
+        cases.append(CaseFiles(case_id, str(image_path), str(label_path), inner_channel))
+    return cases
+
+
+def _cases_from_folders(root: Path, channel: int | None) -> list[CaseFiles]:
+    """nnU-Net v2 datasets have no `training` list: pair `imagesTr/x_000C` with `labelsTr/x`."""
+    images_dir = root / "imagesTr"
+    if not images_dir.is_dir():
+        raise DatasetNotFoundError(f"{images_dir}: folder not found. An MSD folder needs imagesTr/ and labelsTr/.")
+    wanted = f"_{(channel or 0):04d}"
+    cases = []
+    for image_path in sorted(images_dir.iterdir()):
+        stem = _strip_nifti_suffix(image_path.name)
+        if image_path.name.startswith(".") or stem == image_path.name or not stem.endswith(wanted):
+            continue  # skips macOS "._x.nii.gz" forks and other channels
+        case_id = stem[: -len(wanted)]
+        label_path = next(
+            (root / "labelsTr" / f"{case_id}{s}" for s in NIFTI_SUFFIXES if (root / "labelsTr" / f"{case_id}{s}").exists()),
+            None,
+        )
+        if label_path is None:
+            raise MissingLabelError(
+                f"{root / 'labelsTr' / (case_id + '.nii.gz')}: the label of case '{case_id}' is missing "
+                f"(image {image_path}). Add the label or move the image out of imagesTr/."
+            )
+        cases.append(CaseFiles(case_id, str(image_path), str(label_path), None))
+    return cases
+
+
+def list_msd_cases(root: str | os.PathLike, channel: int | str | None = None) -> list[CaseFiles]:
+    """List the training cases of an MSD-layout folder, checking that every file exists.
+
+    Args:
+        root: the dataset folder (holds dataset.json, imagesTr/, labelsTr/).
+        channel: `data.channel`: an index, a modality name, or None for single-channel data.
+
+    Returns:
+        One :class:`CaseFiles` per case, sorted by case id.
+
+    Raises:
+        DatasetNotFoundError, CorruptFileError, UnsafePathError, MissingLabelError,
+        ChannelError, EmptyDatasetError.
+    """
+    root = Path(os.path.abspath(root))
+    meta = read_dataset_json(root)
+    manifest = root / "dataset.json"
+    index = resolve_channel(meta, channel, manifest)
+    if meta.get("training"):
+        cases = _cases_from_training_list(root, meta, index, manifest)
+    else:
+        cases = _cases_from_folders(root, index)
+    if not cases:
+        raise EmptyDatasetError(
+            f"{root}: no training case found (dataset.json lists none and imagesTr/ holds no "
+            "*_0000.nii.gz). Add cases, or check data.msd_dir."
+        )
+    ids = [case.case_id for case in cases]
+    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicates:
+        raise CorruptFileError(f"{manifest}: cases listed twice: {duplicates}. Remove the duplicates.")
+    return sorted(cases, key=lambda case: case.case_id)
+
+
+def write_msd_dataset(
+    root: str | os.PathLike,
+    cases: Iterable[tuple[str, Callable[[], tuple[Volume, Volume]]]],
+    metadata: dict,
+) -> None:
+    """Write cases in MSD layout into a fresh folder, then swap it in place of `root`.
+
+    Args:
+        root: the folder to create or replace.
+        cases: (case_id, make) pairs; `make()` returns (image, label) volumes. One case is in
+            memory at a time.
+        metadata: extra dataset.json fields (name, description, generator parameters...).
+
+    If anything fails, `root` is left as it was and the partial folder is removed.
+    """
+    root = Path(root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
+    try:
+        training = []
+        for case_id, make in cases:
+            image, label = make()
+            write_volume(image, staging / "imagesTr" / f"{case_id}_0000.nii.gz")
+            write_volume(label, staging / "labelsTr" / f"{case_id}.nii.gz")
+            training.append({"image": f"./imagesTr/{case_id}.nii.gz", "label": f"./labelsTr/{case_id}.nii.gz"})
+        manifest = {
+            "modality": {"0": "MR"},
+            "labels": {"0": "background", "1": "lesion"},
+            "numTraining": len(training),
+            "file_ending": ".nii.gz",
+            **metadata,
+            "training": training,
+        }
+        (staging / "dataset.json").write_text(json.dumps(manifest, indent=2))
+        if root.exists():
+            retired = root.with_name(f".{root.name}.old")
+            shutil.rmtree(retired, ignore_errors=True)
+            os.replace(root, retired)
+            os.replace(staging, root)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(staging, root)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

@@ -1,0 +1,37 @@
+"""Intensity normalization of one image."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from medseg.errors import ConfigurationError
+
+
+def zscore_normalize(
+    image: np.ndarray, clip_percentiles: tuple[float, float] | None = None, eps: float = 1e-8
+) -> np.ndarray:
+    """Per-case z-score: (x - mean) / std over the whole volume, as nnU-Net does for MR.
+
+    Args:
+        image: (X, Y, Z) float32.
+        clip_percentiles: (low, high) in 0..100; when given, intensities are first clipped to
+            those percentiles of the case, which tames bright outliers (vessels, artefacts).
+        eps: guards the division for a constant image, which comes back as zeros.
+
+    Returns:
+        A new float32 array with mean 0 and std 1 (or all zeros if the image is constant).
+    """
+    out = image.astype(np.float32, copy=True)
+    if clip_percentiles is not None:
+        low, high = clip_percentiles
+        if not 0 <= low < high <= 100:
+            raise ConfigurationError(
+                f"data.preprocessing.clip_percentiles={list(clip_percentiles)}: need 0 <= low < high <= 100."
+            )
+        lo, hi = np.percentile(out, [low, high])
+        np.clip(out, lo, hi, out=out)
+    mean = float(out.mean(dtype=np.float64))
+    std = float(out.std(dtype=np.float64))
+    out -= mean
+    out /= max(std, eps)
+    return out

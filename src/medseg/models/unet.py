@@ -1,0 +1,148 @@
+"""The U-Net design, written once for 2D and 3D.
+
+`build_unet2d` (medseg.models.unet2d) and `build_unet3d` (medseg.models.conv3d) are thin
+wrappers that name their own parameters in error messages; the architecture is here:
+
+    encoder stage i (i = 0 .. depth-1): conv_block(base·2^i) → MaxPool 2
+    bottleneck:                          conv_block(base·2^depth)
+    decoder stage i (i = depth-1 .. 0):  ConvTranspose(base·2^i, 2, stride 2)
+                                         → Concatenate with encoder stage i → conv_block(base·2^i)
+    head:                                Conv 1 (1 filter, sigmoid)
+
+All convolutions use "same" padding, so the output has the input's spatial shape as long
+as every spatial size is divisible by 2^depth (each pooling halves it, each transposed
+convolution doubles it; an odd size would lose a row and the skip concatenation fails).
+"""
+
+from __future__ import annotations
+
+from numbers import Integral
+from typing import Sequence
+
+import keras
+from keras import layers
+
+from medseg.errors import ConfigurationError
+
+# Layer classes per number of spatial dimensions.
+_CONV = {2: layers.Conv2D, 3: layers.Conv3D}
+_POOL = {2: layers.MaxPooling2D, 3: layers.MaxPooling3D}
+_UP = {2: layers.Conv2DTranspose, 3: layers.Conv3DTranspose}
+
+
+def _spatial_rank(x) -> int:
+    """Number of spatial axes of a channels-last tensor (B, *spatial, C): 2 or 3."""
+    rank = len(x.shape) - 2
+    if rank not in _CONV:
+        raise ConfigurationError(
+            f"A U-Net block needs a (B, H, W, C) or (B, X, Y, Z, C) tensor, got shape "
+            f"{tuple(x.shape)}. Give the model a 2D slice or 3D patch shape plus channels."
+        )
+    return rank
+
+
+def is_positive_int(value) -> bool:
+    """True for a positive integer, numpy integers included; False for bools and floats."""
+    return isinstance(value, Integral) and not isinstance(value, bool) and value > 0
+
+
+def conv_block(x, filters: int, name: str):
+    """(Conv 3 'same' → BatchNormalization → ReLU) × 2, in 2D or 3D after `x`'s rank.
+
+    Args:
+        x: channels-last Keras tensor, (B, H, W, C) or (B, X, Y, Z, C).
+        filters: output channels of both convolutions.
+        name: prefix of the layer names (`{name}_conv1`, `{name}_bn1`, `{name}_relu1`, ...),
+            unique within the model.
+
+    Returns:
+        Tensor with `x`'s spatial shape and `filters` channels.
+    """
+    conv = _CONV[_spatial_rank(x)]
+    for i in (1, 2):
+        # The bias is kept (BatchNorm would make it redundant) so the parameter count
+        # matches the reference architecture.
+        x = conv(filters, 3, padding="same", name=f"{name}_conv{i}")(x)
+        x = layers.BatchNormalization(name=f"{name}_bn{i}")(x)
+        x = layers.ReLU(name=f"{name}_relu{i}")(x)
+    return x
+
+
+def validate_unet_shape(
+    input_shape: Sequence[int],
+    depth: int,
+    base_filters: int,
+    spatial_rank: int,
+    shape_parameter: str,
+    model_parameter_root: str,
+) -> tuple[int, ...]:
+    """Check a U-Net input shape and size, and return the shape as a tuple of ints.
+
+    Args:
+        input_shape: (*spatial, channels), e.g. (128, 128, 1) or (32, 32, 32, 1).
+        depth: number of pooling stages, at least 1.
+        base_filters: filters of the first stage, at least 1.
+        spatial_rank: 2 or 3.
+        shape_parameter: parameter name to blame for a bad shape, e.g. `unet.model.input_size`.
+        model_parameter_root: prefix for `depth` and `base_filters`, e.g. `unet.model`.
+
+    Raises:
+        ConfigurationError: wrong number of axes, a non-positive size, `depth` or
+            `base_filters` < 1, or a spatial size not divisible by 2**depth.
+    """
+    if not is_positive_int(depth):
+        raise ConfigurationError(
+            f"`{model_parameter_root}.depth` must be an integer >= 1, got {depth!r}."
+        )
+    if not is_positive_int(base_filters):
+        raise ConfigurationError(
+            f"`{model_parameter_root}.base_filters` must be an integer >= 1, got {base_filters!r}."
+        )
+    shape = tuple(input_shape)
+    if len(shape) != spatial_rank + 1 or not all(is_positive_int(s) for s in shape):
+        raise ConfigurationError(
+            f"`{shape_parameter}` gives input shape {shape}; expected {spatial_rank} positive "
+            f"spatial sizes plus a channel count, e.g. {(32,) * spatial_rank + (1,)}."
+        )
+    factor = 2**depth
+    spatial = shape[:-1]
+    if any(s % factor for s in spatial):
+        suggestion = tuple(max(factor, round(s / factor) * factor) for s in spatial)
+        raise ConfigurationError(
+            f"`{shape_parameter}` = {spatial} is not divisible by 2**depth = {factor} "
+            f"(depth={depth}), so the skip connections would not line up. Use a size "
+            f"divisible by {factor}, e.g. {suggestion}, or lower `{model_parameter_root}.depth`."
+        )
+    return tuple(int(s) for s in shape)
+
+
+def build_unet(input_shape: tuple[int, ...], base_filters: int, depth: int, name: str) -> keras.Model:
+    """Build an (unvalidated) U-Net; call `validate_unet_shape` first.
+
+    Args:
+        input_shape: (*spatial, channels) with 2 or 3 spatial axes, each divisible by 2**depth.
+        base_filters: filters of the first encoder stage; stage i has base_filters·2^i.
+        depth: number of pooling stages.
+        name: model name.
+
+    Returns:
+        Uncompiled model mapping (B, *spatial, C) to probabilities (B, *spatial, 1).
+    """
+    inputs = keras.Input(shape=input_shape, name="image")
+    rank = len(input_shape) - 1
+    x = inputs
+    skips = []
+    for i in range(depth):
+        x = conv_block(x, base_filters * 2**i, name=f"enc{i}")
+        skips.append(x)
+        x = _POOL[rank](pool_size=2, name=f"enc{i}_pool")(x)
+    x = conv_block(x, base_filters * 2**depth, name="bottleneck")
+    for i in reversed(range(depth)):
+        filters = base_filters * 2**i
+        x = _UP[rank](filters, 2, strides=2, padding="same", name=f"dec{i}_up")(x)
+        x = layers.Concatenate(name=f"dec{i}_concat")([x, skips[i]])
+        x = conv_block(x, filters, name=f"dec{i}")
+    # float32 head: under a mixed-precision policy the probabilities (and the losses
+    # computed on them) would otherwise be float16 and lose small Dice differences.
+    outputs = _CONV[rank](1, 1, activation="sigmoid", dtype="float32", name="mask")(x)
+    return keras.Model(inputs, outputs, name=name)

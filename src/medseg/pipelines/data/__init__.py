@@ -1,0 +1,5 @@
+"""The `data` pipeline: ingestion or synthesis, validation, preprocessing and the split."""
+
+from .pipeline import create_pipeline
+
+__all__ = ["create_pipeline"]

@@ -1,0 +1,214 @@
+"""Nodes of the `data` pipeline: thin wrappers around `medseg.imaging` and `medseg.split`."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from medseg.errors import ConfigurationError
+from medseg.imaging.geometry import CaseGeometry, plan_case_geometry, to_canonical, to_training_grid
+from medseg.imaging.io import Volume, read_volume
+from medseg.imaging.msd import CaseFiles, list_msd_cases, read_dataset_json, write_msd_dataset
+from medseg.imaging.normalization import zscore_normalize
+from medseg.imaging.synthesis import synthesize_case
+from medseg.imaging.validation import binarize_label, dataset_fingerprint, fingerprint_cases
+from medseg.split import split_cases
+
+logger = logging.getLogger(__name__)
+
+
+def _synthesis_settings(data: dict[str, Any]) -> dict[str, Any]:
+    """What determines the phantoms: when it changes, they are generated again."""
+    synthetic = dict(data["synthetic"])
+    synthetic.pop("dir", None)
+    return {"seed": int(data["seed"]), **synthetic}
+
+
+def _phantom_maker(index: int, settings: dict[str, Any]) -> Callable[[], tuple[Volume, Volume]]:
+    def make() -> tuple[Volume, Volume]:
+        image, label, affine = synthesize_case(
+            index,
+            settings["seed"],
+            in_plane_size=settings["in_plane_size"],
+            n_slices_range=tuple(settings["n_slices_range"]),
+            in_plane_spacing_range=tuple(settings["in_plane_spacing_range"]),
+            slice_spacing_range=tuple(settings["slice_spacing_range"]),
+            n_lesions_range=tuple(settings["n_lesions_range"]),
+        )
+        return Volume(image, affine), Volume(label, affine)
+
+    return make
+
+
+def ensure_synthetic_dataset(root: Path, settings: dict[str, Any]) -> None:
+    """Write the phantoms in MSD layout unless `root` already holds them for these settings."""
+    if (root / "dataset.json").is_file():
+        try:
+            if read_dataset_json(root).get("medseg_synthesis") == settings:
+                logger.info("Synthetic phantoms in %s are up to date.", root)
+                return
+        except Exception:  # an unreadable manifest is simply regenerated
+            pass
+    logger.info("Writing %d synthetic phantoms to %s.", settings["n_cases"], root)
+    cases = ((f"case_{i:03d}", _phantom_maker(i, settings)) for i in range(settings["n_cases"]))
+    write_msd_dataset(
+        root,
+        cases,
+        {
+            "name": "medseg-synthetic",
+            "description": "MR-like phantoms with small hyperintense lesions (medseg)",
+            "medseg_synthesis": settings,
+        },
+    )
+
+
+def list_source_cases(data: dict[str, Any]) -> pd.DataFrame:
+    """List the training cases of the chosen source, synthesising phantoms when needed.
+
+    Args:
+        data: `params:data` (source, msd_dir, channel, seed, synthetic.*).
+
+    Returns:
+        One row per case: case_id, image_path, label_path, channel.
+    """
+    source = data["source"]
+    if source == "synthetic":
+        root = Path(data["synthetic"]["dir"]).resolve()
+        ensure_synthetic_dataset(root, _synthesis_settings(data))
+        cases = list_msd_cases(root)
+    elif source == "msd":
+        if not data.get("msd_dir"):
+            raise ConfigurationError(
+                "data.source=msd needs data.msd_dir, e.g. --params data.source=msd,data.msd_dir=/abs/Task04_Hippocampus"
+            )
+        cases = list_msd_cases(data["msd_dir"], channel=data.get("channel"))
+    else:
+        raise ConfigurationError(f"data.source='{source}' is not one of 'synthetic' or 'msd'.")
+    return pd.DataFrame([case.__dict__ for case in cases])
+
+
+def _case_files(row: pd.Series) -> CaseFiles:
+    channel = row["channel"]
+    channel = None if channel is None or pd.isna(channel) else int(channel)
+    return CaseFiles(row["case_id"], row["image_path"], row["label_path"], channel)
+
+
+def validate_cases(source_cases: pd.DataFrame, data: dict[str, Any]) -> tuple[pd.DataFrame, dict]:
+    """Read and check every case (one at a time) and summarise the dataset.
+
+    Args:
+        source_cases: output of `list_source_cases`.
+        data: `params:data` (foreground_labels, preprocessing.crop_to_nonzero).
+
+    Returns:
+        The per-case fingerprint table and the dataset fingerprint (median spacing etc.).
+    """
+    preprocessing = data["preprocessing"]
+    crop_margin = int(preprocessing.get("crop_margin", 0)) if preprocessing.get("crop_to_nonzero") else None
+    cases = [_case_files(row) for _, row in source_cases.iterrows()]
+    records = fingerprint_cases(cases, data.get("foreground_labels"), crop_margin)
+    return pd.DataFrame(records), dataset_fingerprint(records)
+
+
+def _canonical_loader(path: str, kind: str, channel: int | None) -> Callable[[], Volume]:
+    return lambda: to_canonical(read_volume(path, kind=kind, channel=channel))
+
+
+def canonicalize_cases(case_fingerprints: pd.DataFrame) -> tuple[dict, dict]:
+    """Reorient every validated case to canonical RAS (saved lazily, one case at a time).
+
+    Returns:
+        Partitions for `intermediate_images` and `intermediate_labels`, keyed by case id.
+    """
+    images, labels = {}, {}
+    for _, row in case_fingerprints.iterrows():
+        case = _case_files(row)
+        images[case.case_id] = _canonical_loader(case.image_path, "image", case.channel)
+        labels[case.case_id] = _canonical_loader(case.label_path, "label", None)
+    return images, labels
+
+
+def plan_preprocessing(case_fingerprints: pd.DataFrame, fingerprint: dict, preprocessing: dict) -> dict:
+    """Decide each case's training grid: target spacing, crop box and shape.
+
+    Args:
+        case_fingerprints: per-case table from `validate_cases`.
+        fingerprint: the dataset fingerprint.
+        preprocessing: `params:data.preprocessing`; `target_spacing` null means the dataset's
+            median spacing.
+
+    Returns:
+        {case_id: CaseGeometry as a dict}, saved as `geometry.json`.
+    """
+    target = preprocessing.get("target_spacing") or fingerprint["median_spacing"]
+    if len(target) != 3 or min(target) <= 0:
+        raise ConfigurationError(f"data.preprocessing.target_spacing={target}: need three positive values in mm.")
+    plans = {}
+    for _, row in case_fingerprints.iterrows():
+        crop_box = json.loads(row["crop_box"]) if "crop_box" in row and isinstance(row["crop_box"], str) else None
+        plans[row["case_id"]] = plan_case_geometry(
+            json.loads(row["original_shape"]), np.array(json.loads(row["original_affine"])), tuple(target), crop_box
+        ).to_dict()
+    return plans
+
+
+def _preprocess_image(load: Callable[[], Volume], geometry: CaseGeometry, preprocessing: dict) -> Callable[[], Volume]:
+    def run() -> Volume:
+        volume = to_training_grid(load(), geometry, order=int(preprocessing["interpolation_order"]))
+        clip = preprocessing.get("clip_percentiles")
+        volume.data = zscore_normalize(volume.data, tuple(clip) if clip else None)
+        return volume
+
+    return run
+
+
+def _preprocess_label(load: Callable[[], Volume], geometry: CaseGeometry, foreground_labels) -> Callable[[], Volume]:
+    def run() -> Volume:
+        canonical = load()
+        canonical.data = binarize_label(canonical.data, foreground_labels)
+        return to_training_grid(canonical, geometry, order=0)
+
+    return run
+
+
+def preprocess_cases(
+    intermediate_images: dict[str, Callable[[], Volume]],
+    intermediate_labels: dict[str, Callable[[], Volume]],
+    case_geometry: dict,
+    data: dict[str, Any],
+) -> tuple[dict, dict]:
+    """Resample to the target spacing and normalize intensities, one case at a time.
+
+    Args:
+        intermediate_images, intermediate_labels: canonical RAS partitions.
+        case_geometry: the plan from `plan_preprocessing`.
+        data: `params:data` (preprocessing.*, foreground_labels).
+
+    Returns:
+        Lazy partitions for `primary_images` (z-scored float32) and `primary_labels` (binary uint8).
+    """
+    preprocessing = data["preprocessing"]
+    if preprocessing.get("normalization", "zscore") != "zscore":
+        raise ConfigurationError(
+            f"data.preprocessing.normalization='{preprocessing['normalization']}': only 'zscore' is supported."
+        )
+    images, labels = {}, {}
+    for case_id, record in case_geometry.items():
+        geometry = CaseGeometry.from_dict(record)
+        images[case_id] = _preprocess_image(intermediate_images[case_id], geometry, preprocessing)
+        labels[case_id] = _preprocess_label(intermediate_labels[case_id], geometry, data.get("foreground_labels"))
+    return images, labels
+
+
+def split_dataset(case_fingerprints: pd.DataFrame, data: dict[str, Any]) -> pd.DataFrame:
+    """Split the cases into train/val/test by case, from `data.seed` and `data.split.*`."""
+    split = data["split"]
+    return split_cases(
+        case_fingerprints["case_id"].tolist(), split["train"], split["val"], split["test"], int(data["seed"])
+    )

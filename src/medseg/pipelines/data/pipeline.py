@@ -1,0 +1,49 @@
+"""The `data` pipeline graph."""
+
+from kedro.pipeline import Node, Pipeline
+
+from .nodes import (
+    canonicalize_cases,
+    list_source_cases,
+    plan_preprocessing,
+    preprocess_cases,
+    split_dataset,
+    validate_cases,
+)
+
+
+def create_pipeline(**kwargs) -> Pipeline:
+    return Pipeline(
+        [
+            Node(list_source_cases, "params:data", "source_cases", name="list_source_cases", namespace="data"),
+            Node(
+                validate_cases,
+                ["source_cases", "params:data"],
+                ["case_fingerprints", "dataset_fingerprint"],
+                name="validate_cases",
+                namespace="data",
+            ),
+            Node(
+                canonicalize_cases,
+                "case_fingerprints",
+                ["intermediate_images", "intermediate_labels"],
+                name="canonicalize_cases",
+                namespace="data",
+            ),
+            Node(
+                plan_preprocessing,
+                ["case_fingerprints", "dataset_fingerprint", "params:data.preprocessing"],
+                "case_geometry",
+                name="plan_preprocessing",
+                namespace="data",
+            ),
+            Node(
+                preprocess_cases,
+                ["intermediate_images", "intermediate_labels", "case_geometry", "params:data"],
+                ["primary_images", "primary_labels"],
+                name="preprocess_cases",
+                namespace="data",
+            ),
+            Node(split_dataset, ["case_fingerprints", "params:data"], "splits", name="split_dataset", namespace="data"),
+        ]
+    )

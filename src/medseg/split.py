@@ -1,0 +1,50 @@
+"""Train/validation/test split by case, never by slice or patch."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+from medseg.errors import ConfigurationError, SplitError
+
+
+def split_cases(case_ids: Sequence[str], train: float, val: float, test: float, seed: int) -> pd.DataFrame:
+    """Assign each case to one of train, val and test, deterministically from `seed`.
+
+    Args:
+        case_ids: unique case ids (order does not matter: they are sorted first, so the same
+            set of cases and seed always give the same split).
+        train, val, test: fractions that sum to 1. A set with a fraction above 0 gets at least
+            one case.
+        seed: `data.seed`.
+
+    Returns:
+        A DataFrame with columns `case_id` and `split`, sorted by case id.
+
+    Raises:
+        ConfigurationError: fractions negative or not summing to 1.
+        SplitError: too few cases to give every requested set at least one case.
+    """
+    fractions = {"train": train, "val": val, "test": test}
+    if min(fractions.values()) < 0 or not np.isclose(sum(fractions.values()), 1.0, atol=1e-6):
+        raise ConfigurationError(
+            f"data.split fractions {fractions} must be non-negative and sum to 1. Adjust data.split.*."
+        )
+    ids = sorted(set(case_ids))
+    if len(ids) != len(case_ids):
+        raise ConfigurationError("split_cases got duplicate case ids.")
+    n_val = max(int(round(val * len(ids))), 1 if val > 0 else 0)
+    n_test = max(int(round(test * len(ids))), 1 if test > 0 else 0)
+    n_train = len(ids) - n_val - n_test
+    if n_train < 1 or (train == 0 and n_train > 0):
+        needed = int(train > 0) + int(val > 0) + int(test > 0)
+        raise SplitError(
+            f"{len(ids)} cases are too few for the split {fractions}: every set needs at least one case "
+            f"({needed} cases at least). Add cases or change data.split."
+        )
+    order = np.random.default_rng(seed).permutation(len(ids))
+    labels = np.array(["train"] * n_train + ["val"] * n_val + ["test"] * n_test)
+    assigned = dict(zip((ids[i] for i in order), labels))
+    return pd.DataFrame({"case_id": ids, "split": [assigned[i] for i in ids]})

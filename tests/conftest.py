@@ -1,0 +1,60 @@
+"""Shared fixtures: a throw-away copy of the Kedro project and a runner for its pipelines."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# Small enough for a 2-core CI machine, big enough for every split to hold a case.
+TINY_DATA_PARAMS = {
+    "data.synthetic.n_cases": 6,
+    "data.synthetic.in_plane_size": 48,
+    "data.synthetic.n_slices_range": [12, 16],
+}
+
+
+def make_project_copy(root: Path) -> Path:
+    """A copy of conf/ and pyproject.toml in `root`, with empty data folders."""
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(REPO_ROOT / "conf", root / "conf", dirs_exist_ok=True)
+    shutil.copy(REPO_ROOT / "pyproject.toml", root / "pyproject.toml")
+    (root / "conf" / "local").mkdir(exist_ok=True)
+    for layer in ("01_raw", "02_intermediate", "03_primary", "05_model_input", "06_models", "07_model_output", "08_reporting"):
+        (root / "data" / layer).mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def run_pipeline(project: Path, pipeline: str | None, params: dict | None = None) -> None:
+    """Run a pipeline of the project copy through KedroSession, from inside the copy."""
+    from kedro.framework.session import KedroSession
+    from kedro.framework.startup import bootstrap_project
+
+    previous = Path.cwd()
+    os.chdir(project)
+    try:
+        bootstrap_project(project)
+        with KedroSession.create(project_path=project, runtime_params=params or {}) as session:
+            session.run(pipeline_names=[pipeline] if pipeline else None)
+    finally:
+        os.chdir(previous)
+
+
+@pytest.fixture
+def project_copy(tmp_path: Path) -> Path:
+    return make_project_copy(tmp_path / "project")
+
+
+@pytest.fixture(scope="session")
+def data_run(tmp_path_factory) -> Path:
+    """The `data` pipeline, run once on a tiny synthetic set."""
+    project = make_project_copy(tmp_path_factory.mktemp("data_run"))
+    run_pipeline(project, "data", TINY_DATA_PARAMS)
+    return project

@@ -1,0 +1,300 @@
+"""Unit tests of medseg.evaluation.metrics against hand-computed and brute-force values."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy import ndimage
+from scipy.spatial.distance import cdist
+
+from medseg.errors import GeometryMismatchError, InvalidLabelError
+from medseg.evaluation.metrics import (
+    classification_metrics,
+    dice_score,
+    evaluate_case,
+    hausdorff_distance_95,
+    iou_score,
+    precision_score,
+    recall_score,
+    volume_ml,
+)
+
+
+@pytest.fixture
+def overlapping_lines() -> tuple[np.ndarray, np.ndarray]:
+    """|A| = 8 (x 0..7), |B| = 6 (x 4..9), |A∩B| = 4 (x 4..7), in a (10, 3, 3) volume."""
+    reference = np.zeros((10, 3, 3), dtype=np.uint8)
+    prediction = np.zeros((10, 3, 3), dtype=np.uint8)
+    reference[0:8, 1, 1] = 1
+    prediction[4:10, 1, 1] = 1
+    return reference, prediction
+
+
+def _brute_force_hd95(reference: np.ndarray, prediction: np.ndarray, spacing) -> float:
+    """HD95 from all pairwise surface distances, on the whole volume (no cropping)."""
+    points = []
+    for mask in (reference.astype(bool), prediction.astype(bool)):
+        surface = mask & ~ndimage.binary_erosion(mask)
+        points.append(np.argwhere(surface) * np.asarray(spacing, dtype=np.float64))
+    distances = cdist(points[0], points[1])
+    return max(
+        np.percentile(distances.min(axis=1), 95),
+        np.percentile(distances.min(axis=0), 95),
+    )
+
+
+def _random_blob(rng: np.random.Generator, shape: tuple[int, ...], fraction: float) -> np.ndarray:
+    """A smooth random blob covering roughly `fraction` of the volume, as uint8."""
+    field = ndimage.gaussian_filter(rng.standard_normal(shape), sigma=1.5)
+    return (field > np.quantile(field, 1.0 - fraction)).astype(np.uint8)
+
+
+# Overlap metrics -----------------------------------------------------------------------------
+
+
+def test_dice_and_iou_on_hand_computed_masks(overlapping_lines):
+    reference, prediction = overlapping_lines
+    assert dice_score(reference, prediction) == pytest.approx(2 * 4 / (8 + 6))  # 0.5714...
+    assert iou_score(reference, prediction) == pytest.approx(4 / 10)
+
+
+def test_dice_and_iou_are_one_for_identical_masks(overlapping_lines):
+    reference, _ = overlapping_lines
+    assert dice_score(reference, reference) == 1.0
+    assert iou_score(reference, reference) == 1.0
+
+
+def test_dice_and_iou_are_nan_when_both_masks_are_empty():
+    empty = np.zeros((4, 4, 4), dtype=np.uint8)
+    assert math.isnan(dice_score(empty, empty))
+    assert math.isnan(iou_score(empty, empty))
+
+
+def test_dice_and_iou_are_zero_when_exactly_one_mask_is_empty(overlapping_lines):
+    reference, _ = overlapping_lines
+    empty = np.zeros_like(reference)
+    for pair in ((reference, empty), (empty, reference)):
+        assert dice_score(*pair) == 0.0
+        assert iou_score(*pair) == 0.0
+
+
+def test_precision_and_recall_on_hand_computed_masks(overlapping_lines):
+    reference, prediction = overlapping_lines
+    assert precision_score(reference, prediction) == pytest.approx(4 / 6)
+    assert recall_score(reference, prediction) == pytest.approx(4 / 8)
+
+
+def test_precision_and_recall_are_nan_where_undefined(overlapping_lines):
+    reference, _ = overlapping_lines
+    empty = np.zeros_like(reference)
+    assert math.isnan(precision_score(reference, empty))  # nothing predicted
+    assert recall_score(reference, empty) == 0.0
+    assert precision_score(empty, reference) == 0.0
+    assert math.isnan(recall_score(empty, reference))  # nothing to find
+    assert math.isnan(precision_score(empty, empty))
+    assert math.isnan(recall_score(empty, empty))
+
+
+def test_masks_of_any_integer_or_bool_dtype_give_the_same_values(overlapping_lines):
+    reference, prediction = overlapping_lines
+    expected = dice_score(reference, prediction)
+    assert dice_score(reference.astype(bool), prediction.astype(np.int64)) == expected
+    # Non-zero is foreground, whatever the label value.
+    assert dice_score(reference * 2, prediction.astype(np.int16) * 7) == expected
+    assert dice_score(reference.astype(np.float32), prediction.astype(np.float64)) == expected
+
+
+def test_soft_float_masks_are_rejected(overlapping_lines):
+    reference, prediction = overlapping_lines
+    with pytest.raises(InvalidLabelError, match="threshold"):
+        dice_score(reference, prediction * 0.7)
+
+
+def test_shape_mismatch_raises_geometry_error_naming_both_shapes():
+    with pytest.raises(GeometryMismatchError, match=r"\(4, 4, 4\).*\(4, 4, 5\)"):
+        dice_score(np.ones((4, 4, 4)), np.ones((4, 4, 5)))
+
+
+# Hausdorff distance ---------------------------------------------------------------------------
+
+
+def test_hd95_between_single_voxels_uses_anisotropic_spacing():
+    reference = np.zeros((5, 5, 8), dtype=np.uint8)
+    prediction = np.zeros_like(reference)
+    reference[2, 2, 1] = 1
+    prediction[2, 2, 4] = 1  # 3 voxels along z
+    assert hausdorff_distance_95(reference, prediction, (1.0, 1.0, 2.5)) == pytest.approx(7.5)
+    assert hausdorff_distance_95(reference, prediction, (3.0, 0.2, 1.0)) == pytest.approx(3.0)
+
+
+def test_hd95_between_parallel_planes_touching_the_array_border():
+    # A one-voxel-thick plane is all surface; every surface point is 4 slices from the other.
+    reference = np.zeros((6, 7, 10), dtype=np.uint8)
+    prediction = np.zeros_like(reference)
+    reference[:, :, 2] = 1
+    prediction[:, :, 6] = 1
+    assert hausdorff_distance_95(reference, prediction, (0.7, 0.9, 2.5)) == pytest.approx(10.0)
+
+
+def test_hd95_is_zero_for_identical_masks_and_symmetric():
+    rng = np.random.default_rng(0)
+    reference = _random_blob(rng, (12, 12, 10), 0.2)
+    prediction = _random_blob(rng, (12, 12, 10), 0.2)
+    spacing = (0.8, 1.1, 2.0)
+    assert hausdorff_distance_95(reference, reference, spacing) == 0.0
+    assert hausdorff_distance_95(reference, prediction, spacing) == pytest.approx(
+        hausdorff_distance_95(prediction, reference, spacing)
+    )
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_hd95_matches_brute_force_on_random_blobs(seed):
+    rng = np.random.default_rng(seed)
+    shape = (14, 12, 9)
+    reference = _random_blob(rng, shape, rng.uniform(0.05, 0.3))
+    prediction = _random_blob(rng, shape, rng.uniform(0.05, 0.3))
+    spacing = tuple(rng.uniform(0.5, 3.0, size=3))
+    assert hausdorff_distance_95(reference, prediction, spacing) == pytest.approx(
+        _brute_force_hd95(reference, prediction, spacing), rel=1e-12
+    )
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_hd95_is_exact_when_small_structures_sit_in_a_large_volume(seed):
+    # Blobs placed apart, one against the array border: the cropped distance transform
+    # must give the same value as the brute force over the whole volume.
+    rng = np.random.default_rng(100 + seed)
+    reference = np.zeros((40, 36, 30), dtype=np.uint8)
+    prediction = np.zeros_like(reference)
+    reference[0:8, 5:13, 3:10] = _random_blob(rng, (8, 8, 7), 0.4)
+    prediction[20:30, 25:36, 18:26] = _random_blob(rng, (10, 11, 8), 0.4)
+    spacing = (0.6, 1.3, 2.2)
+    assert hausdorff_distance_95(reference, prediction, spacing) == pytest.approx(
+        _brute_force_hd95(reference, prediction, spacing), rel=1e-12
+    )
+
+
+def test_hd95_is_nan_when_either_mask_is_empty():
+    mask = np.zeros((5, 5, 5), dtype=np.uint8)
+    mask[1:3, 1:3, 1:3] = 1
+    empty = np.zeros_like(mask)
+    spacing = (1.0, 1.0, 1.0)
+    assert math.isnan(hausdorff_distance_95(empty, empty, spacing))
+    assert math.isnan(hausdorff_distance_95(mask, empty, spacing))
+    assert math.isnan(hausdorff_distance_95(empty, mask, spacing))
+
+
+def test_hd95_rejects_spacing_of_the_wrong_length():
+    mask = np.ones((3, 3, 3), dtype=np.uint8)
+    with pytest.raises(GeometryMismatchError, match="3 axes"):
+        hausdorff_distance_95(mask, mask, (1.0, 1.0))
+
+
+# Volumes and the per-case row -----------------------------------------------------------------
+
+
+def test_volume_ml_uses_the_voxel_volume_in_mm3():
+    mask = np.zeros((12, 12, 12), dtype=np.uint8)
+    mask[1:11, 1:11, 1:11] = 1  # 1000 voxels
+    assert volume_ml(mask, (1.0, 1.0, 1.0)) == pytest.approx(1.0)
+    assert volume_ml(mask, (1.0, 2.0, 0.5)) == pytest.approx(1.0)
+    assert volume_ml(mask, (2.0, 2.0, 2.0)) == pytest.approx(8.0)
+    assert volume_ml(np.zeros_like(mask), (2.0, 2.0, 2.0)) == 0.0
+
+
+def test_evaluate_case_returns_every_metric_as_plain_values(overlapping_lines):
+    reference, prediction = overlapping_lines
+    spacing = (0.5, 1.0, 2.0)  # 1 mm³ per voxel
+    row = evaluate_case(reference, prediction, spacing)
+    assert row == {
+        "dice": pytest.approx(8 / 14),
+        "iou": pytest.approx(0.4),
+        "hd95_mm": pytest.approx(hausdorff_distance_95(reference, prediction, spacing)),
+        "precision": pytest.approx(4 / 6),
+        "recall": pytest.approx(0.5),
+        "reference_ml": pytest.approx(0.008),
+        "predicted_ml": pytest.approx(0.006),
+        "reference_empty": False,
+        "prediction_empty": False,
+    }
+    assert all(type(value) in (float, bool) for value in row.values())
+
+
+def test_evaluate_case_flags_empty_masks():
+    empty = np.zeros((4, 4, 4), dtype=np.uint8)
+    mask = empty.copy()
+    mask[1, 1, 1] = 1
+    both_empty = evaluate_case(empty, empty, (1.0, 1.0, 1.0))
+    assert both_empty["reference_empty"] and both_empty["prediction_empty"]
+    assert all(math.isnan(both_empty[key]) for key in ("dice", "iou", "hd95_mm"))
+    missed = evaluate_case(mask, empty, (1.0, 1.0, 1.0))
+    assert not missed["reference_empty"] and missed["prediction_empty"]
+    assert missed["dice"] == 0.0 and missed["iou"] == 0.0 and math.isnan(missed["hd95_mm"])
+    assert missed["reference_ml"] == pytest.approx(0.001) and missed["predicted_ml"] == 0.0
+
+
+def test_evaluate_case_raises_geometry_error_on_shape_mismatch():
+    with pytest.raises(GeometryMismatchError, match=r"\(8, 8, 4\).*\(8, 8, 5\)"):
+        evaluate_case(np.zeros((8, 8, 4)), np.zeros((8, 8, 5)), (1.0, 1.0, 1.0))
+
+
+# Classification metrics -----------------------------------------------------------------------
+
+
+def _brute_force_auc(y_true: np.ndarray, y_score: np.ndarray) -> float:
+    positives = y_score[y_true == 1][:, None]
+    negatives = y_score[y_true == 0][None, :]
+    return float(np.mean((positives > negatives) + 0.5 * (positives == negatives)))
+
+
+def test_roc_auc_of_perfect_reversed_and_tied_rankings():
+    y_true = np.array([0, 0, 1, 1])
+    assert classification_metrics(y_true, [0.1, 0.2, 0.8, 0.9])["roc_auc"] == 1.0
+    assert classification_metrics(y_true, [0.9, 0.8, 0.2, 0.1])["roc_auc"] == 0.0
+    assert classification_metrics(y_true, [0.5, 0.5, 0.5, 0.5])["roc_auc"] == 0.5
+
+
+def test_roc_auc_counts_ties_as_one_half():
+    # Pairs (positive, negative): (.5,.5) -> 1/2, (.5,.2), (.9,.5), (.9,.2) -> 1 each.
+    result = classification_metrics([0, 1, 0, 1], [0.5, 0.5, 0.2, 0.9])
+    assert result["roc_auc"] == pytest.approx(3.5 / 4)
+
+
+def test_roc_auc_matches_pairwise_count_on_random_scores_with_ties():
+    rng = np.random.default_rng(7)
+    y_true = rng.integers(0, 2, size=60)
+    y_score = rng.integers(0, 6, size=60) / 5.0  # many ties
+    assert classification_metrics(y_true, y_score)["roc_auc"] == pytest.approx(
+        _brute_force_auc(y_true, y_score)
+    )
+
+
+def test_accuracy_and_f1_at_the_threshold():
+    result = classification_metrics([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8])
+    # Predicted [0, 0, 0, 1]: TP=1, FP=0, FN=1, TN=2.
+    assert result["accuracy"] == pytest.approx(3 / 4)
+    assert result["f1"] == pytest.approx(2 / 3)
+    assert result["roc_auc"] == pytest.approx(3 / 4)
+    # A score equal to the threshold is predicted positive.
+    assert classification_metrics([0, 1], [0.2, 0.5])["f1"] == 1.0
+    assert classification_metrics([0, 1], [0.2, 0.5], threshold=0.6)["f1"] == 0.0
+
+
+def test_classification_edge_cases():
+    no_positive_predicted = classification_metrics([1, 1, 0], [0.1, 0.2, 0.3])
+    assert no_positive_predicted["f1"] == 0.0
+    all_negative = classification_metrics([0, 0, 0], [0.1, 0.2, 0.3])
+    assert math.isnan(all_negative["f1"])  # 0/0: no positive, none predicted
+    assert math.isnan(all_negative["roc_auc"])  # one class only
+    assert all_negative["accuracy"] == 1.0
+
+
+def test_classification_rejects_bad_input():
+    with pytest.raises(ValueError, match="one score per label"):
+        classification_metrics([0, 1], [0.5])
+    with pytest.raises(ValueError, match="only 0 and 1"):
+        classification_metrics([0, 2], [0.5, 0.5])
+    with pytest.raises(ValueError, match="NaN"):
+        classification_metrics([0, 1], [0.5, float("nan")])

@@ -1,0 +1,168 @@
+"""Unit tests of medseg.evaluation.reports: the summary and the figures."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.figure import Figure
+
+from medseg.errors import ConfigurationError, GeometryMismatchError
+from medseg.evaluation.reports import (
+    choose_overlay_slice,
+    flatten_summary,
+    plot_overlays,
+    plot_training_curves,
+    summarize_metrics,
+)
+
+
+@pytest.fixture
+def per_case() -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "case_id": ["a", "b", "c", "d"],
+            "dice": [0.8, 0.6, float("nan"), 1.0],
+            "iou": [0.5, 0.5, float("nan"), 0.5],
+            "hd95_mm": [1.0, float("inf"), float("nan"), 3.0],
+            "precision": [1.0, 0.5, float("nan"), 1.0],
+            "recall": [float("nan")] * 4,
+            "reference_empty": [False, False, True, True],
+            "prediction_empty": [False, True, True, False],
+        }
+    )
+
+
+# Summary --------------------------------------------------------------------------------------
+
+
+def test_summary_leaves_nan_out_of_the_mean_and_counts_it(per_case):
+    summary = summarize_metrics(per_case)
+    assert summary["n_cases"] == 4
+    dice = summary["dice"]
+    assert dice["mean"] == pytest.approx(0.8)
+    assert dice["std"] == pytest.approx(math.sqrt((0.0 + 0.04 + 0.04) / 3))  # ddof=0
+    assert dice["median"] == pytest.approx(0.8)
+    assert (dice["n"], dice["n_missing"]) == (3, 1)
+
+
+def test_summary_counts_infinite_distances_as_missing(per_case):
+    hd95 = summarize_metrics(per_case)["hd95_mm"]
+    assert hd95["mean"] == pytest.approx(2.0)
+    assert (hd95["n"], hd95["n_missing"]) == (2, 2)
+
+
+def test_summary_of_an_all_missing_metric_is_none(per_case):
+    recall = summarize_metrics(per_case)["recall"]
+    assert recall == {"mean": None, "std": None, "median": None, "n": 0, "n_missing": 4}
+
+
+def test_summary_counts_empty_masks(per_case):
+    summary = summarize_metrics(per_case)
+    assert summary["n_reference_empty"] == 2
+    assert summary["n_prediction_empty"] == 2
+    assert summary["n_both_empty"] == 1
+
+
+def test_summary_is_strict_json(per_case):
+    summary = summarize_metrics(per_case)
+    assert json.loads(json.dumps(summary, allow_nan=False)) == summary
+
+
+def test_summary_of_chosen_metrics_only(per_case):
+    summary = summarize_metrics(per_case.drop(columns=["reference_empty"]), metrics=["iou"])
+    assert set(summary) == {"n_cases", "iou"}
+    assert summary["iou"]["std"] == 0.0
+
+
+def test_summary_rejects_unknown_metrics(per_case):
+    with pytest.raises(ConfigurationError, match="hd99"):
+        summarize_metrics(per_case, metrics=["dice", "hd99"])
+
+
+def test_flatten_summary_gives_mlflow_metric_names(per_case):
+    flat = flatten_summary(summarize_metrics(per_case))
+    assert flat["test_dice_mean"] == pytest.approx(0.8)
+    assert flat["test_hd95_mm_n_missing"] == 2.0
+    assert flat["test_n_cases"] == 4.0
+    assert "test_recall_mean" not in flat  # None has no MLflow value
+
+
+# Figures --------------------------------------------------------------------------------------
+
+
+def _png_bytes(figure: Figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def test_training_curves_have_one_axis_per_family_with_train_and_val():
+    history = {
+        "dice": [0.2, 0.4, 0.5],
+        "loss": [1.0, 0.7, 0.5],
+        "iou": [0.1, 0.3, 0.4],
+        "val_loss": [1.1, 0.8, 0.6],
+        "val_dice": [0.1, 0.3, 0.45],
+        "val_iou": [0.05, 0.2, 0.3],
+    }
+    figure = plot_training_curves(history)
+    assert isinstance(figure, Figure)
+    assert [axis.get_title() for axis in figure.axes] == ["loss", "dice", "iou"]
+    for axis in figure.axes:
+        lines = axis.get_lines()
+        assert [line.get_label() for line in lines] == ["train", "val"]
+        np.testing.assert_array_equal(lines[0].get_xdata(), [1, 2, 3])
+    np.testing.assert_allclose(figure.axes[0].get_lines()[1].get_ydata(), history["val_loss"])
+    assert _png_bytes(figure).startswith(b"\x89PNG")
+
+
+def test_training_curves_without_validation():
+    figure = plot_training_curves({"loss": [0.9, 0.5]})
+    assert len(figure.axes) == 1
+    assert len(figure.axes[0].get_lines()) == 1
+
+
+def test_training_curves_reject_an_empty_history():
+    with pytest.raises(ValueError, match="empty"):
+        plot_training_curves({})
+
+
+def test_overlays_have_one_row_per_case_with_both_contours():
+    image = np.random.default_rng(0).random((16, 12)).astype(np.float32)
+    reference = np.zeros((16, 12), dtype=np.uint8)
+    reference[4:10, 3:8] = 1
+    prediction = np.roll(reference, 2, axis=0)
+    figure = plot_overlays(
+        [
+            ("case_001", image, reference, prediction),
+            ("case_002", image, reference, np.zeros_like(reference)),
+        ]
+    )
+    assert isinstance(figure, Figure)
+    first, second = figure.axes
+    assert (first.get_title(), second.get_title()) == ("case_001", "case_002")
+    assert len(first.images) == 1 and len(second.images) == 1
+    assert len(first.collections) == 2  # reference and prediction contours
+    assert len(second.collections) == 1  # an empty prediction draws no contour
+    assert _png_bytes(figure).startswith(b"\x89PNG")
+
+
+def test_overlays_reject_mismatched_slices():
+    with pytest.raises(GeometryMismatchError, match="case_009"):
+        plot_overlays([("case_009", np.zeros((8, 8)), np.zeros((8, 8)), np.zeros((8, 9)))])
+
+
+def test_overlay_slice_is_where_the_reference_is_largest():
+    reference = np.zeros((6, 6, 5), dtype=np.uint8)
+    prediction = np.zeros_like(reference)
+    reference[1:3, 1:3, 1] = 1
+    reference[1:5, 1:5, 3] = 1
+    prediction[:, :, 4] = 1
+    assert choose_overlay_slice(reference, prediction) == 3
+    assert choose_overlay_slice(np.zeros_like(reference), prediction) == 4
+    assert choose_overlay_slice(np.zeros_like(reference), np.zeros_like(reference)) == 2
