@@ -35,6 +35,8 @@ _ORIENTATIONS: tuple[tuple[str, str, str], ...] = (
     ("P", "S", "R"),
 )
 _LESION_RADIUS_MM = (3.0, 9.0)
+# Upper radius allowed once the usual range has failed, e.g. for a single large-FOV lesion.
+_LESION_RADIUS_FALLBACK_MM = 15.0
 # Fraction of all voxels that are foreground, enforced on every case.
 _FOREGROUND_FRACTION = (0.003, 0.03)
 # Narrower target used when drawing lesion sizes, so that the voxelized (perturbed,
@@ -164,8 +166,10 @@ def _synthesize_ras_volume(
     lesion_field = _smooth_noise(rng, shape, spacing, sigma_mm=2.0)
 
     body, depth_mm = _head_geometry(rng, coords, spacing, coarse)
-    rim_mm = float(rng.uniform(3.0, 5.0))
-    skull_mm = float(rng.uniform(2.5, 4.5))
+    # Scalp and skull scale with the head (about 3-5 mm and 2-4 mm at the default size).
+    head_depth_mm = float(depth_mm.max())
+    rim_mm = head_depth_mm * float(rng.uniform(0.09, 0.13))
+    skull_mm = head_depth_mm * float(rng.uniform(0.07, 0.11))
     image, tissue_mean = _tissue_intensities(rng, body, depth_mm, coarse, fine, rim_mm, skull_mm)
 
     label = np.zeros(shape, dtype=np.uint8)
@@ -327,7 +331,9 @@ def _draw_lesions(
     Lesion count and radii are drawn, rescaled towards a random target fraction when their
     ellipsoid volume is out of range, placed inside the brain (away from the skull, the
     slab ends and each other), voxelized, and the whole draw is repeated until the voxel
-    count is within `_FOREGROUND_FRACTION`.
+    count is within `_FOREGROUND_FRACTION`. Radii are 3-9 mm; only when half the attempts
+    have failed (a non-default `n_lesions_range` such as (1, 1) in a large field of view)
+    may they grow up to 15 mm. Radii never exceed what fits in the brain and the slab.
 
     Args:
         rng: Random generator.
@@ -345,17 +351,23 @@ def _draw_lesions(
         ConfigurationError: No draw fits, because the field of view is too small or too
             large for 1-4 lesions of 3-9 mm to cover 0.3-3% of it.
     """
-    voxel_volume = float(np.prod(spacing))
     total_voxels = depth_mm.size
-    margin_mm = brain_depth_mm + 2.0
-    candidates = np.flatnonzero(depth_mm >= margin_mm + _LESION_RADIUS_MM[0] * (1 + _LESION_PERTURBATION))
-    if candidates.size == 0:
+    total_volume_mm3 = total_voxels * float(np.prod(spacing))
+    margin_mm = brain_depth_mm + 1.0
+    slab_mm = (depth_mm.shape[2] - 1) * spacing[2]
+    # The largest lesion that fits inside the brain and within the slab, in mm.
+    max_radius_mm = min(float(depth_mm.max()) - margin_mm, slab_mm / 2.0 - 1.0) / (1 + _LESION_PERTURBATION)
+    if max_radius_mm < _LESION_RADIUS_MM[0]:
         raise ConfigurationError(
             f"synthesize_case: a field of view of {depth_mm.shape} voxels at {spacing} mm "
-            "is too small to hold a lesion; increase in_plane_size or the spacing."
+            "is too small to hold a 3 mm lesion; increase in_plane_size or n_slices_range."
         )
-    for _ in range(_MAX_LESION_ATTEMPTS):
-        radii = _draw_lesion_radii(rng, n_lesions_range, total_voxels * voxel_volume)
+    candidates = np.flatnonzero(depth_mm >= margin_mm + _LESION_RADIUS_MM[0] * (1 + _LESION_PERTURBATION))
+    for attempt in range(_MAX_LESION_ATTEMPTS):
+        # Lesions larger than usual only when too few are allowed to cover 0.3% otherwise.
+        upper_mm = _LESION_RADIUS_MM[1] if attempt < _MAX_LESION_ATTEMPTS // 2 else _LESION_RADIUS_FALLBACK_MM
+        radius_range = (_LESION_RADIUS_MM[0], min(upper_mm, max_radius_mm))
+        radii = _draw_lesion_radii(rng, n_lesions_range, radius_range, total_volume_mm3)
         if radii is None:
             continue
         centres = _place_lesions(rng, radii, candidates, depth_mm, spacing, margin_mm)
@@ -371,24 +383,36 @@ def _draw_lesions(
     raise ConfigurationError(
         f"synthesize_case: could not fit {n_lesions_range} lesions of 3-9 mm covering "
         f"0.3-3% of a {depth_mm.shape} volume at {spacing} mm; use sizes closer to the "
-        "defaults (in_plane_size 64-128)."
+        "defaults (in_plane_size 48-128, n_slices_range (24, 40))."
     )
 
 
 def _draw_lesion_radii(
-    rng: np.random.Generator, n_lesions_range: tuple[int, int], total_volume_mm3: float
+    rng: np.random.Generator,
+    n_lesions_range: tuple[int, int],
+    radius_range: tuple[float, float],
+    total_volume_mm3: float,
 ) -> np.ndarray | None:
     """Draw lesion count and radii whose ellipsoid volume fits `_TARGET_FRACTION`.
+
+    Radii are drawn uniformly in `radius_range`; a draw out of the target fraction is
+    scaled towards a random target within it once, then kept or rejected.
+
+    Args:
+        rng: Random generator.
+        n_lesions_range: Inclusive range of the number of lesions.
+        radius_range: (min, max) semi-axis in mm.
+        total_volume_mm3: Volume of the whole field of view in mm^3.
 
     Returns:
         float (n, 3) radii in mm, largest lesion first, or None when this draw cannot fit.
     """
     n_lesions = int(rng.integers(n_lesions_range[0], n_lesions_range[1], endpoint=True))
-    radii = rng.uniform(*_LESION_RADIUS_MM, size=(n_lesions, 3))
+    radii = rng.uniform(*radius_range, size=(n_lesions, 3))
     fraction = _ellipsoid_volume(radii) / total_volume_mm3
     if not _TARGET_FRACTION[0] <= fraction <= _TARGET_FRACTION[1]:
         target = float(np.exp(rng.uniform(*np.log(_TARGET_FRACTION))))
-        radii = np.clip(radii * (target / fraction) ** (1.0 / 3.0), *_LESION_RADIUS_MM)
+        radii = np.clip(radii * (target / fraction) ** (1.0 / 3.0), *radius_range)
         fraction = _ellipsoid_volume(radii) / total_volume_mm3
         if not _TARGET_FRACTION[0] <= fraction <= _TARGET_FRACTION[1]:
             return None
@@ -423,6 +447,9 @@ def _place_lesions(
     """
     steps = np.asarray(spacing)
     slab_mm = (depth_mm.shape[2] - 1) * spacing[2]
+    # Lesion voxels at least one voxel step apart never touch, so each lesion stays its
+    # own connected component.
+    gap_mm = max(spacing) + 0.5
     centres: list[np.ndarray] = []
     extents: list[float] = []
     for radius in radii:
@@ -430,10 +457,10 @@ def _place_lesions(
         for _ in range(_MAX_PLACEMENT_TRIES):
             centre = np.array(np.unravel_index(rng.choice(candidates), depth_mm.shape))
             z_mm = centre[2] * spacing[2]
-            if depth_mm[tuple(centre)] < margin_mm + extent or not extent + 2.0 <= z_mm <= slab_mm - extent - 2.0:
+            if depth_mm[tuple(centre)] < margin_mm + extent or not extent + 1.0 <= z_mm <= slab_mm - extent - 1.0:
                 continue
             if all(
-                np.linalg.norm((centre - other) * steps) > 1.2 * (extent + other_extent) + 2.0
+                np.linalg.norm((centre - other) * steps) > extent + other_extent + gap_mm
                 for other, other_extent in zip(centres, extents)
             ):
                 centres.append(centre)

@@ -1,0 +1,203 @@
+"""Nodes and graph pieces shared by the model pipelines (`unet`, `conv3d`).
+
+Both models write predictions the same way (in each case's original geometry), are evaluated
+by the same code, and leave the same reports and MLflow artifacts. Only training and the
+probability map differ, and those live in each pipeline's own `nodes.py`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from functools import partial, update_wrapper
+from typing import Any
+
+import keras
+import numpy as np
+import pandas as pd
+from kedro.pipeline import Node, Pipeline
+from matplotlib.figure import Figure
+
+from medseg.errors import GeometryMismatchError
+from medseg.evaluation import (
+    choose_overlay_slice,
+    evaluate_case,
+    flatten_summary,
+    plot_overlays,
+    plot_training_curves,
+    summarize_metrics,
+)
+from medseg.imaging.geometry import CaseGeometry, restore_original_geometry, to_canonical
+from medseg.imaging.io import Volume, read_volume, voxel_spacing
+from medseg.imaging.validation import binarize_label
+from medseg.pipelines import tracking
+
+ProbabilityMap = Callable[[np.ndarray], np.ndarray]
+
+
+class MlflowEpochLogger(keras.callbacks.Callback):
+    """Sends each epoch's Keras logs (loss, dice, iou, val_*) to the active MLflow run."""
+
+    def __init__(self, model_key: str):
+        super().__init__()
+        self.model_key = model_key
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        tracking.log_metrics(self.model_key, {k: v for k, v in (logs or {}).items() if k != "learning_rate"}, step=epoch)
+
+
+def cases_in_split(splits: pd.DataFrame, *names: str) -> list[str]:
+    """Case ids assigned to any of the named sets, sorted."""
+    return sorted(splits.loc[splits["split"].isin(names), "case_id"])
+
+
+def case_loader(
+    primary_images: dict[str, Callable[[], Volume]], primary_labels: dict[str, Callable[[], Volume]]
+) -> Callable[[str], tuple[np.ndarray, np.ndarray]]:
+    """`load_case(case_id) -> (image, label)` arrays of a preprocessed case, read on demand."""
+
+    def load_case(case_id: str) -> tuple[np.ndarray, np.ndarray]:
+        return primary_images[case_id]().data, primary_labels[case_id]().data
+
+    return load_case
+
+
+def _original_geometry_mask(
+    load_image: Callable[[], Volume], geometry: CaseGeometry, probabilities: ProbabilityMap, threshold: float
+) -> Callable[[], Volume]:
+    def predict() -> Volume:
+        probability = probabilities(load_image().data)
+        # Linear interpolation of the probability map, then the threshold: smoother than
+        # nearest neighbour on a hard mask.
+        original = restore_original_geometry(probability, geometry, order=1)
+        return Volume((original >= threshold).astype(np.uint8), np.asarray(geometry.original_affine))
+
+    return predict
+
+
+def predictions_in_original_geometry(
+    probabilities: ProbabilityMap,
+    primary_images: dict[str, Callable[[], Volume]],
+    case_geometry: dict,
+    case_ids: list[str],
+    threshold: float,
+) -> dict[str, Callable[[], Volume]]:
+    """Lazy partitions of predicted masks, one per case, each in its source file's geometry.
+
+    Args:
+        probabilities: maps a preprocessed (X, Y, Z) image to (X, Y, Z) probabilities.
+        primary_images: preprocessed images.
+        case_geometry: the preprocessing plan (`geometry.json`).
+        case_ids: the cases to predict.
+        threshold: probability at or above which a voxel is foreground.
+
+    Returns:
+        {case_id: make_mask}; the catalog calls each in turn, so one case is in memory at a time.
+    """
+    return {
+        case_id: _original_geometry_mask(
+            primary_images[case_id], CaseGeometry.from_dict(case_geometry[case_id]), probabilities, threshold
+        )
+        for case_id in case_ids
+    }
+
+
+def evaluate_predictions(
+    predictions: dict[str, Callable[[], Volume]],
+    case_fingerprints: pd.DataFrame,
+    splits: pd.DataFrame,
+    data: dict[str, Any],
+    reporting: dict[str, Any],
+) -> tuple[pd.DataFrame, Figure]:
+    """Per-case metrics of the test cases, in 3D and in each case's original geometry.
+
+    Args:
+        predictions: predicted masks (as saved: source geometry, uint8).
+        case_fingerprints: per-case table with the source image and label paths.
+        splits: the case split; only `test` cases are scored.
+        data: `params:data` (foreground_labels).
+        reporting: `params:<model>.reporting` (n_overlay_cases).
+
+    Returns:
+        One row per test case (dice, iou, hd95_mm, precision, recall, volumes in ml, empty
+        flags) and a figure of image/reference/prediction overlays for the first few cases.
+    """
+    rows, overlays = [], []
+    records = case_fingerprints.set_index("case_id")
+    for case_id in cases_in_split(splits, "test"):
+        record = records.loc[case_id]
+        reference_volume = read_volume(record["label_path"], kind="label")
+        reference = binarize_label(reference_volume.data, data.get("foreground_labels"))
+        prediction = predictions[case_id]()
+        if prediction.data.shape != reference.shape or not np.allclose(prediction.affine, reference_volume.affine, atol=1e-3):
+            raise GeometryMismatchError(
+                f"prediction of case '{case_id}' has shape {prediction.data.shape}, but its label "
+                f"{record['label_path']} has {reference.shape} (or their affines differ). Run the pipeline "
+                "again so that predictions are written in the source geometry."
+            )
+        rows.append({"case_id": case_id, **evaluate_case(reference, prediction.data, voxel_spacing(reference_volume.affine))})
+        if len(overlays) < int(reporting["n_overlay_cases"]):
+            channel = None if pd.isna(record["channel"]) else int(record["channel"])
+            image = read_volume(record["image_path"], channel=channel)
+            views = [to_canonical(Volume(a, reference_volume.affine)).data for a in (image.data, reference, prediction.data)]
+            z = choose_overlay_slice(views[1], views[2])
+            overlays.append((case_id, *(view[:, :, z] for view in views)))
+    return pd.DataFrame(rows), plot_overlays(overlays)
+
+
+def summarize_evaluation(
+    model_key: str, metrics_per_case: pd.DataFrame, history: dict[str, list[float]]
+) -> tuple[dict, Figure]:
+    """Summarise the test metrics, log them to MLflow as `test_<metric>_mean`, plot the curves.
+
+    Returns:
+        The summary (mean, std, median and missing count per metric) and the training curves.
+    """
+    summary = summarize_metrics(metrics_per_case)
+    tracking.log_metrics(model_key, flatten_summary(summary, prefix="test_"))
+    return summary, plot_training_curves(history)
+
+
+def export_model(model: keras.Model) -> tuple[keras.Model, dict, keras.Model]:
+    """The trained model, for the MLflow Keras flavor, its architecture JSON and its weights."""
+    return model, json.loads(model.to_json()), model
+
+
+def _named(func: Callable, model_key: str) -> Callable:
+    """`func` with `model_key` bound, keeping its name and docstring for kedro-viz."""
+    return update_wrapper(partial(func, model_key), func)
+
+
+def evaluation_pipeline(model_key: str) -> Pipeline:
+    """Evaluation, reporting and MLflow export of one model's outputs, in namespace `model_key`.
+
+    Reads `<model>.predictions`, `<model>.history` and `<model>.model`; writes
+    `<model>.metrics_per_case`, `.metrics_summary`, `.overlays`, `.training_curves`,
+    `.mlflow_model`, `.architecture` and `.weights`.
+    """
+    m = model_key
+    return Pipeline(
+        [
+            Node(
+                evaluate_predictions,
+                [f"{m}.predictions", "case_fingerprints", "splits", "params:data", f"params:{m}.reporting"],
+                [f"{m}.metrics_per_case", f"{m}.overlays"],
+                name="evaluate_predictions",
+                namespace=m,
+            ),
+            Node(
+                _named(summarize_evaluation, m),
+                [f"{m}.metrics_per_case", f"{m}.history"],
+                [f"{m}.metrics_summary", f"{m}.training_curves"],
+                name="summarize_evaluation",
+                namespace=m,
+            ),
+            Node(
+                export_model,
+                f"{m}.model",
+                [f"{m}.mlflow_model", f"{m}.architecture", f"{m}.weights"],
+                name="export_model",
+                namespace=m,
+            ),
+        ]
+    )

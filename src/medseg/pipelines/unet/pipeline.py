@@ -1,0 +1,34 @@
+"""The `unet` pipeline graph: the data steps, 2D training and prediction, shared evaluation."""
+
+from kedro.pipeline import Node, Pipeline
+
+from medseg.pipelines.data import create_pipeline as data_pipeline
+from medseg.pipelines.modeling import evaluation_pipeline
+
+from .nodes import build_slice_index, predict_unet, train_unet
+
+
+def create_pipeline(**kwargs) -> Pipeline:
+    return (
+        data_pipeline()
+        + Pipeline(
+            [
+                Node(build_slice_index, ["primary_labels", "splits"], "unet.slice_index", name="build_slice_index", namespace="unet"),
+                Node(
+                    train_unet,
+                    ["primary_images", "primary_labels", "splits", "params:unet"],
+                    ["unet.model", "unet.history"],
+                    name="train_unet",
+                    namespace="unet",
+                ),
+                Node(
+                    predict_unet,
+                    ["unet.model", "primary_images", "case_geometry", "splits", "params:unet"],
+                    "unet.predictions",
+                    name="predict_unet",
+                    namespace="unet",
+                ),
+            ]
+        )
+        + evaluation_pipeline("unet")
+    )
