@@ -24,7 +24,10 @@ from scipy import ndimage
 
 from medseg.errors import ConfigurationError
 
-__all__ = ["synthesize_case"]
+__all__ = ["GENERATOR_VERSION", "synthesize_case"]
+
+# Bump when the phantoms change for the same parameters, so that saved datasets are regenerated.
+GENERATOR_VERSION = 1
 
 # Stored orientations drawn per case. LSA and PSR put the slice (S) axis second in the array.
 _ORIENTATIONS: tuple[tuple[str, str, str], ...] = (
@@ -67,7 +70,8 @@ def synthesize_case(
         index: Case number within the dataset (>= 0).
         seed: Dataset seed (`data.seed`, >= 0).
         in_plane_size: Number of voxels along each in-plane axis (>= 32). The head fills
-            60-85% of the in-plane field of view.
+            60-85% of the in-plane field of view; scalp and skull thickness scale with it,
+            lesion sizes do not (they are in mm).
         n_slices_range: Inclusive range of the number of axial slices, drawn per case.
         in_plane_spacing_range: Range of the in-plane voxel spacing in mm (same for both
             in-plane axes), drawn per case.
@@ -75,7 +79,9 @@ def synthesize_case(
             make every case anisotropic (slices thicker than the in-plane spacing).
         n_lesions_range: Inclusive range of the number of lesions. Lesions are ellipsoids
             with radii of 3-9 mm, randomly rotated, with a slightly irregular boundary,
-            never touching each other; each one is a single connected component.
+            never touching each other; each one is a single connected component. Radii
+            are capped by what fits in a small head, and may reach 15 mm only when the
+            allowed count is too low to cover 0.3% of a large field of view otherwise.
 
     Returns:
         `(image, label, affine)`:
@@ -91,6 +97,7 @@ def synthesize_case(
     Raises:
         ConfigurationError: A size or range argument is unusable (for example a field of
             view too small to hold a lesion, or a range whose minimum exceeds its maximum).
+            Sizes from 32x32x12 to 128x128x40 voxels work with the default spacings.
     """
     _check_arguments(
         index, seed, in_plane_size, n_slices_range, in_plane_spacing_range,
@@ -174,8 +181,9 @@ def _synthesize_ras_volume(
 
     label = np.zeros(shape, dtype=np.uint8)
     lesions = _draw_lesions(rng, depth_mm, spacing, rim_mm + skull_mm, lesion_field, n_lesions_range)
+    brain = depth_mm >= rim_mm + skull_mm
     for box, soft_mask, mask in lesions:
-        _paint_lesion(rng, image, box, soft_mask, depth_mm >= rim_mm + skull_mm, lesion_field)
+        _paint_lesion(rng, image, box, soft_mask, brain, lesion_field)
         label[box] |= mask.astype(np.uint8)
 
     image *= _bias_field(rng, coords)
@@ -457,7 +465,8 @@ def _place_lesions(
         for _ in range(_MAX_PLACEMENT_TRIES):
             centre = np.array(np.unravel_index(rng.choice(candidates), depth_mm.shape))
             z_mm = centre[2] * spacing[2]
-            if depth_mm[tuple(centre)] < margin_mm + extent or not extent + 1.0 <= z_mm <= slab_mm - extent - 1.0:
+            too_shallow = depth_mm[tuple(centre)] < margin_mm + extent
+            if too_shallow or not extent + 1.0 <= z_mm <= slab_mm - extent - 1.0:
                 continue
             if all(
                 np.linalg.norm((centre - other) * steps) > extent + other_extent + gap_mm
@@ -544,7 +553,7 @@ def _paint_lesion(
 ) -> None:
     """Blend a hyperintense lesion into `image` in place.
 
-    The lesion is 40-80% brighter than the mean brain tissue around it in its bounding box,
+    The lesion is 45-80% brighter than the mean brain tissue around it in its bounding box,
     with its own mild texture (from `lesion_field`, +-8%).
 
     Args:
@@ -558,7 +567,7 @@ def _paint_lesion(
     region = image[box]
     surrounding = brain[box] & (soft_mask == 0.0)
     local_mean = float(region[surrounding].mean()) if surrounding.any() else float(region.mean())
-    contrast = np.float32(rng.uniform(1.4, 1.8))
+    contrast = np.float32(rng.uniform(1.45, 1.8))
     lesion = np.float32(local_mean) * contrast * (np.float32(1.0) + np.float32(0.08) * lesion_field[box])
     region += soft_mask * (lesion - region)
 

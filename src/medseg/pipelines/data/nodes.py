@@ -16,7 +16,7 @@ from medseg.imaging.geometry import CaseGeometry, plan_case_geometry, to_canonic
 from medseg.imaging.io import Volume, read_volume
 from medseg.imaging.msd import CaseFiles, list_msd_cases, read_dataset_json, write_msd_dataset
 from medseg.imaging.normalization import zscore_normalize
-from medseg.imaging.synthesis import synthesize_case
+from medseg.imaging.synthesis import GENERATOR_VERSION, synthesize_case
 from medseg.imaging.validation import binarize_label, dataset_fingerprint, fingerprint_cases
 from medseg.split import split_cases
 
@@ -27,7 +27,7 @@ def _synthesis_settings(data: dict[str, Any]) -> dict[str, Any]:
     """What determines the phantoms: when it changes, they are generated again."""
     synthetic = dict(data["synthetic"])
     synthetic.pop("dir", None)
-    return {"seed": int(data["seed"]), **synthetic}
+    return {"generator_version": GENERATOR_VERSION, "seed": int(data["seed"]), **synthetic}
 
 
 def _phantom_maker(index: int, settings: dict[str, Any]) -> Callable[[], tuple[Volume, Volume]]:

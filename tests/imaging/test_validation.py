@@ -1,0 +1,78 @@
+import nibabel as nib
+import numpy as np
+import pytest
+
+from medseg.errors import EmptyDatasetError, GeometryMismatchError, InvalidIntensityError, InvalidLabelError
+from medseg.imaging.msd import CaseFiles
+from medseg.imaging.validation import binarize_label, dataset_fingerprint, fingerprint_case, fingerprint_cases
+
+
+def _case(tmp_path, name, image, label, image_affine=None, label_affine=None):
+    affine = np.diag([0.8, 0.8, 2.5, 1.0])
+    image_path, label_path = tmp_path / f"{name}_img.nii.gz", tmp_path / f"{name}_lbl.nii.gz"
+    nib.save(nib.Nifti1Image(image, affine if image_affine is None else image_affine), str(image_path))
+    nib.save(nib.Nifti1Image(label, affine if label_affine is None else label_affine), str(label_path))
+    return CaseFiles(name, str(image_path), str(label_path), None)
+
+
+def _good(tmp_path, name="good"):
+    image = np.random.default_rng(0).normal(100, 10, (8, 8, 4)).astype(np.float32)
+    label = np.zeros((8, 8, 4), np.uint8)
+    label[2:4, 2:4, 1:3] = 2
+    return _case(tmp_path, name, image, label)
+
+
+def test_fingerprint_of_a_good_case(tmp_path):
+    record = fingerprint_case(_good(tmp_path))
+    assert record["foreground_voxels"] == 8
+    assert record["foreground_fraction"] == pytest.approx(8 / 256)
+    assert (record["spacing_x"], record["spacing_y"], record["spacing_z"]) == pytest.approx((0.8, 0.8, 2.5))
+    assert record["orientation"] == "RAS"
+
+
+def test_foreground_labels_choose_values():
+    label = np.array([0, 1, 2, 3], np.uint8)
+    assert binarize_label(label).tolist() == [0, 1, 1, 1]
+    assert binarize_label(label, [2, 3]).tolist() == [0, 0, 1, 1]
+
+
+def test_shape_mismatch(tmp_path):
+    case = _case(tmp_path, "s", np.zeros((8, 8, 4), np.float32), np.zeros((8, 8, 5), np.uint8))
+    with pytest.raises(GeometryMismatchError, match="s_lbl.nii.gz.*shape"):
+        fingerprint_case(case)
+
+
+def test_affine_mismatch(tmp_path):
+    shifted = np.diag([0.8, 0.8, 2.5, 1.0])
+    shifted[0, 3] = 5.0
+    case = _case(tmp_path, "a", np.zeros((8, 8, 4), np.float32), np.zeros((8, 8, 4), np.uint8), label_affine=shifted)
+    with pytest.raises(GeometryMismatchError, match="a_lbl.nii.gz.*affine differs.*5 mm"):
+        fingerprint_case(case)
+
+
+def test_all_bad_cases_are_reported_together(tmp_path):
+    nan_image = np.zeros((8, 8, 4), np.float32)
+    nan_image[0, 0, 0] = np.inf
+    cases = [
+        _good(tmp_path),
+        _case(tmp_path, "nan", nan_image, np.zeros((8, 8, 4), np.uint8)),
+        _case(tmp_path, "frac", np.zeros((8, 8, 4), np.float32), np.full((8, 8, 4), 0.3, np.float32)),
+    ]
+    with pytest.raises(InvalidIntensityError, match=r"2 of 3 cases are invalid[\s\S]*nan_img[\s\S]*frac_lbl"):
+        fingerprint_cases(cases)
+    with pytest.raises(InvalidLabelError):
+        fingerprint_cases(cases[2:])
+
+
+def test_empty_dataset():
+    with pytest.raises(EmptyDatasetError):
+        fingerprint_cases([])
+
+
+def test_dataset_fingerprint_median_spacing(tmp_path):
+    records = [fingerprint_case(_good(tmp_path, f"g{i}")) for i in range(3)]
+    records[0]["spacing_z"] = 1.0
+    records[1]["spacing_z"] = 3.0
+    fingerprint = dataset_fingerprint(records)
+    assert fingerprint["median_spacing"] == pytest.approx([0.8, 0.8, 2.5])
+    assert fingerprint["n_cases"] == 3 and fingerprint["orientations"] == {"RAS": 3}
