@@ -58,3 +58,27 @@ def data_run(tmp_path_factory) -> Path:
     project = make_project_copy(tmp_path_factory.mktemp("data_run"))
     run_pipeline(project, "data", TINY_DATA_PARAMS)
     return project
+
+
+def mlflow_runs(project: Path):
+    """All runs of the project copy's `medseg` experiment, newest first."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("medseg")
+    return client, client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"])
+
+
+def surface_hd95_brute_force(reference, prediction, spacing) -> float:
+    """HD95 written independently of medseg.evaluation: all surface-to-surface distances."""
+    import numpy as np
+    from scipy.ndimage import binary_erosion
+    from scipy.spatial.distance import cdist
+
+    def surface(mask):
+        mask = mask.astype(bool)
+        return np.argwhere(mask & ~binary_erosion(mask)) * np.asarray(spacing)
+
+    a, b = surface(reference), surface(prediction)
+    distances = cdist(a, b)
+    return float(max(np.percentile(distances.min(axis=1), 95), np.percentile(distances.min(axis=0), 95)))

@@ -73,7 +73,8 @@ def predict_axial_slices(model: keras.Model, volume: np.ndarray, multiple: int, 
     context is lost to tiling.
 
     Args:
-        model: 2D model mapping (B, H, W, 1) to (B, H, W, 1) probabilities.
+        model: 2D model mapping (B, H, W, 1) to (B, H, W, 1) probabilities, for any H and W
+            (see `with_input_shape(model, (None, None, 1))`).
         volume: (X, Y, Z) float32, preprocessed.
         multiple: the padded in-plane size is a multiple of this.
         batch_size: slices per forward pass.
@@ -83,11 +84,11 @@ def predict_axial_slices(model: keras.Model, volume: np.ndarray, multiple: int, 
     """
     nx, ny, nz = volume.shape
     px, py = (int(math.ceil(n / multiple) * multiple) for n in (nx, ny))
-    net = with_input_shape(model, (px, py, 1))
     slices = np.zeros((nz, px, py, 1), dtype=np.float32)
     slices[:, :nx, :ny, 0] = np.moveaxis(volume, 2, 0)
     out = np.empty((nx, ny, nz), dtype=np.float32)
     for start in range(0, nz, batch_size):
-        batch = net.predict_on_batch(slices[start : start + batch_size])
-        out[:, :, start : start + batch_size] = np.moveaxis(np.asarray(batch)[:, :nx, :ny, 0], 0, 2)
+        # An eager call: a traced predict function would be retraced for every new slice size.
+        batch = np.asarray(model(slices[start : start + batch_size], training=False))
+        out[:, :, start : start + batch_size] = np.moveaxis(batch[:, :nx, :ny, 0], 0, 2)
     return out

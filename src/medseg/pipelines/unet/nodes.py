@@ -10,7 +10,7 @@ import pandas as pd
 
 from medseg.imaging.io import Volume
 from medseg.models import build_unet2d, compile_segmentation_model
-from medseg.models.training import fit_model, predict_axial_slices
+from medseg.models.training import fit_model, predict_axial_slices, with_input_shape
 from medseg.patching import make_tf_dataset, slice_stream
 from medseg.pipelines.modeling import MlflowEpochLogger, case_loader, cases_in_split, predictions_in_original_geometry
 
@@ -103,8 +103,9 @@ def predict_unet(
     """
     multiple = 2 ** int(unet["model"]["depth"])
     batch_size = int(unet["inference"]["batch_size"])
+    any_size = with_input_shape(model, (None, None, 1))
     return predictions_in_original_geometry(
-        lambda image: predict_axial_slices(model, image, multiple, batch_size),
+        lambda image: predict_axial_slices(any_size, image, multiple, batch_size),
         primary_images,
         case_geometry,
         cases_in_split(splits, "val", "test"),

@@ -1,0 +1,183 @@
+"""Nodes of the `conv3d` pipeline: patch training, sliding-window prediction, patch detection.
+
+Two model kinds (`conv3d.model.kind`):
+- `unet3d`: a 3D U-Net; whole volumes are segmented by Gaussian-weighted sliding windows.
+- `patch_classifier`: the original course block, which says whether a patch holds foreground.
+  Its sliding-window output is a coarse detection map (each window's probability spread over
+  the window), so it is evaluated by the same code, honestly, as a localiser.
+Both are also scored on test-case patches as detectors (accuracy, ROC-AUC, F1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import keras
+import numpy as np
+import pandas as pd
+
+from medseg.errors import ConfigurationError
+from medseg.evaluation import classification_metrics
+from medseg.imaging.io import Volume
+from medseg.models import build_patch_classifier, build_unet3d, compile_patch_classifier, compile_segmentation_model
+from medseg.models.training import fit_model
+from medseg.patching import extract_patch, make_tf_dataset, patch_stream, sample_patch_centers, sliding_window_predict
+from medseg.pipelines import tracking
+from medseg.pipelines.modeling import MlflowEpochLogger, case_loader, cases_in_split, predictions_in_original_geometry
+
+KINDS = ("unet3d", "patch_classifier")
+
+
+def _kind(conv3d: dict[str, Any]) -> str:
+    kind = conv3d["model"]["kind"]
+    if kind not in KINDS:
+        raise ConfigurationError(f"conv3d.model.kind='{kind}' is not one of {list(KINDS)}.")
+    return kind
+
+
+def _patch_shape(conv3d: dict[str, Any]) -> tuple[int, int, int]:
+    return tuple(int(s) for s in conv3d["patching"]["patch_size"])
+
+
+def _build_model(conv3d: dict[str, Any]) -> keras.Model:
+    model_params, training = conv3d["model"], conv3d["training"]
+    shape = (*_patch_shape(conv3d), 1)
+    if _kind(conv3d) == "patch_classifier":
+        return compile_patch_classifier(build_patch_classifier(shape), training["optimizer"], float(training["learning_rate"]))
+    return compile_segmentation_model(
+        build_unet3d(shape, int(model_params["base_filters"]), int(model_params["depth"])),
+        optimizer=training["optimizer"],
+        learning_rate=float(training["learning_rate"]),
+        loss=training["loss"],
+    )
+
+
+def _contains_foreground(images, labels):
+    """Batch of (patch, label patch) -> (patch, 1 if the patch holds any foreground)."""
+    import tensorflow as tf
+
+    return images, tf.cast(tf.reduce_max(labels, axis=[1, 2, 3, 4]) > 0, tf.float32)[:, None]
+
+
+def train_conv3d(
+    primary_images: dict[str, Callable[[], Volume]],
+    primary_labels: dict[str, Callable[[], Volume]],
+    splits: pd.DataFrame,
+    conv3d: dict[str, Any],
+) -> tuple[keras.Model, dict[str, list[float]]]:
+    """Train on random 3D patches streamed through a bounded queue (TorchIO-style).
+
+    `conv3d.patching.foreground_fraction` of the patches are centred on foreground voxels;
+    memory holds one case plus `queue_length` patches, whatever the dataset's size.
+
+    Returns:
+        The trained model (best validation loss) and its history.
+    """
+    patching, training = conv3d["patching"], conv3d["training"]
+    keras.utils.set_random_seed(int(conv3d["seed"]))
+    shape = _patch_shape(conv3d)
+    load_case = case_loader(primary_images, primary_labels)
+    classifier = _kind(conv3d) == "patch_classifier"
+
+    def stream(case_ids: list[str], seed: int, augment: bool):
+        factory = lambda: patch_stream(  # noqa: E731
+            load_case,
+            case_ids,
+            shape,
+            samples_per_volume=int(patching["samples_per_volume"]),
+            queue_length=int(patching["queue_length"]),
+            foreground_fraction=float(patching["foreground_fraction"]),
+            seed=seed,
+        )
+        dataset = make_tf_dataset(factory, (*shape, 1), int(training["batch_size"]), augment=augment, seed=seed)
+        return dataset.map(_contains_foreground) if classifier else dataset
+
+    model = _build_model(conv3d)
+    history = fit_model(
+        model,
+        stream(cases_in_split(splits, "train"), int(conv3d["seed"]), bool(training["augment"])),
+        stream(cases_in_split(splits, "val"), int(conv3d["seed"]) + 1, False),
+        epochs=training["epochs"],
+        steps_per_epoch=training["steps_per_epoch"],
+        validation_steps=training["validation_steps"],
+        checkpoint_dir=training["checkpoint_dir"],
+        patience=training["early_stopping_patience"],
+        callbacks=[MlflowEpochLogger("conv3d")],
+    )
+    return model, history
+
+
+def window_predictor(model: keras.Model) -> Callable[[np.ndarray], np.ndarray]:
+    """`predict_batch` for sliding windows: (B, wx, wy, wz, 1) -> (B, wx, wy, wz) probabilities.
+
+    A segmentation model's map is returned as is; a patch classifier's single probability is
+    spread over its whole window.
+    """
+
+    def predict(windows: np.ndarray) -> np.ndarray:
+        out = np.asarray(model.predict_on_batch(windows))
+        if out.ndim == 2:  # (B, 1): one probability per window
+            return np.broadcast_to(out[:, :, None, None], (len(windows), *windows.shape[1:4]))
+        return out[..., 0]
+
+    return predict
+
+
+def predict_conv3d(
+    model: keras.Model,
+    primary_images: dict[str, Callable[[], Volume]],
+    case_geometry: dict,
+    splits: pd.DataFrame,
+    conv3d: dict[str, Any],
+) -> dict[str, Callable[[], Volume]]:
+    """Sliding-window prediction of every validation and test volume; masks in source geometry."""
+    inference = conv3d["inference"]
+    predict = window_predictor(model)
+    return predictions_in_original_geometry(
+        lambda image: sliding_window_predict(
+            image,
+            predict,
+            _patch_shape(conv3d),
+            overlap=float(inference["overlap"]),
+            batch_size=int(inference["batch_size"]),
+            sigma_scale=float(inference["sigma_scale"]),
+        ),
+        primary_images,
+        case_geometry,
+        cases_in_split(splits, "val", "test"),
+        float(inference["threshold"]),
+    )
+
+
+def evaluate_patch_detection(
+    model: keras.Model,
+    primary_images: dict[str, Callable[[], Volume]],
+    primary_labels: dict[str, Callable[[], Volume]],
+    splits: pd.DataFrame,
+    conv3d: dict[str, Any],
+) -> dict[str, float]:
+    """Score the model as a detector on patches of the test cases: does a patch hold foreground?
+
+    Patches are drawn as in training (same foreground fraction), with a fixed seed. The score
+    of a patch is the classifier's output, or a segmentation model's highest voxel probability.
+
+    Returns:
+        accuracy, roc_auc and f1 (at 0.5), and the number of patches and of positive ones;
+        also logged to MLflow as `test_patch_<metric>`.
+    """
+    shape = _patch_shape(conv3d)
+    n_per_case = int(conv3d["evaluation"]["patches_per_case"])
+    predict = window_predictor(model)
+    rng = np.random.default_rng(int(conv3d["seed"]) + 2)
+    truths, scores = [], []
+    for case_id in cases_in_split(splits, "test"):
+        image, label = primary_images[case_id]().data, primary_labels[case_id]().data
+        centers = sample_patch_centers(label, n_per_case, shape, float(conv3d["patching"]["foreground_fraction"]), rng, case_id=case_id)
+        patches = np.stack([extract_patch(image, c, shape) for c in centers])[..., None]
+        truths.extend(bool(extract_patch(label, c, shape).any()) for c in centers)
+        scores.extend(predict(patches).reshape(len(centers), -1).max(axis=1).tolist())
+    metrics = classification_metrics(np.array(truths, dtype=np.uint8), np.array(scores, dtype=np.float32))
+    result = {**{k: float(v) for k, v in metrics.items()}, "n_patches": len(truths), "n_positive": int(sum(truths))}
+    tracking.log_metrics("conv3d", {f"test_patch_{k}": v for k, v in result.items()})
+    return result

@@ -1,0 +1,41 @@
+"""The `conv3d` pipeline graph: the data steps, patch training, sliding-window prediction,
+shared evaluation, and patch-level detection metrics."""
+
+from kedro.pipeline import Node, Pipeline
+
+from medseg.pipelines.data import create_pipeline as data_pipeline
+from medseg.pipelines.modeling import evaluation_pipeline
+
+from .nodes import evaluate_patch_detection, predict_conv3d, train_conv3d
+
+
+def create_pipeline(**kwargs) -> Pipeline:
+    return (
+        data_pipeline()
+        + Pipeline(
+            [
+                Node(
+                    train_conv3d,
+                    ["primary_images", "primary_labels", "splits", "params:conv3d"],
+                    ["conv3d.model", "conv3d.history"],
+                    name="train_conv3d",
+                    namespace="conv3d",
+                ),
+                Node(
+                    predict_conv3d,
+                    ["conv3d.model", "primary_images", "case_geometry", "splits", "params:conv3d"],
+                    "conv3d.predictions",
+                    name="predict_conv3d",
+                    namespace="conv3d",
+                ),
+                Node(
+                    evaluate_patch_detection,
+                    ["conv3d.model", "primary_images", "primary_labels", "splits", "params:conv3d"],
+                    "conv3d.patch_metrics",
+                    name="evaluate_patch_detection",
+                    namespace="conv3d",
+                ),
+            ]
+        )
+        + evaluation_pipeline("conv3d")
+    )

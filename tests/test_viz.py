@@ -1,0 +1,49 @@
+"""`kedro viz` starts headless and serves the pipeline graph with one namespace per pipeline."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from conftest import make_project_copy
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_kedro_viz_serves_the_graph(tmp_path):
+    project = make_project_copy(tmp_path / "project")
+    port = _free_port()
+    kedro = str(Path(sys.executable).with_name("kedro"))
+    env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true"}
+    server = subprocess.Popen(
+        [kedro, "viz", "run", "--no-browser", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=project, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    try:
+        deadline, graph = time.monotonic() + 240, None
+        while time.monotonic() < deadline and server.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/main", timeout=5) as response:
+                    graph = json.load(response)
+                break
+            except OSError:
+                time.sleep(2)
+        assert graph is not None, server.stderr.read().decode()[-2000:] if server.poll() is not None else "timed out"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+    names = {node["name"] for node in graph["nodes"] if node["type"] == "task"}
+    assert {"validate_cases", "preprocess_cases", "train_unet", "train_conv3d", "evaluate_predictions"} <= {
+        n.split(".")[-1] for n in names
+    }
+    assert {p["id"] for p in graph["pipelines"]} >= {"__default__", "data", "unet", "conv3d"}
+    assert {"data", "unet", "conv3d"} <= set(graph["modular_pipelines"])
