@@ -27,13 +27,28 @@ def make_project_copy(root: Path) -> Path:
     shutil.copytree(REPO_ROOT / "conf", root / "conf", dirs_exist_ok=True)
     shutil.copy(REPO_ROOT / "pyproject.toml", root / "pyproject.toml")
     (root / "conf" / "local").mkdir(exist_ok=True)
+    (root / "src").mkdir(exist_ok=True)  # bootstrap_project wants it; medseg itself is installed
     for layer in ("01_raw", "02_intermediate", "03_primary", "05_model_input", "06_models", "07_model_output", "08_reporting"):
         (root / "data" / layer).mkdir(parents=True, exist_ok=True)
     return root
 
 
+def nested(params: dict) -> dict:
+    """{"a.b": 1} -> {"a": {"b": 1}}, as `kedro run --params a.b=1` does."""
+    tree: dict = {}
+    for dotted, value in params.items():
+        *parents, leaf = dotted.split(".")
+        node = tree
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return tree
+
+
 def run_pipeline(project: Path, pipeline: str | None, params: dict | None = None) -> None:
-    """Run a pipeline of the project copy through KedroSession, from inside the copy."""
+    """Run a pipeline of the project copy through KedroSession, from inside the copy.
+
+    `params` use dotted keys, like `kedro run --params`."""
     from kedro.framework.session import KedroSession
     from kedro.framework.startup import bootstrap_project
 
@@ -41,7 +56,7 @@ def run_pipeline(project: Path, pipeline: str | None, params: dict | None = None
     os.chdir(project)
     try:
         bootstrap_project(project)
-        with KedroSession.create(project_path=project, runtime_params=params or {}) as session:
+        with KedroSession.create(project_path=project, runtime_params=nested(params or {})) as session:
             session.run(pipeline_names=[pipeline] if pipeline else None)
     finally:
         os.chdir(previous)
