@@ -28,6 +28,11 @@ def make_project_copy(root: Path) -> Path:
     shutil.copy(REPO_ROOT / "pyproject.toml", root / "pyproject.toml")
     (root / "conf" / "local").mkdir(exist_ok=True)
     (root / "src").mkdir(exist_ok=True)  # bootstrap_project wants it; medseg itself is installed
+    # MLflow caches its SQL store by URI: the relative `sqlite:///mlflow.db` would reach the first
+    # copy's database from every later copy in the same test process. An absolute URI does not.
+    (root / "conf" / "local" / "mlflow.yml").write_text(
+        f"server:\n  mlflow_tracking_uri: sqlite:///{root / 'mlflow.db'}\n"
+    )
     for layer in ("01_raw", "02_intermediate", "03_primary", "05_model_input", "06_models", "07_model_output", "08_reporting"):
         (root / "data" / layer).mkdir(parents=True, exist_ok=True)
     return root

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import TINY_DATA_PARAMS, run_pipeline
+from conftest import TINY_DATA_PARAMS, mlflow_runs, run_pipeline
 from medseg.errors import InvalidIntensityError
 from medseg.imaging.io import read_volume
 from medseg.imaging.synthesis import synthesize_case
@@ -43,6 +43,11 @@ def test_phantoms_are_not_regenerated_when_parameters_are_unchanged(data_run: Pa
     assert manifest.stat().st_mtime_ns == before
     run_pipeline(data_run, "data", {**TINY_DATA_PARAMS, "data.seed": 43})
     assert json.loads(manifest.read_text())["medseg_synthesis"]["seed"] == 43
+    _, runs = mlflow_runs(data_run)
+    names = sorted(run.info.run_name.rsplit("-", 1)[1] for run in runs)
+    assert names == ["run1", "run2", "run3"]  # N counts up among runs with the same prefix
+    assert {run.info.status for run in runs} == {"FINISHED"}
+    assert {run.data.params["data.seed"] for run in runs} == {"42", "43"}
 
 
 def _write(path: Path, data: np.ndarray, affine: np.ndarray, dtype) -> None:
@@ -119,3 +124,5 @@ def test_a_bad_case_stops_the_run_before_any_output(project_copy: Path, tmp_path
         run_pipeline(project_copy, "data", {"data.source": "msd", "data.msd_dir": str(msd)})
     assert not (project_copy / "data" / "02_intermediate" / "images").exists()
     assert not (project_copy / "data" / "03_primary" / "images").exists()
+    _, runs = mlflow_runs(project_copy)
+    assert runs[0].info.status == "FAILED"
