@@ -11,7 +11,6 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
 
 $(VENV)/.installed-$(EXTRAS): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet -e '.[$(EXTRAS)]'

@@ -26,8 +26,6 @@ logger = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 3.0
 MODEL_DISPLAY = {"unet": "UNet", "unet3d": "UNet3D", "patch_classifier": "Conv3DClassifier"}
-OPTIMIZER_DISPLAY = {"adam": "Adam", "adamw": "AdamW", "sgd": "SGD", "rmsprop": "RMSprop"}
-LOSS_DISPLAY = {"bce": "BCE", "dice": "Dice", "bce+dice": "BCE+Dice"}
 
 
 def check_tracking_server(uri: str | None) -> None:
@@ -58,16 +56,14 @@ def models_in_pipeline(pipeline: Pipeline) -> list[str]:
 
 
 def _model_parts(model: str, params: dict[str, Any]) -> tuple[str, str, str]:
+    # Imported here: Keras loads in seconds, and a `data` run names itself without it.
+    from medseg.models import loss_display_name, optimizer_display_name
+
     section = params[model]
     kind = section["model"].get("kind", "unet") if model == "conv3d" else "unet"
     training = section["training"]
-    loss = "bce" if kind == "patch_classifier" else str(training["loss"]).lower()
-    optimizer = str(training["optimizer"]).lower()
-    return (
-        MODEL_DISPLAY.get(kind, kind),
-        OPTIMIZER_DISPLAY.get(optimizer, training["optimizer"]),
-        LOSS_DISPLAY.get(loss, loss),
-    )
+    loss = "bce" if kind == "patch_classifier" else training["loss"]
+    return MODEL_DISPLAY.get(kind, kind), optimizer_display_name(training["optimizer"]), loss_display_name(loss)
 
 
 def run_name_prefix(models: list[str], params: dict[str, Any], today: dt.date) -> str:

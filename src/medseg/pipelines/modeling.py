@@ -30,6 +30,7 @@ from medseg.evaluation import (
 from medseg.imaging.geometry import CaseGeometry, restore_original_geometry, to_canonical
 from medseg.imaging.io import Volume, read_volume, voxel_spacing
 from medseg.imaging.validation import binarize_label
+from medseg.models.training import fit_model
 from medseg.pipelines import tracking
 
 ProbabilityMap = Callable[[np.ndarray], np.ndarray]
@@ -44,6 +45,21 @@ class MlflowEpochLogger(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         tracking.log_metrics(self.model_key, {k: v for k, v in (logs or {}).items() if k != "learning_rate"}, step=epoch)
+
+
+def fit_with_params(model: keras.Model, train_data, val_data, training: dict[str, Any], model_key: str) -> dict[str, list[float]]:
+    """`fit_model` driven by a `<model>.training` parameter section, logging epochs to MLflow."""
+    return fit_model(
+        model,
+        train_data,
+        val_data,
+        epochs=training["epochs"],
+        steps_per_epoch=training["steps_per_epoch"],
+        validation_steps=training["validation_steps"],
+        checkpoint_dir=training["checkpoint_dir"],
+        patience=training["early_stopping_patience"],
+        callbacks=[MlflowEpochLogger(model_key)],
+    )
 
 
 def cases_in_split(splits: pd.DataFrame, *names: str) -> list[str]:

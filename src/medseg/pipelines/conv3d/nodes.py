@@ -21,10 +21,9 @@ from medseg.errors import ConfigurationError
 from medseg.evaluation import classification_metrics
 from medseg.imaging.io import Volume
 from medseg.models import build_patch_classifier, build_unet3d, compile_patch_classifier, compile_segmentation_model
-from medseg.models.training import fit_model
 from medseg.patching import extract_patch, make_tf_dataset, patch_stream, sample_patch_centers, sliding_window_predict
 from medseg.pipelines import tracking
-from medseg.pipelines.modeling import MlflowEpochLogger, case_loader, cases_in_split, predictions_in_original_geometry
+from medseg.pipelines.modeling import case_loader, cases_in_split, fit_with_params, predictions_in_original_geometry
 
 KINDS = ("unet3d", "patch_classifier")
 
@@ -94,16 +93,12 @@ def train_conv3d(
         return dataset.map(_contains_foreground) if classifier else dataset
 
     model = _build_model(conv3d)
-    history = fit_model(
+    history = fit_with_params(
         model,
         stream(cases_in_split(splits, "train"), int(conv3d["seed"]), bool(training["augment"])),
         stream(cases_in_split(splits, "val"), int(conv3d["seed"]) + 1, False),
-        epochs=training["epochs"],
-        steps_per_epoch=training["steps_per_epoch"],
-        validation_steps=training["validation_steps"],
-        checkpoint_dir=training["checkpoint_dir"],
-        patience=training["early_stopping_patience"],
-        callbacks=[MlflowEpochLogger("conv3d")],
+        training,
+        "conv3d",
     )
     return model, history
 

@@ -10,9 +10,9 @@ import pandas as pd
 
 from medseg.imaging.io import Volume
 from medseg.models import build_unet2d, compile_segmentation_model
-from medseg.models.training import fit_model, predict_axial_slices, with_input_shape
+from medseg.models.training import predict_axial_slices, with_input_shape
 from medseg.patching import make_tf_dataset, slice_stream
-from medseg.pipelines.modeling import MlflowEpochLogger, case_loader, cases_in_split, predictions_in_original_geometry
+from medseg.pipelines.modeling import case_loader, cases_in_split, fit_with_params, predictions_in_original_geometry
 
 
 def build_slice_index(primary_labels: dict[str, Callable[[], Volume]], splits: pd.DataFrame) -> pd.DataFrame:
@@ -75,16 +75,12 @@ def train_unet(
         learning_rate=float(training["learning_rate"]),
         loss=training["loss"],
     )
-    history = fit_model(
+    history = fit_with_params(
         model,
         stream(cases_in_split(splits, "train"), int(unet["seed"]), bool(training["augment"])),
         stream(cases_in_split(splits, "val"), int(unet["seed"]) + 1, False),
-        epochs=training["epochs"],
-        steps_per_epoch=training["steps_per_epoch"],
-        validation_steps=training["validation_steps"],
-        checkpoint_dir=training["checkpoint_dir"],
-        patience=training["early_stopping_patience"],
-        callbacks=[MlflowEpochLogger("unet")],
+        training,
+        "unet",
     )
     return model, history
 
