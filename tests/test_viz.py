@@ -2,6 +2,7 @@
 
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -13,9 +14,15 @@ from conftest import make_project_copy
 
 
 def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A free port below 49152: kedro-viz refuses the ephemeral range the OS would pick."""
+    for port in random.Random().sample(range(20000, 49000), 200):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port found in 20000-49000")
 
 
 def test_kedro_viz_serves_the_graph(tmp_path):
