@@ -5,7 +5,7 @@ Measured side by side in one run, with the same model, batch size and slices:
   2. bare Keras: `model.fit` on the same slices held as in-memory numpy arrays.
 Prints samples/s for both, their ratio (target >= 0.95) and the GFLOP/s the model reaches.
 
-Run: .venv/bin/python benchmarks/unet_throughput.py [--size 64] [--batch 16] [--steps 25]
+Run: .venv/bin/python benchmarks/unet_throughput.py [--size 48] [--batch 16] [--steps 25]
 It uses synthetic phantoms written to a temporary folder, so it needs no data.
 """
 
@@ -66,7 +66,7 @@ def timed_fit(model, data, steps: int, epochs: int, batch: int | None = None) ->
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--size", type=int, default=48)  # unet.model.input_size
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--epochs", type=int, default=2)
