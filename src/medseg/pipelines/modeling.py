@@ -31,6 +31,7 @@ from medseg.imaging.geometry import CaseGeometry, restore_original_geometry, to_
 from medseg.imaging.io import Volume, read_volume, voxel_spacing
 from medseg.imaging.validation import binarize_label
 from medseg.models.training import fit_model
+from medseg.patching import make_tf_dataset
 from medseg.pipelines import tracking
 
 ProbabilityMap = Callable[[np.ndarray], np.ndarray]
@@ -60,6 +61,32 @@ def fit_with_params(model: keras.Model, train_data, val_data, training: dict[str
         patience=training["early_stopping_patience"],
         callbacks=[MlflowEpochLogger(model_key)],
     )
+
+
+def sampled_dataset(
+    stream_fn: Callable,
+    load_case: Callable[[str], tuple[np.ndarray, np.ndarray]],
+    case_ids: list[str],
+    shape: tuple[int, ...],
+    sample_shape: tuple[int, ...],
+    sampling: dict[str, Any],
+    batch_size: int,
+    seed: int,
+    augment: bool,
+):
+    """A batched `tf.data` dataset over `stream_fn` (`slice_stream` or `patch_stream`), with the
+    sampling parameters (`samples_per_volume`, `queue_length`, `foreground_fraction`) of a
+    pipeline's parameter section."""
+    factory = lambda: stream_fn(  # noqa: E731
+        load_case,
+        case_ids,
+        shape,
+        samples_per_volume=int(sampling["samples_per_volume"]),
+        queue_length=int(sampling["queue_length"]),
+        foreground_fraction=float(sampling["foreground_fraction"]),
+        seed=seed,
+    )
+    return make_tf_dataset(factory, sample_shape, batch_size, augment=augment, seed=seed)
 
 
 def cases_in_split(splits: pd.DataFrame, *names: str) -> list[str]:

@@ -21,9 +21,9 @@ from medseg.errors import ConfigurationError
 from medseg.evaluation import classification_metrics
 from medseg.imaging.io import Volume
 from medseg.models import build_patch_classifier, build_unet3d, compile_patch_classifier, compile_segmentation_model
-from medseg.patching import extract_patch, make_tf_dataset, patch_stream, sample_patch_centers, sliding_window_predict
+from medseg.patching import extract_patch, patch_stream, sample_patch_centers, sliding_window_predict
 from medseg.pipelines import tracking
-from medseg.pipelines.modeling import case_loader, cases_in_split, fit_with_params, predictions_in_original_geometry
+from medseg.pipelines.modeling import case_loader, cases_in_split, fit_with_params, predictions_in_original_geometry, sampled_dataset
 
 KINDS = ("unet3d", "patch_classifier")
 
@@ -80,16 +80,10 @@ def train_conv3d(
     classifier = _kind(conv3d) == "patch_classifier"
 
     def stream(case_ids: list[str], seed: int, augment: bool):
-        factory = lambda: patch_stream(  # noqa: E731
-            load_case,
-            case_ids,
-            shape,
-            samples_per_volume=int(patching["samples_per_volume"]),
-            queue_length=int(patching["queue_length"]),
-            foreground_fraction=float(patching["foreground_fraction"]),
-            seed=seed,
+        dataset = sampled_dataset(
+            patch_stream, load_case, case_ids, shape, (*shape, 1), patching,
+            int(training["batch_size"]), seed, augment,
         )
-        dataset = make_tf_dataset(factory, (*shape, 1), int(training["batch_size"]), augment=augment, seed=seed)
         return dataset.map(_contains_foreground) if classifier else dataset
 
     model = _build_model(conv3d)

@@ -11,8 +11,8 @@ import pandas as pd
 from medseg.imaging.io import Volume
 from medseg.models import build_unet2d, compile_segmentation_model
 from medseg.models.training import predict_axial_slices, with_input_shape
-from medseg.patching import make_tf_dataset, slice_stream
-from medseg.pipelines.modeling import case_loader, cases_in_split, fit_with_params, predictions_in_original_geometry
+from medseg.patching import slice_stream
+from medseg.pipelines.modeling import case_loader, cases_in_split, fit_with_params, predictions_in_original_geometry, sampled_dataset
 
 
 def build_slice_index(primary_labels: dict[str, Callable[[], Volume]], splits: pd.DataFrame) -> pd.DataFrame:
@@ -23,10 +23,11 @@ def build_slice_index(primary_labels: dict[str, Callable[[], Volume]], splits: p
         it tells how rare foreground slices are, which is why sampling oversamples them.
     """
     rows = []
+    split_of = splits.set_index("case_id")["split"]
     for case_id in cases_in_split(splits, "train", "val"):
         label = primary_labels[case_id]().data
         counts = label.reshape(-1, label.shape[2]).sum(axis=0)
-        split = splits.set_index("case_id").loc[case_id, "split"]
+        split = split_of[case_id]
         rows.extend({"case_id": case_id, "split": split, "z": z, "foreground_voxels": int(n)} for z, n in enumerate(counts))
     return pd.DataFrame(rows)
 
@@ -58,16 +59,10 @@ def train_unet(
     load_case = case_loader(primary_images, primary_labels)
 
     def stream(case_ids: list[str], seed: int, augment: bool):
-        factory = lambda: slice_stream(  # noqa: E731
-            load_case,
-            case_ids,
-            (size, size),
-            samples_per_volume=int(training["samples_per_volume"]),
-            queue_length=int(training["queue_length"]),
-            foreground_fraction=float(training["foreground_fraction"]),
-            seed=seed,
+        return sampled_dataset(
+            slice_stream, load_case, case_ids, (size, size), (size, size, 1), training,
+            int(training["batch_size"]), seed, augment,
         )
-        return make_tf_dataset(factory, (size, size, 1), int(training["batch_size"]), augment=augment, seed=seed)
 
     model = compile_segmentation_model(
         build_unet2d((size, size, 1), int(model_params["base_filters"]), int(model_params["depth"])),
