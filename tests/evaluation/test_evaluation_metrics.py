@@ -15,6 +15,8 @@ from medseg.evaluation.metrics import (
     dice_score,
     evaluate_case,
     hausdorff_distance_95,
+    hausdorff_distance_95_penalized,
+    hd95_miss_penalty_mm,
     iou_score,
     precision_score,
     recall_score,
@@ -186,6 +188,27 @@ def test_hd95_is_nan_when_either_mask_is_empty():
     assert math.isnan(hausdorff_distance_95(empty, mask, spacing))
 
 
+def test_hd95_miss_penalty_is_the_image_diagonal_in_mm():
+    # Field of view 4 x 10 x 3 mm: diagonal sqrt(16 + 100 + 9) = sqrt(125).
+    assert hd95_miss_penalty_mm((4, 5, 6), (1.0, 2.0, 0.5)) == pytest.approx(math.sqrt(125.0))
+    assert hd95_miss_penalty_mm((3, 4), (1.0, 1.0)) == pytest.approx(5.0)
+
+
+def test_penalized_hd95_counts_a_miss_as_the_diagonal_and_nothing_to_measure_as_nan():
+    mask = np.zeros((4, 5, 6), dtype=np.uint8)
+    mask[1:3, 1:3, 1:3] = 1
+    empty = np.zeros_like(mask)
+    spacing = (1.0, 2.0, 0.5)
+    diagonal = math.sqrt(4.0**2 + 10.0**2 + 3.0**2)
+    assert hausdorff_distance_95_penalized(mask, empty, spacing) == pytest.approx(diagonal)
+    assert hausdorff_distance_95_penalized(empty, mask, spacing) == pytest.approx(diagonal)
+    assert math.isnan(hausdorff_distance_95_penalized(empty, empty, spacing))
+    shifted = np.roll(mask, 1, axis=2)
+    assert hausdorff_distance_95_penalized(mask, shifted, spacing) == pytest.approx(
+        hausdorff_distance_95(mask, shifted, spacing)
+    )
+
+
 def test_hd95_rejects_spacing_of_the_wrong_length():
     mask = np.ones((3, 3, 3), dtype=np.uint8)
     with pytest.raises(GeometryMismatchError, match="3 axes"):
@@ -212,6 +235,7 @@ def test_evaluate_case_returns_every_metric_as_plain_values(overlapping_lines):
         "dice": pytest.approx(8 / 14),
         "iou": pytest.approx(0.4),
         "hd95_mm": pytest.approx(hausdorff_distance_95(reference, prediction, spacing)),
+        "hd95_mm_penalized": pytest.approx(hausdorff_distance_95(reference, prediction, spacing)),
         "precision": pytest.approx(4 / 6),
         "recall": pytest.approx(0.5),
         "reference_ml": pytest.approx(0.008),
@@ -233,6 +257,21 @@ def test_evaluate_case_flags_empty_masks():
     assert not missed["reference_empty"] and missed["prediction_empty"]
     assert missed["dice"] == 0.0 and missed["iou"] == 0.0 and math.isnan(missed["hd95_mm"])
     assert missed["reference_ml"] == pytest.approx(0.001) and missed["predicted_ml"] == 0.0
+
+
+def test_evaluate_case_penalizes_a_miss_with_the_image_diagonal():
+    empty = np.zeros((4, 5, 6), dtype=np.uint8)
+    mask = empty.copy()
+    mask[1, 1, 1] = 1
+    spacing = (1.0, 2.0, 0.5)
+    diagonal = math.sqrt((4 * 1.0) ** 2 + (5 * 2.0) ** 2 + (6 * 0.5) ** 2)
+    missed = evaluate_case(mask, empty, spacing)
+    assert math.isnan(missed["hd95_mm"])  # MONAI's per-case value is kept
+    assert missed["hd95_mm_penalized"] == pytest.approx(diagonal)
+    false_alarm = evaluate_case(empty, mask, spacing)
+    assert math.isnan(false_alarm["hd95_mm"])
+    assert false_alarm["hd95_mm_penalized"] == pytest.approx(diagonal)
+    assert math.isnan(evaluate_case(empty, empty, spacing)["hd95_mm_penalized"])
 
 
 def test_evaluate_case_raises_geometry_error_on_shape_mismatch():

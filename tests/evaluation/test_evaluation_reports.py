@@ -12,6 +12,7 @@ import pytest
 from matplotlib.figure import Figure
 
 from medseg.errors import ConfigurationError, GeometryMismatchError
+from medseg.evaluation.metrics import evaluate_case
 from medseg.evaluation.reports import (
     choose_overlay_slice,
     flatten_summary,
@@ -29,6 +30,7 @@ def per_case() -> pd.DataFrame:
             "dice": [0.8, 0.6, float("nan"), 1.0],
             "iou": [0.5, 0.5, float("nan"), 0.5],
             "hd95_mm": [1.0, float("inf"), float("nan"), 3.0],
+            "hd95_mm_penalized": [1.0, 50.0, float("nan"), 40.0],
             "precision": [1.0, 0.5, float("nan"), 1.0],
             "recall": [float("nan")] * 4,
             "reference_empty": [False, False, True, True],
@@ -54,6 +56,31 @@ def test_summary_counts_infinite_distances_as_missing(per_case):
     hd95 = summarize_metrics(per_case)["hd95_mm"]
     assert hd95["mean"] == pytest.approx(2.0)
     assert (hd95["n"], hd95["n_missing"]) == (2, 2)
+
+
+def test_penalized_hd95_mean_counts_a_missed_case_and_does_not_reward_it():
+    # Case "hit": two single voxels 3 slices apart along z (2 mm) -> HD95 = 6 mm.
+    # Case "miss": the same reference, an empty prediction -> HD95 NaN, penalty = diagonal.
+    shape, spacing = (4, 5, 8), (1.0, 1.5, 2.0)
+    diagonal = math.sqrt((4 * 1.0) ** 2 + (5 * 1.5) ** 2 + (8 * 2.0) ** 2)
+    reference = np.zeros(shape, dtype=np.uint8)
+    reference[2, 2, 1] = 1
+    prediction = np.zeros_like(reference)
+    prediction[2, 2, 4] = 1
+    rows = [
+        {"case_id": "hit", **evaluate_case(reference, prediction, spacing)},
+        {"case_id": "miss", **evaluate_case(reference, np.zeros_like(reference), spacing)},
+    ]
+    summary = summarize_metrics(pd.DataFrame(rows))
+    assert summary["hd95_mm"]["mean"] == pytest.approx(6.0)  # the miss drops out
+    assert (summary["hd95_mm"]["n"], summary["hd95_mm"]["n_missing"]) == (1, 1)
+    penalized = summary["hd95_mm_penalized"]
+    assert penalized["mean"] == pytest.approx((6.0 + diagonal) / 2)
+    assert (penalized["n"], penalized["n_missing"]) == (2, 0)
+    assert penalized["mean"] > summary["hd95_mm"]["mean"]
+    flat = flatten_summary(summary)
+    assert flat["test_hd95_mm_penalized_mean"] == pytest.approx((6.0 + diagonal) / 2)
+    assert flat["test_hd95_mm_mean"] == pytest.approx(6.0)
 
 
 def test_summary_of_an_all_missing_metric_is_none(per_case):

@@ -10,16 +10,25 @@ returned in mm, volumes in ml (1 ml = 1000 mm³).
 
 Empty masks follow one convention everywhere (see DESIGN.md, section 4):
 
-=========================  ======  ======  ===========  ==============  ==============
-case                       dice    iou     hd95_mm      precision       recall
-=========================  ======  ======  ===========  ==============  ==============
-both empty                 NaN     NaN     NaN          NaN             NaN
-only the reference empty   0.0     0.0     NaN          0.0             NaN
-only the prediction empty  0.0     0.0     NaN          NaN             0.0
-=========================  ======  ======  ===========  ==============  ==============
+=========================  ======  ======  ========  =================  =========  ======
+case                       dice    iou     hd95_mm   hd95_mm_penalized  precision  recall
+=========================  ======  ======  ========  =================  =========  ======
+both empty                 NaN     NaN     NaN       NaN                NaN        NaN
+only the reference empty   0.0     0.0     NaN       image diagonal     0.0        NaN
+only the prediction empty  0.0     0.0     NaN       image diagonal     NaN        0.0
+=========================  ======  ======  ========  =================  =========  ======
 
 NaN means "undefined for this case": the summary leaves it out of the mean and counts it as
 missing (`medseg.evaluation.reports.summarize_metrics`).
+
+`hd95_mm` keeps MONAI's per-case semantics, so a missed structure (or a structure predicted
+where there is none) drops out of its mean, and a model that misses the hard cases gets a
+better `hd95_mm` mean than one that finds them roughly. `hd95_mm_penalized` closes that gap:
+it equals `hd95_mm` wherever that is defined, and counts a miss as the image diagonal in mm,
+``‖shape × spacing‖₂`` of the case's grid (`hd95_miss_penalty_mm`). No two voxels of the
+image are further apart than that, so the penalty is at least as large as any HD95 the case
+could have had, and its mean never rewards a miss. When both masks are empty there is nothing
+to measure, and it is NaN, as Dice is.
 """
 
 from __future__ import annotations
@@ -36,6 +45,8 @@ __all__ = [
     "dice_score",
     "evaluate_case",
     "hausdorff_distance_95",
+    "hausdorff_distance_95_penalized",
+    "hd95_miss_penalty_mm",
     "iou_score",
     "precision_score",
     "recall_score",
@@ -244,6 +255,7 @@ def hausdorff_distance_95(
         HD95 in mm (0.0 for identical masks). NaN when either mask is empty: with both empty
         the distance is undefined, and with exactly one empty it would be infinite; it is
         reported as missing instead, and the summary counts it under `n_missing`.
+        `hausdorff_distance_95_penalized` gives the value that counts a miss instead.
 
     Raises:
         GeometryMismatchError: if the shapes differ or `spacing` does not have one positive
@@ -269,6 +281,77 @@ def hausdorff_distance_95(
             np.percentile(prediction_to_reference, 95),
         )
     )
+
+
+def hd95_miss_penalty_mm(shape: Sequence[int], spacing: Spacing) -> float:
+    """The HD95 counted for a missed case: the diagonal of the image grid, in mm.
+
+    The diagonal is ``sqrt(sum((shape[i] * spacing[i]) ** 2))``, the length of the grid's
+    field of view. Two voxel centres of the grid are never further apart than that, so it
+    bounds any HD95 that a non-empty prediction could get on this case.
+
+    Args:
+        shape: the grid size in voxels per axis, e.g. (X, Y, Z).
+        spacing: voxel size in mm along each axis, in the same order.
+
+    Returns:
+        The diagonal in mm.
+
+    Raises:
+        GeometryMismatchError: if `spacing` does not have one positive entry per axis.
+    """
+    sizes = np.asarray(shape, dtype=np.float64).reshape(-1)
+    sampling = _as_spacing(spacing, sizes.size)
+    return float(np.linalg.norm(sizes * sampling))
+
+
+def hausdorff_distance_95_penalized(
+    reference: np.ndarray, prediction: np.ndarray, spacing: Spacing
+) -> float:
+    """HD95 in mm, with a miss counted as the image diagonal instead of left out.
+
+    `hausdorff_distance_95` is NaN when exactly one mask is empty (the distance would be
+    infinite), so a summary over cases drops the miss and its mean improves. This variant
+    returns a finite penalty there, `hd95_miss_penalty_mm(reference.shape, spacing)`, so a
+    mean over cases counts every miss.
+
+    Args:
+        reference: ground-truth mask, shape (X, Y, Z), bool or integer (non-zero = foreground).
+        prediction: predicted mask, same shape as `reference`.
+        spacing: voxel size in mm along each axis.
+
+    Returns:
+        The HD95 in mm when both masks are non-empty; the image diagonal in mm when exactly one
+        of them is empty (a missed structure, or a structure predicted where there is none);
+        NaN when both are empty (nothing to measure, as for Dice).
+
+    Raises:
+        GeometryMismatchError: if the shapes differ or `spacing` does not have one positive
+            entry per axis.
+    """
+    reference_mask, prediction_mask = _as_mask_pair(reference, prediction)
+    sampling = _as_spacing(spacing, reference_mask.ndim)
+    return _penalized_hd95(
+        hausdorff_distance_95(reference_mask, prediction_mask, sampling),
+        reference_empty=not reference_mask.any(),
+        prediction_empty=not prediction_mask.any(),
+        shape=reference_mask.shape,
+        sampling=sampling,
+    )
+
+
+def _penalized_hd95(
+    hd95_mm: float,
+    *,
+    reference_empty: bool,
+    prediction_empty: bool,
+    shape: Sequence[int],
+    sampling: np.ndarray,
+) -> float:
+    """Return `hd95_mm`, or the miss penalty when exactly one mask is empty."""
+    if reference_empty != prediction_empty:
+        return hd95_miss_penalty_mm(shape, sampling)
+    return hd95_mm
 
 
 def volume_ml(mask: np.ndarray, spacing: Spacing) -> float:
@@ -302,8 +385,10 @@ def evaluate_case(
     Returns:
         A dict with plain Python values:
         `dice`, `iou`, `hd95_mm`, `precision`, `recall` (floats, NaN where undefined; see the
-        module docstring), `reference_ml`, `predicted_ml` (volumes in ml), and
-        `reference_empty`, `prediction_empty` (bools), which tell why a metric is NaN.
+        module docstring), `hd95_mm_penalized` (`hd95_mm`, except that a case where exactly
+        one mask is empty gets the image diagonal in mm, ‖shape × spacing‖, of this grid),
+        `reference_ml`, `predicted_ml` (volumes in ml), and `reference_empty`,
+        `prediction_empty` (bools), which tell why a metric is NaN.
 
     Raises:
         GeometryMismatchError: if the shapes differ (the message gives both shapes) or
@@ -313,10 +398,18 @@ def evaluate_case(
     sampling = _as_spacing(spacing, reference_mask.ndim)
     n_reference, n_prediction, n_both = _overlap_counts(reference_mask, prediction_mask)
     voxel_volume_ml = float(np.prod(sampling)) / 1000.0
+    hd95_mm = hausdorff_distance_95(reference_mask, prediction_mask, sampling)
     return {
         "dice": _ratio(2 * n_both, n_reference + n_prediction),
         "iou": _ratio(n_both, n_reference + n_prediction - n_both),
-        "hd95_mm": hausdorff_distance_95(reference_mask, prediction_mask, sampling),
+        "hd95_mm": hd95_mm,
+        "hd95_mm_penalized": _penalized_hd95(
+            hd95_mm,
+            reference_empty=n_reference == 0,
+            prediction_empty=n_prediction == 0,
+            shape=reference_mask.shape,
+            sampling=sampling,
+        ),
         "precision": _ratio(n_both, n_prediction),
         "recall": _ratio(n_both, n_reference),
         "reference_ml": n_reference * voxel_volume_ml,

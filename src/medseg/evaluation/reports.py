@@ -27,7 +27,16 @@ __all__ = [
     "summarize_metrics",
 ]
 
-DEFAULT_SUMMARY_METRICS: tuple[str, ...] = ("dice", "iou", "hd95_mm", "precision", "recall")
+# `hd95_mm_penalized` sits beside `hd95_mm` so that a summary never rewards a miss: the plain
+# mean leaves missed cases out, the penalized one counts each as the image diagonal in mm.
+DEFAULT_SUMMARY_METRICS: tuple[str, ...] = (
+    "dice",
+    "iou",
+    "hd95_mm",
+    "hd95_mm_penalized",
+    "precision",
+    "recall",
+)
 
 REFERENCE_COLOR = "lime"
 PREDICTION_COLOR = "red"
@@ -80,7 +89,10 @@ def summarize_metrics(
         `{"n_cases": int, "<metric>": {"mean", "std", "median", "n", "n_missing"}, ...}` where
         only finite values enter mean, std and median; `n` counts them and `n_missing` counts
         the NaN and infinite values left out (e.g. Dice when both masks are empty, HD95 when
-        either is). `std` is the population standard deviation (ddof=0): the test cases are
+        either is). Because `hd95_mm` leaves a missed case out, its mean can improve when a
+        model misses; `hd95_mm_penalized` (in the defaults) counts each case where exactly
+        one mask is empty as the image diagonal in mm (see
+        `medseg.evaluation.metrics.hausdorff_distance_95_penalized`), so its mean does not. `std` is the population standard deviation (ddof=0): the test cases are
         the whole population being described, and it is defined for a single case (0.0).
         Statistics of a metric with no finite value are None. When the empty-flag columns
         exist, the summary also has `n_reference_empty`, `n_prediction_empty` and
