@@ -29,8 +29,10 @@ test: $(VENV)/.installed-test
 viz: $(VENV)/.installed-$(EXTRAS)
 	$(VENV)/bin/kedro viz run --no-browser
 
+# Each script exits 1 when it misses a target; the first one that does stops the loop and fails
+# the target. Files starting with `_` are shared helpers, not benchmarks.
 benchmarks: $(VENV)/.installed-test
-	for script in benchmarks/*.py; do $(PY) $$script || exit 1; done
+	for script in benchmarks/[!_]*.py; do $(PY) $$script || exit 1; done
 
 clean-data:
 	find data -mindepth 2 ! -name .gitkeep -delete

@@ -7,7 +7,8 @@ child is read from `os.wait4`, which gives the rusage of that child alone (and o
 waited for), so the two measurements do not mix.
 
 The pipeline streams cases one at a time (lazy partitions), so its memory should not grow with
-the number of cases: the ratio peak(4N) / peak(N) should stay <= 1.25.
+the number of cases: the ratio peak(4N) / peak(N) should stay <= 1.25. The script exits 1
+when it does not (or when a run fails), so `make benchmarks` fails.
 
 Run: .venv/bin/python benchmarks/data_memory.py [--cases 6] [--size 96]
 It synthesizes the phantoms itself, so it needs no data.
@@ -25,6 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _targets import Target, report_targets
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA_LAYERS = ("01_raw", "02_intermediate", "03_primary", "04_feature", "05_model_input",
@@ -83,7 +85,7 @@ def peak_rss_of_data_run(n_cases: int, size: int, workdir: Path) -> tuple[float,
     return usage.ru_maxrss / 1024.0, seconds, volumes_mib(project)  # Linux: ru_maxrss is in KiB
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", type=int, default=6, help="N; the second run has 4N cases")
     parser.add_argument("--size", type=int, default=96, help="data.synthetic.in_plane_size, voxels")
@@ -106,13 +108,14 @@ def main() -> None:
     print(f"kedro run --pipelines data, in-plane size {args.size}, one child process per run, {os.cpu_count()} CPUs")
     print(f"peak RSS, {args.cases} cases: {small:8.1f} MiB   ({small_s:.0f} s)")
     print(f"peak RSS, {4 * args.cases} cases: {large:8.1f} MiB   ({large_s:.0f} s)")
-    print(f"ratio {4 * args.cases}/{args.cases} cases: {large / small:.3f}   (target <= 1.25)")
+    print(f"ratio {4 * args.cases}/{args.cases} cases: {large / small:.3f}")
     print(f"difference: {large - small:+.1f} MiB; one case's volumes take {large_volumes / (4 * args.cases):.1f} MiB in memory")
     print(
         f"sensitivity: the {4 * args.cases} cases' raw + intermediate + primary volumes take {large_volumes:.1f} MiB; "
         f"holding them all would give a ratio near {leak_ratio:.2f}"
     )
+    return report_targets([Target(f"peak RSS ratio {4 * args.cases}/{args.cases} cases", large / small, "<=", 1.25)])
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -10,7 +10,8 @@ reading the NIfTI files with `read_volume`. The peak resident set size of each c
 from `os.wait4` (that child's own rusage), so the two measurements do not mix.
 
 `patch_stream` holds one case and a bounded queue of patches, so memory should not grow with
-the number of cases: the ratio peak(4N) / peak(N) should stay <= 1.25.
+the number of cases: the ratio peak(4N) / peak(N) should stay <= 1.25. The script exits 1
+when it does not (or when a child fails), so `make benchmarks` fails.
 
 Run: .venv/bin/python benchmarks/patch_memory.py [--cases 6] [--steps 25] [--batch 4] [--patch 32]
 It synthesizes the phantoms itself, so it needs no data.
@@ -31,6 +32,7 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
+from _targets import Target, report_targets  # noqa: E402
 
 
 def write_cases(folder: Path, n_cases: int, size: int) -> float:
@@ -98,7 +100,7 @@ def measure(script_args: list[str]) -> tuple[float, float, dict]:
     return usage.ru_maxrss / 1024.0, seconds, json.loads(stdout.strip().splitlines()[-1])  # ru_maxrss: KiB
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", type=int, default=6, help="N; the second run has 4N cases")
     parser.add_argument("--size", type=int, default=96, help="in-plane size of the phantoms, voxels")
@@ -111,7 +113,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         child(args)
-        return
+        return 0
 
     folder = Path(tempfile.mkdtemp(prefix="medseg_patch_memory_"))
     try:
@@ -132,13 +134,14 @@ def main() -> None:
             f"peak RSS, {n} cases: {peak:8.1f} MiB   ({seconds:.0f} s; {info['case_loads']} case loads, "
             f"{info['distinct_cases']} distinct)"
         )
-    print(f"ratio {4 * args.cases}/{args.cases} cases: {large / small:.3f}   (target <= 1.25)")
+    print(f"ratio {4 * args.cases}/{args.cases} cases: {large / small:.3f}")
     print(f"difference: {large - small:+.1f} MiB; one case takes {all_cases_mib / (4 * args.cases):.1f} MiB in memory")
     print(
         f"sensitivity: the {4 * args.cases} cases take {all_cases_mib:.1f} MiB in memory; "
         f"holding them all would give a ratio near {leak_ratio:.2f}"
     )
+    return report_targets([Target(f"peak RSS ratio {4 * args.cases}/{args.cases} cases", large / small, "<=", 1.25)])
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
