@@ -1,29 +1,56 @@
 # Two commands: `make run` and `make test`. Both build .venv from nothing when it is missing,
 # and reinstall only when pyproject.toml changed (the stamp files record the last install).
+#
+# EXTRAS picks the TensorFlow build: cpu (tensorflow-cpu) or gpu (tensorflow[and-cuda]). The two
+# must never share an environment, so the build a .venv got first is recorded in .venv/.extras
+# and is the default from then on: `make run EXTRAS=gpu` then `make test` tests the GPU build.
+# The `test` extra holds only the test tools and is installed on top: `.[$(EXTRAS),test]`.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= cpu
+EXTRAS_FILE := $(VENV)/.extras
+# .venv/.installed-gpu: a GPU environment made before .extras existed.
+BUILT_EXTRAS := $(strip $(shell cat $(EXTRAS_FILE) 2>/dev/null || { test -e $(VENV)/.installed-gpu && echo gpu; }))
+EXTRAS ?= $(or $(BUILT_EXTRAS),cpu)
 export KEDRO_DISABLE_TELEMETRY := true
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: run test viz benchmarks clean-data
+# An environment made by an older Makefile may hold both builds; pip cannot repair that.
+CHECK_ONE_TENSORFLOW := $(PY) -c 'import sys; from importlib.metadata import distributions; \
+names = {d.metadata["Name"].lower().replace("_", "-") for d in distributions()}; \
+sys.exit("$(VENV) holds both tensorflow and tensorflow-cpu: remove $(VENV) (rm -rf $(VENV)) and rerun." \
+if {"tensorflow", "tensorflow-cpu"} <= names else 0)'
+
+.PHONY: run test viz benchmarks clean-data check-extras
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.installed-$(EXTRAS): pyproject.toml | $(PY)
+# Refuse to add one TensorFlow build to an environment that holds the other.
+check-extras:
+	@case "$(EXTRAS)" in cpu|gpu) ;; *) echo "EXTRAS must be cpu or gpu, not '$(EXTRAS)'." >&2; exit 1;; esac
+	@if [ -n "$(BUILT_EXTRAS)" ] && [ "$(BUILT_EXTRAS)" != "$(EXTRAS)" ]; then \
+		echo "$(VENV) holds the $(BUILT_EXTRAS) build of TensorFlow; installing EXTRAS=$(EXTRAS) beside it would mix both." >&2; \
+		echo "Run with EXTRAS=$(BUILT_EXTRAS), or remove $(VENV) (rm -rf $(VENV)) to switch to $(EXTRAS)." >&2; \
+		exit 1; \
+	fi
+
+$(VENV)/.installed-$(EXTRAS): pyproject.toml | $(PY) check-extras
 	$(PY) -m pip install --quiet -e '.[$(EXTRAS)]'
+	@$(CHECK_ONE_TENSORFLOW)
+	echo $(EXTRAS) > $(EXTRAS_FILE)
 	touch $@
 
-$(VENV)/.installed-test: pyproject.toml | $(PY)
-	$(PY) -m pip install --quiet -e '.[test]'
+$(VENV)/.installed-$(EXTRAS)-test: pyproject.toml | $(PY) check-extras
+	$(PY) -m pip install --quiet -e '.[$(EXTRAS),test]'
+	@$(CHECK_ONE_TENSORFLOW)
+	echo $(EXTRAS) > $(EXTRAS_FILE)
 	touch $@
 
 run: $(VENV)/.installed-$(EXTRAS)
 	$(VENV)/bin/kedro run
 
-test: $(VENV)/.installed-test
+test: $(VENV)/.installed-$(EXTRAS)-test
 	$(PY) -m pytest
 
 viz: $(VENV)/.installed-$(EXTRAS)
@@ -31,7 +58,7 @@ viz: $(VENV)/.installed-$(EXTRAS)
 
 # Each script exits 1 when it misses a target; the first one that does stops the loop and fails
 # the target. Files starting with `_` are shared helpers, not benchmarks.
-benchmarks: $(VENV)/.installed-test
+benchmarks: $(VENV)/.installed-$(EXTRAS)
 	for script in benchmarks/[!_]*.py; do $(PY) $$script || exit 1; done
 
 clean-data:
