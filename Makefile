@@ -9,8 +9,11 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 EXTRAS_FILE := $(VENV)/.extras
-# .venv/.installed-gpu: a GPU environment made before .extras existed.
-BUILT_EXTRAS := $(strip $(shell cat $(EXTRAS_FILE) 2>/dev/null || { test -e $(VENV)/.installed-gpu && echo gpu; }))
+# Without .extras, the stamps of an older Makefile tell: .installed-gpu held tensorflow[and-cuda],
+# .installed-cpu and .installed-test held tensorflow-cpu.
+BUILT_EXTRAS := $(strip $(shell cat $(EXTRAS_FILE) 2>/dev/null || \
+	if [ -e $(VENV)/.installed-gpu ]; then echo gpu; \
+	elif [ -e $(VENV)/.installed-cpu ] || [ -e $(VENV)/.installed-test ]; then echo cpu; fi))
 EXTRAS ?= $(or $(BUILT_EXTRAS),cpu)
 export KEDRO_DISABLE_TELEMETRY := true
 export TF_CPP_MIN_LOG_LEVEL := 2

@@ -81,3 +81,12 @@ def test_the_test_extra_does_not_pin_a_tensorflow_build():
     assert tensorflow_builds(extras["test"]) == []
     assert tensorflow_builds(extras["cpu"]) == ["tensorflow-cpu~=2.21.0"]
     assert tensorflow_builds(extras["gpu"]) == ["tensorflow[and-cuda]~=2.21.0"]
+
+
+def test_an_environment_from_the_old_makefile_keeps_its_build(project):
+    # The old `make test` stamp meant tensorflow-cpu was installed.
+    (project / ".venv" / ".installed-test").touch()
+    refused = _make(project, "run", "EXTRAS=gpu")
+    assert refused.returncode != 0 and "holds the cpu build" in refused.stderr
+    assert _make(project, "test").returncode == 0
+    assert _pip_installs(project) == [".[cpu,test]"]
