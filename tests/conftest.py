@@ -28,11 +28,8 @@ def make_project_copy(root: Path) -> Path:
     shutil.copy(REPO_ROOT / "pyproject.toml", root / "pyproject.toml")
     (root / "conf" / "local").mkdir(exist_ok=True)
     (root / "src").mkdir(exist_ok=True)  # bootstrap_project wants it; medseg itself is installed
-    # MLflow caches its SQL store by URI: the relative `sqlite:///mlflow.db` would reach the first
-    # copy's database from every later copy in the same test process. An absolute URI does not.
-    (root / "conf" / "local" / "mlflow.yml").write_text(
-        f"server:\n  mlflow_tracking_uri: sqlite:///{root / 'mlflow.db'}\n"
-    )
+    (root / "notebooks").mkdir(exist_ok=True)
+    # conf/base/mlflow.yml anchors `mlflow.db` at the project root, so each copy has its own store.
     for layer in ("01_raw", "02_intermediate", "03_primary", "05_model_input", "06_models", "07_model_output", "08_reporting"):
         (root / "data" / layer).mkdir(parents=True, exist_ok=True)
     return root
@@ -50,15 +47,16 @@ def nested(params: dict) -> dict:
     return tree
 
 
-def run_pipeline(project: Path, pipeline: str | None, params: dict | None = None) -> None:
-    """Run a pipeline of the project copy through KedroSession, from inside the copy.
+def run_pipeline(project: Path, pipeline: str | None, params: dict | None = None, cwd: Path | None = None) -> None:
+    """Run a pipeline of the project copy through KedroSession, from `cwd` (default: the copy's
+    root), as `kedro run` from that folder would.
 
     `params` use dotted keys, like `kedro run --params`."""
     from kedro.framework.session import KedroSession
     from kedro.framework.startup import bootstrap_project
 
     previous = Path.cwd()
-    os.chdir(project)
+    os.chdir(cwd or project)
     try:
         bootstrap_project(project)
         with KedroSession.create(project_path=project, runtime_params=nested(params or {})) as session:

@@ -1,9 +1,17 @@
-"""Project hooks: name each MLflow run and fail fast when the tracking server is down.
+"""Project hooks: one run at a time per project, named MLflow runs, no RUNNING ghosts.
 
 kedro-mlflow starts the run in its own `before_pipeline_run` and names it after
-`tracking.run.name`. This hook runs first (`tryfirst=True`) and sets that name to
-`{Model}-{Optimizer}-{Loss}-{YYYYMMDD}-run{N}`, N counting up among the experiment's runs with
-the same prefix.
+`tracking.run.name`. `MlflowRunHook` runs first (`tryfirst=True`):
+- it takes the project's lock (`medseg.run_lock`), so two runs never write the same outputs;
+- it marks KILLED the experiment's RUNNING runs whose process is gone;
+- it names the run `{Model}-{Optimizer}-{Loss}-{YYYYMMDD}-run{N}`, N counting up among the
+  experiment's runs with the same prefix, deleted ones included (a name is never reused).
+`RunStartedHook` runs last, once kedro-mlflow has started the run: it tags the run with its
+process, and gives MLflow back its HTTP retries, which are off while the run starts so that a
+tracking server that is down fails within seconds.
+
+The tracking store is anchored at the project root (`${medseg.project_root:}` in mlflow.yml),
+as Kedro anchors catalog paths, so a run from a subfolder uses the project's `mlflow.db`.
 """
 
 from __future__ import annotations
@@ -13,14 +21,18 @@ import logging
 import os
 import re
 import socket
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 from kedro.framework.hooks import hook_impl
 from kedro.pipeline import Pipeline
+from mlflow.entities import ViewType
+from omegaconf import OmegaConf
 
 from medseg.errors import TrackingError
 from medseg.pipelines import tracking
+from medseg.run_lock import ProjectLock
 
 logger = logging.getLogger(__name__)
 
@@ -28,15 +40,43 @@ CONNECT_TIMEOUT_S = 3.0
 MODEL_DISPLAY = {"unet": "UNet", "unet3d": "UNet3D", "patch_classifier": "Conv3DClassifier"}
 
 
+FAST_FAIL_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+class FastFailRequests:
+    """MLflow's HTTP retries off between `start()` and `restore()`.
+
+    While a run starts, a server that does not answer should fail within seconds, not after
+    MLflow's minutes of retries. Once the run has started, one 5xx while logging an epoch
+    must not kill training: `restore()` puts back the user's settings (or MLflow's defaults).
+    """
+
+    def __init__(self) -> None:
+        self._saved: dict[str, str | None] | None = None
+
+    def start(self) -> None:
+        if self._saved is None:
+            self._saved = {key: os.environ.get(key) for key in FAST_FAIL_ENV}
+            os.environ.update(FAST_FAIL_ENV)
+
+    def restore(self) -> None:
+        if self._saved is None:
+            return
+        for key, value in self._saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        self._saved = None
+
+
 def check_tracking_server(uri: str | None) -> None:
     """Refuse, within seconds, an HTTP tracking URI whose server does not answer.
 
-    MLflow's client would otherwise retry for minutes. Later requests get no retries either.
+    MLflow's client would otherwise retry for minutes.
     """
     if not uri or urlparse(uri).scheme not in ("http", "https"):
         return
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     parsed = urlparse(uri)
     port = parsed.port or (443 if parsed.scheme == "https" else 80)
     try:
@@ -86,23 +126,39 @@ def next_run_number(existing_names: list[str], prefix: str) -> int:
     return max(numbers, default=0) + 1
 
 
+def register_project_root(project_path) -> None:
+    """`${medseg.project_root:}` in configuration: the project's absolute root (POSIX)."""
+    root = Path(project_path).resolve().as_posix()
+    OmegaConf.register_new_resolver("medseg.project_root", lambda: root, replace=True)
+
+
 class MlflowRunHook:
-    """Names the MLflow run and checks the tracking server before kedro-mlflow uses it."""
+    """Locks the project, names the MLflow run and checks the tracking server, before
+    kedro-mlflow uses it."""
 
     def __init__(self) -> None:
         self._context = None
+        self._lock: ProjectLock | None = None
+        self.requests = FastFailRequests()
 
     @hook_impl(tryfirst=True)
     def after_context_created(self, context) -> None:
         self._context = context
+        register_project_root(context.project_path)
         try:
             configured = context.config_loader["mlflow"].get("server", {}).get("mlflow_tracking_uri")
         except Exception:  # no mlflow.yml: kedro-mlflow falls back to MLflow's default
             configured = None
-        check_tracking_server(configured or os.environ.get("MLFLOW_TRACKING_URI"))
+        uri = configured or os.environ.get("MLFLOW_TRACKING_URI")
+        if uri and urlparse(uri).scheme in ("http", "https"):
+            self.requests.start()
+        check_tracking_server(uri)
 
     @hook_impl(tryfirst=True)
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline: Pipeline, catalog) -> None:
+        self._release()
+        self._lock = ProjectLock(self._context.project_path if self._context else Path.cwd())
+        self._lock.acquire(str(run_params.get("pipeline_names") or run_params.get("pipeline_name") or "__default__"))
         models = models_in_pipeline(pipeline)
         tracking.set_models_in_run(models)
         mlflow_config = getattr(self._context, "mlflow", None)
@@ -113,9 +169,40 @@ class MlflowRunHook:
         experiment = client.get_experiment_by_name(mlflow_config.tracking.experiment.name)
         names = []
         if experiment is not None:
+            for run_id in tracking.end_dead_runs(client, experiment.experiment_id):
+                logger.warning("MLflow run %s was still RUNNING, but its process is gone: marked KILLED.", run_id)
             runs = client.search_runs(
-                [experiment.experiment_id], filter_string=f"attributes.run_name LIKE '{prefix}-run%'"
+                [experiment.experiment_id],
+                filter_string=f"attributes.run_name LIKE '{prefix}-run%'",
+                run_view_type=ViewType.ALL,  # a deleted run's name is not given again
+                max_results=50000,
             )
             names = [run.info.run_name for run in runs]
         mlflow_config.tracking.run.name = f"{prefix}-run{next_run_number(names, prefix)}"
         logger.info("MLflow run name: %s", mlflow_config.tracking.run.name)
+
+    @hook_impl
+    def after_pipeline_run(self) -> None:
+        self._release()
+
+    @hook_impl
+    def on_pipeline_error(self) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        self.requests.restore()
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+
+class RunStartedHook:
+    """After kedro-mlflow has started the run: tag it with its process, restore HTTP retries."""
+
+    def __init__(self, run_hook: MlflowRunHook):
+        self._run_hook = run_hook
+
+    @hook_impl(trylast=True)
+    def before_pipeline_run(self) -> None:
+        self._run_hook.requests.restore()
+        tracking.set_tags(tracking.process_tags())

@@ -1,10 +1,12 @@
 """Project settings: the project's hooks and where configuration is read from."""
 
-from medseg.hooks import MlflowRunHook
+from medseg.hooks import MlflowRunHook, RunStartedHook
 
-# kedro-mlflow's own hook is registered by its entry point; ours runs first (tryfirst) to name
-# the run and to check the tracking server before kedro-mlflow contacts it.
-HOOKS = (MlflowRunHook(),)
+# kedro-mlflow's own hook is registered by its entry point. MlflowRunHook runs before it
+# (tryfirst): it locks the project, checks the tracking server and names the run.
+# RunStartedHook runs after it (trylast), once the run has started.
+_RUN_HOOK = MlflowRunHook()
+HOOKS = (_RUN_HOOK, RunStartedHook(_RUN_HOOK))
 
 CONFIG_LOADER_ARGS = {
     "base_env": "base",

@@ -36,7 +36,7 @@ def build_unet3d(
 
     Raises:
         ConfigurationError: a patch size not divisible by 2**depth (names
-            `conv3d.patching.patch_size`), or a bad `conv3d.model.depth` /
+            `conv3d.sampling.patch_size`), or a bad `conv3d.model.depth` /
             `conv3d.model.base_filters`.
     """
     shape = validate_unet_shape(
@@ -44,7 +44,7 @@ def build_unet3d(
         depth=depth,
         base_filters=base_filters,
         spatial_rank=3,
-        shape_parameter="conv3d.patching.patch_size",
+        shape_parameter="conv3d.sampling.patch_size",
         model_parameter_root="conv3d.model",
     )
     return build_unet(shape, base_filters=base_filters, depth=depth, name="unet3d")
@@ -66,7 +66,7 @@ def build_patch_classifier(patch_shape: Sequence[int] = (32, 32, 32, 1)) -> kera
 
     Raises:
         ConfigurationError: a patch shape that is not 3 sizes plus channels, or a size
-            below 10 (names `conv3d.patching.patch_size`).
+            below 10 (names `conv3d.sampling.patch_size`).
     """
     shape = _validate_classifier_shape(patch_shape)
     inputs = keras.Input(shape=shape, name="patch")
@@ -87,12 +87,12 @@ def _validate_classifier_shape(patch_shape: Sequence[int]) -> tuple[int, ...]:
     shape = tuple(patch_shape)
     if len(shape) != 4 or not all(is_positive_int(s) for s in shape):
         raise ConfigurationError(
-            f"`conv3d.patching.patch_size` gives patch shape {shape}; expected three positive "
+            f"`conv3d.sampling.patch_size` gives patch shape {shape}; expected three positive "
             f"sizes plus a channel count, e.g. (32, 32, 32, 1)."
         )
     if min(shape[:-1]) < _MIN_CLASSIFIER_SIZE:
         raise ConfigurationError(
-            f"`conv3d.patching.patch_size` = {shape[:-1]} is too small for the patch "
+            f"`conv3d.sampling.patch_size` = {shape[:-1]} is too small for the patch "
             f"classifier: two valid 3×3×3 convolutions and two poolings need at least "
             f"{_MIN_CLASSIFIER_SIZE} voxels per axis. Use a larger patch, e.g. 32."
         )

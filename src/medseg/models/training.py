@@ -1,13 +1,141 @@
-"""Training loop and whole-volume 2D inference, shared by the model pipelines."""
+"""Training loop, crash recovery keyed by a fingerprint, reproducibility, and whole-volume 2D
+inference, shared by the model pipelines."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import math
-from collections.abc import Sequence
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import keras
 import numpy as np
+
+logger = logging.getLogger(__name__)
+
+BACKUP_METADATA = "training_metadata.json"  # written by keras.callbacks.BackupAndRestore
+BACKUP_OWNER = "owner.json"
+
+
+def training_fingerprint(**parts: Any) -> str:
+    """A short hash of everything that decides what a training run computes.
+
+    Args:
+        parts: JSON-serialisable values (parameters, the split, the preprocessing plan); keys
+            are sorted, so the order of arguments and of dict keys does not matter.
+
+    Returns:
+        16 hex characters (64 bits of SHA-256).
+    """
+    text = json.dumps(parts, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass
+class ResumeState:
+    """Where a run keeps its crash-recovery backup, and what it found there.
+
+    Attributes:
+        backup_dir: `<backup_root>/<fingerprint>`; `BackupAndRestore` writes each finished
+            epoch there and deletes the folder when training ends.
+        resumed_epoch: the epochs already done by an interrupted run with the same
+            fingerprint (0: a fresh start).
+        previous_owner: what the interrupted run recorded about itself (e.g. its MLflow run
+            id), or {}.
+        discarded: fingerprints of backups made with other parameters or data, deleted.
+    """
+
+    backup_dir: Path
+    resumed_epoch: int = 0
+    previous_owner: dict = field(default_factory=dict)
+    discarded: list[str] = field(default_factory=list)
+
+
+def _finished_epochs(backup_dir: Path) -> int:
+    try:
+        return int(json.loads((backup_dir / BACKUP_METADATA).read_text())["epoch"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
+def prepare_backup(backup_root: str | Path, fingerprint: str, epochs: int, owner: Mapping[str, Any]) -> ResumeState:
+    """Choose the backup of this run: resume only a backup with the same fingerprint.
+
+    Backups made with another fingerprint (other parameters, split or preprocessing plan) are
+    deleted, never resumed. A backup that already holds `epochs` or more epochs (a run killed
+    between its last epoch and the clean-up) is deleted too: resuming it would train nothing.
+
+    Args:
+        backup_root: the model's backup folder (`data/06_models/<model>/backup`).
+        fingerprint: `training_fingerprint(...)` of this run.
+        epochs: the epochs this run asks for.
+        owner: recorded in the backup (`owner.json`) so that a later run that resumes it
+            can tell which run it continues; the previous owner is returned.
+
+    Returns:
+        The :class:`ResumeState`.
+    """
+    root = Path(backup_root)
+    root.mkdir(parents=True, exist_ok=True)
+    state = ResumeState(root / fingerprint)
+    for child in sorted(root.iterdir()):
+        if child.name != fingerprint:
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+            state.discarded.append(child.name)
+    done = _finished_epochs(state.backup_dir)
+    if done >= int(epochs):
+        shutil.rmtree(state.backup_dir, ignore_errors=True)
+        done = 0
+    if done:
+        try:
+            state.previous_owner = json.loads((state.backup_dir / BACKUP_OWNER).read_text())
+        except (OSError, ValueError):
+            state.previous_owner = {}
+    elif state.backup_dir.exists():
+        shutil.rmtree(state.backup_dir)  # weights without a finished epoch: nothing to resume
+    state.resumed_epoch = done
+    state.backup_dir.mkdir(parents=True, exist_ok=True)
+    (state.backup_dir / BACKUP_OWNER).write_text(json.dumps(dict(owner)))
+    return state
+
+
+def derive_seed(*seeds: int) -> int:
+    """One 31-bit seed from several (e.g. `data.seed` and a model's seed), order-sensitive."""
+    return int(np.random.SeedSequence([int(s) for s in seeds]).generate_state(1)[0] % (2**31 - 1))
+
+
+def wants_determinism(setting: bool | str) -> bool:
+    """`training.deterministic`: true, false, or "auto" (on when TensorFlow sees no GPU).
+
+    On CPU, deterministic ops cost little; on GPU some kernels (e.g. cuDNN convolutions'
+    fastest algorithms) are non-deterministic, and the deterministic ones are slower.
+    """
+    if isinstance(setting, str):
+        if setting.lower() != "auto":
+            raise ValueError(f"training.deterministic must be true, false or 'auto', got '{setting}'.")
+        import tensorflow as tf
+
+        return not tf.config.list_physical_devices("GPU")
+    return bool(setting)
+
+
+def make_reproducible(seed: int, deterministic: bool) -> None:
+    """Seed Python's `random`, NumPy and Keras/TensorFlow, and turn on TF op determinism.
+
+    With determinism on, two runs with the same seed, data and parameters give bit-identical
+    weights on the same machine and TensorFlow build (a test checks it). TF cannot turn op
+    determinism off again in the same process.
+    """
+    keras.utils.set_random_seed(int(seed))
+    if deterministic:
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
 
 
 def fit_model(
@@ -18,29 +146,29 @@ def fit_model(
     epochs: int,
     steps_per_epoch: int,
     validation_steps: int,
-    checkpoint_dir: str | Path,
+    backup_dir: str | Path,
     patience: int,
     callbacks: Sequence[keras.callbacks.Callback] = (),
 ) -> dict[str, list[float]]:
-    """Train with early stopping, a best-model checkpoint and crash recovery.
+    """Train with early stopping (best weights restored) and crash recovery.
 
     Args:
         model: a compiled model.
         train_data, val_data: endless `tf.data` datasets of (image, label) batches.
         epochs: maximum epochs; `steps_per_epoch` and `validation_steps` batches each.
-        checkpoint_dir: `best.keras` (best validation loss) and `backup/` go there.
-            `BackupAndRestore` keeps `backup/` while training runs and deletes it at the end,
-            so a run killed mid-training resumes from its last finished epoch. Delete the
-            folder by hand after changing the model's architecture.
-        patience: epochs without a lower validation loss before stopping; the best weights
-            are restored.
+        backup_dir: `BackupAndRestore` keeps the last finished epoch (weights, optimizer
+            state, epoch number) there while training runs and deletes it at the end, so a
+            killed run resumes from its last finished epoch. Use `prepare_backup` to choose
+            it: a backup is only valid for the parameters and data that wrote it.
+        patience: epochs without a lower validation loss before stopping. The weights of
+            the best epoch are restored at the end, whether training stopped early or not.
+            After a resume, "best" is among the epochs of the resumed run.
         callbacks: extra callbacks (e.g. per-epoch metric logging).
 
     Returns:
-        The Keras history as plain floats: {"loss": [...], "val_loss": [...], ...}.
+        The Keras history as plain floats: {"loss": [...], "val_loss": [...], ...}, one value
+        per epoch trained by this call (a resumed run starts at its resumed epoch).
     """
-    checkpoint_dir = Path(checkpoint_dir)
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
     history = model.fit(
         train_data,
         validation_data=val_data,
@@ -48,9 +176,8 @@ def fit_model(
         steps_per_epoch=int(steps_per_epoch),
         validation_steps=int(validation_steps),
         callbacks=[
-            keras.callbacks.BackupAndRestore(str(checkpoint_dir / "backup")),
+            keras.callbacks.BackupAndRestore(str(backup_dir)),
             keras.callbacks.EarlyStopping(monitor="val_loss", patience=int(patience), restore_best_weights=True),
-            keras.callbacks.ModelCheckpoint(str(checkpoint_dir / "best.keras"), monitor="val_loss", save_best_only=True),
             *callbacks,
         ],
         verbose=2,

@@ -8,6 +8,7 @@ probability map differ, and those live in each pipeline's own `nodes.py`.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from functools import partial, update_wrapper
 from typing import Any
@@ -30,9 +31,18 @@ from medseg.evaluation import (
 from medseg.imaging.geometry import CaseGeometry, restore_original_geometry, to_canonical
 from medseg.imaging.io import Volume, read_volume, voxel_spacing
 from medseg.imaging.validation import binarize_label
-from medseg.models.training import fit_model
+from medseg.models.training import (
+    derive_seed,
+    fit_model,
+    make_reproducible,
+    prepare_backup,
+    training_fingerprint,
+    wants_determinism,
+)
 from medseg.patching import make_tf_dataset
 from medseg.pipelines import tracking
+
+logger = logging.getLogger(__name__)
 
 ProbabilityMap = Callable[[np.ndarray], np.ndarray]
 
@@ -48,35 +58,82 @@ class MlflowEpochLogger(keras.callbacks.Callback):
         tracking.log_metrics(self.model_key, {k: v for k, v in (logs or {}).items() if k != "learning_rate"}, step=epoch)
 
 
-def fit_with_params(model: keras.Model, train_data, val_data, training: dict[str, Any], model_key: str) -> dict[str, list[float]]:
-    """`fit_model` driven by a `<model>.training` parameter section, logging epochs to MLflow."""
-    return fit_model(
+def train_model(
+    model_key: str,
+    build_model: Callable[[], keras.Model],
+    make_stream: Callable[[list[str], int, bool], Any],
+    splits: pd.DataFrame,
+    case_geometry: dict,
+    data: dict[str, Any],
+    section: dict[str, Any],
+    backup_root: str,
+) -> tuple[keras.Model, dict[str, list[float]]]:
+    """The one training skeleton of every model pipeline.
+
+    1. Seeds Python, NumPy and Keras from `data.seed` and the model's seed, and turns on
+       TensorFlow op determinism (`training.deterministic`, "auto": on without a GPU).
+    2. Builds the model, then keys its crash-recovery backup by a fingerprint of the model
+       section, the data parameters, the split and the preprocessing plan: an interrupted run
+       is resumed only by a run that would compute the same thing; any other backup is deleted
+       and training starts fresh, which the log says.
+    3. Trains on endless streams of training and validation cases, logging each epoch to the
+       MLflow run; a resumed run is tagged, and linked to the run it continues.
+
+    Args:
+        model_key: `unet` or `conv3d` (the namespace and the MLflow metric prefix).
+        build_model: returns the compiled model; called after seeding.
+        make_stream: `(case_ids, seed, augment) -> tf.data.Dataset` of batches.
+        splits: the case split (train for fitting, val for early stopping).
+        case_geometry: the preprocessing plan (`geometry.json`).
+        data: `params:data`.
+        section: `params:<model_key>` (seed, model, sampling, training).
+        backup_root: the model's backup folder (catalog entry `<model>.backup`).
+
+    Returns:
+        The trained model (best validation loss) and its history.
+    """
+    training = section["training"]
+    seed = derive_seed(int(data["seed"]), int(section["seed"]))
+    make_reproducible(seed, wants_determinism(training.get("deterministic", "auto")))
+    model = build_model()
+    fingerprint = training_fingerprint(
+        model=model_key, section=section, data=data, splits=splits.to_dict("records"), plan=case_geometry
+    )
+    resume = prepare_backup(backup_root, fingerprint, int(training["epochs"]), {"mlflow_run_id": tracking.active_run_id()})
+    if resume.discarded:
+        logger.info("%s: deleted backups %s made with other parameters or data; training starts fresh.", model_key, resume.discarded)
+    if resume.resumed_epoch:
+        logger.info("%s: resuming an interrupted run (backup %s) after epoch %d.", model_key, fingerprint, resume.resumed_epoch)
+        tracking.record_resume(model_key, resume.resumed_epoch, resume.previous_owner.get("mlflow_run_id"))
+    history = fit_model(
         model,
-        train_data,
-        val_data,
+        make_stream(cases_in_split(splits, "train"), seed, bool(training["augment"])),
+        make_stream(cases_in_split(splits, "val"), seed + 1, False),
         epochs=training["epochs"],
         steps_per_epoch=training["steps_per_epoch"],
         validation_steps=training["validation_steps"],
-        checkpoint_dir=training["checkpoint_dir"],
+        backup_dir=resume.backup_dir,
         patience=training["early_stopping_patience"],
         callbacks=[MlflowEpochLogger(model_key)],
     )
+    return model, history
 
 
 def sampled_dataset(
     stream_fn: Callable,
     load_case: Callable[[str], tuple[np.ndarray, np.ndarray]],
-    case_ids: list[str],
     shape: tuple[int, ...],
     sample_shape: tuple[int, ...],
     sampling: dict[str, Any],
     batch_size: int,
+    case_ids: list[str],
     seed: int,
     augment: bool,
 ):
-    """A batched `tf.data` dataset over `stream_fn` (`slice_stream` or `patch_stream`), with the
-    sampling parameters (`samples_per_volume`, `queue_length`, `foreground_fraction`) of a
-    pipeline's parameter section."""
+    """A batched `tf.data` dataset over `stream_fn` (`slice_stream` or `patch_stream`), with a
+    pipeline's `sampling` parameters (`samples_per_volume`, `queue_length`,
+    `foreground_fraction`). The last three arguments are those of `train_model`'s
+    `make_stream`."""
     factory = lambda: stream_fn(  # noqa: E731
         load_case,
         case_ids,

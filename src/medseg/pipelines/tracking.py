@@ -8,7 +8,9 @@ a run with a single model logs plain names (`test_dice_mean`).
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import mlflow
 
@@ -39,3 +41,96 @@ def log_metrics(model: str, metrics: Mapping[str, float], step: int | None = Non
     }
     if values:
         mlflow.log_metrics(values, step=step)
+
+
+# Run bookkeeping ------------------------------------------------------------------------------
+# Every run records the process that runs it, so that a later run can tell a RUNNING run whose
+# process is gone (killed with SIGKILL, or a machine that rebooted) and mark it KILLED.
+TAG_HOST = "medseg.host"
+TAG_PID = "medseg.pid"
+TAG_PID_STARTED = "medseg.pid_started"
+TAG_RESUMED = "medseg.resumed"
+TAG_RESUMED_FROM_EPOCH = "medseg.resumed_from_epoch"
+TAG_RESUMED_FROM_RUN = "medseg.resumed_from_run_id"
+TAG_RESUMED_BY_RUN = "medseg.resumed_by_run_id"
+TAG_END_REASON = "medseg.end_reason"
+
+
+def process_tags() -> dict[str, str]:
+    """Tags naming this process: host, pid and the pid's start time (pids are reused)."""
+    import socket
+
+    import psutil
+
+    return {
+        TAG_HOST: socket.gethostname(),
+        TAG_PID: str(os.getpid()),
+        TAG_PID_STARTED: f"{psutil.Process().create_time():.3f}",
+    }
+
+
+def _process_is_gone(tags: Mapping[str, str]) -> bool:
+    """True when the tags name a process of this host that no longer runs."""
+    import socket
+
+    import psutil
+
+    if tags.get(TAG_HOST) != socket.gethostname() or TAG_PID not in tags:
+        return False  # another machine's run, or one that predates these tags: cannot tell
+    try:
+        process = psutil.Process(int(tags[TAG_PID]))
+        return abs(process.create_time() - float(tags.get(TAG_PID_STARTED, "nan"))) > 0.01
+    except (psutil.NoSuchProcess, ValueError):
+        return True
+
+
+def end_dead_runs(client: "mlflow.MlflowClient", experiment_id: str) -> list[str]:
+    """Mark KILLED every RUNNING run of the experiment whose process is gone.
+
+    Returns:
+        The ids of the runs marked KILLED.
+    """
+    ended = []
+    for run in client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'"):
+        if run.info.run_id != active_run_id() and _process_is_gone(run.data.tags):
+            client.set_tag(run.info.run_id, TAG_END_REASON, "its process ended without closing the run (killed)")
+            client.set_terminated(run.info.run_id, status="KILLED")
+            ended.append(run.info.run_id)
+    return ended
+
+
+def active_run_id() -> str | None:
+    run = mlflow.active_run()
+    return run.info.run_id if run is not None else None
+
+
+def set_tags(tags: Mapping[str, Any]) -> None:
+    """Tag the active MLflow run, if any."""
+    if mlflow.active_run() is not None:
+        mlflow.set_tags({key: str(value) for key, value in tags.items()})
+
+
+def record_resume(model: str, resumed_epoch: int, previous_run_id: str | None) -> None:
+    """Tag the active run as resumed from `previous_run_id` at `resumed_epoch`, and link back.
+
+    The interrupted run, if it still shows RUNNING, is marked KILLED: its process is gone,
+    since this run holds the project's lock and found its backup.
+    """
+    if mlflow.active_run() is None:
+        return
+    set_tags({
+        metric_key(model, TAG_RESUMED): "true",
+        metric_key(model, TAG_RESUMED_FROM_EPOCH): resumed_epoch,
+        **({metric_key(model, TAG_RESUMED_FROM_RUN): previous_run_id} if previous_run_id else {}),
+    })
+    if not previous_run_id or previous_run_id == active_run_id():
+        return
+    client = mlflow.MlflowClient()
+    try:
+        previous = client.get_run(previous_run_id)
+    except mlflow.exceptions.MlflowException:
+        return  # deleted for good, or another tracking store
+    client.set_tag(previous_run_id, TAG_RESUMED_BY_RUN, active_run_id())
+    if previous.info.status == "RUNNING":
+        client.set_tag(previous_run_id, TAG_END_REASON, "interrupted; resumed by a later run")
+        client.set_terminated(previous_run_id, status="KILLED")

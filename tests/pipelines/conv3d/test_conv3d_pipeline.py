@@ -12,8 +12,8 @@ from conftest import TINY_DATA_PARAMS, mlflow_runs, run_pipeline
 
 TINY_CONV3D = {
     **TINY_DATA_PARAMS,
-    "conv3d.patching.patch_size": [16, 16, 16],
-    "conv3d.patching.queue_length": 8,
+    "conv3d.sampling.patch_size": [16, 16, 16],
+    "conv3d.sampling.queue_length": 8,
     "conv3d.model.base_filters": 4,
     "conv3d.training.epochs": 1,
     "conv3d.training.batch_size": 2,

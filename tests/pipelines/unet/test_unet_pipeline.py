@@ -87,3 +87,31 @@ def test_mlflow_run_is_named_and_complete(unet_run: Path):
         assert f"unet/{name}" in artifacts
     model = mlflow.keras.load_model(f"runs:/{run.info.run_id}/unet_model")
     assert model.count_params() > 0 and model.output_shape[-1] == 1
+
+
+def _files_under(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
+
+
+def test_same_seed_from_a_subfolder_gives_identical_weights_and_dice(unet_run: Path, tmp_path: Path):
+    """The run again, in a fresh copy and from its notebooks/ folder: every output lands at the
+    project root, and the weights and test Dice are bit-identical to the first run's."""
+    import keras
+
+    import medseg.models  # noqa: F401  (registers the custom loss and metrics)
+
+    project = make_project_copy(tmp_path / "again")
+    before = _files_under(project)
+    run_pipeline(project, "unet", TINY_UNET, cwd=project / "notebooks")
+
+    new_files = _files_under(project) - before
+    outside = sorted(f for f in new_files if not f.startswith(("data/", "mlruns/")) and f != "mlflow.db")
+    assert outside == [], f"written outside data/, mlruns/ and mlflow.db: {outside}"
+    assert not any((project / "notebooks").iterdir())
+    assert (project / "mlflow.db").is_file() and (project / "data" / "01_raw" / "synthetic" / "dataset.json").is_file()
+
+    first, second = (keras.models.load_model(p / "data" / "06_models" / "unet" / "model.keras") for p in (unet_run, project))
+    for a, b in zip(first.get_weights(), second.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    dice = [pd.read_csv(p / "data" / "08_reporting" / "unet" / "metrics_per_case.csv")["dice"].to_numpy() for p in (unet_run, project)]
+    np.testing.assert_array_equal(dice[0], dice[1])

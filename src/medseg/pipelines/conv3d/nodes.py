@@ -11,6 +11,7 @@ Both are also scored on test-case patches as detectors (accuracy, ROC-AUC, F1).
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import keras
@@ -23,7 +24,7 @@ from medseg.imaging.io import Volume
 from medseg.models import build_patch_classifier, build_unet3d, compile_patch_classifier, compile_segmentation_model
 from medseg.patching import extract_patch, patch_stream, sample_patch_centers, sliding_window_predict
 from medseg.pipelines import tracking
-from medseg.pipelines.modeling import case_loader, cases_in_split, fit_with_params, predictions_in_original_geometry, sampled_dataset
+from medseg.pipelines.modeling import case_loader, cases_in_split, predictions_in_original_geometry, sampled_dataset, train_model
 
 KINDS = ("unet3d", "patch_classifier")
 
@@ -36,7 +37,7 @@ def _kind(conv3d: dict[str, Any]) -> str:
 
 
 def _patch_shape(conv3d: dict[str, Any]) -> tuple[int, int, int]:
-    return tuple(int(s) for s in conv3d["patching"]["patch_size"])
+    return tuple(int(s) for s in conv3d["sampling"]["patch_size"])
 
 
 def _build_model(conv3d: dict[str, Any]) -> keras.Model:
@@ -63,38 +64,40 @@ def train_conv3d(
     primary_images: dict[str, Callable[[], Volume]],
     primary_labels: dict[str, Callable[[], Volume]],
     splits: pd.DataFrame,
+    case_geometry: dict,
+    data: dict[str, Any],
     conv3d: dict[str, Any],
+    backup_root: str,
 ) -> tuple[keras.Model, dict[str, list[float]]]:
     """Train on random 3D patches streamed through a bounded queue (TorchIO-style).
 
-    `conv3d.patching.foreground_fraction` of the patches are centred on foreground voxels;
-    memory holds one case plus `queue_length` patches, whatever the dataset's size.
+    `conv3d.sampling.foreground_fraction` of the patches are centred on foreground voxels;
+    memory holds one case plus `queue_length` patches, whatever the dataset's size. Seeding,
+    crash recovery and logging: `medseg.pipelines.modeling.train_model`.
+
+    Args:
+        primary_images, primary_labels: preprocessed cases.
+        splits: the case split (train for fitting, val for early stopping).
+        case_geometry: the preprocessing plan (part of the backup's fingerprint).
+        data: `params:data` (seed; part of the fingerprint).
+        conv3d: `params:conv3d`.
+        backup_root: `conv3d.backup`, the crash-recovery folder.
 
     Returns:
         The trained model (best validation loss) and its history.
     """
-    patching, training = conv3d["patching"], conv3d["training"]
-    keras.utils.set_random_seed(int(conv3d["seed"]))
     shape = _patch_shape(conv3d)
-    load_case = case_loader(primary_images, primary_labels)
     classifier = _kind(conv3d) == "patch_classifier"
+    patches = partial(
+        sampled_dataset, patch_stream, case_loader(primary_images, primary_labels), shape, (*shape, 1),
+        conv3d["sampling"], int(conv3d["training"]["batch_size"]),
+    )
 
     def stream(case_ids: list[str], seed: int, augment: bool):
-        dataset = sampled_dataset(
-            patch_stream, load_case, case_ids, shape, (*shape, 1), patching,
-            int(training["batch_size"]), seed, augment,
-        )
+        dataset = patches(case_ids, seed, augment)
         return dataset.map(_contains_foreground) if classifier else dataset
 
-    model = _build_model(conv3d)
-    history = fit_with_params(
-        model,
-        stream(cases_in_split(splits, "train"), int(conv3d["seed"]), bool(training["augment"])),
-        stream(cases_in_split(splits, "val"), int(conv3d["seed"]) + 1, False),
-        training,
-        "conv3d",
-    )
-    return model, history
+    return train_model("conv3d", partial(_build_model, conv3d), stream, splits, case_geometry, data, conv3d, backup_root)
 
 
 def window_predictor(model: keras.Model) -> Callable[[np.ndarray], np.ndarray]:
@@ -162,7 +165,7 @@ def evaluate_patch_detection(
     truths, scores = [], []
     for case_id in cases_in_split(splits, "test"):
         image, label = primary_images[case_id]().data, primary_labels[case_id]().data
-        centers = sample_patch_centers(label, n_per_case, shape, float(conv3d["patching"]["foreground_fraction"]), rng, case_id=case_id)
+        centers = sample_patch_centers(label, n_per_case, shape, float(conv3d["sampling"]["foreground_fraction"]), rng, case_id=case_id)
         patches = np.stack([extract_patch(image, c, shape) for c in centers])[..., None]
         truths.extend(bool(extract_patch(label, c, shape).any()) for c in centers)
         scores.extend(predict(patches).reshape(len(centers), -1).max(axis=1).tolist())

@@ -16,7 +16,7 @@ def create_pipeline(**kwargs) -> Pipeline:
             [
                 Node(
                     train_conv3d,
-                    ["primary_images", "primary_labels", "splits", "params:conv3d"],
+                    ["primary_images", "primary_labels", "splits", "case_geometry", "params:data", "params:conv3d", "conv3d.backup"],
                     ["conv3d.model", "conv3d.history"],
                     name="train_conv3d",
                     namespace="conv3d",

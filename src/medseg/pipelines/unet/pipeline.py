@@ -5,7 +5,7 @@ from kedro.pipeline import Node, Pipeline
 from medseg.pipelines.data import create_pipeline as data_pipeline
 from medseg.pipelines.modeling import evaluation_pipeline
 
-from .nodes import build_slice_index, predict_unet, train_unet
+from .nodes import predict_unet, train_unet
 
 
 def create_pipeline(**kwargs) -> Pipeline:
@@ -13,10 +13,9 @@ def create_pipeline(**kwargs) -> Pipeline:
         data_pipeline()
         + Pipeline(
             [
-                Node(build_slice_index, ["primary_labels", "splits"], "unet.slice_index", name="build_slice_index", namespace="unet"),
                 Node(
                     train_unet,
-                    ["primary_images", "primary_labels", "splits", "params:unet"],
+                    ["primary_images", "primary_labels", "splits", "case_geometry", "params:data", "params:unet", "unet.backup"],
                     ["unet.model", "unet.history"],
                     name="train_unet",
                     namespace="unet",
