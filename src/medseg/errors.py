@@ -31,8 +31,13 @@ class GeometryMismatchError(MedsegError):
     """An image and its label disagree in shape or affine."""
 
 
+class InvalidGeometryError(MedsegError):
+    """A file's affine cannot place its voxels in space: a zero voxel spacing, a singular or a
+    non-finite matrix."""
+
+
 class InvalidLabelError(MedsegError):
-    """A label holds non-integer values."""
+    """A label holds non-integer or negative values, or foreground values above 255."""
 
 
 class InvalidIntensityError(MedsegError):
@@ -48,7 +53,7 @@ class SplitError(MedsegError):
 
 
 class UnsafePathError(MedsegError):
-    """A path in `dataset.json` points outside the dataset folder."""
+    """A path in `dataset.json`, or the real file behind a symlink, lies outside the dataset folder."""
 
 
 class TrackingError(MedsegError):

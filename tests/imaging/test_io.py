@@ -1,11 +1,20 @@
 import gzip
+import os
 
 import nibabel as nib
 import numpy as np
 import pytest
 
-from medseg.errors import ChannelError, CorruptFileError, DatasetNotFoundError, InvalidIntensityError, InvalidLabelError
-from medseg.imaging.io import Volume, read_volume, voxel_spacing, write_volume
+from medseg.errors import (
+    ChannelError,
+    CorruptFileError,
+    DatasetNotFoundError,
+    InvalidGeometryError,
+    InvalidIntensityError,
+    InvalidLabelError,
+)
+from medseg.imaging import io as medseg_io
+from medseg.imaging.io import Volume, read_header_geometry, read_volume, voxel_spacing, write_volume
 
 
 def _save(path, data, affine=None, dtype=None):
@@ -118,3 +127,96 @@ def test_failed_write_leaves_previous_file(tmp_path, monkeypatch):
         write_volume(Volume(np.ones((2, 2, 2), np.float32), np.eye(4)), target)
     assert target.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["keep.nii.gz"]
+
+
+def test_label_values_above_255_keep_a_wider_dtype(tmp_path):
+    data = np.array([[[0, 1], [300, 70000]]], dtype=np.int32)
+    label = read_volume(_save(tmp_path / "wide.nii.gz", data), kind="label")
+    assert label.data.dtype == np.uint32
+    assert label.data.tolist() == [[[0, 1], [300, 70000]]]
+    assert read_volume(_save(tmp_path / "u16.nii.gz", np.array([[[0, 300]]], np.int16)), kind="label").data.dtype == np.uint16
+    assert read_volume(_save(tmp_path / "u8.nii.gz", np.array([[[0, 255]]], np.int16)), kind="label").data.dtype == np.uint8
+
+
+def test_negative_label_is_refused_with_the_file_name(tmp_path):
+    path = _save(tmp_path / "neg.nii.gz", np.array([[[0, -1]]], np.int16))
+    with pytest.raises(InvalidLabelError, match="neg.nii.gz.*negative values.*-1"):
+        read_volume(path, kind="label")
+
+
+def _save_with_sform(path, affine):
+    """A file whose sform is `affine` (qform unset): nibabel cannot build it from a singular one."""
+    header = nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4)).header
+    header.set_sform(affine, code=1)
+    header.set_qform(None, code=0)
+    nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), None, header=header).to_filename(str(path))
+    return path
+
+
+def test_zero_voxel_spacing_is_refused(tmp_path):
+    path = _save_with_sform(tmp_path / "flat.nii.gz", np.diag([1.0, 0.0, 2.0, 1.0]))
+    with pytest.raises(InvalidGeometryError, match=r"flat.nii.gz: the voxel spacing is zero along y.*set_zooms"):
+        read_volume(path)
+    with pytest.raises(InvalidGeometryError, match="flat.nii.gz.*zero along y"):
+        read_volume(path, kind="label")
+    with pytest.raises(InvalidGeometryError, match="flat.nii.gz.*zero"):
+        read_header_geometry(path)
+
+
+def test_singular_affine_is_refused(tmp_path):
+    parallel = np.array([[1.0, 1.0, 0, 0], [1.0, 1.0, 0, 0], [0, 0, 1.0, 0], [0, 0, 0, 1.0]])
+    path = _save_with_sform(tmp_path / "singular.nii.gz", parallel)
+    with pytest.raises(InvalidGeometryError, match="singular.nii.gz: the affine is singular.*sform/qform"):
+        read_volume(path)
+
+
+def test_oblique_and_flipped_affines_are_accepted(tmp_path):
+    angle = np.deg2rad(30)
+    oblique = np.array(
+        [[-0.8 * np.cos(angle), -0.8 * np.sin(angle), 0, 5], [0.8 * np.sin(angle), -0.8 * np.cos(angle), 0, 2], [0, 0, 3.0, 1], [0, 0, 0, 1]]
+    )
+    volume = read_volume(_save_with_sform(tmp_path / "oblique.nii.gz", oblique))
+    assert volume.spacing == pytest.approx((0.8, 0.8, 3.0))
+
+
+@pytest.fixture
+def umask():
+    """Set the process umask for one test and restore it afterwards."""
+    previous = os.umask(0o022)
+
+    def set_umask(mask):
+        os.umask(mask)
+
+    yield set_umask
+    os.umask(previous)
+
+
+@pytest.mark.parametrize("mask, mode", [(0o022, 0o644), (0o027, 0o640), (0o002, 0o664)])
+def test_written_file_mode_follows_the_umask(tmp_path, umask, mask, mode):
+    umask(mask)
+    assert medseg_io.current_umask() == mask
+    target = tmp_path / "m.nii.gz"
+    write_volume(Volume(np.zeros((2, 2, 2), np.uint8), np.eye(4)), target)
+    assert target.stat().st_mode & 0o777 == mode
+
+
+def test_write_fsyncs_the_file_before_the_rename(tmp_path, monkeypatch):
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}") if os.path.exists("/proc/self/fd") else fd))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(src)))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    write_volume(Volume(np.zeros((2, 2, 2), np.float32), np.eye(4)), tmp_path / "d.nii.gz")
+    kinds = [kind for kind, _ in events]
+    assert kinds == ["fsync", "replace", "fsync"]  # the data, the rename, the folder entry
+    assert events[0][1] == events[1][1]  # the temporary file itself was flushed
+    if os.path.exists("/proc/self/fd"):
+        assert events[2][1] == str(tmp_path)

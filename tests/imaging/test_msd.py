@@ -1,4 +1,5 @@
 import json
+import os
 
 import nibabel as nib
 import numpy as np
@@ -102,3 +103,89 @@ def test_write_msd_dataset_replaces_atomically_and_keeps_old_on_failure(tmp_path
         write_msd_dataset(root, [("c0", lambda: (volume, label)), ("c1", broken)], {"medseg_synthesis": {"v": 2}})
     assert json.loads((root / "dataset.json").read_text())["medseg_synthesis"] == {"v": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["synthetic"]  # no staging folder left
+
+
+def _pair(root, name):
+    _nifti(root / "imagesTr" / f"{name}_0000.nii.gz")
+    _nifti(root / "labelsTr" / f"{name}.nii.gz")
+
+
+@pytest.mark.parametrize("with_training_list", [True, False])
+def test_a_symlinked_folder_that_leads_outside_is_refused(tmp_path, with_training_list):
+    elsewhere = tmp_path / "elsewhere"
+    _pair(elsewhere, "a")
+    root = tmp_path / "ds"
+    root.mkdir()
+    (root / "imagesTr").symlink_to(elsewhere / "imagesTr", target_is_directory=True)
+    (root / "labelsTr").symlink_to(elsewhere / "labelsTr", target_is_directory=True)
+    if with_training_list:
+        _msd(root, [{"image": "./imagesTr/a.nii.gz", "label": "./labelsTr/a.nii.gz"}])
+    else:
+        (root / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}}))
+    with pytest.raises(UnsafePathError, match=rf"ds/imagesTr.*leads outside the dataset folder.*real path is {elsewhere}/imagesTr"):
+        list_msd_cases(root)
+
+
+def test_a_symlinked_label_file_that_leads_outside_is_refused(tmp_path):
+    root = tmp_path / "ds"
+    _pair(root, "a")
+    _nifti(tmp_path / "secret.nii.gz")
+    (root / "labelsTr" / "a.nii.gz").unlink()
+    (root / "labelsTr" / "a.nii.gz").symlink_to(tmp_path / "secret.nii.gz")
+    _msd(root, [{"image": "./imagesTr/a.nii.gz", "label": "./labelsTr/a.nii.gz"}])
+    with pytest.raises(UnsafePathError, match="labelsTr/a.nii.gz.*dataset.json.*secret.nii.gz.*copy the files"):
+        list_msd_cases(root)
+
+
+def test_symlinks_that_stay_inside_and_a_symlinked_root_are_accepted(tmp_path):
+    real = tmp_path / "real"
+    _pair(real / "store", "a")
+    (real / "imagesTr").symlink_to(real / "store" / "imagesTr", target_is_directory=True)
+    (real / "labelsTr").symlink_to("store/labelsTr", target_is_directory=True)  # relative link
+    _msd(real, [{"image": "./imagesTr/a.nii.gz", "label": "./labelsTr/a.nii.gz"}])
+    link = tmp_path / "link_to_real"
+    link.symlink_to(real, target_is_directory=True)
+    (case,) = list_msd_cases(link)
+    assert case.case_id == "a" and case.image_path == str(link / "imagesTr" / "a_0000.nii.gz")
+
+
+@pytest.mark.parametrize(
+    "entry, missing",
+    [({"image": "./imagesTr/b.nii.gz"}, "'label'"), ({"label": "./labelsTr/b.nii.gz"}, "'image'"), ("b.nii.gz", "'image' or 'label'")],
+)
+def test_a_training_entry_without_image_or_label_names_the_entry(tmp_path, entry, missing):
+    _pair(tmp_path, "a")
+    _msd(tmp_path, [{"image": "./imagesTr/a.nii.gz", "label": "./labelsTr/a.nii.gz"}, entry])
+    with pytest.raises(CorruptFileError, match=rf"dataset.json: entry 1 of 'training' .* has no {missing} path.*fix the entry or remove it"):
+        list_msd_cases(tmp_path)
+
+
+def test_staging_folder_and_files_get_the_umask_mode(tmp_path):
+    volume = Volume(np.zeros((3, 3, 3), np.float32), np.eye(4))
+    label = Volume(np.zeros((3, 3, 3), np.uint8), np.eye(4))
+    previous = os.umask(0o027)
+    try:
+        write_msd_dataset(tmp_path / "synthetic", [("c0", lambda: (volume, label))], {})
+    finally:
+        os.umask(previous)
+    root = tmp_path / "synthetic"
+    assert root.stat().st_mode & 0o777 == 0o750  # mkdtemp alone gives 0700
+    assert (root / "imagesTr").stat().st_mode & 0o777 == 0o750
+    assert (root / "imagesTr" / "c0_0000.nii.gz").stat().st_mode & 0o777 == 0o640
+    assert (root / "dataset.json").stat().st_mode & 0o777 == 0o640
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/fd"), reason="names open files through /proc")
+def test_write_msd_dataset_fsyncs_the_manifest_before_the_swap(tmp_path, monkeypatch):
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))), real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", str(b))), real_replace(a, b))[1])
+    volume = Volume(np.zeros((3, 3, 3), np.float32), np.eye(4))
+    root = tmp_path / "synthetic"
+    write_msd_dataset(root, [("c0", lambda: (volume, Volume(volume.data.astype(np.uint8), np.eye(4))))], {})
+    swap = events.index(("replace", str(root)))
+    flushed = {path for kind, path in events[:swap] if kind == "fsync"}
+    staging = os.path.dirname(next(p for p in flushed if p.endswith("dataset.json")))
+    assert {f"{staging}/dataset.json", f"{staging}/imagesTr", f"{staging}/labelsTr", staging} <= flushed
+    assert ("fsync", str(tmp_path)) in events[swap:]  # the rename itself

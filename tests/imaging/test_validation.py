@@ -2,9 +2,22 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from medseg.errors import EmptyDatasetError, GeometryMismatchError, InvalidIntensityError, InvalidLabelError
+from medseg.errors import (
+    ConfigurationError,
+    EmptyDatasetError,
+    GeometryMismatchError,
+    InvalidGeometryError,
+    InvalidIntensityError,
+    InvalidLabelError,
+)
 from medseg.imaging.msd import CaseFiles
-from medseg.imaging.validation import binarize_label, dataset_fingerprint, fingerprint_case, fingerprint_cases
+from medseg.imaging.validation import (
+    binarize_label,
+    dataset_fingerprint,
+    fingerprint_case,
+    fingerprint_cases,
+    label_for_storage,
+)
 
 
 def _case(tmp_path, name, image, label, image_affine=None, label_affine=None):
@@ -76,3 +89,58 @@ def test_dataset_fingerprint_median_spacing(tmp_path):
     fingerprint = dataset_fingerprint(records)
     assert fingerprint["median_spacing"] == pytest.approx([0.8, 0.8, 2.5])
     assert fingerprint["n_cases"] == 3 and fingerprint["orientations"] == {"RAS": 3}
+
+
+def _wide_label(tmp_path, name="wide"):
+    """A case whose label holds 1 (a lesion) and 300 (e.g. an organ id that is not foreground)."""
+    label = np.zeros((8, 8, 4), np.int16)
+    label[1:3, 1:3, 1] = 1
+    label[5:8, 5:8, 2:4] = 300
+    return _case(tmp_path, name, np.ones((8, 8, 4), np.float32), label)
+
+
+def test_label_values_above_255_are_fine_when_not_foreground(tmp_path):
+    record = fingerprint_case(_wide_label(tmp_path), foreground_labels=[1])
+    assert record["foreground_voxels"] == 4
+    assert record["label_values"] == "[0, 1, 300]"
+
+
+def test_label_values_above_255_cannot_be_foreground(tmp_path):
+    with pytest.raises(InvalidLabelError, match=r"wide_lbl.nii.gz: the label holds values above 255 \(\[300\]\).*Set data.foreground_labels"):
+        fingerprint_case(_wide_label(tmp_path))
+    with pytest.raises(ConfigurationError, match=r"data.foreground_labels=\[1, 300\].*1..255"):
+        fingerprint_cases([_wide_label(tmp_path)], foreground_labels=[1, 300])
+
+
+def test_label_for_storage_is_uint8_and_maps_large_values_to_background():
+    label = np.array([0, 1, 2, 255, 256, 300, 70000], np.uint32)
+    stored = label_for_storage(label)
+    assert stored.dtype == np.uint8
+    assert stored.tolist() == [0, 1, 2, 255, 0, 0, 0]
+    assert binarize_label(stored, [1]).tolist() == binarize_label(label, [1]).tolist()
+
+
+def test_foreground_labels_matching_no_voxel_are_refused_with_the_labels_found(tmp_path):
+    cases = [_good(tmp_path, "g0"), _wide_label(tmp_path)]
+    with pytest.raises(
+        ConfigurationError,
+        match=rf"data.foreground_labels=\[3\] match no voxel in any of the 2 labels \(in {tmp_path}\); "
+        r"the label values found are \[0, 1, 2, 300\]. Set data.foreground_labels to some of \[1, 2\]",
+    ):
+        fingerprint_cases(cases, foreground_labels=[3])
+    assert len(fingerprint_cases(cases, foreground_labels=[2])) == 2  # one case with foreground is enough
+
+
+def test_zero_spacing_and_singular_affine_name_the_file(tmp_path):
+    image = np.zeros((8, 8, 4), np.float32)
+    label = np.zeros((8, 8, 4), np.uint8)
+    for name, affine in [("flat", np.diag([0.8, 0.8, 0.0, 1.0])), ("skew", np.array([[1.0, 2, 0, 0], [2, 4, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]))]:
+        for suffix, data in (("img", image), ("lbl", label)):
+            header = nib.Nifti1Image(data, np.eye(4)).header
+            header.set_sform(affine, code=1)
+            header.set_qform(None, code=0)
+            nib.Nifti1Image(data, None, header=header).to_filename(str(tmp_path / f"{name}_{suffix}.nii.gz"))
+    flat = CaseFiles("flat", str(tmp_path / "flat_img.nii.gz"), str(tmp_path / "flat_lbl.nii.gz"), None)
+    skew = CaseFiles("skew", str(tmp_path / "skew_img.nii.gz"), str(tmp_path / "skew_lbl.nii.gz"), None)
+    with pytest.raises(InvalidGeometryError, match=r"2 of 3 cases are invalid[\s\S]*flat_img.nii.gz: the voxel spacing is zero along z[\s\S]*skew_img.nii.gz: the affine is singular"):
+        fingerprint_cases([_good(tmp_path), flat, skew])

@@ -1,8 +1,11 @@
 """Reading and writing NIfTI volumes with medseg's conventions.
 
-Images come back as float32 and labels as uint8, never as nibabel's float64 default. Every
+Images come back as float32 and labels as uint8, never as nibabel's float64 default (a label
+file that holds values above 255 keeps a wider unsigned dtype until it is binarized). Every
 failure raises a :class:`medseg.errors.MedsegError` that names the file and says what to do.
-Writes are atomic: the volume goes to a temporary file in the same folder, then is renamed.
+Writes are atomic and durable: the volume goes to a temporary file in the same folder, is
+flushed to disk, then renamed; the file gets the mode the umask gives (like any new file), not
+the 0600 of a temporary file.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from medseg.errors import (
     ChannelError,
     CorruptFileError,
     DatasetNotFoundError,
+    InvalidGeometryError,
     InvalidIntensityError,
     InvalidLabelError,
 )
@@ -34,7 +38,8 @@ class Volume:
     """A 3D array with the geometry it came with.
 
     Attributes:
-        data: (X, Y, Z) array, float32 for images and uint8 for labels.
+        data: (X, Y, Z) array, float32 for images and uint8 for labels (a wider unsigned dtype
+            only for a source label that holds values above 255, before binarization).
         affine: (4, 4) voxel-to-world matrix in mm.
         header: the NIfTI header the file had, or None for a new volume.
     """
@@ -52,6 +57,46 @@ class Volume:
 def voxel_spacing(affine: np.ndarray) -> tuple[float, float, float]:
     """Voxel size in mm along each array axis: the column norms of the affine's 3x3 part."""
     return tuple(float(s) for s in np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0)))
+
+
+# Below this, |det| / (product of the voxel sizes) calls an affine singular: its voxel axes are
+# (nearly) parallel, so distinct voxels would land on one point in space.
+SINGULAR_AFFINE_TOLERANCE = 1e-6
+
+
+def check_affine(affine: np.ndarray, path: str | os.PathLike) -> None:
+    """Refuse an affine that cannot place voxels in space.
+
+    Args:
+        affine: (4, 4) voxel-to-world matrix in mm, as nibabel reads it from the header.
+        path: the file it came from, for the message.
+
+    Raises:
+        InvalidGeometryError: a non-finite entry, a zero voxel spacing along some axis, or a
+            singular (or nearly singular) 3x3 part. Resampling, orientation and the mapping of
+            a prediction back to the scan all need an invertible affine.
+    """
+    affine = np.asarray(affine, dtype=np.float64)
+    if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
+        raise InvalidGeometryError(
+            f"{path}: the affine (sform/qform) holds NaN or Inf values: {affine.tolist()}. Fix the "
+            "header (e.g. re-export the file from its source with a valid orientation)."
+        )
+    spacing = voxel_spacing(affine)
+    if min(spacing) == 0:
+        axis = "xyz"[spacing.index(0.0)]
+        raise InvalidGeometryError(
+            f"{path}: the voxel spacing is zero along {axis} (spacing {spacing} mm, read from the "
+            "affine). Set the real voxel size in the header (pixdim and sform/qform), e.g. with "
+            "nibabel's header.set_zooms, or re-export the file."
+        )
+    volume_ratio = abs(np.linalg.det(affine[:3, :3])) / float(np.prod(spacing))
+    if volume_ratio < SINGULAR_AFFINE_TOLERANCE:
+        raise InvalidGeometryError(
+            f"{path}: the affine is singular (its voxel axes are parallel), so voxels cannot be "
+            f"placed in space: {np.round(affine, 4).tolist()}. Fix the sform/qform in the header or "
+            "re-export the file."
+        )
 
 
 def _open_nifti(path: Path) -> nib.Nifti1Image:
@@ -113,6 +158,12 @@ def _select_channel(data: np.ndarray, path: Path, channel: int | None) -> np.nda
 
 
 def _as_label(data: np.ndarray, path: Path) -> np.ndarray:
+    """Non-negative integer class values as uint8, or the smallest unsigned dtype that holds them.
+
+    Values above 255 are allowed here; validation checks that none of them is foreground, and
+    :func:`medseg.imaging.validation.label_for_storage` maps them to background before a label
+    is written.
+    """
     if data.dtype == np.uint8:
         return data
     if np.issubdtype(data.dtype, np.floating):
@@ -125,11 +176,15 @@ def _as_label(data: np.ndarray, path: Path) -> np.ndarray:
                 "resampled with linear interpolation? Re-export it with nearest-neighbour interpolation."
             )
     low, high = data.min(initial=0), data.max(initial=0)
-    if low < 0 or high > 255:
+    if low < 0:
         raise InvalidLabelError(
-            f"{path}: label values range over [{low}, {high}]; medseg needs class values in 0..255."
+            f"{path}: the label holds negative values (down to {low}); medseg needs class values of 0 "
+            "or more. Relabel them (e.g. as 0, background) and save the label again."
         )
-    return data.astype(np.uint8)
+    for dtype in (np.uint8, np.uint16, np.uint32, np.uint64):
+        if high <= np.iinfo(dtype).max:
+            return data.astype(dtype, copy=False)
+    raise InvalidLabelError(f"{path}: label values up to {high} do not fit a 64-bit integer. Relabel the file.")
 
 
 def read_volume(path: str | os.PathLike, kind: VolumeKind = "image", channel: int | None = None) -> Volume:
@@ -138,7 +193,8 @@ def read_volume(path: str | os.PathLike, kind: VolumeKind = "image", channel: in
     Args:
         path: a `.nii` or `.nii.gz` file.
         kind: "image" reads float32 (scaling applied, NaN/Inf refused); "label" reads uint8
-            (non-integer values refused).
+            (non-integer and negative values refused; a label with values above 255 reads as
+            the smallest unsigned dtype that holds them).
         channel: for a 4-D (X, Y, Z, C) file with C > 1, the channel to keep. A trailing axis of
             size 1 is always squeezed.
 
@@ -146,11 +202,12 @@ def read_volume(path: str | os.PathLike, kind: VolumeKind = "image", channel: in
         The volume with its affine and header.
 
     Raises:
-        DatasetNotFoundError, CorruptFileError, ChannelError, InvalidIntensityError,
-        InvalidLabelError: each message names the file and the fix.
+        DatasetNotFoundError, CorruptFileError, ChannelError, InvalidGeometryError,
+        InvalidIntensityError, InvalidLabelError: each message names the file and the fix.
     """
     path = Path(path)
     img = _open_nifti(path)
+    check_affine(img.affine, path)
     data = _select_channel(_read_array(img, path, kind), path, channel)
     if kind == "image":
         data = data.astype(np.float32, copy=False)
@@ -166,17 +223,67 @@ def read_volume(path: str | os.PathLike, kind: VolumeKind = "image", channel: in
 
 
 def read_header_geometry(path: str | os.PathLike) -> tuple[tuple[int, ...], np.ndarray]:
-    """Shape and affine of a NIfTI file, read from its header alone (no voxel data)."""
+    """Shape and affine of a NIfTI file, read from its header alone (no voxel data).
+
+    Raises:
+        DatasetNotFoundError, CorruptFileError, InvalidGeometryError.
+    """
     path = Path(path)
     img = _open_nifti(path)
+    check_affine(img.affine, path)
     return tuple(int(s) for s in img.shape), np.asarray(img.affine, dtype=np.float64)
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux allows (/proc/self/status)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # elsewhere the only way to read it is to set it, briefly
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(path: str | os.PathLike, directory: bool = False) -> None:
+    """Give a file made by `tempfile.mkstemp` (0600) or a folder made by `mkdtemp` (0700) the
+    mode that `open` or `mkdir` would have given it: 0666 or 0777 minus the umask."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
+
+
+def fsync_file(path: str | os.PathLike) -> None:
+    """Flush a written file's data to disk, so that a rename cannot outlive its content."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_directory(path: str | os.PathLike) -> None:
+    """Flush a folder's entries (a rename inside it) to disk. A no-op where folders cannot be
+    opened (Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on a folder
+        pass
+    finally:
+        os.close(fd)
+
+
 def write_volume(volume: Volume, path: str | os.PathLike) -> None:
-    """Write a volume atomically: to a temporary file beside `path`, then rename.
+    """Write a volume atomically: to a temporary file beside `path`, fsync, then rename.
 
     A label (uint8) is stored as uint8 and an image as float32, whatever the header said.
     The sform and qform both carry the affine, so any viewer overlays it on its source scan.
+    The file's mode follows the umask (0644 under the usual 022), as for any new file.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -188,8 +295,11 @@ def write_volume(volume: Volume, path: str | os.PathLike) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
     os.close(fd)
     try:
+        apply_umask(tmp)
         nib.save(img, tmp)
+        fsync_file(tmp)
         os.replace(tmp, path)
+        fsync_directory(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

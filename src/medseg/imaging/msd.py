@@ -2,8 +2,9 @@
 
 A dataset folder holds `dataset.json`, `imagesTr/` and `labelsTr/`. Images are either one file
 per case (3-D, or 4-D with channels last) or one file per channel with a `_0000` suffix
-(nnU-Net v2). A user's folder is only ever read; synthetic phantoms are written into a fresh
-folder that replaces the old one in a single rename.
+(nnU-Net v2). A user's folder is only ever read, and only inside itself: a path in dataset.json,
+or a symlink, that leads outside the folder is refused. Synthetic phantoms are written into a
+fresh folder that replaces the old one in a single rename.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from medseg.errors import (
     MissingLabelError,
     UnsafePathError,
 )
-from medseg.imaging.io import Volume, write_volume
+from medseg.imaging.io import Volume, apply_umask, fsync_directory, fsync_file, write_volume
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
@@ -53,14 +54,37 @@ def _strip_nifti_suffix(name: str) -> str:
     return name
 
 
+def _check_real_path(root: Path, path: Path, source: str) -> None:
+    """Refuse `path` when its real location (symlinks followed) is outside `root`'s.
+
+    Args:
+        root: the dataset folder.
+        path: a path under `root` (lexically).
+        source: what listed the path, for the message (dataset.json or a folder).
+    """
+    real_root = Path(os.path.realpath(root))
+    real = Path(os.path.realpath(path))
+    if not real.is_relative_to(real_root):
+        raise UnsafePathError(
+            f"{path} (from {source}) is a symlink, or lies under one, that leads outside the dataset folder "
+            f"{real_root}: its real path is {real}. medseg reads only files inside data.msd_dir: copy the "
+            "files into the folder instead of linking them, or point data.msd_dir at the folder that holds them."
+        )
+
+
 def _inside(root: Path, relative: str, manifest: Path) -> Path:
-    """Resolve a dataset.json path lexically and refuse one that leaves `root`."""
+    """Resolve a dataset.json path and refuse one that leaves `root`, lexically or through a symlink.
+
+    Returns:
+        The path under `root` as written (symlinks not followed, so messages show the user's path).
+    """
     candidate = Path(os.path.normpath(root / relative))
     if Path(relative).is_absolute() or not candidate.is_relative_to(root):
         raise UnsafePathError(
             f"{manifest}: the entry '{relative}' points outside the dataset folder {root}. "
             "Paths in dataset.json must be relative and stay inside the folder (like './imagesTr/x.nii.gz')."
         )
+    _check_real_path(root, candidate, str(manifest))
     return candidate
 
 
@@ -125,6 +149,7 @@ def _image_file(root: Path, entry: str, channel: int | None, manifest: Path) -> 
     suffix = listed.name[len(stem):] or ".nii.gz"
     per_channel = listed.with_name(f"{stem}_{(channel or 0):04d}{suffix}")
     if per_channel.exists():
+        _check_real_path(root, per_channel, str(manifest))
         return per_channel, None
     raise DatasetNotFoundError(
         f"{manifest}: the image '{entry}' was not found (nor {per_channel.name}). "
@@ -132,12 +157,30 @@ def _image_file(root: Path, entry: str, channel: int | None, manifest: Path) -> 
     )
 
 
+def _training_entry(item: object, index: int, manifest: Path) -> tuple[str, str]:
+    """The (image, label) paths of the `index`-th `training` entry, refusing a malformed one."""
+    missing = [key for key in ("image", "label") if not isinstance(item, dict) or not isinstance(item.get(key), str)]
+    if missing:
+        raise CorruptFileError(
+            f"{manifest}: entry {index} of 'training' (counting from 0) has no {' or '.join(repr(k) for k in missing)} "
+            f"path: {json.dumps(item)[:200]}. Each entry needs both, like "
+            '{"image": "./imagesTr/x.nii.gz", "label": "./labelsTr/x.nii.gz"}: fix the entry or remove it.'
+        )
+    return item["image"], item["label"]
+
+
 def _cases_from_training_list(root: Path, meta: dict, channel: int | None, manifest: Path) -> list[CaseFiles]:
+    if not isinstance(meta["training"], list):
+        raise CorruptFileError(
+            f"{manifest}: 'training' must be a list of {{\"image\": ..., \"label\": ...}} entries, "
+            f"not {type(meta['training']).__name__}. Fix dataset.json."
+        )
     cases = []
-    for item in meta["training"]:
-        image_path, inner_channel = _image_file(root, item["image"], channel, manifest)
-        label_path = _inside(root, item["label"], manifest)
-        case_id = _strip_nifti_suffix(Path(item["label"]).name)
+    for index, item in enumerate(meta["training"]):
+        image_entry, label_entry = _training_entry(item, index, manifest)
+        image_path, inner_channel = _image_file(root, image_entry, channel, manifest)
+        label_path = _inside(root, label_entry, manifest)
+        case_id = _strip_nifti_suffix(Path(label_entry).name)
         if not label_path.exists():
             raise MissingLabelError(
                 f"{label_path}: the label of case '{case_id}' (listed in {manifest}) is missing. "
@@ -152,6 +195,7 @@ def _cases_from_folders(root: Path, channel: int | None) -> list[CaseFiles]:
     images_dir = root / "imagesTr"
     if not images_dir.is_dir():
         raise DatasetNotFoundError(f"{images_dir}: folder not found. An MSD folder needs imagesTr/ and labelsTr/.")
+    _check_real_path(root, images_dir, str(root))
     wanted = f"_{(channel or 0):04d}"
     cases = []
     for image_path in sorted(images_dir.iterdir()):
@@ -168,6 +212,8 @@ def _cases_from_folders(root: Path, channel: int | None) -> list[CaseFiles]:
                 f"{root / 'labelsTr' / (case_id + '.nii.gz')}: the label of case '{case_id}' is missing "
                 f"(image {image_path}). Add the label or move the image out of imagesTr/."
             )
+        _check_real_path(root, image_path, str(images_dir))
+        _check_real_path(root, label_path, str(root / "labelsTr"))
         cases.append(CaseFiles(case_id, str(image_path), str(label_path), None))
     return cases
 
@@ -219,12 +265,15 @@ def write_msd_dataset(
             memory at a time.
         metadata: extra dataset.json fields (name, description, generator parameters...).
 
-    If anything fails, `root` is left as it was and the partial folder is removed.
+    If anything fails, `root` is left as it was and the partial folder is removed. Every file
+    is flushed to disk before the swap, and the new folder gets the mode the umask gives (0755
+    under the usual 022), not the 0700 of a temporary folder.
     """
     root = Path(root)
     root.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
     try:
+        apply_umask(staging, directory=True)
         training = []
         for case_id, make in cases:
             image, label = make()
@@ -240,6 +289,10 @@ def write_msd_dataset(
             "training": training,
         }
         (staging / "dataset.json").write_text(json.dumps(manifest, indent=2))
+        fsync_file(staging / "dataset.json")
+        for folder in (staging / "imagesTr", staging / "labelsTr", staging):
+            if folder.is_dir():
+                fsync_directory(folder)
         if root.exists():
             retired = root.with_name(f".{root.name}.old")
             shutil.rmtree(retired, ignore_errors=True)
@@ -248,6 +301,7 @@ def write_msd_dataset(
             shutil.rmtree(retired, ignore_errors=True)
         else:
             os.replace(staging, root)
+        fsync_directory(root.parent)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

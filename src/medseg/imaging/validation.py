@@ -8,16 +8,43 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
-from medseg.errors import EmptyDatasetError, GeometryMismatchError, MedsegError
+from medseg.errors import (
+    ConfigurationError,
+    EmptyDatasetError,
+    GeometryMismatchError,
+    InvalidLabelError,
+    MedsegError,
+)
 from medseg.imaging.geometry import nonzero_bounding_box, to_canonical
 from medseg.imaging.io import Volume, read_volume
 from medseg.imaging.msd import CaseFiles
 
 AFFINE_TOLERANCE_MM = 1e-3
+MAX_FOREGROUND_LABEL = 255  # foreground values must fit the uint8 labels written to disk
+
+
+def check_foreground_labels(foreground_labels: Sequence[int] | int | None) -> list[int] | None:
+    """`data.foreground_labels` as a sorted list of ints in 1..255, or None (every value above 0).
+
+    Raises:
+        ConfigurationError: a value that is not an integer in 1..255, or an empty list.
+    """
+    if foreground_labels is None:
+        return None
+    values = [foreground_labels] if isinstance(foreground_labels, (int, np.integer)) else list(foreground_labels)
+    bad = [v for v in values if isinstance(v, bool) or not isinstance(v, (int, np.integer))
+           or not 1 <= v <= MAX_FOREGROUND_LABEL]
+    if not values or bad:
+        raise ConfigurationError(
+            f"data.foreground_labels={foreground_labels}: need a list of label values in "
+            f"1..{MAX_FOREGROUND_LABEL} (bad: {bad}), e.g. [1, 2], or null for every value above 0."
+        )
+    return sorted({int(v) for v in values})
 
 
 def binarize_label(label: np.ndarray, foreground_labels: Sequence[int] | None = None) -> np.ndarray:
@@ -31,6 +58,31 @@ def binarize_label(label: np.ndarray, foreground_labels: Sequence[int] | None = 
     if foreground_labels is None:
         return (label > 0).astype(np.uint8)
     return np.isin(label, np.asarray(list(foreground_labels))).astype(np.uint8)
+
+
+def label_for_storage(label: np.ndarray) -> np.ndarray:
+    """A source label map as uint8, for the intermediate layer.
+
+    Values above 255 become 0 (background). Validation (:func:`fingerprint_case`) allows such
+    values only when `data.foreground_labels` leaves them out, so they are background for
+    every later step anyway; the values 0..255 are kept as they are.
+
+    Args:
+        label: (X, Y, Z) non-negative integer label map (uint8 or wider).
+
+    Returns:
+        The same map as uint8 (the array itself when it already is uint8).
+    """
+    if label.dtype == np.uint8:
+        return label
+    return np.where(label > MAX_FOREGROUND_LABEL, 0, label).astype(np.uint8)
+
+
+def label_values(label: np.ndarray) -> list[int]:
+    """The distinct values of an integer label map, ascending."""
+    if label.dtype == np.uint8:  # a histogram is much faster than np.unique's sort
+        return np.flatnonzero(np.bincount(label.ravel(), minlength=256)).tolist()
+    return [int(v) for v in np.unique(label)]
 
 
 def check_pair(image: Volume, label: Volume, image_path: str, label_path: str) -> None:
@@ -49,7 +101,12 @@ def check_pair(image: Volume, label: Volume, image_path: str, label_path: str) -
 
 
 def read_case(case: CaseFiles) -> tuple[Volume, Volume]:
-    """Read and check one case: (image float32, label uint8), same shape and affine."""
+    """Read and check one case: (image float32, label uint8 or wider), same shape and affine.
+
+    Raises:
+        the errors of :func:`medseg.imaging.io.read_volume` (including a zero spacing or a
+        singular affine), and GeometryMismatchError.
+    """
     image = read_volume(case.image_path, kind="image", channel=case.channel)
     label = read_volume(case.label_path, kind="label")
     check_pair(image, label, case.image_path, case.label_path)
@@ -69,10 +126,23 @@ def fingerprint_case(
 
     Returns:
         A flat record: file paths, original shape and affine (JSON text), orientation codes,
-        source dtype, canonical spacing in mm, foreground voxel count and fraction, and
-        intensity statistics (overall and inside the foreground).
+        source dtype, canonical spacing in mm, the label values present (JSON text), foreground
+        voxel count and fraction, and intensity statistics (overall and inside the foreground).
+
+    Raises:
+        the errors of :func:`read_case`; InvalidLabelError when a label value above 255 would
+        be foreground (foreground must fit the uint8 labels written to disk).
     """
     image, label = read_case(case)
+    values = label_values(label.data)
+    too_large = [v for v in values if v > MAX_FOREGROUND_LABEL]
+    if too_large and foreground_labels is None:
+        raise InvalidLabelError(
+            f"{case.label_path}: the label holds values above {MAX_FOREGROUND_LABEL} ({too_large[:5]}) and "
+            "data.foreground_labels is not set, so they would count as foreground, which must fit 1..255. "
+            f"Set data.foreground_labels to the values to segment (values found: {values[:20]}); the "
+            "others are background."
+        )
     canonical = to_canonical(image)
     foreground = binarize_label(label.data, foreground_labels).astype(bool)
     inside = image.data[foreground]
@@ -89,6 +159,7 @@ def fingerprint_case(
         "spacing_x": spacing[0],
         "spacing_y": spacing[1],
         "spacing_z": spacing[2],
+        "label_values": json.dumps(values),
         "foreground_voxels": int(foreground.sum()),
         "foreground_fraction": float(foreground.mean()),
         "intensity_mean": float(image.data.mean(dtype=np.float64)),
@@ -108,13 +179,24 @@ def fingerprint_cases(
 ) -> list[dict]:
     """Fingerprint every case, one in memory at a time, reporting all bad cases at once.
 
+    Args:
+        cases: the cases to read.
+        foreground_labels: see :func:`binarize_label`; checked first (values in 1..255).
+        crop_margin: see :func:`fingerprint_case`.
+
+    Returns:
+        One record per case, in the order given.
+
     Raises:
         EmptyDatasetError: no case given.
+        ConfigurationError: `foreground_labels` is malformed, or matches no voxel of any label
+            (the message lists the label values found).
         MedsegError (the first failure's type): one or more cases are invalid; the message
             lists each bad file with its fix.
     """
     if not cases:
         raise EmptyDatasetError("The dataset holds no case. Check data.source and data.msd_dir.")
+    foreground_labels = check_foreground_labels(foreground_labels)
     records, failures = [], []
     for case in cases:
         try:
@@ -126,6 +208,19 @@ def fingerprint_cases(
             raise failures[0]
         lines = "\n".join(f"  - {exc}" for exc in failures)
         raise type(failures[0])(f"{len(failures)} of {len(cases)} cases are invalid:\n{lines}")
+    if foreground_labels is not None and not any(record["foreground_voxels"] for record in records):
+        found = sorted({v for record in records for v in json.loads(record["label_values"])})
+        usable = [v for v in found if 0 < v <= MAX_FOREGROUND_LABEL]
+        folders = sorted({str(Path(case.label_path).parent) for case in cases})
+        fix = (
+            f"Set data.foreground_labels to some of {usable}, or to null for every value above 0."
+            if usable
+            else "The labels hold no foreground value at all: check that data.msd_dir holds the right labels."
+        )
+        raise ConfigurationError(
+            f"data.foreground_labels={foreground_labels} match no voxel in any of the {len(cases)} labels "
+            f"(in {', '.join(folders)}); the label values found are {found}. {fix}"
+        )
     return records
 
 

@@ -10,7 +10,13 @@ import pandas as pd
 import pytest
 
 from conftest import TINY_DATA_PARAMS, mlflow_runs, run_pipeline
-from medseg.errors import InvalidIntensityError
+from medseg.errors import (
+    ConfigurationError,
+    InvalidGeometryError,
+    InvalidIntensityError,
+    InvalidLabelError,
+    SplitError,
+)
 from medseg.imaging.io import read_volume
 from medseg.imaging.synthesis import synthesize_case
 
@@ -126,3 +132,113 @@ def test_a_bad_case_stops_the_run_before_any_output(project_copy: Path, tmp_path
     assert not (project_copy / "data" / "03_primary" / "images").exists()
     _, runs = mlflow_runs(project_copy)
     assert runs[0].info.status == "FAILED"
+
+
+def _small_msd(root: Path, case_ids, label_values=(1,), background_value=None, affines=None) -> Path:
+    """A tiny MSD folder: one phantom per id; lesion voxels take `label_values` in turn, a corner
+    block away from the lesions takes `background_value` (when given), and `affines`
+    ({case_id: affine}) replaces a case's sform (qform unset, so it may be singular)."""
+    training = []
+    for index, case_id in enumerate(case_ids):
+        image, label, affine = synthesize_case(index, seed=3, in_plane_size=32, n_slices_range=(8, 10))
+        label = label.astype(np.int32) * label_values[index % len(label_values)]
+        if background_value is not None:
+            label[:3, :3, :2] = background_value
+        for folder, name, data, dtype in (("imagesTr", f"{case_id}_0000", image, np.float32), ("labelsTr", case_id, label, np.int16)):
+            img = nib.Nifti1Image(data.astype(dtype), affine)
+            if affines and case_id in affines:
+                img.header.set_sform(affines[case_id], code=1)
+                img.header.set_qform(None, code=0)
+                img = nib.Nifti1Image(data.astype(dtype), None, header=img.header)
+            (root / folder).mkdir(parents=True, exist_ok=True)
+            img.to_filename(str(root / folder / f"{name}.nii.gz"))
+        training.append({"image": f"./imagesTr/{case_id}.nii.gz", "label": f"./labelsTr/{case_id}.nii.gz"})
+    (root / "dataset.json").write_text(json.dumps({"name": "small", "modality": {"0": "MR"}, "training": training}))
+    return root
+
+
+def _written_files(project: Path) -> list[str]:
+    return sorted(
+        str(path.relative_to(project))
+        for layer in ("02_intermediate", "03_primary")
+        for path in (project / "data" / layer).rglob("*")
+        if path.is_file()
+    )
+
+
+def test_case_ids_that_look_like_numbers_or_na_stay_text(project_copy: Path, tmp_path: Path):
+    ids = ["001", "002", "003", "004", "010", "NA"]
+    msd = _small_msd(tmp_path / "Task97_Numbers", ids)
+    run_pipeline(project_copy, "data", {"data.source": "msd", "data.msd_dir": str(msd)})
+
+    primary = project_copy / "data" / "03_primary"
+    geometry = json.loads((primary / "geometry.json").read_text())
+    assert sorted(geometry) == ids
+    raw_rows = (primary / "splits.csv").read_text().splitlines()
+    assert raw_rows[0] == "case_id,split"
+    assert sorted(row.split(",")[0] for row in raw_rows[1:]) == ids  # written as text: '001', not 1
+    from kedro.framework.session import KedroSession  # read back through the catalog, as a model pipeline does
+    from kedro.framework.startup import bootstrap_project
+
+    bootstrap_project(project_copy)
+    with KedroSession.create(project_path=project_copy) as session:
+        catalog = session.load_context().catalog
+        splits = catalog.load("splits")
+        fingerprints = catalog.load("case_fingerprints")
+    assert sorted(splits["case_id"]) == ids and all(isinstance(i, str) for i in splits["case_id"])
+    assert sorted(fingerprints["case_id"]) == ids
+    assert splits["split"].value_counts().to_dict() == {"train": 4, "val": 1, "test": 1}
+    assert sorted(p.name for p in (primary / "labels").iterdir()) == [f"{i}.nii.gz" for i in ids]
+
+
+def test_too_few_cases_for_the_split_stops_before_any_output(project_copy: Path, tmp_path: Path):
+    msd = _small_msd(tmp_path / "Task96_Two", ["a", "b"])
+    with pytest.raises(SplitError, match=r"2 cases are too few for the split.*change data.split"):
+        run_pipeline(project_copy, "data", {"data.source": "msd", "data.msd_dir": str(msd)})
+    assert _written_files(project_copy) == []
+    _, runs = mlflow_runs(project_copy)
+    assert runs[0].info.status == "FAILED"
+
+
+def test_foreground_labels_that_match_no_voxel_stop_before_any_output(project_copy: Path, tmp_path: Path):
+    msd = _small_msd(tmp_path / "Task95_Labels", [f"c{i}" for i in range(5)], label_values=(1, 2))
+    params = {"data.source": "msd", "data.msd_dir": str(msd), "data.foreground_labels": [3]}
+    with pytest.raises(
+        ConfigurationError, match=r"data.foreground_labels=\[3\] match no voxel.*labelsTr\); the label values found are \[0, 1, 2\]"
+    ):
+        run_pipeline(project_copy, "data", params)
+    assert _written_files(project_copy) == []
+
+
+@pytest.mark.parametrize(
+    "affine, message",
+    [
+        (np.diag([1.0, 0.0, 2.0, 1.0]), r"c2_0000.nii.gz: the voxel spacing is zero along y"),
+        (np.array([[1.0, 1, 0, 0], [1, 1, 0, 0], [0, 0, 2, 0], [0, 0, 0, 1]]), r"c2_0000.nii.gz: the affine is singular"),
+    ],
+)
+def test_a_degenerate_affine_stops_before_any_output(project_copy: Path, tmp_path: Path, affine, message):
+    msd = _small_msd(tmp_path / "Task94_Affine", [f"c{i}" for i in range(5)], affines={"c2": affine})
+    with pytest.raises(InvalidGeometryError, match=message):
+        run_pipeline(project_copy, "data", {"data.source": "msd", "data.msd_dir": str(msd)})
+    assert _written_files(project_copy) == []
+
+
+def test_label_values_above_255_that_are_not_foreground(project_copy: Path, tmp_path: Path):
+    msd = _small_msd(tmp_path / "Task93_Wide", [f"c{i}" for i in range(5)], background_value=300)
+    params = {"data.source": "msd", "data.msd_dir": str(msd)}
+    with pytest.raises(InvalidLabelError, match=r"labelsTr/c0.nii.gz: the label holds values above 255 \(\[300\]\)"):
+        run_pipeline(project_copy, "data", params)
+    assert _written_files(project_copy) == []
+
+    run_pipeline(project_copy, "data", {**params, "data.foreground_labels": [1]})
+    data = project_copy / "data"
+    for case_id in (f"c{i}" for i in range(5)):
+        source = read_volume(msd / "labelsTr" / f"{case_id}.nii.gz", kind="label")
+        assert source.data.dtype == np.uint16 and 300 in source.data
+        intermediate = nib.load(str(data / "02_intermediate" / "labels" / f"{case_id}.nii.gz"))
+        primary = nib.load(str(data / "03_primary" / "labels" / f"{case_id}.nii.gz"))
+        assert intermediate.get_data_dtype() == np.uint8 and primary.get_data_dtype() == np.uint8
+        values = set(np.unique(np.asanyarray(intermediate.dataobj)).tolist())
+        assert values <= {0, 1} and 1 in values  # 300 is background; 1 is kept
+        assert set(np.unique(np.asanyarray(primary.dataobj)).tolist()) == {0, 1}

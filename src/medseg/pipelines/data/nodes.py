@@ -17,8 +17,8 @@ from medseg.imaging.io import Volume, read_volume
 from medseg.imaging.msd import CaseFiles, list_msd_cases, read_dataset_json, write_msd_dataset
 from medseg.imaging.normalization import zscore_normalize
 from medseg.imaging.synthesis import GENERATOR_VERSION, synthesize_case
-from medseg.imaging.validation import binarize_label, dataset_fingerprint, fingerprint_cases
-from medseg.split import split_cases
+from medseg.imaging.validation import binarize_label, dataset_fingerprint, fingerprint_cases, label_for_storage
+from medseg.split import split_cases, split_sizes
 
 logger = logging.getLogger(__name__)
 
@@ -93,38 +93,69 @@ def list_source_cases(data: dict[str, Any]) -> pd.DataFrame:
     return pd.DataFrame([case.__dict__ for case in cases])
 
 
+def _case_id(value: Any) -> str:
+    """A case id from a table, refusing one that a CSV reader turned into a number or NaN."""
+    if not isinstance(value, str):
+        raise ConfigurationError(
+            f"case id {value!r} was read as {type(value).__name__}, not text: an id like '001' or 'NA' "
+            "would be changed. Load the CSV with `load_args: {dtype: {case_id: str}, keep_default_na: false, "
+            "na_values: ['']}` in its catalog entry."
+        )
+    return value
+
+
 def _case_files(row: pd.Series) -> CaseFiles:
     channel = row["channel"]
-    channel = None if channel is None or pd.isna(channel) else int(channel)
-    return CaseFiles(row["case_id"], row["image_path"], row["label_path"], channel)
+    channel = None if channel is None or channel == "" or pd.isna(channel) else int(channel)
+    return CaseFiles(_case_id(row["case_id"]), row["image_path"], row["label_path"], channel)
 
 
 def validate_cases(source_cases: pd.DataFrame, data: dict[str, Any]) -> tuple[pd.DataFrame, dict]:
     """Read and check every case (one at a time) and summarise the dataset.
 
+    Nothing is written before this node succeeds, so every check on the source data is here:
+    the split needs enough cases (checked first, before any file is read), every file must be
+    readable with a usable geometry, and `data.foreground_labels` must match some voxel.
+
     Args:
         source_cases: output of `list_source_cases`.
-        data: `params:data` (foreground_labels, preprocessing.crop_to_nonzero).
+        data: `params:data` (split.*, foreground_labels, preprocessing.crop_to_nonzero).
 
     Returns:
         The per-case fingerprint table and the dataset fingerprint (median spacing etc.).
+
+    Raises:
+        SplitError, ConfigurationError and the MedsegErrors of
+        :func:`medseg.imaging.validation.fingerprint_cases`.
     """
     preprocessing = data["preprocessing"]
     crop_margin = int(preprocessing.get("crop_margin", 0)) if preprocessing.get("crop_to_nonzero") else None
     cases = [_case_files(row) for _, row in source_cases.iterrows()]
+    split = data["split"]
+    split_sizes(len(cases), split["train"], split["val"], split["test"])
     records = fingerprint_cases(cases, data.get("foreground_labels"), crop_margin)
     return pd.DataFrame(records), dataset_fingerprint(records)
 
 
 def _canonical_loader(path: str, kind: str, channel: int | None) -> Callable[[], Volume]:
-    return lambda: to_canonical(read_volume(path, kind=kind, channel=channel))
+    def load() -> Volume:
+        volume = to_canonical(read_volume(path, kind=kind, channel=channel))
+        if kind == "label":
+            volume.data = label_for_storage(volume.data)  # values above 255 are background
+        return volume
+
+    return load
 
 
 def canonicalize_cases(case_fingerprints: pd.DataFrame) -> tuple[dict, dict]:
     """Reorient every validated case to canonical RAS (saved lazily, one case at a time).
 
+    Args:
+        case_fingerprints: per-case table from `validate_cases` (case ids as text).
+
     Returns:
-        Partitions for `intermediate_images` and `intermediate_labels`, keyed by case id.
+        Partitions for `intermediate_images` (float32) and `intermediate_labels` (uint8 with the
+        dataset's own values; values above 255, never foreground, become 0), keyed by case id.
     """
     images, labels = {}, {}
     for _, row in case_fingerprints.iterrows():
@@ -152,7 +183,7 @@ def plan_preprocessing(case_fingerprints: pd.DataFrame, fingerprint: dict, prepr
     plans = {}
     for _, row in case_fingerprints.iterrows():
         crop_box = json.loads(row["crop_box"]) if "crop_box" in row and isinstance(row["crop_box"], str) else None
-        plans[row["case_id"]] = plan_case_geometry(
+        plans[_case_id(row["case_id"])] = plan_case_geometry(
             json.loads(row["original_shape"]), np.array(json.loads(row["original_affine"])), tuple(target), crop_box
         ).to_dict()
     return plans
@@ -207,8 +238,15 @@ def preprocess_cases(
 
 
 def split_dataset(case_fingerprints: pd.DataFrame, data: dict[str, Any]) -> pd.DataFrame:
-    """Split the cases into train/val/test by case, from `data.seed` and `data.split.*`."""
+    """Split the cases into train/val/test by case, from `data.seed` and `data.split.*`.
+
+    Args:
+        case_fingerprints: per-case table from `validate_cases` (case ids as text).
+        data: `params:data` (seed, split.*).
+
+    Returns:
+        The `splits` table: case_id, split.
+    """
     split = data["split"]
-    return split_cases(
-        case_fingerprints["case_id"].tolist(), split["train"], split["val"], split["test"], int(data["seed"])
-    )
+    case_ids = [_case_id(value) for value in case_fingerprints["case_id"]]
+    return split_cases(case_ids, split["train"], split["val"], split["test"], int(data["seed"]))
