@@ -35,3 +35,127 @@ def test_unreachable_tracking_server_fails_fast():
         check_tracking_server("http://127.0.0.1:9")
     assert time.monotonic() - start < 10
     check_tracking_server("sqlite:///mlflow.db")  # local stores need no server
+
+
+def _store(tmp_path):
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment_id = client.create_experiment("medseg", artifact_location=str(tmp_path / "mlruns"))
+    return client, client.get_experiment(experiment_id)
+
+
+def test_a_deleted_runs_name_is_not_given_again(tmp_path):
+    from medseg.hooks import next_run_name
+
+    client, experiment = _store(tmp_path)
+    prefix = "UNet-Adam-BCE+Dice-20261125"
+    assert next_run_name(client, experiment, prefix) == f"{prefix}-run1"
+    runs = [client.create_run(experiment.experiment_id, run_name=f"{prefix}-run{n}") for n in (1, 2, 3)]
+    client.delete_run(runs[2].info.run_id)
+    assert next_run_name(client, experiment, prefix) == f"{prefix}-run4"
+    assert next_run_name(client, None, prefix) == f"{prefix}-run1"
+
+
+def test_running_runs_whose_process_is_gone_are_marked_killed(tmp_path):
+    import subprocess
+    import sys
+
+    import psutil
+
+    from medseg.pipelines import tracking
+
+    client, experiment = _store(tmp_path)
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    child_tags = {**tracking.process_tags(), tracking.TAG_PID: str(child.pid),
+                  tracking.TAG_PID_STARTED: f"{psutil.Process(child.pid).create_time():.3f}"}
+    dead = client.create_run(experiment.experiment_id, run_name="dead", tags=child_tags)
+    alive = client.create_run(experiment.experiment_id, run_name="alive", tags=tracking.process_tags())
+    untagged = client.create_run(experiment.experiment_id, run_name="no tags")  # cannot tell: left alone
+    assert tracking.end_dead_runs(client, experiment.experiment_id) == []  # the child still runs
+    child.kill()
+    child.wait()
+    assert tracking.end_dead_runs(client, experiment.experiment_id) == [dead.info.run_id]
+    assert client.get_run(dead.info.run_id).info.status == "KILLED"
+    assert "killed" in client.get_run(dead.info.run_id).data.tags[tracking.TAG_END_REASON]
+    assert client.get_run(alive.info.run_id).info.status == "RUNNING"
+    assert client.get_run(untagged.info.run_id).info.status == "RUNNING"
+
+
+class _FailsOnce:
+    """A loopback HTTP server answering 503 to the first POST, then `{}` with 200."""
+
+    def __init__(self):
+        import http.server
+        import threading
+
+        self.requests = 0
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                outer.requests += 1
+                status, body = (503, b"busy") if outer.requests == 1 else (200, b"{}")
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.uri = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+
+
+def test_retries_are_off_while_the_run_starts_and_back_afterwards(monkeypatch):
+    import mlflow
+
+    from medseg.hooks import FastFailRequests
+
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    server = _FailsOnce()
+    requests = FastFailRequests()
+    try:
+        client = mlflow.MlflowClient(tracking_uri=server.uri)
+        requests.start()  # the start of a run: a failing server fails at once
+        with pytest.raises(mlflow.exceptions.MlflowException):
+            client.log_metric("0" * 32, "loss", 1.0)
+        assert server.requests == 1
+        requests.restore()  # training: one 5xx is retried, not fatal
+        server.requests = 0
+        client.log_metric("0" * 32, "loss", 1.0)
+        assert server.requests == 2
+        assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in __import__("os").environ
+    finally:
+        requests.restore()
+        server.close()
+
+
+def test_a_second_run_in_the_same_project_is_refused(tmp_path):
+    import subprocess
+    import sys
+
+    from medseg.run_lock import ProjectBusyError, ProjectLock
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from medseg.run_lock import ProjectLock;"
+         "lock = ProjectLock(sys.argv[1]); lock.acquire('unet'); print('locked', flush=True); time.sleep(60)", str(tmp_path)],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(ProjectBusyError, match=rf"another kedro run.*pid\": {holder.pid}.*unet"):
+            ProjectLock(tmp_path).acquire("data")
+    finally:
+        holder.kill()
+        holder.wait()
+    lock = ProjectLock(tmp_path)  # the OS released the killed holder's lock
+    lock.acquire("data")
+    lock.release()

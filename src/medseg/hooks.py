@@ -129,7 +129,26 @@ def next_run_number(existing_names: list[str], prefix: str) -> int:
 def register_project_root(project_path) -> None:
     """`${medseg.project_root:}` in configuration: the project's absolute root (POSIX)."""
     root = Path(project_path).resolve().as_posix()
-    OmegaConf.register_new_resolver("medseg.project_root", lambda: root, replace=True)
+    register = getattr(OmegaConf, "register_resolver", None) or OmegaConf.register_new_resolver  # 2.4 renamed it
+    register("medseg.project_root", lambda: root, replace=True)
+
+
+def next_run_name(client, experiment, prefix: str) -> str:
+    """`{prefix}-run{N}`, N one above every run of the experiment with that prefix, deleted
+    runs included (a soft-deleted run can be restored, and its name must stay unique).
+
+    Two runs of one project never name themselves at once (the project lock); runs of two
+    projects that share a tracking server can still meet on a name.
+    """
+    if experiment is None:
+        return f"{prefix}-run1"
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"attributes.run_name LIKE '{prefix}-run%'",
+        run_view_type=ViewType.ALL,
+        max_results=50000,
+    )
+    return f"{prefix}-run{next_run_number([run.info.run_name for run in runs], prefix)}"
 
 
 class MlflowRunHook:
@@ -167,18 +186,10 @@ class MlflowRunHook:
         prefix = run_name_prefix(models, self._context.params, dt.date.today())
         client = mlflow_config.server._mlflow_client
         experiment = client.get_experiment_by_name(mlflow_config.tracking.experiment.name)
-        names = []
         if experiment is not None:
             for run_id in tracking.end_dead_runs(client, experiment.experiment_id):
                 logger.warning("MLflow run %s was still RUNNING, but its process is gone: marked KILLED.", run_id)
-            runs = client.search_runs(
-                [experiment.experiment_id],
-                filter_string=f"attributes.run_name LIKE '{prefix}-run%'",
-                run_view_type=ViewType.ALL,  # a deleted run's name is not given again
-                max_results=50000,
-            )
-            names = [run.info.run_name for run in runs]
-        mlflow_config.tracking.run.name = f"{prefix}-run{next_run_number(names, prefix)}"
+        mlflow_config.tracking.run.name = next_run_name(client, experiment, prefix)
         logger.info("MLflow run name: %s", mlflow_config.tracking.run.name)
 
     @hook_impl

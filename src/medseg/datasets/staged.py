@@ -17,6 +17,8 @@ from typing import Any
 from kedro.io.core import DatasetError
 from kedro_datasets.partitions import PartitionedDataset
 
+from medseg.imaging.io import apply_umask
+
 
 class StagedPartitionedDataset(PartitionedDataset):
     """`partitions.PartitionedDataset` with an all-or-nothing save (local folders only).
@@ -34,7 +36,7 @@ class StagedPartitionedDataset(PartitionedDataset):
         target = Path(self._path)
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
-        os.chmod(staging, 0o777 & ~_umask())
+        apply_umask(staging, directory=True)
         final_path = self._path
         try:
             self._path = str(staging)
@@ -51,9 +53,3 @@ class StagedPartitionedDataset(PartitionedDataset):
         os.replace(staging, target)
         shutil.rmtree(retired, ignore_errors=True)
         self._invalidate_caches()
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

@@ -242,3 +242,13 @@ def test_label_values_above_255_that_are_not_foreground(project_copy: Path, tmp_
         values = set(np.unique(np.asanyarray(intermediate.dataobj)).tolist())
         assert values <= {0, 1} and 1 in values  # 300 is background; 1 is kept
         assert set(np.unique(np.asanyarray(primary.dataobj)).tolist()) == {0, 1}
+
+
+def test_a_relative_msd_dir_is_taken_from_the_project_root_not_the_cwd(project_copy: Path):
+    _small_msd(project_copy / "datasets" / "Task95_Rel", ["a", "b", "c", "d", "e"])
+    run_pipeline(project_copy, "data", {"data.source": "msd", "data.msd_dir": "datasets/Task95_Rel"},
+                 cwd=project_copy / "notebooks")
+    sources = pd.read_csv(project_copy / "data" / "02_intermediate" / "case_fingerprints.csv")
+    assert all(path.startswith(str(project_copy / "datasets" / "Task95_Rel")) for path in sources["image_path"])
+    assert list((project_copy / "notebooks").iterdir()) == []
+    assert sorted(json.loads((project_copy / "data" / "03_primary" / "geometry.json").read_text())) == ["a", "b", "c", "d", "e"]

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from medseg.datasets.folder import anchor_path
 from medseg.errors import ConfigurationError
 from medseg.imaging.geometry import CaseGeometry, plan_case_geometry, to_canonical, to_training_grid
 from medseg.imaging.io import Volume, read_volume
@@ -68,18 +69,21 @@ def ensure_synthetic_dataset(root: Path, settings: dict[str, Any]) -> None:
     )
 
 
-def list_source_cases(data: dict[str, Any]) -> pd.DataFrame:
+def list_source_cases(data: dict[str, Any], project_root: str) -> pd.DataFrame:
     """List the training cases of the chosen source, synthesising phantoms when needed.
 
     Args:
-        data: `params:data` (source, msd_dir, channel, seed, synthetic.*).
+        data: `params:data` (source, msd_dir, channel, seed, synthetic.*). A relative
+            `msd_dir` or `synthetic.dir` is taken from the project root, as Kedro takes the
+            catalog's paths, never from the current folder.
+        project_root: the project's root folder (catalog entry `project_root`).
 
     Returns:
         One row per case: case_id, image_path, label_path, channel.
     """
     source = data["source"]
     if source == "synthetic":
-        root = Path(data["synthetic"]["dir"]).resolve()
+        root = anchor_path(data["synthetic"]["dir"], project_root).resolve()
         ensure_synthetic_dataset(root, _synthesis_settings(data))
         cases = list_msd_cases(root)
     elif source == "msd":
@@ -87,7 +91,7 @@ def list_source_cases(data: dict[str, Any]) -> pd.DataFrame:
             raise ConfigurationError(
                 "data.source=msd needs data.msd_dir, e.g. --params data.source=msd,data.msd_dir=/abs/Task04_Hippocampus"
             )
-        cases = list_msd_cases(data["msd_dir"], channel=data.get("channel"))
+        cases = list_msd_cases(anchor_path(data["msd_dir"], project_root), channel=data.get("channel"))
     else:
         raise ConfigurationError(f"data.source='{source}' is not one of 'synthetic' or 'msd'.")
     return pd.DataFrame([case.__dict__ for case in cases])

@@ -15,7 +15,7 @@ from .nodes import (
 def create_pipeline(**kwargs) -> Pipeline:
     return Pipeline(
         [
-            Node(list_source_cases, "params:data", "source_cases", name="list_source_cases", namespace="data"),
+            Node(list_source_cases, ["params:data", "project_root"], "source_cases", name="list_source_cases", namespace="data"),
             Node(
                 validate_cases,
                 ["source_cases", "params:data"],

@@ -1,0 +1,60 @@
+"""Crash-recovery backups: resumed only with the same fingerprint; seeds; determinism switch."""
+
+import json
+
+import numpy as np
+import pytest
+
+from medseg.models.training import derive_seed, prepare_backup, training_fingerprint, wants_determinism
+
+
+def _fake_backup(root, fingerprint, epoch, owner):
+    folder = root / fingerprint
+    folder.mkdir(parents=True)
+    (folder / "training_metadata.json").write_text(json.dumps({"epoch": epoch}))
+    (folder / "owner.json").write_text(json.dumps(owner))
+
+
+def test_fingerprint_changes_with_any_part_and_ignores_key_order():
+    base = training_fingerprint(section={"lr": 0.001, "epochs": 6}, splits=[{"case_id": "a", "split": "train"}])
+    assert base == training_fingerprint(splits=[{"split": "train", "case_id": "a"}], section={"epochs": 6, "lr": 0.001})
+    assert base != training_fingerprint(section={"lr": 0.002, "epochs": 6}, splits=[{"case_id": "a", "split": "train"}])
+    assert base != training_fingerprint(section={"lr": 0.001, "epochs": 6}, splits=[{"case_id": "a", "split": "val"}])
+
+
+def test_a_matching_backup_is_resumed_with_its_owner(tmp_path):
+    _fake_backup(tmp_path, "abc", 3, {"mlflow_run_id": "dead"})
+    state = prepare_backup(tmp_path, "abc", epochs=6, owner={"mlflow_run_id": "new"})
+    assert (state.resumed_epoch, state.previous_owner, state.discarded) == (3, {"mlflow_run_id": "dead"}, [])
+    assert json.loads((tmp_path / "abc" / "owner.json").read_text()) == {"mlflow_run_id": "new"}
+    assert (tmp_path / "abc" / "training_metadata.json").exists()
+
+
+def test_a_backup_of_other_parameters_is_deleted_not_resumed(tmp_path):
+    _fake_backup(tmp_path, "old", 4, {"mlflow_run_id": "dead"})
+    state = prepare_backup(tmp_path, "new", epochs=6, owner={})
+    assert (state.resumed_epoch, state.discarded, state.previous_owner) == (0, ["old"], {})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new"]
+    assert not (tmp_path / "new" / "training_metadata.json").exists()
+
+
+def test_a_backup_with_every_epoch_done_is_not_resumed(tmp_path):
+    # Killed after its last epoch but before Keras deleted the backup: resuming trains nothing.
+    _fake_backup(tmp_path, "abc", 6, {})
+    state = prepare_backup(tmp_path, "abc", epochs=6, owner={})
+    assert state.resumed_epoch == 0
+    assert not (tmp_path / "abc" / "training_metadata.json").exists()
+
+
+def test_derived_seeds_are_stable_and_distinct():
+    assert derive_seed(42, 7) == derive_seed(42, 7)
+    assert len({derive_seed(42, 7), derive_seed(42, 11), derive_seed(43, 7), derive_seed(7, 42)}) == 4
+    assert 0 <= derive_seed(2**40, 3) < 2**31
+
+
+def test_determinism_setting():
+    assert wants_determinism(True) is True and wants_determinism(False) is False
+    assert wants_determinism("auto") is True  # no GPU on the test machines
+    with pytest.raises(ValueError, match="true, false or 'auto'"):
+        wants_determinism("sometimes")
+    assert np.isscalar(derive_seed(1))
