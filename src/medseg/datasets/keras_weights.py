@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from kedro.io.core import AbstractDataset, DatasetError
 
+from medseg.imaging.io import atomic_path
+
 
 class KerasWeightsDataset(AbstractDataset[Any, None]):
-    """Saves `model.save_weights(...)` atomically. Write-only: weights need their
+    """Saves `model.save_weights(...)` atomically (`medseg.imaging.io.atomic_path`). Write-only: weights need their
     architecture to load, which the `.keras` model file carries."""
 
     def __init__(self, filepath: str, metadata: dict[str, Any] | None = None):
@@ -24,15 +24,8 @@ class KerasWeightsDataset(AbstractDataset[Any, None]):
         raise DatasetError(f"{self._filepath}: weights alone cannot be loaded; load the .keras model instead.")
 
     def save(self, data: Any) -> None:
-        self._filepath.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".weights.h5", dir=self._filepath.parent)
-        os.close(fd)
-        try:
+        with atomic_path(self._filepath, ".weights.h5") as tmp:
             data.save_weights(tmp)
-            os.replace(tmp, self._filepath)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
 
     def _exists(self) -> bool:
         return self._filepath.exists()

@@ -14,6 +14,7 @@ import gzip
 import os
 import tempfile
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -278,28 +279,39 @@ def fsync_directory(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def write_volume(volume: Volume, path: str | os.PathLike) -> None:
-    """Write a volume atomically: to a temporary file beside `path`, fsync, then rename.
+@contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = ""):
+    """A temporary path beside `path` to write to; on success it is fsynced and renamed onto
+    `path` (then the folder is fsynced), on failure removed, leaving `path` as it was.
 
-    A label (uint8) is stored as uint8 and an image as float32, whatever the header said.
-    The sform and qform both carry the affine, so any viewer overlays it on its source scan.
     The file's mode follows the umask (0644 under the usual 022), as for any new file.
+    `suffix` keeps the extension that a writer may look at (".nii.gz", ".weights.h5").
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    img = nib.Nifti1Image(volume.data, volume.affine)
-    img.set_data_dtype(volume.data.dtype)
-    img.set_sform(volume.affine, code=1)
-    img.set_qform(volume.affine, code=1)
-    suffix = ".nii.gz" if path.name.endswith(".gz") else ".nii"
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
     os.close(fd)
     try:
         apply_umask(tmp)
-        nib.save(img, tmp)
+        yield tmp
         fsync_file(tmp)
         os.replace(tmp, path)
         fsync_directory(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_volume(volume: Volume, path: str | os.PathLike) -> None:
+    """Write a volume atomically (see `atomic_path`).
+
+    A label (uint8) is stored as uint8 and an image as float32, whatever the header said.
+    The sform and qform both carry the affine, so any viewer overlays it on its source scan.
+    """
+    path = Path(path)
+    img = nib.Nifti1Image(volume.data, volume.affine)
+    img.set_data_dtype(volume.data.dtype)
+    img.set_sform(volume.affine, code=1)
+    img.set_qform(volume.affine, code=1)
+    with atomic_path(path, ".nii.gz" if path.name.endswith(".gz") else ".nii") as tmp:
+        nib.save(img, tmp)
