@@ -100,3 +100,19 @@ def surface_hd95_brute_force(reference, prediction, spacing) -> float:
     a, b = surface(reference), surface(prediction)
     distances = cdist(a, b)
     return float(max(np.percentile(distances.min(axis=1), 95), np.percentile(distances.min(axis=0), 95)))
+
+
+def hold_project_lock(project: Path, pipeline: str = "unet"):
+    """A child process that holds the project's run lock (as a running `kedro run` does) until
+    killed; returns once the lock is taken."""
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from medseg.run_lock import ProjectLock;"
+         "lock = ProjectLock(sys.argv[1]); lock.acquire(sys.argv[2]); print('locked', flush=True); time.sleep(120)",
+         str(project), pipeline],
+        stdout=subprocess.PIPE, text=True,
+    )
+    assert holder.stdout.readline().strip() == "locked"
+    return holder

@@ -139,18 +139,11 @@ def test_retries_are_off_while_the_run_starts_and_back_afterwards(monkeypatch):
 
 
 def test_a_second_run_in_the_same_project_is_refused(tmp_path):
-    import subprocess
-    import sys
-
+    from conftest import hold_project_lock
     from medseg.run_lock import ProjectBusyError, ProjectLock
 
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from medseg.run_lock import ProjectLock;"
-         "lock = ProjectLock(sys.argv[1]); lock.acquire('unet'); print('locked', flush=True); time.sleep(60)", str(tmp_path)],
-        stdout=subprocess.PIPE, text=True,
-    )
+    holder = hold_project_lock(tmp_path, "unet")
     try:
-        assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(ProjectBusyError, match=rf"another kedro run.*pid\": {holder.pid}.*unet"):
             ProjectLock(tmp_path).acquire("data")
     finally:
