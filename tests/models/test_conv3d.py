@@ -55,12 +55,12 @@ def test_patch_classifier_is_the_course_block_and_one_step_trains(patches):
 
 
 def test_patch_not_divisible_by_two_to_the_depth_names_the_parameter():
-    with pytest.raises(ConfigurationError, match=r"conv3d\.patching\.patch_size"):
+    with pytest.raises(ConfigurationError, match=r"conv3d\.sampling\.patch_size"):
         build_unet3d((18, 18, 18, 1), depth=2)
-    with pytest.raises(ConfigurationError, match=r"conv3d\.patching\.patch_size"):
+    with pytest.raises(ConfigurationError, match=r"conv3d\.sampling\.patch_size"):
         build_unet3d((16, 16, 1))  # a 2D shape
 
 
 def test_patch_too_small_for_the_classifier_names_the_parameter():
-    with pytest.raises(ConfigurationError, match=r"conv3d\.patching\.patch_size"):
+    with pytest.raises(ConfigurationError, match=r"conv3d\.sampling\.patch_size"):
         build_patch_classifier((8, 8, 8, 1))
