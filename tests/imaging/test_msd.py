@@ -189,3 +189,10 @@ def test_write_msd_dataset_fsyncs_the_manifest_before_the_swap(tmp_path, monkeyp
     staging = os.path.dirname(next(p for p in flushed if p.endswith("dataset.json")))
     assert {f"{staging}/dataset.json", f"{staging}/imagesTr", f"{staging}/labelsTr", staging} <= flushed
     assert ("fsync", str(tmp_path)) in events[swap:]  # the rename itself
+
+
+def test_msd_dir_pointing_at_a_file_says_so(tmp_path):
+    manifest = tmp_path / "dataset.json"
+    manifest.write_text("{}")
+    with pytest.raises(DatasetNotFoundError, match=rf"{manifest}: is a file, not a folder.*Did you mean its folder, {tmp_path}\?"):
+        list_msd_cases(manifest)

@@ -91,6 +91,12 @@ def _inside(root: Path, relative: str, manifest: Path) -> Path:
 def read_dataset_json(root: Path) -> dict:
     """Parse `root/dataset.json`, with a clear error if it is missing or not JSON."""
     manifest = root / "dataset.json"
+    if root.is_file():
+        hint = f" Did you mean its folder, {root.parent}?" if root.name == "dataset.json" else ""
+        raise DatasetNotFoundError(
+            f"{root}: is a file, not a folder. Set data.msd_dir to the MSD folder that holds "
+            f"dataset.json, imagesTr/ and labelsTr/.{hint}"
+        )
     if not root.is_dir():
         raise DatasetNotFoundError(
             f"{root}: dataset folder not found. Set data.msd_dir to an MSD folder that holds "

@@ -39,6 +39,7 @@ from medseg.models.training import (
     training_fingerprint,
     wants_determinism,
 )
+from medseg.parameters import DataParams, ReportingParams
 from medseg.patching import make_tf_dataset
 from medseg.pipelines import tracking
 
@@ -206,8 +207,8 @@ def evaluate_predictions(
     predictions: dict[str, Callable[[], Volume]],
     case_fingerprints: pd.DataFrame,
     splits: pd.DataFrame,
-    data: dict[str, Any],
-    reporting: dict[str, Any],
+    data: DataParams,
+    reporting: ReportingParams,
 ) -> tuple[pd.DataFrame, Figure]:
     """Per-case metrics of the test cases, in 3D and in each case's original geometry.
 

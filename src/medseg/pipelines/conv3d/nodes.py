@@ -22,6 +22,7 @@ from medseg.errors import ConfigurationError
 from medseg.evaluation import classification_metrics
 from medseg.imaging.io import Volume
 from medseg.models import build_patch_classifier, build_unet3d, compile_patch_classifier, compile_segmentation_model
+from medseg.parameters import Conv3dParams, DataParams
 from medseg.patching import extract_patch, patch_stream, sample_patch_centers, sliding_window_predict
 from medseg.pipelines import tracking
 from medseg.pipelines.modeling import case_loader, cases_in_split, predictions_in_original_geometry, sampled_dataset, train_model
@@ -65,8 +66,8 @@ def train_conv3d(
     primary_labels: dict[str, Callable[[], Volume]],
     splits: pd.DataFrame,
     case_geometry: dict,
-    data: dict[str, Any],
-    conv3d: dict[str, Any],
+    data: DataParams,
+    conv3d: Conv3dParams,
     backup_root: str,
 ) -> tuple[keras.Model, dict[str, list[float]]]:
     """Train on random 3D patches streamed through a bounded queue (TorchIO-style).
@@ -121,7 +122,7 @@ def predict_conv3d(
     primary_images: dict[str, Callable[[], Volume]],
     case_geometry: dict,
     splits: pd.DataFrame,
-    conv3d: dict[str, Any],
+    conv3d: Conv3dParams,
 ) -> dict[str, Callable[[], Volume]]:
     """Sliding-window prediction of every validation and test volume; masks in source geometry."""
     inference = conv3d["inference"]
@@ -147,7 +148,7 @@ def evaluate_patch_detection(
     primary_images: dict[str, Callable[[], Volume]],
     primary_labels: dict[str, Callable[[], Volume]],
     splits: pd.DataFrame,
-    conv3d: dict[str, Any],
+    conv3d: Conv3dParams,
 ) -> dict[str, float]:
     """Score the model as a detector on patches of the test cases: does a patch hold foreground?
 

@@ -19,16 +19,18 @@ from medseg.imaging.msd import CaseFiles, list_msd_cases, read_dataset_json, wri
 from medseg.imaging.normalization import zscore_normalize
 from medseg.imaging.synthesis import GENERATOR_VERSION, synthesize_case
 from medseg.imaging.validation import binarize_label, dataset_fingerprint, fingerprint_cases, label_for_storage
+from medseg.parameters import DataParams, PreprocessingParams
 from medseg.split import split_cases, split_sizes
 
 logger = logging.getLogger(__name__)
 
 
 def _synthesis_settings(data: dict[str, Any]) -> dict[str, Any]:
-    """What determines the phantoms: when it changes, they are generated again."""
+    """What determines the phantoms: when it changes, they are generated again. In the JSON
+    form that `dataset.json` stores (lists, not tuples), so that the two compare equal."""
     synthetic = dict(data["synthetic"])
     synthetic.pop("dir", None)
-    return {"generator_version": GENERATOR_VERSION, "seed": int(data["seed"]), **synthetic}
+    return json.loads(json.dumps({"generator_version": GENERATOR_VERSION, "seed": int(data["seed"]), **synthetic}))
 
 
 def _phantom_maker(index: int, settings: dict[str, Any]) -> Callable[[], tuple[Volume, Volume]]:
@@ -69,7 +71,7 @@ def ensure_synthetic_dataset(root: Path, settings: dict[str, Any]) -> None:
     )
 
 
-def list_source_cases(data: dict[str, Any], project_root: str) -> pd.DataFrame:
+def list_source_cases(data: DataParams, project_root: str) -> pd.DataFrame:
     """List the training cases of the chosen source, synthesising phantoms when needed.
 
     Args:
@@ -114,7 +116,7 @@ def _case_files(row: pd.Series) -> CaseFiles:
     return CaseFiles(_case_id(row["case_id"]), row["image_path"], row["label_path"], channel)
 
 
-def validate_cases(source_cases: pd.DataFrame, data: dict[str, Any]) -> tuple[pd.DataFrame, dict]:
+def validate_cases(source_cases: pd.DataFrame, data: DataParams) -> tuple[pd.DataFrame, dict]:
     """Read and check every case (one at a time) and summarise the dataset.
 
     Nothing is written before this node succeeds, so every check on the source data is here:
@@ -169,7 +171,7 @@ def canonicalize_cases(case_fingerprints: pd.DataFrame) -> tuple[dict, dict]:
     return images, labels
 
 
-def plan_preprocessing(case_fingerprints: pd.DataFrame, fingerprint: dict, preprocessing: dict) -> dict:
+def plan_preprocessing(case_fingerprints: pd.DataFrame, fingerprint: dict, preprocessing: PreprocessingParams) -> dict:
     """Decide each case's training grid: target spacing, crop box and shape.
 
     Args:
@@ -216,7 +218,7 @@ def preprocess_cases(
     intermediate_images: dict[str, Callable[[], Volume]],
     intermediate_labels: dict[str, Callable[[], Volume]],
     case_geometry: dict,
-    data: dict[str, Any],
+    data: DataParams,
 ) -> tuple[dict, dict]:
     """Resample to the target spacing and normalize intensities, one case at a time.
 
@@ -241,7 +243,7 @@ def preprocess_cases(
     return images, labels
 
 
-def split_dataset(case_fingerprints: pd.DataFrame, data: dict[str, Any]) -> pd.DataFrame:
+def split_dataset(case_fingerprints: pd.DataFrame, data: DataParams) -> pd.DataFrame:
     """Split the cases into train/val/test by case, from `data.seed` and `data.split.*`.
 
     Args:

@@ -12,6 +12,7 @@ import pandas as pd
 from medseg.imaging.io import Volume
 from medseg.models import build_unet2d, compile_segmentation_model
 from medseg.models.training import predict_axial_slices, with_input_shape
+from medseg.parameters import DataParams, UnetParams
 from medseg.patching import slice_stream
 from medseg.pipelines.modeling import case_loader, cases_in_split, predictions_in_original_geometry, sampled_dataset, train_model
 
@@ -21,8 +22,8 @@ def train_unet(
     primary_labels: dict[str, Callable[[], Volume]],
     splits: pd.DataFrame,
     case_geometry: dict,
-    data: dict[str, Any],
-    unet: dict[str, Any],
+    data: DataParams,
+    unet: UnetParams,
     backup_root: str,
 ) -> tuple[keras.Model, dict[str, list[float]]]:
     """Train the 2D U-Net on axial slices streamed from the training cases.
@@ -66,7 +67,7 @@ def predict_unet(
     primary_images: dict[str, Callable[[], Volume]],
     case_geometry: dict,
     splits: pd.DataFrame,
-    unet: dict[str, Any],
+    unet: UnetParams,
 ) -> dict[str, Callable[[], Volume]]:
     """Predict every validation and test case slice by slice; masks in the source geometry.
 

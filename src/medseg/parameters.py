@@ -1,0 +1,238 @@
+"""The parameter schema: one typed section per `params:` input of a node.
+
+Kedro validates a node's `params:` inputs against the Pydantic model or dataclass in the node's
+signature (`kedro.validation`), when it builds the catalog: before any node runs and before
+kedro-mlflow opens the run. Every section here is a Pydantic dataclass that is also a `dict`,
+so nodes keep reading `unet["training"]["epochs"]`, JSON and the MLflow parameter log see
+plain mappings, and a mistake is refused up front:
+
+- an unknown key, with the valid names and a did-you-mean (`epoch` -> `epochs`);
+- a wrong type (`batch_size=abc`) or a value out of range (`epochs=-1`), naming the key.
+
+The defaults live in `conf/base/parameters_*.yml`, not here: every field is required, so the
+YAML and the schema cannot drift apart silently (a test also checks the README's table).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from typing import Annotated, Any, Literal
+
+from pydantic import ConfigDict, Field, model_validator
+from pydantic.dataclasses import dataclass
+from pydantic_core import ArgsKwargs
+
+Positive = Annotated[int, Field(ge=1)]
+NonNegative = Annotated[int, Field(ge=0)]
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+Millimetres = Annotated[float, Field(gt=0.0)]
+Probability = Annotated[float, Field(gt=0.0, lt=1.0)]
+Determinism = Literal["auto"] | bool
+
+_STRICT = ConfigDict(extra="forbid")
+
+
+class Section(dict):
+    """A validated parameter section that reads like the dict Kedro would have passed."""
+
+    def __post_init__(self) -> None:
+        dict.update(self, {f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys_only(cls, values: Any) -> Any:
+        # A nested section arrives as a dict; the top one as the keyword arguments of __init__.
+        given = values.kwargs if isinstance(values, ArgsKwargs) else values
+        if isinstance(given, dict):
+            valid = list(cls.__dataclass_fields__)
+            unknown = [key for key in given if key not in valid]
+            if unknown:
+                hints = []
+                for key in unknown:
+                    close = difflib.get_close_matches(str(key), valid, n=1)
+                    hints.append(f"'{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+                raise ValueError(f"unknown parameter {', '.join(hints)}; the valid names are {valid}")
+        return values
+
+
+def _increasing(pair: tuple[float, float], name: str) -> None:
+    if pair[0] > pair[1]:
+        raise ValueError(f"{name} must be [low, high] with low <= high, got {list(pair)}")
+
+
+# data ----------------------------------------------------------------------------------------
+@dataclass(config=_STRICT)
+class SyntheticParams(Section):
+    dir: str
+    n_cases: Annotated[int, Field(ge=3)]
+    in_plane_size: Annotated[int, Field(ge=16)]
+    n_slices_range: tuple[Positive, Positive]
+    in_plane_spacing_range: tuple[Millimetres, Millimetres]
+    slice_spacing_range: tuple[Millimetres, Millimetres]
+    n_lesions_range: tuple[Positive, Positive]
+
+    def __post_init__(self) -> None:
+        for name in ("n_slices_range", "in_plane_spacing_range", "slice_spacing_range", "n_lesions_range"):
+            _increasing(getattr(self, name), name)
+        super().__post_init__()
+
+
+@dataclass(config=_STRICT)
+class PreprocessingParams(Section):
+    target_spacing: tuple[Millimetres, Millimetres, Millimetres] | None
+    interpolation_order: Literal[1, 3]
+    normalization: Literal["zscore"]
+    clip_percentiles: tuple[Annotated[float, Field(ge=0, le=100)], Annotated[float, Field(ge=0, le=100)]] | None
+    crop_to_nonzero: bool
+    crop_margin: NonNegative
+
+    def __post_init__(self) -> None:
+        if self.clip_percentiles is not None and self.clip_percentiles[0] >= self.clip_percentiles[1]:
+            raise ValueError(f"clip_percentiles must be [low, high] with low < high, got {list(self.clip_percentiles)}")
+        super().__post_init__()
+
+
+@dataclass(config=_STRICT)
+class SplitParams(Section):
+    train: Fraction
+    val: Fraction
+    test: Fraction
+
+    def __post_init__(self) -> None:
+        if abs(self.train + self.val + self.test - 1.0) > 1e-6:
+            raise ValueError(f"train + val + test must be 1, got {self.train} + {self.val} + {self.test}")
+        super().__post_init__()
+
+
+@dataclass(config=_STRICT)
+class DataParams(Section):
+    source: Literal["synthetic", "msd"]
+    msd_dir: str | None
+    channel: NonNegative | str | None
+    foreground_labels: list[Annotated[int, Field(ge=1, le=255)]] | None
+    seed: NonNegative
+    synthetic: SyntheticParams
+    preprocessing: PreprocessingParams
+    split: SplitParams
+
+    def __post_init__(self) -> None:
+        if self.source == "msd" and not self.msd_dir:
+            raise ValueError("source=msd needs msd_dir, e.g. --params data.source=msd,data.msd_dir=/abs/Task04_Hippocampus")
+        super().__post_init__()
+
+
+# shared by the model pipelines ---------------------------------------------------------------
+@dataclass(config=_STRICT)
+class TrainingParams(Section):
+    optimizer: Literal["adam", "adamw", "sgd", "rmsprop"]
+    learning_rate: Annotated[float, Field(gt=0.0, le=10.0)]
+    loss: Literal["bce", "dice", "bce+dice"]
+    epochs: Positive
+    batch_size: Positive
+    steps_per_epoch: Positive
+    validation_steps: Positive
+    augment: bool
+    early_stopping_patience: NonNegative
+    deterministic: Determinism
+
+
+@dataclass(config=_STRICT)
+class ReportingParams(Section):
+    n_overlay_cases: Positive
+
+
+# unet ----------------------------------------------------------------------------------------
+@dataclass(config=_STRICT)
+class UnetModelParams(Section):
+    input_size: Annotated[int, Field(ge=8)]
+    base_filters: Positive
+    depth: Annotated[int, Field(ge=1, le=6)]
+
+    def __post_init__(self) -> None:
+        if self.input_size % 2**self.depth:
+            raise ValueError(
+                f"input_size={self.input_size} is not divisible by 2**depth={2**self.depth}: "
+                "the skip connections would not line up"
+            )
+        super().__post_init__()
+
+
+@dataclass(config=_STRICT)
+class SliceSamplingParams(Section):
+    foreground_fraction: Fraction
+    samples_per_volume: Positive
+    queue_length: Positive
+
+
+@dataclass(config=_STRICT)
+class UnetInferenceParams(Section):
+    threshold: Probability
+    batch_size: Positive
+
+
+@dataclass(config=_STRICT)
+class UnetParams(Section):
+    seed: NonNegative
+    model: UnetModelParams
+    sampling: SliceSamplingParams
+    training: TrainingParams
+    inference: UnetInferenceParams
+    reporting: ReportingParams
+
+
+# conv3d --------------------------------------------------------------------------------------
+@dataclass(config=_STRICT)
+class Conv3dModelParams(Section):
+    kind: Literal["unet3d", "patch_classifier"]
+    base_filters: Positive
+    depth: Annotated[int, Field(ge=1, le=5)]
+
+
+@dataclass(config=_STRICT)
+class PatchSamplingParams(Section):
+    patch_size: tuple[Positive, Positive, Positive]
+    foreground_fraction: Fraction
+    samples_per_volume: Positive
+    queue_length: Positive
+
+
+@dataclass(config=_STRICT)
+class Conv3dInferenceParams(Section):
+    overlap: Annotated[float, Field(ge=0.0, lt=1.0)]
+    sigma_scale: Annotated[float, Field(gt=0.0)]
+    batch_size: Positive
+    threshold: Probability
+
+
+@dataclass(config=_STRICT)
+class PatchEvaluationParams(Section):
+    patches_per_case: Positive
+
+
+@dataclass(config=_STRICT)
+class Conv3dParams(Section):
+    seed: NonNegative
+    model: Conv3dModelParams
+    sampling: PatchSamplingParams
+    training: TrainingParams
+    inference: Conv3dInferenceParams
+    evaluation: PatchEvaluationParams
+    reporting: ReportingParams
+
+
+ROOTS: dict[str, type[Section]] = {"data": DataParams, "unet": UnetParams, "conv3d": Conv3dParams}
+
+
+def leaf_names(section: type[Section], prefix: str) -> list[str]:
+    """Dotted names of every leaf parameter of a section, e.g. `unet.training.epochs`."""
+    names = []
+    for field in dataclasses.fields(section):
+        kind = field.type if isinstance(field.type, type) else None
+        resolved = section.__pydantic_fields__[field.name].annotation
+        kind = resolved if isinstance(resolved, type) and issubclass(resolved, Section) else kind
+        if isinstance(kind, type) and issubclass(kind, Section):
+            names.extend(leaf_names(kind, f"{prefix}.{field.name}"))
+        else:
+            names.append(f"{prefix}.{field.name}")
+    return names

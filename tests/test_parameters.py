@@ -1,0 +1,94 @@
+"""The parameter schema: refused up front, named, and in step with the YAML and the README."""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from conftest import REPO_ROOT, make_project_copy, mlflow_runs, run_pipeline
+from medseg.parameters import ROOTS, leaf_names
+
+
+def _defaults() -> dict:
+    values = {}
+    for name in ("data", "unet", "conv3d"):
+        values.update(yaml.safe_load((REPO_ROOT / "conf" / "base" / f"parameters_{name}.yml").read_text()))
+    return values
+
+
+def _with(root: str, dotted: str, value):
+    section = copy.deepcopy(_defaults()[root])
+    *parents, leaf = dotted.split(".")
+    node = section
+    for key in parents:
+        node = node[key]
+    node[leaf] = value
+    return section
+
+
+def test_the_defaults_validate_and_read_like_dicts():
+    for root, schema in ROOTS.items():
+        section = schema(**_defaults()[root])
+        assert isinstance(section, dict) and section == _defaults()[root] | {k: section[k] for k in section}
+    unet = ROOTS["unet"](**_defaults()["unet"])
+    assert unet["training"]["epochs"] == 6 and dict(unet["sampling"])["queue_length"] == 128
+
+
+@pytest.mark.parametrize(
+    ("root", "dotted", "value", "message"),
+    [
+        ("unet", "training.epoch", 2, r"unknown parameter 'epoch' \(did you mean 'epochs'\?\)"),
+        ("unet", "training.batch_size", "abc", r"training\.batch_size\n.*valid integer"),
+        ("unet", "training.epochs", -1, r"training\.epochs\n.*greater than or equal to 1"),
+        ("unet", "training.learning_rate", 0, r"training\.learning_rate\n.*greater than 0"),
+        ("unet", "model.input_size", 50, r"input_size=50 is not divisible by 2\*\*depth=8"),
+        ("conv3d", "model.kind", "unet2d", r"model\.kind\n.*'unet3d' or 'patch_classifier'"),
+        ("conv3d", "sampling.patch_size", [32, 32], r"sampling\.patch_size"),
+        ("conv3d", "inference.overlap", 1.0, r"inference\.overlap\n.*less than 1"),
+        ("data", "split.val", 0.5, r"train \+ val \+ test must be 1"),
+        ("data", "preprocessing.clip_percentiles", [99, 1], r"low < high"),
+        ("data", "foreground_labels", [300], r"foreground_labels\.0\n.*less than or equal to 255"),
+        ("data", "sourec", "msd", r"unknown parameter 'sourec' \(did you mean 'source'\?\)"),
+    ],
+)
+def test_mistakes_are_refused_naming_the_parameter(root, dotted, value, message):
+    with pytest.raises(ValidationError, match=re.compile(message, re.S)):
+        ROOTS[root](**_with(root, dotted, value))
+
+
+def test_the_readme_table_the_yaml_and_the_schema_agree():
+    readme = (REPO_ROOT / "README.md").read_text()
+    table = dict(re.findall(r"^\| `([a-z0-9_.]+)` \| `([^`]*)` \|", readme, flags=re.M))
+    names = [name for root, schema in ROOTS.items() for name in leaf_names(schema, root)]
+    assert sorted(table) == sorted(names)
+    defaults = _defaults()
+    for name in names:
+        value = defaults
+        for key in name.split("."):
+            value = value[key]
+        shown = "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+        assert table[name] == shown, name
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"unet.training.epoch": 2}, r"unknown parameter 'epoch' \(did you mean 'epochs'\?\)"),
+        ({"unet.training.batch_size": "abc"}, r"Parameter 'unet'.*training\.batch_size"),
+        ({"unet.training.epochs": -1}, r"Parameter 'unet'.*training\.epochs"),
+    ],
+)
+def test_a_bad_parameter_stops_the_run_before_any_work(tmp_path: Path, params, message):
+    from kedro.validation.exceptions import ParameterValidationError
+
+    project = make_project_copy(tmp_path / "project")
+    with pytest.raises(ParameterValidationError, match=re.compile(message, re.S)):
+        run_pipeline(project, "unet", params)
+    assert [p for p in (project / "data").rglob("*") if p.is_file()] == []
+    _, runs = mlflow_runs(project)
+    assert runs == []  # no MLflow run was opened
