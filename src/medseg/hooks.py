@@ -17,6 +17,7 @@ as Kedro anchors catalog paths, so a run from a subfolder uses the project's `ml
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import os
 import re
@@ -33,6 +34,7 @@ from omegaconf import OmegaConf
 from medseg.errors import TrackingError
 from medseg.pipelines import tracking
 from medseg.run_lock import ProjectLock
+from medseg.run_outputs import OutputTransaction
 
 logger = logging.getLogger(__name__)
 
@@ -158,6 +160,7 @@ class MlflowRunHook:
     def __init__(self) -> None:
         self._context = None
         self._lock: ProjectLock | None = None
+        self._outputs: OutputTransaction | None = None
         self.requests = FastFailRequests()
 
     @hook_impl(tryfirst=True)
@@ -176,10 +179,13 @@ class MlflowRunHook:
     @hook_impl(tryfirst=True)
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline: Pipeline, catalog) -> None:
         self._release()
-        self._lock = ProjectLock(self._context.project_path if self._context else Path.cwd())
+        root = self._context.project_path if self._context else Path.cwd()
+        self._lock = ProjectLock(root)
         self._lock.acquire(str(run_params.get("pipeline_names") or run_params.get("pipeline_name") or "__default__"))
         models = models_in_pipeline(pipeline)
         tracking.set_models_in_run(models)
+        self._outputs = OutputTransaction(root, models)
+        self._outputs.begin()
         mlflow_config = getattr(self._context, "mlflow", None)
         if mlflow_config is None:
             return
@@ -194,13 +200,23 @@ class MlflowRunHook:
 
     @hook_impl
     def after_pipeline_run(self) -> None:
+        if self._outputs is not None:
+            self._outputs.commit()
         self._release()
 
     @hook_impl
     def on_pipeline_error(self) -> None:
+        if self._outputs is not None:
+            self._outputs.rollback()
+            logger.warning("The run failed: its partial model outputs were removed and the previous ones restored.")
         self._release()
 
+    @property
+    def context(self):
+        return self._context
+
     def _release(self) -> None:
+        self._outputs = None
         self.requests.restore()
         if self._lock is not None:
             self._lock.release()
@@ -217,3 +233,21 @@ class RunStartedHook:
     def before_pipeline_run(self) -> None:
         self._run_hook.requests.restore()
         tracking.set_tags(tracking.process_tags())
+        context = self._run_hook.context
+        if context is not None and "data" in context.params:
+            tracking.describe_dataset(*dataset_identity(context.params["data"], context.project_path))
+
+
+def dataset_identity(data: dict[str, Any], project_path) -> tuple[str, str, str]:
+    """(name, source, folder) of the run's dataset: the name from its `dataset.json` when it
+    can be read (the phantoms may not exist yet: "medseg-synthetic")."""
+    from medseg.datasets.folder import anchor_path
+
+    source = str(data["source"])
+    folder = anchor_path(data["msd_dir"] if source == "msd" else data["synthetic"]["dir"], project_path)
+    name = "medseg-synthetic" if source == "synthetic" else folder.name
+    try:
+        name = str(json.loads((folder / "dataset.json").read_text()).get("name") or name)
+    except (OSError, ValueError):
+        pass
+    return name, source, str(folder)

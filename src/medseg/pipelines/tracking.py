@@ -134,3 +134,16 @@ def record_resume(model: str, resumed_epoch: int, previous_run_id: str | None) -
     if previous.info.status == "RUNNING":
         client.set_tag(previous_run_id, TAG_END_REASON, "interrupted; resumed by a later run")
         client.set_terminated(previous_run_id, status="KILLED")
+
+
+TAG_DATASET = "medseg.dataset"
+
+
+def describe_dataset(name: str, source: str, folder: str) -> None:
+    """Name the run's dataset in its tags and its description (the MLflow UI's note)."""
+    set_tags({
+        TAG_DATASET: name,
+        "medseg.data_source": source,
+        "medseg.data_dir": folder,
+        "mlflow.note.content": f"Dataset: {name} ({source}, {folder})",
+    })

@@ -1,0 +1,50 @@
+"""A model run that fails midway leaves the previous model, masks and reports byte for byte."""
+
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY_DATA_PARAMS, make_project_copy, mlflow_runs, run_pipeline
+
+TINY = {
+    **TINY_DATA_PARAMS,
+    "unet.model.input_size": 32,
+    "unet.model.base_filters": 8,
+    "unet.training.epochs": 1,
+    "unet.training.batch_size": 4,
+    "unet.training.steps_per_epoch": 2,
+    "unet.training.validation_steps": 1,
+    "unet.reporting.n_overlay_cases": 1,
+}
+
+
+def _outputs(project: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(project)): p.read_bytes()
+        for layer in ("06_models", "07_model_output", "08_reporting")
+        for p in sorted((project / "data" / layer / "unet").rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_a_run_failing_in_evaluation_keeps_the_last_good_outputs(tmp_path, monkeypatch):
+    import medseg.pipelines.modeling as modeling
+
+    project = make_project_copy(tmp_path / "project")
+    run_pipeline(project, "unet", TINY)
+    good = _outputs(project)
+    assert {"data/06_models/unet/model.keras", "data/08_reporting/unet/metrics_summary.json"} <= set(good)
+    assert any(name.startswith("data/07_model_output/unet/") for name in good)
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("evaluation crashed")
+
+    monkeypatch.setattr(modeling, "summarize_metrics", crash)
+    with pytest.raises(Exception, match="evaluation crashed"):
+        run_pipeline(project, "unet", {**TINY, "unet.training.learning_rate": 0.01})  # new model, new masks
+    assert _outputs(project) == good
+    assert not (project / "data" / ".medseg-previous").exists()
+    _, runs = mlflow_runs(project)
+    assert [run.info.status for run in runs] == ["FAILED", "FINISHED"]
+    assert runs[0].data.tags["medseg.dataset"] == "medseg-synthetic"
+    assert runs[0].data.tags["mlflow.note.content"].startswith("Dataset: medseg-synthetic (synthetic, ")
