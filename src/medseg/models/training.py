@@ -180,6 +180,9 @@ def fit_model(
             keras.callbacks.EarlyStopping(monitor="val_loss", patience=int(patience), restore_best_weights=True),
             *callbacks,
         ],
+        # The streams are shuffled by their own bounded queues; Keras' default shuffle=True
+        # means nothing for a tf.data input and only warns.
+        shuffle=False,
         verbose=2,
     )
     return {key: [float(v) for v in values] for key, values in history.history.items()}
