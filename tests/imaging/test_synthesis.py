@@ -164,3 +164,31 @@ def test_unusable_arguments_raise_configuration_error(kwargs):
 def test_negative_seed_raises_configuration_error():
     with pytest.raises(ConfigurationError, match="seed"):
         synthesize_case(0, -1)
+
+
+def test_multi_class_phantoms_are_nested_shells_of_the_same_lesions():
+    from scipy import ndimage
+
+    from medseg.imaging.synthesis import synthesize_case
+
+    image1, label1, affine1 = synthesize_case(3, seed=5, in_plane_size=48, n_slices_range=(16, 20))
+    image2, label2, affine2 = synthesize_case(3, seed=5, in_plane_size=48, n_slices_range=(16, 20), n_classes=2)
+    np.testing.assert_array_equal(affine1, affine2)
+    np.testing.assert_array_equal(label2 > 0, label1 > 0)  # same lesions, split into classes
+    assert set(np.unique(label2)) == {0, 1, 2} and label2.dtype == np.uint8
+    rim, core = (label2 == 1), (label2 == 2)
+    assert rim.sum() > 0 and core.sum() > 0 and rim.sum() != core.sum()  # different sizes
+    assert not (ndimage.binary_dilation(core) & (label2 == 0)).any()  # the core never touches background
+    assert image2[core].mean() > image2[rim].mean() * 1.05  # and it looks different
+    np.testing.assert_array_equal(image2[label2 == 0], image1[label1 == 0])  # nothing else moved
+
+
+def test_lesion_shells_by_depth():
+    from medseg.imaging.synthesis import lesion_shells
+
+    mask = np.zeros((9, 9, 9), dtype=bool)
+    mask[1:8, 1:8, 1:8] = True  # a 7-voxel cube: depths 1..4 voxels
+    shells = lesion_shells(mask, (1.0, 1.0, 1.0), 2)
+    assert shells[0, 0, 0] == 0 and shells[1, 1, 1] == 1 and shells[4, 4, 4] == 2
+    assert set(np.unique(shells)) == {0, 1, 2}
+    np.testing.assert_array_equal(lesion_shells(mask, (1.0, 1.0, 1.0), 1), mask.astype(np.uint8))

@@ -59,6 +59,7 @@ def synthesize_case(
     in_plane_spacing_range: tuple[float, float] = (0.8, 1.2),
     slice_spacing_range: tuple[float, float] = (1.5, 3.0),
     n_lesions_range: tuple[int, int] = (1, 4),
+    n_classes: int = 1,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Make one synthetic MR-like case: an image, its lesion label and its affine.
 
@@ -82,14 +83,19 @@ def synthesize_case(
             never touching each other; each one is a single connected component. Radii
             are capped by what fits in a small head, and may reach 15 mm only when the
             allowed count is too low to cover 0.3% of a large field of view otherwise.
+        n_classes: Foreground classes (1-3). With 1, every lesion voxel is 1. With K > 1,
+            each lesion is K nested shells by depth inside it, in mm: the rim is class 1
+            and the core class K, each shell brighter than the one around it (+12% of the
+            lesion's contrast per shell), so that the classes differ in size and look.
+            The same `(seed, index)` gives the same geometry whatever `n_classes`.
 
     Returns:
         `(image, label, affine)`:
         - `image`: float32 array in stored voxel order, MR-like arbitrary units (air ~30,
           tissue ~400-650, scalp fat and lesions ~600-1100). Shape is
           `(in_plane_size, in_plane_size, n_slices)` permuted to the stored orientation.
-        - `label`: uint8 array of the same shape with values in {0, 1}; 1 marks lesions,
-          which cover 0.3-3% of all voxels.
+        - `label`: uint8 array of the same shape with values in {0, 1} (0..K with
+          `n_classes` K); non-zero marks lesions, which cover 0.3-3% of all voxels.
         - `affine`: float64 (4, 4) voxel-to-world (mm) matrix whose
           `nibabel.aff2axcodes` is one of RAS, LAS, LPS, LSA, PSR, with the drawn spacings
           and the volume centred within 10 mm of the world origin.
@@ -110,7 +116,9 @@ def synthesize_case(
     shape = (in_plane_size, in_plane_size, n_slices)
     spacing = (in_plane_spacing, in_plane_spacing, slice_spacing)
 
-    image, label = _synthesize_ras_volume(rng, shape, spacing, n_lesions_range)
+    if n_classes not in (1, 2, 3):
+        raise ConfigurationError(f"data.synthetic.n_classes={n_classes}: use 1, 2 or 3 foreground classes.")
+    image, label = _synthesize_ras_volume(rng, shape, spacing, n_lesions_range, n_classes)
     axcodes = _ORIENTATIONS[int(rng.integers(len(_ORIENTATIONS)))]
     offset_mm = rng.uniform(-10.0, 10.0, size=3)
     return _reorient_from_ras(image, label, _centred_ras_affine(shape, spacing, offset_mm), axcodes)
@@ -155,6 +163,7 @@ def _synthesize_ras_volume(
     shape: tuple[int, int, int],
     spacing: tuple[float, float, float],
     n_lesions_range: tuple[int, int],
+    n_classes: int = 1,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Draw the phantom in RAS voxel order.
 
@@ -163,6 +172,7 @@ def _synthesize_ras_volume(
         shape: Volume shape (X, Y, Z) in voxels.
         spacing: Voxel spacing (x, y, z) in mm.
         n_lesions_range: Inclusive range of the number of lesions.
+        n_classes: Foreground classes: nested shells of each lesion (see `synthesize_case`).
 
     Returns:
         `(image, label)`: float32 image and uint8 label, both of shape `shape`.
@@ -184,11 +194,40 @@ def _synthesize_ras_volume(
     brain = depth_mm >= rim_mm + skull_mm
     for box, soft_mask, mask in lesions:
         _paint_lesion(rng, image, box, soft_mask, brain, lesion_field)
-        label[box] |= mask.astype(np.uint8)
+        if n_classes == 1:
+            label[box] |= mask.astype(np.uint8)
+        else:
+            shells = lesion_shells(mask, spacing, n_classes)
+            image[box] *= np.float32(1.0) + np.float32(0.12) * (shells.astype(np.float32) - 1) * (shells > 0)
+            label[box] = np.maximum(label[box], shells)
 
     image *= _bias_field(rng, coords)
     snr = float(rng.uniform(15.0, 25.0))
     return _add_rician_noise(rng, image, sigma=tissue_mean / snr), label
+
+
+def lesion_shells(mask: np.ndarray, spacing: tuple[float, float, float], n_classes: int) -> np.ndarray:
+    """Split a lesion mask into `n_classes` nested shells by depth (mm from its surface).
+
+    Args:
+        mask: bool (X, Y, Z) lesion mask (its bounding box).
+        spacing: voxel spacing in mm.
+        n_classes: shells; the outermost is 1, the innermost `n_classes`.
+
+    Returns:
+        uint8 (X, Y, Z): 0 outside the lesion, 1..n_classes inside. Depth is divided into
+        equal parts of the lesion's largest depth, and the surface voxels are always 1, so
+        an inner class never touches the background.
+    """
+    depth = ndimage.distance_transform_edt(np.pad(mask, 1), sampling=spacing)[1:-1, 1:-1, 1:-1]
+    deepest = float(depth.max())
+    if deepest == 0.0:
+        return mask.astype(np.uint8)
+    shells = np.minimum(1 + np.floor(depth / deepest * n_classes * (1 - 1e-6)).astype(np.int64), n_classes)
+    # Thick slices make depth in mm coarse along z: keep the surface layer in the rim, so that
+    # an inner class never touches the background.
+    shells[mask & ~ndimage.binary_erosion(mask)] = 1
+    return np.where(mask, shells, 0).astype(np.uint8)
 
 
 def _centred_coordinates_mm(
