@@ -196,3 +196,19 @@ def test_msd_dir_pointing_at_a_file_says_so(tmp_path):
     manifest.write_text("{}")
     with pytest.raises(DatasetNotFoundError, match=rf"{manifest}: is a file, not a folder.*Did you mean its folder, {tmp_path}\?"):
         list_msd_cases(manifest)
+
+
+def test_foreground_classes_read_both_label_forms(tmp_path):
+    from medseg.errors import CorruptFileError
+    from medseg.imaging.msd import foreground_classes
+
+    manifest = tmp_path / "dataset.json"
+    msd = {"labels": {"0": "background", "2": "posterior", "1": "anterior"}}
+    nnunet_v2 = {"labels": {"background": 0, "anterior": 1, "posterior": 2}}
+    assert foreground_classes(msd, manifest) == {1: "anterior", 2: "posterior"}
+    assert foreground_classes(nnunet_v2, manifest) == {1: "anterior", 2: "posterior"}
+    assert foreground_classes({}, manifest) == {1: "foreground"}
+    with pytest.raises(CorruptFileError, match=r"dataset.json: the label value 'x' \(class 'core'\) is not an integer"):
+        foreground_classes({"labels": {"core": "x"}}, manifest)
+    with pytest.raises(CorruptFileError, match="listed twice"):
+        foreground_classes({"labels": {"a": 1, "b": 1}}, manifest)

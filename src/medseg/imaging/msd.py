@@ -118,6 +118,39 @@ def modality_names(meta: dict) -> list[str]:
     return [str(names[key]) for key in sorted(names, key=int)]
 
 
+def foreground_classes(meta: dict, manifest: Path) -> dict[int, str]:
+    """The foreground classes that `dataset.json` lists: {label value: name}, sorted by value.
+
+    Reads both forms of `labels`: MSD's `{"0": "background", "1": "anterior"}` and nnU-Net
+    v2's `{"background": 0, "anterior": 1}`. Label 0 is the background and is left out. A
+    dataset.json without `labels` gives `{1: "foreground"}`: one class, every value above 0.
+    (nnU-Net v2's region-based labels, lists of values, are not supported.)
+
+    Raises:
+        CorruptFileError: `labels` is not a mapping, or a value is not an integer in 0..255,
+            or two names share a value.
+    """
+    labels = meta.get("labels")
+    if labels is None:
+        return {1: "foreground"}
+    if not isinstance(labels, dict) or not labels:
+        raise CorruptFileError(f"{manifest}: 'labels' must be a mapping such as {{\"0\": \"background\", \"1\": \"tumour\"}}.")
+    msd_form = all(str(key).strip().isdigit() for key in labels)
+    pairs = [(key, name) for key, name in labels.items()] if msd_form else [(value, key) for key, value in labels.items()]
+    classes: dict[int, str] = {}
+    for value, name in pairs:
+        if isinstance(value, bool) or not str(value).strip().isdigit() or not 0 <= int(value) <= 255:
+            raise CorruptFileError(
+                f"{manifest}: the label value {value!r} (class {name!r}) is not an integer in 0..255. "
+                "Use the MSD form {\"1\": \"name\"} or the nnU-Net v2 form {\"name\": 1}."
+            )
+        if int(value) in classes or (int(value) == 0 and 0 in classes):
+            raise CorruptFileError(f"{manifest}: the label value {int(value)} is listed twice in 'labels'.")
+        classes[int(value)] = str(name)
+    classes.pop(0, None)
+    return dict(sorted(classes.items()))
+
+
 def resolve_channel(meta: dict, channel: int | str | None, manifest: Path) -> int | None:
     """Turn `data.channel` (index, name or None) into a channel index.
 
