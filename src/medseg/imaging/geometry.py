@@ -8,6 +8,7 @@ back to the file's shape, affine and orientation, the way nnU-Net exports its pr
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import nibabel as nib
@@ -106,6 +107,37 @@ def resample_to_shape(data: np.ndarray, shape: tuple[int, ...], order: int) -> n
     return out
 
 
+def resample_label_map(label: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Resample an integer label map to `shape` as nnU-Net does: each class one-hot,
+    interpolated linearly, then the most probable class per voxel.
+
+    Nearest neighbour is biased by half a source voxel when downsampling (by 2, each output
+    voxel takes one of the two source voxels it covers), so labels would land off an image
+    resampled linearly. One class at a time is held in memory (a running maximum), not K + 1
+    channels.
+
+    Args:
+        label: (X, Y, Z) integer label map (any label values).
+        shape: output shape.
+
+    Returns:
+        (shape) uint8 label map with the input's values. Ties go to the lower value
+        (background first). Same array if the shape is unchanged.
+    """
+    shape = tuple(int(s) for s in shape)
+    if tuple(label.shape) == shape:
+        return label
+    values = np.unique(label)
+    best = np.full(shape, -1.0, dtype=np.float32)
+    out = np.zeros(shape, dtype=np.uint8)
+    for value in values:
+        probability = resample_to_shape((label == value).astype(np.float32), shape, order=1)
+        wins = probability > best
+        out[wins] = value
+        best[wins] = probability[wins]
+    return out
+
+
 def resampled_affine(affine: np.ndarray, shape_in: tuple[int, ...], shape_out: tuple[int, ...]) -> np.ndarray:
     """Affine of a grid resampled by :func:`resample_to_shape` over the same field of view."""
     scale = np.array(shape_in, dtype=np.float64) / np.array(shape_out, dtype=np.float64)
@@ -165,21 +197,32 @@ def plan_case_geometry(
 
 
 def to_training_grid(canonical: Volume, geometry: CaseGeometry, order: int) -> Volume:
-    """Crop and resample a canonical volume onto the training grid that `geometry` planned.
+    """Crop and resample a canonical image onto the training grid that `geometry` planned.
 
     Args:
         canonical: the case in canonical RAS (output of :func:`to_canonical`).
         geometry: the case's plan.
-        order: spline order (0 for labels, 1 or 3 for images).
+        order: spline order (1 linear or 3 cubic; 0 nearest neighbour). Labels go through
+            :func:`label_to_training_grid` instead.
 
     Returns:
         The volume on the training grid, with an affine that keeps it in the same world place.
     """
+    return _onto_training_grid(canonical, geometry, lambda data, shape: resample_to_shape(data, shape, order=order))
+
+
+def label_to_training_grid(canonical: Volume, geometry: CaseGeometry) -> Volume:
+    """Crop and resample a canonical label map onto the training grid, one-hot and linearly
+    (:func:`resample_label_map`), so that it stays aligned with the linearly resampled image."""
+    return _onto_training_grid(canonical, geometry, resample_label_map)
+
+
+def _onto_training_grid(canonical: Volume, geometry: CaseGeometry, resample: Callable) -> Volume:
     cropped = crop(canonical.data, geometry.crop_start, geometry.crop_stop)
     crop_shift = np.eye(4)
     crop_shift[:3, 3] = geometry.crop_start
     cropped_affine = canonical.affine @ crop_shift
-    data = resample_to_shape(cropped, geometry.preprocessed_shape, order=order)
+    data = resample(cropped, geometry.preprocessed_shape)
     affine = resampled_affine(cropped_affine, cropped.shape, geometry.preprocessed_shape)
     return Volume(data=data, affine=affine)
 
@@ -189,7 +232,8 @@ def restore_original_geometry(data: np.ndarray, geometry: CaseGeometry, order: i
 
     Undoes, in reverse order, the resampling, the crop (padding with zeros) and the
     reorientation. With `order=1` a probability map is interpolated linearly; threshold it
-    afterwards for a mask (better than nearest neighbour on the mask itself).
+    afterwards for a mask (better than nearest neighbour on the mask itself). A label map
+    goes through :func:`restore_label_map`.
 
     Args:
         data: (X, Y, Z) array of shape `geometry.preprocessed_shape`, in canonical RAS order.
@@ -199,11 +243,25 @@ def restore_original_geometry(data: np.ndarray, geometry: CaseGeometry, order: i
     Returns:
         An array of `geometry.original_shape`, aligned with `geometry.original_affine`.
     """
+    _check_on_training_grid(data, geometry)
+    return _uncrop_and_reorient(resample_to_shape(data, geometry.cropped_shape, order=order), geometry)
+
+
+def restore_label_map(label: np.ndarray, geometry: CaseGeometry) -> np.ndarray:
+    """Map a label map on the training grid back to the source grid: one-hot, linearly, then
+    the most probable class (:func:`resample_label_map`). Returns uint8 of the original shape."""
+    _check_on_training_grid(label, geometry)
+    return _uncrop_and_reorient(resample_label_map(label, geometry.cropped_shape), geometry)
+
+
+def _check_on_training_grid(data: np.ndarray, geometry: CaseGeometry) -> None:
     if tuple(data.shape) != tuple(geometry.preprocessed_shape):
         raise ValueError(
             f"array shape {data.shape} is not the planned training grid {geometry.preprocessed_shape}"
         )
-    cropped = resample_to_shape(data, geometry.cropped_shape, order=order)
+
+
+def _uncrop_and_reorient(cropped: np.ndarray, geometry: CaseGeometry) -> np.ndarray:
     canonical = np.zeros(geometry.canonical_shape, dtype=cropped.dtype)
     canonical[tuple(slice(a, b) for a, b in zip(geometry.crop_start, geometry.crop_stop))] = cropped
     return from_canonical(canonical, np.asarray(geometry.original_affine))
