@@ -274,3 +274,32 @@ def test_patch_queue_rejects_bad_arguments(kwargs, parameter):
     arguments = {"load_case": _case, "case_ids": ["a"], "patch_shape": (4, 4, 4)} | kwargs
     with pytest.raises(ConfigurationError, match=parameter):
         PatchQueue(**arguments)
+
+
+def test_foreground_centres_draw_every_class_equally_often():
+    from medseg.patching import sample_patch_centers
+
+    label = np.zeros((40, 40, 20), dtype=np.uint8)
+    label[5:35, 5:35, 2:18] = 1  # a large class
+    label[18:20, 18:20, 9:11] = 2  # a rare one: 8 voxels
+    centers = sample_patch_centers(label, 2000, (1, 1, 1), 1.0, rng=0)
+    hits = label[tuple(centers.T)]
+    share_rare = float((hits == 2).mean())
+    assert 0.45 < share_rare < 0.55  # by voxel count it would be 8 / 14408
+    assert (hits > 0).all()
+
+
+def test_a_binary_label_draws_as_before():
+    """One foreground class: the same draws as a uniform pick among foreground voxels."""
+    from medseg.patching import sample_patch_centers
+
+    label = np.zeros((30, 30, 10), dtype=np.uint8)
+    label[3:9, 20:27, 2:5] = 1
+    got = sample_patch_centers(label, 50, (1, 1, 1), 0.5, rng=7)
+    rng = np.random.default_rng(7)
+    use = rng.random(50) < 0.5
+    expected = rng.integers((0, 0, 0), (29 + 1, 29 + 1, 9 + 1), size=(50, 3), dtype=np.int64)
+    foreground = np.flatnonzero(label > 0)
+    picks = foreground[rng.integers(foreground.size, size=int(use.sum()))]
+    expected[use] = np.column_stack(np.unravel_index(picks, label.shape))
+    np.testing.assert_array_equal(got, expected)

@@ -95,7 +95,9 @@ def sample_patch_centers(
     """Draw `n` patch centres, a fraction of them on foreground.
 
     Each centre is, independently with probability `foreground_fraction`, a foreground centre:
-    a foreground voxel (label > 0) chosen uniformly, then moved the least distance needed to
+    a foreground voxel (label > 0) chosen uniformly, or, when the label holds several
+    foreground classes, a class chosen uniformly among those present and then one of its
+    voxels (as nnU-Net does, so a rare class is not starved), then moved the least distance needed to
     keep the patch inside the volume (the patch still contains that voxel; without the move, a
     lesion near the border would give a patch that is mostly padding). Otherwise it is a random
     centre, uniform over the centres whose patch lies inside the volume. On an axis where the
@@ -143,7 +145,17 @@ def sample_patch_centers(
             stacklevel=2,
         )
         return centers
-    picks = foreground[rng.integers(foreground.size, size=int(use_foreground.sum()))]
+    classes = np.unique(label.ravel()[foreground])
+    if classes.size == 1:
+        picks = foreground[rng.integers(foreground.size, size=int(use_foreground.sum()))]
+    else:  # a class first, uniformly, then one of its voxels: a rare class is not starved
+        chosen = classes[rng.integers(classes.size, size=int(use_foreground.sum()))]
+        picks = np.empty(chosen.size, dtype=np.int64)
+        values = label.ravel()[foreground]
+        for value in classes:
+            members = foreground[values == value]
+            slots = np.flatnonzero(chosen == value)
+            picks[slots] = members[rng.integers(members.size, size=slots.size)]
     voxels = np.column_stack(np.unravel_index(picks, label.shape)).astype(np.int64)
     centers[use_foreground] = np.clip(voxels, low, high)
     return centers
