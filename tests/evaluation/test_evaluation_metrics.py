@@ -337,3 +337,22 @@ def test_classification_rejects_bad_input():
         classification_metrics([0, 2], [0.5, 0.5])
     with pytest.raises(ValueError, match="NaN"):
         classification_metrics([0, 1], [0.5, float("nan")])
+
+
+def test_per_class_metrics_of_two_label_maps_by_hand():
+    from medseg.evaluation.metrics import evaluate_case_per_class
+
+    reference = np.zeros((6, 6, 2), dtype=np.uint8)
+    prediction = np.zeros_like(reference)
+    reference[0:2, 0:2, 0] = 1  # 4 voxels of class 1
+    reference[4:6, 4:6, 0] = 2  # 4 voxels of class 2
+    prediction[0:2, 0:1, 0] = 1  # 2 of them found
+    prediction[4:6, 4:6, 0] = 1  # class 2 predicted as class 1: a swap
+    rows = evaluate_case_per_class(reference, prediction, (1.0, 1.0, 2.0), {1: "rim", 2: "core", 3: "absent"})
+    assert [(r["class"], r["label"]) for r in rows] == [("rim", 1), ("core", 2), ("absent", 3)]
+    rim, core, absent = rows
+    assert rim["dice"] == pytest.approx(2 * 2 / (4 + 6)) and rim["iou"] == pytest.approx(2 / 8)
+    assert rim["precision"] == pytest.approx(2 / 6) and rim["recall"] == pytest.approx(2 / 4)
+    assert core["dice"] == 0.0 and core["prediction_empty"] and np.isnan(core["hd95_mm"])
+    assert core["reference_ml"] == pytest.approx(4 * 2.0 / 1000)
+    assert np.isnan(absent["dice"]) and absent["reference_empty"] and absent["prediction_empty"]

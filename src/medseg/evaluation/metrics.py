@@ -33,7 +33,7 @@ to measure, and it is NaN, as Dice is.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from scipy import ndimage, stats
@@ -417,6 +417,29 @@ def evaluate_case(
         "reference_empty": n_reference == 0,
         "prediction_empty": n_prediction == 0,
     }
+
+
+def evaluate_case_per_class(
+    reference: np.ndarray, prediction: np.ndarray, spacing: Spacing, classes: Mapping[int, str]
+) -> list[dict[str, float | bool | int | str]]:
+    """:func:`evaluate_case` for each foreground class of two label maps.
+
+    Args:
+        reference, prediction: integer label maps of one shape (the dataset's label values).
+        spacing: voxel size in mm along each axis.
+        classes: {label value: class name} of the foreground classes (0 is background).
+
+    Returns:
+        One row per class, in the order of `classes`: `class` (the name), `label` (the
+        value), then every key of :func:`evaluate_case` on the masks `== value`. The empty-mask
+        rules apply per class: a class absent from both maps gets NaN Dice and IoU.
+    """
+    reference = np.asarray(reference)
+    prediction = np.asarray(prediction)
+    return [
+        {"class": str(name), "label": int(value), **evaluate_case(reference == value, prediction == value, spacing)}
+        for value, name in classes.items()
+    ]
 
 
 def _roc_auc(y_true: np.ndarray, y_score: np.ndarray) -> float:
