@@ -1,41 +1,63 @@
-"""Keras models, losses and metrics: 2D U-Net, 3D U-Net, Conv3D patch classifier."""
+"""Keras models, losses and metrics: 2D U-Net, 3D U-Net (binary or multi-class), Conv3D patch classifier."""
 
 from medseg.models.compile import (
     compile_patch_classifier,
     compile_segmentation_model,
+    foreground_class_count,
     make_optimizer,
     optimizer_display_name,
 )
 from medseg.models.conv3d import build_patch_classifier, build_unet3d
 from medseg.models.losses import (
+    MulticlassDice,
+    MulticlassIoU,
     bce_dice_loss,
     binary_crossentropy_mean,
+    categorical_crossentropy_mean,
+    ce_dice_loss,
     dice,
     dice_coefficient,
     dice_loss,
+    foreground_dice,
+    foreground_iou,
     get_loss,
     iou,
     iou_coefficient,
     loss_display_name,
+    multiclass_dice_loss,
+    multiclass_metrics,
+    per_class_dice,
+    per_class_iou,
 )
 from medseg.models.unet2d import build_unet2d, conv_block
 
 __all__ = [
+    "MulticlassDice",
+    "MulticlassIoU",
     "bce_dice_loss",
     "binary_crossentropy_mean",
     "build_patch_classifier",
     "build_unet2d",
     "build_unet3d",
+    "categorical_crossentropy_mean",
+    "ce_dice_loss",
     "compile_patch_classifier",
     "compile_segmentation_model",
     "conv_block",
     "dice",
     "dice_coefficient",
     "dice_loss",
+    "foreground_class_count",
+    "foreground_dice",
+    "foreground_iou",
     "get_loss",
     "iou",
     "iou_coefficient",
     "loss_display_name",
     "make_optimizer",
+    "multiclass_dice_loss",
+    "multiclass_metrics",
     "optimizer_display_name",
+    "per_class_dice",
+    "per_class_iou",
 ]

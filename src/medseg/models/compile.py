@@ -12,7 +12,8 @@ from typing import Callable
 import keras
 
 from medseg.errors import ConfigurationError
-from medseg.models.losses import dice, get_loss, iou
+from medseg.models.losses import dice, get_loss, iou, multiclass_metrics
+from medseg.models.unet import validate_n_classes
 
 # Key: normalized parameter value. Value: (optimizer class, display name for run names).
 _OPTIMIZERS: dict[str, tuple[Callable[..., keras.optimizers.Optimizer], str]] = {
@@ -64,34 +65,75 @@ def optimizer_display_name(name: str) -> str:
     return _lookup_optimizer(name)[1]
 
 
+def foreground_class_count(model: keras.Model) -> int:
+    """The number of foreground classes K a segmentation model predicts, from its output.
+
+    One output channel (sigmoid) is binary, K = 1; K + 1 >= 3 channels (softmax) are K
+    classes plus the background.
+
+    Raises:
+        ConfigurationError: the output is not channels-last with a known channel count, or
+            has 2 channels (a softmax over background and one class, which this project
+            builds as one sigmoid channel instead).
+    """
+    channels = model.output_shape[-1] if isinstance(model.output_shape, tuple) else None
+    if channels is None or channels == 2 or channels < 1:
+        raise ConfigurationError(
+            f"Model {model.name!r} has output shape {model.output_shape}; a segmentation model "
+            f"ends in 1 sigmoid channel (binary) or K + 1 >= 3 softmax channels (K classes). "
+            f"Build it with build_unet2d / build_unet3d."
+        )
+    return 1 if channels == 1 else int(channels) - 1
+
+
 def compile_segmentation_model(
     model: keras.Model,
     optimizer: str = "adam",
     learning_rate: float = 1e-3,
     loss: str = "bce+dice",
+    n_classes: int | None = None,
 ) -> keras.Model:
     """Compile a U-Net (2D or 3D) with a named optimizer and loss, and Dice and IoU metrics.
 
-    `model.fit` history then has exactly the keys loss, dice, iou (and val_loss, val_dice,
-    val_iou with validation data). The metrics are the smoothed soft versions, pooled over
-    each batch and averaged over the batches of an epoch.
+    Binary models (one sigmoid channel): `model.fit` history has exactly the keys loss, dice,
+    iou (and val_loss, val_dice, val_iou with validation data), as before.
+
+    Multi-class models (K + 1 softmax channels, trained on integer label maps with values
+    0..K): the loss is the multi-class one `get_loss(loss, K)` names ('bce+dice' and
+    'ce+dice' are cross-entropy + foreground Dice), and the history has loss, dice, iou
+    (the means over the foreground classes, the same headline keys as binary), then dice_1,
+    iou_1, ..., dice_K, iou_K (see `medseg.models.losses.multiclass_metrics`).
+
+    The metrics are the smoothed soft versions, pooled over each batch and averaged over
+    the batches of an epoch.
 
     Args:
-        model: a model whose output is (B, *spatial, 1) probabilities.
+        model: a model whose output is (B, *spatial, 1) or (B, *spatial, K + 1) probabilities.
         optimizer: 'adam', 'adamw', 'sgd' or 'rmsprop'.
         learning_rate: positive step size.
-        loss: 'bce', 'dice' or 'bce+dice'.
+        loss: 'bce', 'dice', 'bce+dice', 'ce' or 'ce+dice' (see `get_loss`).
+        n_classes: foreground classes K. None (default) reads it from the model's output
+            channels; when given, it must agree with them.
 
     Returns:
         The same model, compiled, for chaining.
 
     Raises:
-        ConfigurationError: unknown optimizer or loss, or a bad learning rate.
+        ConfigurationError: unknown optimizer or loss, a bad learning rate, or an
+            `n_classes` that does not match the model's output.
     """
+    model_classes = foreground_class_count(model)
+    if n_classes is not None and validate_n_classes(n_classes) != model_classes:
+        raise ConfigurationError(
+            f"compile_segmentation_model got n_classes={n_classes}, but model {model.name!r} "
+            f"predicts {model_classes} foreground class(es) (output shape {model.output_shape}). "
+            f"Build the model with the same n_classes as the data."
+        )
+    metrics = [dice, iou] if model_classes == 1 else multiclass_metrics(model_classes)
     model.compile(
         optimizer=make_optimizer(optimizer, learning_rate),
-        loss=get_loss(loss),
-        metrics=[dice, iou],
+        loss=get_loss(loss, model_classes),
+        metrics=metrics,
     )
     return model
 

@@ -12,7 +12,7 @@ import keras
 from keras import layers
 
 from medseg.errors import ConfigurationError
-from medseg.models.unet import build_unet, is_positive_int, validate_unet_shape
+from medseg.models.unet import build_unet, is_positive_int, validate_n_classes, validate_unet_shape
 
 __all__ = ["build_patch_classifier", "build_unet3d"]
 
@@ -21,6 +21,7 @@ def build_unet3d(
     patch_shape: Sequence[int] = (32, 32, 32, 1),
     base_filters: int = 8,
     depth: int = 2,
+    n_classes: int = 1,
 ) -> keras.Model:
     """Build an uncompiled 3D U-Net for patches.
 
@@ -30,14 +31,17 @@ def build_unet3d(
             85,657 parameters) keep training on a CPU feasible.
         base_filters: filters of the first stage, doubled at each stage.
         depth: number of pooling stages.
+        n_classes: foreground classes K (background excluded). 1 (default): one sigmoid
+            channel, as before. K > 1: K + 1 softmax channels, channel 0 the background.
 
     Returns:
-        Model mapping (B, X, Y, Z, C) patches to (B, X, Y, Z, 1) foreground probabilities.
+        Model mapping (B, X, Y, Z, C) patches to (B, X, Y, Z, 1) foreground probabilities
+        (binary) or (B, X, Y, Z, K + 1) class probabilities summing to 1 (multi-class).
 
     Raises:
         ConfigurationError: a patch size not divisible by 2**depth (names
-            `conv3d.sampling.patch_size`), or a bad `conv3d.model.depth` /
-            `conv3d.model.base_filters`.
+            `conv3d.sampling.patch_size`), a bad `conv3d.model.depth` /
+            `conv3d.model.base_filters`, or `n_classes` not in 1..255.
     """
     shape = validate_unet_shape(
         patch_shape,
@@ -47,7 +51,9 @@ def build_unet3d(
         shape_parameter="conv3d.sampling.patch_size",
         model_parameter_root="conv3d.model",
     )
-    return build_unet(shape, base_filters=base_filters, depth=depth, name="unet3d")
+    return build_unet(
+        shape, base_filters=base_filters, depth=depth, name="unet3d", n_classes=validate_n_classes(n_classes)
+    )
 
 
 def build_patch_classifier(patch_shape: Sequence[int] = (32, 32, 32, 1)) -> keras.Model:

@@ -7,7 +7,13 @@ wrappers that name their own parameters in error messages; the architecture is h
     bottleneck:                          conv_block(base·2^depth)
     decoder stage i (i = depth-1 .. 0):  ConvTranspose(base·2^i, 2, stride 2)
                                          → Concatenate with encoder stage i → conv_block(base·2^i)
-    head:                                Conv 1 (1 filter, sigmoid)
+    head:                                Conv 1: 1 filter + sigmoid (binary, n_classes = 1)
+                                         or K + 1 filters + softmax (K = n_classes > 1)
+
+The binary head is the original U-Net's, so binary models keep their parameter count
+(1,930,657 for the default 2D U-Net). The multi-class head gives channel 0 to the
+background and channel k to foreground class k, the layout nnU-Net and MONAI use; its
+channels sum to 1 at every voxel.
 
 All convolutions use "same" padding, so the output has the input's spatial shape as long
 as every spatial size is divisible by 2^depth (each pooling halves it, each transposed
@@ -70,6 +76,28 @@ def conv_block(x, filters: int, name: str):
     return x
 
 
+# Labels are stored as uint8, so a dataset has at most 255 foreground classes.
+MAX_FOREGROUND_CLASSES = 255
+
+
+def validate_n_classes(n_classes: int) -> int:
+    """Check the number of foreground classes and return it as an int.
+
+    Args:
+        n_classes: foreground classes (background excluded), 1 to 255; 1 means binary.
+
+    Raises:
+        ConfigurationError: not an integer in [1, 255].
+    """
+    if not is_positive_int(n_classes) or n_classes > MAX_FOREGROUND_CLASSES:
+        raise ConfigurationError(
+            f"`n_classes` (the foreground classes, from the `labels` of dataset.json) must be an "
+            f"integer from 1 (binary) to {MAX_FOREGROUND_CLASSES}, got {n_classes!r}. Check that "
+            f"dataset.json lists the background as 0 and each foreground class once."
+        )
+    return int(n_classes)
+
+
 def validate_unet_shape(
     input_shape: Sequence[int],
     depth: int,
@@ -118,17 +146,22 @@ def validate_unet_shape(
     return tuple(int(s) for s in shape)
 
 
-def build_unet(input_shape: tuple[int, ...], base_filters: int, depth: int, name: str) -> keras.Model:
-    """Build an (unvalidated) U-Net; call `validate_unet_shape` first.
+def build_unet(
+    input_shape: tuple[int, ...], base_filters: int, depth: int, name: str, n_classes: int = 1
+) -> keras.Model:
+    """Build an (unvalidated) U-Net; call `validate_unet_shape` and `validate_n_classes` first.
 
     Args:
         input_shape: (*spatial, channels) with 2 or 3 spatial axes, each divisible by 2**depth.
         base_filters: filters of the first encoder stage; stage i has base_filters·2^i.
         depth: number of pooling stages.
         name: model name.
+        n_classes: foreground classes K. 1 (default): one sigmoid channel, the original
+            U-Net. K > 1: K + 1 softmax channels, channel 0 the background.
 
     Returns:
-        Uncompiled model mapping (B, *spatial, C) to probabilities (B, *spatial, 1).
+        Uncompiled model mapping (B, *spatial, C) to probabilities (B, *spatial, 1) when
+        binary, or (B, *spatial, K + 1) summing to 1 over the last axis when multi-class.
     """
     inputs = keras.Input(shape=input_shape, name="image")
     rank = len(input_shape) - 1
@@ -146,5 +179,11 @@ def build_unet(input_shape: tuple[int, ...], base_filters: int, depth: int, name
         x = conv_block(x, filters, name=f"dec{i}")
     # float32 head: under a mixed-precision policy the probabilities (and the losses
     # computed on them) would otherwise be float16 and lose small Dice differences.
-    outputs = _CONV[rank](1, 1, activation="sigmoid", dtype="float32", name="mask")(x)
+    if n_classes == 1:
+        head = _CONV[rank](1, 1, activation="sigmoid", dtype="float32", name="mask")
+    else:
+        # Same layer name as the binary head, so code that looks the output up by name
+        # works for both.
+        head = _CONV[rank](n_classes + 1, 1, activation="softmax", dtype="float32", name="mask")
+    outputs = head(x)
     return keras.Model(inputs, outputs, name=name)
