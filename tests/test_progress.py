@@ -107,3 +107,10 @@ def test_remaining_time_is_unknown_before_the_first_case(clock):
     clock.tick(2.0)
     progress.advance()
     assert progress.remaining_s() == pytest.approx(4.0)
+
+
+def test_a_single_case_is_one_case(clock, logged):
+    progress = CaseProgress("Evaluating", 1, clock=clock)
+    clock.tick(0.5)
+    progress.advance("a")
+    assert logged.messages == ["Evaluating: 1 of 1 case done in 0.5 s"]

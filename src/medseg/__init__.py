@@ -1,3 +1,10 @@
 """medseg: Kedro pipelines for medical image segmentation, tracked with MLflow."""
 
+import os
+
+# TensorFlow's C++ log level, set before anything imports TensorFlow (Kedro imports this
+# package first, for its settings): without it a plain `kedro run` prints TensorFlow's INFO
+# and WARNING lines (CPU features, memory patches). A value the user exported wins.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
 __version__ = "0.1.0"

@@ -119,7 +119,8 @@ class CaseProgress:
             return None
         self._last_logged_at, self._last_logged_done = now, self.done
         if last:
-            line = f"{self.task}: {self.done} of {self.total} cases done in {format_duration(self.elapsed_s)}"
+            cases = "case" if self.total == 1 else "cases"
+            line = f"{self.task}: {self.done} of {self.total} {cases} done in {format_duration(self.elapsed_s)}"
         else:
             named = f" ({case_id})" if case_id is not None else ""
             line = (

@@ -1,12 +1,36 @@
 """Project settings: the project's hooks and where configuration is read from."""
 
+from omegaconf import OmegaConf
+
 from medseg.hooks import MlflowRunHook, RunStartedHook
+from medseg.run_summary import RunSummaryHook
 
 # kedro-mlflow's own hook is registered by its entry point. MlflowRunHook runs before it
 # (tryfirst): it locks the project, checks the tracking server and names the run.
-# RunStartedHook runs after it (trylast), once the run has started.
+# RunStartedHook runs after it (trylast), once the run has started. RunSummaryHook ends a
+# model run with its test metrics and where to look next.
 _RUN_HOOK = MlflowRunHook()
-HOOKS = (_RUN_HOOK, RunStartedHook(_RUN_HOOK))
+HOOKS = (_RUN_HOOK, RunStartedHook(_RUN_HOOK), RunSummaryHook())
+
+
+def tensor_signature(inputs, outputs=None):
+    """`${medseg.tensor_signature:[-1,-1,-1,1],[-1,-1,-1,1]}` in the catalog: an MLflow
+    `ModelSignature` of float32 tensors of these shapes (-1: any size), for a Keras model's
+    `save_args.signature`; `outputs` may be left out."""
+    import numpy as np
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
+
+    def schema(shape):
+        return Schema([TensorSpec(np.dtype(np.float32), tuple(int(n) for n in shape))])
+
+    return ModelSignature(inputs=schema(inputs), outputs=schema(outputs) if outputs is not None else None)
+
+
+# Registered here rather than through CONFIG_LOADER_ARGS["custom_resolvers"], which Kedro 1.7
+# registers with OmegaConf's deprecated register_new_resolver (a warning on every run).
+_register = getattr(OmegaConf, "register_resolver", None) or OmegaConf.register_new_resolver
+_register("medseg.tensor_signature", tensor_signature, replace=True)
 
 CONFIG_LOADER_ARGS = {
     "base_env": "base",

@@ -193,3 +193,69 @@ def test_overlay_slice_is_where_the_reference_is_largest():
     assert choose_overlay_slice(reference, prediction) == 3
     assert choose_overlay_slice(np.zeros_like(reference), prediction) == 4
     assert choose_overlay_slice(np.zeros_like(reference), np.zeros_like(reference)) == 2
+
+
+# Reports that explain themselves (issue 12, item 6) -------------------------------------------
+
+
+def test_one_epoch_curves_have_integer_ticks_and_a_visible_point():
+    history = {"loss": [0.9], "val_loss": [1.0], "dice": [0.3], "val_dice": [0.25]}
+    figure = plot_training_curves(history)
+    _png_bytes(figure)  # draw, so the tick locators run
+    for axis in figure.axes:
+        assert axis.get_xlim() == (0.5, 1.5)
+        assert [tick for tick in axis.get_xticks() if 0.5 <= tick <= 1.5] == [1.0]
+        shown = [label.get_text() for label in axis.get_xticklabels() if 0.5 <= label.get_position()[0] <= 1.5]
+        assert shown == ["1"]
+        for line in axis.get_lines():
+            assert line.get_marker() == "o" and line.get_markersize() >= 4
+            np.testing.assert_array_equal(line.get_xdata(), [1])
+
+
+def test_many_epoch_curves_tick_whole_epochs_only():
+    figure = plot_training_curves({"loss": list(np.linspace(1.0, 0.1, 7))})
+    _png_bytes(figure)
+    axis = figure.axes[0]
+    ticks = [tick for tick in axis.get_xticks() if 0.5 <= tick <= 7.5]
+    assert ticks and all(float(tick).is_integer() for tick in ticks)
+    assert axis.get_xlim() == (0.5, 7.5)
+
+
+def test_training_curves_say_their_dice_is_the_batch_dice_of_the_samples():
+    history = {"loss": [0.9, 0.5], "dice": [0.3, 0.6], "val_dice": [0.2, 0.5], "iou": [0.1, 0.4]}
+    figure = plot_training_curves(history, samples="sampled 2D slices")
+    assert [axis.get_title() for axis in figure.axes] == ["loss", "dice (batch, soft)", "iou (batch, soft)"]
+    caption = figure.get_supxlabel()
+    assert "soft (smoothed, from probabilities) Dice and IoU of each batch of sampled 2D slices" in caption
+    assert "not the per-case 3D test Dice" in caption and "metrics_summary.json" in caption
+    assert _png_bytes(figure).startswith(b"\x89PNG")
+    # Without `samples`, or with no Dice/IoU family (the patch classifier), no caption.
+    assert plot_training_curves(history).get_supxlabel() == ""
+    assert plot_training_curves({"loss": [1.0], "accuracy": [0.5]}, samples="sampled 3D patches").get_supxlabel() == ""
+
+
+def test_overlay_titles_give_the_case_its_slice_and_its_dice():
+    from medseg.evaluation import OverlaySlice
+
+    image = np.zeros((8, 8), dtype=np.float32)
+    mask = np.zeros((8, 8), dtype=np.uint8)
+    mask[2:5, 2:5] = 1
+    figure = plot_overlays(
+        [
+            OverlaySlice("case_003", image, mask, mask, z=12, dice=0.87449),
+            ("case_004", image, mask, mask, 0, float("nan")),
+            ("case_005", image, mask, mask),
+        ]
+    )
+    assert [axis.get_title() for axis in figure.axes] == [
+        "case_003 · axial slice 12 · case Dice 0.874",
+        "case_004 · axial slice 0 · case Dice n/a (both masks empty)",
+        "case_005",
+    ]
+
+
+def test_flatten_summary_skips_provenance_strings(per_case):
+    summary = {**summarize_metrics(per_case), "mlflow_run_id": "abc", "mlflow_run_name": "UNet-run1", "data_dir": None}
+    flat = flatten_summary(summary)
+    assert flat == flatten_summary(summarize_metrics(per_case))
+    assert all(isinstance(value, float) for value in flat.values())

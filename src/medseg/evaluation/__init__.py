@@ -14,6 +14,7 @@ from medseg.evaluation.metrics import (
 )
 from medseg.evaluation.reports import (
     DEFAULT_SUMMARY_METRICS,
+    OverlaySlice,
     choose_overlay_slice,
     flatten_summary,
     plot_overlays,
@@ -23,6 +24,7 @@ from medseg.evaluation.reports import (
 
 __all__ = [
     "DEFAULT_SUMMARY_METRICS",
+    "OverlaySlice",
     "choose_overlay_slice",
     "classification_metrics",
     "dice_score",

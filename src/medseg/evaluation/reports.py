@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
 
 from medseg.errors import ConfigurationError, GeometryMismatchError
 
 __all__ = [
     "DEFAULT_SUMMARY_METRICS",
+    "OverlaySlice",
     "choose_overlay_slice",
     "flatten_summary",
     "plot_overlays",
@@ -129,15 +132,20 @@ def flatten_summary(summary: Mapping[str, object], prefix: str = "test_") -> dic
     Returns:
         `{"<prefix><metric>_<stat>": float}`, e.g. `test_dice_mean`, plus the top-level
         counts, e.g. `test_n_cases`. Statistics that are None are left out (MLflow has no
-        missing value).
+        missing value), and so are values that are not numbers (e.g. a run id stored in the
+        summary beside the metrics).
     """
+
+    def is_number(value: object) -> bool:
+        return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
     flat: dict[str, float] = {}
     for key, value in summary.items():
         if isinstance(value, Mapping):
             for stat, stat_value in value.items():
-                if stat_value is not None:
+                if is_number(stat_value):
                     flat[f"{prefix}{key}_{stat}"] = float(stat_value)
-        elif value is not None:
+        elif is_number(value):
             flat[f"{prefix}{key}"] = float(value)
     return flat
 
@@ -155,7 +163,23 @@ def _metric_families(names: Iterable[str]) -> list[str]:
     return families
 
 
-def plot_training_curves(history: Mapping[str, Sequence[float]]) -> Figure:
+SOFT_METRIC_FAMILIES = ("dice", "iou")
+
+
+def training_metrics_caption(samples: str) -> str:
+    """What a training curve's Dice and IoU are, for the figure: not the test metrics.
+
+    Args:
+        samples: what the batches held, e.g. "sampled 2D slices" or "sampled 3D patches".
+    """
+    return (
+        f"Dice and IoU here are the soft (smoothed, from probabilities) Dice and IoU of each batch of {samples}, "
+        "pooled over the batch, as Keras logs them while training (val: batches of the validation cases).\n"
+        "They are not the per-case 3D test Dice and IoU on hard masks of metrics_summary.json and metrics_per_case.csv."
+    )
+
+
+def plot_training_curves(history: Mapping[str, Sequence[float]], samples: str | None = None) -> Figure:
     """Plot a Keras-style training history, one axis per metric family.
 
     Args:
@@ -163,10 +187,16 @@ def plot_training_curves(history: Mapping[str, Sequence[float]]) -> Figure:
             e.g. `{"loss": [...], "val_loss": [...], "dice": [...], "val_dice": [...],
             "iou": [...], "val_iou": [...]}`. A key `val_<name>` is the validation curve of
             family `<name>`; a family may have only one of the two.
+        samples: what the training batches held (e.g. "sampled 2D slices"). When given and
+            the history has a `dice` or `iou` family, the figure says below its axes that
+            these are batch metrics of those samples, not the per-case 3D test metrics
+            (:func:`training_metrics_caption`), and those axes are titled "(batch, soft)".
 
     Returns:
         A Figure with one axis per family (loss first, then in the order met), side by side.
-        Each axis has a "train" line and, when present, a "val" line, epochs 1..N on x.
+        Each axis has a "train" line and, when present, a "val" line, epochs 1..N on x with
+        integer ticks only; every epoch is marked, so a 1-epoch run shows one visible point
+        per line (x from 0.5 to N + 0.5).
 
     Raises:
         ValueError: if `history` is empty.
@@ -174,20 +204,29 @@ def plot_training_curves(history: Mapping[str, Sequence[float]]) -> Figure:
     families = _metric_families(history)
     if not families:
         raise ValueError("The training history is empty: there is nothing to plot.")
-    figure = _new_figure(4.5 * len(families), 3.5)
+    captioned = samples is not None and any(family in SOFT_METRIC_FAMILIES for family in families)
+    figure = _new_figure(4.5 * len(families), 4.3 if captioned else 3.5)
     axes = figure.subplots(1, len(families), squeeze=False)[0]
+    n_epochs = 1
     for axis, family in zip(axes, families):
         for split, key in (("train", family), ("val", f"val_{family}")):
             values = history.get(key)
             if values is None or len(values) == 0:
                 continue
             epochs = np.arange(1, len(values) + 1)
-            axis.plot(epochs, np.asarray(values, dtype=np.float64), marker=".", label=split)
-        axis.set_title(family)
+            n_epochs = max(n_epochs, len(values))
+            axis.plot(epochs, np.asarray(values, dtype=np.float64), marker="o", markersize=5, label=split)
+        title = f"{family} (batch, soft)" if captioned and family in SOFT_METRIC_FAMILIES else family
+        axis.set_title(title)
         axis.set_xlabel("epoch")
         axis.set_ylabel(family)
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         axis.grid(True, alpha=0.3)
         axis.legend()
+    for axis in axes:
+        axis.set_xlim(0.5, n_epochs + 0.5)
+    if captioned:
+        figure.supxlabel(training_metrics_caption(samples), fontsize="small")
     return figure
 
 
@@ -227,18 +266,50 @@ def _draw_contour(axis, mask2d: np.ndarray, color: str) -> None:
         axis.contour(mask.T.astype(np.float32), levels=[0.5], colors=[color], linewidths=1.2)
 
 
-def plot_overlays(cases: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray]]) -> Figure:
+class OverlaySlice(NamedTuple):
+    """One case's row of the overlay figure.
+
+    Attributes:
+        case_id: the case.
+        image, reference, prediction: one axial slice of each, shape (X, Y).
+        z: the slice's index along the third (axial) axis of the canonical volume, or None.
+        dice: the case's Dice (3D, whole volume), or None; NaN when both masks are empty.
+    """
+
+    case_id: str
+    image: np.ndarray
+    reference: np.ndarray
+    prediction: np.ndarray
+    z: int | None = None
+    dice: float | None = None
+
+
+def overlay_title(case: OverlaySlice) -> str:
+    """`"case_003 · axial slice 12 · case Dice 0.874"`; parts that are None are left out, and
+    a NaN Dice reads "case Dice n/a (both masks empty)"."""
+    parts = [str(case.case_id)]
+    if case.z is not None:
+        parts.append(f"axial slice {int(case.z)}")
+    if case.dice is not None:
+        dice = float(case.dice)
+        parts.append(f"case Dice {dice:.3f}" if math.isfinite(dice) else "case Dice n/a (both masks empty)")
+    return " · ".join(parts)
+
+
+def plot_overlays(cases: Sequence[OverlaySlice | tuple]) -> Figure:
     """Lay the reference and predicted contours over one image slice per case.
 
     Args:
-        cases: `(case_id, image2d, reference2d, prediction2d)` per case; the three arrays are
-            one slice of shape (X, Y), e.g. `volume[:, :, z]` with `z` from
-            `choose_overlay_slice`. The caller chooses the slice.
+        cases: an :class:`OverlaySlice` per case, or a plain tuple `(case_id, image2d,
+            reference2d, prediction2d[, z[, dice]])`; the three arrays are one slice of
+            shape (X, Y), e.g. `volume[:, :, z]` with `z` from `choose_overlay_slice`. The
+            caller chooses the slice.
 
     Returns:
         A Figure with one axis per case, one row each: the image in gray (x to the right, y
         up, i.e. `image2d.T` with origin lower), the reference contour in green and the
-        prediction contour in red, titled with the case id. An empty mask draws no contour.
+        prediction contour in red, titled with the case id, the axial slice index and the
+        case's (3D) Dice when given (:func:`overlay_title`). An empty mask draws no contour.
 
     Raises:
         ValueError: if `cases` is empty.
@@ -252,19 +323,20 @@ def plot_overlays(cases: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray]
         Line2D([], [], color=REFERENCE_COLOR, label="reference"),
         Line2D([], [], color=PREDICTION_COLOR, label="prediction"),
     ]
-    for axis, (case_id, image, reference, prediction) in zip(axes, cases):
-        image = np.asarray(image)
-        shapes = {np.shape(image), np.shape(reference), np.shape(prediction)}
+    for axis, case in zip(axes, cases):
+        case = OverlaySlice(*case)
+        image = np.asarray(case.image)
+        shapes = {np.shape(image), np.shape(case.reference), np.shape(case.prediction)}
         if len(shapes) != 1 or image.ndim != 2:
             raise GeometryMismatchError(
-                f"Case {case_id}: the image slice {np.shape(image)}, reference "
-                f"{np.shape(reference)} and prediction {np.shape(prediction)} must be 2D arrays "
+                f"Case {case.case_id}: the image slice {np.shape(image)}, reference "
+                f"{np.shape(case.reference)} and prediction {np.shape(case.prediction)} must be 2D arrays "
                 "of one shape. Take the same axial index from each volume."
             )
         axis.imshow(image.T, cmap="gray", origin="lower", interpolation="nearest")
-        _draw_contour(axis, reference, REFERENCE_COLOR)
-        _draw_contour(axis, prediction, PREDICTION_COLOR)
-        axis.set_title(str(case_id))
+        _draw_contour(axis, case.reference, REFERENCE_COLOR)
+        _draw_contour(axis, case.prediction, PREDICTION_COLOR)
+        axis.set_title(overlay_title(case), fontsize="medium")
         axis.set_axis_off()
         axis.legend(handles=legend_handles, loc="upper right", fontsize="small")
     return figure

@@ -7,6 +7,7 @@ written, so a bad file stops the run before any output exists.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,6 +24,9 @@ from medseg.errors import (
 from medseg.imaging.geometry import nonzero_bounding_box, to_canonical
 from medseg.imaging.io import Volume, read_volume
 from medseg.imaging.msd import CaseFiles
+from medseg.progress import CaseProgress
+
+logger = logging.getLogger(__name__)
 
 AFFINE_TOLERANCE_MM = 1e-3
 MAX_FOREGROUND_LABEL = 255  # foreground values must fit the uint8 labels written to disk
@@ -198,11 +202,13 @@ def fingerprint_cases(
         raise EmptyDatasetError("The dataset holds no case. Check data.source and data.msd_dir.")
     foreground_labels = check_foreground_labels(foreground_labels)
     records, failures = [], []
+    progress = CaseProgress("Validating", len(cases), logger=logger)
     for case in cases:
         try:
             records.append(fingerprint_case(case, foreground_labels, crop_margin))
         except MedsegError as exc:
             failures.append(exc)
+        progress.advance(case.case_id)
     if failures:
         if len(failures) == 1:
             raise failures[0]

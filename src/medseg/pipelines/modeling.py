@@ -21,6 +21,7 @@ from matplotlib.figure import Figure
 
 from medseg.errors import GeometryMismatchError
 from medseg.evaluation import (
+    OverlaySlice,
     choose_overlay_slice,
     evaluate_case,
     flatten_summary,
@@ -31,6 +32,7 @@ from medseg.evaluation import (
 from medseg.imaging.geometry import CaseGeometry, restore_original_geometry, to_canonical
 from medseg.imaging.io import Volume, read_volume, voxel_spacing
 from medseg.imaging.validation import binarize_label
+from medseg.datasets.folder import anchor_path
 from medseg.models.training import (
     derive_seed,
     fit_model,
@@ -38,10 +40,12 @@ from medseg.models.training import (
     prepare_backup,
     training_fingerprint,
     wants_determinism,
+    with_input_shape,
 )
 from medseg.parameters import DataParams, ReportingParams
 from medseg.patching import make_tf_dataset
 from medseg.pipelines import tracking
+from medseg.progress import CaseProgress, track_partitions
 
 logger = logging.getLogger(__name__)
 
@@ -193,14 +197,16 @@ def predictions_in_original_geometry(
         threshold: probability at or above which a voxel is foreground.
 
     Returns:
-        {case_id: make_mask}; the catalog calls each in turn, so one case is in memory at a time.
+        {case_id: make_mask}; the catalog calls each in turn, so one case is in memory at a time,
+        and each call logs the progress ("Predicting: case i of N ..., about m:ss left").
     """
-    return {
+    masks = {
         case_id: _original_geometry_mask(
             primary_images[case_id], CaseGeometry.from_dict(case_geometry[case_id]), probabilities, threshold
         )
         for case_id in case_ids
     }
+    return track_partitions(masks, "Predicting", logger=logger)
 
 
 def evaluate_predictions(
@@ -221,11 +227,14 @@ def evaluate_predictions(
 
     Returns:
         One row per test case (dice, iou, hd95_mm, precision, recall, volumes in ml, empty
-        flags) and a figure of image/reference/prediction overlays for the first few cases.
+        flags) and a figure of image/reference/prediction overlays for the first few cases,
+        each titled with its case, axial slice and Dice.
     """
     rows, overlays = [], []
     records = case_fingerprints.set_index("case_id")
-    for case_id in cases_in_split(splits, "test"):
+    test_cases = cases_in_split(splits, "test")
+    progress = CaseProgress("Evaluating", len(test_cases), logger=logger)
+    for case_id in test_cases:
         record = records.loc[case_id]
         reference_volume = read_volume(record["label_path"], kind="label")
         reference = binarize_label(reference_volume.data, data.get("foreground_labels"))
@@ -242,31 +251,101 @@ def evaluate_predictions(
             image = read_volume(record["image_path"], channel=channel)
             views = [to_canonical(Volume(a, reference_volume.affine)).data for a in (image.data, reference, prediction.data)]
             z = choose_overlay_slice(views[1], views[2])
-            overlays.append((case_id, *(view[:, :, z] for view in views)))
+            overlays.append(OverlaySlice(case_id, *(view[:, :, z] for view in views), z=z, dice=rows[-1]["dice"]))
+        progress.advance(case_id)
     return pd.DataFrame(rows), plot_overlays(overlays)
 
 
+# What the training-curve Dice and IoU were computed on, per model pipeline.
+TRAINING_SAMPLES = {"unet": "sampled 2D slices", "conv3d": "sampled 3D patches"}
+
+
+def _mlflow_run() -> tuple[str | None, str | None]:
+    """The active MLflow run's id and name, or (None, None) outside a tracked run."""
+    import mlflow  # MLflow calls otherwise live in medseg.pipelines.tracking
+
+    run = mlflow.active_run()
+    return (run.info.run_id, run.info.run_name) if run is not None else (None, None)
+
+
+def run_provenance(model_key: str, data: dict[str, Any], section: dict[str, Any], project_root: str) -> dict[str, Any]:
+    """What made a report: the MLflow run, the dataset and a hash of the parameters.
+
+    Args:
+        model_key: `unet` or `conv3d`.
+        data: `params:data`.
+        section: `params:<model_key>`.
+        project_root: the project root; relative data folders are taken from it.
+
+    Returns:
+        `mlflow_run_id` and `mlflow_run_name` (None outside a tracked run), `data_source`
+        (`synthetic` or `msd`), `data_dir` (the absolute MSD folder or synthetic folder) and
+        `params_hash` (16 hex characters of SHA-256 over the `data` and model sections, as
+        `medseg.models.training.training_fingerprint` hashes them: equal parameters give
+        equal hashes, whatever the key order).
+    """
+    run_id, run_name = _mlflow_run()
+    folder = data["msd_dir"] if data["source"] == "msd" else data["synthetic"]["dir"]
+    return {
+        "mlflow_run_id": run_id,
+        "mlflow_run_name": run_name,
+        "data_source": data["source"],
+        "data_dir": str(anchor_path(folder, project_root).resolve()) if folder else None,
+        "params_hash": training_fingerprint(data=data, **{model_key: section}),
+    }
+
+
 def summarize_evaluation(
-    model_key: str, metrics_per_case: pd.DataFrame, history: dict[str, list[float]]
+    metrics_per_case: pd.DataFrame,
+    history: dict[str, list[float]],
+    data: DataParams,
+    section: dict[str, Any],
+    project_root: str,
+    *,
+    model_key: str,
 ) -> tuple[dict, Figure]:
     """Summarise the test metrics, log them to MLflow as `test_<metric>_mean`, plot the curves.
 
+    Args:
+        metrics_per_case: output of `evaluate_predictions`.
+        history: the training history (Keras metrics per epoch).
+        data: `params:data`.
+        section: `params:<model_key>`.
+        project_root: the project's root folder (catalog entry `project_root`).
+        model_key: `unet` or `conv3d` (bound by `evaluation_pipeline`).
+
     Returns:
-        The summary (mean, std, median and missing count per metric) and the training curves.
+        The summary (mean, std, median and missing count per metric, then the run's
+        provenance: see `run_provenance`) and the training curves, captioned with what their
+        Dice and IoU were computed on.
     """
     summary = summarize_metrics(metrics_per_case)
     tracking.log_metrics(model_key, flatten_summary(summary, prefix="test_"))
-    return summary, plot_training_curves(history)
+    curves = plot_training_curves(history, samples=TRAINING_SAMPLES.get(model_key))
+    return {**summary, **run_provenance(model_key, data, section, project_root)}, curves
 
 
 def export_model(model: keras.Model) -> tuple[keras.Model, dict, keras.Model]:
-    """The trained model, for the MLflow Keras flavor, its architecture JSON and its weights."""
+    """The trained model, for the MLflow Keras flavor, its architecture JSON and its weights.
+
+    A 2D model (input (B, H, W, 1)) is fully convolutional: it is exported for whole slices of
+    any size, input (None, None, 1), as the pipeline's own inference runs it (in-plane sizes
+    divisible by 2**depth). A 3D model keeps its patch input; whole volumes go through
+    sliding windows.
+    """
+    if len(model.input_shape) == 4:
+        model = with_input_shape(model, (None, None, 1))
     return model, json.loads(model.to_json()), model
 
 
 def _named(func: Callable, model_key: str) -> Callable:
-    """`func` with `model_key` bound, keeping its name and docstring for kedro-viz."""
-    return update_wrapper(partial(func, model_key), func)
+    """`func` with its keyword `model_key` bound, keeping its name and docstring for kedro-viz.
+
+    A keyword, not the first positional argument: Kedro maps a node's inputs onto the
+    wrapped function's signature to validate typed `params:` inputs, so the positions must
+    stay those of the inputs.
+    """
+    return update_wrapper(partial(func, model_key=model_key), func)
 
 
 def evaluation_pipeline(model_key: str) -> Pipeline:
@@ -288,7 +367,7 @@ def evaluation_pipeline(model_key: str) -> Pipeline:
             ),
             Node(
                 _named(summarize_evaluation, m),
-                [f"{m}.metrics_per_case", f"{m}.history"],
+                [f"{m}.metrics_per_case", f"{m}.history", "params:data", f"params:{m}", "project_root"],
                 [f"{m}.metrics_summary", f"{m}.training_curves"],
                 name="summarize_evaluation",
                 namespace=m,

@@ -116,3 +116,112 @@ def test_same_seed_from_a_subfolder_gives_identical_weights_and_dice(unet_run: P
         np.testing.assert_array_equal(a, b)
     dice = [pd.read_csv(p / "data" / "08_reporting" / "unet" / "metrics_per_case.csv")["dice"].to_numpy() for p in (unet_run, project)]
     np.testing.assert_array_equal(dice[0], dice[1])
+
+
+# Issue 12: the logged model takes whole slices; reports name their run and data --------------
+
+
+def test_logged_keras_model_takes_whole_slices_of_any_size(unet_run: Path):
+    import keras
+    import mlflow
+
+    client, runs = mlflow_runs(unet_run)
+    uri = f"runs:/{runs[0].info.run_id}/unet_model"
+    mlflow.set_tracking_uri(f"sqlite:///{unet_run / 'mlflow.db'}")
+    try:
+        logged = mlflow.keras.load_model(uri)
+        info = mlflow.models.get_model_info(uri)
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert tuple(logged.input_shape) == (None, None, None, 1)
+    (spec,) = info.signature.inputs.inputs
+    assert (str(spec.type), tuple(spec.shape)) == ("float32", (-1, -1, -1, 1))
+    slices = np.random.default_rng(0).normal(size=(2, 40, 56, 1)).astype(np.float32)
+    probabilities = np.asarray(logged.predict(slices, verbose=0))
+    assert probabilities.shape == (2, 40, 56, 1)
+    assert probabilities.min() >= 0.0 and probabilities.max() <= 1.0
+    # The same weights as the trained model, which inference runs on the same whole slices.
+    trained = keras.models.load_model(unet_run / "data" / "06_models" / "unet" / "model.keras")
+    for a, b in zip(logged.get_weights(), trained.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    from medseg.models.training import with_input_shape
+
+    expected = np.asarray(with_input_shape(trained, (None, None, 1))(slices, training=False))
+    np.testing.assert_allclose(probabilities, expected, atol=1e-5)
+
+
+def _run_params(project: Path) -> dict:
+    from kedro.framework.session import KedroSession
+    from kedro.framework.startup import bootstrap_project
+
+    from conftest import nested
+
+    bootstrap_project(project)
+    with KedroSession.create(project_path=project, runtime_params=nested(TINY_UNET)) as session:
+        return session.load_context().params
+
+
+def test_metrics_summary_names_its_run_data_and_parameters(unet_run: Path, tmp_path: Path):
+    from medseg.models.training import training_fingerprint
+    from medseg.parameters import DataParams, UnetParams
+
+    summary = pd.read_json(unet_run / "data" / "08_reporting" / "unet" / "metrics_summary.json", typ="series")
+    _, runs = mlflow_runs(unet_run)
+    assert summary["mlflow_run_id"] == runs[0].info.run_id
+    assert summary["mlflow_run_name"] == runs[0].info.run_name
+    assert summary["data_source"] == "synthetic"
+    assert Path(summary["data_dir"]) == (unet_run / "data" / "01_raw" / "synthetic").resolve()
+    params = _run_params(unet_run)
+    expected = training_fingerprint(data=DataParams(**params["data"]), unet=UnetParams(**params["unet"]))
+    assert summary["params_hash"] == expected and len(expected) == 16
+    # Another epoch count is another hash; the data section counts too.
+    assert training_fingerprint(data=params["data"], unet={**params["unet"], "training": {**params["unet"]["training"], "epochs": 2}}) != expected
+    assert training_fingerprint(data={**params["data"], "seed": 1}, unet=params["unet"]) != expected
+    # The MLflow copy of the summary is the same file.
+    client, _ = mlflow_runs(unet_run)
+    local = client.download_artifacts(runs[0].info.run_id, "unet/metrics_summary.json", str(tmp_path))
+    assert pd.read_json(local, typ="series")["mlflow_run_id"] == runs[0].info.run_id
+
+
+def test_run_provenance_of_an_msd_folder_outside_a_tracked_run(tmp_path: Path):
+    from medseg.pipelines.modeling import run_provenance
+
+    data = {"source": "msd", "msd_dir": "elsewhere/Task04_Hippocampus", "seed": 42, "synthetic": {"dir": "data/01_raw/synthetic"}}
+    provenance = run_provenance("unet", data, {"seed": 7}, str(tmp_path))
+    assert provenance["mlflow_run_id"] is None and provenance["mlflow_run_name"] is None
+    assert provenance["data_source"] == "msd"
+    assert provenance["data_dir"] == str((tmp_path / "elsewhere" / "Task04_Hippocampus").resolve())
+    assert provenance["params_hash"] == run_provenance("unet", dict(reversed(data.items())), {"seed": 7}, "/other")["params_hash"]
+    assert provenance["params_hash"] != run_provenance("conv3d", data, {"seed": 7}, str(tmp_path))["params_hash"]
+
+
+def test_run_ends_with_a_summary_of_its_test_metrics(unet_run: Path, caplog):
+    """The project's RunSummaryHook, on this run's catalog and pipeline, as `kedro run` ends."""
+    import logging
+
+    from kedro.framework.project import pipelines
+    from kedro.framework.session import KedroSession
+    from kedro.framework.startup import bootstrap_project
+
+    from conftest import nested
+    from medseg.run_summary import RunSummaryHook
+
+    bootstrap_project(unet_run)
+    with KedroSession.create(project_path=unet_run, runtime_params=nested(TINY_UNET)) as session:
+        catalog = session.load_context().catalog
+    caplog.set_level(logging.INFO, logger="medseg.run_summary")
+    RunSummaryHook().after_pipeline_run({"project_path": str(unet_run)}, pipelines["unet"], catalog)
+    report = pd.read_csv(unet_run / "data" / "08_reporting" / "unet" / "metrics_per_case.csv")
+    _, runs = mlflow_runs(unet_run)
+    lines = caplog.messages[-1].splitlines()
+    assert lines[0] == f"Run {runs[0].info.run_name} finished."
+    assert lines[1].startswith(f"  unet: test Dice {report['dice'].mean():.3f}, IoU {report['iou'].mean():.3f}, HD95 ")
+    assert f"penalized HD95 {report['hd95_mm_penalized'].mean():.2f} mm ({len(report)} test case" in lines[1]
+    assert lines[2].strip() == "reports in data/08_reporting/unet"
+    assert lines[3].startswith("`kedro mlflow ui` to see more")
+
+
+def test_overlay_and_curve_figures_are_written(unet_run: Path):
+    reporting = unet_run / "data" / "08_reporting" / "unet"
+    for name in ("overlays.png", "training_curves.png"):
+        assert (reporting / name).read_bytes().startswith(b"\x89PNG")

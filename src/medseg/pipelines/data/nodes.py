@@ -20,6 +20,7 @@ from medseg.imaging.normalization import zscore_normalize
 from medseg.imaging.synthesis import GENERATOR_VERSION, synthesize_case
 from medseg.imaging.validation import binarize_label, dataset_fingerprint, fingerprint_cases, label_for_storage
 from medseg.parameters import DataParams, PreprocessingParams
+from medseg.progress import track_partitions
 from medseg.split import split_cases, split_sizes
 
 logger = logging.getLogger(__name__)
@@ -59,7 +60,10 @@ def ensure_synthetic_dataset(root: Path, settings: dict[str, Any]) -> None:
         except Exception:  # an unreadable manifest is simply regenerated
             pass
     logger.info("Writing %d synthetic phantoms to %s.", settings["n_cases"], root)
-    cases = ((f"case_{i:03d}", _phantom_maker(i, settings)) for i in range(settings["n_cases"]))
+    makers = track_partitions(
+        {f"case_{i:03d}": _phantom_maker(i, settings) for i in range(settings["n_cases"])}, "Writing phantoms", logger=logger
+    )
+    cases = iter(makers.items())
     write_msd_dataset(
         root,
         cases,
@@ -168,7 +172,10 @@ def canonicalize_cases(case_fingerprints: pd.DataFrame) -> tuple[dict, dict]:
         case = _case_files(row)
         images[case.case_id] = _canonical_loader(case.image_path, "image", case.channel)
         labels[case.case_id] = _canonical_loader(case.label_path, "label", None)
-    return images, labels
+    return (
+        track_partitions(images, "Canonicalizing images", logger=logger),
+        track_partitions(labels, "Canonicalizing labels", logger=logger),
+    )
 
 
 def plan_preprocessing(case_fingerprints: pd.DataFrame, fingerprint: dict, preprocessing: PreprocessingParams) -> dict:
@@ -240,7 +247,10 @@ def preprocess_cases(
         geometry = CaseGeometry.from_dict(record)
         images[case_id] = _preprocess_image(intermediate_images[case_id], geometry, preprocessing)
         labels[case_id] = _preprocess_label(intermediate_labels[case_id], geometry, data.get("foreground_labels"))
-    return images, labels
+    return (
+        track_partitions(images, "Preprocessing images", logger=logger),
+        track_partitions(labels, "Preprocessing labels", logger=logger),
+    )
 
 
 def split_dataset(case_fingerprints: pd.DataFrame, data: DataParams) -> pd.DataFrame:
