@@ -19,6 +19,7 @@ import pandas as pd
 from kedro.pipeline import Node, Pipeline
 from matplotlib.figure import Figure
 
+from medseg.datasets.folder import anchor_path
 from medseg.errors import GeometryMismatchError
 from medseg.evaluation import (
     OverlaySlice,
@@ -32,7 +33,6 @@ from medseg.evaluation import (
 from medseg.imaging.geometry import CaseGeometry, restore_original_geometry, to_canonical
 from medseg.imaging.io import Volume, read_volume, voxel_spacing
 from medseg.imaging.validation import binarize_label
-from medseg.datasets.folder import anchor_path
 from medseg.models.training import (
     derive_seed,
     fit_model,

@@ -225,3 +225,24 @@ def test_overlay_and_curve_figures_are_written(unet_run: Path):
     reporting = unet_run / "data" / "08_reporting" / "unet"
     for name in ("overlays.png", "training_curves.png"):
         assert (reporting / name).read_bytes().startswith(b"\x89PNG")
+
+
+def test_overlay_titles_name_the_case_slice_and_its_test_dice(unet_run: Path):
+    """`evaluate_predictions` on this run's saved masks: each overlay's title carries the case,
+    the axial slice shown and the Dice of metrics_per_case.csv."""
+    from medseg.imaging.io import read_volume
+    from medseg.pipelines.modeling import evaluate_predictions
+
+    masks = unet_run / "data" / "07_model_output" / "unet"
+    predictions = {p.name[: -len(".nii.gz")]: (lambda p=p: read_volume(str(p), kind="label")) for p in masks.glob("*.nii.gz")}
+    fingerprints = pd.read_csv(unet_run / "data" / "02_intermediate" / "case_fingerprints.csv", dtype={"case_id": str})
+    splits = pd.read_csv(unet_run / "data" / "03_primary" / "splits.csv", dtype={"case_id": str})
+    per_case, figure = evaluate_predictions(
+        predictions, fingerprints, splits, {"foreground_labels": None}, {"n_overlay_cases": 4}
+    )
+    report = pd.read_csv(unet_run / "data" / "08_reporting" / "unet" / "metrics_per_case.csv", dtype={"case_id": str})
+    np.testing.assert_allclose(per_case["dice"], report["dice"])
+    titles = [axis.get_title() for axis in figure.axes if axis.get_title()]
+    assert len(titles) == len(report)
+    for title, (_, row) in zip(titles, report.iterrows()):
+        assert re.fullmatch(rf"{row['case_id']} · axial slice \d+ · case Dice {row['dice']:.3f}", title)
