@@ -232,6 +232,9 @@ def test_training_curves_say_their_dice_is_the_batch_dice_of_the_samples():
     # Without `samples`, or with no Dice/IoU family (the patch classifier), no caption.
     assert plot_training_curves(history).get_supxlabel() == ""
     assert plot_training_curves({"loss": [1.0], "accuracy": [0.5]}, samples="sampled 3D patches").get_supxlabel() == ""
+    per_class = plot_training_curves({"loss": [1.0], "dice_1": [0.5], "val_dice_1": [0.4]}, samples="sampled 3D patches")
+    assert [axis.get_title() for axis in per_class.axes] == ["loss", "dice_1 (batch, soft)"]
+    assert "sampled 3D patches" in per_class.get_supxlabel()
 
 
 def test_overlay_titles_give_the_case_its_slice_and_its_dice():

@@ -166,6 +166,11 @@ def _metric_families(names: Iterable[str]) -> list[str]:
 SOFT_METRIC_FAMILIES = ("dice", "iou")
 
 
+def _is_soft_metric(family: str) -> bool:
+    """`dice`, `iou` and their per-class forms (`dice_1`, `iou_2`)."""
+    return family.split("_")[0] in SOFT_METRIC_FAMILIES
+
+
 def training_metrics_caption(samples: str) -> str:
     """What a training curve's Dice and IoU are, for the figure: not the test metrics.
 
@@ -188,7 +193,7 @@ def plot_training_curves(history: Mapping[str, Sequence[float]], samples: str | 
             "iou": [...], "val_iou": [...]}`. A key `val_<name>` is the validation curve of
             family `<name>`; a family may have only one of the two.
         samples: what the training batches held (e.g. "sampled 2D slices"). When given and
-            the history has a `dice` or `iou` family, the figure says below its axes that
+            the history has a `dice` or `iou` family (or a per-class `dice_k`), the figure says below its axes that
             these are batch metrics of those samples, not the per-case 3D test metrics
             (:func:`training_metrics_caption`), and those axes are titled "(batch, soft)".
 
@@ -204,7 +209,7 @@ def plot_training_curves(history: Mapping[str, Sequence[float]], samples: str | 
     families = _metric_families(history)
     if not families:
         raise ValueError("The training history is empty: there is nothing to plot.")
-    captioned = samples is not None and any(family in SOFT_METRIC_FAMILIES for family in families)
+    captioned = samples is not None and any(_is_soft_metric(family) for family in families)
     figure = _new_figure(4.5 * len(families), 4.3 if captioned else 3.5)
     axes = figure.subplots(1, len(families), squeeze=False)[0]
     n_epochs = 1
@@ -216,7 +221,7 @@ def plot_training_curves(history: Mapping[str, Sequence[float]], samples: str | 
             epochs = np.arange(1, len(values) + 1)
             n_epochs = max(n_epochs, len(values))
             axis.plot(epochs, np.asarray(values, dtype=np.float64), marker="o", markersize=5, label=split)
-        title = f"{family} (batch, soft)" if captioned and family in SOFT_METRIC_FAMILIES else family
+        title = f"{family} (batch, soft)" if captioned and _is_soft_metric(family) else family
         axis.set_title(title)
         axis.set_xlabel("epoch")
         axis.set_ylabel(family)
