@@ -80,32 +80,32 @@ def _catalog_with_summary(tmp_path: Path, summary: dict) -> DataCatalog:
     return DataCatalog({"unet.metrics_summary": JSONDataset(filepath=str(path)), "other": MemoryDataset(1)})
 
 
-def test_hook_logs_the_summary_of_the_models_this_run_evaluated(tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="medseg.run_summary")
+def test_hook_prints_the_summary_of_the_models_this_run_evaluated(tmp_path, capsys):
     catalog = _catalog_with_summary(tmp_path, _summary())
     pipeline = Pipeline([Node(_identity, "a", "unet.metrics_summary", name="summarize_evaluation", namespace="unet")])
     RunSummaryHook().after_pipeline_run({"project_path": str(tmp_path)}, pipeline, catalog)
-    assert caplog.messages == [
-        "Run UNet-Adam-BCE+Dice-20261125-run3 finished.\n"
+    assert capsys.readouterr().out == (
+        "\nRun UNet-Adam-BCE+Dice-20261125-run3 finished.\n"
         "  unet: test Dice 0.881, IoU 0.791, HD95 7.19 mm, penalized HD95 7.19 mm (5 test cases)\n"
         "        reports in data/08_reporting/unet\n"
-        "`kedro mlflow ui` to see more (curves, parameters, models, artifacts)."
-    ]
+        "`kedro mlflow ui` to see more (curves, parameters, models, artifacts).\n\n"
+    )
 
 
-def test_hook_is_silent_when_no_model_was_evaluated(tmp_path, caplog):
+def test_hook_is_silent_when_no_model_was_evaluated(tmp_path, capsys, caplog):
     """A `data` run, or a run from a node after the summary: an old summary is not shown."""
     caplog.set_level(logging.INFO, logger="medseg.run_summary")
     catalog = _catalog_with_summary(tmp_path, _summary())
     pipeline = Pipeline([Node(_identity, "a", "b", name="predict_unet", namespace="unet")])
     RunSummaryHook().after_pipeline_run({"project_path": str(tmp_path)}, pipeline, catalog)
-    assert caplog.messages == []
+    assert capsys.readouterr().out == "" and caplog.messages == []
 
 
-def test_hook_warns_instead_of_failing_when_the_summary_is_unreadable(tmp_path, caplog):
+def test_hook_warns_instead_of_failing_when_the_summary_is_unreadable(tmp_path, capsys, caplog):
     caplog.set_level(logging.INFO, logger="medseg.run_summary")
     catalog = DataCatalog({"unet.metrics_summary": JSONDataset(filepath=str(tmp_path / "missing.json"))})
     pipeline = Pipeline([Node(_identity, "a", "unet.metrics_summary", name="summarize_evaluation", namespace="unet")])
     RunSummaryHook().after_pipeline_run({"project_path": str(tmp_path)}, pipeline, catalog)
+    assert capsys.readouterr().out == ""
     assert len(caplog.records) == 1 and caplog.records[0].levelno == logging.WARNING
     assert caplog.messages[0].startswith("No summary of unet: unet.metrics_summary could not be read")

@@ -1,7 +1,8 @@
 """The last lines of a model run: its MLflow name, its test metrics, and where to look next.
 
 Kedro ends a run with "Pipeline execution completed successfully"; this hook follows that line
-with what the user ran it for:
+with what the user ran it for, printed as a plain block (not a log record, whose message column
+would wrap it on an 80-column console):
 
     Run UNet-Adam-BCE+Dice-20261125-run3 finished.
       unet: test Dice 0.881, IoU 0.791, HD95 7.19 mm, penalized HD95 7.19 mm (5 test cases)
@@ -108,7 +109,8 @@ def _report_folder(dataset: Any, project_path: str | Path | None) -> str | None:
 
 
 class RunSummaryHook:
-    """Ends a run that evaluated a model with its run name, test metrics and reports folder."""
+    """Ends a run that evaluated a model with its run name, test metrics and reports folder,
+    printed to stdout after Kedro's last log line."""
 
     @hook_impl
     def after_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
@@ -126,4 +128,4 @@ class RunSummaryHook:
                 continue
             folders[model] = _report_folder(catalog.get(name), run_params.get("project_path"))
         if summaries:
-            logger.info(format_run_summary(summaries, folders))
+            print(f"\n{format_run_summary(summaries, folders)}\n", flush=True)

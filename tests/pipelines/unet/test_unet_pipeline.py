@@ -195,10 +195,8 @@ def test_run_provenance_of_an_msd_folder_outside_a_tracked_run(tmp_path: Path):
     assert provenance["params_hash"] != run_provenance("conv3d", data, {"seed": 7}, str(tmp_path))["params_hash"]
 
 
-def test_run_ends_with_a_summary_of_its_test_metrics(unet_run: Path, caplog):
+def test_run_ends_with_a_summary_of_its_test_metrics(unet_run: Path, capsys):
     """The project's RunSummaryHook, on this run's catalog and pipeline, as `kedro run` ends."""
-    import logging
-
     from kedro.framework.project import pipelines
     from kedro.framework.session import KedroSession
     from kedro.framework.startup import bootstrap_project
@@ -209,11 +207,11 @@ def test_run_ends_with_a_summary_of_its_test_metrics(unet_run: Path, caplog):
     bootstrap_project(unet_run)
     with KedroSession.create(project_path=unet_run, runtime_params=nested(TINY_UNET)) as session:
         catalog = session.load_context().catalog
-    caplog.set_level(logging.INFO, logger="medseg.run_summary")
+    capsys.readouterr()
     RunSummaryHook().after_pipeline_run({"project_path": str(unet_run)}, pipelines["unet"], catalog)
     report = pd.read_csv(unet_run / "data" / "08_reporting" / "unet" / "metrics_per_case.csv")
     _, runs = mlflow_runs(unet_run)
-    lines = caplog.messages[-1].splitlines()
+    lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0] == f"Run {runs[0].info.run_name} finished."
     assert lines[1].startswith(f"  unet: test Dice {report['dice'].mean():.3f}, IoU {report['iou'].mean():.3f}, HD95 ")
     assert f"penalized HD95 {report['hd95_mm_penalized'].mean():.2f} mm ({len(report)} test case" in lines[1]
