@@ -54,11 +54,22 @@ def test_the_defaults_validate_and_read_like_dicts():
         ("data", "preprocessing.clip_percentiles", [99, 1], r"low < high"),
         ("data", "foreground_labels", [300], r"foreground_labels\.0\n.*less than or equal to 255"),
         ("data", "sourec", "msd", r"unknown parameter 'sourec' \(did you mean 'source'\?\)"),
+        ("data", "label_mode", "multi", r"label_mode\n.*'auto', 'multiclass' or 'binary'"),
+        ("data", "synthetic.n_classes", 4, r"synthetic\.n_classes\n.*less than or equal to 3"),
     ],
 )
 def test_mistakes_are_refused_naming_the_parameter(root, dotted, value, message):
     with pytest.raises(ValidationError, match=re.compile(message, re.S)):
         ROOTS[root](**_with(root, dotted, value))
+
+
+def test_multiclass_with_foreground_labels_is_refused():
+    section = _with("data", "label_mode", "multiclass")
+    section["foreground_labels"] = [1]
+    with pytest.raises(ValidationError, match=r"label_mode=multiclass.*unset foreground_labels, or use label_mode=binary"):
+        ROOTS["data"](**section)
+    section["label_mode"] = "binary"
+    assert ROOTS["data"](**section)["foreground_labels"] == [1]
 
 
 def test_the_readme_table_the_yaml_and_the_schema_agree():

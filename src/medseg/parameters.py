@@ -71,6 +71,7 @@ class SyntheticParams(Section):
     in_plane_spacing_range: tuple[Millimetres, Millimetres]
     slice_spacing_range: tuple[Millimetres, Millimetres]
     n_lesions_range: tuple[Positive, Positive]
+    n_classes: Annotated[int, Field(ge=1, le=3)]
 
     def __post_init__(self) -> None:
         for name in ("n_slices_range", "in_plane_spacing_range", "slice_spacing_range", "n_lesions_range"):
@@ -110,6 +111,7 @@ class DataParams(Section):
     source: Literal["synthetic", "msd"]
     msd_dir: str | None
     channel: NonNegative | str | None
+    label_mode: Literal["auto", "multiclass", "binary"]
     foreground_labels: list[Annotated[int, Field(ge=1, le=255)]] | None
     seed: NonNegative
     synthetic: SyntheticParams
@@ -119,6 +121,11 @@ class DataParams(Section):
     def __post_init__(self) -> None:
         if self.source == "msd" and not self.msd_dir:
             raise ValueError("source=msd needs msd_dir, e.g. --params data.source=msd,data.msd_dir=/abs/Task04_Hippocampus")
+        if self.label_mode == "multiclass" and self.foreground_labels is not None:
+            raise ValueError(
+                "label_mode=multiclass makes each label that dataset.json lists a class; foreground_labels merges "
+                "labels into one (binary mode): unset foreground_labels, or use label_mode=binary"
+            )
         super().__post_init__()
 
 

@@ -1,3 +1,5 @@
+import json
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -13,10 +15,13 @@ from medseg.errors import (
 from medseg.imaging.msd import CaseFiles
 from medseg.imaging.validation import (
     binarize_label,
+    class_indices_to_label,
     dataset_fingerprint,
     fingerprint_case,
     fingerprint_cases,
     label_for_storage,
+    label_to_class_indices,
+    resolve_label_classes,
 )
 
 
@@ -144,3 +149,84 @@ def test_zero_spacing_and_singular_affine_name_the_file(tmp_path):
     skew = CaseFiles("skew", str(tmp_path / "skew_img.nii.gz"), str(tmp_path / "skew_lbl.nii.gz"), None)
     with pytest.raises(InvalidGeometryError, match=r"2 of 3 cases are invalid[\s\S]*flat_img.nii.gz: the voxel spacing is zero along z[\s\S]*skew_img.nii.gz: the affine is singular"):
         fingerprint_cases([_good(tmp_path), flat, skew])
+
+
+HIPPOCAMPUS = {1: "anterior", 2: "posterior"}
+
+
+@pytest.mark.parametrize(
+    ("listed", "mode", "foreground_labels", "expected"),
+    [
+        (HIPPOCAMPUS, "auto", None, ("multiclass", {1: "anterior", 2: "posterior"})),
+        ({1: "lesion"}, "auto", None, ("binary", {1: "lesion"})),
+        ({1: "lesion"}, "multiclass", None, ("multiclass", {1: "lesion"})),
+        (HIPPOCAMPUS, "binary", None, ("binary", {1: "foreground"})),
+        (HIPPOCAMPUS, "auto", [2], ("binary", {1: "posterior"})),  # a merge was asked for
+        (HIPPOCAMPUS, "binary", [1, 2], ("binary", {1: "foreground"})),
+        ({}, "auto", None, ("binary", {1: "foreground"})),
+        ({5: "tumour", 2: "edema"}, "auto", None, ("multiclass", {2: "edema", 5: "tumour"})),
+    ],
+)
+def test_label_mode_and_classes(listed, mode, foreground_labels, expected):
+    mode_found, classes = resolve_label_classes(listed, mode, foreground_labels)
+    assert (mode_found, classes) == expected
+    assert list(classes) == sorted(classes)
+
+
+def test_label_modes_that_cannot_work_are_refused():
+    with pytest.raises(ConfigurationError, match=r"multiclass with data.foreground_labels=\[1\].*use data.label_mode=binary"):
+        resolve_label_classes(HIPPOCAMPUS, "multiclass", [1])
+    with pytest.raises(ConfigurationError, match=r"/d/dataset.json: 'labels' lists no foreground label"):
+        resolve_label_classes({}, "multiclass", None, "/d/dataset.json")
+    with pytest.raises(ConfigurationError, match=r"data.label_mode='multi'"):
+        resolve_label_classes(HIPPOCAMPUS, "multi")
+
+
+def test_label_values_to_class_indices_and_back():
+    label = np.array([[0, 2, 5], [5, 0, 2]], np.int16)
+    indices = label_to_class_indices(label, [2, 5])
+    assert indices.dtype == np.uint8 and indices.tolist() == [[0, 1, 2], [2, 0, 1]]
+    assert class_indices_to_label(indices, [2, 5]).tolist() == label.tolist()
+    assert label_to_class_indices(label.astype(np.uint8), [2, 5]).tolist() == indices.tolist()
+
+
+def _two_sides(tmp_path, name, left=1, right=2):
+    """A body spanning x = 2..13 (midline 7.5) with `left` at low x (RAS) and `right` at high x."""
+    image = np.zeros((16, 8, 4), np.float32)
+    image[2:14] = 100.0
+    label = np.zeros((16, 8, 4), np.uint8)
+    label[3:6, 2:5, 1:3] = left
+    label[10:12, 2:5, 1:3] = right
+    return _case(tmp_path, name, image, label)
+
+
+def test_multiclass_fingerprint_records_each_class_share_and_side(tmp_path):
+    record = fingerprint_case(_two_sides(tmp_path, "s"), classes=HIPPOCAMPUS)
+    assert record["share_1"] == pytest.approx(18 / 512) and record["share_2"] == pytest.approx(12 / 512)
+    assert record["foreground_fraction"] == pytest.approx(30 / 512)
+    assert json.loads(record["right_fractions"]) == {"1": 0.0, "2": 1.0}
+    binary = fingerprint_case(_two_sides(tmp_path, "b"))
+    assert binary["share_1"] == pytest.approx(30 / 512) and binary["right_fractions"] == "{}"
+    assert "share_2" not in binary
+
+
+def test_a_label_value_that_dataset_json_does_not_list_is_refused(tmp_path):
+    case = _two_sides(tmp_path, "odd", right=3)
+    with pytest.raises(
+        InvalidLabelError,
+        match=r"odd_lbl.nii.gz: the label holds the values \[3\], which dataset.json does not list.*"
+        r"List them in dataset.json's labels, or use data.label_mode=binary",
+    ):
+        fingerprint_cases([_two_sides(tmp_path, "fine"), case], classes=HIPPOCAMPUS)
+    assert fingerprint_case(case)["share_1"] == pytest.approx(30 / 512)  # binary mode merges it
+
+
+def test_dataset_fingerprint_classes_and_lateralized(tmp_path):
+    sided = [fingerprint_case(_two_sides(tmp_path, f"s{i}"), classes=HIPPOCAMPUS) for i in range(2)]
+    fingerprint = dataset_fingerprint(sided, "multiclass", HIPPOCAMPUS)
+    assert fingerprint["label_mode"] == "multiclass"
+    assert fingerprint["classes"] == {"1": "anterior", "2": "posterior"} and fingerprint["lateralized"] == [1, 2]
+    swapped = sided + [fingerprint_case(_two_sides(tmp_path, "w", left=2, right=1), classes=HIPPOCAMPUS)]
+    assert dataset_fingerprint(swapped, "multiclass", HIPPOCAMPUS)["lateralized"] == []
+    binary = dataset_fingerprint([fingerprint_case(_good(tmp_path))])
+    assert (binary["label_mode"], binary["classes"], binary["lateralized"]) == ("binary", {"1": "foreground"}, [])

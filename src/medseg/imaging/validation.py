@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Literal
 
 import nibabel as nib
 import numpy as np
@@ -23,6 +24,7 @@ from medseg.errors import (
 )
 from medseg.imaging.geometry import nonzero_bounding_box, to_canonical
 from medseg.imaging.io import Volume, read_volume
+from medseg.imaging.laterality import body_midline, lateralized_classes, right_fractions
 from medseg.imaging.msd import CaseFiles
 from medseg.progress import CaseProgress
 
@@ -30,6 +32,9 @@ logger = logging.getLogger(__name__)
 
 AFFINE_TOLERANCE_MM = 1e-3
 MAX_FOREGROUND_LABEL = 255  # foreground values must fit the uint8 labels written to disk
+BINARY_CLASS_NAME = "foreground"  # the merged class, unless dataset.json names its one label
+
+LabelMode = Literal["binary", "multiclass"]
 
 
 def check_foreground_labels(foreground_labels: Sequence[int] | int | None) -> list[int] | None:
@@ -49,6 +54,86 @@ def check_foreground_labels(foreground_labels: Sequence[int] | int | None) -> li
             f"1..{MAX_FOREGROUND_LABEL} (bad: {bad}), e.g. [1, 2], or null for every value above 0."
         )
     return sorted({int(v) for v in values})
+
+
+def resolve_label_classes(
+    listed: Mapping[int, str],
+    label_mode: str = "auto",
+    foreground_labels: Sequence[int] | None = None,
+    manifest: str = "dataset.json",
+) -> tuple[LabelMode, dict[int, str]]:
+    """The label mode and the classes to train on, from what `dataset.json` lists.
+
+    - `multiclass`: every listed foreground label is a class, {label value: name} in
+      ascending order (value i-th = training index i, background 0).
+    - `binary`: every foreground value (or those of `data.foreground_labels`) merged into one
+      class, `{1: name}`; the name is the listed name of the only value merged when there is
+      exactly one, else "foreground".
+    - `auto` (the default): multiclass when dataset.json lists more than one foreground label,
+      else binary. Setting `data.foreground_labels` asks for a merge, so auto is then binary.
+
+    Args:
+        listed: :func:`medseg.imaging.msd.foreground_classes` of the dataset.
+        label_mode: `data.label_mode`: auto, multiclass or binary.
+        foreground_labels: `data.foreground_labels` (binary only), checked as in
+            :func:`check_foreground_labels`.
+        manifest: the dataset.json path, for messages.
+
+    Returns:
+        (`"binary"` or `"multiclass"`, {label value: name}).
+
+    Raises:
+        ConfigurationError: an unknown mode; multiclass with `data.foreground_labels` set;
+            multiclass when dataset.json lists no foreground label.
+    """
+    foreground_labels = check_foreground_labels(foreground_labels)
+    if label_mode not in ("auto", "multiclass", "binary"):
+        raise ConfigurationError(f"data.label_mode='{label_mode}': use auto, multiclass or binary.")
+    if label_mode == "auto":
+        label_mode = "multiclass" if len(listed) > 1 and foreground_labels is None else "binary"
+    if label_mode == "multiclass":
+        if foreground_labels is not None:
+            raise ConfigurationError(
+                f"data.label_mode=multiclass with data.foreground_labels={foreground_labels}: foreground_labels merges "
+                "labels into one class, which is binary mode. Unset data.foreground_labels (every label that "
+                f"{manifest} lists becomes a class), or use data.label_mode=binary."
+            )
+        if not listed:
+            raise ConfigurationError(
+                f"{manifest}: 'labels' lists no foreground label, so data.label_mode=multiclass has no class. "
+                'List the labels, e.g. {"0": "background", "1": "tumour"}, or use data.label_mode=binary.'
+            )
+        return "multiclass", dict(sorted((int(v), str(n)) for v, n in listed.items()))
+    merged = foreground_labels if foreground_labels is not None else sorted(listed)
+    name = listed[merged[0]] if len(merged) == 1 and merged[0] in listed else BINARY_CLASS_NAME
+    return "binary", {1: name}
+
+
+def label_to_class_indices(label: np.ndarray, values: Sequence[int]) -> np.ndarray:
+    """Map a label map's dataset values to training class indices: `values[i]` becomes i + 1,
+    0 stays 0.
+
+    Args:
+        label: (X, Y, Z) integer label map holding only 0 and `values` (as validation ensures;
+            any other value becomes 0).
+        values: the foreground label values, ascending (the keys of the fingerprint's `classes`).
+
+    Returns:
+        uint8 (X, Y, Z) map with values 0..len(values).
+    """
+    table = np.zeros(MAX_FOREGROUND_LABEL + 1, dtype=np.uint8)
+    table[np.asarray(values, dtype=np.intp)] = np.arange(1, len(values) + 1, dtype=np.uint8)
+    if label.dtype != np.uint8:
+        label = np.where((label < 0) | (label > MAX_FOREGROUND_LABEL), 0, label)
+    return table[label]
+
+
+def class_indices_to_label(indices: np.ndarray, values: Sequence[int]) -> np.ndarray:
+    """The inverse of :func:`label_to_class_indices`: training indices 0..K back to the
+    dataset's label values (index i + 1 becomes `values[i]`), uint8 (X, Y, Z)."""
+    table = np.zeros(len(values) + 1, dtype=np.uint8)
+    table[1:] = np.asarray(values, dtype=np.uint8)
+    return table[indices]
 
 
 def binarize_label(label: np.ndarray, foreground_labels: Sequence[int] | None = None) -> np.ndarray:
@@ -118,27 +203,45 @@ def read_case(case: CaseFiles) -> tuple[Volume, Volume]:
 
 
 def fingerprint_case(
-    case: CaseFiles, foreground_labels: Sequence[int] | None = None, crop_margin: int | None = None
+    case: CaseFiles,
+    foreground_labels: Sequence[int] | None = None,
+    crop_margin: int | None = None,
+    classes: Mapping[int, str] | None = None,
 ) -> dict:
     """Read, check and summarise one case.
 
     Args:
         case: where the case's files are.
-        foreground_labels: see :func:`binarize_label`.
+        foreground_labels: see :func:`binarize_label` (binary mode).
         crop_margin: when not None, also record the nonzero bounding box of the image in
             canonical voxels, grown by this many voxels (for `crop_to_nonzero`).
+        classes: the multiclass classes {label value: name} (:func:`resolve_label_classes`);
+            None for binary mode, where the foreground of `foreground_labels` is class 1.
 
     Returns:
         A flat record: file paths, original shape and affine (JSON text), orientation codes,
         source dtype, canonical spacing in mm, the label values present (JSON text), foreground
-        voxel count and fraction, and intensity statistics (overall and inside the foreground).
+        voxel count and fraction, `share_<value>` for each class (its fraction of all voxels;
+        `share_1` is the foreground fraction in binary mode), `right_fractions` (JSON text,
+        multiclass only, else "{}": for each class present, the fraction of its voxels right of
+        the body's midline in canonical RAS, see :mod:`medseg.imaging.laterality`), and
+        intensity statistics (overall and inside the foreground).
 
     Raises:
         the errors of :func:`read_case`; InvalidLabelError when a label value above 255 would
-        be foreground (foreground must fit the uint8 labels written to disk).
+        be foreground (foreground must fit the uint8 labels written to disk), or, in multiclass
+        mode, when the label holds a value that `classes` does not list.
     """
     image, label = read_case(case)
     values = label_values(label.data)
+    if classes is not None:
+        unlisted = [v for v in values if v != 0 and v not in classes]
+        if unlisted:
+            raise InvalidLabelError(
+                f"{case.label_path}: the label holds the values {unlisted[:20]}, which dataset.json does not list "
+                f"in 'labels' (it lists {dict(classes)}, and 0 for the background). List them in dataset.json's "
+                "labels, or use data.label_mode=binary to merge the foreground values into one class."
+            )
     too_large = [v for v in values if v > MAX_FOREGROUND_LABEL]
     if too_large and foreground_labels is None:
         raise InvalidLabelError(
@@ -149,6 +252,12 @@ def fingerprint_case(
         )
     canonical = to_canonical(image)
     foreground = binarize_label(label.data, foreground_labels).astype(bool)
+    if classes is None:
+        shares = {"share_1": float(foreground.mean())}
+        sides: dict[int, float] = {}
+    else:
+        shares = {f"share_{v}": float(np.count_nonzero(label.data == v)) / label.data.size for v in sorted(classes)}
+        sides = right_fractions(to_canonical(label).data, body_midline(canonical.data))
     inside = image.data[foreground]
     spacing = canonical.spacing
     record = {
@@ -166,6 +275,8 @@ def fingerprint_case(
         "label_values": json.dumps(values),
         "foreground_voxels": int(foreground.sum()),
         "foreground_fraction": float(foreground.mean()),
+        **shares,
+        "right_fractions": json.dumps({str(v): f for v, f in sorted(sides.items())}),
         "intensity_mean": float(image.data.mean(dtype=np.float64)),
         "intensity_std": float(image.data.std(dtype=np.float64)),
         "foreground_intensity_mean": float(inside.mean(dtype=np.float64)) if inside.size else float("nan"),
@@ -179,7 +290,10 @@ def fingerprint_case(
 
 
 def fingerprint_cases(
-    cases: Sequence[CaseFiles], foreground_labels: Sequence[int] | None = None, crop_margin: int | None = None
+    cases: Sequence[CaseFiles],
+    foreground_labels: Sequence[int] | None = None,
+    crop_margin: int | None = None,
+    classes: Mapping[int, str] | None = None,
 ) -> list[dict]:
     """Fingerprint every case, one in memory at a time, reporting all bad cases at once.
 
@@ -187,6 +301,8 @@ def fingerprint_cases(
         cases: the cases to read.
         foreground_labels: see :func:`binarize_label`; checked first (values in 1..255).
         crop_margin: see :func:`fingerprint_case`.
+        classes: see :func:`fingerprint_case` (None: binary mode). A listed class that no
+            case holds is logged as a warning: a model cannot learn it.
 
     Returns:
         One record per case, in the order given.
@@ -205,7 +321,7 @@ def fingerprint_cases(
     progress = CaseProgress("Validating", len(cases), logger=logger)
     for case in cases:
         try:
-            records.append(fingerprint_case(case, foreground_labels, crop_margin))
+            records.append(fingerprint_case(case, foreground_labels, crop_margin, classes))
         except MedsegError as exc:
             failures.append(exc)
         progress.advance(case.case_id)
@@ -214,6 +330,12 @@ def fingerprint_cases(
             raise failures[0]
         lines = "\n".join(f"  - {exc}" for exc in failures)
         raise type(failures[0])(f"{len(failures)} of {len(cases)} cases are invalid:\n{lines}")
+    absent = [f"{v} ({name})" for v, name in (classes or {}).items() if not any(r[f"share_{v}"] for r in records)]
+    if absent:
+        logger.warning(
+            "dataset.json lists the classes %s, but no label of the %d cases holds them: a model cannot learn them.",
+            ", ".join(absent), len(records),
+        )
     if foreground_labels is not None and not any(record["foreground_voxels"] for record in records):
         found = sorted({v for record in records for v in json.loads(record["label_values"])})
         usable = [v for v in found if 0 < v <= MAX_FOREGROUND_LABEL]
@@ -230,12 +352,28 @@ def fingerprint_cases(
     return records
 
 
-def dataset_fingerprint(records: Sequence[dict]) -> dict:
+def dataset_fingerprint(
+    records: Sequence[dict], label_mode: LabelMode = "binary", classes: Mapping[int, str] | None = None
+) -> dict:
     """Dataset-level statistics that the preprocessing plan reads (JSON-serialisable).
 
     The median spacing is nnU-Net's default target spacing: it keeps most cases close to
     their native resolution.
+
+    Args:
+        records: :func:`fingerprint_cases`' records.
+        label_mode: `binary` or `multiclass` (:func:`resolve_label_classes`).
+        classes: {label value: name}; None means `{1: "foreground"}`.
+
+    Returns:
+        The statistics, with `label_mode`, `classes` ({"<label value>": name} in ascending
+        value order: the i-th is training index i + 1; in binary mode the one merged class "1")
+        and `lateralized` (the label values on one and the same side of the body's midline in
+        every case that holds them, :func:`medseg.imaging.laterality.lateralized_classes`;
+        always empty in binary mode).
     """
+    classes = dict(sorted((classes or {1: BINARY_CLASS_NAME}).items()))
+    sides = [{int(v): f for v, f in json.loads(r.get("right_fractions") or "{}").items()} for r in records]
     spacings = np.array([[r["spacing_x"], r["spacing_y"], r["spacing_z"]] for r in records])
     fractions = np.array([r["foreground_fraction"] for r in records])
     orientations: dict[str, int] = {}
@@ -251,4 +389,7 @@ def dataset_fingerprint(records: Sequence[dict]) -> dict:
         "cases_without_foreground": int((fractions == 0).sum()),
         "intensity_mean": float(np.mean([r["intensity_mean"] for r in records])),
         "intensity_std": float(np.mean([r["intensity_std"] for r in records])),
+        "label_mode": label_mode,
+        "classes": {str(v): name for v, name in classes.items()},
+        "lateralized": lateralized_classes(sides) if label_mode == "multiclass" else [],
     }

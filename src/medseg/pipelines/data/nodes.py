@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,24 +14,45 @@ import pandas as pd
 
 from medseg.datasets.folder import anchor_path
 from medseg.errors import ConfigurationError
-from medseg.imaging.geometry import CaseGeometry, plan_case_geometry, to_canonical, to_training_grid
+from medseg.imaging.geometry import (
+    CaseGeometry,
+    label_to_training_grid,
+    plan_case_geometry,
+    to_canonical,
+    to_training_grid,
+)
 from medseg.imaging.io import Volume, read_volume
-from medseg.imaging.msd import CaseFiles, list_msd_cases, read_dataset_json, write_msd_dataset
+from medseg.imaging.msd import CaseFiles, foreground_classes, list_msd_cases, read_dataset_json, write_msd_dataset
 from medseg.imaging.normalization import zscore_normalize
 from medseg.imaging.synthesis import GENERATOR_VERSION, synthesize_case
-from medseg.imaging.validation import binarize_label, dataset_fingerprint, fingerprint_cases, label_for_storage
+from medseg.imaging.validation import (
+    binarize_label,
+    dataset_fingerprint,
+    fingerprint_cases,
+    label_for_storage,
+    label_to_class_indices,
+    resolve_label_classes,
+)
 from medseg.parameters import DataParams, PreprocessingParams
 from medseg.progress import track_partitions
 from medseg.split import split_cases, split_sizes
 
 logger = logging.getLogger(__name__)
 
+# dataset.json names of the synthetic classes, by `data.synthetic.n_classes`: nested lesion
+# shells from the rim (1) to the core (K), see `synthesize_case`.
+SYNTHETIC_CLASS_NAMES = {1: ("lesion",), 2: ("rim", "core"), 3: ("rim", "shell", "core")}
+
 
 def _synthesis_settings(data: dict[str, Any]) -> dict[str, Any]:
     """What determines the phantoms: when it changes, they are generated again. In the JSON
-    form that `dataset.json` stores (lists, not tuples), so that the two compare equal."""
+    form that `dataset.json` stores (lists, not tuples), so that the two compare equal.
+    `n_classes` 1 (the default) is left out, so that phantoms written before it existed,
+    which are the same bit for bit, stay valid."""
     synthetic = dict(data["synthetic"])
     synthetic.pop("dir", None)
+    if synthetic.get("n_classes", 1) == 1:
+        synthetic.pop("n_classes", None)
     return json.loads(json.dumps({"generator_version": GENERATOR_VERSION, "seed": int(data["seed"]), **synthetic}))
 
 
@@ -44,6 +66,7 @@ def _phantom_maker(index: int, settings: dict[str, Any]) -> Callable[[], tuple[V
             in_plane_spacing_range=tuple(settings["in_plane_spacing_range"]),
             slice_spacing_range=tuple(settings["slice_spacing_range"]),
             n_lesions_range=tuple(settings["n_lesions_range"]),
+            n_classes=int(settings.get("n_classes", 1)),
         )
         return Volume(image, affine), Volume(label, affine)
 
@@ -70,12 +93,16 @@ def ensure_synthetic_dataset(root: Path, settings: dict[str, Any]) -> None:
         {
             "name": "medseg-synthetic",
             "description": "MR-like phantoms with small hyperintense lesions (medseg)",
+            "labels": {
+                "0": "background",
+                **{str(i): name for i, name in enumerate(SYNTHETIC_CLASS_NAMES[settings.get("n_classes", 1)], 1)},
+            },
             "medseg_synthesis": settings,
         },
     )
 
 
-def list_source_cases(data: DataParams, project_root: str) -> pd.DataFrame:
+def list_source_cases(data: DataParams, project_root: str) -> tuple[pd.DataFrame, dict]:
     """List the training cases of the chosen source, synthesising phantoms when needed.
 
     Args:
@@ -85,7 +112,9 @@ def list_source_cases(data: DataParams, project_root: str) -> pd.DataFrame:
         project_root: the project's root folder (catalog entry `project_root`).
 
     Returns:
-        One row per case: case_id, image_path, label_path, channel.
+        `source_cases`, one row per case: case_id, image_path, label_path, channel; and
+        `source_classes`: {"manifest": dataset.json's path, "classes": {label value: name}}, the
+        foreground labels it lists (:func:`medseg.imaging.msd.foreground_classes`).
     """
     source = data["source"]
     if source == "synthetic":
@@ -97,10 +126,13 @@ def list_source_cases(data: DataParams, project_root: str) -> pd.DataFrame:
             raise ConfigurationError(
                 "data.source=msd needs data.msd_dir, e.g. --params data.source=msd,data.msd_dir=/abs/Task04_Hippocampus"
             )
-        cases = list_msd_cases(anchor_path(data["msd_dir"], project_root), channel=data.get("channel"))
+        root = Path(os.path.abspath(anchor_path(data["msd_dir"], project_root)))
+        cases = list_msd_cases(root, channel=data.get("channel"))
     else:
         raise ConfigurationError(f"data.source='{source}' is not one of 'synthetic' or 'msd'.")
-    return pd.DataFrame([case.__dict__ for case in cases])
+    manifest = root / "dataset.json"
+    classes = foreground_classes(read_dataset_json(root), manifest)
+    return pd.DataFrame([case.__dict__ for case in cases]), {"manifest": str(manifest), "classes": classes}
 
 
 def _case_id(value: Any) -> str:
@@ -120,19 +152,23 @@ def _case_files(row: pd.Series) -> CaseFiles:
     return CaseFiles(_case_id(row["case_id"]), row["image_path"], row["label_path"], channel)
 
 
-def validate_cases(source_cases: pd.DataFrame, data: DataParams) -> tuple[pd.DataFrame, dict]:
+def validate_cases(source_cases: pd.DataFrame, source_classes: dict, data: DataParams) -> tuple[pd.DataFrame, dict]:
     """Read and check every case (one at a time) and summarise the dataset.
 
     Nothing is written before this node succeeds, so every check on the source data is here:
-    the split needs enough cases (checked first, before any file is read), every file must be
-    readable with a usable geometry, and `data.foreground_labels` must match some voxel.
+    the split needs enough cases (checked first, before any file is read), the label mode must
+    fit dataset.json, every file must be readable with a usable geometry, in multiclass mode
+    every label value must be listed in dataset.json, and `data.foreground_labels` must match
+    some voxel.
 
     Args:
         source_cases: output of `list_source_cases`.
-        data: `params:data` (split.*, foreground_labels, preprocessing.crop_to_nonzero).
+        source_classes: the classes dataset.json lists (output of `list_source_cases`).
+        data: `params:data` (split.*, label_mode, foreground_labels, preprocessing.crop_to_nonzero).
 
     Returns:
-        The per-case fingerprint table and the dataset fingerprint (median spacing etc.).
+        The per-case fingerprint table (with `share_<value>` per class) and the dataset
+        fingerprint (median spacing, `label_mode`, `classes`, `lateralized`, etc.).
 
     Raises:
         SplitError, ConfigurationError and the MedsegErrors of
@@ -143,8 +179,14 @@ def validate_cases(source_cases: pd.DataFrame, data: DataParams) -> tuple[pd.Dat
     cases = [_case_files(row) for _, row in source_cases.iterrows()]
     split = data["split"]
     split_sizes(len(cases), split["train"], split["val"], split["test"])
-    records = fingerprint_cases(cases, data.get("foreground_labels"), crop_margin)
-    return pd.DataFrame(records), dataset_fingerprint(records)
+    label_mode, classes = resolve_label_classes(
+        source_classes["classes"], data.get("label_mode", "auto"), data.get("foreground_labels"), source_classes["manifest"]
+    )
+    logger.info("Label mode %s, classes %s.", label_mode, classes)
+    records = fingerprint_cases(
+        cases, data.get("foreground_labels"), crop_margin, classes if label_mode == "multiclass" else None
+    )
+    return pd.DataFrame(records), dataset_fingerprint(records, label_mode, classes)
 
 
 def _canonical_loader(path: str, kind: str, channel: int | None) -> Callable[[], Volume]:
@@ -212,11 +254,16 @@ def _preprocess_image(load: Callable[[], Volume], geometry: CaseGeometry, prepro
     return run
 
 
-def _preprocess_label(load: Callable[[], Volume], geometry: CaseGeometry, foreground_labels) -> Callable[[], Volume]:
+def _preprocess_label(
+    load: Callable[[], Volume], geometry: CaseGeometry, class_values: list[int] | None, foreground_labels
+) -> Callable[[], Volume]:
     def run() -> Volume:
         canonical = load()
-        canonical.data = binarize_label(canonical.data, foreground_labels)
-        return to_training_grid(canonical, geometry, order=0)
+        if class_values is None:
+            canonical.data = binarize_label(canonical.data, foreground_labels)
+        else:
+            canonical.data = label_to_class_indices(canonical.data, class_values)
+        return label_to_training_grid(canonical, geometry)
 
     return run
 
@@ -225,28 +272,39 @@ def preprocess_cases(
     intermediate_images: dict[str, Callable[[], Volume]],
     intermediate_labels: dict[str, Callable[[], Volume]],
     case_geometry: dict,
+    fingerprint: dict,
     data: DataParams,
 ) -> tuple[dict, dict]:
     """Resample to the target spacing and normalize intensities, one case at a time.
 
+    Labels are resampled one-hot, linearly, then argmax (nnU-Net's way; nearest neighbour
+    would shift them by half a voxel against the linearly resampled image).
+
     Args:
         intermediate_images, intermediate_labels: canonical RAS partitions.
         case_geometry: the plan from `plan_preprocessing`.
+        fingerprint: the dataset fingerprint (`label_mode`, `classes`).
         data: `params:data` (preprocessing.*, foreground_labels).
 
     Returns:
-        Lazy partitions for `primary_images` (z-scored float32) and `primary_labels` (binary uint8).
+        Lazy partitions for `primary_images` (z-scored float32) and `primary_labels` (uint8):
+        binary {0, 1}, or in multiclass mode the training indices 0..K, where index i stands
+        for the i-th label value of `fingerprint["classes"]` (ascending).
     """
     preprocessing = data["preprocessing"]
     if preprocessing.get("normalization", "zscore") != "zscore":
         raise ConfigurationError(
             f"data.preprocessing.normalization='{preprocessing['normalization']}': only 'zscore' is supported."
         )
+    multiclass = fingerprint.get("label_mode") == "multiclass"
+    class_values = sorted(int(value) for value in fingerprint["classes"]) if multiclass else None
     images, labels = {}, {}
     for case_id, record in case_geometry.items():
         geometry = CaseGeometry.from_dict(record)
         images[case_id] = _preprocess_image(intermediate_images[case_id], geometry, preprocessing)
-        labels[case_id] = _preprocess_label(intermediate_labels[case_id], geometry, data.get("foreground_labels"))
+        labels[case_id] = _preprocess_label(
+            intermediate_labels[case_id], geometry, class_values, data.get("foreground_labels")
+        )
     return (
         track_partitions(images, "Preprocessing images", logger=logger),
         track_partitions(labels, "Preprocessing labels", logger=logger),

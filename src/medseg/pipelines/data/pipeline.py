@@ -15,10 +15,16 @@ from .nodes import (
 def create_pipeline(**kwargs) -> Pipeline:
     return Pipeline(
         [
-            Node(list_source_cases, ["params:data", "project_root"], "source_cases", name="list_source_cases", namespace="data"),
+            Node(
+                list_source_cases,
+                ["params:data", "project_root"],
+                ["source_cases", "source_classes"],
+                name="list_source_cases",
+                namespace="data",
+            ),
             Node(
                 validate_cases,
-                ["source_cases", "params:data"],
+                ["source_cases", "source_classes", "params:data"],
                 ["case_fingerprints", "dataset_fingerprint"],
                 name="validate_cases",
                 namespace="data",
@@ -39,7 +45,7 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
             Node(
                 preprocess_cases,
-                ["intermediate_images", "intermediate_labels", "case_geometry", "params:data"],
+                ["intermediate_images", "intermediate_labels", "case_geometry", "dataset_fingerprint", "params:data"],
                 ["primary_images", "primary_labels"],
                 name="preprocess_cases",
                 namespace="data",
