@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -25,6 +26,18 @@ def _free_port() -> int:
     raise RuntimeError("no free port found in 20000-49000")
 
 
+def _wait_for_group_to_end(group: int, timeout_s: float = 30) -> None:
+    """SIGKILL what is left of the process group after `timeout_s` (the server's child)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.5)
+    os.killpg(group, signal.SIGKILL)
+
+
 def test_kedro_viz_serves_the_graph(tmp_path):
     project = make_project_copy(tmp_path / "project")
     port = _free_port()
@@ -33,6 +46,7 @@ def test_kedro_viz_serves_the_graph(tmp_path):
     server = subprocess.Popen(
         [kedro, "viz", "run", "--no-browser", "--host", "127.0.0.1", "--port", str(port)],
         cwd=project, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        start_new_session=True,  # kedro viz serves from a child process: stop the whole group
     )
     try:
         deadline, graph = time.monotonic() + 240, None
@@ -45,8 +59,9 @@ def test_kedro_viz_serves_the_graph(tmp_path):
                 time.sleep(2)
         assert graph is not None, server.stderr.read().decode()[-2000:] if server.poll() is not None else "timed out"
     finally:
-        server.terminate()
+        os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
+        _wait_for_group_to_end(server.pid)
 
     names = {node["name"] for node in graph["nodes"] if node["type"] == "task"}
     assert {"validate_cases", "preprocess_cases", "train_unet", "train_conv3d", "evaluate_predictions"} <= {
