@@ -16,8 +16,8 @@ from medseg.parameters import ROOTS, leaf_names
 
 def _defaults() -> dict:
     values = {}
-    for name in ("data", "unet", "conv3d"):
-        values.update(yaml.safe_load((REPO_ROOT / "conf" / "base" / f"parameters_{name}.yml").read_text()))
+    for path in sorted((REPO_ROOT / "conf" / "base").glob("parameters_*.yml")):
+        values.update(yaml.safe_load(path.read_text()))
     return values
 
 

@@ -175,7 +175,6 @@ class SliceSamplingParams(Section):
 @dataclass(config=_STRICT)
 class UnetInferenceParams(Section):
     threshold: Probability
-    batch_size: Positive
 
 
 @dataclass(config=_STRICT)
@@ -208,7 +207,6 @@ class PatchSamplingParams(Section):
 class Conv3dInferenceParams(Section):
     overlap: Annotated[float, Field(ge=0.0, lt=1.0)]
     sigma_scale: Annotated[float, Field(gt=0.0)]
-    batch_size: Positive
     threshold: Probability
 
 
@@ -228,7 +226,25 @@ class Conv3dParams(Section):
     reporting: ReportingParams
 
 
-ROOTS: dict[str, type[Section]] = {"data": DataParams, "unet": UnetParams, "conv3d": Conv3dParams}
+# planning ------------------------------------------------------------------------------------
+@dataclass(config=_STRICT)
+class PlanningParams(Section):
+    """Budgets that are turned into sizes, shared by both models.
+
+    memory_gb: GiB of activations that one inference forward pass may take; whole slices
+        (unet) or windows (conv3d) per batch follow from it and the model's width
+        (`medseg.patching.sliding_window.windows_per_batch`).
+    """
+
+    memory_gb: Annotated[float, Field(gt=0.0, le=1024.0)]
+
+
+ROOTS: dict[str, type[Section]] = {
+    "data": DataParams,
+    "unet": UnetParams,
+    "conv3d": Conv3dParams,
+    "planning": PlanningParams,
+}
 
 
 def leaf_names(section: type[Section], prefix: str) -> list[str]:

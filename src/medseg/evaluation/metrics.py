@@ -36,7 +36,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-from scipy import ndimage, stats
+from scipy import ndimage, spatial, stats
 
 from medseg.errors import GeometryMismatchError, InvalidLabelError
 
@@ -220,10 +220,21 @@ def _directed_surface_distances(
 ) -> np.ndarray:
     """Return the distance in mm from each source surface voxel to the nearest target one.
 
-    Shape (n_source_surface_voxels,), float64. `target_surface` must not be empty.
+    Shape (n_source_surface_voxels,), float64, in C order of the source voxels. `target_surface`
+    must not be empty.
+
+    A k-d tree of the target's surface voxels (in mm) answers each source voxel exactly, as a
+    Euclidean distance transform of the whole box would, but its memory grows with the
+    surfaces, not the box: the transform holds an int32 index per axis and a float64 distance
+    for every voxel of the box, 2.1 GiB over a 512×512×160 CT scan that a poor prediction
+    fills, where the tree of its surface takes tens of MiB.
     """
-    distance_to_target = ndimage.distance_transform_edt(~target_surface, sampling=spacing)
-    return distance_to_target[source_surface]
+    target_points = np.argwhere(target_surface) * spacing
+    source_points = np.argwhere(source_surface) * spacing
+    # Large leaves and every core: a prediction that fills a CT scan has a surface of ~850,000
+    # voxels far from the reference's; measured 23 s (the transform: 20 s), default leaves 100 s.
+    distances, _ = spatial.cKDTree(target_points, leafsize=128).query(source_points, workers=-1)
+    return distances
 
 
 def hausdorff_distance_95(
@@ -236,15 +247,16 @@ def hausdorff_distance_95(
     1. the surface of a mask is the mask minus its binary erosion (scipy's default cross
        structuring element; voxels on the array border count as surface);
     2. for every surface voxel of one mask, the Euclidean distance in mm to the nearest
-       surface voxel of the other mask (`scipy.ndimage.distance_transform_edt` with
-       `sampling=spacing`);
+       surface voxel of the other mask (a k-d tree of its surface voxels in mm: the same values
+       as `scipy.ndimage.distance_transform_edt` with `sampling=spacing`, without its
+       per-voxel arrays);
     3. the 95th percentile (numpy's default linear interpolation) of each direction;
     4. the larger of the two directed values.
 
-    The distance transform is computed only inside the bounding box of both masks, padded by
-    one voxel. Every surface voxel of both masks lies in that box, so the distance from a box
-    voxel to the nearest surface voxel is the same as over the whole volume: the result is
-    exact, while memory and time scale with the size of the structures, not of the scan.
+    The surfaces are found only inside the bounding box of both masks, padded by one voxel.
+    Every surface voxel of both masks lies in that box, so the result is exact, while the
+    erosion's memory and time scale with the size of the structures, and the distances' with
+    their surfaces, not with the scan (a few hundred MiB at most for a 512×512×160 CT scan).
 
     Args:
         reference: ground-truth mask, shape (X, Y, Z), bool or integer (non-zero = foreground).

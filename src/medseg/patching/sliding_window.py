@@ -6,6 +6,16 @@ near a window's border (where the model sees little context) count less than vox
 centre. This follows nnU-Net's `compute_gaussian` / `predict_sliding_window_return_logits` and
 MONAI's `sliding_window_inference`.
 
+It is the one inference engine of both models: the 3D model's windows are its training patches,
+and the 2D U-Net's whole-slice inference is the same loop with a window of one padded axial
+slice, (X', Y', 1), no overlap and constant weights (see
+`medseg.models.training.predict_axial_slices`), as MONAI's `SlidingWindowInferer` does it.
+
+How many windows go through the model at once comes from a memory budget, not a fixed count
+(`windows_per_batch`): the activations of one forward pass grow with the window's voxels and
+the model's width, and a CT slice of 512×512 costs a 2D U-Net of 32 filters as much as 64
+training slices of 64×64.
+
 All shapes are in voxels. Volumes are (X, Y, Z) arrays without a channel axis; windows handed to
 the model are channels-last, (B, wx, wy, wz, 1).
 """
@@ -13,7 +23,9 @@ the model are channels-last, (B, wx, wy, wz, 1).
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable, Sequence
+from typing import Literal
 
 import numpy as np
 
@@ -26,6 +38,87 @@ from medseg.patching._checks import (
 )
 
 PredictBatch = Callable[[np.ndarray], np.ndarray]
+
+# Measured peak memory of a traced (graph-mode) Keras forward pass on CPU, per value of
+# `unet_features_per_voxel` × voxels: 9-10 bytes for the 2D U-Net (512×512 and 256×256
+# slices, 16 and 32 filters, depth 2 and 3, 1 to 8 slices per batch) and 13-17 bytes for the
+# 3D U-Net (32×32×16 and 64×64×32 windows, 8 and 16 filters, 8 to 256 windows), TensorFlow
+# 2.21, 2-core AMD EPYC, psutil RSS polled every 5 ms (2026-11-25). 16 covers both. An eager
+# call (`model(x)` outside `tf.function`) keeps every layer's output alive until it returns and
+# costs about 55 bytes: 0.87 GiB per 512×512 slice at 32 filters.
+ACTIVATION_BYTES_PER_FEATURE = 16.0
+GIB = 2**30
+
+
+def unet_features_per_voxel(base_filters: int, depth: int, spatial_rank: int) -> float:
+    """Feature-map values per input voxel of a U-Net, summed over its resolution levels.
+
+    Level l (0 = full resolution, `depth` = the bottleneck) has `base_filters·2^l` channels on
+    `1 / 2^(rank·l)` of the voxels, so the sum is `base_filters · Σ_l (2 / 2^rank)^l`: below
+    2·base_filters in 2D and 4/3·base_filters in 3D, whatever the depth. This is the model
+    width that `windows_per_batch` multiplies by the window's voxels.
+
+    Args:
+        base_filters: channels of the first stage (`<model>.model.base_filters`), >= 1.
+        depth: pooling stages, >= 0 (0: one level, a plain convolutional network).
+        spatial_rank: 2 (slices) or 3 (patches).
+
+    Returns:
+        E.g. 60.0 for the default 2D U-Net (32 filters, depth 3: 32·(1 + 1/2 + 1/4 + 1/8)) and
+        10.5 for the default 3D U-Net (8 filters, depth 2: 8·(1 + 1/4 + 1/16)).
+    """
+    base_filters = check_positive_int(base_filters, "base_filters")
+    if isinstance(depth, bool) or not isinstance(depth, (int, np.integer)) or depth < 0:
+        raise ConfigurationError(f"depth={depth!r} is invalid: pass an integer >= 0.")
+    if spatial_rank not in (2, 3):
+        raise ConfigurationError(f"spatial_rank={spatial_rank!r} is invalid: pass 2 (slices) or 3 (patches).")
+    ratio = 2.0 / 2**spatial_rank
+    return float(base_filters * sum(ratio**level for level in range(int(depth) + 1)))
+
+
+def windows_per_batch(
+    window_shape: Sequence[int],
+    features_per_voxel: float,
+    memory_gb: float,
+    n_windows: int | None = None,
+    bytes_per_feature: float = ACTIVATION_BYTES_PER_FEATURE,
+) -> int:
+    """How many windows (or whole slices) one forward pass may take within a memory budget.
+
+    One window costs `prod(window_shape) × features_per_voxel × bytes_per_feature` bytes of
+    activations; the batch is as many as fit in `memory_gb`, at least 1 (a window bigger than
+    the budget still runs, alone) and at most `n_windows`. The budget covers the forward pass
+    only: the volume, the accumulators of `sliding_window_predict` and the model's weights
+    come on top.
+
+    Args:
+        window_shape: voxels, e.g. (32, 32, 16), or (512, 512, 1) for one axial slice.
+        features_per_voxel: the model's width, e.g. `unet_features_per_voxel(...)`.
+        memory_gb: the budget in GiB (2**30 bytes), > 0 (`planning.memory_gb`).
+        n_windows: the number of windows to predict, if known: the batch never exceeds it.
+        bytes_per_feature: the measured constant, `ACTIVATION_BYTES_PER_FEATURE` (16).
+
+    Returns:
+        Windows per batch, >= 1. With the defaults and 1 GiB: 4 slices of 512×512 for the
+        2D U-Net (240 MiB each), 121 slices of 96×96; 390 windows of 32×32×16 for the 3D U-Net.
+    """
+    window_shape = check_shape(window_shape, "window_shape")
+    try:
+        budget = float(memory_gb)
+        width = float(features_per_voxel) * float(bytes_per_feature)
+    except (TypeError, ValueError):
+        budget = width = float("nan")
+    if not budget > 0 or not math.isfinite(budget):
+        raise ConfigurationError(f"memory_gb={memory_gb!r} is invalid: pass a number of GiB > 0, e.g. planning.memory_gb=1.")
+    if not width > 0 or not math.isfinite(width):
+        raise ConfigurationError(
+            f"features_per_voxel={features_per_voxel!r} and bytes_per_feature={bytes_per_feature!r} must be numbers > 0."
+        )
+    per_window = math.prod(window_shape) * width
+    batch = max(1, int(budget * GIB // per_window))
+    if n_windows is not None:
+        batch = min(batch, check_positive_int(n_windows, "n_windows"))
+    return batch
 
 
 def sliding_window_starts(size: int, window: int, overlap: float) -> list[int]:
@@ -153,8 +246,10 @@ def extract_windows(
     the same windows to `model.predict` at once.
 
     Args:
-        volume: (X, Y, Z) array, at least `window_shape` on every axis (see `pad_to_window`).
-        starts: window corners, e.g. from `sliding_window_grid(volume.shape, window_shape)`.
+        volume: (X, Y, Z) array.
+        starts: window corners, e.g. from `sliding_window_grid(volume.shape, window_shape)`. A
+            window may reach past the volume (a negative start, or past the end): that part is
+            zero, as if the volume had been zero-padded, without a padded copy of the volume.
         window_shape: (wx, wy, wz), voxels.
 
     Returns:
@@ -164,7 +259,10 @@ def extract_windows(
     window_shape = check_shape(window_shape, "window_shape", ndim=3)
     batch = np.empty((len(starts), *window_shape, 1), dtype=np.float32)
     for i, start in enumerate(starts):
-        batch[i, ..., 0] = volume[_window_slices(start, window_shape)]
+        inside, within = _clipped_slices(start, window_shape, volume.shape)
+        if any(s.stop - s.start != w for s, w in zip(within, window_shape)):
+            batch[i] = 0.0
+        batch[(i, *within, 0)] = volume[inside]
     return batch
 
 
@@ -175,17 +273,23 @@ def sliding_window_predict(
     overlap: float = 0.5,
     batch_size: int = 4,
     sigma_scale: float = 0.125,
+    weighting: Literal["gaussian", "constant"] = "gaussian",
+    padding: Literal["centre", "end"] = "centre",
 ) -> np.ndarray:
-    """Predict a whole volume by Gaussian-weighted blending of overlapping windows.
+    """Predict a whole volume by weighted blending of overlapping windows.
 
-    output = sum_windows(w * p) / sum_windows(w), with w = `gaussian_importance_map`.
+    output = sum_windows(w * p) / sum_windows(w), with w = `gaussian_importance_map` (nnU-Net,
+    MONAI's mode="gaussian") or w = 1 (MONAI's mode="constant"). A voxel that only one window
+    covers gets that window's prediction exactly, with either weighting.
 
-    Memory: besides the input, two float32 accumulators of the (padded) volume's shape, one
-    batch of windows and its prediction; the padded copy only when the volume is smaller than
-    the window. Windows are cut and predicted batch by batch, never all at once.
+    Memory: besides the input, one float32 accumulator of the volume's shape (two with Gaussian
+    weights), one batch of windows and its prediction. Windows are cut and predicted batch by
+    batch, never all at once, and an axis shorter than the window is zero-padded window by
+    window, not by copying the volume. Choose `batch_size` from a memory budget with
+    `windows_per_batch`.
 
     Args:
-        volume: (X, Y, Z) image, cast to float32.
+        volume: (X, Y, Z) image, cast to float32 (no copy when it is float32 already).
         predict_batch: callable mapping a float32 array (B, wx, wy, wz, 1) to probabilities
             (B, wx, wy, wz, 1) or (B, wx, wy, wz), anything `np.asarray` accepts (e.g.
             `model.predict_on_batch`, or `lambda x: model(x, training=False)`). B <= batch_size;
@@ -194,10 +298,14 @@ def sliding_window_predict(
         overlap: fraction of a window shared with its neighbour, in [0, 1). Default 0.5.
         batch_size: windows per `predict_batch` call, >= 1. Default 4.
         sigma_scale: Gaussian sigma as a fraction of the window, see `gaussian_importance_map`.
+        weighting: "gaussian" (default) or "constant" (every voxel of a window counts the same;
+            no second accumulator: the normaliser is the product of per-axis window counts).
+        padding: where the zeros go on an axis shorter than the window: "centre" (default,
+            split evenly, the extra voxel after, as MONAI does) or "end" (all after, so the
+            volume keeps its origin: whole-slice inference pads to a multiple of 2**depth so).
 
     Returns:
-        float32 array of `volume.shape`. An axis shorter than the window is zero-padded (evenly
-        on both sides) up to the window and cropped back, so any volume size works.
+        float32 array of `volume.shape`; the padding is cropped away, so any volume size works.
 
     Raises:
         ConfigurationError: bad arguments, or `predict_batch` returns the wrong shape.
@@ -205,25 +313,53 @@ def sliding_window_predict(
     volume = check_volume(volume, "volume", ndim=3).astype(np.float32, copy=False)
     window_shape = check_shape(window_shape, "window_shape", ndim=3)
     batch_size = check_positive_int(batch_size, "batch_size")
-    weights = gaussian_importance_map(window_shape, sigma_scale)
+    if weighting not in ("gaussian", "constant"):
+        raise ConfigurationError(f"weighting={weighting!r} is invalid: pass 'gaussian' or 'constant'.")
+    if padding not in ("centre", "end"):
+        raise ConfigurationError(f"padding={padding!r} is invalid: pass 'centre' or 'end'.")
 
-    padded, crop = pad_to_window(volume, window_shape)
-    grid = sliding_window_grid(padded.shape, window_shape, overlap)
-    weighted_sum = np.zeros(padded.shape, dtype=np.float32)
-    weight_sum = np.zeros(padded.shape, dtype=np.float32)
+    # Windows are placed on the grid of the padded volume, then shifted back by the padding
+    # before the volume: they reach past the volume where it is padded.
+    missing = [max(0, w - s) for s, w in zip(volume.shape, window_shape)]
+    before = [m // 2 if padding == "centre" else 0 for m in missing]
+    padded_shape = [s + m for s, m in zip(volume.shape, missing)]
+    per_axis = [
+        [start - shift for start in sliding_window_starts(size, window, overlap)]
+        for size, window, shift in zip(padded_shape, window_shape, before)
+    ]
+    grid = itertools.product(*per_axis)
+    n_windows = math.prod(len(starts) for starts in per_axis)
 
-    for first in range(0, len(grid), batch_size):
-        starts = grid[first : first + batch_size]
-        probabilities = _predict_windows(predict_batch, extract_windows(padded, starts, window_shape))
+    weighted_sum = np.zeros(volume.shape, dtype=np.float32)
+    if weighting == "gaussian":
+        weights = gaussian_importance_map(window_shape, sigma_scale)
+        weight_sum = np.zeros(volume.shape, dtype=np.float32)
+
+    for _ in range(0, n_windows, batch_size):
+        starts = list(itertools.islice(grid, batch_size))
+        probabilities = _predict_windows(predict_batch, extract_windows(volume, starts, window_shape))
         for start, probability in zip(starts, probabilities):
-            region = _window_slices(start, window_shape)
-            weighted_sum[region] += weights * probability
-            weight_sum[region] += weights
+            inside, within = _clipped_slices(start, window_shape, volume.shape)
+            if weighting == "gaussian":
+                weighted_sum[inside] += weights[within] * probability[within]
+                weight_sum[inside] += weights[within]
+            else:
+                weighted_sum[inside] += probability[within]
 
-    weighted_sum /= weight_sum
-    if padded is volume:
+    if weighting == "gaussian":
+        weighted_sum /= weight_sum
         return weighted_sum
-    return np.ascontiguousarray(weighted_sum[crop])
+    # Constant weights: the number of windows over a voxel is the product of its per-axis
+    # counts. Divide axis by axis, skipping axes covered once (x / 1 is x, bit for bit).
+    for axis, (size, window, starts) in enumerate(zip(volume.shape, window_shape, per_axis)):
+        count = np.zeros(size, dtype=np.float32)
+        for start in starts:
+            count[max(0, start) : max(0, start + window)] += 1.0
+        if np.any(count != 1.0):
+            view = [None, None, None]
+            view[axis] = slice(None)
+            weighted_sum /= count[tuple(view)]
+    return weighted_sum
 
 
 def _predict_windows(predict_batch: PredictBatch, windows: np.ndarray) -> np.ndarray:
@@ -240,5 +376,13 @@ def _predict_windows(predict_batch: PredictBatch, windows: np.ndarray) -> np.nda
     )
 
 
-def _window_slices(start: Sequence[int], window_shape: Sequence[int]) -> tuple[slice, ...]:
-    return tuple(slice(s, s + w) for s, w in zip(start, window_shape))
+def _clipped_slices(
+    start: Sequence[int], window_shape: Sequence[int], volume_shape: Sequence[int]
+) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
+    """The part of a window that lies inside the volume: (slices of the volume, of the window)."""
+    inside, within = [], []
+    for s, w, n in zip(start, window_shape, volume_shape):
+        lo, hi = max(s, 0), min(s + w, n)
+        inside.append(slice(lo, hi))
+        within.append(slice(lo - s, hi - s))
+    return tuple(inside), tuple(within)

@@ -10,6 +10,7 @@ Both are also scored on test-case patches as detectors (accuracy, ROC-AUC, F1).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -22,10 +23,20 @@ from medseg.errors import ConfigurationError
 from medseg.evaluation import classification_metrics
 from medseg.imaging.io import Volume
 from medseg.models import build_patch_classifier, build_unet3d, compile_patch_classifier, compile_segmentation_model
-from medseg.parameters import Conv3dParams, DataParams
+from medseg.parameters import Conv3dParams, DataParams, PlanningParams
 from medseg.patching import extract_patch, patch_stream, sample_patch_centers, sliding_window_predict
+from medseg.patching.sliding_window import unet_features_per_voxel, windows_per_batch
 from medseg.pipelines import tracking
-from medseg.pipelines.modeling import case_loader, cases_in_split, predictions_in_original_geometry, sampled_dataset, train_model
+from medseg.pipelines.modeling import (
+    case_loader,
+    cases_in_split,
+    foreground_class_count,
+    predictions_in_original_geometry,
+    sampled_dataset,
+    train_model,
+)
+
+logger = logging.getLogger(__name__)
 
 KINDS = ("unet3d", "patch_classifier")
 
@@ -41,13 +52,23 @@ def _patch_shape(conv3d: dict[str, Any]) -> tuple[int, int, int]:
     return tuple(int(s) for s in conv3d["sampling"]["patch_size"])
 
 
-def _build_model(conv3d: dict[str, Any]) -> keras.Model:
+def _windows_per_batch(conv3d: dict[str, Any], planning: dict[str, Any], n_windows: int | None = None) -> int:
+    """Windows per forward pass within `planning.memory_gb`, for the patch shape and model width."""
+    if _kind(conv3d) == "patch_classifier":
+        # Conv3D(16) at full resolution, Conv3D(32) after one pooling: a 16-filter encoder of depth 1.
+        width = unet_features_per_voxel(16, 1, 3)
+    else:
+        width = unet_features_per_voxel(int(conv3d["model"]["base_filters"]), int(conv3d["model"]["depth"]), 3)
+    return windows_per_batch(_patch_shape(conv3d), width, float(planning["memory_gb"]), n_windows)
+
+
+def _build_model(conv3d: dict[str, Any], n_classes: int = 1) -> keras.Model:
     model_params, training = conv3d["model"], conv3d["training"]
     shape = (*_patch_shape(conv3d), 1)
     if _kind(conv3d) == "patch_classifier":
         return compile_patch_classifier(build_patch_classifier(shape), training["optimizer"], float(training["learning_rate"]))
     return compile_segmentation_model(
-        build_unet3d(shape, int(model_params["base_filters"]), int(model_params["depth"])),
+        build_unet3d(shape, int(model_params["base_filters"]), int(model_params["depth"]), n_classes=n_classes),
         optimizer=training["optimizer"],
         learning_rate=float(training["learning_rate"]),
         loss=training["loss"],
@@ -66,6 +87,7 @@ def train_conv3d(
     primary_labels: dict[str, Callable[[], Volume]],
     splits: pd.DataFrame,
     case_geometry: dict,
+    dataset_fingerprint: dict,
     data: DataParams,
     conv3d: Conv3dParams,
     backup_root: str,
@@ -80,6 +102,8 @@ def train_conv3d(
         primary_images, primary_labels: preprocessed cases.
         splits: the case split (train for fitting, val for early stopping).
         case_geometry: the preprocessing plan (part of the backup's fingerprint).
+        dataset_fingerprint: `fingerprint.json` (the classes: the 3D U-Net gets K + 1 softmax
+            channels for K > 1; the patch classifier stays a foreground detector).
         data: `params:data` (seed; part of the fingerprint).
         conv3d: `params:conv3d`.
         backup_root: `conv3d.backup`, the crash-recovery folder.
@@ -94,11 +118,13 @@ def train_conv3d(
         conv3d["sampling"], int(conv3d["training"]["batch_size"]),
     )
 
-    def stream(case_ids: list[str], seed: int, augment: bool):
-        dataset = patches(case_ids, seed, augment)
+    def stream(case_ids: list[str], seed: int, augment: bool, flip_axes: tuple[int, ...]):
+        dataset = patches(case_ids, seed, augment, flip_axes)
         return dataset.map(_contains_foreground) if classifier else dataset
 
-    return train_model("conv3d", partial(_build_model, conv3d), stream, splits, case_geometry, data, conv3d, backup_root)
+    n_classes = 1 if classifier else foreground_class_count(dataset_fingerprint)
+    build = partial(_build_model, conv3d, n_classes)
+    return train_model("conv3d", build, stream, splits, case_geometry, dataset_fingerprint, data, conv3d, backup_root)
 
 
 def window_predictor(model: keras.Model) -> Callable[[np.ndarray], np.ndarray]:
@@ -123,17 +149,39 @@ def predict_conv3d(
     case_geometry: dict,
     splits: pd.DataFrame,
     conv3d: Conv3dParams,
+    planning: PlanningParams,
 ) -> dict[str, Callable[[], Volume]]:
-    """Sliding-window prediction of every validation and test volume; masks in source geometry."""
+    """Sliding-window prediction of every validation and test volume; masks in source geometry.
+
+    Windows are streamed through the model in batches sized by `planning.memory_gb` for the
+    patch shape and the model's width (`windows_per_batch`), never all at once; memory holds
+    one case, two stitching buffers of its size and one batch.
+
+    Args:
+        model: the trained 3D model.
+        primary_images: preprocessed cases.
+        case_geometry: the preprocessing plan, to map each mask back to its source geometry.
+        splits: the case split (val and test cases are predicted).
+        conv3d: `params:conv3d` (patch size, model, inference).
+        planning: `params:planning` (memory_gb).
+
+    Returns:
+        Lazy partitions {case_id: mask volume} for `conv3d.predictions`.
+    """
     inference = conv3d["inference"]
     predict = window_predictor(model)
+    batch = _windows_per_batch(conv3d, planning)
+    logger.info(
+        "conv3d: %d windows of %s per batch (planning.memory_gb=%g)",
+        batch, "x".join(map(str, _patch_shape(conv3d))), float(planning["memory_gb"]),
+    )
     return predictions_in_original_geometry(
         lambda image: sliding_window_predict(
             image,
             predict,
             _patch_shape(conv3d),
             overlap=float(inference["overlap"]),
-            batch_size=int(inference["batch_size"]),
+            batch_size=batch,
             sigma_scale=float(inference["sigma_scale"]),
         ),
         primary_images,
@@ -149,11 +197,13 @@ def evaluate_patch_detection(
     primary_labels: dict[str, Callable[[], Volume]],
     splits: pd.DataFrame,
     conv3d: Conv3dParams,
+    planning: PlanningParams,
 ) -> dict[str, float]:
     """Score the model as a detector on patches of the test cases: does a patch hold foreground?
 
     Patches are drawn as in training (same foreground fraction), with a fixed seed. The score
     of a patch is the classifier's output, or a segmentation model's highest voxel probability.
+    They go through the model in batches within `planning.memory_gb`, as in `predict_conv3d`.
 
     Returns:
         accuracy, roc_auc and f1 (at 0.5), and the number of patches and of positive ones;
@@ -161,15 +211,17 @@ def evaluate_patch_detection(
     """
     shape = _patch_shape(conv3d)
     n_per_case = int(conv3d["evaluation"]["patches_per_case"])
+    batch = _windows_per_batch(conv3d, planning, n_per_case)
     predict = window_predictor(model)
     rng = np.random.default_rng(int(conv3d["seed"]) + 2)
     truths, scores = [], []
     for case_id in cases_in_split(splits, "test"):
         image, label = primary_images[case_id]().data, primary_labels[case_id]().data
         centers = sample_patch_centers(label, n_per_case, shape, float(conv3d["sampling"]["foreground_fraction"]), rng, case_id=case_id)
-        patches = np.stack([extract_patch(image, c, shape) for c in centers])[..., None]
         truths.extend(bool(extract_patch(label, c, shape).any()) for c in centers)
-        scores.extend(predict(patches).reshape(len(centers), -1).max(axis=1).tolist())
+        for first in range(0, len(centers), batch):
+            patches = np.stack([extract_patch(image, c, shape) for c in centers[first : first + batch]])[..., None]
+            scores.extend(predict(patches).reshape(len(patches), -1).max(axis=1).tolist())
     metrics = classification_metrics(np.array(truths, dtype=np.uint8), np.array(scores, dtype=np.float32))
     result = {**{k: float(v) for k, v in metrics.items()}, "n_patches": len(truths), "n_positive": int(sum(truths))}
     tracking.log_metrics("conv3d", {f"test_patch_{k}": v for k, v in result.items()})

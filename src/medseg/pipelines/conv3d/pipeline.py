@@ -16,21 +16,21 @@ def create_pipeline(**kwargs) -> Pipeline:
             [
                 Node(
                     train_conv3d,
-                    ["primary_images", "primary_labels", "splits", "case_geometry", "params:data", "params:conv3d", "conv3d.backup"],
+                    ["primary_images", "primary_labels", "splits", "case_geometry", "dataset_fingerprint", "params:data", "params:conv3d", "conv3d.backup"],
                     ["conv3d.model", "conv3d.history"],
                     name="train_conv3d",
                     namespace="conv3d",
                 ),
                 Node(
                     predict_conv3d,
-                    ["conv3d.model", "primary_images", "case_geometry", "splits", "params:conv3d"],
+                    ["conv3d.model", "primary_images", "case_geometry", "splits", "params:conv3d", "params:planning"],
                     "conv3d.predictions",
                     name="predict_conv3d",
                     namespace="conv3d",
                 ),
                 Node(
                     evaluate_patch_detection,
-                    ["conv3d.model", "primary_images", "primary_labels", "splits", "params:conv3d"],
+                    ["conv3d.model", "primary_images", "primary_labels", "splits", "params:conv3d", "params:planning"],
                     "conv3d.patch_metrics",
                     name="evaluate_patch_detection",
                     namespace="conv3d",

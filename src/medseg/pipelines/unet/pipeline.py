@@ -15,14 +15,14 @@ def create_pipeline(**kwargs) -> Pipeline:
             [
                 Node(
                     train_unet,
-                    ["primary_images", "primary_labels", "splits", "case_geometry", "params:data", "params:unet", "unet.backup"],
+                    ["primary_images", "primary_labels", "splits", "case_geometry", "dataset_fingerprint", "params:data", "params:unet", "unet.backup"],
                     ["unet.model", "unet.history"],
                     name="train_unet",
                     namespace="unet",
                 ),
                 Node(
                     predict_unet,
-                    ["unet.model", "primary_images", "case_geometry", "splits", "params:unet"],
+                    ["unet.model", "primary_images", "case_geometry", "splits", "params:unet", "params:planning"],
                     "unet.predictions",
                     name="predict_unet",
                     namespace="unet",

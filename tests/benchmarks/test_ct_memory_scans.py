@@ -1,0 +1,52 @@
+"""The scans that benchmarks/ct_memory.py writes: CT-sized, int16 HU, an MSD folder medseg reads.
+
+The benchmark itself runs two pipelines for minutes and is not a test; this checks only what it
+feeds them, on a few slices.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def ct_memory():
+    sys.path.insert(0, str(BENCHMARKS))  # the script imports its sibling `_targets`
+    try:
+        spec = importlib.util.spec_from_file_location("medseg_benchmark_ct_memory", BENCHMARKS / "ct_memory.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def test_the_scans_are_ct_sized_int16_with_one_organ(ct_memory, tmp_path):
+    import nibabel as nib
+
+    from medseg.imaging.io import read_volume, voxel_spacing
+    from medseg.imaging.msd import list_msd_cases
+
+    root = tmp_path / "Task00_CT"
+    ct_memory.write_ct_dataset(root, n_cases=2, n_slices=8)
+    cases = list_msd_cases(root)
+    assert [case.case_id for case in cases] == ["ct_000", "ct_001"]
+    for case in cases:
+        on_disk = nib.load(case.image_path)
+        assert on_disk.shape == (512, 512, 8) and on_disk.get_data_dtype() == np.int16
+        image = read_volume(case.image_path)
+        label = read_volume(case.label_path, kind="label")
+        assert voxel_spacing(image.affine) == pytest.approx((0.8, 0.8, 2.5))
+        assert image.data.min() == pytest.approx(-1024, abs=80)  # air, with noise
+        organ = label.data == 1
+        assert set(np.unique(label.data)) == {0, 1} and 0.01 < organ.mean() < 0.2
+        assert 30 < np.median(image.data[organ]) < 90  # soft-tissue HU
+    first, second = (read_volume(case.label_path, kind="label").data for case in cases)
+    assert not np.array_equal(first, second)  # each scan its own organ
