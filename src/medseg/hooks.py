@@ -97,26 +97,30 @@ def models_in_pipeline(pipeline: Pipeline) -> list[str]:
     return [name for name in tracking.MODEL_PIPELINES if name in namespaces]
 
 
-def _model_parts(model: str, params: dict[str, Any]) -> tuple[str, str, str]:
+def _model_parts(model: str, params: dict[str, Any], n_classes: int = 1) -> tuple[str, str, str]:
     # Imported here: Keras loads in seconds, and a `data` run names itself without it.
     from medseg.models import loss_display_name, optimizer_display_name
 
     section = params[model]
     kind = section["model"].get("kind", "unet") if model == "conv3d" else "unet"
     training = section["training"]
-    loss = "bce" if kind == "patch_classifier" else training["loss"]
-    return MODEL_DISPLAY.get(kind, kind), optimizer_display_name(training["optimizer"]), loss_display_name(loss)
+    if kind == "patch_classifier":
+        loss, n_classes = "bce", 1
+    else:
+        loss = training["loss"]
+    return MODEL_DISPLAY.get(kind, kind), optimizer_display_name(training["optimizer"]), loss_display_name(loss, n_classes=n_classes)
 
 
-def run_name_prefix(models: list[str], params: dict[str, Any], today: dt.date) -> str:
+def run_name_prefix(models: list[str], params: dict[str, Any], today: dt.date, n_classes: int = 1) -> str:
     """`{Model}-{Optimizer}-{Loss}-{YYYYMMDD}`; several models join each part with '+'.
 
-    A run without a model (the `data` pipeline) is `Data-{Source}-{YYYYMMDD}`.
+    A run without a model (the `data` pipeline) is `Data-{Source}-{YYYYMMDD}`. With several
+    foreground classes (`n_classes`), a BCE loss is named CE (categorical).
     """
     date = today.strftime("%Y%m%d")
     if not models:
         return f"Data-{str(params['data']['source']).capitalize()}-{date}"
-    parts = [_model_parts(model, params) for model in models]
+    parts = [_model_parts(model, params, n_classes) for model in models]
     joined = ["+".join(dict.fromkeys(part[i] for part in parts)) for i in range(3)]
     return f"{joined[0]}-{joined[1]}-{joined[2]}-{date}"
 
@@ -189,7 +193,8 @@ class MlflowRunHook:
         mlflow_config = getattr(self._context, "mlflow", None)
         if mlflow_config is None:
             return
-        prefix = run_name_prefix(models, self._context.params, dt.date.today())
+        data = self._context.params.get("data", {})
+        prefix = run_name_prefix(models, self._context.params, dt.date.today(), expected_class_count(data, self._context.project_path))
         client = mlflow_config.server._mlflow_client
         experiment = client.get_experiment_by_name(mlflow_config.tracking.experiment.name)
         if experiment is not None:
@@ -236,6 +241,24 @@ class RunStartedHook:
         context = self._run_hook.context
         if context is not None and "data" in context.params:
             tracking.describe_dataset(*dataset_identity(context.params["data"], context.project_path))
+
+
+def expected_class_count(data: dict[str, Any], project_path) -> int:
+    """The foreground classes the models will learn, known before the data steps run: 1 in
+    binary mode, else the classes the dataset lists (`data.synthetic.n_classes` for the
+    phantoms). It only names the run; `fingerprint.json` decides the models."""
+    if not data or data.get("label_mode") == "binary" or data.get("foreground_labels"):
+        return 1
+    if data.get("source") == "synthetic":
+        return int(data.get("synthetic", {}).get("n_classes", 1))
+    from medseg.imaging.msd import foreground_classes
+
+    _, _, folder = dataset_identity(data, project_path)
+    try:
+        manifest = Path(folder) / "dataset.json"
+        return len(foreground_classes(json.loads(manifest.read_text()), manifest))
+    except Exception:  # the data steps report a bad dataset.json, with the fix
+        return 1
 
 
 def dataset_identity(data: dict[str, Any], project_path) -> tuple[str, str, str]:

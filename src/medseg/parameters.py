@@ -134,7 +134,7 @@ class DataParams(Section):
 class TrainingParams(Section):
     optimizer: Literal["adam", "adamw", "sgd", "rmsprop"]
     learning_rate: Annotated[float, Field(gt=0.0, le=10.0)]
-    loss: Literal["bce", "dice", "bce+dice"]
+    loss: Literal["bce", "dice", "bce+dice", "ce", "ce+dice"]
     epochs: Positive
     batch_size: Positive
     steps_per_epoch: Positive
@@ -142,6 +142,7 @@ class TrainingParams(Section):
     augment: bool
     early_stopping_patience: NonNegative
     deterministic: Determinism
+    flip_axes: list[Annotated[int, Field(ge=0, le=2)]]
 
 
 @dataclass(config=_STRICT)

@@ -262,3 +262,26 @@ def test_flatten_summary_skips_provenance_strings(per_case):
     flat = flatten_summary(summary)
     assert flat == flatten_summary(summarize_metrics(per_case))
     assert all(isinstance(value, float) for value in flat.values())
+
+
+def test_per_class_summary_takes_the_mean_over_classes():
+    from medseg.evaluation import flatten_class_means, summarize_per_class
+
+    rows = pd.DataFrame(
+        [
+            {"case_id": "a", "class": "rim", "dice": 0.8, "iou": 0.6, "hd95_mm": 2.0, "hd95_mm_penalized": 2.0, "precision": 1.0, "recall": 0.5},
+            {"case_id": "b", "class": "rim", "dice": 0.6, "iou": 0.4, "hd95_mm": 4.0, "hd95_mm_penalized": 4.0, "precision": 1.0, "recall": 0.5},
+            {"case_id": "a", "class": "core", "dice": 0.2, "iou": 0.1, "hd95_mm": 8.0, "hd95_mm_penalized": 8.0, "precision": 0.5, "recall": 0.5},
+            {"case_id": "b", "class": "core", "dice": float("nan"), "iou": float("nan"), "hd95_mm": float("nan"), "hd95_mm_penalized": float("nan"), "precision": float("nan"), "recall": float("nan")},
+        ]
+    )
+    summary = summarize_per_class(rows)
+    assert summary["n_cases"] == 2
+    assert summary["classes"]["rim"]["dice"]["mean"] == pytest.approx(0.7)
+    assert summary["classes"]["core"]["dice"]["mean"] == pytest.approx(0.2)
+    assert summary["dice"]["mean"] == pytest.approx((0.7 + 0.2) / 2)  # not the pooled 1.6 / 3
+    assert summary["dice"]["n"] == 3 and summary["dice"]["n_missing"] == 1
+    flat = flatten_class_means(summary)
+    assert flat["test_dice_rim_mean"] == pytest.approx(0.7) and flat["test_dice_core_mean"] == pytest.approx(0.2)
+    single = rows[rows["class"] == "rim"]
+    assert summarize_per_class(single)["dice"] == summarize_per_class(single)["classes"]["rim"]["dice"]

@@ -86,3 +86,25 @@ def test_bad_arguments_raise():
         make_tf_dataset(_slices, (16, 12, 1), batch_size=0)
     with pytest.raises(ConfigurationError, match="sample_shape"):
         make_tf_dataset(_slices, (16,), batch_size=2)
+
+
+def test_flips_stay_off_the_axes_left_out():
+    """A left-right pattern survives augmentation when axis 0 may not be flipped."""
+    import numpy as np
+
+    from medseg.patching import make_tf_dataset
+
+    image = np.zeros((8, 6, 1), dtype=np.float32)
+    image[:4] = 1.0  # left half bright (canonical RAS: low x is the patient's left)
+
+    def stream():
+        for _ in range(32):
+            yield image, image
+
+    def left_bright(flip_axes):
+        images, labels = next(iter(make_tf_dataset(stream, (8, 6, 1), 32, augment=True, seed=3, flip_axes=flip_axes)))
+        return labels.numpy()[:, :4].mean(axis=(1, 2, 3)) > 0.5
+
+    assert left_bright([1]).all()  # never flipped left-right
+    both = left_bright([0, 1])
+    assert both.any() and (~both).any()  # about half flipped

@@ -4,6 +4,7 @@ from medseg.evaluation.metrics import (
     classification_metrics,
     dice_score,
     evaluate_case,
+    evaluate_case_per_class,
     hausdorff_distance_95,
     hausdorff_distance_95_penalized,
     hd95_miss_penalty_mm,
@@ -16,10 +17,12 @@ from medseg.evaluation.reports import (
     DEFAULT_SUMMARY_METRICS,
     OverlaySlice,
     choose_overlay_slice,
+    flatten_class_means,
     flatten_summary,
     plot_overlays,
     plot_training_curves,
     summarize_metrics,
+    summarize_per_class,
 )
 
 __all__ = [
@@ -29,6 +32,8 @@ __all__ = [
     "classification_metrics",
     "dice_score",
     "evaluate_case",
+    "evaluate_case_per_class",
+    "flatten_class_means",
     "flatten_summary",
     "hausdorff_distance_95",
     "hausdorff_distance_95_penalized",
@@ -39,5 +44,6 @@ __all__ = [
     "precision_score",
     "recall_score",
     "summarize_metrics",
+    "summarize_per_class",
     "volume_ml",
 ]

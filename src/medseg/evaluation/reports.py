@@ -24,10 +24,12 @@ __all__ = [
     "DEFAULT_SUMMARY_METRICS",
     "OverlaySlice",
     "choose_overlay_slice",
+    "flatten_class_means",
     "flatten_summary",
     "plot_overlays",
     "plot_training_curves",
     "summarize_metrics",
+    "summarize_per_class",
 ]
 
 # `hd95_mm_penalized` sits beside `hd95_mm` so that a summary never rewards a miss: the plain
@@ -120,6 +122,46 @@ def summarize_metrics(
         summary["n_prediction_empty"] = int(prediction_empty.sum())
         summary["n_both_empty"] = int((reference_empty & prediction_empty).sum())
     return summary
+
+
+def summarize_per_class(
+    per_case: pd.DataFrame, metrics: Sequence[str] = DEFAULT_SUMMARY_METRICS
+) -> dict[str, object]:
+    """`summarize_metrics` of a per-case, per-class table, with nnU-Net's foreground mean.
+
+    Args:
+        per_case: one row per case and foreground class, with `case_id`, `class` and the
+            metric columns (from `evaluate_case_per_class`). Without a `class` column it is
+            summarised as one class.
+
+    Returns:
+        The `summarize_metrics` of all rows, where each metric's `mean` is the mean over the
+        classes of each class's mean (nnU-Net's `foreground_mean`: a rare class weighs as
+        much as a common one) and `std`, `median`, `n`, `n_missing` are over all (case,
+        class) rows; `n_cases` counts cases, and `classes` holds each class's own
+        `summarize_metrics`. With one class this is exactly its summary.
+    """
+    summary = summarize_metrics(per_case, metrics)
+    if "class" not in per_case.columns:
+        return summary
+    classes = {str(name): summarize_metrics(rows, metrics) for name, rows in per_case.groupby("class", sort=False)}
+    for name in metrics:
+        means = [c[name]["mean"] for c in classes.values() if c[name]["mean"] is not None]
+        summary[name]["mean"] = _json_float(np.mean(means)) if means else None
+    summary["n_cases"] = int(per_case["case_id"].nunique()) if "case_id" in per_case.columns else summary["n_cases"]
+    summary["classes"] = classes
+    return summary
+
+
+def flatten_class_means(summary: Mapping[str, object], prefix: str = "test_") -> dict[str, float]:
+    """`{"<prefix><metric>_<class>_mean": float}` for each class of a `summarize_per_class`
+    summary, e.g. `test_dice_core_mean` (None means are left out)."""
+    flat = {}
+    for name, class_summary in dict(summary.get("classes") or {}).items():
+        for metric, stats in class_summary.items():
+            if isinstance(stats, Mapping) and stats.get("mean") is not None:
+                flat[f"{prefix}{metric}_{name}_mean"] = float(stats["mean"])
+    return flat
 
 
 def flatten_summary(summary: Mapping[str, object], prefix: str = "test_") -> dict[str, float]:
@@ -264,11 +306,22 @@ def choose_overlay_slice(reference: np.ndarray, prediction: np.ndarray) -> int:
     return reference.shape[2] // 2
 
 
-def _draw_contour(axis, mask2d: np.ndarray, color: str) -> None:
-    """Draw the outline of a 2D mask (X, Y) on `axis`; nothing when the mask is empty or full."""
-    mask = np.asarray(mask2d) != 0
-    if mask.any() and not mask.all():
-        axis.contour(mask.T.astype(np.float32), levels=[0.5], colors=[color], linewidths=1.2)
+# Multi-class overlays: one colour per label value (reference solid, prediction dashed).
+CLASS_COLORS = ("lime", "deepskyblue", "orange", "magenta", "yellow", "cyan", "red", "white")
+
+
+def _draw_contour(axis, mask2d: np.ndarray, color: str, linestyle: str = "solid", color_by_class: bool = False) -> None:
+    """Draw the outline of a 2D mask (X, Y) on `axis`; nothing when the mask is empty or full.
+
+    With `color_by_class`, each label value gets its own outline in `CLASS_COLORS[value - 1]`
+    (cycled), so that classes can be told apart."""
+    mask2d = np.asarray(mask2d)
+    values = [int(v) for v in np.unique(mask2d) if v != 0] if color_by_class else [None]
+    for value in values:
+        mask = mask2d != 0 if value is None else mask2d == value
+        shade = color if value is None else CLASS_COLORS[(value - 1) % len(CLASS_COLORS)]
+        if mask.any() and not mask.all():
+            axis.contour(mask.T.astype(np.float32), levels=[0.5], colors=[shade], linewidths=1.2, linestyles=linestyle)
 
 
 class OverlaySlice(NamedTuple):
@@ -324,10 +377,18 @@ def plot_overlays(cases: Sequence[OverlaySlice | tuple]) -> Figure:
         raise ValueError("No case to plot: `cases` is empty.")
     figure = _new_figure(4.0, 4.0 * len(cases))
     axes = figure.subplots(len(cases), 1, squeeze=False)[:, 0]
-    legend_handles = [
-        Line2D([], [], color=REFERENCE_COLOR, label="reference"),
-        Line2D([], [], color=PREDICTION_COLOR, label="prediction"),
-    ]
+    cases = [OverlaySlice(*case) for case in cases]
+    by_class = any(np.max(np.asarray(c.reference), initial=0) > 1 or np.max(np.asarray(c.prediction), initial=0) > 1 for c in cases)
+    if by_class:  # several classes: a colour per class, reference solid, prediction dashed
+        legend_handles = [
+            Line2D([], [], color="white", linestyle="solid", label="reference"),
+            Line2D([], [], color="white", linestyle="dashed", label="prediction"),
+        ]
+    else:
+        legend_handles = [
+            Line2D([], [], color=REFERENCE_COLOR, label="reference"),
+            Line2D([], [], color=PREDICTION_COLOR, label="prediction"),
+        ]
     for axis, case in zip(axes, cases):
         case = OverlaySlice(*case)
         image = np.asarray(case.image)
@@ -339,8 +400,8 @@ def plot_overlays(cases: Sequence[OverlaySlice | tuple]) -> Figure:
                 "of one shape. Take the same axial index from each volume."
             )
         axis.imshow(image.T, cmap="gray", origin="lower", interpolation="nearest")
-        _draw_contour(axis, case.reference, REFERENCE_COLOR)
-        _draw_contour(axis, case.prediction, PREDICTION_COLOR)
+        _draw_contour(axis, case.reference, REFERENCE_COLOR, "solid", by_class)
+        _draw_contour(axis, case.prediction, PREDICTION_COLOR, "dashed" if by_class else "solid", by_class)
         axis.set_title(overlay_title(case), fontsize="medium")
         axis.set_axis_off()
         axis.legend(handles=legend_handles, loc="upper right", fontsize="small")

@@ -320,6 +320,7 @@ def make_tf_dataset(
     batch_size: int,
     augment: bool = False,
     seed: int = 0,
+    flip_axes: Sequence[int] | None = None,
 ) -> tf.data.Dataset:
     """Wrap a sample stream as a batched, prefetched `tf.data.Dataset`.
 
@@ -336,6 +337,9 @@ def make_tf_dataset(
             probability 0.5 (image and label together), and the image only scaled by a factor
             in [0.9, 1.1] and shifted by [-0.1, 0.1]. Default False.
         seed: seeds the augmentation; the same seed and stream give the same batches.
+        flip_axes: the spatial axes that augmentation may flip (None: all). Axes beyond the
+            sample's (axis 2 of a 2D slice) are ignored. Leave out the left-right axis (0 in
+            canonical RAS) when classes are lateralized (`medseg.imaging.laterality`).
 
     Returns:
         A dataset of (images, labels), float32 tensors (batch_size, *sample_shape).
@@ -356,7 +360,7 @@ def make_tf_dataset(
     spec = tf.TensorSpec(shape=sample_shape, dtype=tf.float32)
     dataset = tf.data.Dataset.from_generator(stream_factory, output_signature=(spec, spec))
     if augment:
-        augment_sample = _make_augmentation(len(sample_shape) - 1, int(seed))
+        augment_sample = _make_augmentation(len(sample_shape) - 1, int(seed), flip_axes)
         dataset = dataset.enumerate().map(augment_sample, num_parallel_calls=tf.data.AUTOTUNE)
     dataset = dataset.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
     # On a small CPU the autotuner's extra threads fight the training step for cores: epochs
@@ -367,7 +371,7 @@ def make_tf_dataset(
     return dataset.with_options(options)
 
 
-def _make_augmentation(spatial_axes: int, seed: int) -> Callable:
+def _make_augmentation(spatial_axes: int, seed: int, flip_axes: Sequence[int] | None = None) -> Callable:
     """Build the per-sample map of `make_tf_dataset`: flips on both tensors, intensity on the image.
 
     Randomness is stateless, seeded by (seed, sample index), so it is reproducible even with
@@ -375,12 +379,16 @@ def _make_augmentation(spatial_axes: int, seed: int) -> Callable:
     """
     import tensorflow as tf
 
+    flipped = set(range(spatial_axes)) if flip_axes is None else {int(a) for a in flip_axes}
+
     def augment_sample(index: tf.Tensor, sample: tuple[tf.Tensor, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
         image, label = sample
         draws = tf.random.stateless_uniform(
             [spatial_axes + 2], seed=tf.stack([tf.constant(seed, tf.int64), index])
         )
         for axis in range(spatial_axes):
+            if axis not in flipped:
+                continue  # the draw is still made: other axes keep their draws
             flip = draws[axis] < FLIP_PROBABILITY
             image = tf.where(flip, tf.reverse(image, [axis]), image)
             label = tf.where(flip, tf.reverse(label, [axis]), label)

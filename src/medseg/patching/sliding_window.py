@@ -305,7 +305,9 @@ def sliding_window_predict(
             volume keeps its origin: whole-slice inference pads to a multiple of 2**depth so).
 
     Returns:
-        float32 array of `volume.shape`; the padding is cropped away, so any volume size works.
+        float32 array of `volume.shape`, or `volume.shape + (C,)` when `predict_batch` returns
+        C > 1 channels (K + 1 class probabilities: one accumulator per channel); the padding is
+        cropped away, so any volume size works.
 
     Raises:
         ConfigurationError: bad arguments, or `predict_batch` returns the wrong shape.
@@ -330,7 +332,7 @@ def sliding_window_predict(
     grid = itertools.product(*per_axis)
     n_windows = math.prod(len(starts) for starts in per_axis)
 
-    weighted_sum = np.zeros(volume.shape, dtype=np.float32)
+    weighted_sum = None  # (X, Y, Z) or (X, Y, Z, C): allocated once the channels are known
     if weighting == "gaussian":
         weights = gaussian_importance_map(window_shape, sigma_scale)
         weight_sum = np.zeros(volume.shape, dtype=np.float32)
@@ -338,16 +340,19 @@ def sliding_window_predict(
     for _ in range(0, n_windows, batch_size):
         starts = list(itertools.islice(grid, batch_size))
         probabilities = _predict_windows(predict_batch, extract_windows(volume, starts, window_shape))
+        if weighted_sum is None:
+            weighted_sum = np.zeros(volume.shape + probabilities.shape[4:], dtype=np.float32)
+        channels = (Ellipsis,) if probabilities.ndim == 4 else (Ellipsis, None)
         for start, probability in zip(starts, probabilities):
             inside, within = _clipped_slices(start, window_shape, volume.shape)
             if weighting == "gaussian":
-                weighted_sum[inside] += weights[within] * probability[within]
+                weighted_sum[inside] += weights[within][channels] * probability[within]
                 weight_sum[inside] += weights[within]
             else:
                 weighted_sum[inside] += probability[within]
 
     if weighting == "gaussian":
-        weighted_sum /= weight_sum
+        weighted_sum /= weight_sum if weighted_sum.ndim == 3 else weight_sum[..., None]
         return weighted_sum
     # Constant weights: the number of windows over a voxel is the product of its per-axis
     # counts. Divide axis by axis, skipping axes covered once (x / 1 is x, bit for bit).
@@ -356,23 +361,26 @@ def sliding_window_predict(
         for start in starts:
             count[max(0, start) : max(0, start + window)] += 1.0
         if np.any(count != 1.0):
-            view = [None, None, None]
+            view = [None] * weighted_sum.ndim
             view[axis] = slice(None)
             weighted_sum /= count[tuple(view)]
     return weighted_sum
 
 
 def _predict_windows(predict_batch: PredictBatch, windows: np.ndarray) -> np.ndarray:
-    """Run `predict_batch` on (B, wx, wy, wz, 1) windows; return float32 (B, wx, wy, wz)."""
+    """Run `predict_batch` on (B, wx, wy, wz, 1) windows; return float32 (B, wx, wy, wz), or
+    (B, wx, wy, wz, C) for a model with C > 1 output channels (class probabilities)."""
     probabilities = np.asarray(predict_batch(windows), dtype=np.float32)
     if probabilities.shape == windows.shape:
         return probabilities[..., 0]
     if probabilities.shape == windows.shape[:-1]:
         return probabilities
+    if probabilities.ndim == 5 and probabilities.shape[:4] == windows.shape[:4]:
+        return probabilities
     raise ConfigurationError(
         f"predict_batch returned shape {probabilities.shape} for windows of shape {windows.shape}; "
         f"it must return {windows.shape} or {windows.shape[:-1]} (one probability per voxel, "
-        "a single output channel)."
+        "or (B, wx, wy, wz, C) class probabilities)."
     )
 
 

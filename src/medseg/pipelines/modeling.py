@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial, update_wrapper
 from typing import Any
 
@@ -24,14 +24,16 @@ from medseg.errors import GeometryMismatchError
 from medseg.evaluation import (
     OverlaySlice,
     choose_overlay_slice,
-    evaluate_case,
+    evaluate_case_per_class,
+    flatten_class_means,
     flatten_summary,
     plot_overlays,
     plot_training_curves,
-    summarize_metrics,
+    summarize_per_class,
 )
 from medseg.imaging.geometry import CaseGeometry, restore_original_geometry, to_canonical
 from medseg.imaging.io import Volume, read_volume, voxel_spacing
+from medseg.imaging.laterality import safe_flip_axes
 from medseg.imaging.validation import binarize_label
 from medseg.models.training import (
     derive_seed,
@@ -69,6 +71,7 @@ def train_model(
     make_stream: Callable[[list[str], int, bool], Any],
     splits: pd.DataFrame,
     case_geometry: dict,
+    dataset_fingerprint: dict,
     data: dict[str, Any],
     section: dict[str, Any],
     backup_root: str,
@@ -87,9 +90,11 @@ def train_model(
     Args:
         model_key: `unet` or `conv3d` (the namespace and the MLflow metric prefix).
         build_model: returns the compiled model; called after seeding.
-        make_stream: `(case_ids, seed, augment) -> tf.data.Dataset` of batches.
+        make_stream: `(case_ids, seed, augment, flip_axes) -> tf.data.Dataset` of batches.
         splits: the case split (train for fitting, val for early stopping).
         case_geometry: the preprocessing plan (`geometry.json`).
+        dataset_fingerprint: `fingerprint.json`; its `lateralized` classes turn off the
+            left-right flip (`training.flip_axes` minus axis 0), so the side stays learnable.
         data: `params:data`.
         section: `params:<model_key>` (seed, model, sampling, training).
         backup_root: the model's backup folder (catalog entry `<model>.backup`).
@@ -102,7 +107,8 @@ def train_model(
     make_reproducible(seed, wants_determinism(training.get("deterministic", "auto")))
     model = build_model()
     fingerprint = training_fingerprint(
-        model=model_key, section=section, data=data, splits=splits.to_dict("records"), plan=case_geometry
+        model=model_key, section=section, data=data, splits=splits.to_dict("records"), plan=case_geometry,
+        fingerprint=dataset_fingerprint,
     )
     resume = prepare_backup(backup_root, fingerprint, int(training["epochs"]), {"mlflow_run_id": tracking.active_run_id()})
     if resume.discarded:
@@ -110,10 +116,13 @@ def train_model(
     if resume.resumed_epoch:
         logger.info("%s: resuming an interrupted run (backup %s) after epoch %d.", model_key, fingerprint, resume.resumed_epoch)
         tracking.record_resume(model_key, resume.resumed_epoch, resume.previous_owner.get("mlflow_run_id"))
+    flip_axes = safe_flip_axes(training["flip_axes"], dataset_fingerprint.get("lateralized", []))
+    if tuple(flip_axes) != tuple(sorted(set(training["flip_axes"]))):
+        logger.info("%s: classes %s keep to one side of the body: no left-right flips.", model_key, dataset_fingerprint["lateralized"])
     history = fit_model(
         model,
-        make_stream(cases_in_split(splits, "train"), seed, bool(training["augment"])),
-        make_stream(cases_in_split(splits, "val"), seed + 1, False),
+        make_stream(cases_in_split(splits, "train"), seed, bool(training["augment"]), flip_axes),
+        make_stream(cases_in_split(splits, "val"), seed + 1, False, flip_axes),
         epochs=training["epochs"],
         steps_per_epoch=training["steps_per_epoch"],
         validation_steps=training["validation_steps"],
@@ -134,6 +143,7 @@ def sampled_dataset(
     case_ids: list[str],
     seed: int,
     augment: bool,
+    flip_axes: tuple[int, ...] | None = None,
 ):
     """A batched `tf.data` dataset over `stream_fn` (`slice_stream` or `patch_stream`), with a
     pipeline's `sampling` parameters (`samples_per_volume`, `queue_length`,
@@ -148,7 +158,22 @@ def sampled_dataset(
         foreground_fraction=float(sampling["foreground_fraction"]),
         seed=seed,
     )
-    return make_tf_dataset(factory, sample_shape, batch_size, augment=augment, seed=seed)
+    return make_tf_dataset(factory, sample_shape, batch_size, augment=augment, seed=seed, flip_axes=flip_axes)
+
+
+def foreground_class_count(dataset_fingerprint: dict) -> int:
+    """K, the foreground classes a model learns: those of `fingerprint.json` in multiclass
+    mode (K + 1 softmax channels when K > 1), else 1 (the original sigmoid head)."""
+    if dataset_fingerprint.get("label_mode") == "multiclass":
+        return len(dataset_fingerprint["classes"])
+    return 1
+
+
+def class_values(dataset_fingerprint: dict) -> tuple[int, ...]:
+    """The dataset's label value of each class a model predicts, in channel order (1..K)."""
+    if dataset_fingerprint.get("label_mode") != "multiclass":
+        return (1,)  # the merged foreground
+    return tuple(int(value) for value in dataset_fingerprint["classes"])
 
 
 def cases_in_split(splits: pd.DataFrame, *names: str) -> list[str]:
@@ -168,14 +193,31 @@ def case_loader(
 
 
 def _original_geometry_mask(
-    load_image: Callable[[], Volume], geometry: CaseGeometry, probabilities: ProbabilityMap, threshold: float
+    load_image: Callable[[], Volume],
+    geometry: CaseGeometry,
+    probabilities: ProbabilityMap,
+    threshold: float,
+    class_values: Sequence[int],
 ) -> Callable[[], Volume]:
     def predict() -> Volume:
         probability = probabilities(load_image().data)
-        # Linear interpolation of the probability map, then the threshold: smoother than
-        # nearest neighbour on a hard mask.
-        original = restore_original_geometry(probability, geometry, order=1)
-        return Volume((original >= threshold).astype(np.uint8), np.asarray(geometry.original_affine))
+        affine = np.asarray(geometry.original_affine)
+        if probability.ndim == 3 or probability.shape[-1] == 1:
+            # Linear interpolation of the probability map, then the threshold: smoother than
+            # nearest neighbour on a hard mask.
+            foreground = probability if probability.ndim == 3 else probability[..., 0]
+            original = restore_original_geometry(foreground, geometry, order=1)
+            return Volume((original >= threshold).astype(np.uint8) * np.uint8(class_values[0]), affine)
+        # K + 1 class probabilities: each one resampled linearly to the source grid, then the
+        # most probable class (background on ties), one channel in memory at a time.
+        best = restore_original_geometry(np.ascontiguousarray(probability[..., 0]), geometry, order=1)
+        labels = np.zeros(best.shape, dtype=np.uint8)
+        for index, value in enumerate(class_values, start=1):
+            channel = restore_original_geometry(np.ascontiguousarray(probability[..., index]), geometry, order=1)
+            wins = channel > best
+            best[wins] = channel[wins]
+            labels[wins] = value
+        return Volume(labels, affine)
 
     return predict
 
@@ -186,15 +228,19 @@ def predictions_in_original_geometry(
     case_geometry: dict,
     case_ids: list[str],
     threshold: float,
+    class_values: Sequence[int] = (1,),
 ) -> dict[str, Callable[[], Volume]]:
     """Lazy partitions of predicted masks, one per case, each in its source file's geometry.
 
     Args:
-        probabilities: maps a preprocessed (X, Y, Z) image to (X, Y, Z) probabilities.
+        probabilities: maps a preprocessed (X, Y, Z) image to (X, Y, Z) foreground
+            probabilities, or to (X, Y, Z, K + 1) class probabilities (multi-class models).
         primary_images: preprocessed images.
         case_geometry: the preprocessing plan (`geometry.json`).
         case_ids: the cases to predict.
-        threshold: probability at or above which a voxel is foreground.
+        threshold: probability at or above which a voxel is foreground (binary models).
+        class_values: the dataset's label value of each foreground class, in the order of the
+            model's channels 1..K (`fingerprint.json` classes); masks hold these values.
 
     Returns:
         {case_id: make_mask}; the catalog calls each in turn, so one case is in memory at a time,
@@ -202,7 +248,8 @@ def predictions_in_original_geometry(
     """
     masks = {
         case_id: _original_geometry_mask(
-            primary_images[case_id], CaseGeometry.from_dict(case_geometry[case_id]), probabilities, threshold
+            primary_images[case_id], CaseGeometry.from_dict(case_geometry[case_id]), probabilities, threshold,
+            tuple(int(v) for v in class_values),
         )
         for case_id in case_ids
     }
@@ -213,23 +260,31 @@ def evaluate_predictions(
     predictions: dict[str, Callable[[], Volume]],
     case_fingerprints: pd.DataFrame,
     splits: pd.DataFrame,
+    dataset_fingerprint: dict,
     data: DataParams,
     reporting: ReportingParams,
 ) -> tuple[pd.DataFrame, Figure]:
-    """Per-case metrics of the test cases, in 3D and in each case's original geometry.
+    """Per-case, per-class metrics of the test cases, in 3D and in each case's original geometry.
 
     Args:
-        predictions: predicted masks (as saved: source geometry, uint8).
+        predictions: predicted masks (as saved: source geometry, uint8; the dataset's own
+            label values in multiclass mode, {0, 1} in binary mode).
         case_fingerprints: per-case table with the source image and label paths.
         splits: the case split; only `test` cases are scored.
-        data: `params:data` (foreground_labels).
+        dataset_fingerprint: `fingerprint.json` (label_mode and classes).
+        data: `params:data` (foreground_labels, for binary mode).
         reporting: `params:<model>.reporting` (n_overlay_cases).
 
     Returns:
-        One row per test case (dice, iou, hd95_mm, precision, recall, volumes in ml, empty
-        flags) and a figure of image/reference/prediction overlays for the first few cases,
-        each titled with its case, axial slice and Dice.
+        One row per test case and foreground class (`class`, `label`, dice, iou, hd95_mm,
+        precision, recall, volumes in ml, empty flags; binary mode has one class) and a
+        figure of image/reference/prediction overlays for the first few cases, each titled
+        with its case, axial slice and Dice (the mean over its classes).
     """
+    classes = {int(value): name for value, name in dataset_fingerprint.get("classes", {"1": "foreground"}).items()}
+    multiclass = dataset_fingerprint.get("label_mode") == "multiclass"
+    if not multiclass:  # the merged foreground, stored as 1
+        classes = {1: next(iter(classes.values()))}
     rows, overlays = [], []
     records = case_fingerprints.set_index("case_id")
     test_cases = cases_in_split(splits, "test")
@@ -237,7 +292,7 @@ def evaluate_predictions(
     for case_id in test_cases:
         record = records.loc[case_id]
         reference_volume = read_volume(record["label_path"], kind="label")
-        reference = binarize_label(reference_volume.data, data.get("foreground_labels"))
+        reference = reference_volume.data if multiclass else binarize_label(reference_volume.data, data.get("foreground_labels"))
         prediction = predictions[case_id]()
         if prediction.data.shape != reference.shape or not np.allclose(prediction.affine, reference_volume.affine, atol=1e-3):
             raise GeometryMismatchError(
@@ -245,13 +300,15 @@ def evaluate_predictions(
                 f"{record['label_path']} has {reference.shape} (or their affines differ). Run the pipeline "
                 "again so that predictions are written in the source geometry."
             )
-        rows.append({"case_id": case_id, **evaluate_case(reference, prediction.data, voxel_spacing(reference_volume.affine))})
+        case_rows = evaluate_case_per_class(reference, prediction.data, voxel_spacing(reference_volume.affine), classes)
+        rows.extend({"case_id": case_id, **row} for row in case_rows)
         if len(overlays) < int(reporting["n_overlay_cases"]):
             channel = None if pd.isna(record["channel"]) else int(record["channel"])
             image = read_volume(record["image_path"], channel=channel)
             views = [to_canonical(Volume(a, reference_volume.affine)).data for a in (image.data, reference, prediction.data)]
             z = choose_overlay_slice(views[1], views[2])
-            overlays.append(OverlaySlice(case_id, *(view[:, :, z] for view in views), z=z, dice=rows[-1]["dice"]))
+            dice = float(np.nanmean([row["dice"] for row in case_rows])) if any(np.isfinite(row["dice"]) for row in case_rows) else float("nan")
+            overlays.append(OverlaySlice(case_id, *(view[:, :, z] for view in views), z=z, dice=dice))
         progress.advance(case_id)
     return pd.DataFrame(rows), plot_overlays(overlays)
 
@@ -304,7 +361,8 @@ def summarize_evaluation(
     *,
     model_key: str,
 ) -> tuple[dict, Figure]:
-    """Summarise the test metrics, log them to MLflow as `test_<metric>_mean`, plot the curves.
+    """Summarise the test metrics, log them to MLflow as `test_<metric>_mean` (the mean over the
+    foreground classes) and `test_<metric>_<class>_mean`, plot the curves.
 
     Args:
         metrics_per_case: output of `evaluate_predictions`.
@@ -319,8 +377,8 @@ def summarize_evaluation(
         provenance: see `run_provenance`) and the training curves, captioned with what their
         Dice and IoU were computed on.
     """
-    summary = summarize_metrics(metrics_per_case)
-    tracking.log_metrics(model_key, flatten_summary(summary, prefix="test_"))
+    summary = summarize_per_class(metrics_per_case)
+    tracking.log_metrics(model_key, {**flatten_summary(summary, prefix="test_"), **flatten_class_means(summary, prefix="test_")})
     curves = plot_training_curves(history, samples=TRAINING_SAMPLES.get(model_key))
     return {**summary, **run_provenance(model_key, data, section, project_root)}, curves
 
@@ -360,7 +418,7 @@ def evaluation_pipeline(model_key: str) -> Pipeline:
         [
             Node(
                 evaluate_predictions,
-                [f"{m}.predictions", "case_fingerprints", "splits", "params:data", f"params:{m}.reporting"],
+                [f"{m}.predictions", "case_fingerprints", "splits", "dataset_fingerprint", "params:data", f"params:{m}.reporting"],
                 [f"{m}.metrics_per_case", f"{m}.overlays"],
                 name="evaluate_predictions",
                 namespace=m,

@@ -1,5 +1,6 @@
 """`kedro run --pipeline unet` through KedroSession on tiny parameters."""
 
+import json
 import re
 from pathlib import Path
 
@@ -235,8 +236,9 @@ def test_overlay_titles_name_the_case_slice_and_its_test_dice(unet_run: Path):
     predictions = {p.name[: -len(".nii.gz")]: (lambda p=p: read_volume(str(p), kind="label")) for p in masks.glob("*.nii.gz")}
     fingerprints = pd.read_csv(unet_run / "data" / "02_intermediate" / "case_fingerprints.csv", dtype={"case_id": str})
     splits = pd.read_csv(unet_run / "data" / "03_primary" / "splits.csv", dtype={"case_id": str})
+    fingerprint = json.loads((unet_run / "data" / "03_primary" / "fingerprint.json").read_text())
     per_case, figure = evaluate_predictions(
-        predictions, fingerprints, splits, {"foreground_labels": None}, {"n_overlay_cases": 4}
+        predictions, fingerprints, splits, fingerprint, {"foreground_labels": None}, {"n_overlay_cases": 4}
     )
     report = pd.read_csv(unet_run / "data" / "08_reporting" / "unet" / "metrics_per_case.csv", dtype={"case_id": str})
     np.testing.assert_allclose(per_case["dice"], report["dice"])

@@ -30,6 +30,7 @@ from medseg.pipelines import tracking
 from medseg.pipelines.modeling import (
     case_loader,
     cases_in_split,
+    class_values,
     foreground_class_count,
     predictions_in_original_geometry,
     sampled_dataset,
@@ -128,7 +129,8 @@ def train_conv3d(
 
 
 def window_predictor(model: keras.Model) -> Callable[[np.ndarray], np.ndarray]:
-    """`predict_batch` for sliding windows: (B, wx, wy, wz, 1) -> (B, wx, wy, wz) probabilities.
+    """`predict_batch` for sliding windows: (B, wx, wy, wz, 1) -> (B, wx, wy, wz) foreground
+    probabilities, or (B, wx, wy, wz, K + 1) class probabilities for a multi-class model.
 
     A segmentation model's map is returned as is; a patch classifier's single probability is
     spread over its whole window.
@@ -138,7 +140,7 @@ def window_predictor(model: keras.Model) -> Callable[[np.ndarray], np.ndarray]:
         out = np.asarray(model.predict_on_batch(windows))
         if out.ndim == 2:  # (B, 1): one probability per window
             return np.broadcast_to(out[:, :, None, None], (len(windows), *windows.shape[1:4]))
-        return out[..., 0]
+        return out[..., 0] if out.shape[-1] == 1 else out
 
     return predict
 
@@ -148,10 +150,13 @@ def predict_conv3d(
     primary_images: dict[str, Callable[[], Volume]],
     case_geometry: dict,
     splits: pd.DataFrame,
+    dataset_fingerprint: dict,
     conv3d: Conv3dParams,
     planning: PlanningParams,
 ) -> dict[str, Callable[[], Volume]]:
-    """Sliding-window prediction of every validation and test volume; masks in source geometry.
+    """Sliding-window prediction of every validation and test volume; masks in source geometry
+    (the dataset's label values; K + 1 class probabilities are stitched, mapped back, then the
+    most probable class is taken).
 
     Windows are streamed through the model in batches sized by `planning.memory_gb` for the
     patch shape and the model's width (`windows_per_batch`), never all at once; memory holds
@@ -188,6 +193,7 @@ def predict_conv3d(
         case_geometry,
         cases_in_split(splits, "val", "test"),
         float(inference["threshold"]),
+        class_values(dataset_fingerprint),
     )
 
 
@@ -221,7 +227,10 @@ def evaluate_patch_detection(
         truths.extend(bool(extract_patch(label, c, shape).any()) for c in centers)
         for first in range(0, len(centers), batch):
             patches = np.stack([extract_patch(image, c, shape) for c in centers[first : first + batch]])[..., None]
-            scores.extend(predict(patches).reshape(len(patches), -1).max(axis=1).tolist())
+            probabilities = predict(patches)
+            if probabilities.ndim == 5:  # K + 1 classes: the foreground is 1 - background
+                probabilities = 1.0 - probabilities[..., 0]
+            scores.extend(probabilities.reshape(len(patches), -1).max(axis=1).tolist())
     metrics = classification_metrics(np.array(truths, dtype=np.uint8), np.array(scores, dtype=np.float32))
     result = {**{k: float(v) for k, v in metrics.items()}, "n_patches": len(truths), "n_positive": int(sum(truths))}
     tracking.log_metrics("conv3d", {f"test_patch_{k}": v for k, v in result.items()})

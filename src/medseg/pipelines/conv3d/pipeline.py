@@ -23,7 +23,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                 ),
                 Node(
                     predict_conv3d,
-                    ["conv3d.model", "primary_images", "case_geometry", "splits", "params:conv3d", "params:planning"],
+                    ["conv3d.model", "primary_images", "case_geometry", "splits", "dataset_fingerprint", "params:conv3d", "params:planning"],
                     "conv3d.predictions",
                     name="predict_conv3d",
                     namespace="conv3d",

@@ -18,6 +18,7 @@ from medseg.patching import slice_stream
 from medseg.pipelines.modeling import (
     case_loader,
     cases_in_split,
+    class_values,
     foreground_class_count,
     predictions_in_original_geometry,
     sampled_dataset,
@@ -83,6 +84,7 @@ def predict_unet(
     primary_images: dict[str, Callable[[], Volume]],
     case_geometry: dict,
     splits: pd.DataFrame,
+    dataset_fingerprint: dict,
     unet: UnetParams,
     planning: PlanningParams,
 ) -> dict[str, Callable[[], Volume]]:
@@ -97,6 +99,7 @@ def predict_unet(
         primary_images: preprocessed cases.
         case_geometry: the preprocessing plan, to map each mask back to its source geometry.
         splits: the case split (val and test cases are predicted).
+        dataset_fingerprint: `fingerprint.json` (the dataset's label value of each class).
         unet: `params:unet` (model width and depth, threshold).
         planning: `params:planning` (memory_gb).
 
@@ -121,4 +124,5 @@ def predict_unet(
         case_geometry,
         cases_in_split(splits, "val", "test"),
         float(unet["inference"]["threshold"]),
+        class_values(dataset_fingerprint),
     )

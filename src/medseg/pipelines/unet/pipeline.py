@@ -22,7 +22,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                 ),
                 Node(
                     predict_unet,
-                    ["unet.model", "primary_images", "case_geometry", "splits", "params:unet", "params:planning"],
+                    ["unet.model", "primary_images", "case_geometry", "splits", "dataset_fingerprint", "params:unet", "params:planning"],
                     "unet.predictions",
                     name="predict_unet",
                     namespace="unet",
