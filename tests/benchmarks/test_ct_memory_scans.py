@@ -50,3 +50,21 @@ def test_the_scans_are_ct_sized_int16_with_one_organ(ct_memory, tmp_path):
         assert 30 < np.median(image.data[organ]) < 90  # soft-tissue HU
     first, second = (read_volume(case.label_path, kind="label").data for case in cases)
     assert not np.array_equal(first, second)  # each scan its own organ
+
+
+def test_the_peak_is_attributed_to_the_node_running_then(ct_memory):
+    import time
+
+    log = "\n".join(
+        [
+            "[11/25/26 16:44:18] INFO     Running node: export_model: export_model([unet.model]) -> [unet.weights]",
+            "[11/25/26 16:44:21] INFO     Running node: predict_unet: predict_unet([unet.model]) -> [unet.predictions]",
+            "[11/25/26 16:46:07] INFO     Predicting: case 1 of 2 (ct_000)",
+            "                    INFO     Running node: evaluate_predictions: evaluate_predictions([unet.predictions])",
+        ]
+    )
+    at = lambda stamp: time.mktime(time.strptime(stamp, "%m/%d/%y %H:%M:%S"))  # noqa: E731
+    assert ct_memory.node_at(log, at("11/25/26 16:44:19")) == "export_model"
+    assert ct_memory.node_at(log, at("11/25/26 16:45:00")) == "predict_unet"
+    assert ct_memory.node_at(log, at("11/25/26 16:46:07")) == "evaluate_predictions"
+    assert ct_memory.node_at(log, at("11/25/26 16:40:00")) == "(before the first node)"
