@@ -39,7 +39,7 @@ def test_a_run_failing_in_evaluation_keeps_the_last_good_outputs(tmp_path, monke
     def crash(*args, **kwargs):
         raise RuntimeError("evaluation crashed")
 
-    monkeypatch.setattr(modeling, "summarize_metrics", crash)
+    monkeypatch.setattr(modeling, "summarize_per_class", crash)
     with pytest.raises(Exception, match="evaluation crashed"):
         run_pipeline(project, "unet", {**TINY, "unet.training.learning_rate": 0.01})  # new model, new masks
     assert _outputs(project) == good
