@@ -116,3 +116,13 @@ def hold_project_lock(project: Path, pipeline: str = "unet"):
     )
     assert holder.stdout.readline().strip() == "locked"
     return holder
+
+
+def data_files_written(project: Path) -> list[str]:
+    """The files under the project's data/02_intermediate and data/03_primary, relative paths."""
+    return sorted(
+        str(path.relative_to(project))
+        for layer in ("02_intermediate", "03_primary")
+        for path in (project / "data" / layer).rglob("*")
+        if path.is_file()
+    )

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import TINY_DATA_PARAMS, mlflow_runs, run_pipeline
+from conftest import TINY_DATA_PARAMS, data_files_written, mlflow_runs, run_pipeline
 from medseg.errors import (
     ConfigurationError,
     InvalidGeometryError,
@@ -157,14 +157,6 @@ def _small_msd(root: Path, case_ids, label_values=(1,), background_value=None, a
     return root
 
 
-def _written_files(project: Path) -> list[str]:
-    return sorted(
-        str(path.relative_to(project))
-        for layer in ("02_intermediate", "03_primary")
-        for path in (project / "data" / layer).rglob("*")
-        if path.is_file()
-    )
-
 
 def test_case_ids_that_look_like_numbers_or_na_stay_text(project_copy: Path, tmp_path: Path):
     ids = ["001", "002", "003", "004", "010", "NA"]
@@ -195,7 +187,7 @@ def test_too_few_cases_for_the_split_stops_before_any_output(project_copy: Path,
     msd = _small_msd(tmp_path / "Task96_Two", ["a", "b"])
     with pytest.raises(SplitError, match=r"2 cases are too few for the split.*change data.split"):
         run_pipeline(project_copy, "data", {"data.source": "msd", "data.msd_dir": str(msd)})
-    assert _written_files(project_copy) == []
+    assert data_files_written(project_copy) == []
     _, runs = mlflow_runs(project_copy)
     assert runs[0].info.status == "FAILED"
 
@@ -207,7 +199,7 @@ def test_foreground_labels_that_match_no_voxel_stop_before_any_output(project_co
         ConfigurationError, match=r"data.foreground_labels=\[3\] match no voxel.*labelsTr\); the label values found are \[0, 1, 2\]"
     ):
         run_pipeline(project_copy, "data", params)
-    assert _written_files(project_copy) == []
+    assert data_files_written(project_copy) == []
 
 
 @pytest.mark.parametrize(
@@ -221,7 +213,7 @@ def test_a_degenerate_affine_stops_before_any_output(project_copy: Path, tmp_pat
     msd = _small_msd(tmp_path / "Task94_Affine", [f"c{i}" for i in range(5)], affines={"c2": affine})
     with pytest.raises(InvalidGeometryError, match=message):
         run_pipeline(project_copy, "data", {"data.source": "msd", "data.msd_dir": str(msd)})
-    assert _written_files(project_copy) == []
+    assert data_files_written(project_copy) == []
 
 
 def test_label_values_above_255_that_are_not_foreground(project_copy: Path, tmp_path: Path):
@@ -229,7 +221,7 @@ def test_label_values_above_255_that_are_not_foreground(project_copy: Path, tmp_
     params = {"data.source": "msd", "data.msd_dir": str(msd)}
     with pytest.raises(InvalidLabelError, match=r"labelsTr/c0.nii.gz: the label holds values above 255 \(\[300\]\)"):
         run_pipeline(project_copy, "data", params)
-    assert _written_files(project_copy) == []
+    assert data_files_written(project_copy) == []
 
     run_pipeline(project_copy, "data", {**params, "data.foreground_labels": [1]})
     data = project_copy / "data"

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import TINY_DATA_PARAMS, run_pipeline
+from conftest import TINY_DATA_PARAMS, data_files_written, run_pipeline
 from medseg.errors import InvalidLabelError
 from medseg.imaging.geometry import CaseGeometry, label_to_training_grid, to_canonical
 from medseg.imaging.io import read_volume
@@ -55,14 +55,6 @@ def _two_class_cases(values=(1, 2), n_cases=5) -> dict:
         cases[f"c{index}"] = (image, mapped, affine)
     return cases
 
-
-def _written_files(project: Path) -> list[str]:
-    return sorted(
-        str(path.relative_to(project))
-        for layer in ("02_intermediate", "03_primary")
-        for path in (project / "data" / layer).rglob("*")
-        if path.is_file()
-    )
 
 
 def _outputs(project: Path):
@@ -147,7 +139,7 @@ def test_an_unlisted_label_value_is_refused_before_any_output(project_copy: Path
         r"data.label_mode=binary",
     ):
         run_pipeline(project_copy, "data", {"data.source": "msd", "data.msd_dir": str(msd)})
-    assert _written_files(project_copy) == []
+    assert data_files_written(project_copy) == []
 
     run_pipeline(project_copy, "data", {"data.source": "msd", "data.msd_dir": str(msd), "data.label_mode": "binary"})
     fingerprint, _, _ = _outputs(project_copy)
