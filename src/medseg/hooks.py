@@ -135,8 +135,14 @@ def next_run_number(existing_names: list[str], prefix: str) -> int:
 def register_project_root(project_path) -> None:
     """`${medseg.project_root:}` in configuration: the project's absolute root (POSIX)."""
     root = Path(project_path).resolve().as_posix()
-    register = getattr(OmegaConf, "register_resolver", None) or OmegaConf.register_new_resolver  # 2.4 renamed it
-    register("medseg.project_root", lambda: root, replace=True)
+    register_resolver("medseg.project_root", lambda: root)
+
+
+def register_resolver(name: str, resolver) -> None:
+    """Register (or replace) an OmegaConf resolver. OmegaConf 2.4 renamed
+    `register_new_resolver` (now deprecated, a warning per call) to `register_resolver`."""
+    register = getattr(OmegaConf, "register_resolver", None) or OmegaConf.register_new_resolver
+    register(name, resolver, replace=True)
 
 
 def next_run_name(client, experiment, prefix: str) -> str:

@@ -1,8 +1,6 @@
 """Project settings: the project's hooks and where configuration is read from."""
 
-from omegaconf import OmegaConf
-
-from medseg.hooks import MlflowRunHook, RunStartedHook
+from medseg.hooks import MlflowRunHook, RunStartedHook, register_resolver
 from medseg.run_summary import RunSummaryHook
 
 # kedro-mlflow's own hook is registered by its entry point. MlflowRunHook runs before it
@@ -29,8 +27,7 @@ def tensor_signature(inputs, outputs=None):
 
 # Registered here rather than through CONFIG_LOADER_ARGS["custom_resolvers"], which Kedro 1.7
 # registers with OmegaConf's deprecated register_new_resolver (a warning on every run).
-_register = getattr(OmegaConf, "register_resolver", None) or OmegaConf.register_new_resolver
-_register("medseg.tensor_signature", tensor_signature, replace=True)
+register_resolver("medseg.tensor_signature", tensor_signature)
 
 CONFIG_LOADER_ARGS = {
     "base_env": "base",

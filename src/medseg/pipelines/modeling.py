@@ -317,14 +317,6 @@ def evaluate_predictions(
 TRAINING_SAMPLES = {"unet": "sampled 2D slices", "conv3d": "sampled 3D patches"}
 
 
-def _mlflow_run() -> tuple[str | None, str | None]:
-    """The active MLflow run's id and name, or (None, None) outside a tracked run."""
-    import mlflow  # MLflow calls otherwise live in medseg.pipelines.tracking
-
-    run = mlflow.active_run()
-    return (run.info.run_id, run.info.run_name) if run is not None else (None, None)
-
-
 def run_provenance(model_key: str, data: dict[str, Any], section: dict[str, Any], project_root: str) -> dict[str, Any]:
     """What made a report: the MLflow run, the dataset and a hash of the parameters.
 
@@ -341,7 +333,7 @@ def run_provenance(model_key: str, data: dict[str, Any], section: dict[str, Any]
         `medseg.models.training.training_fingerprint` hashes them: equal parameters give
         equal hashes, whatever the key order).
     """
-    run_id, run_name = _mlflow_run()
+    run_id, run_name = tracking.active_run_identity()
     folder = data["msd_dir"] if data["source"] == "msd" else data["synthetic"]["dir"]
     return {
         "mlflow_run_id": run_id,

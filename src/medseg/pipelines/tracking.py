@@ -100,8 +100,13 @@ def end_dead_runs(client: "mlflow.MlflowClient", experiment_id: str) -> list[str
 
 
 def active_run_id() -> str | None:
+    return active_run_identity()[0]
+
+
+def active_run_identity() -> tuple[str | None, str | None]:
+    """The active MLflow run's id and name, or (None, None) outside a tracked run."""
     run = mlflow.active_run()
-    return run.info.run_id if run is not None else None
+    return (run.info.run_id, run.info.run_name) if run is not None else (None, None)
 
 
 def set_tags(tags: Mapping[str, Any]) -> None:
