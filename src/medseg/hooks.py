@@ -39,7 +39,7 @@ from medseg.run_outputs import OutputTransaction
 logger = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 3.0
-MODEL_DISPLAY = {"unet": "UNet", "unet3d": "UNet3D", "patch_classifier": "Conv3DClassifier"}
+MODEL_DISPLAY = tracking.MODEL_DISPLAY
 
 
 FAST_FAIL_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
@@ -125,6 +125,23 @@ def run_name_prefix(models: list[str], params: dict[str, Any], today: dt.date, n
     return f"{joined[0]}-{joined[1]}-{joined[2]}-{date}"
 
 
+def is_prediction_run(pipeline: Pipeline) -> bool:
+    """Whether the run is `predict` alone (no data or training node)."""
+    namespaces = {node.namespace.split(".")[0] for node in pipeline.nodes if node.namespace}
+    return namespaces == {"predict"}
+
+
+def prediction_run_prefix(predict: dict[str, Any], project_path, today: dt.date) -> str:
+    """`Predict-{Model}-{YYYYMMDD}`, the model's name read from its segmenter (fetched from
+    MLflow for a model URI, once per process: the run's nodes reuse it). A model that cannot
+    be found fails here, before the run starts."""
+    from medseg.inference.segmenter import read_plan
+    from medseg.serving import fetch_segmenter
+
+    folder, _ = fetch_segmenter(str(predict["model"]), str(Path(project_path)))
+    return f"Predict-{read_plan(folder).display_name}-{today.strftime('%Y%m%d')}"
+
+
 def next_run_number(existing_names: list[str], prefix: str) -> int:
     """1 + the largest N among names `{prefix}-run{N}` (1 if there is none)."""
     pattern = re.compile(rf"^{re.escape(prefix)}-run(\d+)$")
@@ -199,8 +216,15 @@ class MlflowRunHook:
         mlflow_config = getattr(self._context, "mlflow", None)
         if mlflow_config is None:
             return
-        data = self._context.params.get("data", {})
-        prefix = run_name_prefix(models, self._context.params, dt.date.today(), expected_class_count(data, self._context.project_path))
+        if is_prediction_run(pipeline):
+            try:
+                prefix = prediction_run_prefix(self._context.params["predict"], self._context.project_path, dt.date.today())
+            except BaseException:
+                self._release()
+                raise
+        else:
+            data = self._context.params.get("data", {})
+            prefix = run_name_prefix(models, self._context.params, dt.date.today(), expected_class_count(data, self._context.project_path))
         client = mlflow_config.server._mlflow_client
         experiment = client.get_experiment_by_name(mlflow_config.tracking.experiment.name)
         if experiment is not None:
@@ -241,11 +265,11 @@ class RunStartedHook:
         self._run_hook = run_hook
 
     @hook_impl(trylast=True)
-    def before_pipeline_run(self) -> None:
+    def before_pipeline_run(self, pipeline: Pipeline) -> None:
         self._run_hook.requests.restore()
         tracking.set_tags(tracking.process_tags())
         context = self._run_hook.context
-        if context is not None and "data" in context.params:
+        if context is not None and "data" in context.params and not is_prediction_run(pipeline):
             tracking.describe_dataset(*dataset_identity(context.params["data"], context.project_path))
 
 

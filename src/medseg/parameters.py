@@ -173,9 +173,19 @@ class SliceSamplingParams(Section):
     queue_length: Positive
 
 
+Axis = Annotated[int, Field(ge=0, le=2)]
+
+
+@dataclass(config=_STRICT)
+class ExportParams(Section):
+    registered_model_name: str | None
+
+
 @dataclass(config=_STRICT)
 class UnetInferenceParams(Section):
     threshold: Probability
+    mirror_axes: list[Axis]
+    keep_largest_component: bool
 
 
 @dataclass(config=_STRICT)
@@ -186,6 +196,7 @@ class UnetParams(Section):
     training: TrainingParams
     inference: UnetInferenceParams
     reporting: ReportingParams
+    export: ExportParams
 
 
 # conv3d --------------------------------------------------------------------------------------
@@ -209,6 +220,8 @@ class Conv3dInferenceParams(Section):
     overlap: Annotated[float, Field(ge=0.0, lt=1.0)]
     sigma_scale: Annotated[float, Field(gt=0.0)]
     threshold: Probability
+    mirror_axes: list[Axis]
+    keep_largest_component: bool
 
 
 @dataclass(config=_STRICT)
@@ -225,6 +238,7 @@ class Conv3dParams(Section):
     inference: Conv3dInferenceParams
     evaluation: PatchEvaluationParams
     reporting: ReportingParams
+    export: ExportParams
 
 
 # planning ------------------------------------------------------------------------------------
@@ -240,11 +254,28 @@ class PlanningParams(Section):
     memory_gb: Annotated[float, Field(gt=0.0, le=1024.0)]
 
 
+# predict -------------------------------------------------------------------------------------
+@dataclass(config=_STRICT)
+class PredictParams(Section):
+    """`kedro run --pipeline predict`: which model, which scans, where the masks go.
+
+    model: `unet` or `conv3d` (this project's last trained model) or an MLflow model URI.
+    mirror_axes, keep_largest_component: None keeps the model's own postprocessing.
+    """
+
+    model: str
+    input_dir: str | None
+    output_dir: str | None
+    mirror_axes: list[Axis] | None
+    keep_largest_component: bool | None
+
+
 ROOTS: dict[str, type[Section]] = {
     "data": DataParams,
     "unet": UnetParams,
     "conv3d": Conv3dParams,
     "planning": PlanningParams,
+    "predict": PredictParams,
 }
 
 

@@ -25,9 +25,19 @@ def tensor_signature(inputs, outputs=None):
     return ModelSignature(inputs=schema(inputs), outputs=schema(outputs) if outputs is not None else None)
 
 
+def keras_requirements():
+    """`${medseg.keras_requirements:}` in the catalog: the pip requirements of the Keras flavor,
+    this environment's TensorFlow build (CPU or GPU) and Keras, pinned. The exported Keras
+    model is saved without its training configuration, so it needs no medseg code."""
+    from medseg.serving import pip_requirements
+
+    return [r for r in pip_requirements() if r.startswith(("tensorflow", "keras"))]
+
+
 # Registered here rather than through CONFIG_LOADER_ARGS["custom_resolvers"], which Kedro 1.7
 # registers with OmegaConf's deprecated register_new_resolver (a warning on every run).
 register_resolver("medseg.tensor_signature", tensor_signature)
+register_resolver("medseg.keras_requirements", keras_requirements)
 
 CONFIG_LOADER_ARGS = {
     "base_env": "base",

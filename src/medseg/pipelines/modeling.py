@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial, update_wrapper
 from typing import Any
 
@@ -22,6 +23,7 @@ from matplotlib.figure import Figure
 from medseg.datasets.folder import anchor_path
 from medseg.errors import GeometryMismatchError
 from medseg.evaluation import (
+    dice_score,
     OverlaySlice,
     choose_overlay_slice,
     evaluate_case_per_class,
@@ -31,7 +33,7 @@ from medseg.evaluation import (
     plot_training_curves,
     summarize_per_class,
 )
-from medseg.imaging.geometry import CaseGeometry, restore_original_geometry, to_canonical
+from medseg.imaging.geometry import CaseGeometry, to_canonical
 from medseg.imaging.io import Volume, read_volume, voxel_spacing
 from medseg.imaging.laterality import safe_flip_axes
 from medseg.imaging.validation import binarize_label
@@ -44,15 +46,13 @@ from medseg.models.training import (
     wants_determinism,
     with_input_shape,
 )
-from medseg.parameters import DataParams, ReportingParams
+from medseg.inference import Segmenter, SegmenterPlan
+from medseg.parameters import DataParams, ExportParams, ReportingParams
 from medseg.patching import make_tf_dataset
 from medseg.pipelines import tracking
 from medseg.progress import CaseProgress, track_partitions
 
 logger = logging.getLogger(__name__)
-
-ProbabilityMap = Callable[[np.ndarray], np.ndarray]
-
 
 class MlflowEpochLogger(keras.callbacks.Callback):
     """Sends each epoch's Keras logs (loss, dice, iou, val_*) to the active MLflow run."""
@@ -192,68 +192,170 @@ def case_loader(
     return load_case
 
 
-def _original_geometry_mask(
-    load_image: Callable[[], Volume],
-    geometry: CaseGeometry,
-    probabilities: ProbabilityMap,
-    threshold: float,
-    class_values: Sequence[int],
-) -> Callable[[], Volume]:
-    def predict() -> Volume:
-        probability = probabilities(load_image().data)
-        affine = np.asarray(geometry.original_affine)
-        if probability.ndim == 3 or probability.shape[-1] == 1:
-            # Linear interpolation of the probability map, then the threshold: smoother than
-            # nearest neighbour on a hard mask.
-            foreground = probability if probability.ndim == 3 else probability[..., 0]
-            original = restore_original_geometry(foreground, geometry, order=1)
-            return Volume((original >= threshold).astype(np.uint8) * np.uint8(class_values[0]), affine)
-        # K + 1 class probabilities: each one resampled linearly to the source grid, then the
-        # most probable class (background on ties), one channel in memory at a time.
-        best = restore_original_geometry(np.ascontiguousarray(probability[..., 0]), geometry, order=1)
-        labels = np.zeros(best.shape, dtype=np.uint8)
-        for index, value in enumerate(class_values, start=1):
-            channel = restore_original_geometry(np.ascontiguousarray(probability[..., index]), geometry, order=1)
-            wins = channel > best
-            best[wins] = channel[wins]
-            labels[wins] = value
-        return Volume(labels, affine)
-
-    return predict
-
-
-def predictions_in_original_geometry(
-    probabilities: ProbabilityMap,
-    primary_images: dict[str, Callable[[], Volume]],
+def segmenter_plan(
+    model_key: str,
+    display_name: str,
+    case_fingerprints: pd.DataFrame,
     case_geometry: dict,
-    case_ids: list[str],
-    threshold: float,
-    class_values: Sequence[int] = (1,),
-) -> dict[str, Callable[[], Volume]]:
-    """Lazy partitions of predicted masks, one per case, each in its source file's geometry.
+    dataset_fingerprint: dict,
+    data: dict[str, Any],
+    section: dict[str, Any],
+    planning: dict[str, Any],
+    **window: Any,
+) -> SegmenterPlan:
+    """The plan a trained model segments new scans with, from the training run's own files:
+    the target spacing of `geometry.json`, the crop, interpolation and clipping of
+    `data.preprocessing`, the channel the cases were read from, the classes of
+    `fingerprint.json`, and the model's inference parameters.
 
     Args:
-        probabilities: maps a preprocessed (X, Y, Z) image to (X, Y, Z) foreground
-            probabilities, or to (X, Y, Z, K + 1) class probabilities (multi-class models).
-        primary_images: preprocessed images.
-        case_geometry: the preprocessing plan (`geometry.json`).
-        case_ids: the cases to predict.
-        threshold: probability at or above which a voxel is foreground (binary models).
-        class_values: the dataset's label value of each foreground class, in the order of the
-            model's channels 1..K (`fingerprint.json` classes); masks hold these values.
+        model_key: `unet` or `conv3d`.
+        display_name: the model's name in run names.
+        window: the model's window fields of :class:`SegmenterPlan` (`window`, `depth`,
+            `patch_size`, `overlap`, `sigma_scale`, `features_per_voxel`).
+    """
+    preprocessing = data["preprocessing"]
+    first = next(iter(case_geometry.values()))
+    channels = case_fingerprints["channel"].dropna() if "channel" in case_fingerprints else pd.Series([], dtype=float)
+    inference = section["inference"]
+    values = class_values(dataset_fingerprint)
+    names = dataset_fingerprint.get("classes", {})
+    if dataset_fingerprint.get("label_mode") == "multiclass":
+        classes = {str(v): str(names.get(str(v), names.get(v, v))) for v in values}
+    else:
+        classes = {"1": str(next(iter(names.values()), "foreground"))}
+    run_id, _ = tracking.active_run_identity()
+    return SegmenterPlan(
+        model_key=model_key,
+        display_name=display_name,
+        target_spacing=tuple(float(t) for t in first["target_spacing"]),
+        interpolation_order=int(preprocessing["interpolation_order"]),
+        clip_percentiles=tuple(preprocessing["clip_percentiles"]) if preprocessing.get("clip_percentiles") else None,
+        crop_margin=int(preprocessing.get("crop_margin", 0)) if preprocessing.get("crop_to_nonzero") else None,
+        channel=int(channels.iloc[0]) if len(channels) else None,
+        label_mode=str(dataset_fingerprint.get("label_mode", "binary")),
+        classes=classes,
+        lateralized=[int(v) for v in dataset_fingerprint.get("lateralized", [])],
+        threshold=float(inference["threshold"]),
+        memory_gb=float(planning["memory_gb"]),
+        mirror_axes=[int(a) for a in inference.get("mirror_axes", [])],
+        keep_largest_component=bool(inference.get("keep_largest_component", False)),
+        provenance={"mlflow_run_id": run_id, "params_hash": training_fingerprint(data=data, **{model_key: section})},
+        **window,
+    )
+
+
+def predict_split(
+    segmenter: Segmenter,
+    primary_images: dict[str, Callable[[], Volume]],
+    case_geometry: dict,
+    splits: pd.DataFrame,
+) -> dict[str, Callable[[], Volume]]:
+    """Masks of every validation and test case, each in its source file's geometry.
+
+    The trained segmenter (as saved, the one `predict` and the MLflow model run) takes each
+    preprocessed case through the one inference engine, maps the probabilities back to the
+    source grid and applies its postprocessing (`<model>.inference.mirror_axes`,
+    `keep_largest_component`).
+
+    Args:
+        segmenter: `<model>.segmenter`.
+        primary_images: preprocessed cases.
+        case_geometry: the preprocessing plan (`geometry.json`), to map each mask back.
+        splits: the case split (val and test cases are predicted).
 
     Returns:
         {case_id: make_mask}; the catalog calls each in turn, so one case is in memory at a time,
         and each call logs the progress ("Predicting: case i of N ..., about m:ss left").
     """
-    masks = {
-        case_id: _original_geometry_mask(
-            primary_images[case_id], CaseGeometry.from_dict(case_geometry[case_id]), probabilities, threshold,
-            tuple(int(v) for v in class_values),
-        )
-        for case_id in case_ids
-    }
-    return track_partitions(masks, "Predicting", logger=logger)
+    logger.info(
+        "%s: mirroring over axes %s, largest component %s (planning.memory_gb=%g).",
+        segmenter.plan.model_key, list(segmenter.effective_mirror_axes()) or "none",
+        "kept" if segmenter.plan.keep_largest_component else "off", segmenter.plan.memory_gb,
+    )
+
+    def mask(case_id: str) -> Callable[[], Volume]:
+        def make() -> Volume:
+            geometry = CaseGeometry.from_dict(case_geometry[case_id])
+            labels = segmenter.segment_preprocessed(primary_images[case_id]().data, geometry)
+            return Volume(labels, np.asarray(geometry.original_affine))
+
+        return make
+
+    return track_partitions({c: mask(c) for c in cases_in_split(splits, "val", "test")}, "Predicting", logger=logger)
+
+
+def _reference_mask(record: pd.Series, multiclass: bool, data: dict[str, Any]) -> tuple[np.ndarray, Volume]:
+    reference_volume = read_volume(record["label_path"], kind="label")
+    reference = reference_volume.data if multiclass else binarize_label(reference_volume.data, data.get("foreground_labels"))
+    return reference, reference_volume
+
+
+def _evaluated_classes(dataset_fingerprint: dict) -> tuple[dict[int, str], bool]:
+    classes = {int(value): name for value, name in dataset_fingerprint.get("classes", {"1": "foreground"}).items()}
+    multiclass = dataset_fingerprint.get("label_mode") == "multiclass"
+    if not multiclass:  # the merged foreground, stored as 1
+        classes = {1: next(iter(classes.values()))}
+    return classes, multiclass
+
+
+def evaluate_postprocessing(
+    segmenter: Segmenter,
+    primary_images: dict[str, Callable[[], Volume]],
+    case_geometry: dict,
+    case_fingerprints: pd.DataFrame,
+    splits: pd.DataFrame,
+    dataset_fingerprint: dict,
+    data: DataParams,
+    *,
+    model_key: str,
+) -> pd.DataFrame:
+    """Test Dice with and without each postprocessing option the model turns on.
+
+    For every test case, the masks without any option (`plain`), with mirroring, with the
+    largest component, and with both (only the enabled ones) are scored against the reference
+    in the source geometry. Mirroring's plain mask is its unflipped pass, so this costs one
+    extra prediction of the test cases, and nothing when no option is on.
+
+    Returns:
+        One row per test case, variant and class: case_id, variant, class, label, dice; logged
+        to MLflow as `test_dice_mean_<variant>` (the mean over cases of the class mean).
+    """
+    if not segmenter.effective_mirror_axes() and not segmenter.plan.keep_largest_component:
+        return pd.DataFrame(columns=["case_id", "variant", "class", "label", "dice"])
+    classes, multiclass = _evaluated_classes(dataset_fingerprint)
+    records = case_fingerprints.set_index("case_id")
+    rows = []
+    test_cases = cases_in_split(splits, "test")
+    progress = CaseProgress("Scoring postprocessing", len(test_cases), logger=logger)
+    for case_id in test_cases:
+        reference, _ = _reference_mask(records.loc[case_id], multiclass, data)
+        geometry = CaseGeometry.from_dict(case_geometry[case_id])
+        for variant, labels in segmenter.variants(primary_images[case_id]().data, geometry).items():
+            for value, name in classes.items():
+                rows.append({"case_id": case_id, "variant": variant, "class": name, "label": value,
+                             "dice": dice_score(reference == value, labels == value)})
+        progress.advance(case_id)
+    table = pd.DataFrame(rows)
+    per_case = table.groupby(["variant", "case_id"])["dice"].mean()
+    means = per_case.groupby(level="variant").mean()
+    tracking.log_metrics(model_key, {f"test_dice_mean_{variant.replace('+', '_and_')}": float(v) for variant, v in means.items()})
+    logger.info("%s: test Dice by postprocessing: %s", model_key, {k: round(float(v), 4) for k, v in means.items()})
+    return table
+
+
+@dataclass(frozen=True)
+class SegmenterExport:
+    """What `<model>.mlflow_segmenter` logs: the segmenter, and the registry name (or None)."""
+
+    segmenter: Segmenter
+    registered_model_name: str | None
+
+
+def package_segmenter(segmenter: Segmenter, export: ExportParams) -> SegmenterExport:
+    """The trained segmenter for the MLflow run, as the pyfunc model `<model>_segmenter`
+    (`medseg.serving`), registered under `<model>.export.registered_model_name` when set."""
+    return SegmenterExport(segmenter, export.get("registered_model_name") or None)
 
 
 def evaluate_predictions(
@@ -281,18 +383,14 @@ def evaluate_predictions(
         figure of image/reference/prediction overlays for the first few cases, each titled
         with its case, axial slice and Dice (the mean over its classes).
     """
-    classes = {int(value): name for value, name in dataset_fingerprint.get("classes", {"1": "foreground"}).items()}
-    multiclass = dataset_fingerprint.get("label_mode") == "multiclass"
-    if not multiclass:  # the merged foreground, stored as 1
-        classes = {1: next(iter(classes.values()))}
+    classes, multiclass = _evaluated_classes(dataset_fingerprint)
     rows, overlays = [], []
     records = case_fingerprints.set_index("case_id")
     test_cases = cases_in_split(splits, "test")
     progress = CaseProgress("Evaluating", len(test_cases), logger=logger)
     for case_id in test_cases:
         record = records.loc[case_id]
-        reference_volume = read_volume(record["label_path"], kind="label")
-        reference = reference_volume.data if multiclass else binarize_label(reference_volume.data, data.get("foreground_labels"))
+        reference, reference_volume = _reference_mask(record, multiclass, data)
         prediction = predictions[case_id]()
         if prediction.data.shape != reference.shape or not np.allclose(prediction.affine, reference_volume.affine, atol=1e-3):
             raise GeometryMismatchError(
@@ -378,13 +476,13 @@ def summarize_evaluation(
 def export_model(model: keras.Model) -> tuple[keras.Model, dict, keras.Model]:
     """The trained model, for the MLflow Keras flavor, its architecture JSON and its weights.
 
-    A 2D model (input (B, H, W, 1)) is fully convolutional: it is exported for whole slices of
-    any size, input (None, None, 1), as the pipeline's own inference runs it (in-plane sizes
-    divisible by 2**depth). A 3D model keeps its patch input; whole volumes go through
-    sliding windows.
+    The exported model is a copy without the training configuration (optimizer, medseg's loss
+    and metrics), so `mlflow.keras.load_model` needs only TensorFlow and Keras. A 2D model
+    (input (B, H, W, 1)) is fully convolutional: it is exported for whole slices of any size,
+    input (None, None, 1), as the pipeline's own inference runs it (in-plane sizes divisible
+    by 2**depth). A 3D model keeps its patch input; whole volumes go through sliding windows.
     """
-    if len(model.input_shape) == 4:
-        model = with_input_shape(model, (None, None, 1))
+    model = with_input_shape(model, (None, None, 1) if len(model.input_shape) == 4 else model.input_shape[1:])
     return model, json.loads(model.to_json()), model
 
 
@@ -399,15 +497,38 @@ def _named(func: Callable, model_key: str) -> Callable:
 
 
 def evaluation_pipeline(model_key: str) -> Pipeline:
-    """Evaluation, reporting and MLflow export of one model's outputs, in namespace `model_key`.
+    """Prediction of the split, evaluation, reporting and MLflow export of one model, in
+    namespace `model_key`.
 
-    Reads `<model>.predictions`, `<model>.history` and `<model>.model`; writes
-    `<model>.metrics_per_case`, `.metrics_summary`, `.overlays`, `.training_curves`,
+    Reads `<model>.segmenter`, `<model>.history` and `<model>.model`; writes
+    `<model>.predictions`, `.postprocessing_ablation`, `.mlflow_segmenter`,
+    `.metrics_per_case`, `.metrics_summary`, `.overlays`, `.training_curves`,
     `.mlflow_model`, `.architecture` and `.weights`.
     """
     m = model_key
     return Pipeline(
         [
+            Node(
+                predict_split,
+                [f"{m}.segmenter", "primary_images", "case_geometry", "splits"],
+                f"{m}.predictions",
+                name="predict_split",
+                namespace=m,
+            ),
+            Node(
+                _named(evaluate_postprocessing, m),
+                [f"{m}.segmenter", "primary_images", "case_geometry", "case_fingerprints", "splits", "dataset_fingerprint", "params:data"],
+                f"{m}.postprocessing_ablation",
+                name="evaluate_postprocessing",
+                namespace=m,
+            ),
+            Node(
+                package_segmenter,
+                [f"{m}.segmenter", f"params:{m}.export"],
+                f"{m}.mlflow_segmenter",
+                name="package_segmenter",
+                namespace=m,
+            ),
             Node(
                 evaluate_predictions,
                 [f"{m}.predictions", "case_fingerprints", "splits", "dataset_fingerprint", "params:data", f"params:{m}.reporting"],

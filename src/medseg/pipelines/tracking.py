@@ -15,6 +15,8 @@ from typing import Any
 import mlflow
 
 MODEL_PIPELINES = ("unet", "conv3d")
+# A model kind's name in run names: the 2D U-Net, and `conv3d.model.kind`.
+MODEL_DISPLAY = {"unet": "UNet", "unet3d": "UNet3D", "patch_classifier": "Conv3DClassifier"}
 _models_in_run: tuple[str, ...] = ()
 
 

@@ -24,16 +24,16 @@ from medseg.evaluation import classification_metrics
 from medseg.imaging.io import Volume
 from medseg.models import build_patch_classifier, build_unet3d, compile_patch_classifier, compile_segmentation_model
 from medseg.parameters import Conv3dParams, DataParams, PlanningParams
-from medseg.patching import extract_patch, patch_stream, sample_patch_centers, sliding_window_predict
+from medseg.inference import Segmenter, window_predictor
+from medseg.patching import extract_patch, patch_stream, sample_patch_centers
 from medseg.patching.sliding_window import unet_features_per_voxel, windows_per_batch
 from medseg.pipelines import tracking
 from medseg.pipelines.modeling import (
     case_loader,
     cases_in_split,
-    class_values,
     foreground_class_count,
-    predictions_in_original_geometry,
     sampled_dataset,
+    segmenter_plan,
     train_model,
 )
 
@@ -53,14 +53,17 @@ def _patch_shape(conv3d: dict[str, Any]) -> tuple[int, int, int]:
     return tuple(int(s) for s in conv3d["sampling"]["patch_size"])
 
 
-def _windows_per_batch(conv3d: dict[str, Any], planning: dict[str, Any], n_windows: int | None = None) -> int:
-    """Windows per forward pass within `planning.memory_gb`, for the patch shape and model width."""
+def _features_per_voxel(conv3d: dict[str, Any]) -> float:
+    """The model's width for the memory budget (`unet_features_per_voxel`)."""
     if _kind(conv3d) == "patch_classifier":
         # Conv3D(16) at full resolution, Conv3D(32) after one pooling: a 16-filter encoder of depth 1.
-        width = unet_features_per_voxel(16, 1, 3)
-    else:
-        width = unet_features_per_voxel(int(conv3d["model"]["base_filters"]), int(conv3d["model"]["depth"]), 3)
-    return windows_per_batch(_patch_shape(conv3d), width, float(planning["memory_gb"]), n_windows)
+        return unet_features_per_voxel(16, 1, 3)
+    return unet_features_per_voxel(int(conv3d["model"]["base_filters"]), int(conv3d["model"]["depth"]), 3)
+
+
+def _windows_per_batch(conv3d: dict[str, Any], planning: dict[str, Any], n_windows: int | None = None) -> int:
+    """Windows per forward pass within `planning.memory_gb`, for the patch shape and model width."""
+    return windows_per_batch(_patch_shape(conv3d), _features_per_voxel(conv3d), float(planning["memory_gb"]), n_windows)
 
 
 def _build_model(conv3d: dict[str, Any], n_classes: int = 1) -> keras.Model:
@@ -128,73 +131,39 @@ def train_conv3d(
     return train_model("conv3d", build, stream, splits, case_geometry, dataset_fingerprint, data, conv3d, backup_root)
 
 
-def window_predictor(model: keras.Model) -> Callable[[np.ndarray], np.ndarray]:
-    """`predict_batch` for sliding windows: (B, wx, wy, wz, 1) -> (B, wx, wy, wz) foreground
-    probabilities, or (B, wx, wy, wz, K + 1) class probabilities for a multi-class model.
-
-    A segmentation model's map is returned as is; a patch classifier's single probability is
-    spread over its whole window.
-    """
-
-    def predict(windows: np.ndarray) -> np.ndarray:
-        out = np.asarray(model.predict_on_batch(windows))
-        if out.ndim == 2:  # (B, 1): one probability per window
-            return np.broadcast_to(out[:, :, None, None], (len(windows), *windows.shape[1:4]))
-        return out[..., 0] if out.shape[-1] == 1 else out
-
-    return predict
-
-
-def predict_conv3d(
+def build_conv3d_segmenter(
     model: keras.Model,
-    primary_images: dict[str, Callable[[], Volume]],
+    case_fingerprints: pd.DataFrame,
     case_geometry: dict,
-    splits: pd.DataFrame,
     dataset_fingerprint: dict,
+    data: DataParams,
     conv3d: Conv3dParams,
     planning: PlanningParams,
-) -> dict[str, Callable[[], Volume]]:
-    """Sliding-window prediction of every validation and test volume; masks in source geometry
-    (the dataset's label values; K + 1 class probabilities are stitched, mapped back, then the
-    most probable class is taken).
-
-    Windows are streamed through the model in batches sized by `planning.memory_gb` for the
-    patch shape and the model's width (`windows_per_batch`), never all at once; memory holds
-    one case, two stitching buffers of its size and one batch.
+) -> Segmenter:
+    """The trained 3D model as a segmenter: Gaussian-weighted sliding windows of the patch
+    size (`conv3d.inference.overlap`, `sigma_scale`), batched within `planning.memory_gb`,
+    with the training run's plan. A patch classifier's map is its windows' probabilities
+    spread over each window (a coarse detection map).
 
     Args:
         model: the trained 3D model.
-        primary_images: preprocessed cases.
-        case_geometry: the preprocessing plan, to map each mask back to its source geometry.
-        splits: the case split (val and test cases are predicted).
-        conv3d: `params:conv3d` (patch size, model, inference).
+        case_fingerprints: per-case table (the channel the cases were read from).
+        case_geometry: the preprocessing plan (its target spacing).
+        dataset_fingerprint: `fingerprint.json` (classes, lateralized classes).
+        data: `params:data` (preprocessing).
+        conv3d: `params:conv3d` (model, patch size, inference).
         planning: `params:planning` (memory_gb).
 
     Returns:
-        Lazy partitions {case_id: mask volume} for `conv3d.predictions`.
+        The segmenter, saved as `conv3d.segmenter` (data/06_models/conv3d/segmenter/).
     """
     inference = conv3d["inference"]
-    predict = window_predictor(model)
-    batch = _windows_per_batch(conv3d, planning)
-    logger.info(
-        "conv3d: %d windows of %s per batch (planning.memory_gb=%g)",
-        batch, "x".join(map(str, _patch_shape(conv3d))), float(planning["memory_gb"]),
+    plan = segmenter_plan(
+        "conv3d", tracking.MODEL_DISPLAY[_kind(conv3d)], case_fingerprints, case_geometry, dataset_fingerprint, data,
+        conv3d, planning, window="patch", depth=0, patch_size=_patch_shape(conv3d), overlap=float(inference["overlap"]),
+        sigma_scale=float(inference["sigma_scale"]), features_per_voxel=_features_per_voxel(conv3d),
     )
-    return predictions_in_original_geometry(
-        lambda image: sliding_window_predict(
-            image,
-            predict,
-            _patch_shape(conv3d),
-            overlap=float(inference["overlap"]),
-            batch_size=batch,
-            sigma_scale=float(inference["sigma_scale"]),
-        ),
-        primary_images,
-        case_geometry,
-        cases_in_split(splits, "val", "test"),
-        float(inference["threshold"]),
-        class_values(dataset_fingerprint),
-    )
+    return Segmenter(model, plan)
 
 
 def evaluate_patch_detection(

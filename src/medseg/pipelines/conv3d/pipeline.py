@@ -6,7 +6,7 @@ from kedro.pipeline import Node, Pipeline
 from medseg.pipelines.data import create_pipeline as data_pipeline
 from medseg.pipelines.modeling import evaluation_pipeline
 
-from .nodes import evaluate_patch_detection, predict_conv3d, train_conv3d
+from .nodes import build_conv3d_segmenter, evaluate_patch_detection, train_conv3d
 
 
 def create_pipeline(**kwargs) -> Pipeline:
@@ -22,10 +22,10 @@ def create_pipeline(**kwargs) -> Pipeline:
                     namespace="conv3d",
                 ),
                 Node(
-                    predict_conv3d,
-                    ["conv3d.model", "primary_images", "case_geometry", "splits", "dataset_fingerprint", "params:conv3d", "params:planning"],
-                    "conv3d.predictions",
-                    name="predict_conv3d",
+                    build_conv3d_segmenter,
+                    ["conv3d.model", "case_fingerprints", "case_geometry", "dataset_fingerprint", "params:data", "params:conv3d", "params:planning"],
+                    "conv3d.segmenter",
+                    name="build_conv3d_segmenter",
                     namespace="conv3d",
                 ),
                 Node(

@@ -19,11 +19,10 @@ from medseg.imaging.geometry import (
     label_to_training_grid,
     plan_case_geometry,
     to_canonical,
-    to_training_grid,
 )
 from medseg.imaging.io import Volume, read_volume
 from medseg.imaging.msd import CaseFiles, foreground_classes, list_msd_cases, read_dataset_json, write_msd_dataset
-from medseg.imaging.normalization import zscore_normalize
+from medseg.imaging.normalization import image_to_training_grid
 from medseg.imaging.synthesis import GENERATOR_VERSION, synthesize_case
 from medseg.imaging.validation import (
     binarize_label,
@@ -246,10 +245,9 @@ def plan_preprocessing(case_fingerprints: pd.DataFrame, fingerprint: dict, prepr
 
 def _preprocess_image(load: Callable[[], Volume], geometry: CaseGeometry, preprocessing: dict) -> Callable[[], Volume]:
     def run() -> Volume:
-        volume = to_training_grid(load(), geometry, order=int(preprocessing["interpolation_order"]))
-        clip = preprocessing.get("clip_percentiles")
-        volume.data = zscore_normalize(volume.data, tuple(clip) if clip else None)
-        return volume
+        return image_to_training_grid(
+            load(), geometry, int(preprocessing["interpolation_order"]), preprocessing.get("clip_percentiles")
+        )
 
     return run
 

@@ -11,17 +11,18 @@ import keras
 import pandas as pd
 
 from medseg.imaging.io import Volume
+from medseg.inference import Segmenter
 from medseg.models import build_unet2d, compile_segmentation_model
-from medseg.models.training import predict_axial_slices, slice_predictor, slices_per_batch, with_input_shape
+from medseg.models.training import with_input_shape
 from medseg.parameters import DataParams, PlanningParams, UnetParams
 from medseg.patching import slice_stream
+from medseg.patching.sliding_window import unet_features_per_voxel
+from medseg.pipelines import tracking
 from medseg.pipelines.modeling import (
     case_loader,
-    cases_in_split,
-    class_values,
     foreground_class_count,
-    predictions_in_original_geometry,
     sampled_dataset,
+    segmenter_plan,
     train_model,
 )
 
@@ -79,50 +80,34 @@ def train_unet(
     return train_model("unet", build, stream, splits, case_geometry, dataset_fingerprint, data, unet, backup_root)
 
 
-def predict_unet(
+def build_unet_segmenter(
     model: keras.Model,
-    primary_images: dict[str, Callable[[], Volume]],
+    case_fingerprints: pd.DataFrame,
     case_geometry: dict,
-    splits: pd.DataFrame,
     dataset_fingerprint: dict,
+    data: DataParams,
     unet: UnetParams,
     planning: PlanningParams,
-) -> dict[str, Callable[[], Volume]]:
-    """Predict every validation and test case slice by slice; masks in the source geometry.
-
-    Whole slices go through the model in batches sized by `planning.memory_gb` for each case's
-    slice size (`slices_per_batch`): a CT scan's 512×512 slices go a few at a time, a phantom's
-    by the hundred; the probabilities do not depend on the batch.
+) -> Segmenter:
+    """The trained U-Net as a segmenter: whole axial slices of any size (padded to a multiple
+    of 2**depth), batched within `planning.memory_gb`, with the training run's plan.
 
     Args:
         model: the trained 2D U-Net.
-        primary_images: preprocessed cases.
-        case_geometry: the preprocessing plan, to map each mask back to its source geometry.
-        splits: the case split (val and test cases are predicted).
-        dataset_fingerprint: `fingerprint.json` (the dataset's label value of each class).
-        unet: `params:unet` (model width and depth, threshold).
+        case_fingerprints: per-case table (the channel the cases were read from).
+        case_geometry: the preprocessing plan (its target spacing).
+        dataset_fingerprint: `fingerprint.json` (classes, lateralized classes).
+        data: `params:data` (preprocessing).
+        unet: `params:unet` (model, inference).
         planning: `params:planning` (memory_gb).
 
     Returns:
-        Lazy partitions {case_id: mask volume} for `unet.predictions`.
+        The segmenter, saved as `unet.segmenter` (data/06_models/unet/segmenter/).
     """
     base_filters, depth = int(unet["model"]["base_filters"]), int(unet["model"]["depth"])
-    multiple = 2**depth
-    memory_gb = float(planning["memory_gb"])
-    predict = slice_predictor(with_input_shape(model, (None, None, 1)))
-
-    def probabilities(image):
-        batch = slices_per_batch(image.shape[:2], multiple, base_filters, depth, memory_gb, n_slices=image.shape[2])
-        logger.info(
-            "unet: %d slices of %dx%d per batch (planning.memory_gb=%g)", batch, image.shape[0], image.shape[1], memory_gb
-        )
-        return predict_axial_slices(predict, image, multiple, batch)
-
-    return predictions_in_original_geometry(
-        probabilities,
-        primary_images,
-        case_geometry,
-        cases_in_split(splits, "val", "test"),
-        float(unet["inference"]["threshold"]),
-        class_values(dataset_fingerprint),
+    plan = segmenter_plan(
+        "unet", tracking.MODEL_DISPLAY["unet"], case_fingerprints, case_geometry, dataset_fingerprint, data, unet, planning,
+        window="slice", depth=depth, patch_size=None, overlap=0.0, sigma_scale=0.125,
+        features_per_voxel=unet_features_per_voxel(base_filters, depth, 2),
     )
+    return Segmenter(with_input_shape(model, (None, None, 1)), plan)

@@ -5,7 +5,7 @@ from kedro.pipeline import Node, Pipeline
 from medseg.pipelines.data import create_pipeline as data_pipeline
 from medseg.pipelines.modeling import evaluation_pipeline
 
-from .nodes import predict_unet, train_unet
+from .nodes import build_unet_segmenter, train_unet
 
 
 def create_pipeline(**kwargs) -> Pipeline:
@@ -21,10 +21,10 @@ def create_pipeline(**kwargs) -> Pipeline:
                     namespace="unet",
                 ),
                 Node(
-                    predict_unet,
-                    ["unet.model", "primary_images", "case_geometry", "splits", "dataset_fingerprint", "params:unet", "params:planning"],
-                    "unet.predictions",
-                    name="predict_unet",
+                    build_unet_segmenter,
+                    ["unet.model", "case_fingerprints", "case_geometry", "dataset_fingerprint", "params:data", "params:unet", "params:planning"],
+                    "unet.segmenter",
+                    name="build_unet_segmenter",
                     namespace="unet",
                 ),
             ]

@@ -1,0 +1,87 @@
+"""Postprocessing of predictions: test-time mirroring and the largest connected component.
+
+Both follow nnU-Net: mirroring averages the model's probabilities over every combination of
+flips along the chosen axes (`predict_sliding_window_return_logits` with `use_mirroring`), and
+the largest-component filter keeps, for each foreground class, only its largest 26-connected
+region (`remove_all_but_largest_component`). Both are off unless a parameter turns them on,
+and the test-split evaluation reports Dice with and without each one.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable, Sequence
+
+import numpy as np
+from scipy import ndimage
+
+from medseg.errors import ConfigurationError
+
+
+def mirror_combinations(axes: Iterable[int]) -> list[tuple[int, ...]]:
+    """Every subset of `axes`, the empty one (no flip) first: 2**len(axes) flips.
+
+    Args:
+        axes: spatial axes in 0..2 of an (X, Y, Z) volume in canonical RAS.
+
+    Returns:
+        E.g. [(), (0,), (1,), (0, 1)] for axes (0, 1).
+    """
+    axes = sorted(set(int(a) for a in axes))
+    if any(a not in (0, 1, 2) for a in axes):
+        raise ConfigurationError(f"mirror axes {axes} are invalid: pass axes in 0..2 (x, y, z of the RAS volume).")
+    return [combo for n in range(len(axes) + 1) for combo in itertools.combinations(axes, n)]
+
+
+def predict_with_mirroring(
+    predict_volume: Callable[[np.ndarray], np.ndarray], image: np.ndarray, axes: Sequence[int]
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Probabilities of a volume, plain and averaged over its mirrored copies.
+
+    Each flip of the image is predicted and flipped back; the mean over all flips (the
+    unflipped one included) is the test-time-augmented prediction. The unflipped prediction
+    comes back too, so one pass yields both sides of the with/without comparison.
+
+    Args:
+        predict_volume: maps (X, Y, Z) to (X, Y, Z) probabilities or (X, Y, Z, C) class
+            probabilities (e.g. `sliding_window_predict` bound to a model).
+        image: (X, Y, Z) float32, preprocessed.
+        axes: spatial axes to mirror; empty: no mirroring.
+
+    Returns:
+        (plain, mirrored): float32 arrays of the prediction's shape; `mirrored` is None when
+        `axes` is empty. Memory: the plain prediction, one running sum and one flipped pass.
+    """
+    combos = mirror_combinations(axes)
+    plain = np.asarray(predict_volume(image), dtype=np.float32)
+    if len(combos) == 1:
+        return plain, None
+    total = plain.copy()
+    for flip in combos[1:]:
+        flipped = np.ascontiguousarray(np.flip(image, axis=flip))
+        total += np.flip(np.asarray(predict_volume(flipped), dtype=np.float32), axis=flip)
+    total /= len(combos)
+    return plain, total
+
+
+def keep_largest_component(labels: np.ndarray, class_values: Iterable[int]) -> np.ndarray:
+    """Keep only the largest 26-connected region of each foreground class.
+
+    Args:
+        labels: (X, Y, Z) integer label map (0 is background).
+        class_values: the foreground values to filter; other values are left as they are.
+
+    Returns:
+        A new label map of the same dtype; the removed voxels become 0. A class with no voxel
+        stays empty; ties between equally large regions keep the first in scan order.
+    """
+    out = np.array(labels, copy=True)
+    structure = np.ones((3,) * labels.ndim, dtype=bool)
+    for value in class_values:
+        components, count = ndimage.label(out == value, structure=structure)
+        if count <= 1:
+            continue
+        sizes = np.bincount(components.ravel())
+        sizes[0] = 0
+        out[(components != 0) & (components != int(np.argmax(sizes)))] = 0
+    return out

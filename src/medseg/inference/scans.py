@@ -1,0 +1,160 @@
+"""The files of a prediction run: a folder of new scans in, a folder of masks out.
+
+Input names follow nnU-Net: `<case>_0000.nii.gz` (one file per channel, `_0000` the first) or
+`<case>.nii.gz`; `.nii` works too. Output: `<case>.nii.gz` per scan and `predictions.csv`.
+Masks are written to a staging folder inside the output folder and moved into place only
+once every scan has been segmented, so a failure leaves the output folder as it was.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from medseg.errors import ConfigurationError, DatasetNotFoundError, EmptyDatasetError
+from medseg.imaging.io import Volume, apply_umask, atomic_path, fsync_directory, read_header_geometry, write_volume
+
+logger = logging.getLogger(__name__)
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+_CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+PREDICTIONS_TABLE = "predictions.csv"
+
+
+@dataclass(frozen=True)
+class Scan:
+    case_id: str
+    path: str
+
+
+def nifti_stem(name: str) -> str | None:
+    """`name` without `.nii.gz` or `.nii`, or None when it is not a NIfTI file name."""
+    for suffix in NIFTI_SUFFIXES:
+        if name.endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    return None
+
+
+def case_id_of(name: str) -> str:
+    """The case id of a scan's file name: `la_003_0000.nii.gz` -> `la_003`, `a.nii` -> `a`."""
+    stem = nifti_stem(Path(name).name) or Path(name).name
+    match = _CHANNEL_SUFFIX.match(stem)
+    return match.group("case") if match else stem
+
+
+def list_scans(input_dir: str | os.PathLike, channel: int | None = None) -> list[Scan]:
+    """The scans of a folder, one per case, sorted by case id; headers checked.
+
+    A case split into channel files (`<case>_0000`, `<case>_0001`, ...) gives the file of
+    `channel` (0 when None). Hidden files and files that are not NIfTI are skipped (logged).
+
+    Raises:
+        DatasetNotFoundError: the folder is missing, or is a file.
+        EmptyDatasetError: it holds no NIfTI file.
+        ConfigurationError: two files give the same case (`a.nii.gz` and `a_0000.nii.gz`).
+        CorruptFileError, InvalidGeometryError: a file's header is unreadable or unusable,
+            naming the file (no voxel data is read here).
+    """
+    folder = Path(input_dir)
+    if not folder.exists():
+        raise DatasetNotFoundError(f"{folder}: the input folder does not exist. Set predict.input_dir to a folder of scans.")
+    if not folder.is_dir():
+        raise DatasetNotFoundError(f"{folder}: is a file, not a folder. Set predict.input_dir to the folder that holds it.")
+    wanted = f"{0 if channel is None else int(channel):04d}"
+    by_case: dict[str, list[tuple[str | None, Path]]] = {}
+    skipped = []
+    for path in sorted(folder.iterdir()):
+        stem = nifti_stem(path.name)
+        if path.name.startswith(".") or stem is None or not path.is_file():
+            skipped.append(path.name)
+            continue
+        match = _CHANNEL_SUFFIX.match(stem)
+        case_id, file_channel = (match.group("case"), match.group("channel")) if match else (stem, None)
+        by_case.setdefault(case_id, []).append((file_channel, path))
+    if skipped:
+        logger.info("Skipped %d entries of %s that are not NIfTI scans: %s", len(skipped), folder, skipped[:5])
+    if not by_case:
+        raise EmptyDatasetError(
+            f"{folder}: holds no scan (`<case>_0000.nii.gz` or `<case>.nii.gz`). Point predict.input_dir at a folder of NIfTI scans."
+        )
+    scans = []
+    for case_id, files in sorted(by_case.items()):
+        if any(ch is None for ch, _ in files) and len(files) > 1:
+            raise ConfigurationError(
+                f"{folder}: case '{case_id}' has several files ({[p.name for _, p in files]}); keep one "
+                f"`{case_id}.nii.gz` or channel files `{case_id}_0000.nii.gz`, ..."
+            )
+        chosen = [p for ch, p in files if ch in (None, wanted)] if len(files) > 1 else [files[0][1]]
+        if not chosen:
+            raise ConfigurationError(
+                f"{folder}: case '{case_id}' has channel files {[p.name for _, p in files]} but not `_{wanted}`, "
+                "the channel the model was trained on."
+            )
+        read_header_geometry(chosen[0])  # a corrupt header fails here, before any prediction
+        scans.append(Scan(case_id, str(chosen[0])))
+    return scans
+
+
+def check_output_folder(input_dir: str | os.PathLike, output_dir: str | os.PathLike) -> Path:
+    """The output folder, refused when it is the input folder, inside it, or a file: the
+    input folder is never written to. Symlinks are followed."""
+    source, target = Path(input_dir).resolve(), Path(output_dir).resolve()
+    if target == source or source in target.parents:
+        raise ConfigurationError(
+            f"predict.output_dir={output_dir} is inside predict.input_dir={input_dir}; medseg never writes into "
+            "the input folder. Choose another output folder."
+        )
+    if target.exists() and not target.is_dir():
+        raise ConfigurationError(f"predict.output_dir={output_dir} is a file. Choose a folder.")
+    return target
+
+
+def write_predictions(
+    scans: Iterable[Scan],
+    segment: Callable[[Scan], tuple[Volume, dict]],
+    output_dir: str | os.PathLike,
+) -> pd.DataFrame:
+    """Segment each scan and publish the masks and `predictions.csv` together.
+
+    Each mask goes to a staging folder inside `output_dir` as soon as it is made (one case in
+    memory at a time); only when every scan has succeeded are they moved into `output_dir`
+    (a rename each, replacing masks of the same name), then the table. On any error the
+    staging folder is removed and `output_dir` keeps what it held.
+
+    Args:
+        scans: the scans to segment.
+        segment: `scan -> (mask, row)`; the row holds the table's columns for that case
+            (`case_id` is added).
+        output_dir: the folder to write; created if missing.
+
+    Returns:
+        The table written as `predictions.csv`, one row per case.
+    """
+    target = Path(output_dir)
+    target.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".medseg-predict-staging-", dir=target))
+    apply_umask(staging, directory=True)
+    try:
+        rows = []
+        for scan in scans:
+            mask, row = segment(scan)
+            write_volume(mask, staging / f"{scan.case_id}.nii.gz")
+            rows.append({"case_id": scan.case_id, **row})
+        table = pd.DataFrame(rows)
+        for row in rows:
+            name = f"{row['case_id']}.nii.gz"
+            os.replace(staging / name, target / name)
+        with atomic_path(target / PREDICTIONS_TABLE, ".csv") as tmp:
+            table.to_csv(tmp, index=False)
+        fsync_directory(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return table

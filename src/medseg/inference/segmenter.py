@@ -1,0 +1,361 @@
+"""The segmenter: a trained network bundled with the plan it was trained on.
+
+nnU-Net keeps a trained model beside its plans and runs inference from that pair alone; this
+is the same idea. A :class:`Segmenter` holds the Keras network and a :class:`SegmenterPlan`
+(target spacing, crop, interpolation, clipping, classes, threshold, window, postprocessing), so
+a new scan goes through exactly the preprocessing of training, the one inference engine
+(`medseg.patching.sliding_window.sliding_window_predict`: whole axial slices for the 2D U-Net,
+Gaussian-weighted windows for the 3D models), the inverse geometry and the postprocessing,
+and comes back as a label map on the scan's own grid.
+
+The plan is read from the training run's files (`geometry.json`, `fingerprint.json`,
+parameters), never recomputed from the new scans. The evaluation of the training pipelines goes
+through the same object, so what is scored on the test split is what `predict` and the MLflow
+model return.
+
+On disk a segmenter is a folder: `segmenter.json` (the plan) and `model.keras`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import keras
+import numpy as np
+
+from medseg.errors import ConfigurationError, CorruptFileError, DatasetNotFoundError
+from medseg.imaging.geometry import (
+    CaseGeometry,
+    nonzero_bounding_box,
+    plan_case_geometry,
+    restore_original_geometry,
+    to_canonical,
+)
+from medseg.imaging.io import Volume, apply_umask, fsync_directory, read_volume, voxel_spacing
+from medseg.imaging.laterality import safe_flip_axes
+from medseg.imaging.normalization import image_to_training_grid
+from medseg.inference.postprocessing import keep_largest_component, predict_with_mirroring
+from medseg.patching.sliding_window import sliding_window_predict, windows_per_batch
+
+logger = logging.getLogger(__name__)
+
+PLAN_FILE = "segmenter.json"
+MODEL_FILE = "model.keras"
+FORMAT_VERSION = 1
+
+# Variant names of `Segmenter.variants`, for the with/without comparison of the evaluation.
+PLAIN = "plain"
+MIRRORED = "mirroring"
+LARGEST = "largest_component"
+
+
+@dataclass
+class SegmenterPlan:
+    """Everything a trained network needs to segment a scan it has never seen.
+
+    Attributes:
+        model_key: the pipeline that trained it, `unet` or `conv3d`.
+        display_name: the model's name in run names (`UNet`, `UNet3D`, `Conv3DClassifier`).
+        window: `slice` (a 2D model: whole axial slices, padded to a multiple of 2**depth) or
+            `patch` (a 3D model: sliding windows of `patch_size`).
+        target_spacing: the training grid's spacing in mm along RAS axes.
+        interpolation_order: spline order of the image resampling (1 or 3).
+        clip_percentiles: (low, high) percentiles clipped before the z-score, or None.
+        crop_margin: voxels around the image's nonzero box when cropping, or None (no crop).
+        channel: the channel of a 4-D (X, Y, Z, C) scan with C > 1, or None.
+        label_mode: `binary` or `multiclass`.
+        classes: {label value (text): name} of the foreground classes, in the order of the
+            model's channels 1..K; masks hold these values (1 in binary mode).
+        lateralized: label values whose structures keep to one side of the body: no
+            left-right mirroring.
+        threshold: probability at or above which a voxel is foreground (one sigmoid channel).
+        depth: poolings of a 2D U-Net (slices are padded to a multiple of 2**depth); 0 for a
+            patch model.
+        patch_size: the window of a patch model, voxels; None for a slice model.
+        overlap, sigma_scale: sliding-window overlap and Gaussian sigma (patch models).
+        features_per_voxel: the model's width for the memory budget
+            (`medseg.patching.sliding_window.unet_features_per_voxel`).
+        memory_gb: GiB of activations per forward pass (`planning.memory_gb`).
+        mirror_axes: test-time mirroring axes (RAS), empty for none.
+        keep_largest_component: keep each class's largest connected region only.
+        provenance: where it came from (MLflow run id, parameter hash); informative.
+    """
+
+    model_key: str
+    display_name: str
+    window: Literal["slice", "patch"]
+    target_spacing: tuple[float, float, float]
+    interpolation_order: int
+    clip_percentiles: tuple[float, float] | None
+    crop_margin: int | None
+    channel: int | None
+    label_mode: str
+    classes: dict[str, str]
+    lateralized: list[int]
+    threshold: float
+    depth: int
+    patch_size: tuple[int, int, int] | None
+    overlap: float
+    sigma_scale: float
+    features_per_voxel: float
+    memory_gb: float
+    mirror_axes: list[int] = field(default_factory=list)
+    keep_largest_component: bool = False
+    provenance: dict[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def class_values(self) -> tuple[int, ...]:
+        return tuple(int(value) for value in self.classes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(asdict(self)))
+
+    @classmethod
+    def from_dict(cls, record: Mapping[str, Any], source: str = "segmenter.json") -> SegmenterPlan:
+        if int(record.get("format_version", 0)) != FORMAT_VERSION:
+            raise ConfigurationError(
+                f"{source}: segmenter format {record.get('format_version')} is not {FORMAT_VERSION}, the one this "
+                "medseg reads. Train the model again with this version, or predict with the medseg that trained it."
+            )
+        known = set(cls.__dataclass_fields__)
+        return cls(**{key: value for key, value in record.items() if key in known})
+
+
+def window_predictor(model: keras.Model) -> Callable[[np.ndarray], np.ndarray]:
+    """`predict_batch` for sliding windows: (B, wx, wy, wz, 1) -> (B, wx, wy, wz) foreground
+    probabilities, or (B, wx, wy, wz, K + 1) class probabilities for a multi-class model.
+
+    A segmentation model's map is returned as is; a patch classifier's single probability is
+    spread over its whole window.
+    """
+
+    def predict(windows: np.ndarray) -> np.ndarray:
+        out = np.asarray(model.predict_on_batch(windows))
+        if out.ndim == 2:  # (B, 1): one probability per window
+            return np.broadcast_to(out[:, :, None, None], (len(windows), *windows.shape[1:4]))
+        return out[..., 0] if out.shape[-1] == 1 else out
+
+    return predict
+
+
+def probabilities_to_label_map(
+    probability: np.ndarray, geometry: CaseGeometry, threshold: float, class_values: Sequence[int]
+) -> np.ndarray:
+    """A label map on the source file's grid from probabilities on the training grid.
+
+    One sigmoid channel: the probability is resampled linearly to the source grid, then
+    thresholded (smoother than nearest neighbour on a hard mask). K + 1 class probabilities:
+    each one is resampled linearly, then the most probable class wins (background on ties),
+    one channel in memory at a time.
+
+    Args:
+        probability: (X, Y, Z) or (X, Y, Z, 1) foreground probabilities, or (X, Y, Z, K + 1)
+            class probabilities, on `geometry.preprocessed_shape`.
+        geometry: the case's plan.
+        threshold: for one channel, the foreground threshold.
+        class_values: the label value of each foreground channel, 1..K.
+
+    Returns:
+        uint8 (`geometry.original_shape`) holding 0 and `class_values`.
+    """
+    if probability.ndim == 3 or probability.shape[-1] == 1:
+        foreground = probability if probability.ndim == 3 else probability[..., 0]
+        original = restore_original_geometry(foreground, geometry, order=1)
+        return (original >= threshold).astype(np.uint8) * np.uint8(class_values[0])
+    best = restore_original_geometry(np.ascontiguousarray(probability[..., 0]), geometry, order=1)
+    labels = np.zeros(best.shape, dtype=np.uint8)
+    for index, value in enumerate(class_values, start=1):
+        channel = restore_original_geometry(np.ascontiguousarray(probability[..., index]), geometry, order=1)
+        wins = channel > best
+        best[wins] = channel[wins]
+        labels[wins] = value
+    return labels
+
+
+class Segmenter:
+    """A trained network and its plan: scan in, label map on the scan's grid out.
+
+    Args:
+        model: the Keras network. A slice model must take (None, None, 1) inputs
+            (`medseg.models.training.with_input_shape`); a patch model takes its patch.
+        plan: see :class:`SegmenterPlan`.
+    """
+
+    def __init__(self, model: keras.Model, plan: SegmenterPlan):
+        self.model = model
+        self.plan = plan
+        self._predict_batch: Callable[[np.ndarray], np.ndarray] | None = None
+
+    # -- the parts --------------------------------------------------------------------------
+    def preprocess(self, volume: Volume) -> tuple[np.ndarray, CaseGeometry]:
+        """A scan (any orientation, spacing; 3-D) onto the training grid, as in training.
+
+        Returns:
+            The z-scored float32 image on the training grid, and the geometry that maps a
+            prediction back to `volume`'s grid.
+        """
+        plan = self.plan
+        canonical = to_canonical(volume)
+        crop_box = nonzero_bounding_box(canonical.data, margin=plan.crop_margin) if plan.crop_margin is not None else None
+        geometry = plan_case_geometry(volume.data.shape, volume.affine, tuple(plan.target_spacing), crop_box)
+        image = image_to_training_grid(canonical, geometry, plan.interpolation_order, plan.clip_percentiles)
+        return image.data, geometry
+
+    def predict_volume(self, image: np.ndarray) -> np.ndarray:
+        """Probabilities of a preprocessed (X, Y, Z) image through the one inference engine.
+
+        Returns:
+            (X, Y, Z) float32 foreground probabilities, or (X, Y, Z, K + 1) class probabilities.
+        """
+        plan = self.plan
+        if self._predict_batch is None:
+            if plan.window == "slice":
+                from medseg.models.training import slice_predictor
+
+                self._predict_batch = slice_predictor(self.model)
+            else:
+                self._predict_batch = window_predictor(self.model)
+        if plan.window == "slice":
+            multiple = 2 ** int(plan.depth)
+            window = tuple(int(-(-n // multiple) * multiple) for n in image.shape[:2]) + (1,)
+            batch = windows_per_batch(window, plan.features_per_voxel, plan.memory_gb, n_windows=image.shape[2])
+            return sliding_window_predict(
+                image, self._predict_batch, window, overlap=0.0, batch_size=batch, weighting="constant", padding="end"
+            )
+        window = tuple(int(s) for s in plan.patch_size)
+        batch = windows_per_batch(window, plan.features_per_voxel, plan.memory_gb)
+        return sliding_window_predict(
+            image, self._predict_batch, window, overlap=float(plan.overlap), batch_size=batch,
+            sigma_scale=float(plan.sigma_scale),
+        )
+
+    def effective_mirror_axes(self, mirror_axes: Sequence[int] | None = None) -> tuple[int, ...]:
+        """The mirroring axes that apply: the plan's (or `mirror_axes`), without left-right
+        when a class is lateralized, and without z for a slice model (each slice is predicted
+        alone, so a flip along z changes nothing and would only cost time)."""
+        axes = safe_flip_axes(self.plan.mirror_axes if mirror_axes is None else mirror_axes, self.plan.lateralized)
+        return tuple(a for a in axes if not (self.plan.window == "slice" and a == 2))
+
+    def label_map(self, probability: np.ndarray, geometry: CaseGeometry) -> np.ndarray:
+        """uint8 label map on the source grid (:func:`probabilities_to_label_map`)."""
+        return probabilities_to_label_map(probability, geometry, float(self.plan.threshold), self.plan.class_values)
+
+    # -- whole scans ----------------------------------------------------------------------------
+    def segment_preprocessed(
+        self,
+        image: np.ndarray,
+        geometry: CaseGeometry,
+        mirror_axes: Sequence[int] | None = None,
+        largest_component: bool | None = None,
+    ) -> np.ndarray:
+        """Label map (source grid, uint8) of a preprocessed image, with the plan's
+        postprocessing unless `mirror_axes` or `largest_component` override it."""
+        plain, mirrored = predict_with_mirroring(self.predict_volume, image, self.effective_mirror_axes(mirror_axes))
+        labels = self.label_map(plain if mirrored is None else mirrored, geometry)
+        keep = self.plan.keep_largest_component if largest_component is None else largest_component
+        return keep_largest_component(labels, self.plan.class_values) if keep else labels
+
+    def variants(self, image: np.ndarray, geometry: CaseGeometry) -> dict[str, np.ndarray]:
+        """Label maps with and without each postprocessing option the plan turns on.
+
+        Keys: `plain` (neither), `mirroring`, `largest_component`, and
+        `mirroring+largest_component`, only those the plan enables. Mirroring costs one pass
+        per flip; the plain prediction is the unflipped pass, so it costs nothing more.
+        """
+        plain, mirrored = predict_with_mirroring(self.predict_volume, image, self.effective_mirror_axes())
+        out = {PLAIN: self.label_map(plain, geometry)}
+        if mirrored is not None:
+            out[MIRRORED] = self.label_map(mirrored, geometry)
+        if self.plan.keep_largest_component:
+            for name in list(out):
+                key = LARGEST if name == PLAIN else f"{name}+{LARGEST}"
+                out[key] = keep_largest_component(out[name], self.plan.class_values)
+        return out
+
+    def segment(self, volume: Volume) -> Volume:
+        """A scan's label map, uint8, on exactly its grid (shape and affine)."""
+        image, geometry = self.preprocess(volume)
+        return Volume(self.segment_preprocessed(image, geometry), np.asarray(volume.affine, dtype=np.float64))
+
+    def read_scan(self, path: str | os.PathLike) -> Volume:
+        """Read and check a scan as training did (float32; NaN, a zero spacing, a wrong number
+        of dimensions are refused naming the file); a 4-D scan gives the plan's channel."""
+        return read_volume(path, kind="image", channel=self.plan.channel)
+
+    def volumes_ml(self, mask: Volume) -> dict[str, float]:
+        """`volume_ml` (all foreground) and, with several classes, `volume_ml_<name>`."""
+        voxel_ml = float(np.prod(voxel_spacing(mask.affine))) / 1000.0
+        out = {"volume_ml": float(np.count_nonzero(mask.data)) * voxel_ml}
+        if len(self.plan.classes) > 1:
+            for value, name in self.plan.classes.items():
+                out[f"volume_ml_{name}"] = float(np.count_nonzero(mask.data == int(value))) * voxel_ml
+        return out
+
+    # -- on disk --------------------------------------------------------------------------------
+    def save(self, folder: str | os.PathLike) -> None:
+        """Write `segmenter.json` and `model.keras` into `folder`, replacing it only once both
+        are written (a staging folder beside it, then a rename)."""
+        target = Path(folder)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
+        apply_umask(staging, directory=True)
+        try:
+            self.model.save(staging / MODEL_FILE)
+            (staging / PLAN_FILE).write_text(json.dumps(self.plan.to_dict(), indent=2))
+            for path in staging.iterdir():
+                apply_umask(path)
+            retired = target.with_name(f".{target.name}.old")
+            shutil.rmtree(retired, ignore_errors=True)
+            if target.exists():
+                os.replace(target, retired)
+            os.replace(staging, target)
+            fsync_directory(target.parent)
+            shutil.rmtree(retired, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike) -> Segmenter:
+        """Read a segmenter folder written by :meth:`save`.
+
+        Raises:
+            DatasetNotFoundError: the folder or one of its files is missing (train first).
+            CorruptFileError: a file cannot be read.
+        """
+        folder = Path(folder)
+        plan = read_plan(folder)
+        model_path = _required_file(folder, MODEL_FILE)
+        try:
+            model = keras.models.load_model(model_path, compile=False)
+        except Exception as exc:  # Keras raises many types for a bad archive
+            raise CorruptFileError(f"{model_path}: cannot be loaded by Keras ({type(exc).__name__}: {exc}). Train the model again.") from exc
+        return cls(model, plan)
+
+
+def _required_file(folder: Path, name: str) -> Path:
+    path = folder / name
+    if not path.is_file():
+        raise DatasetNotFoundError(
+            f"{path}: not found, so {folder} holds no trained segmenter. Train one first "
+            "(`kedro run --pipeline unet` or `--pipeline conv3d`), or give an MLflow model URI."
+        )
+    return path
+
+
+def read_plan(folder: str | os.PathLike) -> SegmenterPlan:
+    """The plan of a segmenter folder (`segmenter.json`), without loading the network."""
+    path = _required_file(Path(folder), PLAN_FILE)
+    try:
+        return SegmenterPlan.from_dict(json.loads(path.read_text()), str(path))
+    except (json.JSONDecodeError, TypeError, AttributeError) as exc:
+        raise CorruptFileError(f"{path}: not a readable segmenter plan ({exc}). Train the model again.") from exc

@@ -1,0 +1,106 @@
+"""Nodes of the `predict` pipeline: thin wrappers around `medseg.inference` and `medseg.serving`.
+
+The segmenter comes from `predict.model`: this project's last trained `unet` or `conv3d`
+(`data/06_models/<model>/segmenter/`), or an MLflow model URI. It carries the training run's
+plan (spacing, crop, normalization, classes), so new scans are preprocessed exactly as the
+training cases were; nothing is recomputed from the new scans.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pandas as pd
+
+from medseg.datasets.folder import anchor_path
+from medseg.errors import ConfigurationError
+from medseg.inference import Segmenter
+from medseg.inference.scans import Scan, check_output_folder, list_scans, write_predictions
+from medseg.inference.segmenter import read_plan
+from medseg.parameters import PredictParams
+from medseg.pipelines import tracking
+from medseg.progress import CaseProgress
+from medseg.serving import fetch_segmenter
+
+logger = logging.getLogger(__name__)
+
+
+def _folders(predict: PredictParams, project_root: str) -> tuple[Path, Path]:
+    missing = [name for name in ("input_dir", "output_dir") if not predict.get(name)]
+    if missing:
+        raise ConfigurationError(
+            f"predict.{' and predict.'.join(missing)} not set: kedro run --pipeline predict --params "
+            "predict.input_dir=/abs/scans,predict.output_dir=/abs/masks"
+        )
+    input_dir = anchor_path(predict["input_dir"], project_root)
+    output_dir = check_output_folder(input_dir, anchor_path(predict["output_dir"], project_root))
+    return input_dir, output_dir
+
+
+def list_scans_to_predict(predict: PredictParams, project_root: str) -> pd.DataFrame:
+    """List the scans of `predict.input_dir` and check their headers, before anything is written.
+
+    Args:
+        predict: `params:predict` (model, input_dir, output_dir). Relative folders are taken
+            from the project root.
+        project_root: the project's root folder (catalog entry `project_root`).
+
+    Returns:
+        One row per case: case_id, image_path. A multi-channel case given as channel files
+        (`<case>_0000`, `<case>_0001`) gives the file of the channel the model was trained on.
+
+    Raises:
+        ConfigurationError: a folder is missing from the parameters, the output folder is
+            the input folder or inside it, or `predict.model` is not a segmenter.
+        DatasetNotFoundError, EmptyDatasetError, CorruptFileError: the input folder or a scan.
+    """
+    input_dir, _ = _folders(predict, project_root)
+    folder, _ = fetch_segmenter(str(predict["model"]), project_root)
+    scans = list_scans(input_dir, read_plan(folder).channel)
+    logger.info("predict: %d scans in %s.", len(scans), input_dir)
+    return pd.DataFrame([{"case_id": scan.case_id, "image_path": scan.path} for scan in scans])
+
+
+def segment_scans(scans: pd.DataFrame, predict: PredictParams, project_root: str) -> pd.DataFrame:
+    """Segment every scan and write `<output_dir>/<case>.nii.gz` and `predictions.csv`.
+
+    Each mask is a uint8 label map on exactly its scan's grid (shape and affine; a trailing
+    channel axis dropped), holding the dataset's label values. The masks are published only
+    once every scan has succeeded: a bad scan fails the run naming its file, and the output
+    folder keeps what it held.
+
+    Args:
+        scans: output of `list_scans_to_predict`.
+        predict: `params:predict`; `mirror_axes` and `keep_largest_component` override the
+            model's postprocessing when not null.
+        project_root: the project's root folder.
+
+    Returns:
+        The table written as `predictions.csv`: case_id, volume_ml (and volume_ml_<class> with
+        several classes), model_uri; also logged to the MLflow run with the source model URI.
+    """
+    _, output_dir = _folders(predict, project_root)
+    folder, model_uri = fetch_segmenter(str(predict["model"]), project_root)
+    segmenter = Segmenter.load(folder)
+    if predict.get("mirror_axes") is not None:
+        segmenter.plan.mirror_axes = [int(a) for a in predict["mirror_axes"]]
+    if predict.get("keep_largest_component") is not None:
+        segmenter.plan.keep_largest_component = bool(predict["keep_largest_component"])
+    tracking.set_tags({"medseg.source_model_uri": model_uri, "medseg.source_model": segmenter.plan.display_name})
+    logger.info(
+        "predict: %s from %s; mirroring over %s, largest component %s.", segmenter.plan.display_name, model_uri,
+        list(segmenter.effective_mirror_axes()) or "no axes", "kept" if segmenter.plan.keep_largest_component else "off",
+    )
+    progress = CaseProgress("Segmenting", len(scans), logger=logger)
+
+    def segment(scan: Scan):
+        mask = segmenter.segment(segmenter.read_scan(scan.path))
+        progress.advance(scan.case_id)
+        return mask, {**segmenter.volumes_ml(mask), "model_uri": model_uri}
+
+    table = write_predictions(
+        (Scan(str(row.case_id), str(row.image_path)) for row in scans.itertuples()), segment, output_dir
+    )
+    logger.info("predict: %d masks and predictions.csv written to %s.", len(table), output_dir)
+    return table
