@@ -138,6 +138,7 @@ def prediction_run_prefix(predict: dict[str, Any], project_path, today: dt.date)
     from medseg.inference.segmenter import read_plan
     from medseg.serving import fetch_segmenter
 
+    fetch_segmenter.cache_clear()  # a new run downloads a URI again (`models:/name@alias` moves)
     folder, _ = fetch_segmenter(str(predict["model"]), str(Path(project_path)))
     return f"Predict-{read_plan(folder).display_name}-{today.strftime('%Y%m%d')}"
 

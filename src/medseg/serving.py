@@ -23,6 +23,7 @@ unset, paths are refused altogether and only `image_b64` is accepted. In the use
 
 from __future__ import annotations
 
+import atexit
 import base64
 import binascii
 import functools
@@ -237,7 +238,6 @@ def log_segmenter(segmenter_dir: str | os.PathLike, name: str, registered_model_
         )
 
 
-@functools.lru_cache(maxsize=8)
 def fetch_segmenter(source: str, project_root: str) -> tuple[str, str]:
     """The local segmenter folder of `predict.model`, and the model URI to record.
 
@@ -246,6 +246,9 @@ def fetch_segmenter(source: str, project_root: str) -> tuple[str, str]:
             `data/06_models/<model>/segmenter`), or an MLflow model URI (`runs:/<run_id>/<name>`,
             `models:/<name>/<version>`), downloaded once per process.
         project_root: the project's root folder.
+
+    A URI is downloaded once per process and run: a prediction run's hook clears the cache
+    (`fetch_segmenter.cache_clear()`) when the run starts, so its nodes reuse that download.
 
     Returns:
         (folder, uri): the folder `Segmenter.load` reads; the URI of the MLflow model when known
@@ -262,12 +265,18 @@ def fetch_segmenter(source: str, project_root: str) -> tuple[str, str]:
         except (OSError, ValueError):
             pass
         return str(folder), f"runs:/{run_id}/{source}_segmenter" if run_id else str(folder)
+    return _download_segmenter(source)
+
+
+@functools.lru_cache(maxsize=8)
+def _download_segmenter(source: str) -> tuple[str, str]:
     if ":/" not in source:
         raise ConfigurationError(
             f"predict.model={source!r}: give `unet` or `conv3d` (this project's last trained model), or an MLflow "
             "model URI such as runs:/<run_id>/unet_segmenter or models:/<name>/<version>."
         )
     local = Path(tempfile.mkdtemp(prefix="medseg-model-"))
+    atexit.register(shutil.rmtree, local, ignore_errors=True)
     try:
         path = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(local)))
     except Exception as exc:
@@ -283,3 +292,6 @@ def fetch_segmenter(source: str, project_root: str) -> tuple[str, str]:
             "`unet_segmenter` or `conv3d_segmenter` model."
         )
     return str(folder), source
+
+
+fetch_segmenter.cache_clear = _download_segmenter.cache_clear
