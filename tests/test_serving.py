@@ -1,0 +1,451 @@
+"""The segmenter as an MLflow model (`unet_segmenter`, medseg.serving): loaded in a fresh
+process, served over REST by `mlflow models serve`, registered and used by `predict`.
+
+One tiny `unet` training run (module fixture) and one `predict` run on the phantoms' images
+give the reference masks; every other way of running the model must write the same masks.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import datetime as dt
+import importlib.metadata
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import TINY_DATA_PARAMS, make_project_copy, mlflow_runs, run_pipeline
+
+TINY_UNET = {
+    **TINY_DATA_PARAMS,
+    "unet.model.input_size": 32,
+    "unet.model.base_filters": 8,
+    "unet.training.epochs": 1,
+    "unet.training.batch_size": 4,
+    "unet.training.steps_per_epoch": 3,
+    "unet.training.validation_steps": 1,
+    "unet.reporting.n_overlay_cases": 1,
+}
+REGISTERED = "medseg-unet-test"
+SERVE_ROOTS = "MEDSEG_SERVE_ROOTS"
+SERVING_ENV = "_MLFLOW_IS_IN_SERVING_ENVIRONMENT"
+REPO_SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+@dataclass(frozen=True)
+class Trained:
+    project: Path
+    tracking_uri: str
+    run_id: str                # the unet training run
+    images: list[Path]         # the phantoms' scans
+    pipeline_out: Path         # `predict.model=unet` output: <case>.nii.gz + predictions.csv
+    scratch: Path              # a module-wide temporary folder
+
+    @property
+    def model_uri(self) -> str:
+        return f"runs:/{self.run_id}/unet_segmenter"
+
+    def pipeline_mask(self, image: Path) -> Path:
+        return self.pipeline_out / f"{case_of(image)}.nii.gz"
+
+    def pipeline_volume(self, image: Path) -> float:
+        table = pd.read_csv(self.pipeline_out / "predictions.csv").set_index("case_id")
+        return float(table.loc[case_of(image), "volume_ml"])
+
+
+def case_of(image: Path) -> str:
+    """`case_003_0000.nii.gz` -> `case_003`."""
+    return re.sub(r"_\d{4}$", "", image.name[: -len(".nii.gz")])
+
+
+def assert_same_mask(actual: Path, expected: Path) -> None:
+    got, want = nib.load(str(actual)), nib.load(str(expected))
+    assert got.shape == want.shape
+    assert got.get_data_dtype() == want.get_data_dtype()
+    np.testing.assert_array_equal(got.affine, want.affine)
+    assert np.array_equal(np.asanyarray(got.dataobj), np.asanyarray(want.dataobj)), f"{actual} differs from {expected}"
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This process's environment without the serving policy variables, plus `extra`; the venv's
+    bin/ first on PATH (`mlflow models serve` starts `uvicorn` by name)."""
+    env = {k: v for k, v in os.environ.items() if k not in (SERVE_ROOTS, SERVING_ENV, "MLFLOW_TRACKING_URI")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Trained:
+    scratch = tmp_path_factory.mktemp("serving")
+    project = make_project_copy(scratch / "project")
+    run_pipeline(project, "unet", {**TINY_UNET, "unet.export.registered_model_name": REGISTERED})
+    client, runs = mlflow_runs(project)
+    (training,) = [run for run in runs if run.info.run_name.startswith("UNet-")]
+    assert training.info.status == "FINISHED"
+
+    images = sorted((project / "data" / "01_raw" / "synthetic" / "imagesTr").glob("*.nii.gz"))
+    assert len(images) == TINY_DATA_PARAMS["data.synthetic.n_cases"]
+    pipeline_out = scratch / "pipeline_masks"
+    run_pipeline(
+        project,
+        "predict",
+        {"predict.model": "unet", "predict.input_dir": str(images[0].parent), "predict.output_dir": str(pipeline_out)},
+    )
+    for image in images:  # a constant mask would make every comparison below prove little
+        labels = set(np.unique(np.asanyarray(nib.load(str(pipeline_out / f"{case_of(image)}.nii.gz")).dataobj)))
+        assert labels == {0, 1}, f"{image.name}: the tiny model's mask holds only {labels}"
+    return Trained(project, f"sqlite:///{project / 'mlflow.db'}", training.info.run_id, images, pipeline_out, scratch)
+
+
+def test_predict_pipeline_writes_one_mask_per_scan_from_the_training_run(trained: Trained):
+    table = pd.read_csv(trained.pipeline_out / "predictions.csv")
+    assert sorted(table["case_id"]) == sorted(case_of(image) for image in trained.images)
+    assert set(table["model_uri"]) == {trained.model_uri}
+    for image in trained.images:
+        mask, scan = nib.load(str(trained.pipeline_mask(image))), nib.load(str(image))
+        assert mask.shape == scan.shape[:3]
+        np.testing.assert_allclose(mask.affine, scan.affine, atol=1e-5)
+        data = np.asanyarray(mask.dataobj)
+        spacing = np.prod(mask.header.get_zooms()[:3])
+        assert trained.pipeline_volume(image) == pytest.approx((data > 0).sum() * spacing / 1000, rel=1e-6)
+
+    _, runs = mlflow_runs(trained.project)
+    predict_run = runs[0]
+    assert re.fullmatch(r"Predict-UNet-\d{8}-run1", predict_run.info.run_name)
+    assert predict_run.info.status == "FINISHED"
+    assert predict_run.data.tags["medseg.source_model_uri"] == trained.model_uri
+
+
+# -- a fresh process: mlflow.pyfunc.load_model, medseg never imported beforehand -------------
+
+LOAD_AND_PREDICT = """
+import json, sys
+import mlflow
+import pandas as pd
+
+assert "medseg" not in sys.modules
+mlflow.set_tracking_uri(sys.argv[1])
+model = mlflow.pyfunc.load_model(sys.argv[2])
+result = model.predict(pd.DataFrame(json.loads(sys.argv[3])))
+import medseg
+print("RESULT " + json.dumps({"medseg_file": medseg.__file__, "rows": result.to_dict("records")}))
+"""
+
+
+def test_pyfunc_in_a_fresh_process_runs_the_shipped_code_and_matches_the_pipeline(trained: Trained, tmp_path: Path):
+    outputs = [tmp_path / "pyfunc" / f"{case_of(image)}.nii.gz" for image in trained.images]
+    frame = {"image_path": [str(p) for p in trained.images], "output_path": [str(p) for p in outputs]}
+    done = subprocess.run(
+        [sys.executable, "-c", LOAD_AND_PREDICT, trained.tracking_uri, trained.model_uri, json.dumps(frame)],
+        cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    (line,) = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    result = json.loads(line[len("RESULT "):])
+
+    # The medseg that ran is the copy inside the downloaded model: <model>/code/medseg/__init__.py,
+    # beside the MLmodel file of this run's unet_segmenter.
+    medseg_file = Path(result["medseg_file"]).resolve()
+    assert REPO_SRC not in medseg_file.parents
+    assert medseg_file.parent.name == "medseg" and medseg_file.parents[1].name == "code"
+    mlmodel = (medseg_file.parents[2] / "MLmodel").read_text()
+    assert f"run_id: {trained.run_id}" in mlmodel
+    assert "python_function" in mlmodel
+
+    rows = result["rows"]
+    assert [row["case_id"] for row in rows] == [case_of(image) for image in trained.images]
+    for image, output, row in zip(trained.images, outputs, rows):
+        assert row["mask_path"] == str(output.resolve())
+        assert row["mask_b64"] is None
+        assert_same_mask(output, trained.pipeline_mask(image))
+        assert row["volume_ml"] == pytest.approx(trained.pipeline_volume(image), rel=1e-12, abs=0)
+    assert sorted(p.name for p in (tmp_path / "pyfunc").iterdir()) == sorted(p.name for p in outputs)  # no temp files left
+
+
+# -- requirements ---------------------------------------------------------------------------
+
+def logged_requirements(trained: Trained, name: str, dst: Path) -> list[str]:
+    import mlflow
+
+    folder = mlflow.artifacts.download_artifacts(
+        artifact_uri=f"runs:/{trained.run_id}/{name}", dst_path=str(dst), tracking_uri=trained.tracking_uri
+    )
+    lines = (Path(folder) / "requirements.txt").read_text().splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+
+
+def assert_satisfied_here(requirements: list[str]) -> None:
+    from packaging.requirements import Requirement
+
+    for line in requirements:
+        requirement = Requirement(line)  # raises on -r/-c lines or anything pip-only
+        if requirement.marker is not None and not requirement.marker.evaluate():
+            continue
+        installed = importlib.metadata.version(requirement.name)
+        assert requirement.specifier.contains(installed, prereleases=True), f"{line}: {installed} installed"
+
+
+@pytest.mark.parametrize("name", ["unet_segmenter", "unet_model"])
+def test_logged_requirements_pin_this_environment_and_leave_medseg_out(trained: Trained, tmp_path: Path, name: str):
+    requirements = logged_requirements(trained, name, tmp_path)
+    names = [re.split(r"[\[<>=!~; ]", line, maxsplit=1)[0].lower().replace("_", "-") for line in requirements]
+    assert "medseg" not in names
+    assert not any("medseg" in line.lower() for line in requirements)
+    assert f"tensorflow-cpu=={importlib.metadata.version('tensorflow-cpu')}" in requirements
+    assert f"keras=={importlib.metadata.version('keras')}" in requirements
+    assert "tensorflow" not in names  # the cpu build only: never both
+    if name == "unet_segmenter":
+        for package in ("nibabel", "scipy", "numpy", "pandas", "mlflow"):
+            assert f"{package}=={importlib.metadata.version(package)}" in requirements
+    assert_satisfied_here(requirements)
+
+
+# -- REST: mlflow models serve ---------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def model_server(trained: Trained, log: Path, roots: list[Path] | None):
+    """`mlflow models serve` of the training run's unet_segmenter; yields its base URL. The
+    server (its own process group: mlflow, then uvicorn) is terminated on exit."""
+    import httpx
+
+    extra = {"MLFLOW_TRACKING_URI": trained.tracking_uri}
+    if roots is not None:
+        extra[SERVE_ROOTS] = ":".join(str(root) for root in roots)
+    port = free_port()
+    with open(log, "wb") as sink:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "models", "serve", "-m", trained.model_uri, "--env-manager", "local",
+             "-p", str(port), "-h", "127.0.0.1"],
+            cwd=log.parent, env=clean_env(**extra), stdout=sink, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, f"the model server exited ({server.returncode}):\n{log.read_text()[-4000:]}"
+            assert time.monotonic() < deadline, f"no /ping answer in 120 s:\n{log.read_text()[-4000:]}"
+            try:
+                if httpx.get(f"{url}/ping", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        yield url
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=30)
+
+
+def invoke(url: str, rows: list[dict]):
+    import httpx
+
+    columns = list(rows[0])
+    payload = {"dataframe_split": {"columns": columns, "data": [[row[c] for c in columns] for row in rows]}}
+    return httpx.post(f"{url}/invocations", json=payload, timeout=120)
+
+
+def b64_of(path: Path) -> str:
+    return base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def assert_b64_mask(encoded: str, expected: Path, folder: Path) -> None:
+    raw = base64.b64decode(encoded)
+    assert raw[:2] == b"\x1f\x8b"  # gzipped NIfTI
+    folder.mkdir(parents=True, exist_ok=True)
+    decoded = folder / f"decoded_{expected.name}"
+    decoded.write_bytes(raw)
+    assert_same_mask(decoded, expected)
+
+
+@pytest.fixture(scope="module")
+def served_with_roots(trained: Trained):
+    """A server limited to the scans' folder and an output folder: (url, output folder)."""
+    out = trained.scratch / "served_out"
+    out.mkdir()
+    with model_server(trained, trained.scratch / "serve_roots.log", [trained.images[0].parent, out]) as url:
+        yield url, out
+
+
+def test_served_model_writes_masks_under_the_roots(trained: Trained, served_with_roots):
+    url, out = served_with_roots
+    images = trained.images[:2]
+    targets = [out / f"{case_of(image)}.nii.gz" for image in images]
+    response = invoke(url, [{"image_path": str(i), "output_path": str(t)} for i, t in zip(images, targets)])
+    assert response.status_code == 200, response.text[-4000:]
+    predictions = response.json()["predictions"]
+    assert [row["case_id"] for row in predictions] == [case_of(image) for image in images]
+    for image, target, row in zip(images, targets, predictions):
+        assert row["mask_path"] == str(target.resolve())
+        assert row["mask_b64"] is None
+        assert_same_mask(target, trained.pipeline_mask(image))
+        assert row["volume_ml"] == pytest.approx(trained.pipeline_volume(image), rel=1e-12, abs=0)
+
+
+def test_served_model_returns_the_mask_of_image_b64(trained: Trained, served_with_roots, tmp_path: Path):
+    url, _ = served_with_roots
+    image = trained.images[2]
+    response = invoke(url, [{"image_b64": b64_of(image), "case_id": "sent"}])
+    assert response.status_code == 200, response.text[-4000:]
+    (row,) = response.json()["predictions"]
+    assert row["case_id"] == "sent"
+    assert row["mask_path"] is None
+    assert row["volume_ml"] == pytest.approx(trained.pipeline_volume(image), rel=1e-12, abs=0)
+    assert_b64_mask(row["mask_b64"], trained.pipeline_mask(image), tmp_path)
+
+
+def test_served_model_refuses_an_output_outside_the_roots(trained: Trained, served_with_roots, tmp_path: Path):
+    url, out = served_with_roots
+    outside = tmp_path / "outside" / "x.nii.gz"
+    inside = out / "refused_batch.nii.gz"
+    # The allowed row comes first: a refused row fails the whole request before anything is read.
+    response = invoke(url, [
+        {"image_path": str(trained.images[0]), "output_path": str(inside)},
+        {"image_path": str(trained.images[1]), "output_path": str(outside)},
+    ])
+    assert 400 <= response.status_code < 600
+    assert SERVE_ROOTS in response.text
+    assert "output_path" in response.text and str(outside) in response.text
+    assert not outside.exists() and not outside.parent.exists()
+    assert not inside.exists()
+    assert not [p for p in out.iterdir() if p.name.startswith(".refused_batch")]  # no temporary file left
+
+
+def test_served_model_without_roots_accepts_only_image_b64(trained: Trained, tmp_path: Path):
+    image = trained.images[3]
+    target = tmp_path / "out" / "x.nii.gz"
+    with model_server(trained, tmp_path / "serve_noroots.log", None) as url:
+        refused = invoke(url, [{"image_path": str(image), "output_path": str(target)}])
+        refused_input = invoke(url, [{"image_path": str(image)}])
+        accepted = invoke(url, [{"image_b64": b64_of(image)}])
+    assert 400 <= refused.status_code < 600
+    assert SERVE_ROOTS in refused.text and "image_b64" in refused.text
+    # MLflow returns the server's traceback (`stack_trace`): the code that refused is the model's own copy.
+    assert "/unet_segmenter/code/medseg/serving.py" in refused.json()["stack_trace"]
+    assert not target.exists() and not target.parent.exists()
+    assert 400 <= refused_input.status_code < 600
+    assert SERVE_ROOTS in refused_input.text and "image_path" in refused_input.text
+
+    assert accepted.status_code == 200, accepted.text[-4000:]
+    (row,) = accepted.json()["predictions"]
+    assert row["case_id"] == "case_0"
+    assert row["volume_ml"] == pytest.approx(trained.pipeline_volume(image), rel=1e-12, abs=0)
+    assert_b64_mask(row["mask_b64"], trained.pipeline_mask(image), tmp_path)
+
+
+# -- the registry ----------------------------------------------------------------------------
+
+def test_registered_version_drives_the_predict_pipeline(trained: Trained, tmp_path: Path):
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=trained.tracking_uri)
+    versions = client.search_model_versions(f"name='{REGISTERED}'")
+    assert [str(v.version) for v in versions] == ["1"]
+    version = client.get_model_version(REGISTERED, "1")
+    assert version.run_id == trained.run_id
+    assert version.source.endswith("unet_segmenter") or version.source.startswith("models:/")
+
+    uri = f"models:/{REGISTERED}/1"
+    out = tmp_path / "registry_masks"
+    run_pipeline(
+        trained.project,
+        "predict",
+        {"predict.model": uri, "predict.input_dir": str(trained.images[0].parent), "predict.output_dir": str(out)},
+    )
+    for image in trained.images:
+        assert_same_mask(out / f"{case_of(image)}.nii.gz", trained.pipeline_mask(image))
+    table = pd.read_csv(out / "predictions.csv")
+    assert set(table["model_uri"]) == {uri}
+    expected = pd.read_csv(trained.pipeline_out / "predictions.csv")
+    np.testing.assert_array_equal(table["volume_ml"].to_numpy(), expected["volume_ml"].to_numpy())
+
+    _, runs = mlflow_runs(trained.project)
+    run = runs[0]
+    match = re.fullmatch(r"Predict-UNet-(\d{8})-run2", run.info.run_name)
+    assert match, run.info.run_name
+    started = dt.datetime.fromtimestamp(run.info.start_time / 1000)
+    assert match.group(1) in {started.strftime("%Y%m%d"), dt.date.today().strftime("%Y%m%d")}
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["medseg.source_model_uri"] == uri
+
+
+# -- the path policy, in process -------------------------------------------------------------
+
+def test_roots_refuse_a_symlink_that_leads_outside(tmp_path: Path, monkeypatch):
+    from medseg.serving import PathNotAllowedError, check_path_allowed, serve_roots
+
+    root, elsewhere = tmp_path / "in", tmp_path / "elsewhere"
+    root.mkdir(), elsewhere.mkdir()
+    (elsewhere / "secret.nii.gz").write_bytes(b"x")
+    (root / "link.nii.gz").symlink_to(elsewhere / "secret.nii.gz")
+    (root / "linked_dir").symlink_to(elsewhere, target_is_directory=True)
+    (root / "scan.nii.gz").write_bytes(b"x")
+    monkeypatch.setenv(SERVE_ROOTS, f"{root}:{tmp_path / 'out'}")
+    monkeypatch.delenv(SERVING_ENV, raising=False)
+
+    roots = serve_roots()
+    assert roots == [root.resolve(), (tmp_path / "out").resolve()]
+    assert check_path_allowed(str(root / "scan.nii.gz"), "image_path", roots) == (root / "scan.nii.gz").resolve()
+    assert check_path_allowed(str(tmp_path / "out" / "a" / "m.nii.gz"), "output_path", roots).name == "m.nii.gz"
+    for refused in (root / "link.nii.gz", root / "linked_dir" / "m.nii.gz", root / ".." / "elsewhere" / "secret.nii.gz",
+                    tmp_path / "input" / "scan.nii.gz"):  # a sibling sharing the root's prefix
+        with pytest.raises(PathNotAllowedError, match=SERVE_ROOTS) as refusal:
+            check_path_allowed(str(refused), "image_path", roots)
+        assert str(refused) in str(refusal.value)
+
+
+def test_without_roots_the_scoring_server_refuses_every_path(tmp_path: Path, monkeypatch):
+    from medseg.serving import PathNotAllowedError, check_path_allowed, serve_roots
+
+    monkeypatch.delenv(SERVE_ROOTS, raising=False)
+    monkeypatch.setenv(SERVING_ENV, "true")
+    assert serve_roots() == []
+    (tmp_path / "scan.nii.gz").write_bytes(b"x")
+    for path in (tmp_path / "scan.nii.gz", Path("relative.nii.gz"), Path("/")):
+        with pytest.raises(PathNotAllowedError, match=f"{SERVE_ROOTS}.*image_b64"):
+            check_path_allowed(str(path), "output_path", serve_roots())
+
+
+def test_blank_roots_count_as_unset(monkeypatch):
+    from medseg.serving import serve_roots
+
+    monkeypatch.setenv(SERVE_ROOTS, " : ")
+    monkeypatch.setenv(SERVING_ENV, "true")
+    assert serve_roots() == []
+    monkeypatch.delenv(SERVING_ENV)
+    assert serve_roots() is None
+
+
+def test_outside_the_scoring_server_any_path_is_the_users(tmp_path: Path, monkeypatch):
+    from medseg.serving import check_path_allowed, serve_roots
+
+    monkeypatch.delenv(SERVE_ROOTS, raising=False)
+    monkeypatch.delenv(SERVING_ENV, raising=False)
+    assert serve_roots() is None
+    target = tmp_path / "anywhere" / "m.nii.gz"
+    assert check_path_allowed(str(target), "output_path", serve_roots()) == target.resolve()
