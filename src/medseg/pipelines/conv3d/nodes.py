@@ -178,7 +178,7 @@ def evaluate_patch_detection(
 
     Patches are drawn as in training (same foreground fraction), with a fixed seed. The score
     of a patch is the classifier's output, or a segmentation model's highest voxel probability.
-    They go through the model in batches within `planning.memory_gb`, as in `predict_conv3d`.
+    They go through the model in batches within `planning.memory_gb`, as the segmenter batches its windows.
 
     Returns:
         accuracy, roc_auc and f1 (at 0.5), and the number of patches and of positive ones;
