@@ -345,8 +345,10 @@ def test_served_model_without_roots_accepts_only_image_b64(trained: Trained, tmp
         accepted = invoke(url, [{"image_b64": b64_of(image)}])
     assert 400 <= refused.status_code < 600
     assert SERVE_ROOTS in refused.text and "image_b64" in refused.text
-    # MLflow returns the server's traceback (`stack_trace`): the code that refused is the model's own copy.
-    assert "/unet_segmenter/code/medseg/serving.py" in refused.json()["stack_trace"]
+    # A refusal is the client's mistake: a 400 whose message says why, with no server traceback.
+    body = refused.json()
+    assert refused.status_code == 400 and body["error_code"] == "INVALID_PARAMETER_VALUE"
+    assert SERVE_ROOTS in body["message"] and "stack_trace" not in body
     assert not target.exists() and not target.parent.exists()
     assert 400 <= refused_input.status_code < 600
     assert SERVE_ROOTS in refused_input.text and "image_path" in refused_input.text

@@ -38,7 +38,9 @@ from typing import Any
 import mlflow
 import numpy as np
 import pandas as pd
+from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types import ColSpec, Schema
 
 from medseg.errors import ConfigurationError, CorruptFileError, MedsegError
@@ -78,9 +80,11 @@ def serve_roots() -> list[Path] | None:
     roots = [Path(part).expanduser().resolve() for part in raw.split(":") if part.strip()]
     if roots:
         return roots
-    if os.environ.get(SERVING_ENV, "").lower() in ("1", "true"):
-        return []
-    return None
+    return [] if _in_scoring_server() else None
+
+
+def _in_scoring_server() -> bool:
+    return os.environ.get(SERVING_ENV, "").lower() in ("1", "true")
 
 
 def check_path_allowed(path: str, column: str, roots: list[Path] | None) -> Path:
@@ -187,7 +191,14 @@ class SegmenterModel(mlflow.pyfunc.PythonModel):
         self.segmenter = Segmenter.load(context.artifacts[ARTIFACT])
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        return segment_requests(self.segmenter, model_input, serve_roots())
+        try:
+            return segment_requests(self.segmenter, model_input, serve_roots())
+        except MedsegError as exc:
+            if not _in_scoring_server():
+                raise
+            # The scoring server answers any other exception with a generic message (ours only
+            # in the traceback); an MlflowException's message reaches the client as a 400.
+            raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from exc
 
 
 def _version(distribution: str) -> str | None:
