@@ -143,6 +143,7 @@ class TrainingParams(Section):
     early_stopping_patience: NonNegative
     deterministic: Determinism
     flip_axes: list[Annotated[int, Field(ge=0, le=2)]]
+    precision: Literal["auto", "float32", "mixed_bfloat16", "mixed_float16"]
 
 
 @dataclass(config=_STRICT)

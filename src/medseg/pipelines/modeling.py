@@ -42,6 +42,7 @@ from medseg.models.training import (
     fit_model,
     make_reproducible,
     prepare_backup,
+    resolve_precision,
     training_fingerprint,
     wants_determinism,
     with_input_shape,
@@ -80,7 +81,9 @@ def train_model(
 
     1. Seeds Python, NumPy and Keras from `data.seed` and the model's seed, and turns on
        TensorFlow op determinism (`training.deterministic`, "auto": on without a GPU).
-    2. Builds the model, then keys its crash-recovery backup by a fingerprint of the model
+    2. Builds the model in `training.precision` (`auto`: bfloat16 where the hardware has it
+       and it was measured faster for the model kind, see `resolve_precision`; the output
+       layer and the losses stay float32), logged as `<model>.training.precision_used`; then keys its crash-recovery backup by a fingerprint of the model
        section, the data parameters, the split and the preprocessing plan: an interrupted run
        is resumed only by a run that would compute the same thing; any other backup is deleted
        and training starts fresh, which the log says.
@@ -105,7 +108,16 @@ def train_model(
     training = section["training"]
     seed = derive_seed(int(data["seed"]), int(section["seed"]))
     make_reproducible(seed, wants_determinism(training.get("deterministic", "auto")))
-    model = build_model()
+    kind = "unet" if model_key == "unet" else str(section["model"].get("kind", "unet3d"))
+    precision = resolve_precision(str(training.get("precision", "float32")), kind)
+    tracking.log_params({f"{model_key}.training.precision_used": precision})
+    logger.info("%s: training in %s (training.precision=%s).", model_key, precision, training.get("precision", "float32"))
+    previous_policy = keras.mixed_precision.dtype_policy()
+    keras.mixed_precision.set_dtype_policy(precision)
+    try:
+        model = build_model()  # layers take the policy when built; the heads stay float32
+    finally:
+        keras.mixed_precision.set_dtype_policy(previous_policy)
     fingerprint = training_fingerprint(
         model=model_key, section=section, data=data, splits=splits.to_dict("records"), plan=case_geometry,
         fingerprint=dataset_fingerprint,

@@ -111,6 +111,13 @@ def active_run_identity() -> tuple[str | None, str | None]:
     return (run.info.run_id, run.info.run_name) if run is not None else (None, None)
 
 
+def log_params(params: Mapping[str, Any]) -> None:
+    """Log parameters that medseg decides at run time (e.g. the precision `auto` chose) to the
+    active MLflow run, if any."""
+    if mlflow.active_run() is not None:
+        mlflow.log_params({key: str(value) for key, value in params.items()})
+
+
 def set_tags(tags: Mapping[str, Any]) -> None:
     """Tag the active MLflow run, if any."""
     if mlflow.active_run() is not None:
