@@ -1,0 +1,173 @@
+"""Plans from the data: training sizes and batches from the dataset and a memory budget.
+
+nnU-Net's experiment planner turns a dataset fingerprint into a configuration: the patch or
+slice size from the median shape of the cases at the target spacing, the number of poolings
+per axis from the spacing, the batch from the memory it may use. These are the same rules,
+as pure functions of the preprocessing plan (`geometry.json`) and the budget
+(`planning.memory_gb`), so the plan can be unit-tested and read without training.
+
+What a model section sets explicitly overrides the plan; `plan.json` records both.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from medseg.errors import ConfigurationError
+from medseg.patching.sliding_window import GIB, unet_features_per_voxel
+
+# Measured peak memory of one Keras training step (forward, backward, Adam) on CPU, per value of
+# `unet_features_per_voxel` x voxels: 17-30 bytes for the 2D U-Net at 128x128 and 256x256,
+# 20 for the 3D U-Net at 64x64x32 (TensorFlow 2.21, 2-core AMD EPYC, psutil RSS polled every
+# 5 ms, 2026-11-25). 32 covers them.
+TRAINING_BYTES_PER_FEATURE = 32.0
+MIN_FEATURE_MAP = 4  # nnU-Net: no pooling takes an axis below 4 voxels
+ANISOTROPY_RATIO = 2.0  # nnU-Net: an axis is pooled only while its spacing is < 2x the finest
+MAX_BATCH = 16
+
+
+def median_shape(case_geometry: Mapping[str, Mapping]) -> tuple[int, int, int]:
+    """The median training-grid shape (voxels, RAS) over the cases of `geometry.json`."""
+    shapes = np.array([record["preprocessed_shape"] for record in case_geometry.values()], dtype=float)
+    if shapes.size == 0:
+        raise ConfigurationError("the preprocessing plan holds no case: run the data pipeline first.")
+    return tuple(int(round(v)) for v in np.median(shapes, axis=0))
+
+
+def training_batch(sample_voxels: int, features_per_voxel: float, memory_gb: float, max_batch: int = MAX_BATCH) -> int:
+    """Samples per training step that fit `memory_gb` GiB of activations (at least 1)."""
+    per_sample = sample_voxels * features_per_voxel * TRAINING_BYTES_PER_FEATURE
+    return int(max(1, min(max_batch, (float(memory_gb) * GIB) // per_sample)))
+
+
+def round_up(value: float, multiple: int) -> int:
+    return int(math.ceil(value / multiple) * multiple)
+
+
+def plan_slices(
+    median: Sequence[int], base_filters: int, depth: int, memory_gb: float, min_batch: int = 2
+) -> dict:
+    """The 2D U-Net's training slice and batch.
+
+    The slice is the whole median axial slice (its larger side, rounded up to a multiple of
+    2**depth so that every pooling halves an even size), shrunk by 2**depth at a time only
+    while `min_batch` slices do not fit `memory_gb`.
+
+    Args:
+        median: the median training-grid shape (X, Y, Z), voxels.
+        base_filters, depth: the U-Net's width and poolings.
+        memory_gb: GiB of activations a training step may take.
+        min_batch: the smallest batch worth training with.
+
+    Returns:
+        {"input_size": n, "batch_size": b}: e.g. 96 and 16 for 96x96 phantoms, 224 and 9 for
+        1 mm brain scans (182x218 slices) at 4 GiB.
+    """
+    multiple = 2 ** int(depth)
+    width = unet_features_per_voxel(int(base_filters), int(depth), 2)
+    size = max(multiple, round_up(max(median[0], median[1]), multiple))
+    while size > multiple and training_batch(size * size, width, memory_gb) < min_batch:
+        size -= multiple
+    return {"input_size": int(size), "batch_size": training_batch(size * size, width, memory_gb)}
+
+
+def poolings_per_axis(patch: Sequence[int], spacing: Sequence[float], max_depth: int) -> list[tuple[int, int, int]]:
+    """nnU-Net's pooling plan: per stage, pool (2) the axes whose feature map stays >= 4
+    voxels after pooling and whose current spacing is under twice the finest one; others 1.
+
+    Args:
+        patch: patch shape (voxels).
+        spacing: training-grid spacing (mm), same axes.
+        max_depth: at most this many stages.
+
+    Returns:
+        One (px, py, pz) per stage, each 1 or 2, at least one 2 per stage; as many stages as
+        some axis can be pooled, up to `max_depth`. E.g. a 32x32x16 patch at 1x1x2.5 mm:
+        [(2, 2, 1), (2, 2, 2), (2, 2, 2)]: z waits until x and y have coarsened.
+    """
+    size = [float(s) for s in patch]
+    current = [float(s) for s in spacing]
+    stages = []
+    for _ in range(int(max_depth)):
+        finest = min(current)
+        pool = tuple(
+            2 if size[a] / 2 >= MIN_FEATURE_MAP and current[a] < ANISOTROPY_RATIO * finest else 1 for a in range(3)
+        )
+        if 2 not in pool:
+            break
+        stages.append(pool)
+        size = [s / p for s, p in zip(size, pool)]
+        current = [c * p for c, p in zip(current, pool)]
+    return stages
+
+
+def plan_patches(
+    median: Sequence[int],
+    spacing: Sequence[float],
+    patch_voxels: int,
+    base_filters: int,
+    memory_gb: float,
+    max_depth: int = 4,
+) -> dict:
+    """The 3D U-Net's training patch, poolings and batch.
+
+    The patch is shaped in millimetres, as nnU-Net shapes its initial patch (a cube in mm, so
+    it holds fewer voxels along a thick-slice axis), holds about `patch_voxels` voxels (the
+    compute a CPU can afford per sample), is clipped to the median shape, and is rounded to
+    a multiple of each axis's pooling factor.
+
+    Args:
+        median: the median training-grid shape (X, Y, Z), voxels.
+        spacing: the training grid's spacing (mm).
+        patch_voxels: the voxels a patch should hold, e.g. 16384 (32x32x16).
+        base_filters: the 3D U-Net's width.
+        memory_gb: GiB of activations a training step may take.
+        max_depth: at most this many pooling stages.
+
+    Returns:
+        {"patch_size": [x, y, z], "poolings": [[px, py, pz], ...], "batch_size": b}.
+    """
+    inverse = 1.0 / np.asarray(spacing, dtype=float)
+    shape = inverse * (float(patch_voxels) / float(np.prod(inverse))) ** (1.0 / 3.0)
+    shape = np.minimum(shape, np.asarray(median, dtype=float))
+    # Where the median clips an axis, give its voxels back to the others, in proportion.
+    for _ in range(3):
+        free = shape < np.asarray(median, dtype=float) - 0.5
+        if not free.any() or np.prod(shape) >= patch_voxels * 0.95:
+            break
+        scale = (patch_voxels / np.prod(shape)) ** (1.0 / free.sum())
+        shape = np.where(free, np.minimum(shape * scale, np.asarray(median, dtype=float)), shape)
+    stages = poolings_per_axis([max(1, int(round(s))) for s in shape], spacing, max_depth)
+    factors = np.prod(np.array(stages or [(1, 1, 1)]), axis=0)
+    patch = [max(int(f), round_up(max(1.0, s) - 0.5 * f, int(f))) for s, f in zip(shape, factors)]
+    width = unet_features_per_voxel(int(base_filters), max(1, len(stages)), 3)
+    return {
+        "patch_size": [int(p) for p in patch],
+        "poolings": [list(stage) for stage in stages],
+        "batch_size": training_batch(int(np.prod(patch)), width, memory_gb),
+    }
+
+
+def plan_steps(seconds_per_step: float, budget_minutes: float, validation_fraction: float = 0.25, min_epochs: int = 4) -> dict:
+    """Epochs and steps that fill a training budget at a measured speed.
+
+    The budget is split into at least `min_epochs` epochs (early stopping needs a few
+    validations); each epoch spends `validation_fraction` of its training steps on validation
+    batches (a validation step costs about a third of a training step: no backward pass).
+
+    Args:
+        seconds_per_step: one training step, measured on this machine at the planned size.
+        budget_minutes: the training time to fill.
+
+    Returns:
+        {"epochs", "steps_per_epoch", "validation_steps"}, each >= 1.
+    """
+    if not seconds_per_step > 0 or not budget_minutes > 0:
+        raise ConfigurationError(f"need positive seconds_per_step and budget_minutes, got {seconds_per_step}, {budget_minutes}")
+    steps = budget_minutes * 60.0 / (seconds_per_step * (1.0 + validation_fraction / 3.0))
+    epochs = max(1, min(int(min_epochs * 2), int(steps // 20))) if steps >= 20 * min_epochs else max(1, min_epochs if steps >= min_epochs else int(steps))
+    per_epoch = max(1, int(steps // epochs))
+    return {"epochs": int(epochs), "steps_per_epoch": per_epoch, "validation_steps": max(1, int(round(per_epoch * validation_fraction)))}
