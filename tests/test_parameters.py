@@ -43,7 +43,7 @@ def test_the_defaults_validate_and_read_like_dicts():
     ("root", "dotted", "value", "message"),
     [
         ("unet", "training.epoch", 2, r"unknown parameter 'epoch' \(did you mean 'epochs'\?\)"),
-        ("unet", "training.batch_size", "abc", r"training\.batch_size\n.*valid integer"),
+        ("unet", "training.batch_size", "abc", r"training\.batch_size.*valid integer.*should be 'auto'"),
         ("unet", "training.epochs", -1, r"training\.epochs\n.*greater than or equal to 1"),
         ("unet", "training.learning_rate", 0, r"training\.learning_rate\n.*greater than 0"),
         ("unet", "model.input_size", 50, r"input_size=50 is not divisible by 2\*\*depth=8"),

@@ -29,6 +29,7 @@ Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 Millimetres = Annotated[float, Field(gt=0.0)]
 Probability = Annotated[float, Field(gt=0.0, lt=1.0)]
 Determinism = Literal["auto"] | bool
+Auto = Literal["auto"]  # the planner decides (medseg.planning); plan.json records it
 
 _STRICT = ConfigDict(extra="forbid")
 
@@ -136,7 +137,7 @@ class TrainingParams(Section):
     learning_rate: Annotated[float, Field(gt=0.0, le=10.0)]
     loss: Literal["bce", "dice", "bce+dice", "ce", "ce+dice"]
     epochs: Positive
-    batch_size: Positive
+    batch_size: Positive | Auto
     steps_per_epoch: Positive
     validation_steps: Positive
     augment: bool
@@ -154,12 +155,12 @@ class ReportingParams(Section):
 # unet ----------------------------------------------------------------------------------------
 @dataclass(config=_STRICT)
 class UnetModelParams(Section):
-    input_size: Annotated[int, Field(ge=8)]
+    input_size: Annotated[int, Field(ge=8)] | Auto
     base_filters: Positive
     depth: Annotated[int, Field(ge=1, le=6)]
 
     def __post_init__(self) -> None:
-        if self.input_size % 2**self.depth:
+        if self.input_size != "auto" and self.input_size % 2**self.depth:
             raise ValueError(
                 f"input_size={self.input_size} is not divisible by 2**depth={2**self.depth}: "
                 "the skip connections would not line up"
@@ -205,12 +206,12 @@ class UnetParams(Section):
 class Conv3dModelParams(Section):
     kind: Literal["unet3d", "patch_classifier"]
     base_filters: Positive
-    depth: Annotated[int, Field(ge=1, le=5)]
+    depth: Annotated[int, Field(ge=1, le=5)] | Auto
 
 
 @dataclass(config=_STRICT)
 class PatchSamplingParams(Section):
-    patch_size: tuple[Positive, Positive, Positive]
+    patch_size: tuple[Positive, Positive, Positive] | Auto
     foreground_fraction: Fraction
     samples_per_volume: Positive
     queue_length: Positive
@@ -247,12 +248,15 @@ class Conv3dParams(Section):
 class PlanningParams(Section):
     """Budgets that are turned into sizes, shared by both models.
 
-    memory_gb: GiB of activations that one inference forward pass may take; whole slices
-        (unet) or windows (conv3d) per batch follow from it and the model's width
+    memory_gb: GiB of activations that one training step or inference forward pass may take;
+        the planned training batch (`medseg.planning.training_batch`) and the whole slices
+        (unet) or windows (conv3d) per inference batch follow from it and the model's width
         (`medseg.patching.sliding_window.windows_per_batch`).
+    patch_voxels: the voxels a planned 3D patch holds (its shape follows the spacing).
     """
 
     memory_gb: Annotated[float, Field(gt=0.0, le=1024.0)]
+    patch_voxels: Annotated[int, Field(ge=64)]
 
 
 # predict -------------------------------------------------------------------------------------

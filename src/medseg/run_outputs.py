@@ -21,7 +21,12 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-MODEL_OUTPUT_FOLDERS = ("data/06_models/{model}", "data/07_model_output/{model}", "data/08_reporting/{model}")
+MODEL_OUTPUT_FOLDERS = (
+    "data/05_model_input/{model}",
+    "data/06_models/{model}",
+    "data/07_model_output/{model}",
+    "data/08_reporting/{model}",
+)
 KEPT_IN_PLACE = frozenset({"backup"})
 PREVIOUS = "data/.medseg-previous"
 

@@ -6,6 +6,7 @@ block of the original course material, kept layer for layer so its results can b
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import keras
@@ -22,6 +23,7 @@ def build_unet3d(
     base_filters: int = 8,
     depth: int = 2,
     n_classes: int = 1,
+    pool_sizes: Sequence[Sequence[int]] | None = None,
 ) -> keras.Model:
     """Build an uncompiled 3D U-Net for patches.
 
@@ -33,6 +35,10 @@ def build_unet3d(
         depth: number of pooling stages.
         n_classes: foreground classes K (background excluded). 1 (default): one sigmoid
             channel, as before. K > 1: K + 1 softmax channels, channel 0 the background.
+        pool_sizes: per stage, each axis's pooling factor (1 or 2), as the planner gives them
+            for anisotropic data (`medseg.planning.poolings_per_axis`); `depth` is then their
+            number and each axis must be divisible by the product of its factors. None: 2 on
+            every axis.
 
     Returns:
         Model mapping (B, X, Y, Z, C) patches to (B, X, Y, Z, 1) foreground probabilities
@@ -43,6 +49,20 @@ def build_unet3d(
             `conv3d.sampling.patch_size`), a bad `conv3d.model.depth` /
             `conv3d.model.base_filters`, or `n_classes` not in 1..255.
     """
+    if pool_sizes is not None:
+        pool_sizes = [tuple(int(p) for p in stage) for stage in pool_sizes]
+        factors = [math.prod(stage[a] for stage in pool_sizes) for a in range(3)]
+        if not pool_sizes or any(len(stage) != 3 or set(stage) - {1, 2} for stage in pool_sizes) or any(
+            int(size) % f for size, f in zip(patch_shape[:3], factors)
+        ):
+            raise ConfigurationError(
+                f"conv3d poolings {pool_sizes} do not fit the patch {tuple(patch_shape[:3])}: each stage needs three "
+                f"factors of 1 or 2, and each axis must be divisible by their product {factors}."
+            )
+        return build_unet(
+            tuple(int(s) for s in patch_shape), base_filters=int(base_filters), depth=len(pool_sizes), name="unet3d",
+            n_classes=validate_n_classes(n_classes), pool_sizes=pool_sizes,
+        )
     shape = validate_unet_shape(
         patch_shape,
         depth=depth,

@@ -147,7 +147,12 @@ def validate_unet_shape(
 
 
 def build_unet(
-    input_shape: tuple[int, ...], base_filters: int, depth: int, name: str, n_classes: int = 1
+    input_shape: tuple[int, ...],
+    base_filters: int,
+    depth: int,
+    name: str,
+    n_classes: int = 1,
+    pool_sizes: Sequence[Sequence[int]] | None = None,
 ) -> keras.Model:
     """Build an (unvalidated) U-Net; call `validate_unet_shape` and `validate_n_classes` first.
 
@@ -158,6 +163,10 @@ def build_unet(
         name: model name.
         n_classes: foreground classes K. 1 (default): one sigmoid channel, the original
             U-Net. K > 1: K + 1 softmax channels, channel 0 the background.
+        pool_sizes: per stage, the pooling factor of each axis (1 or 2), e.g.
+            [(2, 2, 1), (2, 2, 2)] to keep a thick-slice axis until the others coarsen
+            (`medseg.planning.poolings_per_axis`); None: 2 on every axis. The upsampling
+            mirrors it.
 
     Returns:
         Uncompiled model mapping (B, *spatial, C) to probabilities (B, *spatial, 1) when
@@ -167,14 +176,15 @@ def build_unet(
     rank = len(input_shape) - 1
     x = inputs
     skips = []
+    pools = [tuple(int(p) for p in stage) for stage in pool_sizes] if pool_sizes is not None else [(2,) * rank] * depth
     for i in range(depth):
         x = conv_block(x, base_filters * 2**i, name=f"enc{i}")
         skips.append(x)
-        x = _POOL[rank](pool_size=2, name=f"enc{i}_pool")(x)
+        x = _POOL[rank](pool_size=pools[i], name=f"enc{i}_pool")(x)
     x = conv_block(x, base_filters * 2**depth, name="bottleneck")
     for i in reversed(range(depth)):
         filters = base_filters * 2**i
-        x = _UP[rank](filters, 2, strides=2, padding="same", name=f"dec{i}_up")(x)
+        x = _UP[rank](filters, pools[i], strides=pools[i], padding="same", name=f"dec{i}_up")(x)
         x = layers.Concatenate(name=f"dec{i}_concat")([x, skips[i]])
         x = conv_block(x, filters, name=f"dec{i}")
     # float32 head: under a mixed-precision policy the probabilities (and the losses

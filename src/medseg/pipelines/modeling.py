@@ -145,6 +145,48 @@ def train_model(
     return model, history
 
 
+def _get(section: dict, path: str) -> Any:
+    node = section
+    for key in path.split("."):
+        node = node[key]
+    return node
+
+
+def apply_plan(model_key: str, section: dict[str, Any], planned: dict[str, Any], inputs: dict[str, Any]) -> tuple[dict, dict]:
+    """The model section with every `auto` replaced by its planned value, and the plan file.
+
+    Args:
+        model_key: `unet` or `conv3d`.
+        section: `params:<model>` as given.
+        planned: {dotted path in the section: planned value}, e.g. {"model.input_size": 96}.
+        inputs: what the plan was made from (median shape, spacing, budgets), recorded.
+
+    Returns:
+        (settings, plan): `settings` is the section the model is trained and run with;
+        `plan` (saved as `data/05_model_input/<model>/plan.json`) holds `planned`, `used`
+        and `overrides` (each explicit value with the planned one it replaced). The values
+        used are also logged to MLflow as `<model>.plan.<path>`.
+    """
+    settings = json.loads(json.dumps(dict(section), default=lambda value: dict(value)))
+    used, overrides = {}, {}
+    for path, value in planned.items():
+        given = _get(section, path)
+        if given == "auto":
+            *parents, leaf = path.split(".")
+            node = settings
+            for key in parents:
+                node = node[key]
+            node[leaf] = value
+        else:
+            overrides[path] = {"given": given, "planned": value}
+        used[path] = _get(settings, path)
+    for path, entry in overrides.items():
+        logger.info("%s: %s=%s overrides the planned %s.", model_key, path, entry["given"], entry["planned"])
+    tracking.log_params({f"{model_key}.plan.{path}": value for path, value in used.items()})
+    plan = {"model": model_key, "inputs": inputs, "planned": planned, "used": used, "overrides": overrides}
+    return settings, json.loads(json.dumps(plan))
+
+
 def sampled_dataset(
     stream_fn: Callable,
     load_case: Callable[[str], tuple[np.ndarray, np.ndarray]],

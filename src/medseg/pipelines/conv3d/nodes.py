@@ -28,7 +28,9 @@ from medseg.inference import Segmenter, window_predictor
 from medseg.patching import extract_patch, patch_stream, sample_patch_centers
 from medseg.patching.sliding_window import unet_features_per_voxel, windows_per_batch
 from medseg.pipelines import tracking
+from medseg.planning import median_shape, plan_patches
 from medseg.pipelines.modeling import (
+    apply_plan,
     case_loader,
     cases_in_split,
     foreground_class_count,
@@ -72,7 +74,10 @@ def _build_model(conv3d: dict[str, Any], n_classes: int = 1) -> keras.Model:
     if _kind(conv3d) == "patch_classifier":
         return compile_patch_classifier(build_patch_classifier(shape), training["optimizer"], float(training["learning_rate"]))
     return compile_segmentation_model(
-        build_unet3d(shape, int(model_params["base_filters"]), int(model_params["depth"]), n_classes=n_classes),
+        build_unet3d(
+            shape, int(model_params["base_filters"]), int(model_params["depth"]), n_classes=n_classes,
+            pool_sizes=model_params.get("poolings"),
+        ),
         optimizer=training["optimizer"],
         learning_rate=float(training["learning_rate"]),
         loss=training["loss"],
@@ -84,6 +89,40 @@ def _contains_foreground(images, labels):
     import tensorflow as tf
 
     return images, tf.cast(tf.reduce_max(labels, axis=[1, 2, 3, 4]) > 0, tf.float32)[:, None]
+
+
+def plan_conv3d(case_geometry: dict, conv3d: Conv3dParams, planning: PlanningParams) -> tuple[dict, dict]:
+    """Plan the 3D model from the data: the patch (about `planning.patch_voxels` voxels,
+    shaped in millimetres so that a thick-slice axis gets fewer voxels, clipped to the median
+    case), the poolings per axis (nnU-Net's: none below 4 voxels, none along an axis twice as
+    coarse as the finest), the depth (their number) and the batch (`planning.memory_gb`).
+
+    `conv3d.sampling.patch_size`, `conv3d.model.depth` and `conv3d.training.batch_size` set to
+    `auto` take these values; explicit values override them and are recorded. The per-axis
+    poolings apply only to a planned patch; an explicit patch pools every axis.
+
+    Returns:
+        The plan (`conv3d.plan`, data/05_model_input/conv3d/plan.json) and the settings the
+        model is trained with (`conv3d.settings`).
+    """
+    median = median_shape(case_geometry)
+    spacing = [float(s) for s in next(iter(case_geometry.values()))["target_spacing"]]
+    model = conv3d["model"]
+    max_depth = 4 if model["depth"] == "auto" else int(model["depth"])
+    planned = plan_patches(median, spacing, int(planning["patch_voxels"]), int(model["base_filters"]), float(planning["memory_gb"]), max_depth)
+    inputs = {"median_shape": median, "target_spacing": spacing, "memory_gb": float(planning["memory_gb"]),
+              "patch_voxels": int(planning["patch_voxels"])}
+    settings, plan = apply_plan(
+        "conv3d",
+        conv3d,
+        {"sampling.patch_size": planned["patch_size"], "model.depth": len(planned["poolings"]), "training.batch_size": planned["batch_size"]},
+        inputs,
+    )
+    plan["planned"]["model.poolings"] = planned["poolings"]
+    if conv3d["sampling"]["patch_size"] == "auto" and model["depth"] == "auto":
+        settings["model"]["poolings"] = planned["poolings"]
+        plan["used"]["model.poolings"] = planned["poolings"]
+    return plan, settings
 
 
 def train_conv3d(
@@ -109,7 +148,7 @@ def train_conv3d(
         dataset_fingerprint: `fingerprint.json` (the classes: the 3D U-Net gets K + 1 softmax
             channels for K > 1; the patch classifier stays a foreground detector).
         data: `params:data` (seed; part of the fingerprint).
-        conv3d: `params:conv3d`.
+        conv3d: `conv3d.settings`, `params:conv3d` with the plan applied.
         backup_root: `conv3d.backup`, the crash-recovery folder.
 
     Returns:

@@ -6,7 +6,7 @@ from kedro.pipeline import Node, Pipeline
 from medseg.pipelines.data import create_pipeline as data_pipeline
 from medseg.pipelines.modeling import evaluation_pipeline
 
-from .nodes import build_conv3d_segmenter, evaluate_patch_detection, train_conv3d
+from .nodes import build_conv3d_segmenter, evaluate_patch_detection, plan_conv3d, train_conv3d
 
 
 def create_pipeline(**kwargs) -> Pipeline:
@@ -15,22 +15,29 @@ def create_pipeline(**kwargs) -> Pipeline:
         + Pipeline(
             [
                 Node(
+                    plan_conv3d,
+                    ["case_geometry", "params:conv3d", "params:planning"],
+                    ["conv3d.plan", "conv3d.settings"],
+                    name="plan_conv3d",
+                    namespace="conv3d",
+                ),
+                Node(
                     train_conv3d,
-                    ["primary_images", "primary_labels", "splits", "case_geometry", "dataset_fingerprint", "params:data", "params:conv3d", "conv3d.backup"],
+                    ["primary_images", "primary_labels", "splits", "case_geometry", "dataset_fingerprint", "params:data", "conv3d.settings", "conv3d.backup"],
                     ["conv3d.model", "conv3d.history"],
                     name="train_conv3d",
                     namespace="conv3d",
                 ),
                 Node(
                     build_conv3d_segmenter,
-                    ["conv3d.model", "case_fingerprints", "case_geometry", "dataset_fingerprint", "params:data", "params:conv3d", "params:planning"],
+                    ["conv3d.model", "case_fingerprints", "case_geometry", "dataset_fingerprint", "params:data", "conv3d.settings", "params:planning"],
                     "conv3d.segmenter",
                     name="build_conv3d_segmenter",
                     namespace="conv3d",
                 ),
                 Node(
                     evaluate_patch_detection,
-                    ["conv3d.model", "primary_images", "primary_labels", "splits", "params:conv3d", "params:planning"],
+                    ["conv3d.model", "primary_images", "primary_labels", "splits", "conv3d.settings", "params:planning"],
                     "conv3d.patch_metrics",
                     name="evaluate_patch_detection",
                     namespace="conv3d",

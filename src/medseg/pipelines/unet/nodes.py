@@ -18,7 +18,9 @@ from medseg.parameters import DataParams, PlanningParams, UnetParams
 from medseg.patching import slice_stream
 from medseg.patching.sliding_window import unet_features_per_voxel
 from medseg.pipelines import tracking
+from medseg.planning import median_shape, plan_slices
 from medseg.pipelines.modeling import (
+    apply_plan,
     case_loader,
     foreground_class_count,
     sampled_dataset,
@@ -27,6 +29,34 @@ from medseg.pipelines.modeling import (
 )
 
 logger = logging.getLogger(__name__)
+
+
+def plan_unet(case_geometry: dict, unet: UnetParams, planning: PlanningParams) -> tuple[dict, dict]:
+    """Plan the 2D U-Net from the data: the training slice (the whole median axial slice at
+    the target spacing, rounded to a multiple of 2**depth, as large as `planning.memory_gb`
+    allows for two slices) and the batch (as many slices as fit the budget, at most 16).
+
+    `unet.model.input_size` and `unet.training.batch_size` set to `auto` take these values;
+    explicit values override them and are recorded as overrides.
+
+    Args:
+        case_geometry: the preprocessing plan (`geometry.json`: each case's training grid).
+        unet: `params:unet`.
+        planning: `params:planning` (memory_gb).
+
+    Returns:
+        The plan (`unet.plan`, data/05_model_input/unet/plan.json) and the settings the
+        model is trained with (`unet.settings`: `params:unet` with the plan applied).
+    """
+    median = median_shape(case_geometry)
+    model = unet["model"]
+    planned = plan_slices(median, int(model["base_filters"]), int(model["depth"]), float(planning["memory_gb"]))
+    inputs = {"median_shape": median, "target_spacing": next(iter(case_geometry.values()))["target_spacing"],
+              "memory_gb": float(planning["memory_gb"])}
+    settings, plan = apply_plan(
+        "unet", unet, {"model.input_size": planned["input_size"], "training.batch_size": planned["batch_size"]}, inputs
+    )
+    return plan, settings
 
 
 def train_unet(
@@ -53,7 +83,7 @@ def train_unet(
         dataset_fingerprint: `fingerprint.json` (the classes: a sigmoid head for one, K + 1
             softmax channels for K > 1; the lateralized classes).
         data: `params:data` (seed; part of the fingerprint).
-        unet: `params:unet`.
+        unet: `unet.settings`, `params:unet` with the plan applied.
         backup_root: `unet.backup`, the crash-recovery folder.
 
     Returns:

@@ -5,7 +5,7 @@ from kedro.pipeline import Node, Pipeline
 from medseg.pipelines.data import create_pipeline as data_pipeline
 from medseg.pipelines.modeling import evaluation_pipeline
 
-from .nodes import build_unet_segmenter, train_unet
+from .nodes import build_unet_segmenter, plan_unet, train_unet
 
 
 def create_pipeline(**kwargs) -> Pipeline:
@@ -14,15 +14,22 @@ def create_pipeline(**kwargs) -> Pipeline:
         + Pipeline(
             [
                 Node(
+                    plan_unet,
+                    ["case_geometry", "params:unet", "params:planning"],
+                    ["unet.plan", "unet.settings"],
+                    name="plan_unet",
+                    namespace="unet",
+                ),
+                Node(
                     train_unet,
-                    ["primary_images", "primary_labels", "splits", "case_geometry", "dataset_fingerprint", "params:data", "params:unet", "unet.backup"],
+                    ["primary_images", "primary_labels", "splits", "case_geometry", "dataset_fingerprint", "params:data", "unet.settings", "unet.backup"],
                     ["unet.model", "unet.history"],
                     name="train_unet",
                     namespace="unet",
                 ),
                 Node(
                     build_unet_segmenter,
-                    ["unet.model", "case_fingerprints", "case_geometry", "dataset_fingerprint", "params:data", "params:unet", "params:planning"],
+                    ["unet.model", "case_fingerprints", "case_geometry", "dataset_fingerprint", "params:data", "unet.settings", "params:planning"],
                     "unet.segmenter",
                     name="build_unet_segmenter",
                     namespace="unet",
