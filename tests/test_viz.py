@@ -64,8 +64,9 @@ def test_kedro_viz_serves_the_graph(tmp_path):
         _wait_for_group_to_end(server.pid)
 
     names = {node["name"] for node in graph["nodes"] if node["type"] == "task"}
-    assert {"validate_cases", "preprocess_cases", "train_unet", "train_conv3d", "evaluate_predictions"} <= {
-        n.split(".")[-1] for n in names
-    }
-    assert {p["id"] for p in graph["pipelines"]} >= {"__default__", "data", "unet", "conv3d"}
+    assert {
+        "validate_cases", "preprocess_cases", "plan_unet", "plan_conv3d", "train_unet", "train_conv3d",
+        "build_unet_segmenter", "predict_split", "evaluate_predictions",
+    } <= {n.split(".")[-1] for n in names}  # the default pipeline; `predict` is a pipeline of its own
+    assert {p["id"] for p in graph["pipelines"]} >= {"__default__", "data", "unet", "conv3d", "predict"}
     assert {"data", "unet", "conv3d"} <= set(graph["modular_pipelines"])
