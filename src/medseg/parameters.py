@@ -136,10 +136,10 @@ class TrainingParams(Section):
     optimizer: Literal["adam", "adamw", "sgd", "rmsprop"]
     learning_rate: Annotated[float, Field(gt=0.0, le=10.0)]
     loss: Literal["bce", "dice", "bce+dice", "ce", "ce+dice"]
-    epochs: Positive
+    epochs: Positive | Auto
     batch_size: Positive | Auto
-    steps_per_epoch: Positive
-    validation_steps: Positive
+    steps_per_epoch: Positive | Auto
+    validation_steps: Positive | Auto
     augment: bool
     early_stopping_patience: NonNegative
     deterministic: Determinism
@@ -245,6 +245,12 @@ class Conv3dParams(Section):
 
 # planning ------------------------------------------------------------------------------------
 @dataclass(config=_STRICT)
+class BudgetParams(Section):
+    unet: Annotated[float, Field(gt=0.0)]
+    conv3d: Annotated[float, Field(gt=0.0)]
+
+
+@dataclass(config=_STRICT)
 class PlanningParams(Section):
     """Budgets that are turned into sizes, shared by both models.
 
@@ -253,10 +259,13 @@ class PlanningParams(Section):
         (unet) or windows (conv3d) per inference batch follow from it and the model's width
         (`medseg.patching.sliding_window.windows_per_batch`).
     patch_voxels: the voxels a planned 3D patch holds (its shape follows the spacing).
+    budget_minutes: training minutes per model that `auto` epochs and steps fill, timed on
+        the machine that runs (`medseg.pipelines.modeling.plan_training_steps`).
     """
 
     memory_gb: Annotated[float, Field(gt=0.0, le=1024.0)]
     patch_voxels: Annotated[int, Field(ge=64)]
+    budget_minutes: BudgetParams
 
 
 # predict -------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import keras
+import numpy as np
 
 from medseg.planning import median_shape, plan_patches, plan_slices
 from tests.conftest import make_project_copy, mlflow_runs, run_pipeline
@@ -64,3 +65,32 @@ def test_conv3d_auto_plans_an_anisotropic_patch_and_its_poolings(tmp_path: Path)
     assert [list(p) for p in pools] == expected["poolings"]
     masks = sorted((project / "data" / "07_model_output" / "conv3d").glob("*.nii.gz"))
     assert masks  # the planned model segments whole volumes through its windows
+
+
+def test_auto_steps_fill_the_budget_and_a_rerun_reuses_the_timing(tmp_path: Path):
+    project = make_project_copy(tmp_path / "project")
+    params = {
+        **TINY_UNET,
+        "unet.training.epochs": "auto",
+        "unet.training.steps_per_epoch": "auto",
+        "unet.training.validation_steps": 1,
+        "planning.budget_minutes.unet": 0.03,
+    }
+    run_pipeline(project, "unet", params)
+    first = _plan(project, "unet")
+    calibration = first["calibration"]
+    assert calibration["reused"] is False and calibration["seconds_per_step"] > 0 and calibration["budget_minutes"] == 0.03
+    steps = first["used"]["training.epochs"] * first["used"]["training.steps_per_epoch"]
+    assert steps * calibration["seconds_per_step"] <= 0.03 * 60 * 1.05
+    assert first["overrides"]["training.validation_steps"]["given"] == 1
+    history = json.loads((project / "data" / "08_reporting" / "unet" / "history.json").read_text())
+    assert len(history["loss"]) <= first["used"]["training.epochs"]
+    model_path = project / "data" / "06_models" / "unet" / "model.keras"
+    weights = keras.models.load_model(model_path, compile=False).get_weights()
+
+    run_pipeline(project, "unet", params)
+    second = _plan(project, "unet")
+    assert second["calibration"]["reused"] is True
+    assert second["used"] == first["used"]
+    for a, b in zip(keras.models.load_model(model_path, compile=False).get_weights(), weights, strict=True):
+        assert np.array_equal(a, b)  # the same steps: the same weights, bit for bit

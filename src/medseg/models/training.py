@@ -3,11 +3,14 @@ inference, shared by the model pipelines."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import math
+import os
 import shutil
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -179,6 +182,56 @@ def resolve_precision(setting: str, model_kind: str, cpuinfo: str | None = None,
     if model_kind in BF16_FASTER_ON_CPU and cpu_has_bfloat16(cpuinfo):
         return "mixed_bfloat16"
     return "float32"
+
+
+@contextlib.contextmanager
+def dtype_policy(precision: str):
+    """Build layers under a Keras mixed-precision policy, then put the previous one back:
+    a model keeps the policy its layers were built with."""
+    previous = keras.mixed_precision.dtype_policy()
+    keras.mixed_precision.set_dtype_policy(precision)
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_dtype_policy(previous)
+
+
+def machine_description() -> dict[str, Any]:
+    """What a training-step timing depends on besides the model: CPU, cores, GPUs, TensorFlow."""
+    import platform
+
+    import tensorflow as tf
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpus = [tf.config.experimental.get_device_details(g).get("device_name", "GPU") for g in tf.config.list_physical_devices("GPU")]
+    return {"cpu": cpu, "cores": os.cpu_count(), "gpus": gpus, "tensorflow": tf.__version__}
+
+
+def seconds_per_training_step(model: keras.Model, batch_size: int, steps: int = 3, seed: int = 0) -> float:
+    """Time of one training step of a compiled model on this machine: the median of `steps`
+    steps on random inputs of the model's shape, after one step that traces the graph.
+
+    The time of a step does not depend on the values, so random inputs and all-background
+    labels measure what the real batches will cost (the input pipeline runs ahead of it).
+    """
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(int(batch_size), *model.input_shape[1:])).astype(np.float32)
+    out_shape = model.output_shape
+    y = np.zeros((int(batch_size), 1) if len(out_shape) == 2 else (int(batch_size), *out_shape[1:-1], 1), np.float32)
+    model.train_on_batch(x, y)
+    times = []
+    for _ in range(int(steps)):
+        start = time.perf_counter()
+        model.train_on_batch(x, y)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
 
 
 def make_reproducible(seed: int, deterministic: bool) -> None:

@@ -41,8 +41,11 @@ from medseg.models.training import (
     derive_seed,
     fit_model,
     make_reproducible,
+    dtype_policy,
+    machine_description,
     prepare_backup,
     resolve_precision,
+    seconds_per_training_step,
     training_fingerprint,
     wants_determinism,
     with_input_shape,
@@ -51,6 +54,7 @@ from medseg.inference import Segmenter, SegmenterPlan
 from medseg.parameters import DataParams, ExportParams, ReportingParams
 from medseg.patching import make_tf_dataset
 from medseg.pipelines import tracking
+from medseg.planning import plan_steps
 from medseg.progress import CaseProgress, track_partitions
 
 logger = logging.getLogger(__name__)
@@ -112,12 +116,8 @@ def train_model(
     precision = resolve_precision(str(training.get("precision", "float32")), kind)
     tracking.log_params({f"{model_key}.training.precision_used": precision})
     logger.info("%s: training in %s (training.precision=%s).", model_key, precision, training.get("precision", "float32"))
-    previous_policy = keras.mixed_precision.dtype_policy()
-    keras.mixed_precision.set_dtype_policy(precision)
-    try:
+    with dtype_policy(precision):
         model = build_model()  # layers take the policy when built; the heads stay float32
-    finally:
-        keras.mixed_precision.set_dtype_policy(previous_policy)
     fingerprint = training_fingerprint(
         model=model_key, section=section, data=data, splits=splits.to_dict("records"), plan=case_geometry,
         fingerprint=dataset_fingerprint,
@@ -185,6 +185,62 @@ def apply_plan(model_key: str, section: dict[str, Any], planned: dict[str, Any],
     tracking.log_params({f"{model_key}.plan.{path}": value for path, value in used.items()})
     plan = {"model": model_key, "inputs": inputs, "planned": planned, "used": used, "overrides": overrides}
     return settings, json.loads(json.dumps(plan))
+
+
+STEP_PARAMETERS = ("epochs", "steps_per_epoch", "validation_steps")
+
+
+def plan_training_steps(
+    model_key: str,
+    settings: dict[str, Any],
+    plan: dict[str, Any],
+    build_model: Callable[[], keras.Model],
+    planning: dict[str, Any],
+    timings: dict[str, Any] | None,
+) -> tuple[dict, dict, dict]:
+    """Epochs and steps from the model's time budget (`planning.budget_minutes.<model>`), for
+    the `training.epochs`, `steps_per_epoch` and `validation_steps` set to `auto`.
+
+    A few training steps of the planned model are timed on this machine
+    (`seconds_per_training_step`), and `medseg.planning.plan_steps` fills the budget. The
+    timing is kept (`data/05_model_input/timings/<model>.json`, keyed by the model's sizes,
+    precision and the machine), so a rerun with the same plan on the same machine reuses it
+    and chooses the same steps, and trains to the same weights.
+
+    Returns:
+        (settings, plan, timings): the plan gains the planned and used steps, the overrides
+        and `calibration` (seconds per step, the budget, whether the timing was reused, the
+        machine).
+    """
+    timings = dict(timings or {})
+    training = settings["training"]
+    if not any(training[name] == "auto" for name in STEP_PARAMETERS):
+        return settings, plan, timings
+    kind = "unet" if model_key == "unet" else str(settings["model"].get("kind", "unet3d"))
+    precision = resolve_precision(str(training.get("precision", "float32")), kind)
+    machine = machine_description()
+    sized = {k: v for k, v in settings.items() if k in ("model", "sampling")}
+    key = training_fingerprint(model=model_key, sizes=sized, batch=training["batch_size"], precision=precision, machine=machine)
+    reused = key in timings
+    if reused:
+        seconds = float(timings[key]["seconds_per_step"])
+    else:
+        with dtype_policy(precision):
+            model = build_model()
+        seconds = seconds_per_training_step(model, int(training["batch_size"]))
+        del model
+        timings[key] = {"seconds_per_step": seconds, "machine": machine, "precision": precision}
+    budget = float(planning["budget_minutes"][model_key])
+    steps = plan_steps(seconds, budget)
+    logger.info(
+        "%s: %.3f s per training step (%s); %d epochs of %d steps fill %g minutes.", model_key, seconds,
+        "timing reused" if reused else "timed now", steps["epochs"], steps["steps_per_epoch"], budget,
+    )
+    settings, step_plan = apply_plan(model_key, settings, {f"training.{k}": v for k, v in steps.items()}, plan["inputs"])
+    for part in ("planned", "used", "overrides"):
+        plan[part].update(step_plan[part])
+    plan["calibration"] = {"seconds_per_step": seconds, "budget_minutes": budget, "reused": reused, "machine": machine}
+    return settings, plan, timings
 
 
 def sampled_dataset(

@@ -32,6 +32,7 @@ from medseg.planning import median_shape, plan_patches
 from medseg.pipelines.modeling import (
     apply_plan,
     case_loader,
+    plan_training_steps,
     cases_in_split,
     foreground_class_count,
     sampled_dataset,
@@ -91,7 +92,9 @@ def _contains_foreground(images, labels):
     return images, tf.cast(tf.reduce_max(labels, axis=[1, 2, 3, 4]) > 0, tf.float32)[:, None]
 
 
-def plan_conv3d(case_geometry: dict, conv3d: Conv3dParams, planning: PlanningParams) -> tuple[dict, dict]:
+def plan_conv3d(
+    case_geometry: dict, dataset_fingerprint: dict, conv3d: Conv3dParams, planning: PlanningParams, timings: dict
+) -> tuple[dict, dict, dict]:
     """Plan the 3D model from the data: the patch (about `planning.patch_voxels` voxels,
     shaped in millimetres so that a thick-slice axis gets fewer voxels, clipped to the median
     case), the poolings per axis (nnU-Net's: none below 4 voxels, none along an axis twice as
@@ -99,11 +102,13 @@ def plan_conv3d(case_geometry: dict, conv3d: Conv3dParams, planning: PlanningPar
 
     `conv3d.sampling.patch_size`, `conv3d.model.depth` and `conv3d.training.batch_size` set to
     `auto` take these values; explicit values override them and are recorded. The per-axis
-    poolings apply only to a planned patch; an explicit patch pools every axis.
+    poolings apply only to a planned patch; an explicit patch pools every axis. Epochs and
+    steps set to `auto` fill `planning.budget_minutes.conv3d` at the speed timed on this
+    machine (`medseg.pipelines.modeling.plan_training_steps`).
 
     Returns:
-        The plan (`conv3d.plan`, data/05_model_input/conv3d/plan.json) and the settings the
-        model is trained with (`conv3d.settings`).
+        The plan (`conv3d.plan`, data/05_model_input/conv3d/plan.json), the settings the
+        model is trained with (`conv3d.settings`) and the timings (`conv3d.timings_updated`).
     """
     median = median_shape(case_geometry)
     spacing = [float(s) for s in next(iter(case_geometry.values()))["target_spacing"]]
@@ -122,7 +127,11 @@ def plan_conv3d(case_geometry: dict, conv3d: Conv3dParams, planning: PlanningPar
     if conv3d["sampling"]["patch_size"] == "auto" and model["depth"] == "auto":
         settings["model"]["poolings"] = planned["poolings"]
         plan["used"]["model.poolings"] = planned["poolings"]
-    return plan, settings
+    n_classes = 1 if _kind(settings) == "patch_classifier" else foreground_class_count(dataset_fingerprint)
+    settings, plan, timings = plan_training_steps(
+        "conv3d", settings, plan, lambda: _build_model(settings, n_classes), planning, timings
+    )
+    return plan, settings, timings
 
 
 def train_conv3d(

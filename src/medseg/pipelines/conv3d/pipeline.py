@@ -16,8 +16,8 @@ def create_pipeline(**kwargs) -> Pipeline:
             [
                 Node(
                     plan_conv3d,
-                    ["case_geometry", "params:conv3d", "params:planning"],
-                    ["conv3d.plan", "conv3d.settings"],
+                    ["case_geometry", "dataset_fingerprint", "params:conv3d", "params:planning", "conv3d.timings"],
+                    ["conv3d.plan", "conv3d.settings", "conv3d.timings_updated"],
                     name="plan_conv3d",
                     namespace="conv3d",
                 ),

@@ -22,6 +22,7 @@ from medseg.planning import median_shape, plan_slices
 from medseg.pipelines.modeling import (
     apply_plan,
     case_loader,
+    plan_training_steps,
     foreground_class_count,
     sampled_dataset,
     segmenter_plan,
@@ -31,22 +32,28 @@ from medseg.pipelines.modeling import (
 logger = logging.getLogger(__name__)
 
 
-def plan_unet(case_geometry: dict, unet: UnetParams, planning: PlanningParams) -> tuple[dict, dict]:
+def plan_unet(
+    case_geometry: dict, dataset_fingerprint: dict, unet: UnetParams, planning: PlanningParams, timings: dict
+) -> tuple[dict, dict, dict]:
     """Plan the 2D U-Net from the data: the training slice (the whole median axial slice at
     the target spacing, rounded to a multiple of 2**depth, as large as `planning.memory_gb`
     allows for two slices) and the batch (as many slices as fit the budget, at most 16).
 
     `unet.model.input_size` and `unet.training.batch_size` set to `auto` take these values;
-    explicit values override them and are recorded as overrides.
+    explicit values override them and are recorded as overrides. Epochs and steps set to
+    `auto` fill `planning.budget_minutes.unet` at the speed timed on this machine
+    (`medseg.pipelines.modeling.plan_training_steps`).
 
     Args:
         case_geometry: the preprocessing plan (`geometry.json`: each case's training grid).
+        dataset_fingerprint: `fingerprint.json` (the classes, for the model that is timed).
         unet: `params:unet`.
-        planning: `params:planning` (memory_gb).
+        planning: `params:planning` (memory_gb, budget_minutes).
+        timings: `unet.timings`, the training-step timings of earlier runs.
 
     Returns:
-        The plan (`unet.plan`, data/05_model_input/unet/plan.json) and the settings the
-        model is trained with (`unet.settings`: `params:unet` with the plan applied).
+        The plan (`unet.plan`, data/05_model_input/unet/plan.json), the settings the model is
+        trained with (`unet.settings`: `params:unet` with the plan applied) and the timings.
     """
     median = median_shape(case_geometry)
     model = unet["model"]
@@ -56,7 +63,22 @@ def plan_unet(case_geometry: dict, unet: UnetParams, planning: PlanningParams) -
     settings, plan = apply_plan(
         "unet", unet, {"model.input_size": planned["input_size"], "training.batch_size": planned["batch_size"]}, inputs
     )
-    return plan, settings
+    n_classes = foreground_class_count(dataset_fingerprint)
+    settings, plan, timings = plan_training_steps(
+        "unet", settings, plan, lambda: _build_unet(settings, n_classes), planning, timings
+    )
+    return plan, settings, timings
+
+
+def _build_unet(unet: dict[str, Any], n_classes: int) -> keras.Model:
+    model_params, training = unet["model"], unet["training"]
+    size = int(model_params["input_size"])
+    return compile_segmentation_model(
+        build_unet2d((size, size, 1), int(model_params["base_filters"]), int(model_params["depth"]), n_classes=n_classes),
+        optimizer=training["optimizer"],
+        learning_rate=float(training["learning_rate"]),
+        loss=training["loss"],
+    )
 
 
 def train_unet(
@@ -89,20 +111,9 @@ def train_unet(
     Returns:
         The trained model (best validation loss) and its history.
     """
-    model_params, training = unet["model"], unet["training"]
-    size = int(model_params["input_size"])
-
-    def build() -> keras.Model:
-        return compile_segmentation_model(
-            build_unet2d(
-                (size, size, 1), int(model_params["base_filters"]), int(model_params["depth"]),
-                n_classes=foreground_class_count(dataset_fingerprint),
-            ),
-            optimizer=training["optimizer"],
-            learning_rate=float(training["learning_rate"]),
-            loss=training["loss"],
-        )
-
+    training = unet["training"]
+    size = int(unet["model"]["input_size"])
+    build = partial(_build_unet, unet, foreground_class_count(dataset_fingerprint))
     stream = partial(
         sampled_dataset, slice_stream, case_loader(primary_images, primary_labels), (size, size), (size, size, 1),
         unet["sampling"], int(training["batch_size"]),

@@ -15,8 +15,8 @@ def create_pipeline(**kwargs) -> Pipeline:
             [
                 Node(
                     plan_unet,
-                    ["case_geometry", "params:unet", "params:planning"],
-                    ["unet.plan", "unet.settings"],
+                    ["case_geometry", "dataset_fingerprint", "params:unet", "params:planning", "unet.timings"],
+                    ["unet.plan", "unet.settings", "unet.timings_updated"],
                     name="plan_unet",
                     namespace="unet",
                 ),
