@@ -36,7 +36,7 @@ def test_the_defaults_validate_and_read_like_dicts():
         section = schema(**_defaults()[root])
         assert isinstance(section, dict) and section == _defaults()[root] | {k: section[k] for k in section}
     unet = ROOTS["unet"](**_defaults()["unet"])
-    assert unet["training"]["epochs"] == 6 and dict(unet["sampling"])["queue_length"] == 128
+    assert unet["training"]["epochs"] == "auto" and unet["training"]["batch_size"] == 16 and dict(unet["sampling"])["queue_length"] == 128
 
 
 @pytest.mark.parametrize(
@@ -44,7 +44,7 @@ def test_the_defaults_validate_and_read_like_dicts():
     [
         ("unet", "training.epoch", 2, r"unknown parameter 'epoch' \(did you mean 'epochs'\?\)"),
         ("unet", "training.batch_size", "abc", r"training\.batch_size.*valid integer.*should be 'auto'"),
-        ("unet", "training.epochs", -1, r"training\.epochs\n.*greater than or equal to 1"),
+        ("unet", "training.epochs", -1, r"training\.epochs.*greater than or equal to 1"),
         ("unet", "training.learning_rate", 0, r"training\.learning_rate\n.*greater than 0"),
         ("unet", "model.input_size", 50, r"input_size=50 is not divisible by 2\*\*depth=8"),
         ("conv3d", "model.kind", "unet2d", r"model\.kind\n.*'unet3d' or 'patch_classifier'"),

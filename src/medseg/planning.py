@@ -27,6 +27,9 @@ TRAINING_BYTES_PER_FEATURE = 32.0
 MIN_FEATURE_MAP = 4  # nnU-Net: no pooling takes an axis below 4 voxels
 ANISOTROPY_RATIO = 2.0  # nnU-Net: an axis is pooled only while its spacing is < 2x the finest
 MAX_BATCH = 16
+# A training step inside `model.fit`, fed by the streamed, augmented input, took 1.13x the
+# step timed on a fixed batch (3D U-Net, 32x32x14 patches, batch 4, 2-core AMD EPYC).
+INPUT_PIPELINE_OVERHEAD = 1.15
 
 
 def median_shape(case_geometry: Mapping[str, Mapping]) -> tuple[int, int, int]:

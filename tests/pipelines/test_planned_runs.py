@@ -81,7 +81,7 @@ def test_auto_steps_fill_the_budget_and_a_rerun_reuses_the_timing(tmp_path: Path
     calibration = first["calibration"]
     assert calibration["reused"] is False and calibration["seconds_per_step"] > 0 and calibration["budget_minutes"] == 0.03
     steps = first["used"]["training.epochs"] * first["used"]["training.steps_per_epoch"]
-    assert steps * calibration["seconds_per_step"] <= 0.03 * 60 * 1.05
+    assert steps * calibration["seconds_per_step"] <= 0.03 * 60 / 1.1  # the input pipeline costs ~15 % more
     assert first["overrides"]["training.validation_steps"]["given"] == 1
     history = json.loads((project / "data" / "08_reporting" / "unet" / "history.json").read_text())
     assert len(history["loss"]) <= first["used"]["training.epochs"]

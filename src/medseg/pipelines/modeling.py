@@ -54,7 +54,7 @@ from medseg.inference import Segmenter, SegmenterPlan
 from medseg.parameters import DataParams, ExportParams, ReportingParams
 from medseg.patching import make_tf_dataset
 from medseg.pipelines import tracking
-from medseg.planning import plan_steps
+from medseg.planning import INPUT_PIPELINE_OVERHEAD, plan_steps
 from medseg.progress import CaseProgress, track_partitions
 
 logger = logging.getLogger(__name__)
@@ -231,7 +231,7 @@ def plan_training_steps(
         del model
         timings[key] = {"seconds_per_step": seconds, "machine": machine, "precision": precision}
     budget = float(planning["budget_minutes"][model_key])
-    steps = plan_steps(seconds, budget)
+    steps = plan_steps(seconds * INPUT_PIPELINE_OVERHEAD, budget)
     logger.info(
         "%s: %.3f s per training step (%s); %d epochs of %d steps fill %g minutes.", model_key, seconds,
         "timing reused" if reused else "timed now", steps["epochs"], steps["steps_per_epoch"], budget,

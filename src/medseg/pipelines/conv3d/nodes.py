@@ -117,10 +117,14 @@ def plan_conv3d(
     planned = plan_patches(median, spacing, int(planning["patch_voxels"]), int(model["base_filters"]), float(planning["memory_gb"]), max_depth)
     inputs = {"median_shape": median, "target_spacing": spacing, "memory_gb": float(planning["memory_gb"]),
               "patch_voxels": int(planning["patch_voxels"])}
+    given_patch = conv3d["sampling"]["patch_size"]
+    depth = len(planned["poolings"])
+    if given_patch != "auto":  # an explicit patch pools every axis: as deep as it divides, >= 4 voxels
+        depth = max([d for d in range(1, max_depth + 1) if all(p % 2**d == 0 and p // 2**d >= 4 for p in given_patch)], default=1)
     settings, plan = apply_plan(
         "conv3d",
         conv3d,
-        {"sampling.patch_size": planned["patch_size"], "model.depth": len(planned["poolings"]), "training.batch_size": planned["batch_size"]},
+        {"sampling.patch_size": planned["patch_size"], "model.depth": depth, "training.batch_size": planned["batch_size"]},
         inputs,
     )
     plan["planned"]["model.poolings"] = planned["poolings"]
