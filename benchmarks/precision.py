@@ -83,11 +83,11 @@ def main() -> int:
     slices = plan_slices(median, 32, 3, args.memory_gb)
     patches = plan_patches(median, spacing, 16384, 8, args.memory_gb)
     size, patch = slices["input_size"], tuple(patches["patch_size"])
-    depth3d = len(patches["poolings"])
-    patch_even = tuple(int(np.ceil(p / 2**depth3d) * 2**depth3d) for p in patch)  # isotropic pooling here
+    pools = patches["poolings"]
     models = {
         "unet": ("2D U-Net", (size, size, 1), min(16, slices["batch_size"]), lambda: build_unet2d((size, size, 1), 32, 3)),
-        "unet3d": ("3D U-Net", (*patch_even, 1), min(4, patches["batch_size"]), lambda: build_unet3d((*patch_even, 1), 8, depth3d)),
+        # batch 4: the default's explicit conv3d.training.batch_size
+        "unet3d": ("3D U-Net", (*patch, 1), 4, lambda: build_unet3d((*patch, 1), 8, len(pools), pool_sizes=pools)),
     }
     bf16_cpu, bf16_gpu = cpu_has_bfloat16(), gpu_has_bfloat16()
     print(f"phantoms: median grid {median} at {tuple(round(s, 2) for s in spacing)} mm; "
