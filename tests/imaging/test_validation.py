@@ -230,3 +230,15 @@ def test_dataset_fingerprint_classes_and_lateralized(tmp_path):
     assert dataset_fingerprint(swapped, "multiclass", HIPPOCAMPUS)["lateralized"] == []
     binary = dataset_fingerprint([fingerprint_case(_good(tmp_path))])
     assert (binary["label_mode"], binary["classes"], binary["lateralized"]) == ("binary", {"1": "foreground"}, [])
+
+
+def test_largest_component_extent_is_in_mm_along_each_axis():
+    import numpy as np
+
+    from medseg.imaging.validation import largest_component_extent_mm
+
+    mask = np.zeros((10, 10, 10), np.uint8)
+    mask[1:4, 2:8, 0:2] = 1  # 3 x 6 x 2 voxels: the largest region
+    mask[8, 8, 8] = 1  # a single voxel elsewhere
+    assert largest_component_extent_mm(mask, (1.0, 0.5, 2.0)) == (3.0, 3.0, 4.0)
+    assert largest_component_extent_mm(np.zeros((3, 3, 3), np.uint8), (1.0, 1.0, 1.0)) == (0.0, 0.0, 0.0)

@@ -14,6 +14,7 @@ from typing import Literal
 
 import nibabel as nib
 import numpy as np
+from scipy import ndimage
 
 from medseg.errors import (
     ConfigurationError,
@@ -202,6 +203,17 @@ def read_case(case: CaseFiles) -> tuple[Volume, Volume]:
     return image, label
 
 
+def largest_component_extent_mm(mask: np.ndarray, spacing: Sequence[float]) -> tuple[float, float, float]:
+    """Size in mm, along each axis, of the bounding box of the mask's largest 26-connected
+    region (a lesion, an organ): the scale of the structures to segment. Zeros for an empty mask."""
+    components, count = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
+    if count == 0:
+        return (0.0, 0.0, 0.0)
+    largest = int(np.argmax(np.bincount(components.ravel())[1:])) + 1
+    box = ndimage.find_objects((components == largest).astype(np.int32))[0]
+    return tuple(float((b.stop - b.start) * s) for b, s in zip(box, spacing))
+
+
 def fingerprint_case(
     case: CaseFiles,
     foreground_labels: Sequence[int] | None = None,
@@ -260,6 +272,7 @@ def fingerprint_case(
         sides = right_fractions(to_canonical(label).data, body_midline(canonical.data))
     inside = image.data[foreground]
     spacing = canonical.spacing
+    extent = largest_component_extent_mm(to_canonical(Volume(foreground.astype(np.uint8), image.affine)).data, spacing)
     record = {
         "case_id": case.case_id,
         "image_path": case.image_path,
@@ -275,6 +288,7 @@ def fingerprint_case(
         "label_values": json.dumps(values),
         "foreground_voxels": int(foreground.sum()),
         "foreground_fraction": float(foreground.mean()),
+        "foreground_extent_mm": json.dumps([round(v, 3) for v in extent]),
         **shares,
         "right_fractions": json.dumps({str(v): f for v, f in sorted(sides.items())}),
         "intensity_mean": float(image.data.mean(dtype=np.float64)),
@@ -352,6 +366,12 @@ def fingerprint_cases(
     return records
 
 
+def _median_extent(records: Sequence[dict]) -> list[float]:
+    extents = [json.loads(r["foreground_extent_mm"]) for r in records if r.get("foreground_extent_mm")]
+    extents = [e for e in extents if max(e) > 0]
+    return [float(v) for v in np.median(np.array(extents), axis=0)] if extents else [0.0, 0.0, 0.0]
+
+
 def dataset_fingerprint(
     records: Sequence[dict], label_mode: LabelMode = "binary", classes: Mapping[int, str] | None = None
 ) -> dict:
@@ -386,6 +406,8 @@ def dataset_fingerprint(
         "max_spacing": [float(v) for v in spacings.max(axis=0)],
         "orientations": orientations,
         "foreground_fraction_mean": float(fractions.mean()),
+        # The median over the cases holding foreground of their largest structure's extent (mm).
+        "foreground_extent_mm": _median_extent(records),
         "cases_without_foreground": int((fractions == 0).sum()),
         "intensity_mean": float(np.mean([r["intensity_mean"] for r in records])),
         "intensity_std": float(np.mean([r["intensity_std"] for r in records])),

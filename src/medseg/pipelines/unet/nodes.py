@@ -36,8 +36,9 @@ def plan_unet(
     case_geometry: dict, dataset_fingerprint: dict, unet: UnetParams, planning: PlanningParams, timings: dict
 ) -> tuple[dict, dict, dict]:
     """Plan the 2D U-Net from the data: the training slice (the whole median axial slice at
-    the target spacing, rounded to a multiple of 2**depth, as large as `planning.memory_gb`
-    allows for two slices) and the batch (as many slices as fit the budget, at most 16).
+    the target spacing, or 2.5 times the largest structure to segment when that is smaller,
+    rounded to a multiple of 2**depth, as large as `planning.memory_gb` allows for two slices)
+    and the batch (as many slices as fit the budget, at most 16).
 
     `unet.model.input_size` and `unet.training.batch_size` set to `auto` take these values;
     explicit values override them and are recorded as overrides. Epochs and steps set to
@@ -56,10 +57,15 @@ def plan_unet(
         trained with (`unet.settings`: `params:unet` with the plan applied) and the timings.
     """
     median = median_shape(case_geometry)
+    spacing = [float(s) for s in next(iter(case_geometry.values()))["target_spacing"]]
+    extent_mm = dataset_fingerprint.get("foreground_extent_mm") or [0.0, 0.0, 0.0]
+    structure = max(extent_mm[0] / spacing[0], extent_mm[1] / spacing[1])
     model = unet["model"]
-    planned = plan_slices(median, int(model["base_filters"]), int(model["depth"]), float(planning["memory_gb"]))
-    inputs = {"median_shape": median, "target_spacing": next(iter(case_geometry.values()))["target_spacing"],
-              "memory_gb": float(planning["memory_gb"])}
+    planned = plan_slices(
+        median, int(model["base_filters"]), int(model["depth"]), float(planning["memory_gb"]), structure_voxels=structure
+    )
+    inputs = {"median_shape": median, "target_spacing": spacing, "memory_gb": float(planning["memory_gb"]),
+              "structure_extent_voxels": round(structure, 2)}
     settings, plan = apply_plan(
         "unet", unet, {"model.input_size": planned["input_size"], "training.batch_size": planned["batch_size"]}, inputs
     )
