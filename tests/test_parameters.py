@@ -36,7 +36,7 @@ def test_the_defaults_validate_and_read_like_dicts():
         section = schema(**_defaults()[root])
         assert isinstance(section, dict) and section == _defaults()[root] | {k: section[k] for k in section}
     unet = ROOTS["unet"](**_defaults()["unet"])
-    assert unet["training"]["epochs"] == "auto" and unet["training"]["batch_size"] == 16 and dict(unet["sampling"])["queue_length"] == 128
+    assert unet["training"]["epochs"] == "auto" and unet["training"]["batch_size"] == "auto" and dict(unet["sampling"])["queue_length"] == 128
 
 
 @pytest.mark.parametrize(

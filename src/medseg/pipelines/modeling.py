@@ -181,7 +181,8 @@ def apply_plan(model_key: str, section: dict[str, Any], planned: dict[str, Any],
             overrides[path] = {"given": given, "planned": value}
         used[path] = _get(settings, path)
     for path, entry in overrides.items():
-        logger.info("%s: %s=%s overrides the planned %s.", model_key, path, entry["given"], entry["planned"])
+        if entry["given"] != entry["planned"]:
+            logger.info("%s: %s=%s overrides the planned %s.", model_key, path, entry["given"], entry["planned"])
     tracking.log_params({f"{model_key}.plan.{path}": value for path, value in used.items()})
     plan = {"model": model_key, "inputs": inputs, "planned": planned, "used": used, "overrides": overrides}
     return settings, json.loads(json.dumps(plan))
