@@ -77,8 +77,9 @@ def test_steps_fill_the_budget():
 def test_small_structures_get_a_slice_of_a_few_times_their_size():
     # The phantoms' lesions span 19 voxels in-plane: 2.5 x 19 rounded up to a multiple of 8.
     assert plan_slices((96, 96, 28), 32, 3, 4.0, structure_voxels=19)["input_size"] == 48
-    # An organ as large as the head: the whole slice.
-    assert plan_slices((182, 218, 182), 32, 3, 4.0, structure_voxels=170)["input_size"] == 224
+    # An organ as large as the head: the whole slice, and a smaller batch (more steps per minute).
+    assert plan_slices((182, 218, 182), 32, 3, 4.0, structure_voxels=170) == {"input_size": 224, "batch_size": 2}
+    assert plan_slices((96, 96, 28), 32, 3, 4.0, structure_voxels=60) == {"input_size": 96, "batch_size": 16}
     # Never below 4 * 2**depth, so the bottleneck keeps 4 voxels.
     assert plan_slices((96, 96, 28), 32, 3, 4.0, structure_voxels=2)["input_size"] == 32
     assert plan_slices((96, 96, 28), 32, 3, 4.0, structure_voxels=0)["input_size"] == 96  # unknown: whole slice

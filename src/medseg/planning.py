@@ -32,6 +32,10 @@ MAX_BATCH = 16
 # 2.5 turns the phantoms' lesions (median extent 19 voxels) into the 48x48 slices that train
 # best there in a CPU budget; an organ or a brain mask gets the whole slice.
 STRUCTURE_CONTEXT = 2.5
+# Pixels of one 2D training step at most (16 slices of 96x96): a larger slice trades batch for
+# steps, since a CPU budget buys few steps of whole 224x224 slices (a 1 mm brain) at batch 16.
+# Both configurations measured on the phantoms (48 and 96, batch 16) stay under it.
+MAX_STEP_PIXELS = 16 * 96 * 96
 # A training step inside `model.fit`, fed by the streamed, augmented input, took 1.13x the
 # step timed on a fixed batch (3D U-Net, 32x32x14 patches, batch 4, 2-core AMD EPYC).
 INPUT_PIPELINE_OVERHEAD = 1.15
@@ -68,7 +72,9 @@ def plan_slices(
     The slice is the whole median axial slice (its larger side, rounded up to a multiple of
     2**depth so that every pooling halves an even size), or, when the structures to segment
     are small, `STRUCTURE_CONTEXT` times their in-plane extent (at least 4 * 2**depth); it is
-    shrunk by 2**depth at a time while `min_batch` slices do not fit `memory_gb`.
+    shrunk by 2**depth at a time while `min_batch` slices do not fit `memory_gb`. The batch is
+    as many slices as fit `memory_gb`, at most 16 and at most `MAX_STEP_PIXELS` pixels (but
+    `min_batch`).
 
     Args:
         median: the median training-grid shape (X, Y, Z), voxels.
@@ -80,7 +86,7 @@ def plan_slices(
 
     Returns:
         {"input_size": n, "batch_size": b}: 48 and 16 for the phantoms' lesions (19 voxels),
-        224 and 16 for a brain mask on 1 mm scans (182x218 slices) at 4 GiB.
+        224 and 2 for a brain mask on 1 mm scans (182x218 slices) at 4 GiB.
     """
     multiple = 2 ** int(depth)
     width = unet_features_per_voxel(int(base_filters), int(depth), 2)
@@ -89,7 +95,8 @@ def plan_slices(
         size = min(size, max(4 * multiple, round_up(STRUCTURE_CONTEXT * float(structure_voxels), multiple)))
     while size > multiple and training_batch(size * size, width, memory_gb) < min_batch:
         size -= multiple
-    return {"input_size": int(size), "batch_size": training_batch(size * size, width, memory_gb)}
+    batch = min(training_batch(size * size, width, memory_gb), max(min_batch, MAX_STEP_PIXELS // (size * size)))
+    return {"input_size": int(size), "batch_size": int(batch)}
 
 
 def poolings_per_axis(patch: Sequence[int], spacing: Sequence[float], max_depth: int) -> list[tuple[int, int, int]]:
