@@ -21,8 +21,14 @@ def test_unet_auto_sizes_come_from_the_plan_and_explicit_ones_are_overrides(tmp_
     project = make_project_copy(tmp_path / "project")
     run_pipeline(project, "unet", {**TINY_UNET, "unet.model.input_size": "auto", "unet.training.batch_size": 4, "planning.memory_gb": 0.05})
     geometry = json.loads((project / "data" / "03_primary" / "geometry.json").read_text())
-    expected = plan_slices(median_shape(geometry), 8, 3, 0.05)
+    fingerprint = json.loads((project / "data" / "03_primary" / "fingerprint.json").read_text())
+    spacing = next(iter(geometry.values()))["target_spacing"]
+    extent = fingerprint["foreground_extent_mm"]
+    structure = max(extent[0] / spacing[0], extent[1] / spacing[1])
+    assert structure > 0  # the phantoms' lesions
+    expected = plan_slices(median_shape(geometry), 8, 3, 0.05, structure_voxels=structure)
     plan = _plan(project, "unet")
+    assert plan["inputs"]["structure_extent_voxels"] == round(structure, 2)
     assert plan["planned"] == {"model.input_size": expected["input_size"], "training.batch_size": expected["batch_size"]}
     assert plan["used"] == {"model.input_size": expected["input_size"], "training.batch_size": 4}
     assert plan["overrides"] == {"training.batch_size": {"given": 4, "planned": expected["batch_size"]}}
