@@ -20,6 +20,30 @@ TINY_DATA_PARAMS = {
     "data.synthetic.n_slices_range": [12, 16],
 }
 
+# One epoch of a few steps: models that run end to end in seconds, not models that learn.
+TINY_UNET = {
+    **TINY_DATA_PARAMS,
+    "unet.model.input_size": 32,
+    "unet.model.base_filters": 8,
+    "unet.training.epochs": 1,
+    "unet.training.batch_size": 4,
+    "unet.training.steps_per_epoch": 3,
+    "unet.training.validation_steps": 1,
+    "unet.reporting.n_overlay_cases": 1,
+}
+TINY_CONV3D = {
+    **TINY_DATA_PARAMS,
+    "conv3d.sampling.patch_size": [16, 16, 16],
+    "conv3d.sampling.queue_length": 8,
+    "conv3d.model.base_filters": 4,
+    "conv3d.training.epochs": 1,
+    "conv3d.training.batch_size": 2,
+    "conv3d.training.steps_per_epoch": 2,
+    "conv3d.training.validation_steps": 1,
+    "conv3d.evaluation.patches_per_case": 6,
+    "conv3d.reporting.n_overlay_cases": 1,
+}
+
 
 def make_project_copy(root: Path) -> Path:
     """A copy of conf/ and pyproject.toml in `root`, with empty data folders."""

@@ -12,33 +12,10 @@ import nbclient
 import nbformat
 import pytest
 
-from conftest import REPO_ROOT, TINY_DATA_PARAMS, make_project_copy, mlflow_runs, run_pipeline
+from conftest import REPO_ROOT, TINY_CONV3D, TINY_UNET, make_project_copy, mlflow_runs, run_pipeline
 
 NOTEBOOK = REPO_ROOT / "notebooks" / "medseg_tour.ipynb"
 
-# As in tests/pipelines/unet and tests/pipelines/conv3d: one epoch of a few steps each.
-TINY_UNET = {
-    **TINY_DATA_PARAMS,
-    "unet.model.input_size": 32,
-    "unet.model.base_filters": 8,
-    "unet.training.epochs": 1,
-    "unet.training.batch_size": 4,
-    "unet.training.steps_per_epoch": 3,
-    "unet.training.validation_steps": 1,
-    "unet.reporting.n_overlay_cases": 1,
-}
-TINY_CONV3D = {
-    **TINY_DATA_PARAMS,
-    "conv3d.sampling.patch_size": [16, 16, 16],
-    "conv3d.sampling.queue_length": 8,
-    "conv3d.model.base_filters": 4,
-    "conv3d.training.epochs": 1,
-    "conv3d.training.batch_size": 2,
-    "conv3d.training.steps_per_epoch": 2,
-    "conv3d.training.validation_steps": 1,
-    "conv3d.evaluation.patches_per_case": 6,
-    "conv3d.reporting.n_overlay_cases": 1,
-}
 FINAL_LINE = re.compile(r"unseen phantom: Dice (?P<dice>\d+\.\d+|nan), mask geometry matches the scan: (?P<match>True|False)")
 
 

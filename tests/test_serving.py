@@ -27,18 +27,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import TINY_DATA_PARAMS, make_project_copy, mlflow_runs, run_pipeline
+from conftest import TINY_DATA_PARAMS, TINY_UNET, make_project_copy, mlflow_runs, run_pipeline
 
-TINY_UNET = {
-    **TINY_DATA_PARAMS,
-    "unet.model.input_size": 32,
-    "unet.model.base_filters": 8,
-    "unet.training.epochs": 1,
-    "unet.training.batch_size": 4,
-    "unet.training.steps_per_epoch": 3,
-    "unet.training.validation_steps": 1,
-    "unet.reporting.n_overlay_cases": 1,
-}
 REGISTERED = "medseg-unet-test"
 SERVE_ROOTS = "MEDSEG_SERVE_ROOTS"
 SERVING_ENV = "_MLFLOW_IS_IN_SERVING_ENVIRONMENT"

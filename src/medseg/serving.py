@@ -27,7 +27,6 @@ import atexit
 import base64
 import binascii
 import functools
-import gzip
 import importlib.metadata
 import os
 import shutil

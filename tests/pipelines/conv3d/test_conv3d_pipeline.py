@@ -8,20 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import TINY_DATA_PARAMS, mlflow_runs, run_pipeline
+from conftest import TINY_CONV3D, mlflow_runs, run_pipeline
 
-TINY_CONV3D = {
-    **TINY_DATA_PARAMS,
-    "conv3d.sampling.patch_size": [16, 16, 16],
-    "conv3d.sampling.queue_length": 8,
-    "conv3d.model.base_filters": 4,
-    "conv3d.training.epochs": 1,
-    "conv3d.training.batch_size": 2,
-    "conv3d.training.steps_per_epoch": 2,
-    "conv3d.training.validation_steps": 1,
-    "conv3d.evaluation.patches_per_case": 6,
-    "conv3d.reporting.n_overlay_cases": 1,
-}
 
 
 @pytest.mark.parametrize("kind, name", [("unet3d", r"UNet3D-Adam-BCE\+Dice"), ("patch_classifier", "Conv3DClassifier-Adam-BCE")])

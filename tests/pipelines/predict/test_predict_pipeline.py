@@ -11,17 +11,10 @@ import pandas as pd
 import pytest
 
 from medseg.errors import ConfigurationError, CorruptFileError, DatasetNotFoundError
-from tests.conftest import TINY_DATA_PARAMS, make_project_copy, mlflow_runs, run_pipeline
+from tests.conftest import TINY_CONV3D, TINY_DATA_PARAMS, TINY_UNET, make_project_copy, mlflow_runs, run_pipeline
 
-TINY_UNET = {
-    **TINY_DATA_PARAMS,
-    "unet.model.input_size": 32,
-    "unet.model.base_filters": 8,
-    "unet.training.epochs": 1,
-    "unet.training.batch_size": 4,
-    "unet.training.steps_per_epoch": 3,
-    "unet.training.validation_steps": 1,
-    "unet.reporting.n_overlay_cases": 1,
+TINY_UNET_POSTPROCESSED = {
+    **TINY_UNET,
     # Both postprocessing options on: predict must apply the model's own.
     "unet.inference.mirror_axes": [0, 1],
     "unet.inference.keep_largest_component": True,
@@ -31,7 +24,7 @@ TINY_UNET = {
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
     project = make_project_copy(tmp_path_factory.mktemp("predict") / "project")
-    run_pipeline(project, "unet", TINY_UNET)
+    run_pipeline(project, "unet", TINY_UNET_POSTPROCESSED)
     return project
 
 
@@ -159,8 +152,6 @@ def test_the_evaluation_reports_dice_with_and_without_each_option(trained: Path)
 
 
 def test_conv3d_predictions_equal_its_own_evaluation(tmp_path: Path):
-    from tests.pipelines.conv3d.test_conv3d_pipeline import TINY_CONV3D
-
     project = make_project_copy(tmp_path / "project")
     run_pipeline(project, "conv3d", TINY_CONV3D)
     out = tmp_path / "out"

@@ -9,18 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import TINY_DATA_PARAMS, make_project_copy, mlflow_runs, run_pipeline, surface_hd95_brute_force
+from conftest import TINY_UNET, make_project_copy, mlflow_runs, run_pipeline, surface_hd95_brute_force
 
-TINY_UNET = {
-    **TINY_DATA_PARAMS,
-    "unet.model.input_size": 32,
-    "unet.model.base_filters": 8,
-    "unet.training.epochs": 1,
-    "unet.training.batch_size": 4,
-    "unet.training.steps_per_epoch": 3,
-    "unet.training.validation_steps": 1,
-    "unet.reporting.n_overlay_cases": 1,
-}
 
 
 @pytest.fixture(scope="module")
