@@ -11,18 +11,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import make_project_copy, mlflow_runs, run_pipeline, surface_hd95_brute_force
+from conftest import TINY_UNET, make_project_copy, mlflow_runs, run_pipeline, surface_hd95_brute_force
 from medseg.imaging.synthesis import synthesize_case
 
 CLASSES = {1: "anterior", 2: "posterior"}
 SMALL = {
-    "unet.model.input_size": 32,
-    "unet.model.base_filters": 8,
-    "unet.training.epochs": 1,
-    "unet.training.batch_size": 4,
-    "unet.training.steps_per_epoch": 3,
-    "unet.training.validation_steps": 1,
-    "unet.reporting.n_overlay_cases": 1,
+    **{key: value for key, value in TINY_UNET.items() if key.startswith("unet.")},  # the data is an MSD folder
     "conv3d.sampling.patch_size": [16, 16, 16],
     "conv3d.sampling.queue_length": 8,
     "conv3d.training.epochs": 1,

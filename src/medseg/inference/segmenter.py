@@ -225,12 +225,12 @@ class Segmenter:
             else:
                 self._predict_batch = window_predictor(self.model)
         if plan.window == "slice":
+            from medseg.models.training import axial_window, predict_axial_slices
+
             multiple = 2 ** int(plan.depth)
-            window = tuple(int(-(-n // multiple) * multiple) for n in image.shape[:2]) + (1,)
+            window = axial_window(image.shape, multiple)
             batch = windows_per_batch(window, plan.features_per_voxel, plan.memory_gb, n_windows=image.shape[2])
-            return sliding_window_predict(
-                image, self._predict_batch, window, overlap=0.0, batch_size=batch, weighting="constant", padding="end"
-            )
+            return predict_axial_slices(self._predict_batch, image, multiple, batch)
         window = tuple(int(s) for s in plan.patch_size)
         batch = windows_per_batch(window, plan.features_per_voxel, plan.memory_gb)
         return sliding_window_predict(
