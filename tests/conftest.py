@@ -150,3 +150,71 @@ def data_files_written(project: Path) -> list[str]:
         for path in (project / "data" / layer).rglob("*")
         if path.is_file()
     )
+
+
+# --- S3 on loopback: moto's server mode --------------------------------------------------------
+# The endpoint reaches s3fs through AWS_ENDPOINT_URL, which botocore (>= 1.31) reads when any client
+# is made, in this process and in a child `kedro run`. That is the route a pipeline test needs:
+# `data.msd_dir=s3://...` and catalog entries on s3:// carry no credentials, only the environment
+# does. (fsspec's FSSPEC_S3_ENDPOINT_URL works too, but is read once, when fsspec is imported.)
+S3_TEST_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3 HTTP API (moto's `ThreadedMotoServer`) on 127.0.0.1 and a free port, for the
+    whole session; yields its endpoint URL, e.g. "http://127.0.0.1:38211".
+
+    While it runs, the environment sends every S3 client there: `AWS_ENDPOINT_URL=<endpoint>`,
+    `AWS_ACCESS_KEY_ID=testing`, `AWS_SECRET_ACCESS_KEY=testing`, `AWS_DEFAULT_REGION=us-east-1`;
+    `AWS_PROFILE` and `AWS_SESSION_TOKEN` are removed and `AWS_CONFIG_FILE` /
+    `AWS_SHARED_CREDENTIALS_FILE` point at empty files, so a developer's real account is never
+    used. So `s3fs`, `boto3`, `medseg.imaging.io` and a KedroSession run in this process (or a
+    subprocess that inherits the environment) all reach the server with no storage options.
+    Use `s3_bucket` for a fresh bucket, and `s3_storage_options(endpoint)` to pass the endpoint
+    explicitly instead (catalog `credentials`, `storage_options=`).
+    """
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    empty = tmp_path_factory.mktemp("aws") / "empty"
+    empty.write_text("")
+    with pytest.MonkeyPatch.context() as env:
+        for name, value in {**S3_TEST_ENV, "AWS_ENDPOINT_URL": endpoint}.items():
+            env.setenv(name, value)
+        env.setenv("AWS_CONFIG_FILE", str(empty))
+        env.setenv("AWS_SHARED_CREDENTIALS_FILE", str(empty))
+        env.delenv("AWS_PROFILE", raising=False)
+        env.delenv("AWS_SESSION_TOKEN", raising=False)
+        s3fs.S3FileSystem.clear_instance_cache()  # an instance made before has no endpoint
+        try:
+            yield endpoint
+        finally:
+            s3fs.S3FileSystem.clear_instance_cache()  # nor may one outlive the server
+            server.stop()
+
+
+def s3_storage_options(endpoint: str) -> dict:
+    """fsspec/s3fs options that reach `endpoint` without the environment: the form of a Kedro
+    catalog entry's `credentials` (or `storage_options=` of medseg.imaging.io)."""
+    return {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
+
+
+@pytest.fixture
+def s3_bucket(s3_server) -> str:
+    """A new, empty bucket on the `s3_server`, as a URL: "s3://medseg-<12 hex>"."""
+    import uuid
+
+    import fsspec
+
+    name = f"medseg-{uuid.uuid4().hex[:12]}"
+    fsspec.filesystem("s3").mkdir(name)
+    return f"s3://{name}"

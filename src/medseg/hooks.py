@@ -30,8 +30,11 @@ from kedro.framework.hooks import hook_impl
 from kedro.pipeline import Pipeline
 from mlflow.entities import ViewType
 from omegaconf import OmegaConf
+from pydantic import ValidationError
 
-from medseg.errors import TrackingError
+from medseg import compute
+from medseg.errors import ConfigurationError, TrackingError
+from medseg.parameters import ComputeParams
 from medseg.pipelines import tracking
 from medseg.run_lock import ProjectLock
 from medseg.run_outputs import OutputTransaction
@@ -259,6 +262,40 @@ class MlflowRunHook:
             self._lock = None
 
 
+class ComputeHook:
+    """Opens the run's per-case executor (`compute.scheduler`, `medseg.compute`) before the
+    pipeline and closes it after, stopping a LocalCluster that medseg started.
+
+    The scheduler is checked when the context is made, before any lock is taken or MLflow run
+    opened, so a mistyped value stops the run at once with the valid forms.
+    """
+
+    def __init__(self) -> None:
+        self._scheduler = compute.SYNC
+
+    @hook_impl(tryfirst=True)
+    def after_context_created(self, context) -> None:
+        section = context.params.get("compute") or {"scheduler": compute.SYNC}
+        try:
+            self._scheduler = ComputeParams(**section)["scheduler"]
+        except ValidationError as exc:
+            reasons = "; ".join(error["msg"].removeprefix("Value error, ") for error in exc.errors())
+            raise ConfigurationError(f"Parameter 'compute': {reasons}.") from None
+
+    @hook_impl(trylast=True)  # after kedro-mlflow has started the run, so the choice is logged
+    def before_pipeline_run(self) -> None:
+        compute.open_scheduler(self._scheduler)
+        tracking.log_params({"compute.scheduler": self._scheduler})
+
+    @hook_impl
+    def after_pipeline_run(self) -> None:
+        compute.close_scheduler()
+
+    @hook_impl
+    def on_pipeline_error(self) -> None:
+        compute.close_scheduler()
+
+
 class RunStartedHook:
     """After kedro-mlflow has started the run: tag it with its process, restore HTTP retries."""
 
@@ -282,11 +319,11 @@ def expected_class_count(data: dict[str, Any], project_path) -> int:
         return 1
     if data.get("source") == "synthetic":
         return int(data.get("synthetic", {}).get("n_classes", 1))
-    from medseg.imaging.msd import foreground_classes
+    from medseg.imaging.msd import dataset_location, foreground_classes
 
     _, _, folder = dataset_identity(data, project_path)
     try:
-        manifest = Path(folder) / "dataset.json"
+        manifest = dataset_location(folder) / "dataset.json"  # a local file, or an object read through fsspec
         return len(foreground_classes(json.loads(manifest.read_text()), manifest))
     except Exception:  # the data steps report a bad dataset.json, with the fix
         return 1
@@ -294,14 +331,20 @@ def expected_class_count(data: dict[str, Any], project_path) -> int:
 
 def dataset_identity(data: dict[str, Any], project_path) -> tuple[str, str, str]:
     """(name, source, folder) of the run's dataset: the name from its `dataset.json` when it
-    can be read (the phantoms may not exist yet: "medseg-synthetic")."""
+    can be read (the phantoms may not exist yet: "medseg-synthetic"). `folder` is a local path,
+    or the URL of a `data.msd_dir` on an fsspec store."""
     from medseg.datasets.folder import anchor_path
+    from medseg.imaging.msd import dataset_location
 
     source = str(data["source"])
     folder = anchor_path(data["msd_dir"] if source == "msd" else data["synthetic"]["dir"], project_path)
+    if isinstance(folder, str):  # anchor_path leaves only a URL as a string: read it through fsspec
+        folder = dataset_location(folder)
     name = "medseg-synthetic" if source == "synthetic" else folder.name
+    # Never fatal, whatever fails: a store adds its own errors (credentials, a missing fsspec
+    # package) to OSError and ValueError, and the data steps report them with the fix.
     try:
         name = str(json.loads((folder / "dataset.json").read_text()).get("name") or name)
-    except (OSError, ValueError):
+    except Exception:
         pass
     return name, source, str(folder)

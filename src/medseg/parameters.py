@@ -145,6 +145,7 @@ class TrainingParams(Section):
     deterministic: Determinism
     flip_axes: list[Annotated[int, Field(ge=0, le=2)]]
     precision: Literal["auto", "float32", "mixed_bfloat16", "mixed_float16"]
+    distribute: Literal["none", "mirrored"]  # medseg.models.distribute; batch_size stays per replica
 
 
 @dataclass(config=_STRICT)
@@ -268,6 +269,24 @@ class PlanningParams(Section):
     budget_minutes: BudgetParams
 
 
+# compute -------------------------------------------------------------------------------------
+@dataclass(config=_STRICT)
+class ComputeParams(Section):
+    """Where per-case work runs (`medseg.compute`).
+
+    scheduler: `sync` (this process), `local:N` (a Dask LocalCluster of N worker processes)
+        or the address of a running Dask scheduler (`tcp://host:8786`).
+    """
+
+    scheduler: str
+
+    def __post_init__(self) -> None:
+        from medseg.compute import check_scheduler
+
+        check_scheduler(self.scheduler)
+        super().__post_init__()
+
+
 # predict -------------------------------------------------------------------------------------
 @dataclass(config=_STRICT)
 class PredictParams(Section):
@@ -290,6 +309,7 @@ ROOTS: dict[str, type[Section]] = {
     "conv3d": Conv3dParams,
     "planning": PlanningParams,
     "predict": PredictParams,
+    "compute": ComputeParams,
 }
 
 

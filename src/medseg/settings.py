@@ -1,14 +1,15 @@
 """Project settings: the project's hooks and where configuration is read from."""
 
-from medseg.hooks import MlflowRunHook, RunStartedHook, register_resolver
+from medseg.hooks import ComputeHook, MlflowRunHook, RunStartedHook, register_resolver
 from medseg.run_summary import RunSummaryHook
 
 # kedro-mlflow's own hook is registered by its entry point. MlflowRunHook runs before it
 # (tryfirst): it locks the project, checks the tracking server and names the run.
 # RunStartedHook runs after it (trylast), once the run has started. RunSummaryHook ends a
-# model run with its test metrics and where to look next.
+# model run with its test metrics and where to look next. ComputeHook opens and closes the
+# per-case executor of `compute.scheduler` (sync, a LocalCluster, or a Dask cluster).
 _RUN_HOOK = MlflowRunHook()
-HOOKS = (_RUN_HOOK, RunStartedHook(_RUN_HOOK), RunSummaryHook())
+HOOKS = (_RUN_HOOK, RunStartedHook(_RUN_HOOK), RunSummaryHook(), ComputeHook())
 
 
 def tensor_signature(inputs, outputs=None):

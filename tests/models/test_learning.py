@@ -11,6 +11,8 @@ Before training, the same score must be low, so a model that cannot learn fails 
 
 from __future__ import annotations
 
+import contextlib
+
 import keras
 import numpy as np
 
@@ -77,10 +79,13 @@ def overfit_segmentation(model: keras.Model, images, labels, batch_size: int, ep
     return before, mean_hard_dice(model, images, labels)
 
 
-def unet2d_dice(seed: int, epochs: int = 30) -> tuple[float, float]:
+def unet2d_dice(seed: int, epochs: int = 30, strategy=None) -> tuple[float, float]:
+    """Under a `tf.distribute` strategy the model is built and compiled in its scope, and each
+    step's batch of 4 is split over its replicas (tests/models/test_distribute.py)."""
     keras.utils.set_random_seed(seed)
     images, labels = ball_set(16, (32, 32), (4.0, 8.0), seed)
-    model = compile_segmentation_model(build_unet2d((32, 32, 1), base_filters=8, depth=2), "adam", 1e-2)
+    with strategy.scope() if strategy is not None else contextlib.nullcontext():
+        model = compile_segmentation_model(build_unet2d((32, 32, 1), base_filters=8, depth=2), "adam", 1e-2)
     return overfit_segmentation(model, images, labels, batch_size=4, epochs=epochs)
 
 

@@ -6,50 +6,94 @@ hands nodes one load function per case, so nothing is read until a node asks for
 
 from __future__ import annotations
 
-from pathlib import Path, PurePosixPath
+from copy import deepcopy
+from pathlib import PurePosixPath
 from typing import Any
 
+import fsspec
 from kedro.io.core import AbstractDataset, DatasetError, get_filepath_str, get_protocol_and_path
 
 from medseg.imaging.io import Volume, read_volume, write_volume
 
 
 class NiftiDataset(AbstractDataset[Volume, Volume]):
-    """Loads and saves a :class:`medseg.imaging.io.Volume` as `.nii` / `.nii.gz`.
+    """Loads and saves a :class:`medseg.imaging.io.Volume` as `.nii` / `.nii.gz`, on the local
+    disk or any fsspec store (`s3://`, `gs://`, `abfs://`, `memory://`...).
 
     Images load as float32 and labels as uint8 (``kind``), with the affine and header kept.
-    Saving is atomic (temporary file, then rename). Local files only.
+    A local save is atomic (temporary file, fsync, rename); a save to a store is one object
+    serialized in memory and put whole (see :mod:`medseg.imaging.io`).
 
     Example catalog entry::
 
         primary_images:
           type: partitions.PartitionedDataset
-          path: data/03_primary/images
+          path: s3://my-bucket/medseg/03_primary/images
+          credentials: s3_medseg   # from conf/local/credentials.yml; passed on to each case
           dataset:
             type: medseg.datasets.nifti.NiftiDataset
             kind: image
           filename_suffix: .nii.gz
     """
 
-    def __init__(self, filepath: str, kind: str = "image", metadata: dict[str, Any] | None = None):
-        protocol, path = get_protocol_and_path(filepath)
-        if protocol != "file":
-            raise DatasetError(f"NiftiDataset reads local files only, got '{filepath}'.")
+    def __init__(
+        self,
+        filepath: str,
+        kind: str = "image",
+        credentials: dict[str, Any] | None = None,
+        fs_args: dict[str, Any] | None = None,
+        metadata: dict[str, Any] | None = None,
+    ):
+        """Creates a new instance of ``NiftiDataset``.
+
+        Args:
+            filepath: a `.nii` / `.nii.gz` file, a local path or a URL with any fsspec protocol.
+                Write `memory:///bucket/x.nii.gz` with three slashes: Kedro's
+                `get_protocol_and_path` drops the host of a protocol it does not know as a
+                cloud store (`memory://bucket/x` would be `/x`), in every Kedro dataset.
+            kind: "image" (float32) or "label" (uint8), see :func:`medseg.imaging.io.read_volume`.
+            credentials: credentials of the filesystem, as kedro-datasets takes them (for S3
+                e.g. `{"key": ..., "secret": ..., "client_kwargs": {"endpoint_url": ...}}`).
+                None uses the store's defaults (for S3 the `AWS_*` variables and `~/.aws`).
+            fs_args: extra arguments of the filesystem class constructor. (kedro-datasets'
+                `open_args_load` / `open_args_save` do not apply: nibabel reads the bytes.)
+            metadata: any metadata; ignored by Kedro.
+        """
         if kind not in ("image", "label"):
             raise DatasetError(f"NiftiDataset kind must be 'image' or 'label', got '{kind}'.")
+        protocol, path = get_protocol_and_path(filepath)
+        storage_options = {**deepcopy(credentials or {}), **deepcopy(fs_args or {})}
         self._protocol = protocol
         self._filepath = PurePosixPath(path)
         self._kind = kind
+        self._storage_options = storage_options
+        self._fs = fsspec.filesystem(protocol, **storage_options)
         self.metadata = metadata
 
+    @property
+    def _path(self) -> str:
+        """The local path, or the URL with its protocol, that medseg.imaging.io reads
+        (Kedro's `get_filepath_str` gives an object store's path without its protocol)."""
+        path = get_filepath_str(self._filepath, self._protocol)
+        return path if self._protocol == "file" else self._fs.unstrip_protocol(path)
+
     def load(self) -> Volume:
-        return read_volume(get_filepath_str(self._filepath, self._protocol), kind=self._kind)
+        return read_volume(self._path, kind=self._kind, storage_options=self._remote_options())
 
     def save(self, data: Volume) -> None:
-        write_volume(data, get_filepath_str(self._filepath, self._protocol))
+        write_volume(data, self._path, storage_options=self._remote_options())
+        self._fs.invalidate_cache(self._path)  # a listing cached before the write must not hide it
+
+    def _remote_options(self) -> dict[str, Any] | None:
+        # Local files go through medseg's own atomic write, which takes no filesystem options.
+        return None if self._protocol == "file" else self._storage_options
 
     def _exists(self) -> bool:
-        return Path(get_filepath_str(self._filepath, self._protocol)).exists()
+        return self._fs.exists(self._path)
+
+    def _release(self) -> None:
+        super()._release()
+        self._fs.invalidate_cache(self._path)
 
     def _describe(self) -> dict[str, Any]:
-        return {"filepath": str(self._filepath), "kind": self._kind}
+        return {"filepath": str(self._filepath), "protocol": self._protocol, "kind": self._kind}

@@ -1,27 +1,55 @@
-"""A `PartitionedDataset` that replaces its folder only once every partition is written.
+"""A `PartitionedDataset` that replaces its folder only once every partition is written, keeps
+the partitions that did not change, and makes the others on the run's Dask workers.
 
 kedro-datasets' `overwrite: true` deletes the old partitions before writing the new ones, so a
 crash half-way leaves neither set. This subclass writes into a hidden staging folder beside the
 target and swaps the two at the end (two renames on the same file system). On failure the
 staging folder is removed and the old partitions are left as they were.
+
+Incremental: a partition given as a :class:`medseg.incremental.KeyedPartition` whose key equals
+the key it was last saved with (recorded in `.partition-keys.json` inside the folder) is not
+made again; the file already there is kept (hard-linked into the staging folder).
+
+Parallel: the partitions to make are mapped over `medseg.compute.current()`, one task per
+partition that makes it and saves it on the worker, so only `sync` makes them in this process.
+
+Any fsspec store: on a local folder the swap is two renames. An object store (`s3://`) has no
+rename of a folder: the new partitions are written under a staging prefix, and only once
+every one of them is written are they copied over the old ones (one object at a time) and the
+partitions that are gone deleted, then the staging prefix removed.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import shutil
 import tempfile
+import uuid
+from copy import deepcopy
 from pathlib import Path
 from typing import Any
 
-from kedro.io.core import DatasetError
 from kedro_datasets.partitions import PartitionedDataset
 
+from medseg import compute
 from medseg.imaging.io import apply_umask
+from medseg.incremental import KeyedPartition
+
+logger = logging.getLogger(__name__)
+
+KEYS_FILE = ".partition-keys.json"
+
+
+def _save_partition(job: tuple[type, dict[str, Any], Any]) -> None:
+    """Make one partition and save it (on a Dask worker, or here under `sync`)."""
+    dataset_type, kwargs, data = job
+    dataset_type(**kwargs).save(data() if callable(data) else data)
 
 
 class StagedPartitionedDataset(PartitionedDataset):
-    """`partitions.PartitionedDataset` with an all-or-nothing save (local folders only).
+    """`partitions.PartitionedDataset` with an all-or-nothing save that skips unchanged partitions.
 
     Takes the same arguments; `overwrite` is implied (the new set replaces the old one).
     """
@@ -29,27 +57,109 @@ class StagedPartitionedDataset(PartitionedDataset):
     def __init__(self, *args: Any, **kwargs: Any):
         kwargs.pop("overwrite", None)
         super().__init__(*args, overwrite=False, **kwargs)
-        if self._protocol != "file":
-            raise DatasetError(f"StagedPartitionedDataset writes local folders only, got '{self._path}'.")
 
+    # -- what is there ---------------------------------------------------------------------
+    def _is_local(self) -> bool:
+        return self._protocol == "file"
+
+    def _fs_path(self, *parts: str) -> str:
+        return "/".join([self._filesystem._strip_protocol(self._normalized_path).rstrip("/"), *parts])
+
+    def _recorded_keys(self) -> dict[str, str]:
+        path = self._fs_path(KEYS_FILE)
+        try:
+            with self._filesystem.open(path, "r") as stream:
+                keys = json.load(stream).get("partitions", {})
+        except (FileNotFoundError, ValueError, OSError):
+            return {}
+        existing = set(self._list_partitions_uncached())
+        return {pid: key for pid, key in keys.items() if self._partition_to_path(pid) in existing}
+
+    def _list_partitions_uncached(self) -> list[str]:
+        self._invalidate_caches()
+        return self._list_partitions()
+
+    def _job(self, root: str, partition_id: str, data: Any) -> tuple[type, dict[str, Any], Any]:
+        """The partition's dataset type and arguments with its file under `root` instead of
+        the target folder (the staging folder), and what to save."""
+        kwargs = deepcopy(self._dataset_config)
+        relative = self._partition_to_path(partition_id)[len(self._fs_path()):].lstrip("/")
+        kwargs[self._filepath_arg] = self._join_protocol(f"{root.rstrip('/')}/{relative}")
+        return self._dataset_type, kwargs, data
+
+    # -- save ------------------------------------------------------------------------------
     def save(self, data: dict[str, Any]) -> None:
-        target = Path(self._path)
+        keyed = {pid: value.key for pid, value in data.items() if isinstance(value, KeyedPartition)}
+        recorded = self._recorded_keys() if keyed else {}
+        kept = sorted(pid for pid, key in keyed.items() if recorded.get(pid) == key)
+        to_make = sorted(pid for pid in data if pid not in kept)
+        if keyed:
+            logger.info(
+                "%s: %d of %d cases unchanged since the last run (same source files and plan), kept; %d to make.",
+                self._path, len(kept), len(data), len(to_make),
+            )
+        if self._is_local():
+            self._save_local(data, kept, to_make, keyed)
+        else:
+            self._save_remote(data, kept, to_make, keyed)
+        self._invalidate_caches()
+
+    def _make(self, root: str, data: dict[str, Any], to_make: list[str]) -> None:
+        jobs = [self._job(root, pid, data[pid]) for pid in to_make]
+        compute.current().map(_save_partition, jobs, task=f"Writing {self._path}", case_ids=to_make)
+
+    def _save_local(self, data: dict[str, Any], kept: list[str], to_make: list[str], keyed: dict[str, str]) -> None:
+        target = Path(self._filesystem._strip_protocol(self._normalized_path))
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
         apply_umask(staging, directory=True)
-        final_path = self._path
         try:
-            self._path = str(staging)
-            super().save(data)
+            for pid in kept:
+                destination = Path(self._job(str(staging), pid, None)[1][self._filepath_arg])
+                destination.parent.mkdir(parents=True, exist_ok=True)
+                _link_or_copy(Path(self._partition_to_path(pid)), destination)
+            self._make(str(staging), data, to_make)
+            if keyed:
+                (staging / KEYS_FILE).write_text(json.dumps({"partitions": keyed}, indent=1, sort_keys=True))
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        finally:
-            self._path = final_path
         retired = target.with_name(f".{target.name}.old")
         shutil.rmtree(retired, ignore_errors=True)
         if target.exists():
             os.replace(target, retired)
         os.replace(staging, target)
         shutil.rmtree(retired, ignore_errors=True)
-        self._invalidate_caches()
+
+    def _save_remote(self, data: dict[str, Any], kept: list[str], to_make: list[str], keyed: dict[str, str]) -> None:
+        fs = self._filesystem
+        target = self._fs_path()
+        staging = f"{target.rsplit('/', 1)[0]}/.{target.rsplit('/', 1)[-1]}.staging-{uuid.uuid4().hex[:12]}"
+        try:
+            self._make(staging, data, to_make)
+            # The keys go first: a publish cut short must not leave new files under old keys.
+            if fs.exists(self._fs_path(KEYS_FILE)):
+                fs.rm(self._fs_path(KEYS_FILE))
+            new_paths = set()
+            for pid in to_make:
+                source = self._job(staging, pid, None)[1][self._filepath_arg]
+                destination = self._partition_to_path(pid)
+                fs.copy(fs._strip_protocol(source), destination)
+                new_paths.add(destination)
+            new_paths.update(self._partition_to_path(pid) for pid in kept)
+            for stale in set(self._list_partitions_uncached()) - new_paths:
+                fs.rm(stale)
+            if keyed:
+                with fs.open(self._fs_path(KEYS_FILE), "w") as stream:
+                    stream.write(json.dumps({"partitions": keyed}, indent=1, sort_keys=True))
+        finally:
+            if fs.exists(staging):
+                fs.rm(staging, recursive=True)
+
+
+def _link_or_copy(source: Path, destination: Path) -> None:
+    """A hard link (no bytes copied) where the file system allows, else a copy."""
+    try:
+        os.link(source, destination)
+    except OSError:
+        shutil.copy2(source, destination)

@@ -5,15 +5,20 @@ per case (3-D, or 4-D with channels last) or one file per channel with a `_0000`
 (nnU-Net v2). A user's folder is only ever read, and only inside itself: a path in dataset.json,
 or a symlink, that leads outside the folder is refused. Synthetic phantoms are written into a
 fresh folder that replaces the old one in a single rename.
+
+The folder may be local or on any fsspec store (`s3://bucket/Task04_Hippocampus`): a URL
+root is handled as a :class:`UrlPath`, so the reader below is one implementation for both. An
+object store has no symlinks, so there only the lexical "stays inside the folder" check applies.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import posixpath
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +30,7 @@ from medseg.errors import (
     MissingLabelError,
     UnsafePathError,
 )
-from medseg.imaging.io import Volume, apply_umask, fsync_directory, fsync_file, write_volume
+from medseg.imaging.io import Volume, apply_umask, fsync_directory, fsync_file, is_url, url_filesystem, write_volume
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
@@ -36,8 +41,8 @@ class CaseFiles:
 
     Attributes:
         case_id: the name without channel suffix or extension, e.g. "hippocampus_367".
-        image_path: the image file (absolute).
-        label_path: the label file (absolute).
+        image_path: the image file (absolute, or a URL for a folder on an fsspec store).
+        label_path: the label file (absolute, or a URL).
         channel: the channel to take from a 4-D image file, or None for a 3-D file.
     """
 
@@ -47,6 +52,92 @@ class CaseFiles:
     channel: int | None
 
 
+@dataclass(frozen=True, order=True)
+class UrlPath:
+    """A file or folder on an fsspec store, with the part of pathlib's API the MSD reader uses
+    (`/`, `name`, `parent`, `with_name`, `is_relative_to`, `exists`, `is_file`, `is_dir`,
+    `iterdir`, `read_text`), so that the reader is the same code for a local Path and a URL.
+
+    The path is normalized lexically on construction (`a/./b/../c` is `a/c`), as
+    `os.path.normpath` normalizes a local one. `str()` gives the URL. It has no `__fspath__`:
+    a URL must never be opened as a local file by mistake.
+
+    Attributes:
+        url: e.g. `s3://bucket/Task04/imagesTr/x.nii.gz` (a chained URL such as
+            `simplecache::s3://...` works too). Credentials come from the store's defaults.
+    """
+
+    url: str
+
+    def __post_init__(self) -> None:
+        prefix, path = self._split(self.url)
+        object.__setattr__(self, "url", prefix + posixpath.normpath(path))
+
+    @staticmethod
+    def _split(url: str) -> tuple[str, str]:
+        """("s3://", "bucket/key"): the protocol part and the path after the last `://`."""
+        cut = url.rindex("://") + 3
+        return url[:cut], url[cut:]
+
+    @property
+    def _path(self) -> str:
+        return self._split(self.url)[1]
+
+    def __str__(self) -> str:
+        return self.url
+
+    def __truediv__(self, name: str) -> UrlPath:
+        return UrlPath(f"{self.url}/{name}")
+
+    @property
+    def name(self) -> str:
+        return posixpath.basename(self._path)
+
+    @property
+    def parent(self) -> UrlPath:
+        return UrlPath(self._split(self.url)[0] + posixpath.dirname(self._path))
+
+    def with_name(self, name: str) -> UrlPath:
+        return self.parent / name
+
+    def is_relative_to(self, other: UrlPath) -> bool:
+        prefix, path = self._split(self.url)
+        other_prefix, other_path = self._split(other.url)
+        return prefix == other_prefix and (path == other_path or path.startswith(other_path.rstrip("/") + "/"))
+
+    def _fs(self):
+        return url_filesystem(self.url)
+
+    def exists(self) -> bool:
+        fs, path = self._fs()
+        return fs.exists(path)
+
+    def is_file(self) -> bool:
+        fs, path = self._fs()
+        return fs.isfile(path)
+
+    def is_dir(self) -> bool:
+        fs, path = self._fs()
+        return fs.isdir(path)
+
+    def iterdir(self) -> Iterator[UrlPath]:
+        fs, path = self._fs()
+        for entry in fs.ls(path, detail=False):
+            yield self / posixpath.basename(entry.rstrip("/"))
+
+    def read_text(self) -> str:
+        fs, path = self._fs()
+        return fs.cat_file(path).decode("utf-8")
+
+
+def dataset_location(root: str | os.PathLike | UrlPath) -> Path | UrlPath:
+    """An MSD folder as the reader takes it: a :class:`UrlPath` for a URL on an fsspec store,
+    else the absolute local Path (anchored at the current folder, so pass an absolute path)."""
+    if isinstance(root, UrlPath):
+        return root
+    return UrlPath(os.fspath(root)) if is_url(root) else Path(os.path.abspath(root))
+
+
 def _strip_nifti_suffix(name: str) -> str:
     for suffix in NIFTI_SUFFIXES:
         if name.endswith(suffix):
@@ -54,7 +145,7 @@ def _strip_nifti_suffix(name: str) -> str:
     return name
 
 
-def _check_real_path(root: Path, path: Path, source: str) -> None:
+def _check_real_path(root: Path | UrlPath, path: Path | UrlPath, source: str) -> None:
     """Refuse `path` when its real location (symlinks followed) is outside `root`'s.
 
     Args:
@@ -62,6 +153,8 @@ def _check_real_path(root: Path, path: Path, source: str) -> None:
         path: a path under `root` (lexically).
         source: what listed the path, for the message (dataset.json or a folder).
     """
+    if isinstance(root, UrlPath):
+        return  # an object store has no symlinks: the lexical check of `_inside` is the whole check
     real_root = Path(os.path.realpath(root))
     real = Path(os.path.realpath(path))
     if not real.is_relative_to(real_root):
@@ -72,13 +165,14 @@ def _check_real_path(root: Path, path: Path, source: str) -> None:
         )
 
 
-def _inside(root: Path, relative: str, manifest: Path) -> Path:
+def _inside(root: Path | UrlPath, relative: str, manifest: Path | UrlPath) -> Path | UrlPath:
     """Resolve a dataset.json path and refuse one that leaves `root`, lexically or through a symlink.
 
     Returns:
         The path under `root` as written (symlinks not followed, so messages show the user's path).
     """
-    candidate = Path(os.path.normpath(root / relative))
+    # A UrlPath normalizes itself; for a URL root "/x" is also absolute (the bucket's root).
+    candidate = root / relative if isinstance(root, UrlPath) else Path(os.path.normpath(root / relative))
     if Path(relative).is_absolute() or not candidate.is_relative_to(root):
         raise UnsafePathError(
             f"{manifest}: the entry '{relative}' points outside the dataset folder {root}. "
@@ -88,8 +182,13 @@ def _inside(root: Path, relative: str, manifest: Path) -> Path:
     return candidate
 
 
-def read_dataset_json(root: Path) -> dict:
-    """Parse `root/dataset.json`, with a clear error if it is missing or not JSON."""
+def read_dataset_json(root: Path | UrlPath | str) -> dict:
+    """Parse `root/dataset.json`, with a clear error if it is missing or not JSON.
+
+    `root` is a local folder or a URL on an fsspec store (see :func:`dataset_location`).
+    """
+    if not isinstance(root, (Path, UrlPath)):
+        root = dataset_location(root)
     manifest = root / "dataset.json"
     if root.is_file():
         hint = f" Did you mean its folder, {root.parent}?" if root.name == "dataset.json" else ""
@@ -118,7 +217,7 @@ def modality_names(meta: dict) -> list[str]:
     return [str(names[key]) for key in sorted(names, key=int)]
 
 
-def foreground_classes(meta: dict, manifest: Path) -> dict[int, str]:
+def foreground_classes(meta: dict, manifest: Path | UrlPath) -> dict[int, str]:
     """The foreground classes that `dataset.json` lists: {label value: name}, sorted by value.
 
     Reads both forms of `labels`: MSD's `{"0": "background", "1": "anterior"}` and nnU-Net
@@ -151,7 +250,7 @@ def foreground_classes(meta: dict, manifest: Path) -> dict[int, str]:
     return dict(sorted(classes.items()))
 
 
-def resolve_channel(meta: dict, channel: int | str | None, manifest: Path) -> int | None:
+def resolve_channel(meta: dict, channel: int | str | None, manifest: Path | UrlPath) -> int | None:
     """Turn `data.channel` (index, name or None) into a channel index.
 
     Returns None for a single-channel dataset with no choice made. A multi-channel dataset
@@ -176,7 +275,9 @@ def resolve_channel(meta: dict, channel: int | str | None, manifest: Path) -> in
     return index
 
 
-def _image_file(root: Path, entry: str, channel: int | None, manifest: Path) -> tuple[Path, int | None]:
+def _image_file(
+    root: Path | UrlPath, entry: str, channel: int | None, manifest: Path | UrlPath
+) -> tuple[Path | UrlPath, int | None]:
     """The image file of a `training` entry, and the channel to take from inside it.
 
     MSD lists `./imagesTr/x.nii.gz`; nnU-Net v2 stores `imagesTr/x_0000.nii.gz` per channel.
@@ -196,7 +297,7 @@ def _image_file(root: Path, entry: str, channel: int | None, manifest: Path) -> 
     )
 
 
-def _training_entry(item: object, index: int, manifest: Path) -> tuple[str, str]:
+def _training_entry(item: object, index: int, manifest: Path | UrlPath) -> tuple[str, str]:
     """The (image, label) paths of the `index`-th `training` entry, refusing a malformed one."""
     missing = [key for key in ("image", "label") if not isinstance(item, dict) or not isinstance(item.get(key), str)]
     if missing:
@@ -208,7 +309,9 @@ def _training_entry(item: object, index: int, manifest: Path) -> tuple[str, str]
     return item["image"], item["label"]
 
 
-def _cases_from_training_list(root: Path, meta: dict, channel: int | None, manifest: Path) -> list[CaseFiles]:
+def _cases_from_training_list(
+    root: Path | UrlPath, meta: dict, channel: int | None, manifest: Path | UrlPath
+) -> list[CaseFiles]:
     if not isinstance(meta["training"], list):
         raise CorruptFileError(
             f"{manifest}: 'training' must be a list of {{\"image\": ..., \"label\": ...}} entries, "
@@ -229,7 +332,7 @@ def _cases_from_training_list(root: Path, meta: dict, channel: int | None, manif
     return cases
 
 
-def _cases_from_folders(root: Path, channel: int | None) -> list[CaseFiles]:
+def _cases_from_folders(root: Path | UrlPath, channel: int | None) -> list[CaseFiles]:
     """nnU-Net v2 datasets have no `training` list: pair `imagesTr/x_000C` with `labelsTr/x`."""
     images_dir = root / "imagesTr"
     if not images_dir.is_dir():
@@ -261,17 +364,19 @@ def list_msd_cases(root: str | os.PathLike, channel: int | str | None = None) ->
     """List the training cases of an MSD-layout folder, checking that every file exists.
 
     Args:
-        root: the dataset folder (holds dataset.json, imagesTr/, labelsTr/).
+        root: the dataset folder (holds dataset.json, imagesTr/, labelsTr/): a local path or a
+            URL on an fsspec store (`s3://bucket/Task04_Hippocampus`), read with the store's
+            default credentials (for S3 the `AWS_*` variables, `~/.aws`, `FSSPEC_S3_*`).
         channel: `data.channel`: an index, a modality name, or None for single-channel data.
 
     Returns:
-        One :class:`CaseFiles` per case, sorted by case id.
+        One :class:`CaseFiles` per case, sorted by case id; its paths are URLs for a URL root.
 
     Raises:
         DatasetNotFoundError, CorruptFileError, UnsafePathError, MissingLabelError,
         ChannelError, EmptyDatasetError.
     """
-    root = Path(os.path.abspath(root))
+    root = dataset_location(root)
     meta = read_dataset_json(root)
     manifest = root / "dataset.json"
     index = resolve_channel(meta, channel, manifest)
@@ -298,8 +403,12 @@ def write_msd_dataset(
 ) -> None:
     """Write cases in MSD layout into a fresh folder, then swap it in place of `root`.
 
+    Local folders only: this writes the synthetic phantoms into the project, and its guarantee
+    (the old folder stays until the new one is complete, then one rename) needs a real file
+    system. Reading (:func:`list_msd_cases`) works on any fsspec store.
+
     Args:
-        root: the folder to create or replace.
+        root: the local folder to create or replace.
         cases: (case_id, make) pairs; `make()` returns (image, label) volumes. One case is in
             memory at a time.
         metadata: extra dataset.json fields (name, description, generator parameters...).

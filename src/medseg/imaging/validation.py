@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -27,7 +27,8 @@ from medseg.imaging.geometry import nonzero_bounding_box, to_canonical
 from medseg.imaging.io import Volume, read_volume
 from medseg.imaging.laterality import body_midline, lateralized_classes, right_fractions
 from medseg.imaging.msd import CaseFiles
-from medseg.progress import CaseProgress
+from medseg.compute import SyncExecutor
+from medseg.incremental import content_key, file_identity, file_stat
 
 logger = logging.getLogger(__name__)
 
@@ -303,11 +304,75 @@ def fingerprint_case(
     return record
 
 
+# Bump when `fingerprint_case` changes what it records: every case is then read again.
+VALIDATION_VERSION = 1
+IDENTITY_COLUMNS = ("image_size", "image_mtime", "image_sha256", "label_size", "label_mtime", "label_sha256")
+
+
+def _recorded_identity(previous: Mapping | None, kind: str) -> dict | None:
+    if previous is None:
+        return None
+    return {"size": previous.get(f"{kind}_size"), "mtime": previous.get(f"{kind}_mtime"), "sha256": previous.get(f"{kind}_sha256")}
+
+
+def source_identity(case: CaseFiles, previous: Mapping | None = None) -> dict:
+    """The `image_*` and `label_*` size, mtime and sha256 of a case's files
+    (:func:`medseg.incremental.file_identity`; a file whose size and mtime match `previous`
+    is not read)."""
+    out = {}
+    for kind, path in (("image", case.image_path), ("label", case.label_path)):
+        identity = file_identity(path, _recorded_identity(previous, kind))
+        out.update({f"{kind}_{name}": identity[name] for name in ("size", "mtime", "sha256")})
+    return out
+
+
+def _same_case(case: CaseFiles, previous: Mapping | None, settings_key: str) -> bool:
+    """Whether `previous` (last run's record) was made from the same files with the same settings."""
+    if previous is None or previous.get("settings_key") != settings_key:
+        return False
+    channel = previous.get("channel")
+    channel = None if channel is None or channel == "" or (isinstance(channel, float) and np.isnan(channel)) else int(channel)
+    return (previous.get("image_path"), previous.get("label_path"), channel) == (case.image_path, case.label_path, case.channel)
+
+
+def _unchanged_on_disk(case: CaseFiles, previous: Mapping) -> bool:
+    """Same size and mtime for both files (nothing is read): the recorded hashes still hold."""
+    try:
+        return all(
+            file_stat(path) == {"size": int(previous[f"{kind}_size"]), "mtime": str(previous[f"{kind}_mtime"])}
+            for kind, path in (("image", case.image_path), ("label", case.label_path))
+        )
+    except (OSError, KeyError, TypeError, ValueError):
+        return False
+
+
+def _fingerprint_job(job: tuple) -> dict | MedsegError:
+    """One case's record (on a Dask worker, or here): last run's record when the files' content
+    is unchanged, else a fresh one; a bad case gives its MedsegError as the result, so that
+    every bad case is reported at once."""
+    case, previous, foreground_labels, crop_margin, classes, settings_key = job
+    try:
+        identity = source_identity(case, previous)
+    except OSError:
+        identity = None  # a missing file: fingerprint_case says which, with the fix
+    if identity is not None and previous is not None and all(
+        identity[f"{kind}_sha256"] == previous.get(f"{kind}_sha256") for kind in ("image", "label")
+    ):
+        return {**previous, **identity}
+    try:
+        record = fingerprint_case(case, foreground_labels, crop_margin, classes)
+        return {**record, **(identity or source_identity(case)), "settings_key": settings_key}
+    except MedsegError as exc:
+        return exc
+
+
 def fingerprint_cases(
     cases: Sequence[CaseFiles],
     foreground_labels: Sequence[int] | None = None,
     crop_margin: int | None = None,
     classes: Mapping[int, str] | None = None,
+    previous: Mapping[str, Mapping] | None = None,
+    mapper: Callable[..., list] | None = None,
 ) -> list[dict]:
     """Fingerprint every case, one in memory at a time, reporting all bad cases at once.
 
@@ -317,9 +382,15 @@ def fingerprint_cases(
         crop_margin: see :func:`fingerprint_case`.
         classes: see :func:`fingerprint_case` (None: binary mode). A listed class that no
             case holds is logged as a warning: a model cannot learn it.
+        previous: last run's records by case id (the `case_fingerprints` table), or None.
+            A case whose files have the same size and mtime as recorded, or else the same
+            SHA-256, with the same paths and settings, keeps its record and is not read.
+        mapper: `medseg.compute` executor's `map` (default: this process, in order); the
+            cases to read are mapped over it.
 
     Returns:
-        One record per case, in the order given.
+        One record per case, in the order given, each with the files' identity
+        (`IDENTITY_COLUMNS`) and the `settings_key` of the validation settings.
 
     Raises:
         EmptyDatasetError: no case given.
@@ -331,19 +402,34 @@ def fingerprint_cases(
     if not cases:
         raise EmptyDatasetError("The dataset holds no case. Check data.source and data.msd_dir.")
     foreground_labels = check_foreground_labels(foreground_labels)
-    records, failures = [], []
-    progress = CaseProgress("Validating", len(cases), logger=logger)
+    settings_key = content_key(
+        VALIDATION_VERSION, foreground_labels, crop_margin, {str(v): n for v, n in (classes or {}).items()} or None
+    )
+    previous = previous or {}
+    results: dict[str, dict | MedsegError] = {}
+    jobs = []
     for case in cases:
-        try:
-            records.append(fingerprint_case(case, foreground_labels, crop_margin, classes))
-        except MedsegError as exc:
-            failures.append(exc)
-        progress.advance(case.case_id)
+        before = previous.get(case.case_id)
+        before = before if _same_case(case, before, settings_key) else None
+        if before is not None and _unchanged_on_disk(case, before):
+            results[case.case_id] = dict(before)
+        else:
+            jobs.append((case, None if before is None else dict(before), foreground_labels, crop_margin, classes, settings_key))
+    if results:
+        logger.info(
+            "Validating: %d of %d cases unchanged since the last run (same files, size and mtime), not read again.",
+            len(results), len(cases),
+        )
+    mapper = mapper or SyncExecutor().map
+    done = mapper(_fingerprint_job, jobs, task="Validating", case_ids=[job[0].case_id for job in jobs])
+    results.update({job[0].case_id: result for job, result in zip(jobs, done)})
+    failures = [results[case.case_id] for case in cases if isinstance(results[case.case_id], MedsegError)]
     if failures:
         if len(failures) == 1:
             raise failures[0]
         lines = "\n".join(f"  - {exc}" for exc in failures)
         raise type(failures[0])(f"{len(failures)} of {len(cases)} cases are invalid:\n{lines}")
+    records = [results[case.case_id] for case in cases]
     absent = [f"{v} ({name})" for v, name in (classes or {}).items() if not any(r[f"share_{v}"] for r in records)]
     if absent:
         logger.warning(

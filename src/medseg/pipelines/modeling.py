@@ -51,6 +51,7 @@ from medseg.models.training import (
     with_input_shape,
 )
 from medseg.inference import Segmenter, SegmenterPlan
+from medseg.models.distribute import distribution_strategy, global_batch_size, strategy_name
 from medseg.parameters import DataParams, ExportParams, ReportingParams
 from medseg.patching import make_tf_dataset
 from medseg.pipelines import tracking
@@ -73,7 +74,7 @@ class MlflowEpochLogger(keras.callbacks.Callback):
 def train_model(
     model_key: str,
     build_model: Callable[[], keras.Model],
-    make_stream: Callable[[list[str], int, bool], Any],
+    make_stream: Callable[..., Any],
     splits: pd.DataFrame,
     case_geometry: dict,
     dataset_fingerprint: dict,
@@ -87,17 +88,26 @@ def train_model(
        TensorFlow op determinism (`training.deterministic`, "auto": on without a GPU).
     2. Builds the model in `training.precision` (`auto`: bfloat16 where the hardware has it
        and it was measured faster for the model kind, see `resolve_precision`; the output
-       layer and the losses stay float32), logged as `<model>.training.precision_used`; then keys its crash-recovery backup by a fingerprint of the model
-       section, the data parameters, the split and the preprocessing plan: an interrupted run
+       layer and the losses stay float32), logged as `<model>.training.precision_used`, and
+       under the `training.distribute` strategy (`none`: one device; `mirrored`: one replica
+       per GPU, or per logical CPU device without one, see `medseg.models.distribute`), logged
+       as `<model>.training.distribute_strategy` and `<model>.training.replicas`; then keys its crash-recovery backup by a fingerprint of the model
+       section, the data parameters, the split and the preprocessing plan (and the replicas,
+       when distributed): an interrupted run
        is resumed only by a run that would compute the same thing; any other backup is deleted
        and training starts fresh, which the log says.
     3. Trains on endless streams of training and validation cases, logging each epoch to the
-       MLflow run; a resumed run is tagged, and linked to the run it continues.
+       MLflow run; a resumed run is tagged, and linked to the run it continues. The streams
+       deliver the global batch, `training.batch_size` (per replica) × replicas, logged as
+       `<model>.training.global_batch_size`; Keras splits it over the replicas. The learning
+       rate is used as given, not scaled with the replicas.
 
     Args:
         model_key: `unet` or `conv3d` (the namespace and the MLflow metric prefix).
-        build_model: returns the compiled model; called after seeding.
-        make_stream: `(case_ids, seed, augment, flip_axes) -> tf.data.Dataset` of batches.
+        build_model: returns the compiled model; called after seeding, inside the strategy's
+            scope (so its variables and optimizer state are mirrored on every replica).
+        make_stream: `(case_ids, seed, augment, flip_axes, batch_size=...) -> tf.data.Dataset`
+            of batches of `batch_size` (the global batch) samples.
         splits: the case split (train for fitting, val for early stopping).
         case_geometry: the preprocessing plan (`geometry.json`).
         dataset_fingerprint: `fingerprint.json`; its `lateralized` classes turn off the
@@ -114,13 +124,27 @@ def train_model(
     make_reproducible(seed, wants_determinism(training.get("deterministic", "auto")))
     kind = "unet" if model_key == "unet" else str(section["model"].get("kind", "unet3d"))
     precision = resolve_precision(str(training.get("precision", "float32")), kind)
-    tracking.log_params({f"{model_key}.training.precision_used": precision})
+    strategy = distribution_strategy(str(training.get("distribute", "none")))
+    replicas = int(strategy.num_replicas_in_sync)
+    batch_size = global_batch_size(training["batch_size"], replicas)
+    tracking.log_params({
+        f"{model_key}.training.precision_used": precision,
+        f"{model_key}.training.distribute_strategy": strategy_name(strategy),
+        f"{model_key}.training.replicas": replicas,
+        f"{model_key}.training.global_batch_size": batch_size,
+    })
     logger.info("%s: training in %s (training.precision=%s).", model_key, precision, training.get("precision", "float32"))
-    with dtype_policy(precision):
+    logger.info(
+        "%s: %s, %d replica(s): global batch %d = %s per replica x %d.", model_key, strategy_name(strategy), replicas,
+        batch_size, training["batch_size"], replicas,
+    )
+    # Keras records the strategy when the model object is created, and the optimizer and
+    # metric variables made by compile must be mirrored too: both happen in the scope.
+    with dtype_policy(precision), strategy.scope():
         model = build_model()  # layers take the policy when built; the heads stay float32
     fingerprint = training_fingerprint(
         model=model_key, section=section, data=data, splits=splits.to_dict("records"), plan=case_geometry,
-        fingerprint=dataset_fingerprint,
+        fingerprint=dataset_fingerprint, **_replica_part(strategy),
     )
     resume = prepare_backup(backup_root, fingerprint, int(training["epochs"]), {"mlflow_run_id": tracking.active_run_id()})
     if resume.discarded:
@@ -133,8 +157,8 @@ def train_model(
         logger.info("%s: classes %s keep to one side of the body: no left-right flips.", model_key, dataset_fingerprint["lateralized"])
     history = fit_model(
         model,
-        make_stream(cases_in_split(splits, "train"), seed, bool(training["augment"]), flip_axes),
-        make_stream(cases_in_split(splits, "val"), seed + 1, False, flip_axes),
+        make_stream(cases_in_split(splits, "train"), seed, bool(training["augment"]), flip_axes, batch_size=batch_size),
+        make_stream(cases_in_split(splits, "val"), seed + 1, False, flip_axes, batch_size=batch_size),
         epochs=training["epochs"],
         steps_per_epoch=training["steps_per_epoch"],
         validation_steps=training["validation_steps"],
@@ -143,6 +167,14 @@ def train_model(
         callbacks=[MlflowEpochLogger(model_key)],
     )
     return model, history
+
+
+def _replica_part(strategy) -> dict[str, Any]:
+    """What a distributed run adds to its backup and timing keys: the strategy and replicas
+    (another replica count is another global batch). Empty for one device, so the keys of
+    one-device runs are those they had before `training.distribute` existed."""
+    name = strategy_name(strategy)
+    return {} if name == "none" else {"distribute": name, "replicas": int(strategy.num_replicas_in_sync)}
 
 
 def _get(section: dict, path: str) -> Any:
@@ -203,10 +235,13 @@ def plan_training_steps(
     the `training.epochs`, `steps_per_epoch` and `validation_steps` set to `auto`.
 
     A few training steps of the planned model are timed on this machine
-    (`seconds_per_training_step`), and `medseg.planning.plan_steps` fills the budget. The
+    (`seconds_per_training_step`), as training will run them: built under the
+    `training.distribute` strategy, on the global batch (per-replica batch × replicas), so a
+    step is one step of all replicas together. `medseg.planning.plan_steps` fills the budget. The
     timing is kept (`data/05_model_input/timings/<model>.json`, keyed by the model's sizes,
-    precision and the machine), so a rerun with the same plan on the same machine reuses it
-    and chooses the same steps, and trains to the same weights.
+    precision, the machine, and the strategy and replicas when distributed), so a rerun with
+    the same plan on the same machine reuses it and chooses the same steps, and trains to the
+    same weights.
 
     Returns:
         (settings, plan, timings): the plan gains the planned and used steps, the overrides
@@ -220,17 +255,21 @@ def plan_training_steps(
     kind = "unet" if model_key == "unet" else str(settings["model"].get("kind", "unet3d"))
     precision = resolve_precision(str(training.get("precision", "float32")), kind)
     machine = machine_description()
+    strategy = distribution_strategy(str(training.get("distribute", "none")))
+    distributed = _replica_part(strategy)
     sized = {k: v for k, v in settings.items() if k in ("model", "sampling")}
-    key = training_fingerprint(model=model_key, sizes=sized, batch=training["batch_size"], precision=precision, machine=machine)
+    key = training_fingerprint(
+        model=model_key, sizes=sized, batch=training["batch_size"], precision=precision, machine=machine, **distributed
+    )
     reused = key in timings
     if reused:
         seconds = float(timings[key]["seconds_per_step"])
     else:
-        with dtype_policy(precision):
+        with dtype_policy(precision), strategy.scope():
             model = build_model()
-        seconds = seconds_per_training_step(model, int(training["batch_size"]))
+        seconds = seconds_per_training_step(model, global_batch_size(training["batch_size"], strategy.num_replicas_in_sync))
         del model
-        timings[key] = {"seconds_per_step": seconds, "machine": machine, "precision": precision}
+        timings[key] = {"seconds_per_step": seconds, "machine": machine, "precision": precision, **distributed}
     budget = float(planning["budget_minutes"][model_key])
     steps = plan_steps(seconds * INPUT_PIPELINE_OVERHEAD, budget)
     logger.info(
@@ -250,16 +289,18 @@ def sampled_dataset(
     shape: tuple[int, ...],
     sample_shape: tuple[int, ...],
     sampling: dict[str, Any],
-    batch_size: int,
     case_ids: list[str],
     seed: int,
     augment: bool,
     flip_axes: tuple[int, ...] | None = None,
+    *,
+    batch_size: int,
 ):
     """A batched `tf.data` dataset over `stream_fn` (`slice_stream` or `patch_stream`), with a
     pipeline's `sampling` parameters (`samples_per_volume`, `queue_length`,
-    `foreground_fraction`). The last three arguments are those of `train_model`'s
-    `make_stream`."""
+    `foreground_fraction`). The last five arguments are those of `train_model`'s
+    `make_stream`; `batch_size` is the global batch that `train_model` computes (samples per
+    step across all replicas), not `training.batch_size`."""
     factory = lambda: stream_fn(  # noqa: E731
         load_case,
         case_ids,

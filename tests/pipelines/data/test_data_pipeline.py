@@ -180,7 +180,7 @@ def test_case_ids_that_look_like_numbers_or_na_stay_text(project_copy: Path, tmp
     assert sorted(splits["case_id"]) == ids and all(isinstance(i, str) for i in splits["case_id"])
     assert sorted(fingerprints["case_id"]) == ids
     assert splits["split"].value_counts().to_dict() == {"train": 4, "val": 1, "test": 1}
-    assert sorted(p.name for p in (primary / "labels").iterdir()) == [f"{i}.nii.gz" for i in ids]
+    assert sorted(p.name for p in (primary / "labels").iterdir() if not p.name.startswith(".")) == [f"{i}.nii.gz" for i in ids]
 
 
 def test_too_few_cases_for_the_split_stops_before_any_output(project_copy: Path, tmp_path: Path):

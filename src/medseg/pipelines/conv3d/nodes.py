@@ -171,11 +171,11 @@ def train_conv3d(
     classifier = _kind(conv3d) == "patch_classifier"
     patches = partial(
         sampled_dataset, patch_stream, case_loader(primary_images, primary_labels), shape, (*shape, 1),
-        conv3d["sampling"], int(conv3d["training"]["batch_size"]),
+        conv3d["sampling"],
     )
 
-    def stream(case_ids: list[str], seed: int, augment: bool, flip_axes: tuple[int, ...]):
-        dataset = patches(case_ids, seed, augment, flip_axes)
+    def stream(case_ids: list[str], seed: int, augment: bool, flip_axes: tuple[int, ...], *, batch_size: int):
+        dataset = patches(case_ids, seed, augment, flip_axes, batch_size=batch_size)
         return dataset.map(_contains_foreground) if classifier else dataset
 
     n_classes = 1 if classifier else foreground_class_count(dataset_fingerprint)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from medseg import compute
 from medseg.datasets.folder import anchor_path
 from medseg.errors import ConfigurationError
 from medseg.imaging.geometry import (
@@ -21,7 +21,14 @@ from medseg.imaging.geometry import (
     to_canonical,
 )
 from medseg.imaging.io import Volume, read_volume
-from medseg.imaging.msd import CaseFiles, foreground_classes, list_msd_cases, read_dataset_json, write_msd_dataset
+from medseg.imaging.msd import (
+    CaseFiles,
+    dataset_location,
+    foreground_classes,
+    list_msd_cases,
+    read_dataset_json,
+    write_msd_dataset,
+)
 from medseg.imaging.normalization import image_to_training_grid
 from medseg.imaging.synthesis import GENERATOR_VERSION, synthesize_case
 from medseg.imaging.validation import (
@@ -33,10 +40,15 @@ from medseg.imaging.validation import (
     resolve_label_classes,
 )
 from medseg.parameters import DataParams, PreprocessingParams
+from medseg.incremental import KeyedPartition, content_key
 from medseg.progress import track_partitions
 from medseg.split import split_cases, split_sizes
 
 logger = logging.getLogger(__name__)
+
+# Bump when canonicalization or preprocessing change what they write: every case is made again.
+CANONICAL_VERSION = 1
+PREPROCESSING_VERSION = 1
 
 # dataset.json names of the synthetic classes, by `data.synthetic.n_classes`: nested lesion
 # shells from the rim (1) to the core (K), see `synthesize_case`.
@@ -107,17 +119,25 @@ def list_source_cases(data: DataParams, project_root: str) -> tuple[pd.DataFrame
     Args:
         data: `params:data` (source, msd_dir, channel, seed, synthetic.*). A relative
             `msd_dir` or `synthetic.dir` is taken from the project root, as Kedro takes the
-            catalog's paths, never from the current folder.
+            catalog's paths, never from the current folder. `msd_dir` may be a URL on an
+            fsspec store (`s3://bucket/Task04_Hippocampus`); `synthetic.dir` is local.
         project_root: the project's root folder (catalog entry `project_root`).
 
     Returns:
-        `source_cases`, one row per case: case_id, image_path, label_path, channel; and
-        `source_classes`: {"manifest": dataset.json's path, "classes": {label value: name}}, the
-        foreground labels it lists (:func:`medseg.imaging.msd.foreground_classes`).
+        `source_cases`, one row per case: case_id, image_path, label_path, channel (the paths
+        are URLs for a URL `msd_dir`); and `source_classes`: {"manifest": dataset.json's path,
+        "classes": {label value: name}}, the foreground labels it lists
+        (:func:`medseg.imaging.msd.foreground_classes`).
     """
     source = data["source"]
     if source == "synthetic":
-        root = anchor_path(data["synthetic"]["dir"], project_root).resolve()
+        root = anchor_path(data["synthetic"]["dir"], project_root)
+        if isinstance(root, str):  # anchor_path leaves only a URL as a string
+            raise ConfigurationError(
+                f"data.synthetic.dir={root}: the synthetic phantoms are written to a local folder. "
+                "Set a local path; a dataset on a store is read with data.source=msd,data.msd_dir=<URL>."
+            )
+        root = root.resolve()
         ensure_synthetic_dataset(root, _synthesis_settings(data))
         cases = list_msd_cases(root)
     elif source == "msd":
@@ -125,7 +145,7 @@ def list_source_cases(data: DataParams, project_root: str) -> tuple[pd.DataFrame
             raise ConfigurationError(
                 "data.source=msd needs data.msd_dir, e.g. --params data.source=msd,data.msd_dir=/abs/Task04_Hippocampus"
             )
-        root = Path(os.path.abspath(anchor_path(data["msd_dir"], project_root)))
+        root = dataset_location(anchor_path(data["msd_dir"], project_root))
         cases = list_msd_cases(root, channel=data.get("channel"))
     else:
         raise ConfigurationError(f"data.source='{source}' is not one of 'synthetic' or 'msd'.")
@@ -151,23 +171,28 @@ def _case_files(row: pd.Series) -> CaseFiles:
     return CaseFiles(_case_id(row["case_id"]), row["image_path"], row["label_path"], channel)
 
 
-def validate_cases(source_cases: pd.DataFrame, source_classes: dict, data: DataParams) -> tuple[pd.DataFrame, dict]:
+def validate_cases(
+    source_cases: pd.DataFrame, source_classes: dict, data: DataParams, previous_case_fingerprints: pd.DataFrame
+) -> tuple[pd.DataFrame, dict]:
     """Read and check every case (one at a time) and summarise the dataset.
 
     Nothing is written before this node succeeds, so every check on the source data is here:
     the split needs enough cases (checked first, before any file is read), the label mode must
     fit dataset.json, every file must be readable with a usable geometry, in multiclass mode
     every label value must be listed in dataset.json, and `data.foreground_labels` must match
-    some voxel.
+    some voxel. The cases are read on the run's executor (`compute.scheduler`).
 
     Args:
         source_cases: output of `list_source_cases`.
         source_classes: the classes dataset.json lists (output of `list_source_cases`).
         data: `params:data` (split.*, label_mode, foreground_labels, preprocessing.crop_to_nonzero).
+        previous_case_fingerprints: the last run's table (empty on a first run): a case whose
+            files and settings did not change keeps its row and is not read again.
 
     Returns:
-        The per-case fingerprint table (with `share_<value>` per class) and the dataset
-        fingerprint (median spacing, `label_mode`, `classes`, `lateralized`, etc.).
+        The per-case fingerprint table (with `share_<value>` per class and each file's size,
+        mtime and SHA-256) and the dataset fingerprint (median spacing, `label_mode`,
+        `classes`, `lateralized`, etc.).
 
     Raises:
         SplitError, ConfigurationError and the MedsegErrors of
@@ -182,8 +207,12 @@ def validate_cases(source_cases: pd.DataFrame, source_classes: dict, data: DataP
         source_classes["classes"], data.get("label_mode", "auto"), data.get("foreground_labels"), source_classes["manifest"]
     )
     logger.info("Label mode %s, classes %s.", label_mode, classes)
+    previous = {
+        str(row["case_id"]): row for row in previous_case_fingerprints.to_dict("records")
+    } if "settings_key" in previous_case_fingerprints else {}
     records = fingerprint_cases(
-        cases, data.get("foreground_labels"), crop_margin, classes if label_mode == "multiclass" else None
+        cases, data.get("foreground_labels"), crop_margin, classes if label_mode == "multiclass" else None,
+        previous=previous, mapper=compute.current().map,
     )
     return pd.DataFrame(records), dataset_fingerprint(records, label_mode, classes)
 
@@ -198,8 +227,19 @@ def _canonical_loader(path: str, kind: str, channel: int | None) -> Callable[[],
     return load
 
 
+def _canonical_keys(row: pd.Series) -> dict[str, str]:
+    """What each canonical file is made from: its source file's content (and the channel)."""
+    return {
+        "image": content_key(CANONICAL_VERSION, "image", row["image_sha256"], _case_files(row).channel),
+        "label": content_key(CANONICAL_VERSION, "label", row["label_sha256"]),
+    }
+
+
 def canonicalize_cases(case_fingerprints: pd.DataFrame) -> tuple[dict, dict]:
-    """Reorient every validated case to canonical RAS (saved lazily, one case at a time).
+    """Reorient every validated case to canonical RAS (made lazily, one case per task).
+
+    A case whose source file did not change since the last run keeps its canonical file
+    (:class:`medseg.incremental.KeyedPartition`, keyed by the file's SHA-256).
 
     Args:
         case_fingerprints: per-case table from `validate_cases` (case ids as text).
@@ -211,12 +251,10 @@ def canonicalize_cases(case_fingerprints: pd.DataFrame) -> tuple[dict, dict]:
     images, labels = {}, {}
     for _, row in case_fingerprints.iterrows():
         case = _case_files(row)
-        images[case.case_id] = _canonical_loader(case.image_path, "image", case.channel)
-        labels[case.case_id] = _canonical_loader(case.label_path, "label", None)
-    return (
-        track_partitions(images, "Canonicalizing images", logger=logger),
-        track_partitions(labels, "Canonicalizing labels", logger=logger),
-    )
+        keys = _canonical_keys(row)
+        images[case.case_id] = KeyedPartition(keys["image"], _canonical_loader(case.image_path, "image", case.channel))
+        labels[case.case_id] = KeyedPartition(keys["label"], _canonical_loader(case.label_path, "label", None))
+    return images, labels
 
 
 def plan_preprocessing(case_fingerprints: pd.DataFrame, fingerprint: dict, preprocessing: PreprocessingParams) -> dict:
@@ -269,17 +307,22 @@ def _preprocess_label(
 def preprocess_cases(
     intermediate_images: dict[str, Callable[[], Volume]],
     intermediate_labels: dict[str, Callable[[], Volume]],
+    case_fingerprints: pd.DataFrame,
     case_geometry: dict,
     fingerprint: dict,
     data: DataParams,
 ) -> tuple[dict, dict]:
-    """Resample to the target spacing and normalize intensities, one case at a time.
+    """Resample to the target spacing and normalize intensities, one case per task.
 
     Labels are resampled one-hot, linearly, then argmax (nnU-Net's way; nearest neighbour
-    would shift them by half a voxel against the linearly resampled image).
+    would shift them by half a voxel against the linearly resampled image). A case whose
+    source file, geometry plan and preprocessing settings did not change since the last run
+    keeps its files (:class:`medseg.incremental.KeyedPartition`); a changed plan (target
+    spacing, interpolation, clipping, classes) redoes every case.
 
     Args:
         intermediate_images, intermediate_labels: canonical RAS partitions.
+        case_fingerprints: per-case table from `validate_cases` (each source file's SHA-256).
         case_geometry: the plan from `plan_preprocessing`.
         fingerprint: the dataset fingerprint (`label_mode`, `classes`).
         data: `params:data` (preprocessing.*, foreground_labels).
@@ -296,17 +339,20 @@ def preprocess_cases(
         )
     multiclass = fingerprint.get("label_mode") == "multiclass"
     class_values = sorted(int(value) for value in fingerprint["classes"]) if multiclass else None
+    image_settings = {k: preprocessing.get(k) for k in ("interpolation_order", "clip_percentiles", "normalization")}
+    sources = {_case_id(row["case_id"]): _canonical_keys(row) for _, row in case_fingerprints.iterrows()}
     images, labels = {}, {}
     for case_id, record in case_geometry.items():
         geometry = CaseGeometry.from_dict(record)
-        images[case_id] = _preprocess_image(intermediate_images[case_id], geometry, preprocessing)
-        labels[case_id] = _preprocess_label(
-            intermediate_labels[case_id], geometry, class_values, data.get("foreground_labels")
+        images[case_id] = KeyedPartition(
+            content_key(PREPROCESSING_VERSION, sources[case_id]["image"], record, image_settings),
+            _preprocess_image(intermediate_images[case_id], geometry, preprocessing),
         )
-    return (
-        track_partitions(images, "Preprocessing images", logger=logger),
-        track_partitions(labels, "Preprocessing labels", logger=logger),
-    )
+        labels[case_id] = KeyedPartition(
+            content_key(PREPROCESSING_VERSION, sources[case_id]["label"], record, class_values, data.get("foreground_labels")),
+            _preprocess_label(intermediate_labels[case_id], geometry, class_values, data.get("foreground_labels")),
+        )
+    return images, labels
 
 
 def split_dataset(case_fingerprints: pd.DataFrame, data: DataParams) -> pd.DataFrame:

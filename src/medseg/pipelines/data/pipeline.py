@@ -24,7 +24,7 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
             Node(
                 validate_cases,
-                ["source_cases", "source_classes", "params:data"],
+                ["source_cases", "source_classes", "params:data", "previous_case_fingerprints"],
                 ["case_fingerprints", "dataset_fingerprint"],
                 name="validate_cases",
                 namespace="data",
@@ -45,7 +45,14 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
             Node(
                 preprocess_cases,
-                ["intermediate_images", "intermediate_labels", "case_geometry", "dataset_fingerprint", "params:data"],
+                [
+                    "intermediate_images",
+                    "intermediate_labels",
+                    "case_fingerprints",
+                    "case_geometry",
+                    "dataset_fingerprint",
+                    "params:data",
+                ],
                 ["primary_images", "primary_labels"],
                 name="preprocess_cases",
                 namespace="data",

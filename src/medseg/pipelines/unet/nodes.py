@@ -117,12 +117,11 @@ def train_unet(
     Returns:
         The trained model (best validation loss) and its history.
     """
-    training = unet["training"]
     size = int(unet["model"]["input_size"])
     build = partial(_build_unet, unet, foreground_class_count(dataset_fingerprint))
     stream = partial(
         sampled_dataset, slice_stream, case_loader(primary_images, primary_labels), (size, size), (size, size, 1),
-        unet["sampling"], int(training["batch_size"]),
+        unet["sampling"],
     )
     return train_model("unet", build, stream, splits, case_geometry, dataset_fingerprint, data, unet, backup_root)
 

@@ -1,0 +1,259 @@
+"""Where per-case work runs: in this process, on a LocalCluster that medseg starts, or on an
+existing Dask cluster (`compute.scheduler`).
+
+- `sync` (the default): in this process, one case after another.
+- `local:N`: a `dask.distributed.LocalCluster` of N worker processes with one thread each,
+  started when the first per-case step has work and stopped when the run ends.
+- `tcp://host:8786`: the scheduler of a cluster that is already running. Its workers must
+  import the same medseg and reach the data layers (a shared folder, or an fsspec store such
+  as `s3://`).
+
+Only per-case work is mapped: validation, canonicalization, preprocessing, and the inverse
+geometry and writing of predicted masks. Kedro's runner stays sequential, so one `kedro run`
+stays one MLflow run (kedro-mlflow splits runs under parallel runners). A worker has one
+thread and is handed one case at a time, and a task returns only what the driver needs (a
+fingerprint row, nothing for a written file), so a worker holds one case in memory.
+
+The executor of the current run is module state, as a Dask `Client` is the process's default
+client once made: the project hook (`medseg.hooks.ComputeHook`) opens it before the pipeline
+and closes it after, and the steps that map over cases ask for it with :func:`current`.
+No Kedro or MLflow import here.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from medseg.errors import ConfigurationError, MedsegError
+from medseg.progress import CaseProgress
+
+logger = logging.getLogger(__name__)
+
+SYNC = "sync"
+_LOCAL = re.compile(r"^local:(\d+)$")
+_ADDRESS = re.compile(r"^(tcp|tls|inproc|ucx)://\S+$")
+CONNECT_TIMEOUT_S = 10
+
+
+class ComputeError(MedsegError):
+    """A Dask worker died or the cluster went away while working on a case."""
+
+
+def check_scheduler(spec: str) -> str:
+    """`spec` itself when it is `sync`, `local:N` (N >= 1) or a scheduler address
+    (`tcp://host:port`); else a ValueError that says which forms are valid."""
+    spec = str(spec).strip()
+    if spec == SYNC or _ADDRESS.match(spec):
+        return spec
+    match = _LOCAL.match(spec)
+    if match and int(match.group(1)) >= 1:
+        return spec
+    raise ValueError(
+        f"compute.scheduler='{spec}' is not one of 'sync', 'local:N' (N worker processes, N >= 1, e.g. 'local:2') "
+        "or the address of a running Dask scheduler ('tcp://host:8786')"
+    )
+
+
+class SyncExecutor:
+    """Runs each case in this process, in order: today's behaviour."""
+
+    scheduler = SYNC
+    n_workers = 1
+
+    def map(
+        self,
+        func: Callable[[Any], Any],
+        items: Sequence[Any],
+        *,
+        task: str,
+        case_ids: Sequence[str] | None = None,
+        prepare: Callable[[Any], Any] | None = None,
+    ) -> list[Any]:
+        """`[func(prepare(item)) for item in items]`, logging "task: case i of N".
+
+        Args:
+            func: the per-case work (a worker runs it under a Dask scheduler: it must pickle).
+            items: one per case.
+            task: the start of each progress line.
+            case_ids: names of the cases in the progress lines (default `str(item)`).
+            prepare: work that must stay in this process (the network of a segmenter), run
+                on each item just before `func`; its result is what `func` receives.
+
+        Returns:
+            The results, in the order of `items`. The first exception is raised as is.
+        """
+        names = list(case_ids) if case_ids is not None else [str(item) for item in items]
+        progress = CaseProgress(task, len(items), logger=logger)
+        results = []
+        for item, name in zip(items, names):
+            results.append(func(prepare(item) if prepare is not None else item))
+            progress.advance(name)
+        return results
+
+    def close(self) -> None:
+        pass
+
+
+class DaskExecutor:
+    """Maps cases over a `dask.distributed` cluster: a LocalCluster of N processes that it
+    starts (and stops in `close`), or a running scheduler at `address`.
+
+    The cluster starts on the first `map` call, so a run whose cases are all up to date
+    starts no process.
+    """
+
+    def __init__(self, scheduler: str):
+        self.scheduler = check_scheduler(scheduler)
+        self._client = None
+        self._cluster = None
+
+    @property
+    def client(self):
+        if self._client is None:
+            self._client = self._connect()
+        return self._client
+
+    @property
+    def n_workers(self) -> int:
+        return max(1, len(self.client.scheduler_info().get("workers", {})))
+
+    def _connect(self):
+        from distributed import Client, LocalCluster
+
+        match = _LOCAL.match(self.scheduler)
+        if match:
+            n = int(match.group(1))
+            logger.info("compute.scheduler=%s: starting a Dask LocalCluster of %d worker processes.", self.scheduler, n)
+            # One thread per worker: one case in memory per worker, and numpy/scipy inside a
+            # task do not compete with the other workers for the cores.
+            self._cluster = LocalCluster(
+                n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
+                silence_logs=logging.WARNING,
+            )
+            return Client(self._cluster, set_as_default=False)
+        try:
+            client = Client(self.scheduler, timeout=CONNECT_TIMEOUT_S, set_as_default=False)
+        except (OSError, TimeoutError) as exc:
+            raise ConfigurationError(
+                f"compute.scheduler={self.scheduler}: no Dask scheduler answers there ({type(exc).__name__}: {exc}). "
+                "Start one (`dask scheduler`, then `dask worker <address>` on each machine), or set "
+                "compute.scheduler to sync or local:N."
+            ) from exc
+        logger.info("compute.scheduler=%s: %d Dask workers.", self.scheduler, len(client.scheduler_info().get("workers", {})))
+        return client
+
+    def map(
+        self,
+        func: Callable[[Any], Any],
+        items: Sequence[Any],
+        *,
+        task: str,
+        case_ids: Sequence[str] | None = None,
+        prepare: Callable[[Any], Any] | None = None,
+    ) -> list[Any]:
+        """As :meth:`SyncExecutor.map`, each `func` call a task on a worker.
+
+        At most two tasks per worker are in flight, so `prepare`'s results (held here until
+        a worker takes them) and the cluster's queue stay bounded whatever the number of
+        cases. On the first failure the other tasks are cancelled and the task's own
+        exception (a `MedsegError` naming the file) is raised here, as `sync` raises it.
+        """
+        from distributed import as_completed
+        from distributed.scheduler import KilledWorker
+
+        if not items:
+            return []
+        names = list(case_ids) if case_ids is not None else [str(item) for item in items]
+        client = self.client
+        progress = CaseProgress(task, len(items), logger=logger)
+        limit = 2 * self.n_workers
+        pending = iter(range(len(items)))
+        results: list[Any] = [None] * len(items)
+        index_of: dict[Any, int] = {}
+
+        def submit_next(queue) -> None:
+            index = next(pending, None)
+            if index is None:
+                return
+            argument = prepare(items[index]) if prepare is not None else items[index]
+            future = client.submit(func, argument, pure=False, key=f"{_key(task)}-{index}-{_key(names[index])}")
+            index_of[future.key] = index
+            queue.add(future)
+
+        queue = as_completed(loop=client.loop)
+        for _ in range(limit):
+            submit_next(queue)
+        try:
+            for future in queue:
+                index = index_of[future.key]
+                try:
+                    results[index] = future.result()
+                except KilledWorker as exc:
+                    raise ComputeError(
+                        f"{task}: the Dask worker died while working on case {names[index]} ({exc}). It may have run "
+                        "out of memory: give the workers more memory, fewer threads, or use compute.scheduler=sync "
+                        "to see the case's own error."
+                    ) from exc
+                finally:
+                    future.release()
+                progress.advance(names[index])
+                submit_next(queue)
+        except BaseException:
+            for future in list(queue.futures):
+                future.cancel()
+            raise
+        return results
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        if self._cluster is not None:
+            self._cluster.close()
+            self._cluster = None
+
+
+def _key(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.]+", "_", str(text))[:60]
+
+
+def make_executor(scheduler: str) -> SyncExecutor | DaskExecutor:
+    spec = check_scheduler(scheduler)
+    return SyncExecutor() if spec == SYNC else DaskExecutor(spec)
+
+
+_current: SyncExecutor | DaskExecutor = SyncExecutor()
+
+
+def current() -> SyncExecutor | DaskExecutor:
+    """The executor of the running pipeline (`sync` outside a run)."""
+    return _current
+
+
+def open_scheduler(scheduler: str) -> SyncExecutor | DaskExecutor:
+    """Make `scheduler`'s executor the current one (closing any previous one)."""
+    global _current
+    close_scheduler()
+    _current = make_executor(scheduler)
+    return _current
+
+
+def close_scheduler() -> None:
+    """Stop the current executor's cluster (if medseg started one) and go back to `sync`."""
+    global _current
+    executor, _current = _current, SyncExecutor()
+    executor.close()
+
+
+@contextmanager
+def using_scheduler(scheduler: str) -> Iterator[SyncExecutor | DaskExecutor]:
+    """`with using_scheduler("local:2"):` maps cases on two worker processes inside the block."""
+    executor = open_scheduler(scheduler)
+    try:
+        yield executor
+    finally:
+        close_scheduler()
