@@ -129,3 +129,52 @@ def test_an_unreachable_cluster_fails_the_run_saying_what_to_do(tmp_path: Path):
     assert data_files_written(project) == []
     _, runs = mlflow_runs(project)
     assert runs[0].info.status == "FAILED"
+
+
+def _worker_has_tensorflow() -> bool:
+    import sys
+
+    return "tensorflow" in sys.modules or "keras" in sys.modules
+
+
+def test_predictions_map_back_on_workers_while_the_network_stays_here(tmp_path: Path, local2):
+    import keras
+    import nibabel as nib
+    from functools import partial
+
+    from medseg.inference import Segmenter, SegmenterPlan
+    from medseg.inference.scans import Scan, segmented_scan, write_predictions
+
+    inputs = keras.Input((None, None, 1))
+    layer = keras.layers.Conv2D(1, 1, activation="sigmoid")
+    segmenter = Segmenter(keras.Model(inputs, layer(inputs)), SegmenterPlan(
+        model_key="unet", display_name="UNet", window="slice", target_spacing=(1.5, 1.5, 2.5), interpolation_order=1,
+        clip_percentiles=None, crop_margin=None, channel=None, label_mode="binary", classes={"1": "lesion"},
+        lateralized=[], threshold=0.5, depth=2, patch_size=None, overlap=0.0, sigma_scale=0.125,
+        features_per_voxel=10.0, memory_gb=0.01,
+    ))
+    layer.set_weights([np.full((1, 1, 1, 1), 10.0, np.float32), np.zeros(1, np.float32)])  # foreground: above the mean
+    scans = []
+    for index in range(4):
+        data = np.random.default_rng(index).normal(100, 20, size=(20, 18, 7 + index)).astype(np.float32)
+        affine = np.diag([1.1, 0.9, 2.0, 1.0])
+        nib.save(nib.Nifti1Image(data, affine), tmp_path / f"s{index}.nii.gz")
+        scans.append(Scan(f"s{index}", str(tmp_path / f"s{index}.nii.gz")))
+
+    def segment(scan):
+        def network():
+            image, geometry = segmenter.preprocess(segmenter.read_scan(scan.path))
+            return segmenter.probabilities(image), geometry
+
+        worker = partial(segmented_scan, to_label_map=segmenter.label_mapper(), classes=segmenter.plan.classes, extra={})
+        return compute.DriverThenWorker(network, worker)
+
+    here = write_predictions(scans, segment, tmp_path / "sync")
+    there = write_predictions(scans, segment, tmp_path / "dask", mapper=local2.map)
+    assert here.equals(there) and here["volume_ml"].gt(0).all()
+    for scan in scans:
+        mask = nib.load(tmp_path / "dask" / f"{scan.case_id}.nii.gz")
+        assert mask.shape == nib.load(scan.path).shape  # the scan's own grid, not the resampled one
+        assert (tmp_path / "sync" / f"{scan.case_id}.nii.gz").read_bytes() == (tmp_path / "dask" / f"{scan.case_id}.nii.gz").read_bytes()
+        assert segmenter.segment(segmenter.read_scan(scan.path)).data.tolist() == np.asarray(mask.dataobj).tolist()
+    assert set(local2.client.run(_worker_has_tensorflow).values()) == {False}

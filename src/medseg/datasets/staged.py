@@ -12,6 +12,8 @@ made again; the file already there is kept (hard-linked into the staging folder)
 
 Parallel: the partitions to make are mapped over `medseg.compute.current()`, one task per
 partition that makes it and saves it on the worker, so only `sync` makes them in this process.
+A :class:`medseg.compute.DriverThenWorker` partition runs its driver part (a network) here
+first, and only its worker part in the task.
 
 Any fsspec store: on a local folder the swap is two renames. An object store (`s3://`) has no
 rename of a folder: the new partitions are written under a staging prefix, and only once
@@ -28,6 +30,7 @@ import shutil
 import tempfile
 import uuid
 from copy import deepcopy
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +49,15 @@ def _save_partition(job: tuple[type, dict[str, Any], Any]) -> None:
     """Make one partition and save it (on a Dask worker, or here under `sync`)."""
     dataset_type, kwargs, data = job
     dataset_type(**kwargs).save(data() if callable(data) else data)
+
+
+def _driver_part(job: tuple[type, dict[str, Any], Any]) -> tuple[type, dict[str, Any], Any]:
+    """Run a partition's driver part here (a segmenter's network), leaving its worker part to
+    the task (:class:`medseg.compute.DriverThenWorker`)."""
+    dataset_type, kwargs, data = job
+    if isinstance(data, compute.DriverThenWorker):
+        data = partial(data.worker, data.driver())
+    return dataset_type, kwargs, data
 
 
 class StagedPartitionedDataset(PartitionedDataset):
@@ -106,7 +118,7 @@ class StagedPartitionedDataset(PartitionedDataset):
 
     def _make(self, root: str, data: dict[str, Any], to_make: list[str]) -> None:
         jobs = [self._job(root, pid, data[pid]) for pid in to_make]
-        compute.current().map(_save_partition, jobs, task=f"Writing {self._path}", case_ids=to_make)
+        compute.current().map(_save_partition, jobs, task=f"Writing {self._path}", case_ids=to_make, prepare=_driver_part)
 
     def _save_local(self, data: dict[str, Any], kept: list[str], to_make: list[str], keyed: dict[str, str]) -> None:
         target = Path(self._filesystem._strip_protocol(self._normalized_path))

@@ -10,12 +10,15 @@ and the test-split evaluation reports Dice with and without each one.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
 
 from medseg.errors import ConfigurationError
+from medseg.imaging.geometry import CaseGeometry, restore_original_geometry
+from medseg.imaging.io import Volume, voxel_spacing
 
 
 def mirror_combinations(axes: Iterable[int]) -> list[tuple[int, ...]]:
@@ -84,4 +87,73 @@ def keep_largest_component(labels: np.ndarray, class_values: Iterable[int]) -> n
         sizes = np.bincount(components.ravel())
         sizes[0] = 0
         out[(components != 0) & (components != int(np.argmax(sizes)))] = 0
+    return out
+
+
+def probabilities_to_label_map(
+    probability: np.ndarray, geometry: CaseGeometry, threshold: float, class_values: Sequence[int]
+) -> np.ndarray:
+    """A label map on the source file's grid from probabilities on the training grid.
+
+    One sigmoid channel: the probability is resampled linearly to the source grid, then
+    thresholded (smoother than nearest neighbour on a hard mask). K + 1 class probabilities:
+    each one is resampled linearly, then the most probable class wins (background on ties),
+    one channel in memory at a time.
+
+    Args:
+        probability: (X, Y, Z) or (X, Y, Z, 1) foreground probabilities, or (X, Y, Z, K + 1)
+            class probabilities, on `geometry.preprocessed_shape`.
+        geometry: the case's plan.
+        threshold: for one channel, the foreground threshold.
+        class_values: the label value of each foreground channel, 1..K.
+
+    Returns:
+        uint8 (`geometry.original_shape`) holding 0 and `class_values`.
+    """
+    if probability.ndim == 3 or probability.shape[-1] == 1:
+        foreground = probability if probability.ndim == 3 else probability[..., 0]
+        original = restore_original_geometry(foreground, geometry, order=1)
+        return (original >= threshold).astype(np.uint8) * np.uint8(class_values[0])
+    best = restore_original_geometry(np.ascontiguousarray(probability[..., 0]), geometry, order=1)
+    labels = np.zeros(best.shape, dtype=np.uint8)
+    for index, value in enumerate(class_values, start=1):
+        channel = restore_original_geometry(np.ascontiguousarray(probability[..., index]), geometry, order=1)
+        wins = channel > best
+        best[wins] = channel[wins]
+        labels[wins] = value
+    return labels
+
+
+@dataclass(frozen=True)
+class LabelMapper:
+    """Probabilities on the training grid to a uint8 label map on the scan's grid: the inverse
+    geometry, the threshold (or the most probable class) and the largest-component filter.
+
+    Everything a segmenter does after its network, with no network in it: it pickles in
+    bytes, so that a Dask worker can do this part while the driver runs the network.
+    """
+
+    threshold: float
+    class_values: tuple[int, ...]
+    keep_largest_component: bool = False
+
+    def __call__(self, probability: np.ndarray, geometry: CaseGeometry) -> np.ndarray:
+        """uint8 (`geometry.original_shape`) from (X, Y, Z[, C]) probabilities on
+        `geometry.preprocessed_shape` (:func:`probabilities_to_label_map`)."""
+        labels = probabilities_to_label_map(probability, geometry, self.threshold, self.class_values)
+        return keep_largest_component(labels, self.class_values) if self.keep_largest_component else labels
+
+    def volume(self, probability: np.ndarray, geometry: CaseGeometry) -> Volume:
+        """The label map as a :class:`medseg.imaging.io.Volume` with the scan's own affine."""
+        return Volume(self(probability, geometry), np.asarray(geometry.original_affine, dtype=np.float64))
+
+
+def volumes_ml(mask: Volume, classes: Mapping[str, str]) -> dict[str, float]:
+    """`volume_ml` (all foreground, in millilitres) and, with several classes,
+    `volume_ml_<name>` for each {label value: name} of `classes`."""
+    voxel_ml = float(np.prod(voxel_spacing(mask.affine))) / 1000.0
+    out = {"volume_ml": float(np.count_nonzero(mask.data)) * voxel_ml}
+    if len(classes) > 1:
+        for value, name in classes.items():
+            out[f"volume_ml_{name}"] = float(np.count_nonzero(mask.data == int(value))) * voxel_ml
     return out

@@ -13,13 +13,19 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pandas as pd
 
+from medseg.compute import DriverThenWorker, SyncExecutor
 from medseg.errors import ConfigurationError, DatasetNotFoundError, EmptyDatasetError
+from medseg.imaging.geometry import CaseGeometry
+from medseg.inference.postprocessing import LabelMapper, volumes_ml
 from medseg.imaging.io import Volume, apply_umask, atomic_path, fsync_directory, read_header_geometry, write_volume
 
 logger = logging.getLogger(__name__)
@@ -117,23 +123,47 @@ def check_output_folder(input_dir: str | os.PathLike, output_dir: str | os.PathL
     return target
 
 
+def _stage_mask(job: tuple[Scan, Any, Path]) -> dict:
+    """Make one scan's mask and row (on a Dask worker, or here) and write the mask into the
+    staging folder; returns the row."""
+    scan, made, staging = job
+    mask, row = made() if callable(made) else made
+    write_volume(mask, staging / f"{scan.case_id}.nii.gz")
+    return {"case_id": scan.case_id, **row}
+
+
+def _driver_part(segment: Callable[[Scan], Any], staging: Path) -> Callable[[Scan], tuple[Scan, Any, Path]]:
+    def prepare(scan: Scan) -> tuple[Scan, Any, Path]:
+        made = segment(scan)
+        if isinstance(made, DriverThenWorker):
+            made = partial(made.worker, made.driver())
+        return scan, made, staging
+
+    return prepare
+
+
 def write_predictions(
     scans: Iterable[Scan],
-    segment: Callable[[Scan], tuple[Volume, dict]],
+    segment: Callable[[Scan], Any],
     output_dir: str | os.PathLike,
+    mapper: Callable[..., list] | None = None,
 ) -> pd.DataFrame:
     """Segment each scan and publish the masks and `predictions.csv` together.
 
     Each mask goes to a staging folder inside `output_dir` as soon as it is made (one case in
-    memory at a time); only when every scan has succeeded are they moved into `output_dir`
-    (a rename each, replacing masks of the same name), then the table. On any error the
-    staging folder is removed and `output_dir` keeps what it held.
+    memory at a time per process); only when every scan has succeeded are they moved into
+    `output_dir` (a rename each, replacing masks of the same name), then the table. On any
+    error the staging folder is removed and `output_dir` keeps what it held.
 
     Args:
         scans: the scans to segment.
-        segment: `scan -> (mask, row)`; the row holds the table's columns for that case
-            (`case_id` is added).
-        output_dir: the folder to write; created if missing.
+        segment: `scan -> (mask, row)`, or a :class:`medseg.compute.DriverThenWorker` whose
+            result is `(mask, row)`: its driver part (the network) runs here and its worker
+            part (inverse geometry, volumes) where `mapper` runs tasks, which also write the
+            mask. The row holds the table's columns for that case (`case_id` is added).
+        output_dir: the folder to write; created if missing. Under a Dask scheduler the
+            workers write into it, so it must be on storage they share.
+        mapper: a `medseg.compute` executor's `map` (default: this process, in order).
 
     Returns:
         The table written as `predictions.csv`, one row per case.
@@ -142,12 +172,12 @@ def write_predictions(
     target.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".medseg-predict-staging-", dir=target))
     apply_umask(staging, directory=True)
+    scans = list(scans)
     try:
-        rows = []
-        for scan in scans:
-            mask, row = segment(scan)
-            write_volume(mask, staging / f"{scan.case_id}.nii.gz")
-            rows.append({"case_id": scan.case_id, **row})
+        rows = (mapper or SyncExecutor().map)(
+            _stage_mask, scans, task="Segmenting", case_ids=[scan.case_id for scan in scans],
+            prepare=_driver_part(segment, staging),
+        )
         table = pd.DataFrame(rows)
         for row in rows:
             name = f"{row['case_id']}.nii.gz"
@@ -158,3 +188,13 @@ def write_predictions(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return table
+
+
+def segmented_scan(
+    parts: tuple[np.ndarray, CaseGeometry], to_label_map: LabelMapper, classes: Mapping[str, str], extra: Mapping[str, Any]
+) -> tuple[Volume, dict]:
+    """A scan's mask on its own grid and its `predictions.csv` row, from the probabilities and
+    geometry a segmenter's network part gave: the worker part of a prediction (no network)."""
+    probability, geometry = parts
+    mask = to_label_map.volume(probability, geometry)
+    return mask, {**volumes_ml(mask, classes), **extra}

@@ -36,13 +36,18 @@ from medseg.imaging.geometry import (
     CaseGeometry,
     nonzero_bounding_box,
     plan_case_geometry,
-    restore_original_geometry,
     to_canonical,
 )
-from medseg.imaging.io import Volume, apply_umask, fsync_directory, read_volume, voxel_spacing
+from medseg.imaging.io import Volume, apply_umask, fsync_directory, read_volume
 from medseg.imaging.laterality import safe_flip_axes
 from medseg.imaging.normalization import image_to_training_grid
-from medseg.inference.postprocessing import keep_largest_component, predict_with_mirroring
+from medseg.inference.postprocessing import (
+    LabelMapper,
+    keep_largest_component,
+    predict_with_mirroring,
+    probabilities_to_label_map,
+    volumes_ml,
+)
 from medseg.patching.sliding_window import sliding_window_predict, windows_per_batch
 
 logger = logging.getLogger(__name__)
@@ -147,40 +152,6 @@ def window_predictor(model: keras.Model) -> Callable[[np.ndarray], np.ndarray]:
     return predict
 
 
-def probabilities_to_label_map(
-    probability: np.ndarray, geometry: CaseGeometry, threshold: float, class_values: Sequence[int]
-) -> np.ndarray:
-    """A label map on the source file's grid from probabilities on the training grid.
-
-    One sigmoid channel: the probability is resampled linearly to the source grid, then
-    thresholded (smoother than nearest neighbour on a hard mask). K + 1 class probabilities:
-    each one is resampled linearly, then the most probable class wins (background on ties),
-    one channel in memory at a time.
-
-    Args:
-        probability: (X, Y, Z) or (X, Y, Z, 1) foreground probabilities, or (X, Y, Z, K + 1)
-            class probabilities, on `geometry.preprocessed_shape`.
-        geometry: the case's plan.
-        threshold: for one channel, the foreground threshold.
-        class_values: the label value of each foreground channel, 1..K.
-
-    Returns:
-        uint8 (`geometry.original_shape`) holding 0 and `class_values`.
-    """
-    if probability.ndim == 3 or probability.shape[-1] == 1:
-        foreground = probability if probability.ndim == 3 else probability[..., 0]
-        original = restore_original_geometry(foreground, geometry, order=1)
-        return (original >= threshold).astype(np.uint8) * np.uint8(class_values[0])
-    best = restore_original_geometry(np.ascontiguousarray(probability[..., 0]), geometry, order=1)
-    labels = np.zeros(best.shape, dtype=np.uint8)
-    for index, value in enumerate(class_values, start=1):
-        channel = restore_original_geometry(np.ascontiguousarray(probability[..., index]), geometry, order=1)
-        wins = channel > best
-        best[wins] = channel[wins]
-        labels[wins] = value
-    return labels
-
-
 class Segmenter:
     """A trained network and its plan: scan in, label map on the scan's grid out.
 
@@ -259,10 +230,19 @@ class Segmenter:
     ) -> np.ndarray:
         """Label map (source grid, uint8) of a preprocessed image, with the plan's
         postprocessing unless `mirror_axes` or `largest_component` override it."""
+        return self.label_mapper(largest_component)(self.probabilities(image, mirror_axes), geometry)
+
+    def probabilities(self, image: np.ndarray, mirror_axes: Sequence[int] | None = None) -> np.ndarray:
+        """The network's part of `segment_preprocessed`: probabilities on the training grid,
+        averaged over the mirrored copies when mirroring is on."""
         plain, mirrored = predict_with_mirroring(self.predict_volume, image, self.effective_mirror_axes(mirror_axes))
-        labels = self.label_map(plain if mirrored is None else mirrored, geometry)
+        return plain if mirrored is None else mirrored
+
+    def label_mapper(self, largest_component: bool | None = None) -> LabelMapper:
+        """The rest of `segment_preprocessed`, without the network (it pickles small, so a Dask
+        worker can map probabilities back to the scan's grid and write the mask)."""
         keep = self.plan.keep_largest_component if largest_component is None else largest_component
-        return keep_largest_component(labels, self.plan.class_values) if keep else labels
+        return LabelMapper(float(self.plan.threshold), self.plan.class_values, bool(keep))
 
     def variants(self, image: np.ndarray, geometry: CaseGeometry) -> dict[str, np.ndarray]:
         """Label maps with and without each postprocessing option the plan turns on.
@@ -293,12 +273,7 @@ class Segmenter:
 
     def volumes_ml(self, mask: Volume) -> dict[str, float]:
         """`volume_ml` (all foreground) and, with several classes, `volume_ml_<name>`."""
-        voxel_ml = float(np.prod(voxel_spacing(mask.affine))) / 1000.0
-        out = {"volume_ml": float(np.count_nonzero(mask.data)) * voxel_ml}
-        if len(self.plan.classes) > 1:
-            for value, name in self.plan.classes.items():
-                out[f"volume_ml_{name}"] = float(np.count_nonzero(mask.data == int(value))) * voxel_ml
-        return out
+        return volumes_ml(mask, self.plan.classes)
 
     # -- on disk --------------------------------------------------------------------------------
     def save(self, folder: str | os.PathLike) -> None:

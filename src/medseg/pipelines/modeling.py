@@ -56,7 +56,8 @@ from medseg.parameters import DataParams, ExportParams, ReportingParams
 from medseg.patching import make_tf_dataset
 from medseg.pipelines import tracking
 from medseg.planning import INPUT_PIPELINE_OVERHEAD, plan_steps
-from medseg.progress import CaseProgress, track_partitions
+from medseg.compute import DriverThenWorker
+from medseg.progress import CaseProgress
 
 logger = logging.getLogger(__name__)
 
@@ -417,8 +418,9 @@ def predict_split(
         splits: the case split (val and test cases are predicted).
 
     Returns:
-        {case_id: make_mask}; the catalog calls each in turn, so one case is in memory at a time,
-        and each call logs the progress ("Predicting: case i of N ..., about m:ss left").
+        {case_id: DriverThenWorker}: the catalog makes one case at a time; the network runs in
+        this process, and the inverse geometry and the writing of the mask where
+        `compute.scheduler` runs per-case work (a Dask worker, or here under `sync`).
     """
     logger.info(
         "%s: mirroring over axes %s, largest component %s (planning.memory_gb=%g).",
@@ -426,15 +428,16 @@ def predict_split(
         "kept" if segmenter.plan.keep_largest_component else "off", segmenter.plan.memory_gb,
     )
 
-    def mask(case_id: str) -> Callable[[], Volume]:
-        def make() -> Volume:
-            geometry = CaseGeometry.from_dict(case_geometry[case_id])
-            labels = segmenter.segment_preprocessed(primary_images[case_id]().data, geometry)
-            return Volume(labels, np.asarray(geometry.original_affine))
+    to_label_map = segmenter.label_mapper()
 
-        return make
+    def mask(case_id: str) -> DriverThenWorker:
+        geometry = CaseGeometry.from_dict(case_geometry[case_id])
+        return DriverThenWorker(
+            driver=lambda: segmenter.probabilities(primary_images[case_id]().data),
+            worker=partial(to_label_map.volume, geometry=geometry),
+        )
 
-    return track_partitions({c: mask(c) for c in cases_in_split(splits, "val", "test")}, "Predicting", logger=logger)
+    return {c: mask(c) for c in cases_in_split(splits, "val", "test")}
 
 
 def _reference_mask(record: pd.Series, multiclass: bool, data: dict[str, Any]) -> tuple[np.ndarray, Volume]:

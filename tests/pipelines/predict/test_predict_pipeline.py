@@ -164,3 +164,12 @@ def test_conv3d_predictions_equal_its_own_evaluation(tmp_path: Path):
     assert len(list(out.glob("*.nii.gz"))) == TINY_DATA_PARAMS["data.synthetic.n_cases"]
     _, runs = mlflow_runs(project)
     assert runs[0].info.run_name == f"Predict-UNet3D-{dt.date.today():%Y%m%d}-run1"
+
+
+def test_predict_on_a_local_cluster_writes_what_sync_writes(trained: Path, predicted, new_scans: Path, tmp_path: Path):
+    sync_out, _ = predicted
+    out = tmp_path / "masks_local2"
+    run_pipeline(trained, "predict", {"predict.input_dir": str(new_scans), "predict.output_dir": str(out), "compute.scheduler": "local:2"})
+    assert _snapshot(out) == _snapshot(sync_out)  # masks and predictions.csv, byte for byte
+    _, runs = mlflow_runs(trained)
+    assert runs[0].info.run_name.startswith("Predict-UNet-") and runs[0].data.params["compute.scheduler"] == "local:2"

@@ -9,18 +9,20 @@ training cases were; nothing is recomputed from the new scans.
 from __future__ import annotations
 
 import logging
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
 
+from medseg import compute
+from medseg.compute import DriverThenWorker
 from medseg.datasets.folder import anchor_path
 from medseg.errors import ConfigurationError
 from medseg.inference import Segmenter
-from medseg.inference.scans import Scan, check_output_folder, list_scans, write_predictions
+from medseg.inference.scans import Scan, check_output_folder, list_scans, segmented_scan, write_predictions
 from medseg.inference.segmenter import read_plan
 from medseg.parameters import PredictParams
 from medseg.pipelines import tracking
-from medseg.progress import CaseProgress
 from medseg.serving import fetch_segmenter
 
 logger = logging.getLogger(__name__)
@@ -92,15 +94,18 @@ def segment_scans(scans: pd.DataFrame, predict: PredictParams, project_root: str
         "predict: %s from %s; mirroring over %s, largest component %s.", segmenter.plan.display_name, model_uri,
         list(segmenter.effective_mirror_axes()) or "no axes", "kept" if segmenter.plan.keep_largest_component else "off",
     )
-    progress = CaseProgress("Segmenting", len(scans), logger=logger)
+    to_label_map = segmenter.label_mapper()
+    row = {"model_uri": model_uri}
 
-    def segment(scan: Scan):
-        mask = segmenter.segment(segmenter.read_scan(scan.path))
-        progress.advance(scan.case_id)
-        return mask, {**segmenter.volumes_ml(mask), "model_uri": model_uri}
+    def segment(scan: Scan) -> DriverThenWorker:
+        def network() -> tuple:
+            image, geometry = segmenter.preprocess(segmenter.read_scan(scan.path))
+            return segmenter.probabilities(image), geometry
+
+        return DriverThenWorker(network, partial(segmented_scan, to_label_map=to_label_map, classes=segmenter.plan.classes, extra=row))
 
     table = write_predictions(
-        (Scan(str(row.case_id), str(row.image_path)) for row in scans.itertuples()), segment, output_dir
+        [Scan(str(r.case_id), str(r.image_path)) for r in scans.itertuples()], segment, output_dir, mapper=compute.current().map
     )
     logger.info("predict: %d masks and predictions.csv written to %s.", len(table), output_dir)
     return table
