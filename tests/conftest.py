@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 import shutil
 from pathlib import Path
 
@@ -218,3 +219,33 @@ def s3_bucket(s3_server) -> str:
     name = f"medseg-{uuid.uuid4().hex[:12]}"
     fsspec.filesystem("s3").mkdir(name)
     return f"s3://{name}"
+
+
+class LogLines(list):
+    """The messages logged while a `log_lines` block ran; `.text` joins them."""
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self)
+
+
+@contextmanager
+def log_lines(*names: str):
+    """Collect the messages of the loggers `names` (e.g. "medseg.datasets.staged").
+
+    pytest's caplog listens on the root logger, whose handlers Kedro replaces with its own each
+    time a session configures logging (conf/logging.yml); a handler on a module's own logger,
+    which that file does not name, stays in place across runs."""
+    import logging
+
+    lines = LogLines()
+    handler = logging.Handler(level=logging.INFO)
+    handler.emit = lambda record: lines.append(record.getMessage())
+    loggers = [logging.getLogger(name) for name in names]
+    for logger in loggers:
+        logger.addHandler(handler)
+    try:
+        yield lines
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)

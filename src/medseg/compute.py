@@ -23,6 +23,7 @@ No Kedro or MLflow import here.
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -158,6 +159,9 @@ class DaskExecutor:
                 self._cluster = LocalCluster(
                     n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
                     silence_logs=logging.WARNING,
+                    # The fork server keeps the environment of the moment it started; the
+                    # workers take this process's own now (a store's endpoint, credentials).
+                    env=dict(os.environ),
                 )
             return Client(self._cluster, set_as_default=False)
         try:

@@ -19,36 +19,34 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+from medseg.imaging.io import is_url, url_filesystem
+
 T = TypeVar("T")
 
 _CHUNK = 1 << 20
-
-
-def _is_url(path: str) -> bool:
-    return "://" in str(path) and not str(path).startswith("file://")
+_STAMP_KEYS = ("mtime", "LastModified", "last_modified", "updated", "created", "ETag", "etag", "md5Hash", "content_md5")
 
 
 def file_stat(path: str) -> dict[str, Any]:
     """`{"size": bytes, "mtime": str}` of a local file (nanoseconds) or an fsspec object (the
-    store's modification time or ETag), without reading it."""
-    if not _is_url(path):
+    store's modification time and ETag or hash, as it reports them), without reading it."""
+    if not is_url(path):
         stat = os.stat(path)
         return {"size": int(stat.st_size), "mtime": str(stat.st_mtime_ns)}
-    import fsspec
-
-    fs, inner = fsspec.core.url_to_fs(str(path))
+    fs, inner = url_filesystem(str(path))
     info = fs.info(inner)
-    mtime = info.get("mtime") or info.get("LastModified") or info.get("last_modified") or info.get("ETag") or ""
-    return {"size": int(info.get("size") or 0), "mtime": str(mtime)}
+    # Object stores give a modification time to the second; their ETag (or a hash) tells a
+    # rewrite within that second.
+    stamps = [str(info[key]) for key in _STAMP_KEYS if info.get(key) not in (None, "")]
+    return {"size": int(info.get("size") or 0), "mtime": "|".join(stamps)}
 
 
 def sha256_of(path: str) -> str:
     """SHA-256 of a file's bytes (read in 1 MiB chunks), local or through fsspec."""
     digest = hashlib.sha256()
-    if _is_url(path):
-        import fsspec
-
-        opener = fsspec.open(str(path), "rb")
+    if is_url(path):
+        fs, inner = url_filesystem(str(path))
+        opener = fs.open(inner, "rb")
     else:
         opener = open(path, "rb")
     with opener as stream:

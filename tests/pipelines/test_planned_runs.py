@@ -39,6 +39,7 @@ def test_unet_auto_sizes_come_from_the_plan_and_explicit_ones_are_overrides(tmp_
     assert run.data.params["unet.plan.model.input_size"] == str(expected["input_size"])
     assert run.data.params["unet.model.input_size"] == "auto"
     assert run.data.params["unet.training.precision_used"] == "float32"
+    assert run.data.params["unet.training.distribute_strategy"] == "none" and run.data.params["unet.training.replicas"] == "1"
     logged = client.download_artifacts(run.info.run_id, "unet/plan.json", str(tmp_path))
     assert json.loads(Path(logged).read_text()) == plan
 

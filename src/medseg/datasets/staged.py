@@ -110,6 +110,8 @@ class StagedPartitionedDataset(PartitionedDataset):
                 "%s: %d of %d cases unchanged since the last run (same source files and plan), kept; %d to make.",
                 self._path, len(kept), len(data), len(to_make),
             )
+        if not to_make and keyed == recorded and len(recorded) == len(self._list_partitions_uncached()):
+            return  # every partition is there, made from the same inputs: nothing to write
         if self._is_local():
             self._save_local(data, kept, to_make, keyed)
         else:

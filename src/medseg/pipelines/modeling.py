@@ -247,7 +247,7 @@ def plan_training_steps(
     Returns:
         (settings, plan, timings): the plan gains the planned and used steps, the overrides
         and `calibration` (seconds per step, the budget, whether the timing was reused, the
-        machine).
+        machine, and `distribute` and `replicas` when distributed).
     """
     timings = dict(timings or {})
     training = settings["training"]
@@ -280,7 +280,7 @@ def plan_training_steps(
     settings, step_plan = apply_plan(model_key, settings, {f"training.{k}": v for k, v in steps.items()}, plan["inputs"])
     for part in ("planned", "used", "overrides"):
         plan[part].update(step_plan[part])
-    plan["calibration"] = {"seconds_per_step": seconds, "budget_minutes": budget, "reused": reused, "machine": machine}
+    plan["calibration"] = {"seconds_per_step": seconds, "budget_minutes": budget, "reused": reused, "machine": machine, **distributed}
     return settings, plan, timings
 
 
@@ -588,11 +588,13 @@ def run_provenance(model_key: str, data: dict[str, Any], section: dict[str, Any]
     """
     run_id, run_name = tracking.active_run_identity()
     folder = data["msd_dir"] if data["source"] == "msd" else data["synthetic"]["dir"]
+    location = anchor_path(folder, project_root) if folder else None
     return {
         "mlflow_run_id": run_id,
         "mlflow_run_name": run_name,
         "data_source": data["source"],
-        "data_dir": str(anchor_path(folder, project_root).resolve()) if folder else None,
+        # A URL (s3://...) as given; a local folder absolute, symlinks resolved.
+        "data_dir": location if location is None or isinstance(location, str) else str(location.resolve()),
         "params_hash": training_fingerprint(data=data, **{model_key: section}),
     }
 

@@ -17,7 +17,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import data_files_written, make_project_copy, mlflow_runs, run_pipeline
+from conftest import log_lines, data_files_written, make_project_copy, mlflow_runs, run_pipeline
 from medseg.errors import InvalidIntensityError
 from medseg.pipelines.data.nodes import _synthesis_settings, ensure_synthetic_dataset
 
@@ -100,18 +100,17 @@ def _inodes(project: Path) -> dict[str, int]:
     return {name: path.stat().st_ino for name, path in _outputs(project).items() if name.endswith(".nii.gz")}
 
 
-def test_reruns_redo_only_what_changed(tmp_path: Path, caplog):
+def test_reruns_redo_only_what_changed(tmp_path: Path):
     msd = _phantoms(tmp_path / "Task92_Incremental")
     project = make_project_copy(tmp_path / "project")
     run_pipeline(project, "data", _params(msd))
     first = _inodes(project)
 
     # 1. Unchanged: no case is read or written again, and the log says so.
-    caplog.set_level("INFO")
-    caplog.clear()
-    run_pipeline(project, "data", _params(msd))
+    with log_lines("medseg.imaging.validation", "medseg.datasets.staged") as lines:
+        run_pipeline(project, "data", _params(msd))
     assert _inodes(project) == first
-    log = caplog.text
+    log = lines.text
     assert "Validating: 6 of 6 cases unchanged since the last run" in log
     assert log.count("6 of 6 cases unchanged since the last run (same source files and plan), kept; 0 to make") == 4
 
