@@ -239,11 +239,28 @@ class DaskExecutor:
 
     def close(self) -> None:
         if self._client is not None:
+            try:
+                peaks = self._client.run(_peak_rss_mib)
+                logger.info(
+                    "compute.scheduler=%s: the Dask workers' peak memory was %s MiB.", self.scheduler,
+                    ", ".join(f"{peak:.0f}" for peak in sorted(peaks.values())),
+                )
+            except Exception:  # a report, never a reason to fail a finished run
+                pass
             self._client.close()
             self._client = None
         if self._cluster is not None:
             self._cluster.close()
             self._cluster = None
+
+
+def _peak_rss_mib() -> float:
+    """This process's peak resident memory in MiB (run on each worker)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 
 
 def _key(text: str) -> str:
