@@ -109,6 +109,8 @@ def mlflow_runs(project: Path):
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("medseg")
+    if experiment is None:  # the run stopped before kedro-mlflow made the experiment
+        return client, []
     return client, client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"])
 
 
