@@ -116,8 +116,10 @@ def test_a_bad_scheduler_stops_the_run_before_any_work(tmp_path: Path):
     assert not (project / "mlflow.db").exists() or mlflow_runs(project)[1] == []
 
 
-def test_an_unreachable_cluster_fails_the_run_saying_what_to_do(tmp_path: Path):
+def test_an_unreachable_cluster_fails_the_run_saying_what_to_do(tmp_path: Path, monkeypatch):
     import socket
+
+    monkeypatch.setattr(compute, "CONNECT_TIMEOUT_S", 1)  # a refused port is retried until then
 
     with socket.socket() as probe:  # a port with nothing listening
         probe.bind(("127.0.0.1", 0))
