@@ -67,6 +67,9 @@ def timed_data_run(project: Path, msd: Path, scheduler: str, log_path: Path) -> 
     params = f"data.source=msd,data.msd_dir={msd},compute.scheduler={scheduler}"
     command = [sys.executable, "-m", "kedro", "run", "--pipelines", "data", "--params", params]
     env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", "TF_CPP_MIN_LOG_LEVEL": "2", "COLUMNS": "200"}
+    # The previous run's files are still being written back to disk; a run that starts then
+    # waits on that writeback in its own fsyncs. Each run starts with nothing dirty.
+    os.sync()
     start = time.perf_counter()
     with open(log_path, "w") as log:
         code = subprocess.call(command, cwd=project, env=env, stdout=log, stderr=subprocess.STDOUT)

@@ -154,14 +154,22 @@ class DaskExecutor:
             # interpreter per worker, spends seconds importing it again in every worker (5.7 s
             # against 2.6 s to a first result on 2 cores), and a plain fork would copy a driver
             # that may be running TensorFlow's threads.
-            with dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"}):
+            # Nor does a worker take Dask's MALLOC_TRIM_THRESHOLD_: a fixed trim threshold turns
+            # off glibc's adaptive mmap threshold, so every volume-sized array is mapped afresh
+            # and page-faulted in; resampling and writing a phantom took 1.5x as long on a
+            # worker as in this process. Memory stays bounded by the case a worker holds.
+            settings = {
+                "distributed.worker.multiprocessing-method": "forkserver",
+                "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
+            }
+            with dask.config.set(settings):
                 get_mp_context().set_forkserver_preload(list(WORKER_PRELOAD))
                 self._cluster = LocalCluster(
                     n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
                     silence_logs=logging.WARNING,
                     # The fork server keeps the environment of the moment it started; the
                     # workers take this process's own now (a store's endpoint, credentials).
-                    env=dict(os.environ),
+                    env={k: v for k, v in os.environ.items() if k != "MALLOC_TRIM_THRESHOLD_"},
                 )
             return Client(self._cluster, set_as_default=False)
         try:
@@ -186,10 +194,13 @@ class DaskExecutor:
     ) -> list[Any]:
         """As :meth:`SyncExecutor.map`, each `func` call a task on a worker.
 
-        At most two tasks per worker are in flight, so `prepare`'s results (held here until
-        a worker takes them) and the cluster's queue stay bounded whatever the number of
-        cases. On the first failure the other tasks are cancelled and the task's own
-        exception (a `MedsegError` naming the file) is raised here, as `sync` raises it.
+        Without `prepare`, every case is submitted at once (the items are small: file names,
+        lazy partitions) and Dask's scheduler queues them, handing a worker its next case when
+        it is free. With `prepare`, at most two cases per worker are in flight, so its results
+        (a network's probabilities, held here until a worker takes them) stay bounded. Results
+        are gathered in batches as they complete. On the first failure the other tasks are
+        cancelled and the task's own exception (a `MedsegError` naming the file) is raised
+        here, as `sync` raises it.
         """
         from distributed import as_completed
         from distributed.scheduler import KilledWorker
@@ -199,7 +210,7 @@ class DaskExecutor:
         names = list(case_ids) if case_ids is not None else [str(item) for item in items]
         client = self.client
         progress = CaseProgress(task, len(items), logger=logger)
-        limit = 2 * self.n_workers
+        limit = len(items) if prepare is None else 2 * self.n_workers
         pending = iter(range(len(items)))
         results: list[Any] = [None] * len(items)
         index_of: dict[Any, int] = {}
@@ -213,22 +224,23 @@ class DaskExecutor:
             index_of[future.key] = index
             queue.add(future)
 
-        queue = as_completed(loop=client.loop)
+        queue = as_completed(loop=client.loop, with_results=True, raise_errors=False)
         for _ in range(limit):
             submit_next(queue)
         try:
-            for future in queue:
+            for future, result in queue:
                 index = index_of[future.key]
-                try:
-                    results[index] = future.result()
-                except KilledWorker as exc:
-                    raise ComputeError(
-                        f"{task}: the Dask worker died while working on case {names[index]} ({exc}). It may have run "
-                        "out of memory: give the workers more memory, fewer threads, or use compute.scheduler=sync "
-                        "to see the case's own error."
-                    ) from exc
-                finally:
-                    future.release()
+                if future.status == "error":
+                    try:
+                        future.result()  # raises the task's own exception, with its traceback
+                    except KilledWorker as exc:
+                        raise ComputeError(
+                            f"{task}: the Dask worker died while working on case {names[index]} ({exc}). It may have "
+                            "run out of memory: give the workers more memory, fewer threads, or use "
+                            "compute.scheduler=sync to see the case's own error."
+                        ) from exc
+                results[index] = result
+                future.release()
                 progress.advance(names[index])
                 submit_next(queue)
         except BaseException:

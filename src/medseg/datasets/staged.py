@@ -120,7 +120,10 @@ class StagedPartitionedDataset(PartitionedDataset):
 
     def _make(self, root: str, data: dict[str, Any], to_make: list[str]) -> None:
         jobs = [self._job(root, pid, data[pid]) for pid in to_make]
-        compute.current().map(_save_partition, jobs, task=f"Writing {self._path}", case_ids=to_make, prepare=_driver_part)
+        two_parts = any(isinstance(data[pid], compute.DriverThenWorker) for pid in to_make)
+        compute.current().map(
+            _save_partition, jobs, task=f"Writing {self._path}", case_ids=to_make, prepare=_driver_part if two_parts else None
+        )
 
     def _save_local(self, data: dict[str, Any], kept: list[str], to_make: list[str], keyed: dict[str, str]) -> None:
         target = Path(self._filesystem._strip_protocol(self._normalized_path))
