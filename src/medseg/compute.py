@@ -11,8 +11,9 @@ existing Dask cluster (`compute.scheduler`).
 Only per-case work is mapped: validation, canonicalization, preprocessing, and the inverse
 geometry and writing of predicted masks. Kedro's runner stays sequential, so one `kedro run`
 stays one MLflow run (kedro-mlflow splits runs under parallel runners). A worker has one
-thread and is handed one case at a time, and a task returns only what the driver needs (a
-fingerprint row, nothing for a written file), so a worker holds one case in memory.
+thread and works through its cases one at a time (a task is a short run of cases), and a task
+returns only what the driver needs (fingerprint rows, nothing for a written file), so a worker
+holds one case in memory.
 
 The executor of the current run is module state, as a Dask `Client` is the process's default
 client once made: the project hook (`medseg.hooks.ComputeHook`) opens it before the pipeline
