@@ -104,13 +104,14 @@ class StagedPartitionedDataset(PartitionedDataset):
         keyed = {pid: value.key for pid, value in data.items() if isinstance(value, KeyedPartition)}
         recorded = self._recorded_keys() if keyed else {}
         kept = sorted(pid for pid, key in keyed.items() if recorded.get(pid) == key)
-        to_make = sorted(pid for pid in data if pid not in kept)
+        to_make = sorted(set(data) - set(kept))
         if keyed:
             logger.info(
                 "%s: %d of %d cases unchanged since the last run (same source files and plan), kept; %d to make.",
                 self._path, len(kept), len(data), len(to_make),
             )
-        if not to_make and keyed == recorded and len(recorded) == len(self._list_partitions_uncached()):
+        # _recorded_keys has just listed the folder (cached): no second listing of a store.
+        if not to_make and keyed == recorded and len(recorded) == len(self._list_partitions()):
             return  # every partition is there, made from the same inputs: nothing to write
         if self._is_local():
             self._save_local(data, kept, to_make, keyed)

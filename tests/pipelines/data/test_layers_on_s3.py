@@ -11,10 +11,8 @@ import json
 from pathlib import Path
 
 import fsspec
-import nibabel as nib
 import numpy as np
 import pandas as pd
-import pytest
 import yaml
 
 from conftest import log_lines, make_project_copy, mlflow_runs, run_pipeline
