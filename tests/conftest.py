@@ -21,9 +21,17 @@ TINY_DATA_PARAMS = {
     "data.synthetic.n_slices_range": [12, 16],
 }
 
+# The settings whose default (`auto`) asks the host: `training.precision` (bfloat16 on a CPU or
+# GPU with bfloat16 units, float32 elsewhere) and `training.deterministic` (off with a GPU).
+# A test that is not about them pins them, so that it proves the same on every machine of the
+# fleet; the tests about precision set the probe's answer with `bfloat16_hardware`.
+HOST_INDEPENDENT_UNET = {"unet.training.precision": "float32", "unet.training.deterministic": True}
+HOST_INDEPENDENT_CONV3D = {"conv3d.training.precision": "float32", "conv3d.training.deterministic": True}
+
 # One epoch of a few steps: models that run end to end in seconds, not models that learn.
 TINY_UNET = {
     **TINY_DATA_PARAMS,
+    **HOST_INDEPENDENT_UNET,
     "unet.model.input_size": 32,
     "unet.model.base_filters": 8,
     "unet.training.epochs": 1,
@@ -34,6 +42,7 @@ TINY_UNET = {
 }
 TINY_CONV3D = {
     **TINY_DATA_PARAMS,
+    **HOST_INDEPENDENT_CONV3D,
     "conv3d.sampling.patch_size": [16, 16, 16],
     "conv3d.sampling.queue_length": 8,
     "conv3d.model.base_filters": 4,
@@ -44,6 +53,54 @@ TINY_CONV3D = {
     "conv3d.evaluation.patches_per_case": 6,
     "conv3d.reporting.n_overlay_cases": 1,
 }
+
+
+# /proc/cpuinfo of a CPU with and without bfloat16 units, for `bfloat16_hardware`.
+CPUINFO_WITH_BF16 = "processor\t: 0\nmodel name\t: Test CPU with AMX\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
+CPUINFO_WITHOUT_BF16 = "processor\t: 0\nmodel name\t: Test CPU without bfloat16\nflags\t\t: fpu sse2 avx2 avx512f\n"
+
+
+@contextmanager
+def bfloat16_hardware(cpu: bool, gpu: bool = False):
+    """While the block runs, medseg's precision probe sees a CPU with (or without) bfloat16
+    units and a GPU with (or without) them, whatever this machine has: `read_cpuinfo` returns
+    `CPUINFO_WITH_BF16` or `CPUINFO_WITHOUT_BF16`, `gpu_has_bfloat16` returns `gpu`. Usable in a
+    fixture of any scope; in-process runs only (a child process probes its own host)."""
+    import medseg.models.training as training
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(training, "read_cpuinfo", lambda: CPUINFO_WITH_BF16 if cpu else CPUINFO_WITHOUT_BF16)
+        patch.setattr(training, "cpu_has_bfloat16", _REAL_PROBES["cpu"])
+        patch.setattr(training, "gpu_has_bfloat16", lambda: gpu)
+        yield
+
+
+_REAL_PROBES: dict = {}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def precision_probe_is_never_the_hosts():
+    """No test may depend on whether this machine has bfloat16 units: a test that reaches the
+    hardware probe without `bfloat16_hardware` (or a pinned `training.precision`) fails,
+    naming the fix, on every machine, not only on those whose answer differs."""
+    import medseg.models.training as training
+
+    _REAL_PROBES["cpu"] = real_cpu = training.cpu_has_bfloat16
+    advice = ("asked the host whether it has bfloat16 units: pin training.precision (conftest's "
+              "HOST_INDEPENDENT_UNET / _CONV3D) or set the answer with conftest.bfloat16_hardware")
+
+    def cpu_probe(cpuinfo: str | None = None) -> bool:
+        if cpuinfo is None:
+            pytest.fail(f"The test {advice}.")
+        return real_cpu(cpuinfo)
+
+    def gpu_probe() -> bool:
+        pytest.fail(f"The test {advice}.")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(training, "cpu_has_bfloat16", cpu_probe)
+        patch.setattr(training, "gpu_has_bfloat16", gpu_probe)
+        yield
 
 
 def make_project_copy(root: Path) -> Path:

@@ -56,3 +56,46 @@ def test_a_bfloat16_unet_computes_in_bfloat16_and_outputs_float32():
     prediction = model.predict_on_batch(x)
     assert prediction.dtype == np.float32  # the head and the losses stay float32
     assert np.isfinite(last) and last < first
+
+
+@pytest.mark.parametrize("cpu, gpu", [(True, False), (False, False), (False, True)])
+@pytest.mark.parametrize("kind, model_key, section", [
+    ("unet", "unet", {"model": {}}),
+    ("unet3d", "conv3d", {"model": {"kind": "unet3d"}}),
+    ("patch_classifier", "conv3d", {"model": {"kind": "patch_classifier"}}),
+])
+def test_the_plan_decides_the_precision_once_from_the_probe(cpu, gpu, kind, model_key, section):
+    """Both answers of the probe on every machine: the plan records what `auto` chose and hands
+    training the resolved policy; an explicit policy is kept whatever the hardware."""
+    from conftest import bfloat16_hardware
+
+    from medseg.pipelines.modeling import plan_precision
+
+    expected = "mixed_bfloat16" if gpu or (cpu and kind == "unet") else "float32"
+    with bfloat16_hardware(cpu=cpu, gpu=gpu):
+        settings, plan = plan_precision(model_key, {**section, "training": {"precision": "auto"}}, {})
+        assert settings["training"]["precision"] == expected
+        assert plan["precision"] == {"given": "auto", "used": expected}
+        settings, plan = plan_precision(model_key, {**section, "training": {"precision": "float32"}}, {})
+        assert settings["training"]["precision"] == "float32" and plan["precision"]["used"] == "float32"
+
+
+def test_the_cpu_probe_reads_the_hosts_cpuinfo_through_one_function(monkeypatch):
+    import medseg.models.training as training
+    from conftest import CPUINFO_WITH_BF16, CPUINFO_WITHOUT_BF16, _REAL_PROBES
+
+    real = _REAL_PROBES["cpu"]
+    monkeypatch.setattr(training, "read_cpuinfo", lambda: CPUINFO_WITH_BF16)
+    assert real() is True
+    monkeypatch.setattr(training, "read_cpuinfo", lambda: CPUINFO_WITHOUT_BF16)
+    assert real() is False
+    monkeypatch.setattr(training, "read_cpuinfo", lambda: "")  # no /proc/cpuinfo: not Linux
+    assert real() is False
+    assert training.machine_description()["cpu"]  # falls back to the platform's name
+
+
+def test_a_test_that_asks_the_host_fails_saying_what_to_pin():
+    from medseg.models.training import resolve_precision
+
+    with pytest.raises(pytest.fail.Exception, match="pin training.precision"):
+        resolve_precision("auto", "unet")

@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY_DATA_PARAMS, make_project_copy, mlflow_runs, run_pipeline
+from conftest import HOST_INDEPENDENT_UNET, TINY_DATA_PARAMS, make_project_copy, mlflow_runs, run_pipeline
 
 EPOCHS = 8
 PARAMS = {
     **TINY_DATA_PARAMS,
+    **HOST_INDEPENDENT_UNET,
     "unet.model.input_size": 32,
     "unet.model.base_filters": 8,
     "unet.training.epochs": EPOCHS,

@@ -136,13 +136,24 @@ PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 BF16_FASTER_ON_CPU = frozenset({"unet"})
 
 
+def read_cpuinfo() -> str:
+    """The text of /proc/cpuinfo, or "" where there is none (not Linux): the one place the
+    precision probe and `machine_description` read the host's CPU from (tests replace it)."""
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
 def cpu_has_bfloat16(cpuinfo: str | None = None) -> bool:
-    """Whether the CPU has bfloat16 units (`avx512_bf16` or `amx_bf16` in /proc/cpuinfo's flags)."""
+    """Whether the CPU has bfloat16 units (`avx512_bf16` or `amx_bf16` in /proc/cpuinfo's flags).
+
+    Args:
+        cpuinfo: the text of /proc/cpuinfo; read with `read_cpuinfo` when None. Without a
+            `flags` line (not Linux, or an emulator that hides them) the answer is False.
+    """
     if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:  # not Linux: no way to tell, assume not
-            return False
+        cpuinfo = read_cpuinfo()
     flags = set()
     for line in cpuinfo.splitlines():
         if line.startswith("flags"):
@@ -203,13 +214,10 @@ def machine_description() -> dict[str, Any]:
     import tensorflow as tf
 
     cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    for line in read_cpuinfo().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
     gpus = [tf.config.experimental.get_device_details(g).get("device_name", "GPU") for g in tf.config.list_physical_devices("GPU")]
     return {"cpu": cpu, "cores": os.cpu_count(), "gpus": gpus, "tensorflow": tf.__version__}
 

@@ -123,8 +123,7 @@ def train_model(
     training = section["training"]
     seed = derive_seed(int(data["seed"]), int(section["seed"]))
     make_reproducible(seed, wants_determinism(training.get("deterministic", "auto")))
-    kind = "unet" if model_key == "unet" else str(section["model"].get("kind", "unet3d"))
-    precision = resolve_precision(str(training.get("precision", "float32")), kind)
+    precision = resolve_precision(str(training.get("precision", "float32")), model_kind(model_key, section))
     strategy = distribution_strategy(str(training.get("distribute", "none")))
     replicas = int(strategy.num_replicas_in_sync)
     batch_size = global_batch_size(training["batch_size"], replicas)
@@ -221,6 +220,32 @@ def apply_plan(model_key: str, section: dict[str, Any], planned: dict[str, Any],
     return settings, json.loads(json.dumps(plan))
 
 
+def model_kind(model_key: str, section: dict[str, Any]) -> str:
+    """The network a model section builds: "unet" (the 2D U-Net) for `unet`, and
+    `conv3d.model.kind` ("unet3d" or "patch_classifier") for `conv3d`."""
+    return "unet" if model_key == "unet" else str(section["model"].get("kind", "unet3d"))
+
+
+def plan_precision(model_key: str, settings: dict[str, Any], plan: dict[str, Any]) -> tuple[dict, dict]:
+    """`training.precision` decided once, by the plan: `auto` becomes the policy this machine
+    trains fastest in (`medseg.models.training.resolve_precision`: `mixed_bfloat16` where the
+    hardware has bfloat16 units and the model kind gains from them, else `float32`); an
+    explicit policy is kept. Training, the timing of steps and the MLflow run then read the
+    one value in `settings`, so they cannot disagree.
+
+    Returns:
+        (settings, plan): `settings["training"]["precision"]` is the policy; the plan gains
+        `precision`: {"given": the parameter, "used": the policy}.
+    """
+    given = str(settings["training"].get("precision", "float32"))
+    used = resolve_precision(given, model_kind(model_key, settings))
+    settings["training"]["precision"] = used
+    plan["precision"] = {"given": given, "used": used}
+    if given == "auto":
+        logger.info("%s: training.precision=auto chose %s on this machine.", model_key, used)
+    return settings, plan
+
+
 STEP_PARAMETERS = ("epochs", "steps_per_epoch", "validation_steps")
 
 
@@ -253,8 +278,7 @@ def plan_training_steps(
     training = settings["training"]
     if not any(training[name] == "auto" for name in STEP_PARAMETERS):
         return settings, plan, timings
-    kind = "unet" if model_key == "unet" else str(settings["model"].get("kind", "unet3d"))
-    precision = resolve_precision(str(training.get("precision", "float32")), kind)
+    precision = resolve_precision(str(training.get("precision", "float32")), model_kind(model_key, settings))
     machine = machine_description()
     strategy = distribution_strategy(str(training.get("distribute", "none")))
     distributed = _replica_part(strategy)

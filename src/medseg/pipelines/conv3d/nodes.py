@@ -32,6 +32,7 @@ from medseg.planning import median_shape, plan_patches
 from medseg.pipelines.modeling import (
     apply_plan,
     case_loader,
+    plan_precision,
     plan_training_steps,
     cases_in_split,
     foreground_class_count,
@@ -104,7 +105,8 @@ def plan_conv3d(
     `auto` take these values; explicit values override them and are recorded. The per-axis
     poolings apply only to a planned patch; an explicit patch pools every axis. Epochs and
     steps set to `auto` fill `planning.budget_minutes.conv3d` at the speed timed on this
-    machine (`medseg.pipelines.modeling.plan_training_steps`).
+    machine (`medseg.pipelines.modeling.plan_training_steps`), and `training.precision: auto`
+    becomes the policy this machine trains fastest in (`medseg.pipelines.modeling.plan_precision`).
 
     Returns:
         The plan (`conv3d.plan`, data/05_model_input/conv3d/plan.json), the settings the
@@ -131,6 +133,7 @@ def plan_conv3d(
     if conv3d["sampling"]["patch_size"] == "auto" and model["depth"] == "auto":
         settings["model"]["poolings"] = planned["poolings"]
         plan["used"]["model.poolings"] = planned["poolings"]
+    settings, plan = plan_precision("conv3d", settings, plan)
     n_classes = 1 if _kind(settings) == "patch_classifier" else foreground_class_count(dataset_fingerprint)
     settings, plan, timings = plan_training_steps(
         "conv3d", settings, plan, lambda: _build_model(settings, n_classes), planning, timings

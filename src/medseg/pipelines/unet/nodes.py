@@ -22,6 +22,7 @@ from medseg.planning import median_shape, plan_slices
 from medseg.pipelines.modeling import (
     apply_plan,
     case_loader,
+    plan_precision,
     plan_training_steps,
     foreground_class_count,
     sampled_dataset,
@@ -43,7 +44,8 @@ def plan_unet(
     `unet.model.input_size` and `unet.training.batch_size` set to `auto` take these values;
     explicit values override them and are recorded as overrides. Epochs and steps set to
     `auto` fill `planning.budget_minutes.unet` at the speed timed on this machine
-    (`medseg.pipelines.modeling.plan_training_steps`).
+    (`medseg.pipelines.modeling.plan_training_steps`), and `training.precision: auto` becomes
+    the policy this machine trains fastest in (`medseg.pipelines.modeling.plan_precision`).
 
     Args:
         case_geometry: the preprocessing plan (`geometry.json`: each case's training grid).
@@ -69,6 +71,7 @@ def plan_unet(
     settings, plan = apply_plan(
         "unet", unet, {"model.input_size": planned["input_size"], "training.batch_size": planned["batch_size"]}, inputs
     )
+    settings, plan = plan_precision("unet", settings, plan)
     n_classes = foreground_class_count(dataset_fingerprint)
     settings, plan, timings = plan_training_steps(
         "unet", settings, plan, lambda: _build_unet(settings, n_classes), planning, timings
