@@ -14,6 +14,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`-n auto`: one worker per core, at most 4: each worker trains TensorFlow models of its
+    own (about 2 GiB at its peak), and past 4 the longest module sets the suite's time."""
+    return max(1, min(os.cpu_count() or 1, 4))
+
 # Small enough for a 2-core CI machine, big enough for every split to hold a case.
 TINY_DATA_PARAMS = {
     "data.synthetic.n_cases": 6,
@@ -89,13 +95,15 @@ def precision_probe_is_never_the_hosts():
     advice = ("asked the host whether it has bfloat16 units: pin training.precision (conftest's "
               "HOST_INDEPENDENT_UNET / _CONV3D) or set the answer with conftest.bfloat16_hardware")
 
+    # AssertionError, not pytest.fail's BaseException: Kedro and kedro-mlflow then end the run
+    # (FAILED) as for any error in a node, and the next test finds no MLflow run left open.
     def cpu_probe(cpuinfo: str | None = None) -> bool:
         if cpuinfo is None:
-            pytest.fail(f"The test {advice}.")
+            raise AssertionError(f"The test {advice}.")
         return real_cpu(cpuinfo)
 
     def gpu_probe() -> bool:
-        pytest.fail(f"The test {advice}.")
+        raise AssertionError(f"The test {advice}.")
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(training, "cpu_has_bfloat16", cpu_probe)
@@ -115,6 +123,65 @@ def make_project_copy(root: Path) -> Path:
     for layer in ("01_raw", "02_intermediate", "03_primary", "05_model_input", "06_models", "07_model_output", "08_reporting"):
         (root / "data" / layer).mkdir(parents=True, exist_ok=True)
     return root
+
+
+def copy_project(source: Path, target: Path) -> Path:
+    """A copy of a project copy that has run, with its own MLflow store: the paths of `source`
+    that MLflow keeps in `mlflow.db` (artifact locations of the experiment, runs, logged and
+    registered models) now name `target`, so runs made in the copy never write into `source`.
+    Tables of the data layers (`case_fingerprints.csv`) still name `source`'s raw files, which
+    hold the same bytes."""
+    import sqlite3
+
+    shutil.copytree(source, target, symlinks=True)
+    old, new = str(source), str(target)
+    with sqlite3.connect(target / "mlflow.db") as db:
+        for (table,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall():
+            for column in db.execute(f'PRAGMA table_info("{table}")').fetchall():
+                if column[2].upper().startswith(("VARCHAR", "TEXT")):
+                    name = column[1]
+                    db.execute(f'UPDATE "{table}" SET "{name}" = replace("{name}", ?, ?) WHERE instr("{name}", ?) > 0', (old, new, old))
+    return target
+
+
+def shared_project(tmp_path_factory, name: str, build) -> Path:
+    """A project made once per test session, for every pytest-xdist worker, by `build(project)`
+    on a fresh `make_project_copy`: the first worker to ask builds it under a file lock in the
+    session's temporary folder, the others wait for it and reuse it. Tests read it and never
+    write to it; a test that runs pipelines in it works on a `copy_project`."""
+    import fcntl
+
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # shared by the workers' own folders (gw0/, gw1/, ...)
+    folder = base / f"shared-{name}"
+    with open(base / f"shared-{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (folder / ".complete").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            build(make_project_copy(folder))
+            (folder / ".complete").write_text("")
+    return folder
+
+
+# The trained tiny U-Net that most tests read, registered in the model registry (so that
+# `models:/` URIs can be tested). Without postprocessing: after three steps the network's
+# probabilities are close to 0.5, and keeping the largest component of its masks leaves some
+# scans all foreground, which would make the mask comparisons of the serving tests prove little.
+REGISTERED_UNET = "medseg-unet-test"
+SHARED_UNET = {**TINY_UNET, "unet.export.registered_model_name": REGISTERED_UNET}
+
+
+@pytest.fixture(scope="session")
+def trained_unet(tmp_path_factory) -> Path:
+    """`kedro run --pipeline unet` with SHARED_UNET, once for the session (read only)."""
+    return shared_project(tmp_path_factory, "unet", lambda project: run_pipeline(project, "unet", SHARED_UNET))
+
+
+@pytest.fixture(scope="session")
+def trained_conv3d(tmp_path_factory) -> Path:
+    """`kedro run --pipeline conv3d` with TINY_CONV3D (a 3D U-Net), once for the session (read only)."""
+    return shared_project(tmp_path_factory, "conv3d", lambda project: run_pipeline(project, "conv3d", TINY_CONV3D))
 
 
 def nested(params: dict) -> dict:
@@ -145,6 +212,11 @@ def run_pipeline(project: Path, pipeline: str | None, params: dict | None = None
             session.run(pipeline_names=[pipeline] if pipeline else None)
     finally:
         os.chdir(previous)
+        import mlflow
+
+        # A run that a failed test left active would take the next test's parameters.
+        while mlflow.active_run() is not None:
+            mlflow.end_run("FAILED")
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import nbclient
 import nbformat
 import pytest
 
-from conftest import REPO_ROOT, TINY_CONV3D, TINY_UNET, make_project_copy, mlflow_runs, run_pipeline
+from conftest import REPO_ROOT, TINY_CONV3D, copy_project, mlflow_runs, run_pipeline
 
 NOTEBOOK = REPO_ROOT / "notebooks" / "medseg_tour.ipynb"
 
@@ -34,9 +34,8 @@ def _stdout(cell) -> str:
     return "".join(out.get("text", "") for out in cell.get("outputs", []) if out.get("output_type") == "stream" and out.get("name") == "stdout")
 
 
-def test_notebook_runs_on_a_trained_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    project = make_project_copy(tmp_path / "project")
-    run_pipeline(project, "unet", TINY_UNET)
+def test_notebook_runs_on_a_trained_project(trained_unet: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    project = copy_project(trained_unet, tmp_path / "project")
     run_pipeline(project, "conv3d", TINY_CONV3D)
     shutil.copy(NOTEBOOK, project / "notebooks" / NOTEBOOK.name)
 

@@ -27,9 +27,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import TINY_DATA_PARAMS, TINY_UNET, make_project_copy, mlflow_runs, run_pipeline
+from conftest import REGISTERED_UNET, TINY_DATA_PARAMS, copy_project, mlflow_runs, run_pipeline
 
-REGISTERED = "medseg-unet-test"
+REGISTERED = REGISTERED_UNET
 SERVE_ROOTS = "MEDSEG_SERVE_ROOTS"
 SERVING_ENV = "_MLFLOW_IS_IN_SERVING_ENVIRONMENT"
 REPO_SRC = Path(__file__).resolve().parents[1] / "src"
@@ -79,10 +79,9 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Trained:
+def trained(trained_unet: Path, tmp_path_factory) -> Trained:
     scratch = tmp_path_factory.mktemp("serving")
-    project = make_project_copy(scratch / "project")
-    run_pipeline(project, "unet", {**TINY_UNET, "unet.export.registered_model_name": REGISTERED})
+    project = copy_project(trained_unet, scratch / "project")  # conftest.SHARED_UNET, registered as REGISTERED
     client, runs = mlflow_runs(project)
     (training,) = [run for run in runs if run.info.run_name.startswith("UNet-")]
     assert training.info.status == "FINISHED"

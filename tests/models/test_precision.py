@@ -97,5 +97,5 @@ def test_the_cpu_probe_reads_the_hosts_cpuinfo_through_one_function(monkeypatch)
 def test_a_test_that_asks_the_host_fails_saying_what_to_pin():
     from medseg.models.training import resolve_precision
 
-    with pytest.raises(pytest.fail.Exception, match="pin training.precision"):
+    with pytest.raises(AssertionError, match="pin training.precision"):
         resolve_precision("auto", "unet")

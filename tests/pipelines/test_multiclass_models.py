@@ -11,12 +11,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import TINY_UNET, make_project_copy, mlflow_runs, run_pipeline, surface_hd95_brute_force
+from conftest import HOST_INDEPENDENT_CONV3D, HOST_INDEPENDENT_UNET, TINY_UNET, make_project_copy, mlflow_runs, run_pipeline, surface_hd95_brute_force
 from medseg.imaging.synthesis import synthesize_case
 
 CLASSES = {1: "anterior", 2: "posterior"}
 SMALL = {
     **{key: value for key, value in TINY_UNET.items() if key.startswith("unet.")},  # the data is an MSD folder
+    **HOST_INDEPENDENT_CONV3D,
     "conv3d.sampling.patch_size": [16, 16, 16],
     "conv3d.sampling.queue_length": 8,
     "conv3d.training.epochs": 1,
@@ -99,6 +100,7 @@ def test_each_class_of_multi_class_phantoms_is_learned(tmp_path: Path):
     predicts one class only (Dice 0 for the other) fails. Measured: rim 0.51, core 0.54."""
     project = make_project_copy(tmp_path / "project")
     run_pipeline(project, "unet", {
+        **HOST_INDEPENDENT_UNET,
         "data.synthetic.n_classes": 2, "data.synthetic.n_cases": 8, "data.synthetic.in_plane_size": 48,
         "data.synthetic.n_slices_range": [12, 16], "unet.model.input_size": 32, "unet.model.base_filters": 8,
         "unet.training.epochs": 4, "unet.training.batch_size": 8, "unet.training.steps_per_epoch": 15,

@@ -12,9 +12,20 @@ from conftest import TINY_CONV3D, mlflow_runs, run_pipeline
 
 
 
-@pytest.mark.parametrize("kind, name", [("unet3d", r"UNet3D-Adam-BCE\+Dice"), ("patch_classifier", "Conv3DClassifier-Adam-BCE")])
-def test_conv3d_pipeline(project_copy, kind, name):
-    run_pipeline(project_copy, "conv3d", {**TINY_CONV3D, "conv3d.model.kind": kind})
+@pytest.fixture
+def conv3d_run(request, trained_conv3d, project_copy):
+    """The project of a conv3d run of the model kind `request.param`: the session's trained
+    3D U-Net (TINY_CONV3D), or a run of the patch classifier in a fresh project copy."""
+    if request.param == "unet3d":
+        return trained_conv3d
+    run_pipeline(project_copy, "conv3d", {**TINY_CONV3D, "conv3d.model.kind": request.param})
+    return project_copy
+
+
+@pytest.mark.parametrize("conv3d_run, name", [("unet3d", r"UNet3D-Adam-BCE\+Dice"), ("patch_classifier", "Conv3DClassifier-Adam-BCE")],
+                         indirect=["conv3d_run"])
+def test_conv3d_pipeline(conv3d_run, name):
+    project_copy = conv3d_run
     data = project_copy / "data"
     splits = pd.read_csv(data / "03_primary" / "splits.csv")
     sources = pd.read_csv(data / "02_intermediate" / "case_fingerprints.csv").set_index("case_id")

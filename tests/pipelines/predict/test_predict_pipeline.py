@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from medseg.errors import ConfigurationError, CorruptFileError, DatasetNotFoundError
-from tests.conftest import TINY_CONV3D, TINY_DATA_PARAMS, TINY_UNET, make_project_copy, mlflow_runs, run_pipeline
+from tests.conftest import TINY_DATA_PARAMS, TINY_UNET, copy_project, make_project_copy, mlflow_runs, run_pipeline
 
 TINY_UNET_POSTPROCESSED = {
     **TINY_UNET,
@@ -151,9 +151,8 @@ def test_the_evaluation_reports_dice_with_and_without_each_option(trained: Path)
     assert metrics["test_dice_mean"] == pytest.approx(metrics["test_dice_mean_mirroring_and_largest_component"])
 
 
-def test_conv3d_predictions_equal_its_own_evaluation(tmp_path: Path):
-    project = make_project_copy(tmp_path / "project")
-    run_pipeline(project, "conv3d", TINY_CONV3D)
+def test_conv3d_predictions_equal_its_own_evaluation(trained_conv3d: Path, tmp_path: Path):
+    project = copy_project(trained_conv3d, tmp_path / "project")
     out = tmp_path / "out"
     scans = project / "data" / "01_raw" / "synthetic" / "imagesTr"
     run_pipeline(project, "predict", {"predict.model": "conv3d", "predict.input_dir": str(scans), "predict.output_dir": str(out)})

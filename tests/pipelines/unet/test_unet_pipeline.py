@@ -9,15 +9,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import TINY_UNET, make_project_copy, mlflow_runs, run_pipeline, surface_hd95_brute_force
+from conftest import SHARED_UNET, make_project_copy, mlflow_runs, run_pipeline, surface_hd95_brute_force
 
 
 
 @pytest.fixture(scope="module")
-def unet_run(tmp_path_factory) -> Path:
-    project = make_project_copy(tmp_path_factory.mktemp("unet_run"))
-    run_pipeline(project, "unet", TINY_UNET)
-    return project
+def unet_run(trained_unet: Path) -> Path:
+    return trained_unet
 
 
 def test_predictions_have_the_source_geometry(unet_run: Path):
@@ -76,7 +74,11 @@ def test_mlflow_run_is_named_and_complete(unet_run: Path):
     for name in ("metrics_per_case.csv", "metrics_summary.json", "history.json", "architecture.json",
                  "model.weights.h5", "training_curves.png", "overlays.png"):
         assert f"unet/{name}" in artifacts
-    model = mlflow.keras.load_model(f"runs:/{run.info.run_id}/unet_model")
+    mlflow.set_tracking_uri(f"sqlite:///{unet_run / 'mlflow.db'}")  # not whichever store the last session set
+    try:
+        model = mlflow.keras.load_model(f"runs:/{run.info.run_id}/unet_model")
+    finally:
+        mlflow.set_tracking_uri(None)
     assert model.count_params() > 0 and model.output_shape[-1] == 1
 
 
@@ -93,7 +95,7 @@ def test_same_seed_from_a_subfolder_gives_identical_weights_and_dice(unet_run: P
 
     project = make_project_copy(tmp_path / "again")
     before = _files_under(project)
-    run_pipeline(project, "unet", TINY_UNET, cwd=project / "notebooks")
+    run_pipeline(project, "unet", SHARED_UNET, cwd=project / "notebooks")
 
     new_files = _files_under(project) - before
     # .viz/stats.json is kedro-viz's own hook's, also anchored at the root.
@@ -148,7 +150,7 @@ def _run_params(project: Path) -> dict:
     from conftest import nested
 
     bootstrap_project(project)
-    with KedroSession.create(project_path=project, runtime_params=nested(TINY_UNET)) as session:
+    with KedroSession.create(project_path=project, runtime_params=nested(SHARED_UNET)) as session:
         return session.load_context().params
 
 
@@ -196,7 +198,7 @@ def test_run_ends_with_a_summary_of_its_test_metrics(unet_run: Path, capsys):
     from medseg.run_summary import RunSummaryHook
 
     bootstrap_project(unet_run)
-    with KedroSession.create(project_path=unet_run, runtime_params=nested(TINY_UNET)) as session:
+    with KedroSession.create(project_path=unet_run, runtime_params=nested(SHARED_UNET)) as session:
         catalog = session.load_context().catalog
     capsys.readouterr()
     RunSummaryHook().after_pipeline_run({"project_path": str(unet_run)}, pipelines["unet"], catalog)
