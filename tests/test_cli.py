@@ -1,0 +1,107 @@
+"""The console of `kedro run`: bad input told in a few lines, no third-party notices a user
+can do nothing about, and no TensorFlow C++ lines on any CPU."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import make_project_copy
+
+KEDRO = str(Path(sys.executable).with_name("kedro"))
+
+
+def _kedro_run(project: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    environment = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "MEDSEG_TRACEBACK")}
+    environment.update(env)  # as a user's shell has it: no TF_CPP_MIN_LOG_LEVEL of the Makefile
+    return subprocess.run([KEDRO, "run", *args], cwd=project, env=environment, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def bad_dataset_runs(tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
+    """`kedro run --pipeline data` on an MSD folder that does not exist: plain, with
+    `--verbose`, and with MEDSEG_TRACEBACK=1."""
+    project = make_project_copy(tmp_path_factory.mktemp("cli") / "project")
+    missing = project / "no_such_dataset"
+    args = ("--pipeline", "data", "--params", f"data.source=msd,data.msd_dir={missing}")
+    return {
+        "plain": _kedro_run(project, *args),
+        "verbose": _kedro_run(project, *args, "--verbose"),
+        "env": _kedro_run(project, *args, MEDSEG_TRACEBACK="1"),
+    }
+
+
+def test_bad_input_ends_with_its_message_alone(bad_dataset_runs):
+    done = bad_dataset_runs["plain"]
+    assert done.returncode == 1
+    output = done.stdout + done.stderr
+    assert "Traceback" not in output and "DatasetNotFoundError" not in output
+    last = done.stderr.strip().splitlines()
+    assert last[-2].startswith("Error: ") and "no_such_dataset: dataset folder not found" in last[-2]
+    assert "Set data.msd_dir" in last[-2]
+    assert last[-1] == "(kedro run --verbose, or MEDSEG_TRACEBACK=1, shows the traceback.)"
+
+
+@pytest.mark.parametrize("how", ["verbose", "env"])
+def test_the_traceback_is_there_when_asked_for(bad_dataset_runs, how):
+    done = bad_dataset_runs[how]
+    assert done.returncode == 1
+    assert "Traceback" in done.stderr and "DatasetNotFoundError" in done.stderr
+
+
+def test_no_third_party_notice_nor_tensorflow_line_on_the_console(bad_dataset_runs):
+    output = bad_dataset_runs["plain"].stdout + bad_dataset_runs["plain"].stderr
+    for notice in ("register_new_resolver", "Add type hints", "deprecated", "oneDNN", "absl::InitializeLog", "I0000"):
+        assert notice not in output, notice
+
+
+TF_IMPORT = "import os, sys\nif sys.argv[1] == 'medseg': import medseg\nimport tensorflow\nos.write(2, b'still here\\n')"
+
+
+def test_tensorflow_start_up_lines_are_dropped_and_the_rest_kept():
+    """TF_ENABLE_ONEDNN_OPTS=1 turns oneDNN on whatever the CPU, so TensorFlow prints its notice
+    on every machine; imported after medseg, nothing of it reaches stderr."""
+    env = {**{k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}, "TF_ENABLE_ONEDNN_OPTS": "1"}
+    plain = subprocess.run([sys.executable, "-c", TF_IMPORT, "plain"], env=env, capture_output=True, text=True, timeout=120)
+    if "oneDNN custom operations are on" not in plain.stderr:
+        pytest.skip("this TensorFlow build prints no oneDNN notice here, so there is nothing to drop")
+    quiet = subprocess.run([sys.executable, "-c", TF_IMPORT, "medseg"], env=env, capture_output=True, text=True, timeout=120)
+    assert quiet.returncode == 0, quiet.stderr
+    assert quiet.stderr == "still here\n"
+
+
+def test_stderr_filter_keeps_every_other_line_and_the_exception(capfd):
+    import re
+
+    from medseg.console import TENSORFLOW_NOTICE, stderr_without
+
+    with pytest.raises(RuntimeError, match="boom"):
+        with stderr_without(TENSORFLOW_NOTICE):
+            os.write(2, b"first\nI0000 00:00:1796279045.498467   16882 port.cc:153] oneDNN custom operations are on.\n")
+            os.write(2, b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\nlast\n")
+            raise RuntimeError("boom")
+    assert capfd.readouterr().err == "first\nlast\n"
+    with stderr_without(re.compile(rb"^drop$")):
+        os.write(2, b"drop\ndrop me not\n")
+    assert capfd.readouterr().err == "drop me not\n"
+
+
+def test_the_user_error_is_found_behind_kedros_wrapping():
+    from kedro.io import DatasetError
+
+    from medseg.cli import user_error
+    from medseg.errors import CorruptFileError
+
+    cause = CorruptFileError("a.nii.gz: not NIfTI. Replace the file.")
+    try:
+        try:
+            raise cause
+        except CorruptFileError as exc:
+            raise DatasetError("Failed while loading data from dataset") from exc
+    except DatasetError as wrapped:
+        assert user_error(wrapped) is cause
+    assert user_error(RuntimeError("a bug")) is None
