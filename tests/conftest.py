@@ -184,6 +184,20 @@ def trained_conv3d(tmp_path_factory) -> Path:
     return shared_project(tmp_path_factory, "conv3d", lambda project: run_pipeline(project, "conv3d", TINY_CONV3D))
 
 
+@pytest.fixture(scope="session")
+def prepared_data(tmp_path_factory) -> Path:
+    """`kedro run --pipeline data` with TINY_DATA_PARAMS, once for the session (read only)."""
+    return shared_project(tmp_path_factory, "data", lambda project: run_pipeline(project, "data", TINY_DATA_PARAMS))
+
+
+@pytest.fixture
+def prepared_project(prepared_data: Path, tmp_path: Path) -> Path:
+    """A project copy whose data layers hold the tiny phantoms, preprocessed and split (and
+    its MLflow store the `Data-Synthetic-...-run1` run that made them): a model run on
+    TINY_DATA_PARAMS finds every case unchanged and goes straight to planning."""
+    return copy_project(prepared_data, tmp_path / "project")
+
+
 def nested(params: dict) -> dict:
     """{"a.b": 1} -> {"a": {"b": 1}}, as `kedro run --params a.b=1` does."""
     tree: dict = {}

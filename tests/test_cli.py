@@ -23,15 +23,14 @@ def _kedro_run(project: Path, *args: str, **env: str) -> subprocess.CompletedPro
 
 @pytest.fixture(scope="module")
 def bad_dataset_runs(tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
-    """`kedro run --pipeline data` on an MSD folder that does not exist: plain, with
-    `--verbose`, and with MEDSEG_TRACEBACK=1."""
+    """`kedro run --pipeline data` on an MSD folder that does not exist: plain, and with
+    `--verbose`."""
     project = make_project_copy(tmp_path_factory.mktemp("cli") / "project")
     missing = project / "no_such_dataset"
     args = ("--pipeline", "data", "--params", f"data.source=msd,data.msd_dir={missing}")
     return {
         "plain": _kedro_run(project, *args),
         "verbose": _kedro_run(project, *args, "--verbose"),
-        "env": _kedro_run(project, *args, MEDSEG_TRACEBACK="1"),
     }
 
 
@@ -46,11 +45,24 @@ def test_bad_input_ends_with_its_message_alone(bad_dataset_runs):
     assert last[-1] == "(kedro run --verbose, or MEDSEG_TRACEBACK=1, shows the traceback.)"
 
 
-@pytest.mark.parametrize("how", ["verbose", "env"])
-def test_the_traceback_is_there_when_asked_for(bad_dataset_runs, how):
-    done = bad_dataset_runs[how]
+def test_the_traceback_is_there_when_asked_for(bad_dataset_runs):
+    done = bad_dataset_runs["verbose"]
     assert done.returncode == 1
     assert "Traceback" in done.stderr and "DatasetNotFoundError" in done.stderr
+
+
+@pytest.mark.parametrize("env, verbose, kept", [("", False, False), ("0", False, False), ("1", False, True), ("", True, True)])
+def test_medseg_traceback_or_verbose_let_the_error_through(monkeypatch, env, verbose, kept):
+    import medseg.cli as cli
+    from medseg.errors import SplitError
+
+    def failing_run(**options):
+        raise SplitError("3 cases for a split that needs 4. Add cases.")
+
+    monkeypatch.setattr(cli.kedro_run, "callback", failing_run)
+    monkeypatch.setenv(cli.TRACEBACK_ENV, env)
+    with pytest.raises(SplitError if kept else cli.RunStopped, match="3 cases for a split"):
+        cli._run(verbose=verbose, pipeline=None, pipelines=["data"])
 
 
 def test_no_third_party_notice_nor_tensorflow_line_on_the_console(bad_dataset_runs):

@@ -4,19 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import HOST_INDEPENDENT_UNET, TINY_DATA_PARAMS, make_project_copy, mlflow_runs, run_pipeline
+from conftest import SHARED_UNET, copy_project, mlflow_runs, run_pipeline
 
-TINY = {
-    **TINY_DATA_PARAMS,
-    **HOST_INDEPENDENT_UNET,
-    "unet.model.input_size": 32,
-    "unet.model.base_filters": 8,
-    "unet.training.epochs": 1,
-    "unet.training.batch_size": 4,
-    "unet.training.steps_per_epoch": 2,
-    "unet.training.validation_steps": 1,
-    "unet.reporting.n_overlay_cases": 1,
-}
 
 
 def _outputs(project: Path) -> dict[str, bytes]:
@@ -28,11 +17,10 @@ def _outputs(project: Path) -> dict[str, bytes]:
     }
 
 
-def test_a_run_failing_in_evaluation_keeps_the_last_good_outputs(tmp_path, monkeypatch):
+def test_a_run_failing_in_evaluation_keeps_the_last_good_outputs(trained_unet, tmp_path, monkeypatch):
     import medseg.pipelines.modeling as modeling
 
-    project = make_project_copy(tmp_path / "project")
-    run_pipeline(project, "unet", TINY)
+    project = copy_project(trained_unet, tmp_path / "project")  # a good unet run (SHARED_UNET)
     good = _outputs(project)
     assert {"data/06_models/unet/model.keras", "data/08_reporting/unet/metrics_summary.json"} <= set(good)
     assert any(name.startswith("data/07_model_output/unet/") for name in good)
@@ -42,7 +30,7 @@ def test_a_run_failing_in_evaluation_keeps_the_last_good_outputs(tmp_path, monke
 
     monkeypatch.setattr(modeling, "summarize_per_class", crash)
     with pytest.raises(Exception, match="evaluation crashed"):
-        run_pipeline(project, "unet", {**TINY, "unet.training.learning_rate": 0.01})  # new model, new masks
+        run_pipeline(project, "unet", {**SHARED_UNET, "unet.training.learning_rate": 0.01})  # new model, new masks
     assert _outputs(project) == good
     assert not (project / "data" / ".medseg-previous").exists()
     _, runs = mlflow_runs(project)

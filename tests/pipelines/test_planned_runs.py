@@ -15,8 +15,8 @@ def _plan(project: Path, model: str) -> dict:
     return json.loads((project / "data" / "05_model_input" / model / "plan.json").read_text())
 
 
-def test_unet_auto_sizes_come_from_the_plan_and_explicit_ones_are_overrides(tmp_path: Path):
-    project = make_project_copy(tmp_path / "project")
+def test_unet_auto_sizes_come_from_the_plan_and_explicit_ones_are_overrides(prepared_project: Path, tmp_path: Path):
+    project = prepared_project
     run_pipeline(project, "unet", {**TINY_UNET, "unet.model.input_size": "auto", "unet.training.batch_size": 4, "planning.memory_gb": 0.05})
     geometry = json.loads((project / "data" / "03_primary" / "geometry.json").read_text())
     fingerprint = json.loads((project / "data" / "03_primary" / "fingerprint.json").read_text())
@@ -44,8 +44,8 @@ def test_unet_auto_sizes_come_from_the_plan_and_explicit_ones_are_overrides(tmp_
     assert json.loads(Path(logged).read_text()) == plan
 
 
-def test_conv3d_auto_plans_an_anisotropic_patch_and_its_poolings(tmp_path: Path):
-    project = make_project_copy(tmp_path / "project")
+def test_conv3d_auto_plans_an_anisotropic_patch_and_its_poolings(prepared_project: Path, tmp_path: Path):
+    project = prepared_project
     params = {
         **TINY_CONV3D,
         "conv3d.sampling.patch_size": "auto",
@@ -72,8 +72,8 @@ def test_conv3d_auto_plans_an_anisotropic_patch_and_its_poolings(tmp_path: Path)
     assert masks  # the planned model segments whole volumes through its windows
 
 
-def test_auto_steps_fill_the_budget_and_a_rerun_reuses_the_timing(tmp_path: Path):
-    project = make_project_copy(tmp_path / "project")
+def test_auto_steps_fill_the_budget_and_a_rerun_reuses_the_timing(prepared_project: Path, tmp_path: Path):
+    project = prepared_project
     params = {
         **TINY_UNET,
         "unet.training.epochs": "auto",

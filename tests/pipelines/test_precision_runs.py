@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import TINY_UNET, bfloat16_hardware, make_project_copy, mlflow_runs, run_pipeline
+from conftest import TINY_UNET, bfloat16_hardware, copy_project, mlflow_runs, run_pipeline
 
 # How far the logged model's own `predict` may stray from the segmenter's forward pass on the
 # same whole slices. Both run the same weights in the same policies, but as two TensorFlow
@@ -30,12 +30,12 @@ PROBABILITY_ATOL = {"float32": 1e-5, "mixed_bfloat16": 2e-2}
 
 
 @pytest.fixture(scope="module", params=[True, False], ids=["bfloat16-units", "no-bfloat16-units"])
-def auto_run(request, tmp_path_factory) -> tuple[Path, str, Path]:
+def auto_run(request, prepared_data, tmp_path_factory) -> tuple[Path, str, Path]:
     """The tiny unet run and a predict run on its val/test scans, with `precision: auto` on a
     machine whose probe says it has bfloat16 units (or not); returns the project, the
     precision `auto` should choose and the predict pipeline's output folder."""
     scratch = tmp_path_factory.mktemp("precision")
-    project = make_project_copy(scratch / "project")
+    project = copy_project(prepared_data, scratch / "project")
     with bfloat16_hardware(cpu=request.param):
         run_pipeline(project, "unet", {**TINY_UNET, "unet.training.precision": "auto"})
     out = scratch / "predicted"

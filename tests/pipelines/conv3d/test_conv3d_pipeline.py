@@ -13,13 +13,13 @@ from conftest import TINY_CONV3D, mlflow_runs, run_pipeline
 
 
 @pytest.fixture
-def conv3d_run(request, trained_conv3d, project_copy):
+def conv3d_run(request, trained_conv3d, prepared_project):
     """The project of a conv3d run of the model kind `request.param`: the session's trained
-    3D U-Net (TINY_CONV3D), or a run of the patch classifier in a fresh project copy."""
+    3D U-Net (TINY_CONV3D), or a run of the patch classifier in a copy of the prepared data."""
     if request.param == "unet3d":
         return trained_conv3d
-    run_pipeline(project_copy, "conv3d", {**TINY_CONV3D, "conv3d.model.kind": request.param})
-    return project_copy
+    run_pipeline(prepared_project, "conv3d", {**TINY_CONV3D, "conv3d.model.kind": request.param})
+    return prepared_project
 
 
 @pytest.mark.parametrize("conv3d_run, name", [("unet3d", r"UNet3D-Adam-BCE\+Dice"), ("patch_classifier", "Conv3DClassifier-Adam-BCE")],

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from medseg.errors import ConfigurationError, CorruptFileError, DatasetNotFoundError
-from tests.conftest import TINY_DATA_PARAMS, TINY_UNET, copy_project, make_project_copy, mlflow_runs, run_pipeline
+from tests.conftest import TINY_DATA_PARAMS, TINY_UNET, copy_project, mlflow_runs, run_pipeline
 
 TINY_UNET_POSTPROCESSED = {
     **TINY_UNET,
@@ -22,8 +22,8 @@ TINY_UNET_POSTPROCESSED = {
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    project = make_project_copy(tmp_path_factory.mktemp("predict") / "project")
+def trained(prepared_data: Path, tmp_path_factory) -> Path:
+    project = copy_project(prepared_data, tmp_path_factory.mktemp("predict") / "project")
     run_pipeline(project, "unet", TINY_UNET_POSTPROCESSED)
     return project
 
