@@ -15,6 +15,21 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+# The modules that train several models, longest first (as --durations measured them), then
+# the rest in their usual order: with --dist loadscope a module runs whole on one worker, and a
+# long one drawn last would keep the suite waiting while the other workers sit idle.
+LONG_MODULES = (
+    "test_resume.py", "test_distribute.py", "test_planned_runs.py", "test_multiclass_models.py",
+    "test_serving.py", "test_precision_runs.py", "test_notebook.py", "test_predict_pipeline.py",
+    "test_unet_pipeline.py", "test_cli.py", "test_conv3d_pipeline.py", "test_failed_run_keeps_outputs.py",
+)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    rank = {name: index for index, name in enumerate(LONG_MODULES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_MODULES)))
+
+
 def pytest_xdist_auto_num_workers(config) -> int:
     """`-n auto`: one worker per core, at most 4: each worker trains TensorFlow models of its
     own (about 2 GiB at its peak), and past 4 the longest module sets the suite's time."""
@@ -176,6 +191,28 @@ SHARED_UNET = {**TINY_UNET, "unet.export.registered_model_name": REGISTERED_UNET
 def trained_unet(tmp_path_factory) -> Path:
     """`kedro run --pipeline unet` with SHARED_UNET, once for the session (read only)."""
     return shared_project(tmp_path_factory, "unet", lambda project: run_pipeline(project, "unet", SHARED_UNET))
+
+
+@pytest.fixture(scope="session")
+def trained_unet_postprocessed(tmp_path_factory, prepared_data) -> Path:
+    """The tiny U-Net with both postprocessing options on (so that predict must apply the
+    model's own), trained with `training.precision: auto` where the probe finds no bfloat16
+    units (float32), once for the session (read only)."""
+
+    def build(project: Path) -> None:
+        shutil.rmtree(project)
+        copy_project(prepared_data, project)
+        with bfloat16_hardware(cpu=False):
+            run_pipeline(project, "unet", {**TINY_UNET_POSTPROCESSED, "unet.training.precision": "auto"})
+
+    return shared_project(tmp_path_factory, "unet-postprocessed", build)
+
+
+TINY_UNET_POSTPROCESSED = {
+    **TINY_UNET,
+    "unet.inference.mirror_axes": [0, 1],
+    "unet.inference.keep_largest_component": True,
+}
 
 
 @pytest.fixture(scope="session")

@@ -33,11 +33,16 @@ PROBABILITY_ATOL = {"float32": 1e-5, "mixed_bfloat16": 2e-2}
 def auto_run(request, prepared_data, tmp_path_factory) -> tuple[Path, str, Path]:
     """The tiny unet run and a predict run on its val/test scans, with `precision: auto` on a
     machine whose probe says it has bfloat16 units (or not); returns the project, the
-    precision `auto` should choose and the predict pipeline's output folder."""
+    precision `auto` should choose and the predict pipeline's output folder. Without bfloat16
+    units the run is the session's `trained_unet_postprocessed` (postprocessing on, which the
+    masks of every route must apply alike)."""
     scratch = tmp_path_factory.mktemp("precision")
-    project = copy_project(prepared_data, scratch / "project")
-    with bfloat16_hardware(cpu=request.param):
-        run_pipeline(project, "unet", {**TINY_UNET, "unet.training.precision": "auto"})
+    if request.param:
+        project = copy_project(prepared_data, scratch / "project")
+        with bfloat16_hardware(cpu=True):
+            run_pipeline(project, "unet", {**TINY_UNET, "unet.training.precision": "auto"})
+    else:
+        project = copy_project(request.getfixturevalue("trained_unet_postprocessed"), scratch / "project")
     out = scratch / "predicted"
     run_pipeline(project, "predict", {"predict.input_dir": str(_scan_folder(project, scratch)), "predict.output_dir": str(out)})
     return project, ("mixed_bfloat16" if request.param else "float32"), out

@@ -11,21 +11,13 @@ import pandas as pd
 import pytest
 
 from medseg.errors import ConfigurationError, CorruptFileError, DatasetNotFoundError
-from tests.conftest import TINY_DATA_PARAMS, TINY_UNET, copy_project, mlflow_runs, run_pipeline
-
-TINY_UNET_POSTPROCESSED = {
-    **TINY_UNET,
-    # Both postprocessing options on: predict must apply the model's own.
-    "unet.inference.mirror_axes": [0, 1],
-    "unet.inference.keep_largest_component": True,
-}
-
+from tests.conftest import TINY_DATA_PARAMS, copy_project, mlflow_runs, run_pipeline
 
 @pytest.fixture(scope="module")
-def trained(prepared_data: Path, tmp_path_factory) -> Path:
-    project = copy_project(prepared_data, tmp_path_factory.mktemp("predict") / "project")
-    run_pipeline(project, "unet", TINY_UNET_POSTPROCESSED)
-    return project
+def trained(trained_unet_postprocessed: Path, tmp_path_factory) -> Path:
+    """A copy of the session's U-Net with both postprocessing options on: predict must apply
+    the model's own (conftest.TINY_UNET_POSTPROCESSED)."""
+    return copy_project(trained_unet_postprocessed, tmp_path_factory.mktemp("predict") / "project")
 
 
 def _predicted_cases(project: Path) -> list[str]:
