@@ -15,7 +15,7 @@ import pytest
 
 from conftest import HOST_INDEPENDENT_UNET, TINY_DATA_PARAMS, make_project_copy, mlflow_runs, run_pipeline
 
-EPOCHS = 8
+EPOCHS = 5
 PARAMS = {
     **TINY_DATA_PARAMS,
     **HOST_INDEPENDENT_UNET,
