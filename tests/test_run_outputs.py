@@ -2,7 +2,14 @@
 
 from pathlib import Path
 
-from medseg.run_outputs import OutputTransaction
+from medseg.run_outputs import OutputTransaction, output_folders
+
+LAYERS = ("05_model_input", "06_models", "07_model_output", "08_reporting")
+
+
+def _unet(root: Path) -> list[Path]:
+    """The unet's output folders, as `output_folders` finds them in the default catalog."""
+    return [root / "data" / layer / "unet" for layer in LAYERS]
 
 
 def _tree(root: Path) -> dict[str, bytes]:
@@ -26,7 +33,7 @@ def test_a_failed_run_restores_the_previous_outputs_byte_for_byte(tmp_path):
     (tmp_path / "data/08_reporting/conv3d").mkdir(parents=True)
     (tmp_path / "data/08_reporting/conv3d/other.json").write_text("not this run's model")
     before = _tree(tmp_path)
-    run = OutputTransaction(tmp_path, ["unet"])
+    run = OutputTransaction(tmp_path, _unet(tmp_path))
     run.begin()
     assert not (tmp_path / "data/06_models/unet/model.keras").exists()
     assert (tmp_path / "data/06_models/unet/backup/abc/training_metadata.json").exists()  # stays for resume
@@ -44,7 +51,7 @@ def test_a_failed_run_restores_the_previous_outputs_byte_for_byte(tmp_path):
 def test_a_successful_run_replaces_the_previous_outputs(tmp_path):
     _outputs(tmp_path, "old")
     (tmp_path / "data/07_model_output/unet/stale.nii.gz").write_text("a case no longer predicted")
-    run = OutputTransaction(tmp_path, ["unet"])
+    run = OutputTransaction(tmp_path, _unet(tmp_path))
     run.begin()
     _outputs(tmp_path, "new")
     run.commit()
@@ -58,10 +65,10 @@ def test_a_successful_run_replaces_the_previous_outputs(tmp_path):
 def test_what_a_killed_run_left_aside_is_restored_by_the_next_run(tmp_path, caplog):
     _outputs(tmp_path, "good")
     before = _tree(tmp_path)
-    OutputTransaction(tmp_path, ["unet"]).begin()  # then SIGKILL: neither commit nor rollback
+    OutputTransaction(tmp_path, _unet(tmp_path)).begin()  # then SIGKILL: neither commit nor rollback
     _outputs(tmp_path, "half-written")
     assert (tmp_path / "data/.medseg-previous").exists()
-    run = OutputTransaction(tmp_path, ["unet"])
+    run = OutputTransaction(tmp_path, _unet(tmp_path))
     run.begin()  # the next run restores first, then moves the restored set aside
     assert "restoring its outputs first" in caplog.text
     run.rollback()
@@ -75,3 +82,39 @@ def test_a_run_without_a_model_moves_nothing(tmp_path):
     run.begin()
     run.rollback()
     assert _tree(tmp_path) == before
+
+
+class _Entry:
+    def __init__(self, described):
+        self.described = described
+
+    def _describe(self):
+        return self.described
+
+
+def test_the_output_folders_are_where_the_catalog_points(tmp_path):
+    """An entry's file stands for its folder, the predictions' folder for itself; a store is left out."""
+    elsewhere = tmp_path / "elsewhere"
+    catalog = {
+        "unet.plan": _Entry({"filepath": str(elsewhere / "plans/unet/plan.json")}),
+        "unet.model": _Entry({"filepath": str(elsewhere / "models/unet/model.keras")}),
+        "unet.predictions": _Entry({"path": str(elsewhere / "masks/unet")}),
+        "unet.metrics_summary": _Entry({"filepath": "s3://bucket/reports/unet/metrics_summary.json"}),
+    }
+    assert output_folders(catalog, ["unet"]) == [elsewhere / "plans/unet", elsewhere / "models/unet", elsewhere / "masks/unet"]
+
+
+def test_folders_outside_the_project_are_restored_too_and_data_is_left_alone(tmp_path):
+    """Catalog entries moved out of data/: a failed run restores them, and the files under
+    data/ that no entry points at any more are not touched."""
+    root, outside = tmp_path / "project", tmp_path / "outside"
+    _outputs(root, "old layout")
+    (outside / "models").mkdir(parents=True)
+    (outside / "models/model.keras").write_text("good")
+    before_root, before_outside = _tree(root), _tree(outside)
+    run = OutputTransaction(root, [outside / "models"])
+    run.begin()
+    assert not (outside / "models/model.keras").exists()
+    (outside / "models/model.keras").write_text("half-written")
+    run.rollback()
+    assert _tree(outside) == before_outside and _tree(root) == before_root

@@ -28,9 +28,9 @@ import os
 import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
+from medseg.casework import DriverThenWorker, map_in_order
 from medseg.errors import ConfigurationError, MedsegError
 from medseg.progress import CaseProgress
 
@@ -47,19 +47,6 @@ WORKER_PRELOAD = ("distributed", "numpy", "scipy.ndimage", "nibabel", "pandas", 
 
 class ComputeError(MedsegError):
     """A Dask worker died or the cluster went away while working on a case."""
-
-
-@dataclass(frozen=True)
-class DriverThenWorker:
-    """A per-case result made in two parts: `driver()` in this process (a segmenter's network),
-    then `worker(driver's result)` where the executor runs its tasks (the inverse geometry and
-    the writing of a mask). Calling it runs both here, so it is also a plain lazy partition."""
-
-    driver: Callable[[], Any]
-    worker: Callable[[Any], Any]
-
-    def __call__(self) -> Any:
-        return self.worker(self.driver())
 
 
 def check_scheduler(spec: str) -> str:
@@ -105,13 +92,7 @@ class SyncExecutor:
         Returns:
             The results, in the order of `items`. The first exception is raised as is.
         """
-        names = list(case_ids) if case_ids is not None else [str(item) for item in items]
-        progress = CaseProgress(task, len(items), logger=logger)
-        results = []
-        for item, name in zip(items, names):
-            results.append(func(prepare(item) if prepare is not None else item))
-            progress.advance(name)
-        return results
+        return map_in_order(func, items, task=task, case_ids=case_ids, prepare=prepare, logger=logger)
 
     def close(self) -> None:
         pass

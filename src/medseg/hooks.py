@@ -37,7 +37,7 @@ from medseg.errors import ConfigurationError, TrackingError
 from medseg.parameters import ComputeParams
 from medseg.pipelines import tracking
 from medseg.run_lock import ProjectLock
-from medseg.run_outputs import OutputTransaction
+from medseg.run_outputs import OutputTransaction, output_folders
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ def is_prediction_run(pipeline: Pipeline) -> bool:
     return namespaces == {"predict"}
 
 
-def prediction_run_prefix(predict: dict[str, Any], project_path, today: dt.date) -> str:
+def prediction_run_prefix(predict: dict[str, Any], local_folders: dict[str, str], today: dt.date) -> str:
     """`Predict-{Model}-{YYYYMMDD}`, the model's name read from its segmenter (fetched from
     MLflow for a model URI, once per process: the run's nodes reuse it). A model that cannot
     be found fails here, before the run starts."""
@@ -142,7 +142,7 @@ def prediction_run_prefix(predict: dict[str, Any], project_path, today: dt.date)
     from medseg.serving import fetch_segmenter
 
     fetch_segmenter.cache_clear()  # a new run downloads a URI again (`models:/name@alias` moves)
-    folder, _ = fetch_segmenter(str(predict["model"]), str(Path(project_path)))
+    folder, _ = fetch_segmenter(str(predict["model"]), local_folders)
     return f"Predict-{read_plan(folder).display_name}-{today.strftime('%Y%m%d')}"
 
 
@@ -215,14 +215,15 @@ class MlflowRunHook:
         self._lock.acquire(str(run_params.get("pipeline_names") or run_params.get("pipeline_name") or "__default__"))
         models = models_in_pipeline(pipeline)
         tracking.set_models_in_run(models)
-        self._outputs = OutputTransaction(root, models)
+        self._outputs = OutputTransaction(root, output_folders(catalog, models))
         self._outputs.begin()
         mlflow_config = getattr(self._context, "mlflow", None)
         if mlflow_config is None:
             return
         if is_prediction_run(pipeline):
             try:
-                prefix = prediction_run_prefix(self._context.params["predict"], self._context.project_path, dt.date.today())
+                local = {model: catalog.load(f"{model}.segmenter_folder") for model in tracking.MODEL_PIPELINES}
+                prefix = prediction_run_prefix(self._context.params["predict"], local, dt.date.today())
             except BaseException:
                 self._release()
                 raise

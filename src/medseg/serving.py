@@ -27,6 +27,7 @@ import atexit
 import base64
 import binascii
 import functools
+from collections.abc import Mapping
 import importlib.metadata
 import os
 import shutil
@@ -51,9 +52,6 @@ SERVE_ROOTS_ENV = "MEDSEG_SERVE_ROOTS"
 # MLflow's scoring server sets this in its process (mlflow.pyfunc.scoring_server.init).
 SERVING_ENV = "_MLFLOW_IS_IN_SERVING_ENVIRONMENT"
 ARTIFACT = "segmenter"
-# Where the training pipelines write each model's segmenter (catalog entry `{model}.segmenter`).
-LOCAL_SEGMENTER = "data/06_models/{model}/segmenter"
-LOCAL_MODELS = ("unet", "conv3d")
 
 SIGNATURE = ModelSignature(
     inputs=Schema(
@@ -248,14 +246,15 @@ def log_segmenter(segmenter_dir: str | os.PathLike, name: str, registered_model_
         )
 
 
-def fetch_segmenter(source: str, project_root: str) -> tuple[str, str]:
+def fetch_segmenter(source: str, local_folders: Mapping[str, str]) -> tuple[str, str]:
     """The local segmenter folder of `predict.model`, and the model URI to record.
 
     Args:
-        source: `unet` or `conv3d` (the model this project last trained, in
-            `data/06_models/<model>/segmenter`), or an MLflow model URI (`runs:/<run_id>/<name>`,
+        source: a key of `local_folders` (`unet`, `conv3d`: the model this project last
+            trained), or an MLflow model URI (`runs:/<run_id>/<name>`,
             `models:/<name>/<version>`), downloaded once per process.
-        project_root: the project's root folder.
+        local_folders: {model: its segmenter folder}, from the catalog entries
+            `<model>.segmenter_folder` (where the training pipelines save `<model>.segmenter`).
 
     A URI is downloaded once per process and run: a prediction run's hook clears the cache
     (`fetch_segmenter.cache_clear()`) when the run starts, so its nodes reuse that download.
@@ -265,8 +264,8 @@ def fetch_segmenter(source: str, project_root: str) -> tuple[str, str]:
         (`runs:/<id>/<model>_segmenter` for a local model whose training run is known), else
         the folder.
     """
-    if source in LOCAL_MODELS:
-        folder = Path(project_root) / LOCAL_SEGMENTER.format(model=source)
+    if source in local_folders:
+        folder = Path(local_folders[source])
         run_id = None
         try:
             import json

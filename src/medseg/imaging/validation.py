@@ -27,7 +27,7 @@ from medseg.imaging.geometry import nonzero_bounding_box, to_canonical
 from medseg.imaging.io import Volume, read_volume
 from medseg.imaging.laterality import body_midline, lateralized_classes, right_fractions
 from medseg.imaging.msd import CaseFiles
-from medseg.compute import SyncExecutor
+from medseg.casework import map_in_order
 from medseg.incremental import content_key, file_identity, file_stat
 
 logger = logging.getLogger(__name__)
@@ -420,7 +420,7 @@ def fingerprint_cases(
             "Validating: %d of %d cases unchanged since the last run (same files, size and mtime), not read again.",
             len(results), len(cases),
         )
-    mapper = mapper or SyncExecutor().map
+    mapper = mapper or map_in_order
     done = mapper(_fingerprint_job, jobs, task="Validating", case_ids=[job[0].case_id for job in jobs])
     results.update({job[0].case_id: result for job, result in zip(jobs, done)})
     failures = [results[case.case_id] for case in cases if isinstance(results[case.case_id], MedsegError)]

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from medseg.compute import DriverThenWorker, SyncExecutor
+from medseg.casework import DriverThenWorker, map_in_order
 from medseg.errors import ConfigurationError, DatasetNotFoundError, EmptyDatasetError
 from medseg.imaging.geometry import CaseGeometry
 from medseg.inference.postprocessing import LabelMapper, volumes_ml
@@ -157,7 +157,7 @@ def write_predictions(
 
     Args:
         scans: the scans to segment.
-        segment: `scan -> (mask, row)`, or a :class:`medseg.compute.DriverThenWorker` whose
+        segment: `scan -> (mask, row)`, or a :class:`medseg.casework.DriverThenWorker` whose
             result is `(mask, row)`: its driver part (the network) runs here and its worker
             part (inverse geometry, volumes) where `mapper` runs tasks, which also write the
             mask. The row holds the table's columns for that case (`case_id` is added).
@@ -174,7 +174,7 @@ def write_predictions(
     apply_umask(staging, directory=True)
     scans = list(scans)
     try:
-        rows = (mapper or SyncExecutor().map)(
+        rows = (mapper or map_in_order)(
             _stage_mask, scans, task="Segmenting", case_ids=[scan.case_id for scan in scans],
             prepare=_driver_part(segment, staging),
         )

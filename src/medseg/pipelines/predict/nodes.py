@@ -1,7 +1,7 @@
 """Nodes of the `predict` pipeline: thin wrappers around `medseg.inference` and `medseg.serving`.
 
 The segmenter comes from `predict.model`: this project's last trained `unet` or `conv3d`
-(`data/06_models/<model>/segmenter/`), or an MLflow model URI. It carries the training run's
+(catalog entries `<model>.segmenter_folder`), or an MLflow model URI. It carries the training run's
 plan (spacing, crop, normalization, classes), so new scans are preprocessed exactly as the
 training cases were; nothing is recomputed from the new scans.
 """
@@ -40,13 +40,15 @@ def _folders(predict: PredictParams, project_root: str) -> tuple[Path, Path]:
     return input_dir, output_dir
 
 
-def list_scans_to_predict(predict: PredictParams, project_root: str) -> pd.DataFrame:
+def list_scans_to_predict(predict: PredictParams, project_root: str, unet_segmenter: str, conv3d_segmenter: str) -> pd.DataFrame:
     """List the scans of `predict.input_dir` and check their headers, before anything is written.
 
     Args:
         predict: `params:predict` (model, input_dir, output_dir). Relative folders are taken
             from the project root.
         project_root: the project's root folder (catalog entry `project_root`).
+        unet_segmenter, conv3d_segmenter: the folders of this project's trained segmenters
+            (catalog entries `unet.segmenter_folder`, `conv3d.segmenter_folder`).
 
     Returns:
         One row per case: case_id, image_path. A multi-channel case given as channel files
@@ -58,13 +60,15 @@ def list_scans_to_predict(predict: PredictParams, project_root: str) -> pd.DataF
         DatasetNotFoundError, EmptyDatasetError, CorruptFileError: the input folder or a scan.
     """
     input_dir, _ = _folders(predict, project_root)
-    folder, _ = fetch_segmenter(str(predict["model"]), project_root)
+    folder, _ = fetch_segmenter(str(predict["model"]), {"unet": unet_segmenter, "conv3d": conv3d_segmenter})
     scans = list_scans(input_dir, read_plan(folder).channel)
     logger.info("predict: %d scans in %s.", len(scans), input_dir)
     return pd.DataFrame([{"case_id": scan.case_id, "image_path": scan.path} for scan in scans])
 
 
-def segment_scans(scans: pd.DataFrame, predict: PredictParams, project_root: str) -> pd.DataFrame:
+def segment_scans(
+    scans: pd.DataFrame, predict: PredictParams, project_root: str, unet_segmenter: str, conv3d_segmenter: str
+) -> pd.DataFrame:
     """Segment every scan and write `<output_dir>/<case>.nii.gz` and `predictions.csv`.
 
     Each mask is a uint8 label map on exactly its scan's grid (shape and affine; a trailing
@@ -77,13 +81,14 @@ def segment_scans(scans: pd.DataFrame, predict: PredictParams, project_root: str
         predict: `params:predict`; `mirror_axes` and `keep_largest_component` override the
             model's postprocessing when not null.
         project_root: the project's root folder.
+        unet_segmenter, conv3d_segmenter: as for `list_scans_to_predict`.
 
     Returns:
         The table written as `predictions.csv`: case_id, volume_ml (and volume_ml_<class> with
         several classes), model_uri; also logged to the MLflow run with the source model URI.
     """
     _, output_dir = _folders(predict, project_root)
-    folder, model_uri = fetch_segmenter(str(predict["model"]), project_root)
+    folder, model_uri = fetch_segmenter(str(predict["model"]), {"unet": unet_segmenter, "conv3d": conv3d_segmenter})
     segmenter = Segmenter.load(folder)
     if predict.get("mirror_axes") is not None:
         segmenter.plan.mirror_axes = [int(a) for a in predict["mirror_axes"]]

@@ -10,14 +10,14 @@ def create_pipeline(**kwargs) -> Pipeline:
         [
             Node(
                 list_scans_to_predict,
-                ["params:predict", "project_root"],
+                ["params:predict", "project_root", "unet.segmenter_folder", "conv3d.segmenter_folder"],
                 "predict.scans",
                 name="list_scans_to_predict",
                 namespace="predict",
             ),
             Node(
                 segment_scans,
-                ["predict.scans", "params:predict", "project_root"],
+                ["predict.scans", "params:predict", "project_root", "unet.segmenter_folder", "conv3d.segmenter_folder"],
                 "predict.predictions",
                 name="segment_scans",
                 namespace="predict",
