@@ -283,6 +283,19 @@ def data_run(tmp_path_factory) -> Path:
     return project
 
 
+@contextmanager
+def tracking_store(project: Path):
+    """MLflow's tracking URI is the project copy's store while the block runs (`runs:/` URIs
+    then resolve there, not in whichever store the last session set), and the default after."""
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
 def mlflow_runs(project: Path):
     """All runs of the project copy's `medseg` experiment, newest first."""
     import mlflow

@@ -27,11 +27,11 @@ import atexit
 import base64
 import binascii
 import functools
-from collections.abc import Mapping
 import importlib.metadata
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 

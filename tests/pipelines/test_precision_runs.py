@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import TINY_UNET, bfloat16_hardware, copy_project, mlflow_runs, run_pipeline
+from conftest import TINY_UNET, bfloat16_hardware, copy_project, mlflow_runs, run_pipeline, tracking_store
 
 # How far the logged model's own `predict` may stray from the segmenter's forward pass on the
 # same whole slices. Both run the same weights in the same policies, but as two TensorFlow
@@ -68,15 +68,10 @@ def _policies(model: keras.Model) -> tuple[set[str], str]:
 
 
 def _logged(project: Path, name: str, loader):
-    import mlflow
-
     _, runs = mlflow_runs(project)
     (training,) = [run for run in runs if run.info.run_name.startswith("UNet-")]
-    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
-    try:
+    with tracking_store(project):
         return loader(f"runs:/{training.info.run_id}/{name}"), training
-    finally:
-        mlflow.set_tracking_uri(None)
 
 
 def test_the_plan_the_training_and_the_run_record_the_precision_auto_chose(auto_run):

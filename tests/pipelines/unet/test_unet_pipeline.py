@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import SHARED_UNET, make_project_copy, mlflow_runs, run_pipeline, surface_hd95_brute_force
+from conftest import SHARED_UNET, make_project_copy, mlflow_runs, run_pipeline, surface_hd95_brute_force, tracking_store
 
 
 
@@ -74,11 +74,8 @@ def test_mlflow_run_is_named_and_complete(unet_run: Path):
     for name in ("metrics_per_case.csv", "metrics_summary.json", "history.json", "architecture.json",
                  "model.weights.h5", "training_curves.png", "overlays.png"):
         assert f"unet/{name}" in artifacts
-    mlflow.set_tracking_uri(f"sqlite:///{unet_run / 'mlflow.db'}")  # not whichever store the last session set
-    try:
+    with tracking_store(unet_run):
         model = mlflow.keras.load_model(f"runs:/{run.info.run_id}/unet_model")
-    finally:
-        mlflow.set_tracking_uri(None)
     assert model.count_params() > 0 and model.output_shape[-1] == 1
 
 
@@ -120,12 +117,9 @@ def test_logged_keras_model_takes_whole_slices_of_any_size(unet_run: Path):
 
     client, runs = mlflow_runs(unet_run)
     uri = f"runs:/{runs[0].info.run_id}/unet_model"
-    mlflow.set_tracking_uri(f"sqlite:///{unet_run / 'mlflow.db'}")
-    try:
+    with tracking_store(unet_run):
         logged = mlflow.keras.load_model(uri)
         info = mlflow.models.get_model_info(uri)
-    finally:
-        mlflow.set_tracking_uri(None)
     assert tuple(logged.input_shape) == (None, None, None, 1)
     (spec,) = info.signature.inputs.inputs
     assert (str(spec.type), tuple(spec.shape)) == ("float32", (-1, -1, -1, 1))
