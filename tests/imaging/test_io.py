@@ -13,8 +13,8 @@ from medseg.errors import (
     InvalidIntensityError,
     InvalidLabelError,
 )
-from medseg.imaging import io as medseg_io
 from medseg.imaging.io import Volume, read_header_geometry, read_volume, voxel_spacing, write_volume
+from medseg.publishing import current_umask
 
 
 def _save(path, data, affine=None, dtype=None):
@@ -194,7 +194,7 @@ def umask():
 @pytest.mark.parametrize("mask, mode", [(0o022, 0o644), (0o027, 0o640), (0o002, 0o664)])
 def test_written_file_mode_follows_the_umask(tmp_path, umask, mask, mode):
     umask(mask)
-    assert medseg_io.current_umask() == mask
+    assert current_umask() == mask
     target = tmp_path / "m.nii.gz"
     write_volume(Volume(np.zeros((2, 2, 2), np.uint8), np.eye(4)), target)
     assert target.stat().st_mode & 0o777 == mode

@@ -3,8 +3,9 @@ the partitions that did not change, and makes the others on the run's Dask worke
 
 kedro-datasets' `overwrite: true` deletes the old partitions before writing the new ones, so a
 crash half-way leaves neither set. This subclass writes into a hidden staging folder beside the
-target and swaps the two at the end (two renames on the same file system). On failure the
-staging folder is removed and the old partitions are left as they were.
+target and swaps the two at the end (:func:`medseg.publishing.staged_folder`: two renames on
+the same file system). On failure the staging folder is removed and the old partitions are left
+as they were.
 
 Incremental: a partition given as a :class:`medseg.incremental.KeyedPartition` whose key equals
 the key it was last saved with (recorded in `.partition-keys.json` inside the folder) is not
@@ -27,7 +28,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import uuid
 from copy import deepcopy
 from functools import partial
@@ -37,8 +37,8 @@ from typing import Any
 from kedro_datasets.partitions import PartitionedDataset
 
 from medseg import compute
-from medseg.imaging.io import apply_umask
 from medseg.incremental import KeyedPartition
+from medseg.publishing import staged_folder
 
 logger = logging.getLogger(__name__)
 
@@ -128,10 +128,7 @@ class StagedPartitionedDataset(PartitionedDataset):
 
     def _save_local(self, data: dict[str, Any], kept: list[str], to_make: list[str], keyed: dict[str, str]) -> None:
         target = Path(self._filesystem._strip_protocol(self._normalized_path))
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
-        apply_umask(staging, directory=True)
-        try:
+        with staged_folder(target) as staging:
             for pid in kept:
                 destination = Path(self._job(str(staging), pid, None)[1][self._filepath_arg])
                 destination.parent.mkdir(parents=True, exist_ok=True)
@@ -139,15 +136,6 @@ class StagedPartitionedDataset(PartitionedDataset):
             self._make(str(staging), data, to_make)
             if keyed:
                 (staging / KEYS_FILE).write_text(json.dumps({"partitions": keyed}, indent=1, sort_keys=True))
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        retired = target.with_name(f".{target.name}.old")
-        shutil.rmtree(retired, ignore_errors=True)
-        if target.exists():
-            os.replace(target, retired)
-        os.replace(staging, target)
-        shutil.rmtree(retired, ignore_errors=True)
 
     def _save_remote(self, data: dict[str, Any], kept: list[str], to_make: list[str], keyed: dict[str, str]) -> None:
         fs = self._filesystem

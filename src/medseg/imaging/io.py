@@ -21,9 +21,7 @@ from __future__ import annotations
 import gzip
 import io
 import os
-import tempfile
 import zlib
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -42,6 +40,7 @@ from medseg.errors import (
     InvalidIntensityError,
     InvalidLabelError,
 )
+from medseg.publishing import atomic_path
 
 VolumeKind = Literal["image", "label"]
 
@@ -325,73 +324,6 @@ def read_header_geometry(
     img = _open_nifti(path, storage_options)
     check_affine(img.affine, path)
     return tuple(int(s) for s in img.shape), np.asarray(img.affine, dtype=np.float64)
-
-
-def current_umask() -> int:
-    """The process's umask, read without changing it where Linux allows (/proc/self/status)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except OSError:
-        pass
-    mask = os.umask(0o022)  # elsewhere the only way to read it is to set it, briefly
-    os.umask(mask)
-    return mask
-
-
-def apply_umask(path: str | os.PathLike, directory: bool = False) -> None:
-    """Give a file made by `tempfile.mkstemp` (0600) or a folder made by `mkdtemp` (0700) the
-    mode that `open` or `mkdir` would have given it: 0666 or 0777 minus the umask."""
-    os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
-
-
-def fsync_file(path: str | os.PathLike) -> None:
-    """Flush a written file's data to disk, so that a rename cannot outlive its content."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_directory(path: str | os.PathLike) -> None:
-    """Flush a folder's entries (a rename inside it) to disk. A no-op where folders cannot be
-    opened (Windows)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # some file systems refuse fsync on a folder
-        pass
-    finally:
-        os.close(fd)
-
-
-@contextmanager
-def atomic_path(path: str | os.PathLike, suffix: str = ""):
-    """A temporary path beside `path` to write to; on success it is fsynced and renamed onto
-    `path` (then the folder is fsynced), on failure removed, leaving `path` as it was.
-
-    The file's mode follows the umask (0644 under the usual 022), as for any new file.
-    `suffix` keeps the extension that a writer may look at (".nii.gz", ".weights.h5").
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
-    os.close(fd)
-    try:
-        apply_umask(tmp)
-        yield tmp
-        fsync_file(tmp)
-        os.replace(tmp, path)
-        fsync_directory(path.parent)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _nifti_bytes(img: nib.Nifti1Image, gzipped: bool) -> bytes:

@@ -16,8 +16,6 @@ from __future__ import annotations
 import json
 import os
 import posixpath
-import shutil
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +28,8 @@ from medseg.errors import (
     MissingLabelError,
     UnsafePathError,
 )
-from medseg.imaging.io import Volume, apply_umask, fsync_directory, fsync_file, is_url, url_filesystem, write_volume
+from medseg.imaging.io import Volume, is_url, url_filesystem, write_volume
+from medseg.publishing import staged_folder
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
@@ -413,15 +412,12 @@ def write_msd_dataset(
             memory at a time.
         metadata: extra dataset.json fields (name, description, generator parameters...).
 
-    If anything fails, `root` is left as it was and the partial folder is removed. Every file
-    is flushed to disk before the swap, and the new folder gets the mode the umask gives (0755
-    under the usual 022), not the 0700 of a temporary folder.
+    If anything fails, `root` is left as it was and the partial folder is removed (what a kill
+    leaves: :func:`medseg.publishing.staged_folder`). Every file is flushed to disk before the
+    swap, and the new folder gets the mode the umask gives (0755 under the usual 022), not the
+    0700 of a temporary folder.
     """
-    root = Path(root)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
-    try:
-        apply_umask(staging, directory=True)
+    with staged_folder(root) as staging:
         training = []
         for case_id, make in cases:
             image, label = make()
@@ -437,19 +433,3 @@ def write_msd_dataset(
             "training": training,
         }
         (staging / "dataset.json").write_text(json.dumps(manifest, indent=2))
-        fsync_file(staging / "dataset.json")
-        for folder in (staging / "imagesTr", staging / "labelsTr", staging):
-            if folder.is_dir():
-                fsync_directory(folder)
-        if root.exists():
-            retired = root.with_name(f".{root.name}.old")
-            shutil.rmtree(retired, ignore_errors=True)
-            os.replace(root, retired)
-            os.replace(staging, root)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, root)
-        fsync_directory(root.parent)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise

@@ -11,8 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -25,8 +23,9 @@ import pandas as pd
 from medseg.casework import DriverThenWorker, map_in_order
 from medseg.errors import ConfigurationError, DatasetNotFoundError, EmptyDatasetError
 from medseg.imaging.geometry import CaseGeometry
+from medseg.imaging.io import Volume, read_header_geometry, write_volume
 from medseg.inference.postprocessing import LabelMapper, volumes_ml
-from medseg.imaging.io import Volume, apply_umask, atomic_path, fsync_directory, read_header_geometry, write_volume
+from medseg.publishing import publish_files, staging_folder
 
 logger = logging.getLogger(__name__)
 
@@ -152,8 +151,9 @@ def write_predictions(
 
     Each mask goes to a staging folder inside `output_dir` as soon as it is made (one case in
     memory at a time per process); only when every scan has succeeded are they moved into
-    `output_dir` (a rename each, replacing masks of the same name), then the table. On any
-    error the staging folder is removed and `output_dir` keeps what it held.
+    `output_dir` (:func:`medseg.publishing.publish_files`: a rename each, replacing masks of the
+    same name), then the table. On any error the staging folder is removed and `output_dir`
+    keeps what it held; files of other names in it (a user's own) are left alone.
 
     Args:
         scans: the scans to segment.
@@ -169,24 +169,15 @@ def write_predictions(
         The table written as `predictions.csv`, one row per case.
     """
     target = Path(output_dir)
-    target.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".medseg-predict-staging-", dir=target))
-    apply_umask(staging, directory=True)
     scans = list(scans)
-    try:
+    with staging_folder(target, prefix=".medseg-predict-staging-") as staging:
         rows = (mapper or map_in_order)(
             _stage_mask, scans, task="Segmenting", case_ids=[scan.case_id for scan in scans],
             prepare=_driver_part(segment, staging),
         )
         table = pd.DataFrame(rows)
-        for row in rows:
-            name = f"{row['case_id']}.nii.gz"
-            os.replace(staging / name, target / name)
-        with atomic_path(target / PREDICTIONS_TABLE, ".csv") as tmp:
-            table.to_csv(tmp, index=False)
-        fsync_directory(target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        table.to_csv(staging / PREDICTIONS_TABLE, index=False)
+        publish_files(staging, target, [*(f"{row['case_id']}.nii.gz" for row in rows), PREDICTIONS_TABLE])
     return table
 
 

@@ -21,8 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,7 +36,7 @@ from medseg.imaging.geometry import (
     plan_case_geometry,
     to_canonical,
 )
-from medseg.imaging.io import Volume, apply_umask, fsync_directory, read_volume
+from medseg.imaging.io import Volume, read_volume
 from medseg.imaging.laterality import safe_flip_axes
 from medseg.imaging.normalization import image_to_training_grid
 from medseg.inference.postprocessing import (
@@ -49,6 +47,7 @@ from medseg.inference.postprocessing import (
     volumes_ml,
 )
 from medseg.patching.sliding_window import sliding_window_predict, windows_per_batch
+from medseg.publishing import apply_umask, staged_folder
 
 logger = logging.getLogger(__name__)
 
@@ -278,26 +277,13 @@ class Segmenter:
     # -- on disk --------------------------------------------------------------------------------
     def save(self, folder: str | os.PathLike) -> None:
         """Write `segmenter.json` and `model.keras` into `folder`, replacing it only once both
-        are written (a staging folder beside it, then a rename)."""
-        target = Path(folder)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
-        apply_umask(staging, directory=True)
-        try:
+        are written (:func:`medseg.publishing.staged_folder`: a staging folder beside it, then
+        a rename)."""
+        with staged_folder(folder) as staging:
             self.model.save(staging / MODEL_FILE)
             (staging / PLAN_FILE).write_text(json.dumps(self.plan.to_dict(), indent=2))
             for path in staging.iterdir():
                 apply_umask(path)
-            retired = target.with_name(f".{target.name}.old")
-            shutil.rmtree(retired, ignore_errors=True)
-            if target.exists():
-                os.replace(target, retired)
-            os.replace(staging, target)
-            fsync_directory(target.parent)
-            shutil.rmtree(retired, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
 
     @classmethod
     def load(cls, folder: str | os.PathLike) -> Segmenter:
