@@ -23,6 +23,7 @@ from nibabel import orientations
 from scipy import ndimage
 
 from medseg.errors import ConfigurationError
+from medseg.imaging.components import largest_component
 
 __all__ = ["GENERATOR_VERSION", "synthesize_case"]
 
@@ -557,7 +558,7 @@ def _voxelize_lesion(
         for row in range(3)
     )
     implicit = np.sqrt(normalized) + np.float32(_LESION_PERTURBATION) * np.clip(lesion_field[box], -1, 1)
-    mask = _largest_component(implicit < 1.0)
+    mask = largest_component(implicit < 1.0, connectivity=1)
     edge_width = np.float32(min(spacing) / float(radius.mean()))
     soft_mask = np.clip((np.float32(1.0) - implicit) / edge_width + np.float32(0.5), 0.0, 1.0)
     soft_mask[~mask & (soft_mask > 0.5)] = 0.0
@@ -571,15 +572,6 @@ def _random_rotation(rng: np.random.Generator) -> np.ndarray:
     if np.linalg.det(q) < 0:
         q[:, 0] = -q[:, 0]
     return q
-
-
-def _largest_component(mask: np.ndarray) -> np.ndarray:
-    """Keep the largest face-connected component of a bool mask (empty stays empty)."""
-    components, count = ndimage.label(mask)
-    if count <= 1:
-        return mask
-    sizes = np.bincount(components.ravel())[1:]
-    return components == int(np.argmax(sizes)) + 1
 
 
 def _paint_lesion(

@@ -23,6 +23,7 @@ from medseg.errors import (
     InvalidLabelError,
     MedsegError,
 )
+from medseg.imaging.components import largest_component
 from medseg.imaging.geometry import nonzero_bounding_box, to_canonical
 from medseg.imaging.io import Volume, read_volume
 from medseg.imaging.laterality import body_midline, lateralized_classes, right_fractions
@@ -207,11 +208,10 @@ def read_case(case: CaseFiles) -> tuple[Volume, Volume]:
 def largest_component_extent_mm(mask: np.ndarray, spacing: Sequence[float]) -> tuple[float, float, float]:
     """Size in mm, along each axis, of the bounding box of the mask's largest 26-connected
     region (a lesion, an organ): the scale of the structures to segment. Zeros for an empty mask."""
-    components, count = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
-    if count == 0:
+    largest = largest_component(mask, connectivity=3)
+    if not largest.any():
         return (0.0, 0.0, 0.0)
-    largest = int(np.argmax(np.bincount(components.ravel())[1:])) + 1
-    box = ndimage.find_objects((components == largest).astype(np.int32))[0]
+    box = ndimage.find_objects(largest.astype(np.int32))[0]
     return tuple(float((b.stop - b.start) * s) for b, s in zip(box, spacing))
 
 

@@ -14,9 +14,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import ndimage
 
 from medseg.errors import ConfigurationError
+from medseg.imaging.components import largest_component
 from medseg.imaging.geometry import CaseGeometry, restore_original_geometry
 from medseg.imaging.io import Volume, voxel_spacing
 
@@ -79,14 +79,9 @@ def keep_largest_component(labels: np.ndarray, class_values: Iterable[int]) -> n
         stays empty; ties between equally large regions keep the first in scan order.
     """
     out = np.array(labels, copy=True)
-    structure = np.ones((3,) * labels.ndim, dtype=bool)
     for value in class_values:
-        components, count = ndimage.label(out == value, structure=structure)
-        if count <= 1:
-            continue
-        sizes = np.bincount(components.ravel())
-        sizes[0] = 0
-        out[(components != 0) & (components != int(np.argmax(sizes)))] = 0
+        region = out == value
+        out[region & ~largest_component(region, connectivity=3)] = 0
     return out
 
 
