@@ -87,7 +87,7 @@ def bfloat16_hardware(cpu: bool, gpu: bool = False):
     units and a GPU with (or without) them, whatever this machine has: `read_cpuinfo` returns
     `CPUINFO_WITH_BF16` or `CPUINFO_WITHOUT_BF16`, `gpu_has_bfloat16` returns `gpu`. Usable in a
     fixture of any scope; in-process runs only (a child process probes its own host)."""
-    import medseg.models.training as training
+    import medseg.models.precision as training
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(training, "read_cpuinfo", lambda: CPUINFO_WITH_BF16 if cpu else CPUINFO_WITHOUT_BF16)
@@ -104,7 +104,7 @@ def precision_probe_is_never_the_hosts():
     """No test may depend on whether this machine has bfloat16 units: a test that reaches the
     hardware probe without `bfloat16_hardware` (or a pinned `training.precision`) fails,
     naming the fix, on every machine, not only on those whose answer differs."""
-    import medseg.models.training as training
+    import medseg.models.precision as training
 
     _REAL_PROBES["cpu"] = real_cpu = training.cpu_has_bfloat16
     advice = ("asked the host whether it has bfloat16 units: pin training.precision (conftest's "
@@ -329,7 +329,7 @@ def hold_project_lock(project: Path, pipeline: str = "unet"):
     import sys
 
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from medseg.run_lock import ProjectLock;"
+        [sys.executable, "-c", "import sys, time; from medseg.runs.lock import ProjectLock;"
          "lock = ProjectLock(sys.argv[1]); lock.acquire(sys.argv[2]); print('locked', flush=True); time.sleep(120)",
          str(project), pipeline],
         stdout=subprocess.PIPE, text=True,

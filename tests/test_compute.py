@@ -1,4 +1,4 @@
-"""Per-case work on Dask (`medseg.compute`): order, where each part runs, errors, bounded work."""
+"""Per-case work on Dask (`medseg.runs.compute`): order, where each part runs, errors, bounded work."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from kedro.io.core import DatasetError
 
 from conftest import data_files_written, make_project_copy, mlflow_runs, run_pipeline
-from medseg import compute
+from medseg.runs import compute
 from medseg.datasets.staged import KEYS_FILE, StagedPartitionedDataset
 from medseg.errors import ConfigurationError, CorruptFileError
 from medseg.imaging.io import Volume, read_volume

@@ -63,7 +63,7 @@ def test_running_runs_whose_process_is_gone_are_marked_killed(tmp_path):
 
     import psutil
 
-    from medseg.pipelines import tracking
+    from medseg.runs import tracking
 
     client, experiment = _store(tmp_path)
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
@@ -82,26 +82,23 @@ def test_running_runs_whose_process_is_gone_are_marked_killed(tmp_path):
     assert client.get_run(untagged.info.run_id).info.status == "RUNNING"
 
 
-class _FailsOnce:
-    """A loopback HTTP server answering 503 to the first POST, then `{}` with 200."""
+class _Health:
+    """A loopback HTTP server answering every GET with `status`, recording the paths."""
 
-    def __init__(self):
+    def __init__(self, status: int):
         import http.server
         import threading
 
-        self.requests = 0
+        self.status, self.paths = status, []
         outer = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self):
-                self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                outer.requests += 1
-                status, body = (503, b"busy") if outer.requests == 1 else (200, b"{}")
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
+            def do_GET(self):
+                outer.paths.append(self.path)
+                self.send_response(outer.status)
+                self.send_header("Content-Length", "2")
                 self.end_headers()
-                self.wfile.write(body)
+                self.wfile.write(b"OK")
 
             def log_message(self, *args):
                 pass
@@ -114,33 +111,32 @@ class _FailsOnce:
         self.server.shutdown()
 
 
-def test_retries_are_off_while_the_run_starts_and_back_afterwards(monkeypatch):
-    import mlflow
+def test_an_unhealthy_server_is_refused_within_seconds_and_retries_stay_the_users(monkeypatch):
+    """A server that accepts connections but answers its health check with 503 is refused at
+    once, naming the URI; a healthy one passes; MLflow's retry settings are never touched."""
+    import os
+    import time
 
-    from medseg.hooks import FastFailRequests
+    from medseg.errors import TrackingError
 
-    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
-    server = _FailsOnce()
-    requests = FastFailRequests()
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "7")
+    server = _Health(503)
     try:
-        client = mlflow.MlflowClient(tracking_uri=server.uri)
-        requests.start()  # the start of a run: a failing server fails at once
-        with pytest.raises(mlflow.exceptions.MlflowException):
-            client.log_metric("0" * 32, "loss", 1.0)
-        assert server.requests == 1
-        requests.restore()  # training: one 5xx is retried, not fatal
-        server.requests = 0
-        client.log_metric("0" * 32, "loss", 1.0)
-        assert server.requests == 2
-        assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in __import__("os").environ
+        started = time.monotonic()
+        with pytest.raises(TrackingError, match=rf"{server.uri} answers its health check with HTTP 503"):
+            check_tracking_server(server.uri)
+        assert time.monotonic() - started < 5
+        server.status = 200
+        check_tracking_server(server.uri)
+        assert server.paths == ["/health", "/health"]
+        assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "7"
     finally:
-        requests.restore()
         server.close()
 
 
 def test_a_second_run_in_the_same_project_is_refused(tmp_path):
     from conftest import hold_project_lock
-    from medseg.run_lock import ProjectBusyError, ProjectLock
+    from medseg.runs.lock import ProjectBusyError, ProjectLock
 
     holder = hold_project_lock(tmp_path, "unet")
     try:

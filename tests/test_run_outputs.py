@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from medseg.run_outputs import OutputTransaction, output_folders
+from medseg.runs.outputs import OutputTransaction, output_folders
 
 LAYERS = ("05_model_input", "06_models", "07_model_output", "08_reporting")
 

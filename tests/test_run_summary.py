@@ -1,4 +1,4 @@
-"""medseg.run_summary: the closing lines of a model run, read from the catalog."""
+"""medseg.runs.summary: the closing lines of a model run, read from the catalog."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from kedro.io import DataCatalog, MemoryDataset
 from kedro.pipeline import Node, Pipeline
 from kedro_datasets.json import JSONDataset
 
-from medseg.run_summary import RunSummaryHook, format_run_summary, model_line
+from medseg.runs.summary import RunSummaryHook, format_run_summary, model_line
 
 
 def _summary(run_name: str | None = "UNet-Adam-BCE+Dice-20261125-run3", **overrides) -> dict:
@@ -94,7 +94,7 @@ def test_hook_prints_the_summary_of_the_models_this_run_evaluated(tmp_path, caps
 
 def test_hook_is_silent_when_no_model_was_evaluated(tmp_path, capsys, caplog):
     """A `data` run, or a run from a node after the summary: an old summary is not shown."""
-    caplog.set_level(logging.INFO, logger="medseg.run_summary")
+    caplog.set_level(logging.INFO, logger="medseg.runs.summary")
     catalog = _catalog_with_summary(tmp_path, _summary())
     pipeline = Pipeline([Node(_identity, "a", "b", name="predict_unet", namespace="unet")])
     RunSummaryHook().after_pipeline_run({"project_path": str(tmp_path)}, pipeline, catalog)
@@ -102,7 +102,7 @@ def test_hook_is_silent_when_no_model_was_evaluated(tmp_path, capsys, caplog):
 
 
 def test_hook_warns_instead_of_failing_when_the_summary_is_unreadable(tmp_path, capsys, caplog):
-    caplog.set_level(logging.INFO, logger="medseg.run_summary")
+    caplog.set_level(logging.INFO, logger="medseg.runs.summary")
     catalog = DataCatalog({"unet.metrics_summary": JSONDataset(filepath=str(tmp_path / "missing.json"))})
     pipeline = Pipeline([Node(_identity, "a", "unet.metrics_summary", name="summarize_evaluation", namespace="unet")])
     RunSummaryHook().after_pipeline_run({"project_path": str(tmp_path)}, pipeline, catalog)

@@ -1,5 +1,5 @@
 """Per-case work in its plainest form, for the domain modules: one case after another in this
-process, and the two-part result a segmenter makes. `medseg.compute` runs the same work on a
+process, and the two-part result a segmenter makes. `medseg.runs.compute` runs the same work on a
 Dask cluster (its executors' `map` has the signature of `map_in_order`), so the domain takes a
 `mapper` argument and never imports the run infrastructure. No Kedro, MLflow or Dask here.
 """

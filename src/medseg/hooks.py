@@ -2,13 +2,14 @@
 
 kedro-mlflow starts the run in its own `before_pipeline_run` and names it after
 `tracking.run.name`. `MlflowRunHook` runs first (`tryfirst=True`):
-- it takes the project's lock (`medseg.run_lock`), so two runs never write the same outputs;
+- it takes the project's lock (`medseg.runs.lock`), so two runs never write the same outputs;
 - it marks KILLED the experiment's RUNNING runs whose process is gone;
 - it names the run `{Model}-{Optimizer}-{Loss}-{YYYYMMDD}-run{N}`, N counting up among the
   experiment's runs with the same prefix, deleted ones included (a name is never reused).
 `RunStartedHook` runs last, once kedro-mlflow has started the run: it tags the run with its
-process, and gives MLflow back its HTTP retries, which are off while the run starts so that a
-tracking server that is down fails within seconds.
+process and with the models it trains (`medseg.models`, which decides whether metric names
+carry the model's prefix). A tracking server that is down or unhealthy is refused within
+seconds, when the context is made (`check_tracking_server`).
 
 The tracking store is anchored at the project root (`${medseg.project_root:}` in mlflow.yml),
 as Kedro anchors catalog paths, so a run from a subfolder uses the project's `mlflow.db`.
@@ -32,60 +33,46 @@ from mlflow.entities import ViewType
 from omegaconf import OmegaConf
 from pydantic import ValidationError
 
-from medseg import compute
+from medseg.runs import compute
+from medseg.datasets.tracking import log_params
 from medseg.errors import ConfigurationError, TrackingError
+from medseg.kinds import model_kinds
 from medseg.parameters import ComputeParams
-from medseg.pipelines import tracking
-from medseg.run_lock import ProjectLock
-from medseg.run_outputs import OutputTransaction, output_folders
+from medseg.runs import tracking
+from medseg.runs.lock import ProjectLock
+from medseg.runs.outputs import OutputTransaction, output_folders
 
 logger = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 3.0
-MODEL_DISPLAY = tracking.MODEL_DISPLAY
-
-
-FAST_FAIL_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
-
-
-class FastFailRequests:
-    """MLflow's HTTP retries off between `start()` and `restore()`.
-
-    While a run starts, a server that does not answer should fail within seconds, not after
-    MLflow's minutes of retries. Once the run has started, one 5xx while logging an epoch
-    must not kill training: `restore()` puts back the user's settings (or MLflow's defaults).
-    """
-
-    def __init__(self) -> None:
-        self._saved: dict[str, str | None] | None = None
-
-    def start(self) -> None:
-        if self._saved is None:
-            self._saved = {key: os.environ.get(key) for key in FAST_FAIL_ENV}
-            os.environ.update(FAST_FAIL_ENV)
-
-    def restore(self) -> None:
-        if self._saved is None:
-            return
-        for key, value in self._saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        self._saved = None
 
 
 def check_tracking_server(uri: str | None) -> None:
-    """Refuse, within seconds, an HTTP tracking URI whose server does not answer.
+    """Refuse, within seconds, an HTTP tracking URI whose server does not answer, or answers
+    its health check (`GET /health`) with an error.
 
-    MLflow's client would otherwise retry for minutes.
+    MLflow's client would otherwise retry for minutes when the run starts. Asking once here,
+    with a timeout, leaves MLflow's own retries as the user set them for the rest of the run,
+    where one 5xx while logging an epoch must not kill training.
     """
     if not uri or urlparse(uri).scheme not in ("http", "https"):
         return
+    import urllib.error
+    import urllib.request
+
     parsed = urlparse(uri)
     port = parsed.port or (443 if parsed.scheme == "https" else 80)
     try:
         socket.create_connection((parsed.hostname, port), timeout=CONNECT_TIMEOUT_S).close()
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=CONNECT_TIMEOUT_S):
+            pass
+    except urllib.error.HTTPError as exc:
+        if exc.code >= 500:
+            raise TrackingError(
+                f"MLflow tracking server {uri} answers its health check with HTTP {exc.code}. Check the server's "
+                "log, or set server.mlflow_tracking_uri in conf/base/mlflow.yml (or conf/local/) to a working "
+                "server or to sqlite:///mlflow.db."
+            ) from exc
     except OSError as exc:
         raise TrackingError(
             f"MLflow tracking server {uri} cannot be reached ({exc}). Start it (e.g. `mlflow server "
@@ -95,23 +82,22 @@ def check_tracking_server(uri: str | None) -> None:
 
 
 def models_in_pipeline(pipeline: Pipeline) -> list[str]:
-    """The model pipelines (`unet`, `conv3d`) whose nodes this run executes."""
+    """The model kinds (`medseg.kinds`) whose nodes this run executes, in registry order."""
     namespaces = {node.namespace.split(".")[0] for node in pipeline.nodes if node.namespace}
-    return [name for name in tracking.MODEL_PIPELINES if name in namespaces]
+    return [name for name in model_kinds() if name in namespaces]
 
 
 def _model_parts(model: str, params: dict[str, Any], n_classes: int = 1) -> tuple[str, str, str]:
     # Imported here: Keras loads in seconds, and a `data` run names itself without it.
     from medseg.models import loss_display_name, optimizer_display_name
 
-    section = params[model]
-    kind = section["model"].get("kind", "unet") if model == "conv3d" else "unet"
-    training = section["training"]
-    if kind == "patch_classifier":
-        loss, n_classes = "bce", 1
-    else:
-        loss = training["loss"]
-    return MODEL_DISPLAY.get(kind, kind), optimizer_display_name(training["optimizer"]), loss_display_name(loss, n_classes=n_classes)
+    kind, section = model_kinds()[model], params[model]
+    classes = kind.class_count(section, {"label_mode": "multiclass" if n_classes > 1 else "binary", "classes": range(n_classes)})
+    return (
+        kind.display_name(section),
+        optimizer_display_name(section["training"]["optimizer"]),
+        loss_display_name(kind.loss_name(section), n_classes=classes),
+    )
 
 
 def run_name_prefix(models: list[str], params: dict[str, Any], today: dt.date, n_classes: int = 1) -> str:
@@ -135,13 +121,11 @@ def is_prediction_run(pipeline: Pipeline) -> bool:
 
 
 def prediction_run_prefix(predict: dict[str, Any], local_folders: dict[str, str], today: dt.date) -> str:
-    """`Predict-{Model}-{YYYYMMDD}`, the model's name read from its segmenter (fetched from
-    MLflow for a model URI, once per process: the run's nodes reuse it). A model that cannot
-    be found fails here, before the run starts."""
+    """`Predict-{Model}-{YYYYMMDD}`, the model's name read from its segmenter (downloaded from
+    MLflow for a model URI). A model that cannot be found fails here, before the run starts."""
     from medseg.inference.segmenter import read_plan
     from medseg.serving import fetch_segmenter
 
-    fetch_segmenter.cache_clear()  # a new run downloads a URI again (`models:/name@alias` moves)
     folder, _ = fetch_segmenter(str(predict["model"]), local_folders)
     return f"Predict-{read_plan(folder).display_name}-{today.strftime('%Y%m%d')}"
 
@@ -192,7 +176,6 @@ class MlflowRunHook:
         self._context = None
         self._lock: ProjectLock | None = None
         self._outputs: OutputTransaction | None = None
-        self.requests = FastFailRequests()
 
     @hook_impl(tryfirst=True)
     def after_context_created(self, context) -> None:
@@ -202,10 +185,7 @@ class MlflowRunHook:
             configured = context.config_loader["mlflow"].get("server", {}).get("mlflow_tracking_uri")
         except Exception:  # no mlflow.yml: kedro-mlflow falls back to MLflow's default
             configured = None
-        uri = configured or os.environ.get("MLFLOW_TRACKING_URI")
-        if uri and urlparse(uri).scheme in ("http", "https"):
-            self.requests.start()
-        check_tracking_server(uri)
+        check_tracking_server(configured or os.environ.get("MLFLOW_TRACKING_URI"))
 
     @hook_impl(tryfirst=True)
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline: Pipeline, catalog) -> None:
@@ -214,7 +194,6 @@ class MlflowRunHook:
         self._lock = ProjectLock(root)
         self._lock.acquire(str(run_params.get("pipeline_names") or run_params.get("pipeline_name") or "__default__"))
         models = models_in_pipeline(pipeline)
-        tracking.set_models_in_run(models)
         self._outputs = OutputTransaction(root, output_folders(catalog, models))
         self._outputs.begin()
         mlflow_config = getattr(self._context, "mlflow", None)
@@ -222,7 +201,7 @@ class MlflowRunHook:
             return
         if is_prediction_run(pipeline):
             try:
-                local = {model: catalog.load(f"{model}.segmenter_folder") for model in tracking.MODEL_PIPELINES}
+                local = {model: catalog.load(f"{model}.segmenter_folder") for model in model_kinds()}
                 prefix = prediction_run_prefix(self._context.params["predict"], local, dt.date.today())
             except BaseException:
                 self._release()
@@ -257,14 +236,13 @@ class MlflowRunHook:
 
     def _release(self) -> None:
         self._outputs = None
-        self.requests.restore()
         if self._lock is not None:
             self._lock.release()
             self._lock = None
 
 
 class ComputeHook:
-    """Opens the run's per-case executor (`compute.scheduler`, `medseg.compute`) before the
+    """Opens the run's per-case executor (`compute.scheduler`, `medseg.runs.compute`) before the
     pipeline and closes it after, stopping a LocalCluster that medseg started.
 
     The scheduler is checked when the context is made, before any lock is taken or MLflow run
@@ -286,7 +264,7 @@ class ComputeHook:
     @hook_impl(trylast=True)  # after kedro-mlflow has started the run, so the choice is logged
     def before_pipeline_run(self) -> None:
         compute.open_scheduler(self._scheduler)
-        tracking.log_params({"compute.scheduler": self._scheduler})
+        log_params({"compute.scheduler": self._scheduler})
 
     @hook_impl
     def after_pipeline_run(self) -> None:
@@ -298,15 +276,14 @@ class ComputeHook:
 
 
 class RunStartedHook:
-    """After kedro-mlflow has started the run: tag it with its process, restore HTTP retries."""
+    """After kedro-mlflow has started the run: tag it with its process and its models."""
 
     def __init__(self, run_hook: MlflowRunHook):
         self._run_hook = run_hook
 
     @hook_impl(trylast=True)
     def before_pipeline_run(self, pipeline: Pipeline) -> None:
-        self._run_hook.requests.restore()
-        tracking.set_tags(tracking.process_tags())
+        tracking.set_tags({**tracking.process_tags(), tracking.TAG_MODELS: ",".join(models_in_pipeline(pipeline))})
         context = self._run_hook.context
         if context is not None and "data" in context.params and not is_prediction_run(pipeline):
             tracking.describe_dataset(*dataset_identity(context.params["data"], context.project_path))

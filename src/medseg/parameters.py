@@ -272,7 +272,7 @@ class PlanningParams(Section):
 # compute -------------------------------------------------------------------------------------
 @dataclass(config=_STRICT)
 class ComputeParams(Section):
-    """Where per-case work runs (`medseg.compute`).
+    """Where per-case work runs (`medseg.runs.compute`).
 
     scheduler: `sync` (this process), `local:N` (a Dask LocalCluster of N worker processes)
         or the address of a running Dask scheduler (`tcp://host:8786`).
@@ -281,7 +281,7 @@ class ComputeParams(Section):
     scheduler: str
 
     def __post_init__(self) -> None:
-        from medseg.compute import check_scheduler
+        from medseg.runs.compute import check_scheduler
 
         check_scheduler(self.scheduler)
         super().__post_init__()

@@ -26,7 +26,6 @@ from __future__ import annotations
 import atexit
 import base64
 import binascii
-import functools
 import importlib.metadata
 import os
 import shutil
@@ -252,12 +251,10 @@ def fetch_segmenter(source: str, local_folders: Mapping[str, str]) -> tuple[str,
     Args:
         source: a key of `local_folders` (`unet`, `conv3d`: the model this project last
             trained), or an MLflow model URI (`runs:/<run_id>/<name>`,
-            `models:/<name>/<version>`), downloaded once per process.
+            `models:/<name>/<version>`), downloaded to a temporary folder that is deleted
+            when the process ends.
         local_folders: {model: its segmenter folder}, from the catalog entries
             `<model>.segmenter_folder` (where the training pipelines save `<model>.segmenter`).
-
-    A URI is downloaded once per process and run: a prediction run's hook clears the cache
-    (`fetch_segmenter.cache_clear()`) when the run starts, so its nodes reuse that download.
 
     Returns:
         (folder, uri): the folder `Segmenter.load` reads; the URI of the MLflow model when known
@@ -277,7 +274,6 @@ def fetch_segmenter(source: str, local_folders: Mapping[str, str]) -> tuple[str,
     return _download_segmenter(source)
 
 
-@functools.lru_cache(maxsize=8)
 def _download_segmenter(source: str) -> tuple[str, str]:
     if ":/" not in source:
         raise ConfigurationError(
@@ -302,5 +298,3 @@ def _download_segmenter(source: str) -> tuple[str, str]:
         )
     return str(folder), source
 
-
-fetch_segmenter.cache_clear = _download_segmenter.cache_clear

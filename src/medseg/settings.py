@@ -1,7 +1,7 @@
 """Project settings: the project's hooks and where configuration is read from."""
 
 from medseg.hooks import ComputeHook, MlflowRunHook, RunStartedHook, register_resolver
-from medseg.run_summary import RunSummaryHook
+from medseg.runs.summary import RunSummaryHook
 
 # kedro-mlflow's own hook is registered by its entry point. MlflowRunHook runs before it
 # (tryfirst): it locks the project, checks the tracking server and names the run.

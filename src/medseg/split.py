@@ -72,3 +72,8 @@ def split_cases(case_ids: Sequence[str], train: float, val: float, test: float, 
     labels = np.array(["train"] * sizes["train"] + ["val"] * sizes["val"] + ["test"] * sizes["test"])
     assigned = dict(zip((ids[i] for i in order), labels))
     return pd.DataFrame({"case_id": ids, "split": [assigned[i] for i in ids]})
+
+
+def cases_in_split(splits: pd.DataFrame, *names: str) -> list[str]:
+    """Case ids assigned to any of the named sets (`train`, `val`, `test`), sorted."""
+    return sorted(splits.loc[splits["split"].isin(names), "case_id"])

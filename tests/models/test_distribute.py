@@ -113,7 +113,7 @@ def test_train_model_streams_the_global_batch_and_builds_in_the_scope(tmp_path: 
     import keras
     import tensorflow as tf
 
-    from medseg.pipelines import modeling
+    from medseg.pipelines import training as modeling
 
     built_in, batches = [], []
     strategy = TwoReplicas()
@@ -142,12 +142,13 @@ def test_train_model_streams_the_global_batch_and_builds_in_the_scope(tmp_path: 
                 "early_stopping_patience": 1, "deterministic": False, "flip_axes": [0, 1], "precision": "float32",
                 "distribute": "mirrored"}
     section = {"seed": 1, "model": {}, "training": training}
-    model, history = modeling.train_model(
+    model, history, decided = modeling.train_model(
         "unet", build, make_stream, splits, {}, {}, {"seed": 0}, section, str(tmp_path / "backup")
     )
     assert batches == [6, 6]  # training and validation streams: 3 per replica × 2 replicas
     assert built_in == [1]  # built after the scope was entered
     assert len(history["loss"]) == 1
+    assert decided["unet.training.global_batch_size"] == 6 and decided["unet.training.replicas"] == 2
 
 
 def test_mirrored_training_learns_what_one_device_learns(two_cpu_run: dict):

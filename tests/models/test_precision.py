@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from medseg.models import build_unet2d, compile_segmentation_model
-from medseg.models.training import cpu_has_bfloat16, resolve_precision
+from medseg.models.precision import cpu_has_bfloat16, resolve_precision
 
 AMX_CPU = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_bf16\n"
 PLAIN_CPU = "processor\t: 0\nflags\t\t: fpu sse2 avx2\n"
@@ -69,33 +69,31 @@ def test_the_plan_decides_the_precision_once_from_the_probe(cpu, gpu, kind, mode
     training the resolved policy; an explicit policy is kept whatever the hardware."""
     from conftest import bfloat16_hardware
 
-    from medseg.pipelines.modeling import plan_precision
+    from medseg.kinds.planning import plan_precision
 
     expected = "mixed_bfloat16" if gpu or (cpu and kind == "unet") else "float32"
     with bfloat16_hardware(cpu=cpu, gpu=gpu):
-        settings, plan = plan_precision(model_key, {**section, "training": {"precision": "auto"}}, {})
+        settings, plan = plan_precision(kind, model_key, {**section, "training": {"precision": "auto"}}, {})
         assert settings["training"]["precision"] == expected
         assert plan["precision"] == {"given": "auto", "used": expected}
-        settings, plan = plan_precision(model_key, {**section, "training": {"precision": "float32"}}, {})
+        settings, plan = plan_precision(kind, model_key, {**section, "training": {"precision": "float32"}}, {})
         assert settings["training"]["precision"] == "float32" and plan["precision"]["used"] == "float32"
 
 
 def test_the_cpu_probe_reads_the_hosts_cpuinfo_through_one_function(monkeypatch):
-    import medseg.models.training as training
+    import medseg.models.precision as precision
     from conftest import CPUINFO_WITH_BF16, CPUINFO_WITHOUT_BF16, _REAL_PROBES
 
     real = _REAL_PROBES["cpu"]
-    monkeypatch.setattr(training, "read_cpuinfo", lambda: CPUINFO_WITH_BF16)
+    monkeypatch.setattr(precision, "read_cpuinfo", lambda: CPUINFO_WITH_BF16)
     assert real() is True
-    monkeypatch.setattr(training, "read_cpuinfo", lambda: CPUINFO_WITHOUT_BF16)
+    monkeypatch.setattr(precision, "read_cpuinfo", lambda: CPUINFO_WITHOUT_BF16)
     assert real() is False
-    monkeypatch.setattr(training, "read_cpuinfo", lambda: "")  # no /proc/cpuinfo: not Linux
+    monkeypatch.setattr(precision, "read_cpuinfo", lambda: "")  # no /proc/cpuinfo: not Linux
     assert real() is False
-    assert training.machine_description()["cpu"]  # falls back to the platform's name
+    assert precision.machine_description()["cpu"]  # falls back to the platform's name
 
 
 def test_a_test_that_asks_the_host_fails_saying_what_to_pin():
-    from medseg.models.training import resolve_precision
-
     with pytest.raises(AssertionError, match="pin training.precision"):
         resolve_precision("auto", "unet")

@@ -3,7 +3,7 @@
 import pytest
 
 from conftest import TINY_DATA_PARAMS, hold_project_lock, make_project_copy, mlflow_runs, run_pipeline
-from medseg.run_lock import ProjectBusyError
+from medseg.runs.lock import ProjectBusyError
 
 
 def test_a_second_kedro_run_is_refused_while_one_runs(tmp_path):

@@ -18,7 +18,7 @@ def _outputs(project: Path) -> dict[str, bytes]:
 
 
 def test_a_run_failing_in_evaluation_keeps_the_last_good_outputs(trained_unet, tmp_path, monkeypatch):
-    import medseg.pipelines.modeling as modeling
+    import medseg.pipelines.evaluation as evaluation
 
     project = copy_project(trained_unet, tmp_path / "project")  # a good unet run (SHARED_UNET)
     good = _outputs(project)
@@ -28,7 +28,7 @@ def test_a_run_failing_in_evaluation_keeps_the_last_good_outputs(trained_unet, t
     def crash(*args, **kwargs):
         raise RuntimeError("evaluation crashed")
 
-    monkeypatch.setattr(modeling, "summarize_per_class", crash)
+    monkeypatch.setattr(evaluation, "summarize_per_class", crash)
     with pytest.raises(Exception, match="evaluation crashed"):
         run_pipeline(project, "unet", {**SHARED_UNET, "unet.training.learning_rate": 0.01})  # new model, new masks
     assert _outputs(project) == good

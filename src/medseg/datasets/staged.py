@@ -11,9 +11,9 @@ Incremental: a partition given as a :class:`medseg.incremental.KeyedPartition` w
 the key it was last saved with (recorded in `.partition-keys.json` inside the folder) is not
 made again; the file already there is kept (hard-linked into the staging folder).
 
-Parallel: the partitions to make are mapped over `medseg.compute.current()`, one task per
+Parallel: the partitions to make are mapped over `medseg.runs.compute.current()`, one task per
 partition that makes it and saves it on the worker, so only `sync` makes them in this process.
-A :class:`medseg.compute.DriverThenWorker` partition runs its driver part (a network) here
+A :class:`medseg.runs.compute.DriverThenWorker` partition runs its driver part (a network) here
 first, and only its worker part in the task.
 
 Any fsspec store: on a local folder the swap is two renames. An object store (`s3://`) has no
@@ -36,7 +36,7 @@ from typing import Any
 
 from kedro_datasets.partitions import PartitionedDataset
 
-from medseg import compute
+from medseg.runs import compute
 from medseg.incremental import KeyedPartition
 from medseg.publishing import staged_folder
 
@@ -53,7 +53,7 @@ def _save_partition(job: tuple[type, dict[str, Any], Any]) -> None:
 
 def _driver_part(job: tuple[type, dict[str, Any], Any]) -> tuple[type, dict[str, Any], Any]:
     """Run a partition's driver part here (a segmenter's network), leaving its worker part to
-    the task (:class:`medseg.compute.DriverThenWorker`)."""
+    the task (:class:`medseg.runs.compute.DriverThenWorker`)."""
     dataset_type, kwargs, data = job
     if isinstance(data, compute.DriverThenWorker):
         data = partial(data.worker, data.driver())

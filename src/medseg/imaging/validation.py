@@ -385,7 +385,7 @@ def fingerprint_cases(
         previous: last run's records by case id (the `case_fingerprints` table), or None.
             A case whose files have the same size and mtime as recorded, or else the same
             SHA-256, with the same paths and settings, keeps its record and is not read.
-        mapper: `medseg.compute` executor's `map` (default: this process, in order); the
+        mapper: `medseg.runs.compute` executor's `map` (default: this process, in order); the
             cases to read are mapped over it.
 
     Returns:

@@ -163,7 +163,7 @@ def write_predictions(
             mask. The row holds the table's columns for that case (`case_id` is added).
         output_dir: the folder to write; created if missing. Under a Dask scheduler the
             workers write into it, so it must be on storage they share.
-        mapper: a `medseg.compute` executor's `map` (default: this process, in order).
+        mapper: a `medseg.runs.compute` executor's `map` (default: this process, in order).
 
     Returns:
         The table written as `predictions.csv`, one row per case.

@@ -171,7 +171,7 @@ def test_metrics_summary_names_its_run_data_and_parameters(unet_run: Path, tmp_p
 
 
 def test_run_provenance_of_an_msd_folder_outside_a_tracked_run(tmp_path: Path):
-    from medseg.pipelines.modeling import run_provenance
+    from medseg.pipelines.evaluation import run_provenance
 
     data = {"source": "msd", "msd_dir": "elsewhere/Task04_Hippocampus", "seed": 42, "synthetic": {"dir": "data/01_raw/synthetic"}}
     provenance = run_provenance("unet", data, {"seed": 7}, str(tmp_path))
@@ -189,7 +189,7 @@ def test_run_ends_with_a_summary_of_its_test_metrics(unet_run: Path, capsys):
     from kedro.framework.startup import bootstrap_project
 
     from conftest import nested
-    from medseg.run_summary import RunSummaryHook
+    from medseg.runs.summary import RunSummaryHook
 
     bootstrap_project(unet_run)
     with KedroSession.create(project_path=unet_run, runtime_params=nested(SHARED_UNET)) as session:
@@ -216,7 +216,7 @@ def test_overlay_titles_name_the_case_slice_and_its_test_dice(unet_run: Path):
     """`evaluate_predictions` on this run's saved masks: each overlay's title carries the case,
     the axial slice shown and the Dice of metrics_per_case.csv."""
     from medseg.imaging.io import read_volume
-    from medseg.pipelines.modeling import evaluate_predictions
+    from medseg.pipelines.evaluation import evaluate_predictions
 
     masks = unet_run / "data" / "07_model_output" / "unet"
     predictions = {p.name[: -len(".nii.gz")]: (lambda p=p: read_volume(str(p), kind="label")) for p in masks.glob("*.nii.gz")}
@@ -224,7 +224,7 @@ def test_overlay_titles_name_the_case_slice_and_its_test_dice(unet_run: Path):
     splits = pd.read_csv(unet_run / "data" / "03_primary" / "splits.csv", dtype={"case_id": str})
     fingerprint = json.loads((unet_run / "data" / "03_primary" / "fingerprint.json").read_text())
     per_case, figure = evaluate_predictions(
-        predictions, fingerprints, splits, fingerprint, {"foreground_labels": None}, {"n_overlay_cases": 4}
+        predictions, fingerprints, splits, fingerprint, {"foreground_labels": None}, {"reporting": {"n_overlay_cases": 4}}
     )
     report = pd.read_csv(unet_run / "data" / "08_reporting" / "unet" / "metrics_per_case.csv", dtype={"case_id": str})
     np.testing.assert_allclose(per_case["dice"], report["dice"])

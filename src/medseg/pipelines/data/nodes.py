@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from medseg import compute
+from medseg.runs import compute
 from medseg.datasets.folder import anchor_path
 from medseg.errors import ConfigurationError
 from medseg.imaging.geometry import (

@@ -14,15 +14,15 @@ from pathlib import Path
 
 import pandas as pd
 
-from medseg import compute
-from medseg.compute import DriverThenWorker
+from medseg.runs import compute
+from medseg.runs.compute import DriverThenWorker
 from medseg.datasets.folder import anchor_path
 from medseg.errors import ConfigurationError
 from medseg.inference import Segmenter
 from medseg.inference.scans import Scan, check_output_folder, list_scans, segmented_scan, write_predictions
 from medseg.inference.segmenter import read_plan
 from medseg.parameters import PredictParams
-from medseg.pipelines import tracking
+from medseg.runs import tracking
 from medseg.serving import fetch_segmenter
 
 logger = logging.getLogger(__name__)
@@ -40,19 +40,23 @@ def _folders(predict: PredictParams, project_root: str) -> tuple[Path, Path]:
     return input_dir, output_dir
 
 
-def list_scans_to_predict(predict: PredictParams, project_root: str, unet_segmenter: str, conv3d_segmenter: str) -> pd.DataFrame:
+def list_scans_to_predict(
+    predict: PredictParams, project_root: str, **local_segmenters: str
+) -> tuple[pd.DataFrame, dict[str, str]]:
     """List the scans of `predict.input_dir` and check their headers, before anything is written.
 
     Args:
         predict: `params:predict` (model, input_dir, output_dir). Relative folders are taken
             from the project root.
         project_root: the project's root folder (catalog entry `project_root`).
-        unet_segmenter, conv3d_segmenter: the folders of this project's trained segmenters
-            (catalog entries `unet.segmenter_folder`, `conv3d.segmenter_folder`).
+        local_segmenters: {model: folder} of this project's trained segmenters (catalog
+            entries `<model>.segmenter_folder`, one per model kind).
 
     Returns:
-        One row per case: case_id, image_path. A multi-channel case given as channel files
-        (`<case>_0000`, `<case>_0001`) gives the file of the channel the model was trained on.
+        One row per case (case_id, image_path), and the segmenter to run: {"folder": its local
+        folder (downloaded for a model URI), "uri": the model URI to record}. A multi-channel
+        case given as channel files (`<case>_0000`, `<case>_0001`) gives the file of the
+        channel the model was trained on.
 
     Raises:
         ConfigurationError: a folder is missing from the parameters, the output folder is
@@ -60,15 +64,14 @@ def list_scans_to_predict(predict: PredictParams, project_root: str, unet_segmen
         DatasetNotFoundError, EmptyDatasetError, CorruptFileError: the input folder or a scan.
     """
     input_dir, _ = _folders(predict, project_root)
-    folder, _ = fetch_segmenter(str(predict["model"]), {"unet": unet_segmenter, "conv3d": conv3d_segmenter})
+    folder, model_uri = fetch_segmenter(str(predict["model"]), local_segmenters)
     scans = list_scans(input_dir, read_plan(folder).channel)
     logger.info("predict: %d scans in %s.", len(scans), input_dir)
-    return pd.DataFrame([{"case_id": scan.case_id, "image_path": scan.path} for scan in scans])
+    table = pd.DataFrame([{"case_id": scan.case_id, "image_path": scan.path} for scan in scans])
+    return table, {"folder": folder, "uri": model_uri}
 
 
-def segment_scans(
-    scans: pd.DataFrame, predict: PredictParams, project_root: str, unet_segmenter: str, conv3d_segmenter: str
-) -> pd.DataFrame:
+def segment_scans(scans: pd.DataFrame, model: dict[str, str], predict: PredictParams, project_root: str) -> pd.DataFrame:
     """Segment every scan and write `<output_dir>/<case>.nii.gz` and `predictions.csv`.
 
     Each mask is a uint8 label map on exactly its scan's grid (shape and affine; a trailing
@@ -81,15 +84,14 @@ def segment_scans(
         predict: `params:predict`; `mirror_axes` and `keep_largest_component` override the
             model's postprocessing when not null.
         project_root: the project's root folder.
-        unet_segmenter, conv3d_segmenter: as for `list_scans_to_predict`.
+        model: the segmenter that `list_scans_to_predict` found.
 
     Returns:
         The table written as `predictions.csv`: case_id, volume_ml (and volume_ml_<class> with
         several classes), model_uri; also logged to the MLflow run with the source model URI.
     """
     _, output_dir = _folders(predict, project_root)
-    folder, model_uri = fetch_segmenter(str(predict["model"]), {"unet": unet_segmenter, "conv3d": conv3d_segmenter})
-    segmenter = Segmenter.load(folder)
+    segmenter, model_uri = Segmenter.load(model["folder"]), model["uri"]
     if predict.get("mirror_axes") is not None:
         segmenter.plan.mirror_axes = [int(a) for a in predict["mirror_axes"]]
     if predict.get("keep_largest_component") is not None:

@@ -2,22 +2,26 @@
 
 from kedro.pipeline import Node, Pipeline
 
+from medseg.kinds import model_kinds
+
 from .nodes import list_scans_to_predict, segment_scans
 
 
 def create_pipeline(**kwargs) -> Pipeline:
+    # Every model kind's local segmenter, for `predict.model: <kind>`.
+    segmenters = {name: f"{name}.segmenter_folder" for name in model_kinds()}
     return Pipeline(
         [
             Node(
                 list_scans_to_predict,
-                ["params:predict", "project_root", "unet.segmenter_folder", "conv3d.segmenter_folder"],
-                "predict.scans",
+                {"predict": "params:predict", "project_root": "project_root", **segmenters},
+                ["predict.scans", "predict.model"],
                 name="list_scans_to_predict",
                 namespace="predict",
             ),
             Node(
                 segment_scans,
-                ["predict.scans", "params:predict", "project_root", "unet.segmenter_folder", "conv3d.segmenter_folder"],
+                ["predict.scans", "predict.model", "params:predict", "project_root"],
                 "predict.predictions",
                 name="segment_scans",
                 namespace="predict",

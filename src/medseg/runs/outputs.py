@@ -5,7 +5,7 @@ rename per entry, same file system) into `data/.medseg-previous/`. The run write
 When it succeeds, the previous set is deleted; when it fails, the partial new set is deleted and
 the previous one moved back, byte for byte. A run that dies without a word (SIGKILL, a power
 cut) leaves `data/.medseg-previous/` behind: the next run finds it, restores it first, and says
-so. The project lock (`medseg.run_lock`) guarantees that no live run owns it then.
+so. The project lock (`medseg.runs.lock`) guarantees that no live run owns it then.
 
 A model's output folders are where the catalog puts its entries (`output_folders`), one per
 data layer, wherever they point: no folder is spelled here. The crash-recovery backups

@@ -24,7 +24,6 @@ from typing import Any
 
 from kedro.framework.hooks import hook_impl
 
-from medseg.pipelines.tracking import MODEL_PIPELINES
 
 logger = logging.getLogger(__name__)
 
@@ -114,8 +113,9 @@ class RunSummaryHook:
 
     @hook_impl
     def after_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
-        ran = {node.name for node in pipeline.nodes}
-        models = [model for model in MODEL_PIPELINES if SUMMARY_NODE.format(model=model) in ran]
+        # The models whose evaluation this run summarised: `<model>.summarize_evaluation` ran.
+        suffix = SUMMARY_NODE.format(model="")
+        models = sorted({node.name[: -len(suffix)] for node in pipeline.nodes if node.name.endswith(suffix)})
         if not models:
             return
         summaries, folders = {}, {}

@@ -2,7 +2,8 @@
 
 One `kedro run` is one MLflow run. When a run trains several models (the default pipeline),
 each model's metrics carry its name as a prefix (`unet.test_dice_mean`), so they stay apart;
-a run with a single model logs plain names (`test_dice_mean`).
+a run with a single model logs plain names (`test_dice_mean`). Which models a run holds is
+the run's own tag (`medseg.models`), not process state.
 """
 
 from __future__ import annotations
@@ -14,35 +15,23 @@ from typing import Any
 
 import mlflow
 
-MODEL_PIPELINES = ("unet", "conv3d")
-# A model kind's name in run names: the 2D U-Net, and `conv3d.model.kind`.
-MODEL_DISPLAY = {"unet": "UNet", "unet3d": "UNet3D", "patch_classifier": "Conv3DClassifier"}
-_models_in_run: tuple[str, ...] = ()
+TAG_MODELS = "medseg.models"
 
 
-def set_models_in_run(models: Iterable[str]) -> None:
-    """Record which model pipelines the current run holds (called by the project hook)."""
-    global _models_in_run
-    _models_in_run = tuple(sorted(models))
-
-
-def metric_key(model: str, name: str) -> str:
+def metric_key(model: str, name: str, models_in_run: Iterable[str]) -> str:
     """`name`, prefixed by `model.` when the run trains more than one model."""
-    return f"{model}.{name}" if len(_models_in_run) > 1 else name
+    return f"{model}.{name}" if len(set(models_in_run)) > 1 else name
 
 
-def log_metrics(model: str, metrics: Mapping[str, float], step: int | None = None) -> None:
-    """Log finite metrics to the active MLflow run, if any (NaN/inf are skipped: MLflow's UI
-    cannot plot them, and the per-case CSV keeps them)."""
-    if mlflow.active_run() is None:
-        return
-    values = {
-        metric_key(model, key): float(value)
-        for key, value in metrics.items()
-        if value is not None and math.isfinite(float(value))
-    }
-    if values:
-        mlflow.log_metrics(values, step=step)
+def models_in_active_run() -> tuple[str, ...]:
+    """The models of the active MLflow run, from its `medseg.models` tag (set by the project
+    hook when the run starts, from the pipeline's namespaces): the run's own record of what it
+    trains, which every node and dataset of the run reads alike. Empty outside a run."""
+    run = mlflow.active_run()
+    if run is None:
+        return ()
+    tag = mlflow.get_run(run.info.run_id).data.tags.get(TAG_MODELS, "")
+    return tuple(model for model in tag.split(",") if model)
 
 
 # Run bookkeeping ------------------------------------------------------------------------------
@@ -111,13 +100,6 @@ def active_run_identity() -> tuple[str | None, str | None]:
     return (run.info.run_id, run.info.run_name) if run is not None else (None, None)
 
 
-def log_params(params: Mapping[str, Any]) -> None:
-    """Log parameters that medseg decides at run time (e.g. the precision `auto` chose) to the
-    active MLflow run, if any."""
-    if mlflow.active_run() is not None:
-        mlflow.log_params({key: str(value) for key, value in params.items()})
-
-
 def set_tags(tags: Mapping[str, Any]) -> None:
     """Tag the active MLflow run, if any."""
     if mlflow.active_run() is not None:
@@ -132,10 +114,11 @@ def record_resume(model: str, resumed_epoch: int, previous_run_id: str | None) -
     """
     if mlflow.active_run() is None:
         return
+    models = models_in_active_run()
     set_tags({
-        metric_key(model, TAG_RESUMED): "true",
-        metric_key(model, TAG_RESUMED_FROM_EPOCH): resumed_epoch,
-        **({metric_key(model, TAG_RESUMED_FROM_RUN): previous_run_id} if previous_run_id else {}),
+        metric_key(model, TAG_RESUMED, models): "true",
+        metric_key(model, TAG_RESUMED_FROM_EPOCH, models): resumed_epoch,
+        **({metric_key(model, TAG_RESUMED_FROM_RUN, models): previous_run_id} if previous_run_id else {}),
     })
     if not previous_run_id or previous_run_id == active_run_id():
         return

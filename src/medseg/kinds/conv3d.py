@@ -1,0 +1,210 @@
+"""The 3D model, trained on patches and run by Gaussian-weighted sliding windows.
+
+Two networks (`conv3d.model.kind`):
+- `unet3d`: a 3D U-Net; whole volumes are segmented by sliding windows.
+- `patch_classifier`: the original course block, which says whether a patch holds foreground.
+  Its sliding-window output is a coarse detection map (each window's probability spread over
+  the window), so it is evaluated by the same code, honestly, as a localiser.
+Both are also scored on test-case patches as detectors (accuracy, ROC-AUC, F1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from functools import partial
+from typing import Any
+
+import keras
+import numpy as np
+import pandas as pd
+from kedro.pipeline import Node
+
+from medseg.errors import ConfigurationError
+from medseg.evaluation import classification_metrics
+from medseg.imaging.io import Volume
+from medseg.inference import window_predictor
+from medseg.kinds import ModelKind, foreground_class_count, register_model_kind
+from medseg.kinds.planning import apply_plan, plan_model, target_spacing
+from medseg.kinds.streams import sampled_dataset
+from medseg.models import build_patch_classifier, build_unet3d, compile_patch_classifier, compile_segmentation_model
+from medseg.parameters import Conv3dParams, PlanningParams
+from medseg.patching import extract_patch, patch_stream, sample_patch_centers
+from medseg.patching.sliding_window import unet_features_per_voxel, windows_per_batch
+from medseg.planning import median_shape, plan_patches
+from medseg.split import cases_in_split
+
+NETWORKS = {"unet3d": "UNet3D", "patch_classifier": "Conv3DClassifier"}
+
+
+def network(settings: Mapping[str, Any]) -> str:
+    """`conv3d.model.kind`, checked."""
+    kind = settings["model"]["kind"]
+    if kind not in NETWORKS:
+        raise ConfigurationError(f"conv3d.model.kind='{kind}' is not one of {list(NETWORKS)}.")
+    return kind
+
+
+def _patch_shape(settings: Mapping[str, Any]) -> tuple[int, int, int]:
+    return tuple(int(s) for s in settings["sampling"]["patch_size"])
+
+
+def _features_per_voxel(settings: Mapping[str, Any]) -> float:
+    """The model's width for the memory budget (`unet_features_per_voxel`)."""
+    if network(settings) == "patch_classifier":
+        # Conv3D(16) at full resolution, Conv3D(32) after one pooling: a 16-filter encoder of depth 1.
+        return unet_features_per_voxel(16, 1, 3)
+    return unet_features_per_voxel(int(settings["model"]["base_filters"]), int(settings["model"]["depth"]), 3)
+
+
+def plan_conv3d(
+    case_geometry: dict, dataset_fingerprint: dict, conv3d: Conv3dParams, planning: PlanningParams, timings: dict
+) -> tuple[dict, dict, dict]:
+    """Plan the 3D model from the data: the patch (about `planning.patch_voxels` voxels,
+    shaped in millimetres so that a thick-slice axis gets fewer voxels, clipped to the median
+    case), the poolings per axis (nnU-Net's: none below 4 voxels, none along an axis twice as
+    coarse as the finest), the depth (their number) and the batch (`planning.memory_gb`).
+
+    `conv3d.sampling.patch_size`, `conv3d.model.depth` and `conv3d.training.batch_size` set to
+    `auto` take these values; explicit values override them and are recorded. The per-axis
+    poolings apply only to a planned patch; an explicit patch pools every axis. Then the
+    precision and the training steps (`medseg.kinds.planning.plan_model`).
+
+    Returns:
+        The plan (`conv3d.plan`), the settings the model is trained with (`conv3d.settings`)
+        and the timings (`conv3d.timings_updated`).
+    """
+    median = median_shape(case_geometry)
+    spacing = target_spacing(case_geometry)
+    model = conv3d["model"]
+    max_depth = 4 if model["depth"] == "auto" else int(model["depth"])
+    planned = plan_patches(median, spacing, int(planning["patch_voxels"]), int(model["base_filters"]), float(planning["memory_gb"]), max_depth)
+    inputs = {"median_shape": median, "target_spacing": spacing, "memory_gb": float(planning["memory_gb"]),
+              "patch_voxels": int(planning["patch_voxels"])}
+    given_patch = conv3d["sampling"]["patch_size"]
+    depth = len(planned["poolings"])
+    if given_patch != "auto":  # an explicit patch pools every axis: as deep as it divides, >= 4 voxels
+        depth = max([d for d in range(1, max_depth + 1) if all(p % 2**d == 0 and p // 2**d >= 4 for p in given_patch)], default=1)
+    settings, plan = apply_plan(
+        "conv3d",
+        conv3d,
+        {"sampling.patch_size": planned["patch_size"], "model.depth": depth, "training.batch_size": planned["batch_size"]},
+        inputs,
+    )
+    plan["planned"]["model.poolings"] = planned["poolings"]
+    if given_patch == "auto" and model["depth"] == "auto":
+        settings["model"]["poolings"] = planned["poolings"]
+        plan["used"]["model.poolings"] = planned["poolings"]
+    return plan_model(CONV3D, settings, plan, dataset_fingerprint, planning, timings)
+
+
+def build_conv3d(settings: dict[str, Any], n_classes: int = 1) -> keras.Model:
+    """The compiled 3D network of `settings` (input (*patch_size, 1))."""
+    model_params, training = settings["model"], settings["training"]
+    shape = (*_patch_shape(settings), 1)
+    if network(settings) == "patch_classifier":
+        return compile_patch_classifier(build_patch_classifier(shape), training["optimizer"], float(training["learning_rate"]))
+    return compile_segmentation_model(
+        build_unet3d(
+            shape, int(model_params["base_filters"]), int(model_params["depth"]), n_classes=n_classes,
+            pool_sizes=model_params.get("poolings"),  # absent for an explicit patch: every axis pools
+        ),
+        optimizer=training["optimizer"],
+        learning_rate=float(training["learning_rate"]),
+        loss=training["loss"],
+    )
+
+
+def _contains_foreground(images, labels):
+    """Batch of (patch, label patch) -> (patch, 1 if the patch holds any foreground)."""
+    import tensorflow as tf
+
+    return images, tf.cast(tf.reduce_max(labels, axis=[1, 2, 3, 4]) > 0, tf.float32)[:, None]
+
+
+def patch_samples(settings: dict[str, Any], load_case):
+    """Random 3D patches through a bounded queue (TorchIO-style), `sampling.foreground_fraction`
+    of them centred on foreground; the patch classifier learns whether a patch holds any."""
+    shape = _patch_shape(settings)
+    patches = partial(sampled_dataset, patch_stream, load_case, shape, (*shape, 1), settings["sampling"])
+    if network(settings) != "patch_classifier":
+        return patches
+
+    def stream(case_ids: list[str], seed: int, augment: bool, flip_axes: tuple[int, ...], *, batch_size: int):
+        return patches(case_ids, seed, augment, flip_axes, batch_size=batch_size).map(_contains_foreground)
+
+    return stream
+
+
+def patch_window(settings: dict[str, Any]) -> dict[str, Any]:
+    """Gaussian-weighted sliding windows of the patch size (`inference.overlap`, `sigma_scale`)."""
+    inference = settings["inference"]
+    return {"window": "patch", "depth": 0, "patch_size": _patch_shape(settings), "overlap": float(inference["overlap"]),
+            "sigma_scale": float(inference["sigma_scale"]), "features_per_voxel": _features_per_voxel(settings)}
+
+
+def evaluate_patch_detection(
+    model: keras.Model,
+    primary_images: dict[str, Callable[[], Volume]],
+    primary_labels: dict[str, Callable[[], Volume]],
+    splits: pd.DataFrame,
+    settings: dict[str, Any],
+    planning: PlanningParams,
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Score the model as a detector on patches of the test cases: does a patch hold foreground?
+
+    Patches are drawn as in training (same foreground fraction), with a fixed seed. The score
+    of a patch is the classifier's output, or a segmentation model's highest voxel probability.
+    They go through the model in batches within `planning.memory_gb`, as the segmenter batches
+    its windows.
+
+    Returns:
+        (result, metrics): accuracy, roc_auc and f1 (at 0.5), and the number of patches and of
+        positive ones; the same as `test_patch_<metric>` for the MLflow run.
+    """
+    shape = _patch_shape(settings)
+    n_per_case = int(settings["evaluation"]["patches_per_case"])
+    batch = windows_per_batch(shape, _features_per_voxel(settings), float(planning["memory_gb"]), n_per_case)
+    predict = window_predictor(model)
+    rng = np.random.default_rng(int(settings["seed"]) + 2)
+    truths, scores = [], []
+    for case_id in cases_in_split(splits, "test"):
+        image, label = primary_images[case_id]().data, primary_labels[case_id]().data
+        centers = sample_patch_centers(label, n_per_case, shape, float(settings["sampling"]["foreground_fraction"]), rng, case_id=case_id)
+        truths.extend(bool(extract_patch(label, c, shape).any()) for c in centers)
+        for first in range(0, len(centers), batch):
+            patches = np.stack([extract_patch(image, c, shape) for c in centers[first : first + batch]])[..., None]
+            probabilities = predict(patches)
+            if probabilities.ndim == 5:  # K + 1 classes: the foreground is 1 - background
+                probabilities = 1.0 - probabilities[..., 0]
+            scores.extend(probabilities.reshape(len(patches), -1).max(axis=1).tolist())
+    metrics = classification_metrics(np.array(truths, dtype=np.uint8), np.array(scores, dtype=np.float32))
+    result = {**{k: float(v) for k, v in metrics.items()}, "n_patches": len(truths), "n_positive": int(sum(truths))}
+    return result, {f"test_patch_{k}": v for k, v in result.items()}
+
+
+def _patch_detection_nodes() -> list[Node]:
+    return [
+        Node(
+            evaluate_patch_detection,
+            ["model", "primary_images", "primary_labels", "splits", "settings", "params:planning"],
+            ["patch_metrics", "mlflow_metrics_patch_detection"],
+            name="evaluate_patch_detection",
+        )
+    ]
+
+
+CONV3D = register_model_kind(ModelKind(
+    name="conv3d",
+    plan=plan_conv3d,
+    build=build_conv3d,
+    sample_stream=patch_samples,
+    segmenter_window=patch_window,
+    network=network,
+    display_name=lambda settings: NETWORKS.get(settings["model"]["kind"], str(settings["model"]["kind"])),
+    training_samples="sampled 3D patches",
+    class_count=lambda settings, fingerprint: (
+        1 if network(settings) == "patch_classifier" else foreground_class_count(settings, fingerprint)
+    ),
+    loss_name=lambda settings: "bce" if settings["model"]["kind"] == "patch_classifier" else str(settings["training"]["loss"]),
+    extra_nodes=_patch_detection_nodes,
+))

@@ -1,0 +1,103 @@
+"""The 2D U-Net (the course's model): trained on axial slices, run over whole slices."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import keras
+
+from medseg.kinds import ModelKind, register_model_kind
+from medseg.kinds.planning import apply_plan, plan_model, target_spacing
+from medseg.kinds.streams import sampled_dataset
+from medseg.models import build_unet2d, compile_segmentation_model
+from medseg.models.unet import with_input_shape
+from medseg.parameters import PlanningParams, UnetParams
+from medseg.patching import slice_stream
+from medseg.patching.sliding_window import unet_features_per_voxel
+from medseg.planning import median_shape, plan_slices
+
+
+def plan_unet(
+    case_geometry: dict, dataset_fingerprint: dict, unet: UnetParams, planning: PlanningParams, timings: dict
+) -> tuple[dict, dict, dict]:
+    """Plan the 2D U-Net from the data: the training slice (the whole median axial slice at
+    the target spacing, or 2.5 times the largest structure to segment when that is smaller,
+    rounded to a multiple of 2**depth, as large as `planning.memory_gb` allows for two slices)
+    and the batch (as many slices as fit the budget, at most 16).
+
+    `unet.model.input_size` and `unet.training.batch_size` set to `auto` take these values;
+    explicit values override them and are recorded as overrides. Then the precision and the
+    training steps (`medseg.kinds.planning.plan_model`): epochs and steps set to `auto` fill
+    `planning.budget_minutes.unet` at the speed timed on this machine, and
+    `training.precision: auto` becomes the policy this machine trains fastest in.
+
+    Args:
+        case_geometry: the preprocessing plan (`geometry.json`: each case's training grid).
+        dataset_fingerprint: `fingerprint.json` (the classes, for the model that is timed).
+        unet: `params:unet`.
+        planning: `params:planning` (memory_gb, budget_minutes).
+        timings: `unet.timings`, the training-step timings of earlier runs.
+
+    Returns:
+        The plan (`unet.plan`), the settings the model is trained with (`unet.settings`:
+        `params:unet` with the plan applied) and the timings.
+    """
+    median = median_shape(case_geometry)
+    spacing = target_spacing(case_geometry)
+    extent_mm = dataset_fingerprint.get("foreground_extent_mm") or [0.0, 0.0, 0.0]
+    structure = max(extent_mm[0] / spacing[0], extent_mm[1] / spacing[1])
+    model = unet["model"]
+    planned = plan_slices(
+        median, int(model["base_filters"]), int(model["depth"]), float(planning["memory_gb"]), structure_voxels=structure
+    )
+    inputs = {"median_shape": median, "target_spacing": spacing, "memory_gb": float(planning["memory_gb"]),
+              "structure_extent_voxels": round(structure, 2)}
+    settings, plan = apply_plan(
+        "unet", unet, {"model.input_size": planned["input_size"], "training.batch_size": planned["batch_size"]}, inputs
+    )
+    return plan_model(UNET, settings, plan, dataset_fingerprint, planning, timings)
+
+
+def build_unet(settings: dict[str, Any], n_classes: int) -> keras.Model:
+    """The compiled 2D U-Net of `settings` (input (input_size, input_size, 1))."""
+    model_params, training = settings["model"], settings["training"]
+    size = int(model_params["input_size"])
+    return compile_segmentation_model(
+        build_unet2d((size, size, 1), int(model_params["base_filters"]), int(model_params["depth"]), n_classes=n_classes),
+        optimizer=training["optimizer"],
+        learning_rate=float(training["learning_rate"]),
+        loss=training["loss"],
+    )
+
+
+def slice_samples(settings: dict[str, Any], load_case):
+    """Axial slices cropped or zero-padded to `model.input_size`, `sampling.foreground_fraction`
+    of them through a foreground voxel (nnU-Net's 0.33), through a bounded queue."""
+    size = int(settings["model"]["input_size"])
+    return partial(sampled_dataset, slice_stream, load_case, (size, size), (size, size, 1), settings["sampling"])
+
+
+def slice_window(settings: dict[str, Any]) -> dict[str, Any]:
+    """Whole axial slices, padded to a multiple of 2**depth."""
+    base_filters, depth = int(settings["model"]["base_filters"]), int(settings["model"]["depth"])
+    return {"window": "slice", "depth": depth, "patch_size": None, "overlap": 0.0, "sigma_scale": 0.125,
+            "features_per_voxel": unet_features_per_voxel(base_filters, depth, 2)}
+
+
+def whole_slices(model: keras.Model, settings: dict[str, Any]) -> keras.Model:
+    """The trained U-Net for slices of any size (it is fully convolutional)."""
+    return with_input_shape(model, (None, None, 1))
+
+
+UNET = register_model_kind(ModelKind(
+    name="unet",
+    plan=plan_unet,
+    build=build_unet,
+    sample_stream=slice_samples,
+    segmenter_window=slice_window,
+    network=lambda settings: "unet",
+    display_name=lambda settings: "UNet",
+    training_samples="sampled 2D slices",
+    segmenter_network=whole_slices,
+))

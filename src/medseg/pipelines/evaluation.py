@@ -1,0 +1,291 @@
+"""The evaluation nodes of the model pipeline template: masks of the split in each case's
+source geometry, their scores, the reports, and the trained model for MLflow. One
+implementation for every model kind."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import keras
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from medseg.casework import DriverThenWorker
+from medseg.datasets.folder import anchor_path
+from medseg.errors import GeometryMismatchError
+from medseg.evaluation import (
+    OverlaySlice,
+    choose_overlay_slice,
+    dice_score,
+    evaluate_case_per_class,
+    flatten_class_means,
+    flatten_summary,
+    plot_overlays,
+    plot_training_curves,
+    summarize_per_class,
+)
+from medseg.imaging.geometry import CaseGeometry, to_canonical
+from medseg.imaging.io import Volume, read_volume, voxel_spacing
+from medseg.imaging.validation import binarize_label
+from medseg.inference import Segmenter
+from medseg.kinds import ModelKind
+from medseg.models.training import training_fingerprint
+from medseg.models.unet import with_input_shape
+from medseg.parameters import DataParams
+from medseg.progress import CaseProgress
+from medseg.runs import tracking
+from medseg.split import cases_in_split
+
+logger = logging.getLogger(__name__)
+
+
+def logged_plan(plan: dict[str, Any]) -> dict[str, Any]:
+    """The values the plan used, as the MLflow run's parameters `<model>.plan.<path>`."""
+    return {f"{plan['model']}.plan.{path}": value for path, value in plan["used"].items()}
+
+
+def predict_split(
+    segmenter: Segmenter,
+    primary_images: dict[str, Callable[[], Volume]],
+    case_geometry: dict,
+    splits: pd.DataFrame,
+) -> dict[str, Callable[[], Volume]]:
+    """Masks of every validation and test case, each in its source file's geometry.
+
+    The trained segmenter (as saved, the one `predict` and the MLflow model run) takes each
+    preprocessed case through the one inference engine, maps the probabilities back to the
+    source grid and applies its postprocessing (`<model>.inference.mirror_axes`,
+    `keep_largest_component`).
+
+    Args:
+        segmenter: `<model>.segmenter`.
+        primary_images: preprocessed cases.
+        case_geometry: the preprocessing plan (`geometry.json`), to map each mask back.
+        splits: the case split (val and test cases are predicted).
+
+    Returns:
+        {case_id: DriverThenWorker}: the catalog makes one case at a time; the network runs in
+        this process, and the inverse geometry and the writing of the mask where
+        `compute.scheduler` runs per-case work (a Dask worker, or here under `sync`).
+    """
+    logger.info(
+        "%s: mirroring over axes %s, largest component %s (planning.memory_gb=%g).",
+        segmenter.plan.model_key, list(segmenter.effective_mirror_axes()) or "none",
+        "kept" if segmenter.plan.keep_largest_component else "off", segmenter.plan.memory_gb,
+    )
+
+    to_label_map = segmenter.label_mapper()
+
+    def mask(case_id: str) -> DriverThenWorker:
+        geometry = CaseGeometry.from_dict(case_geometry[case_id])
+        return DriverThenWorker(
+            driver=lambda: segmenter.probabilities(primary_images[case_id]().data),
+            worker=partial(to_label_map.volume, geometry=geometry),
+        )
+
+    return {c: mask(c) for c in cases_in_split(splits, "val", "test")}
+
+
+def _reference_mask(record: pd.Series, multiclass: bool, data: dict[str, Any]) -> tuple[np.ndarray, Volume]:
+    reference_volume = read_volume(record["label_path"], kind="label")
+    reference = reference_volume.data if multiclass else binarize_label(reference_volume.data, data.get("foreground_labels"))
+    return reference, reference_volume
+
+
+def _evaluated_classes(dataset_fingerprint: dict) -> tuple[dict[int, str], bool]:
+    classes = {int(value): name for value, name in dataset_fingerprint.get("classes", {"1": "foreground"}).items()}
+    multiclass = dataset_fingerprint.get("label_mode") == "multiclass"
+    if not multiclass:  # the merged foreground, stored as 1
+        classes = {1: next(iter(classes.values()))}
+    return classes, multiclass
+
+
+def evaluate_postprocessing(
+    segmenter: Segmenter,
+    primary_images: dict[str, Callable[[], Volume]],
+    case_geometry: dict,
+    case_fingerprints: pd.DataFrame,
+    splits: pd.DataFrame,
+    dataset_fingerprint: dict,
+    data: DataParams,
+) -> tuple[pd.DataFrame, dict[str, float]]:
+    """Test Dice with and without each postprocessing option the model turns on.
+
+    For every test case, the masks without any option (`plain`), with mirroring, with the
+    largest component, and with both (only the enabled ones) are scored against the reference
+    in the source geometry. Mirroring's plain mask is its unflipped pass, so this costs one
+    extra prediction of the test cases, and nothing when no option is on.
+
+    Returns:
+        One row per test case, variant and class (case_id, variant, class, label, dice), and
+        for the MLflow run `test_dice_mean_<variant>` (the mean over cases of the class mean).
+    """
+    if not segmenter.effective_mirror_axes() and not segmenter.plan.keep_largest_component:
+        return pd.DataFrame(columns=["case_id", "variant", "class", "label", "dice"]), {}
+    classes, multiclass = _evaluated_classes(dataset_fingerprint)
+    records = case_fingerprints.set_index("case_id")
+    rows = []
+    test_cases = cases_in_split(splits, "test")
+    progress = CaseProgress("Scoring postprocessing", len(test_cases), logger=logger)
+    for case_id in test_cases:
+        reference, _ = _reference_mask(records.loc[case_id], multiclass, data)
+        geometry = CaseGeometry.from_dict(case_geometry[case_id])
+        for variant, labels in segmenter.variants(primary_images[case_id]().data, geometry).items():
+            for value, name in classes.items():
+                rows.append({"case_id": case_id, "variant": variant, "class": name, "label": value,
+                             "dice": dice_score(reference == value, labels == value)})
+        progress.advance(case_id)
+    table = pd.DataFrame(rows)
+    per_case = table.groupby(["variant", "case_id"])["dice"].mean()
+    means = per_case.groupby(level="variant").mean()
+    logger.info("%s: test Dice by postprocessing: %s", segmenter.plan.model_key, {k: round(float(v), 4) for k, v in means.items()})
+    return table, {f"test_dice_mean_{variant.replace('+', '_and_')}": float(v) for variant, v in means.items()}
+
+
+@dataclass(frozen=True)
+class SegmenterExport:
+    """What `<model>.mlflow_segmenter` logs: the segmenter, and the registry name (or None)."""
+
+    segmenter: Segmenter
+    registered_model_name: str | None
+
+
+def package_segmenter(segmenter: Segmenter, settings: dict[str, Any]) -> SegmenterExport:
+    """The trained segmenter for the MLflow run, as the pyfunc model `<model>_segmenter`
+    (`medseg.serving`), registered under `<model>.export.registered_model_name` when set."""
+    return SegmenterExport(segmenter, settings["export"]["registered_model_name"] or None)
+
+
+def evaluate_predictions(
+    predictions: dict[str, Callable[[], Volume]],
+    case_fingerprints: pd.DataFrame,
+    splits: pd.DataFrame,
+    dataset_fingerprint: dict,
+    data: DataParams,
+    settings: dict[str, Any],
+) -> tuple[pd.DataFrame, Figure]:
+    """Per-case, per-class metrics of the test cases, in 3D and in each case's original geometry.
+
+    Args:
+        predictions: predicted masks (as saved: source geometry, uint8; the dataset's own
+            label values in multiclass mode, {0, 1} in binary mode).
+        case_fingerprints: per-case table with the source image and label paths.
+        splits: the case split; only `test` cases are scored.
+        dataset_fingerprint: `fingerprint.json` (label_mode and classes).
+        data: `params:data` (foreground_labels, for binary mode).
+        settings: `<model>.settings` (reporting.n_overlay_cases).
+
+    Returns:
+        One row per test case and foreground class (`class`, `label`, dice, iou, hd95_mm,
+        precision, recall, volumes in ml, empty flags; binary mode has one class) and a
+        figure of image/reference/prediction overlays for the first few cases, each titled
+        with its case, axial slice and Dice (the mean over its classes).
+    """
+    classes, multiclass = _evaluated_classes(dataset_fingerprint)
+    rows, overlays = [], []
+    records = case_fingerprints.set_index("case_id")
+    test_cases = cases_in_split(splits, "test")
+    progress = CaseProgress("Evaluating", len(test_cases), logger=logger)
+    for case_id in test_cases:
+        record = records.loc[case_id]
+        reference, reference_volume = _reference_mask(record, multiclass, data)
+        prediction = predictions[case_id]()
+        if prediction.data.shape != reference.shape or not np.allclose(prediction.affine, reference_volume.affine, atol=1e-3):
+            raise GeometryMismatchError(
+                f"prediction of case '{case_id}' has shape {prediction.data.shape}, but its label "
+                f"{record['label_path']} has {reference.shape} (or their affines differ). Run the pipeline "
+                "again so that predictions are written in the source geometry."
+            )
+        case_rows = evaluate_case_per_class(reference, prediction.data, voxel_spacing(reference_volume.affine), classes)
+        rows.extend({"case_id": case_id, **row} for row in case_rows)
+        if len(overlays) < int(settings["reporting"]["n_overlay_cases"]):
+            channel = None if pd.isna(record["channel"]) else int(record["channel"])
+            image = read_volume(record["image_path"], channel=channel)
+            views = [to_canonical(Volume(a, reference_volume.affine)).data for a in (image.data, reference, prediction.data)]
+            z = choose_overlay_slice(views[1], views[2])
+            dice = float(np.nanmean([row["dice"] for row in case_rows])) if any(np.isfinite(row["dice"]) for row in case_rows) else float("nan")
+            overlays.append(OverlaySlice(case_id, *(view[:, :, z] for view in views), z=z, dice=dice))
+        progress.advance(case_id)
+    return pd.DataFrame(rows), plot_overlays(overlays)
+
+
+def run_provenance(model_key: str, data: dict[str, Any], section: dict[str, Any], project_root: str) -> dict[str, Any]:
+    """What made a report: the MLflow run, the dataset and a hash of the parameters.
+
+    Args:
+        model_key: the model kind's name.
+        data: `params:data`.
+        section: `params:<model_key>`.
+        project_root: the project root; relative data folders are taken from it.
+
+    Returns:
+        `mlflow_run_id` and `mlflow_run_name` (None outside a tracked run), `data_source`
+        (`synthetic` or `msd`), `data_dir` (the absolute MSD folder or synthetic folder) and
+        `params_hash` (16 hex characters of SHA-256 over the `data` and model sections, as
+        `medseg.models.training.training_fingerprint` hashes them: equal parameters give
+        equal hashes, whatever the key order).
+    """
+    run_id, run_name = tracking.active_run_identity()
+    folder = data["msd_dir"] if data["source"] == "msd" else data["synthetic"]["dir"]
+    location = anchor_path(folder, project_root) if folder else None
+    return {
+        "mlflow_run_id": run_id,
+        "mlflow_run_name": run_name,
+        "data_source": data["source"],
+        # A URL (s3://...) as given; a local folder absolute, symlinks resolved.
+        "data_dir": location if location is None or isinstance(location, str) else str(location.resolve()),
+        "params_hash": training_fingerprint(data=data, **{model_key: section}),
+    }
+
+
+def summarize_evaluation(
+    metrics_per_case: pd.DataFrame,
+    history: dict[str, list[float]],
+    data: DataParams,
+    section: dict[str, Any],
+    project_root: str,
+    *,
+    kind: ModelKind,
+) -> tuple[dict, Figure, dict[str, float]]:
+    """Summarise the test metrics and plot the curves.
+
+    Args:
+        metrics_per_case: output of `evaluate_predictions`.
+        history: the training history (Keras metrics per epoch).
+        data: `params:data`.
+        section: `params:<model_key>`.
+        project_root: the project's root folder (catalog entry `project_root`).
+        kind: the model kind (bound by the template).
+
+    Returns:
+        The summary (mean, std, median and missing count per metric, then the run's
+        provenance: see `run_provenance`), the training curves, captioned with what their
+        Dice and IoU were computed on (`kind.training_samples`), and the MLflow run's test
+        metrics: `test_<metric>_mean` (the mean over the foreground classes) and
+        `test_<metric>_<class>_mean`.
+    """
+    summary = summarize_per_class(metrics_per_case)
+    metrics = {**flatten_summary(summary, prefix="test_"), **flatten_class_means(summary, prefix="test_")}
+    curves = plot_training_curves(history, samples=kind.training_samples)
+    return {**summary, **run_provenance(kind.name, data, section, project_root)}, curves, metrics
+
+
+def export_model(model: keras.Model) -> tuple[keras.Model, dict, keras.Model]:
+    """The trained model, for the MLflow Keras flavor, its architecture JSON and its weights.
+
+    The exported model is a copy without the training configuration (optimizer, medseg's loss
+    and metrics), so `mlflow.keras.load_model` needs only TensorFlow and Keras. A 2D model
+    (input (B, H, W, 1)) is fully convolutional: it is exported for whole slices of any size,
+    input (None, None, 1), as the pipeline's own inference runs it (in-plane sizes divisible
+    by 2**depth). A 3D model keeps its patch input; whole volumes go through sliding windows.
+    """
+    model = with_input_shape(model, (None, None, 1) if len(model.input_shape) == 4 else model.input_shape[1:])
+    return model, json.loads(model.to_json()), model
+
+

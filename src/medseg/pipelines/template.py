@@ -1,0 +1,108 @@
+"""The model pipeline template: plan, train, segmenter, predict the split, evaluate, report
+and export, written once and instantiated per model kind (`medseg.kinds`) with Kedro's
+namespace mapping.
+
+The template's own datasets (`plan`, `model`, `predictions`, ...) become `<kind>.plan`,
+`<kind>.model`, ..., which the catalog's dataset factories place; the data pipeline's outputs
+and the shared parameters keep their names; `params:model` is the kind's `params:<kind>`.
+"""
+
+from __future__ import annotations
+
+from functools import partial, update_wrapper
+from typing import Any, Callable
+
+from kedro.pipeline import Node, Pipeline
+
+from medseg.kinds import ModelKind
+from medseg.pipelines.evaluation import (
+    evaluate_postprocessing,
+    evaluate_predictions,
+    export_model,
+    logged_plan,
+    package_segmenter,
+    predict_split,
+    summarize_evaluation,
+)
+from medseg.pipelines.training import build_segmenter, train
+
+# What the template reads from the data pipeline and the project, by its shared names.
+SHARED_INPUTS = {
+    "case_geometry", "dataset_fingerprint", "primary_images", "primary_labels", "splits", "case_fingerprints",
+    "project_root",
+}
+SHARED_PARAMETERS = {"params:data", "params:planning"}
+
+
+def _bound(func: Callable, **keywords: Any) -> Callable:
+    """`func` with keyword arguments bound (the model kind), keeping its name and docstring
+    for kedro-viz. Keywords, not positions: Kedro maps a node's inputs onto the wrapped
+    function's signature, so the positions must stay those of the inputs."""
+    return update_wrapper(partial(func, **keywords), func)
+
+
+def model_pipeline(kind: ModelKind) -> Pipeline:
+    """The model pipeline of `kind`, in namespace `kind.name`.
+
+    Reads the data pipeline's outputs, `params:data`, `params:planning` and `params:<kind>`;
+    writes `<kind>.plan`, `.settings`, `.timings_updated`, `.model`, `.history`, `.segmenter`,
+    `.predictions`, `.postprocessing_ablation`, `.mlflow_segmenter`, `.metrics_per_case`,
+    `.metrics_summary`, `.overlays`, `.training_curves`, `.mlflow_model`, `.architecture`,
+    `.weights`, the MLflow run's parameters (`<kind>.mlflow_params_*`) and metrics
+    (`<kind>.mlflow_metrics_*`), and what `kind.extra_nodes` add.
+    """
+    name = kind.name
+    template = Pipeline(
+        [
+            Node(
+                kind.plan,
+                ["case_geometry", "dataset_fingerprint", "params:model", "params:planning", "timings"],
+                ["plan", "settings", "timings_updated"],
+                name=f"plan_{name}",
+            ),
+            Node(logged_plan, "plan", "mlflow_params_plan", name="log_plan"),
+            Node(
+                _bound(train, kind=kind),
+                ["primary_images", "primary_labels", "splits", "case_geometry", "dataset_fingerprint", "params:data",
+                 "settings", "backup"],
+                ["model", "history", "mlflow_params_training"],
+                name=f"train_{name}",
+            ),
+            Node(
+                _bound(build_segmenter, kind=kind),
+                ["model", "case_fingerprints", "case_geometry", "dataset_fingerprint", "params:data", "settings",
+                 "params:planning"],
+                "segmenter",
+                name=f"build_{name}_segmenter",
+            ),
+            Node(predict_split, ["segmenter", "primary_images", "case_geometry", "splits"], "predictions", name="predict_split"),
+            Node(
+                evaluate_postprocessing,
+                ["segmenter", "primary_images", "case_geometry", "case_fingerprints", "splits", "dataset_fingerprint",
+                 "params:data"],
+                ["postprocessing_ablation", "mlflow_metrics_postprocessing"],
+                name="evaluate_postprocessing",
+            ),
+            Node(package_segmenter, ["segmenter", "settings"], "mlflow_segmenter", name="package_segmenter"),
+            Node(
+                evaluate_predictions,
+                ["predictions", "case_fingerprints", "splits", "dataset_fingerprint", "params:data", "settings"],
+                ["metrics_per_case", "overlays"],
+                name="evaluate_predictions",
+            ),
+            Node(
+                _bound(summarize_evaluation, kind=kind),
+                ["metrics_per_case", "history", "params:data", "params:model", "project_root"],
+                ["metrics_summary", "training_curves", "mlflow_metrics_test"],
+                name="summarize_evaluation",
+            ),
+            Node(export_model, "model", ["mlflow_model", "architecture", "weights"], name="export_model"),
+            *kind.extra_nodes(),
+        ]
+    )
+    return Pipeline(
+        template,
+        namespace=name,
+        inputs=SHARED_INPUTS & template.inputs(),
+        parameters={**{p: p for p in SHARED_PARAMETERS}, "params:model": f"params:{name}"},
+    )
