@@ -5,14 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from medseg.models import build_unet2d
-from medseg.models.training import (
-    axial_window,
-    predict_axial_slices,
-    slice_predictor,
-    slices_per_batch,
-    with_input_shape,
-)
+from medseg.inference.slices import axial_window, predict_axial_slices, slice_predictor, slices_per_batch
+from medseg.models import build_unet2d, with_input_shape
 
 
 @pytest.fixture(scope="module")

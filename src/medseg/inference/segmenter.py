@@ -46,6 +46,7 @@ from medseg.inference.postprocessing import (
     probabilities_to_label_map,
     volumes_ml,
 )
+from medseg.inference.slices import axial_window, predict_axial_slices, slice_predictor
 from medseg.patching.sliding_window import sliding_window_predict, windows_per_batch
 from medseg.publishing import apply_umask, staged_folder
 
@@ -156,7 +157,7 @@ class Segmenter:
 
     Args:
         model: the Keras network. A slice model must take (None, None, 1) inputs
-            (`medseg.models.training.with_input_shape`); a patch model takes its patch.
+            (`medseg.models.with_input_shape`); a patch model takes its patch.
         plan: see :class:`SegmenterPlan`.
     """
 
@@ -189,14 +190,10 @@ class Segmenter:
         plan = self.plan
         if self._predict_batch is None:
             if plan.window == "slice":
-                from medseg.models.training import slice_predictor
-
                 self._predict_batch = slice_predictor(self.model)
             else:
                 self._predict_batch = window_predictor(self.model)
         if plan.window == "slice":
-            from medseg.models.training import axial_window, predict_axial_slices
-
             multiple = 2 ** int(plan.depth)
             window = axial_window(image.shape, multiple)
             batch = windows_per_batch(window, plan.features_per_voxel, plan.memory_gb, n_windows=image.shape[2])

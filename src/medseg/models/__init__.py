@@ -29,6 +29,7 @@ from medseg.models.losses import (
     per_class_dice,
     per_class_iou,
 )
+from medseg.models.unet import with_input_shape
 from medseg.models.unet2d import build_unet2d, conv_block
 
 __all__ = [
@@ -60,4 +61,5 @@ __all__ = [
     "optimizer_display_name",
     "per_class_dice",
     "per_class_iou",
+    "with_input_shape",
 ]

@@ -1,25 +1,24 @@
-"""Training loop, crash recovery keyed by a fingerprint, reproducibility, and whole-volume 2D
-inference, shared by the model pipelines."""
+"""Training: the loop with early stopping, crash recovery keyed by a fingerprint of what the
+run computes, seeds and determinism, and the timing of a training step.
+
+The precision a model trains in is `medseg.models.precision`; whole-volume inference of a 2D
+model is `medseg.inference.slices`.
+"""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
-import math
-import os
 import shutil
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import keras
 import numpy as np
-
-from medseg.patching.sliding_window import sliding_window_predict, unet_features_per_voxel, windows_per_batch
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +75,7 @@ def prepare_backup(backup_root: str | Path, fingerprint: str, epochs: int, owner
     between its last epoch and the clean-up) is deleted too: resuming it would train nothing.
 
     Args:
-        backup_root: the model's backup folder (`data/06_models/<model>/backup`).
+        backup_root: the model's backup folder (the catalog's `<model>.backup`).
         fingerprint: `training_fingerprint(...)` of this run.
         epochs: the epochs this run asks for.
         owner: recorded in the backup (`owner.json`) so that a later run that resumes it
@@ -127,99 +126,6 @@ def wants_determinism(setting: bool | str) -> bool:
 
         return not tf.config.list_physical_devices("GPU")
     return bool(setting)
-
-
-PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
-# Model kinds that bfloat16 makes faster on a CPU with bfloat16 units: the 2D U-Net trained 2.3x
-# and inferred 1.3x faster (128x128, batch 16, 2-core AVX-512 BF16 CPU); the 3D U-Net at
-# 32x32x16 gained nothing, so `auto` keeps it in float32 there. On a GPU both gain.
-BF16_FASTER_ON_CPU = frozenset({"unet"})
-
-
-def read_cpuinfo() -> str:
-    """The text of /proc/cpuinfo, or "" where there is none (not Linux): the one place the
-    precision probe and `machine_description` read the host's CPU from (tests replace it)."""
-    try:
-        return Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return ""
-
-
-def cpu_has_bfloat16(cpuinfo: str | None = None) -> bool:
-    """Whether the CPU has bfloat16 units (`avx512_bf16` or `amx_bf16` in /proc/cpuinfo's flags).
-
-    Args:
-        cpuinfo: the text of /proc/cpuinfo; read with `read_cpuinfo` when None. Without a
-            `flags` line (not Linux, or an emulator that hides them) the answer is False.
-    """
-    if cpuinfo is None:
-        cpuinfo = read_cpuinfo()
-    flags = set()
-    for line in cpuinfo.splitlines():
-        if line.startswith("flags"):
-            flags.update(line.split(":", 1)[-1].split())
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
-
-
-def gpu_has_bfloat16() -> bool:
-    """Whether TensorFlow sees an NVIDIA GPU of compute capability 8.0 or higher (Ampere on)."""
-    import tensorflow as tf
-
-    for gpu in tf.config.list_physical_devices("GPU"):
-        capability = tf.config.experimental.get_device_details(gpu).get("compute_capability") or (0, 0)
-        if tuple(capability) >= (8, 0):
-            return True
-    return False
-
-
-def resolve_precision(setting: str, model_kind: str, cpuinfo: str | None = None, gpu_bf16: bool | None = None) -> str:
-    """`training.precision`: a Keras mixed-precision policy name, or "auto".
-
-    "auto" picks `mixed_bfloat16` where the hardware has bfloat16 (an NVIDIA GPU of compute
-    capability >= 8.0, or a CPU with `avx512_bf16`/`amx_bf16`) and where it was measured
-    faster for the model kind (`BF16_FASTER_ON_CPU` on a CPU); otherwise `float32`.
-
-    Args:
-        setting: "auto", "float32", "mixed_bfloat16" or "mixed_float16".
-        model_kind: "unet" (2D), "unet3d" or "patch_classifier".
-        cpuinfo, gpu_bf16: for tests; read from the machine when None.
-    """
-    if setting != "auto":
-        if setting not in PRECISIONS:
-            raise ValueError(f"training.precision must be 'auto' or one of {list(PRECISIONS)}, got '{setting}'.")
-        return setting
-    if gpu_has_bfloat16() if gpu_bf16 is None else gpu_bf16:
-        return "mixed_bfloat16"
-    if model_kind in BF16_FASTER_ON_CPU and cpu_has_bfloat16(cpuinfo):
-        return "mixed_bfloat16"
-    return "float32"
-
-
-@contextlib.contextmanager
-def dtype_policy(precision: str):
-    """Build layers under a Keras mixed-precision policy, then put the previous one back:
-    a model keeps the policy its layers were built with."""
-    previous = keras.mixed_precision.dtype_policy()
-    keras.mixed_precision.set_dtype_policy(precision)
-    try:
-        yield
-    finally:
-        keras.mixed_precision.set_dtype_policy(previous)
-
-
-def machine_description() -> dict[str, Any]:
-    """What a training-step timing depends on besides the model: CPU, cores, GPUs, TensorFlow."""
-    import platform
-
-    import tensorflow as tf
-
-    cpu = platform.processor() or platform.machine()
-    for line in read_cpuinfo().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    gpus = [tf.config.experimental.get_device_details(g).get("device_name", "GPU") for g in tf.config.list_physical_devices("GPU")]
-    return {"cpu": cpu, "cores": os.cpu_count(), "gpus": gpus, "tensorflow": tf.__version__}
 
 
 def seconds_per_training_step(model: keras.Model, batch_size: int, steps: int = 3, seed: int = 0) -> float:
@@ -328,122 +234,43 @@ def fit_model(
     return {key: [float(v) for v in values] for key, values in history.history.items()}
 
 
-def with_input_shape(model: keras.Model, input_shape: Sequence[int]) -> keras.Model:
-    """The same fully convolutional model, weights shared by copy, for another input size."""
-    clone = keras.models.clone_model(model, input_tensors=keras.Input(tuple(input_shape)))
-    clone.set_weights(model.get_weights())
-    return clone
+# TEMPORARY re-exports for callers being moved (pipelines, hooks, conftest); to be removed.
+# Each name below lives in the module it maps to. Reading it here returns the object there;
+# setting it here (a test that monkeypatches `read_cpuinfo`, `cpu_has_bfloat16` or
+# `gpu_has_bfloat16` on this module) sets it there, in the namespace that `resolve_precision`
+# and `machine_description` read, so the patch takes effect and its undo restores the original.
+# The modules are imported on first use: `medseg.inference.slices` sits above this layer.
+import importlib  # noqa: E402
+import sys  # noqa: E402
+import types  # noqa: E402
+
+_MOVED = {
+    **dict.fromkeys(
+        ("PRECISIONS", "BF16_FASTER_ON_CPU", "read_cpuinfo", "cpu_has_bfloat16", "gpu_has_bfloat16",
+         "resolve_precision", "dtype_policy", "machine_description"),
+        "medseg.models.precision",
+    ),
+    "with_input_shape": "medseg.models.unet",
+    **dict.fromkeys(
+        ("PredictSlices", "slice_predictor", "axial_window", "slices_per_batch", "predict_axial_slices"),
+        "medseg.inference.slices",
+    ),
+}
 
 
-PredictSlices = Callable[[np.ndarray], np.ndarray]
+def _forwarded(name: str, module: str) -> property:
+    # A data descriptor on the module's class, so that pytest's monkeypatch takes the value
+    # to restore from it (not from this module's __dict__, which lacks the name).
+    def get(_self: types.ModuleType) -> Any:
+        return getattr(importlib.import_module(module), name)
+
+    def set_(_self: types.ModuleType, value: Any) -> None:
+        setattr(importlib.import_module(module), name, value)
+
+    return property(get, set_, doc=f"Moved to `{module}.{name}`.")
 
 
-def slice_predictor(model: keras.Model) -> PredictSlices:
-    """A 2D model as `predict_batch` for `sliding_window_predict` with axial-slice windows.
-
-    The forward pass is traced once (`tf.function` with a (None, None, None, 1) signature), for
-    every batch size and slice size, rather than called eagerly: an eager Keras call keeps every
-    layer's output alive until it returns, 0.87 GiB per 512×512 slice for the 32-filter U-Net,
-    where the traced graph frees each one when its last consumer has run (about 1/8 of that,
-    measured; see `medseg.patching.sliding_window.ACTIVATION_BYTES_PER_FEATURE`). The outputs
-    were identical, bit for bit, in a side-by-side run on CPU.
-
-    Args:
-        model: maps (B, H, W, 1) to (B, H, W, C) probabilities for any H and W (see
-            `with_input_shape(model, (None, None, 1))`); C is 1 (sigmoid) or K + 1 (softmax).
-
-    Returns:
-        A callable mapping windows (B, H, W, 1, 1) to probabilities (B, H, W, 1, C).
-    """
-    import tensorflow as tf
-
-    forward = tf.function(
-        lambda x: model(x, training=False),
-        input_signature=[tf.TensorSpec((None, None, None, 1), tf.float32)],
-    )
-
-    def predict(windows: np.ndarray) -> np.ndarray:
-        return forward(windows[:, :, :, 0, :]).numpy()[:, :, :, None, :]
-
-    return predict
-
-
-def axial_window(slice_shape: Sequence[int], multiple: int) -> tuple[int, int, int]:
-    """The window of whole-slice inference: one axial slice, padded up to a multiple.
-
-    Args:
-        slice_shape: (X, Y) of the volume, voxels.
-        multiple: 2**depth of the U-Net, so that every pooling halves an even size.
-
-    Returns:
-        (X', Y', 1) with X' and Y' the smallest multiples of `multiple` >= X and Y.
-    """
-    nx, ny = (int(n) for n in slice_shape[:2])
-    return (int(math.ceil(nx / multiple) * multiple), int(math.ceil(ny / multiple) * multiple), 1)
-
-
-def slices_per_batch(
-    slice_shape: Sequence[int],
-    multiple: int,
-    base_filters: int,
-    depth: int,
-    memory_gb: float,
-    n_slices: int | None = None,
-) -> int:
-    """Whole axial slices per forward pass of a 2D U-Net, from a memory budget.
-
-    `windows_per_batch` of the padded slice `axial_window(slice_shape, multiple)` with the
-    U-Net's width `unet_features_per_voxel(base_filters, depth, 2)`: the batch shrinks as the
-    slices grow, so a CT scan's 512×512 slices and a phantom's 96×96 ones cost the same memory.
-
-    Args:
-        slice_shape: (X, Y) of the volume, voxels.
-        multiple: 2**depth.
-        base_filters, depth: the U-Net's (`unet.model.*`).
-        memory_gb: the budget for the forward pass, GiB (`planning.memory_gb`).
-        n_slices: the volume's slices (Z), if known: the batch never exceeds it.
-
-    Returns:
-        Slices per batch, >= 1. 1 GiB, 32 filters, depth 3: 4 slices of 512×512 (240 MiB
-        each), 121 of 96×96 (at most Z).
-    """
-    width = unet_features_per_voxel(base_filters, depth, 2)
-    return windows_per_batch(axial_window(slice_shape, multiple), width, memory_gb, n_slices)
-
-
-def predict_axial_slices(
-    model: keras.Model | PredictSlices, volume: np.ndarray, multiple: int, batch_size: int
-) -> np.ndarray:
-    """Foreground probabilities of a whole volume from a 2D model, slice by slice along Z.
-
-    Whole slices are predicted at once (the model is fully convolutional): each slice is
-    zero-padded at its end to a multiple of `multiple` (2**depth) and cropped back, so no
-    in-plane context is lost to tiling. It is `sliding_window_predict` with one window per
-    slice, `axial_window(...)`, no overlap and constant weights, so each voxel's probability is
-    the model's output, unblended: the result does not depend on `batch_size`.
-
-    Memory: the volume, the output, and one batch of slices through the model (choose
-    `batch_size` with `slices_per_batch`); no padded copy of the volume.
-
-    Args:
-        model: a 2D model mapping (B, H, W, 1) to (B, H, W, 1) probabilities for any H and W
-            (see `with_input_shape(model, (None, None, 1))`), or `slice_predictor(model)`; pass
-            the latter to trace the model once for several volumes.
-        volume: (X, Y, Z) float32, preprocessed.
-        multiple: the padded in-plane size is a multiple of this.
-        batch_size: slices per forward pass, >= 1.
-
-    Returns:
-        (X, Y, Z) float32 foreground probabilities, or (X, Y, Z, K + 1) class probabilities
-        for a multi-class model.
-    """
-    predict = slice_predictor(model) if isinstance(model, keras.Model) else model
-    return sliding_window_predict(
-        volume,
-        predict,
-        axial_window(volume.shape, multiple),
-        overlap=0.0,
-        batch_size=batch_size,
-        weighting="constant",
-        padding="end",
-    )
+sys.modules[__name__].__class__ = type(
+    "_ForwardMovedNames", (types.ModuleType,), {name: _forwarded(name, module) for name, module in _MOVED.items()}
+)
+# END of the TEMPORARY re-exports.

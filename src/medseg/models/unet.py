@@ -197,3 +197,10 @@ def build_unet(
         head = _CONV[rank](n_classes + 1, 1, activation="softmax", dtype="float32", name="mask")
     outputs = head(x)
     return keras.Model(inputs, outputs, name=name)
+
+
+def with_input_shape(model: keras.Model, input_shape: Sequence[int]) -> keras.Model:
+    """The same fully convolutional model, weights shared by copy, for another input size."""
+    clone = keras.models.clone_model(model, input_tensors=keras.Input(tuple(input_shape)))
+    clone.set_weights(model.get_weights())
+    return clone

@@ -9,7 +9,7 @@ MONAI's `sliding_window_inference`.
 It is the one inference engine of both models: the 3D model's windows are its training patches,
 and the 2D U-Net's whole-slice inference is the same loop with a window of one padded axial
 slice, (X', Y', 1), no overlap and constant weights (see
-`medseg.models.training.predict_axial_slices`), as MONAI's `SlidingWindowInferer` does it.
+`medseg.inference.slices.predict_axial_slices`), as MONAI's `SlidingWindowInferer` does it.
 
 How many windows go through the model at once comes from a memory budget, not a fixed count
 (`windows_per_batch`): the activations of one forward pass grow with the window's voxels and
