@@ -48,17 +48,17 @@ def cpu_name() -> str:
 
 def write_phantoms(root: Path, n_cases: int) -> Path:
     """`n_cases` default-sized phantoms (96 x 96 x 24-40) in MSD layout."""
-    from medseg.pipelines.data.nodes import _synthesis_settings, ensure_synthetic_dataset
+    from medseg.imaging.phantoms import ensure_synthetic_dataset, synthesis_settings
 
     data = {
         "seed": 42,
         "synthetic": {
-            "dir": str(root), "n_cases": n_cases, "in_plane_size": 96, "n_slices_range": [24, 40],
+            "n_cases": n_cases, "in_plane_size": 96, "n_slices_range": [24, 40],
             "in_plane_spacing_range": [0.8, 1.2], "slice_spacing_range": [1.5, 3.0], "n_lesions_range": [1, 4],
             "n_classes": 1,
         },
     }
-    ensure_synthetic_dataset(root, _synthesis_settings(data))
+    ensure_synthetic_dataset(root, synthesis_settings(data))
     return root
 
 

@@ -194,7 +194,7 @@ class MlflowRunHook:
         self._lock = ProjectLock(root)
         self._lock.acquire(str(run_params.get("pipeline_names") or run_params.get("pipeline_name") or "__default__"))
         models = models_in_pipeline(pipeline)
-        self._outputs = OutputTransaction(root, output_folders(catalog, models))
+        self._outputs = OutputTransaction(output_folders(catalog, models))
         self._outputs.begin()
         mlflow_config = getattr(self._context, "mlflow", None)
         if mlflow_config is None:
@@ -282,11 +282,12 @@ class RunStartedHook:
         self._run_hook = run_hook
 
     @hook_impl(trylast=True)
-    def before_pipeline_run(self, pipeline: Pipeline) -> None:
+    def before_pipeline_run(self, pipeline: Pipeline, catalog) -> None:
         tracking.set_tags({**tracking.process_tags(), tracking.TAG_MODELS: ",".join(models_in_pipeline(pipeline))})
         context = self._run_hook.context
         if context is not None and "data" in context.params and not is_prediction_run(pipeline):
-            tracking.describe_dataset(*dataset_identity(context.params["data"], context.project_path))
+            phantoms = catalog.load("synthetic_phantoms") if "synthetic_phantoms" in catalog else None
+            tracking.describe_dataset(*dataset_identity(context.params["data"], context.project_path, phantoms))
 
 
 def expected_class_count(data: dict[str, Any], project_path) -> int:
@@ -307,15 +308,16 @@ def expected_class_count(data: dict[str, Any], project_path) -> int:
         return 1
 
 
-def dataset_identity(data: dict[str, Any], project_path) -> tuple[str, str, str]:
+def dataset_identity(data: dict[str, Any], project_path, synthetic_phantoms: str | None = None) -> tuple[str, str, str]:
     """(name, source, folder) of the run's dataset: the name from its `dataset.json` when it
     can be read (the phantoms may not exist yet: "medseg-synthetic"). `folder` is a local path,
-    or the URL of a `data.msd_dir` on an fsspec store."""
+    or the URL of a `data.msd_dir` on an fsspec store; for the phantoms, `synthetic_phantoms`
+    (the catalog entry's folder)."""
     from medseg.datasets.folder import anchor_path
     from medseg.imaging.msd import dataset_location
 
     source = str(data["source"])
-    folder = anchor_path(data["msd_dir"] if source == "msd" else data["synthetic"]["dir"], project_path)
+    folder = anchor_path(data["msd_dir"] if source == "msd" else str(synthetic_phantoms), project_path)
     if isinstance(folder, str):  # anchor_path leaves only a URL as a string: read it through fsspec
         folder = dataset_location(folder)
     name = "medseg-synthetic" if source == "synthetic" else folder.name

@@ -65,7 +65,8 @@ def _increasing(pair: tuple[float, float], name: str) -> None:
 # data ----------------------------------------------------------------------------------------
 @dataclass(config=_STRICT)
 class SyntheticParams(Section):
-    dir: str
+    """The phantoms' settings; where they are written is the catalog's `synthetic_phantoms`."""
+
     n_cases: Annotated[int, Field(ge=3)]
     in_plane_size: Annotated[int, Field(ge=16)]
     n_slices_range: tuple[Positive, Positive]

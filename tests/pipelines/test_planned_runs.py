@@ -8,7 +8,7 @@ import keras
 import numpy as np
 
 from medseg.planning import median_shape, plan_patches, plan_slices
-from tests.conftest import TINY_CONV3D, TINY_UNET, make_project_copy, mlflow_runs, run_pipeline
+from conftest import TINY_CONV3D, TINY_UNET, make_project_copy, mlflow_runs, run_pipeline
 
 
 def _plan(project: Path, model: str) -> dict:

@@ -24,7 +24,7 @@ class FolderDataset(AbstractDataset[str, None]):
 
         "{model}.backup":
           type: medseg.datasets.folder.FolderDataset
-          path: data/06_models/{model}/backup
+          path: <models folder>/{model}/backup
     """
 
     def __init__(self, path: str, metadata: dict[str, Any] | None = None):

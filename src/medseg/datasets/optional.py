@@ -1,7 +1,7 @@
 """kedro-datasets' JSON and CSV datasets that load as empty when their file does not exist yet.
 
 For state a node reads and rewrites across runs: the training-step timings of the planner
-(`data/05_model_input/timings/<model>.json`), or the last run's `case_fingerprints.csv`, which
+(the catalog's `<model>.timings`), or the last run's `case_fingerprints.csv`, which
 `validate_cases` reads to skip the cases whose files did not change. The first run finds nothing.
 """
 

@@ -24,7 +24,7 @@ class SegmenterDataset(AbstractDataset[Segmenter, Segmenter]):
 
         "{model}.segmenter":
           type: medseg.datasets.segmenter.SegmenterDataset
-          path: data/06_models/{model}/segmenter
+          path: <models folder>/{model}/segmenter
     """
 
     def __init__(self, path: str, metadata: dict[str, Any] | None = None):

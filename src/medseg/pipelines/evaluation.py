@@ -215,14 +215,17 @@ def evaluate_predictions(
     return pd.DataFrame(rows), plot_overlays(overlays)
 
 
-def run_provenance(model_key: str, data: dict[str, Any], section: dict[str, Any], project_root: str) -> dict[str, Any]:
+def run_provenance(
+    model_key: str, data: dict[str, Any], section: dict[str, Any], project_root: str, synthetic_phantoms: str
+) -> dict[str, Any]:
     """What made a report: the MLflow run, the dataset and a hash of the parameters.
 
     Args:
         model_key: the model kind's name.
         data: `params:data`.
         section: `params:<model_key>`.
-        project_root: the project root; relative data folders are taken from it.
+        project_root: the project root; a relative `data.msd_dir` is taken from it.
+        synthetic_phantoms: the phantoms' folder (catalog entry `synthetic_phantoms`).
 
     Returns:
         `mlflow_run_id` and `mlflow_run_name` (None outside a tracked run), `data_source`
@@ -232,7 +235,7 @@ def run_provenance(model_key: str, data: dict[str, Any], section: dict[str, Any]
         equal hashes, whatever the key order).
     """
     run_id, run_name = tracking.active_run_identity()
-    folder = data["msd_dir"] if data["source"] == "msd" else data["synthetic"]["dir"]
+    folder = data["msd_dir"] if data["source"] == "msd" else synthetic_phantoms
     location = anchor_path(folder, project_root) if folder else None
     return {
         "mlflow_run_id": run_id,
@@ -250,6 +253,7 @@ def summarize_evaluation(
     data: DataParams,
     section: dict[str, Any],
     project_root: str,
+    synthetic_phantoms: str,
     *,
     kind: ModelKind,
 ) -> tuple[dict, Figure, dict[str, float]]:
@@ -261,6 +265,7 @@ def summarize_evaluation(
         data: `params:data`.
         section: `params:<model_key>`.
         project_root: the project's root folder (catalog entry `project_root`).
+        synthetic_phantoms: the phantoms' folder (catalog entry `synthetic_phantoms`).
         kind: the model kind (bound by the template).
 
     Returns:
@@ -273,7 +278,7 @@ def summarize_evaluation(
     summary = summarize_per_class(metrics_per_case)
     metrics = {**flatten_summary(summary, prefix="test_"), **flatten_class_means(summary, prefix="test_")}
     curves = plot_training_curves(history, samples=kind.training_samples)
-    return {**summary, **run_provenance(kind.name, data, section, project_root)}, curves, metrics
+    return {**summary, **run_provenance(kind.name, data, section, project_root, synthetic_phantoms)}, curves, metrics
 
 
 def export_model(model: keras.Model) -> tuple[keras.Model, dict, keras.Model]:

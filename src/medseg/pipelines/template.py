@@ -29,7 +29,7 @@ from medseg.pipelines.training import build_segmenter, train
 # What the template reads from the data pipeline and the project, by its shared names.
 SHARED_INPUTS = {
     "case_geometry", "dataset_fingerprint", "primary_images", "primary_labels", "splits", "case_fingerprints",
-    "project_root",
+    "project_root", "synthetic_phantoms",
 }
 SHARED_PARAMETERS = {"params:data", "params:planning"}
 
@@ -92,7 +92,7 @@ def model_pipeline(kind: ModelKind) -> Pipeline:
             ),
             Node(
                 _bound(summarize_evaluation, kind=kind),
-                ["metrics_per_case", "history", "params:data", "params:model", "project_root"],
+                ["metrics_per_case", "history", "params:data", "params:model", "project_root", "synthetic_phantoms"],
                 ["metrics_summary", "training_curves", "mlflow_metrics_test"],
                 name="summarize_evaluation",
             ),

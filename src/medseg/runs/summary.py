@@ -6,7 +6,7 @@ would wrap it on an 80-column console):
 
     Run UNet-Adam-BCE+Dice-20261125-run3 finished.
       unet: test Dice 0.881, IoU 0.791, HD95 7.19 mm, penalized HD95 7.19 mm (5 test cases)
-            reports in data/08_reporting/unet
+            reports in reporting/unet
     `kedro mlflow ui` to see more (curves, parameters, models, artifacts).
 
 The figures are read back from each model's `metrics_summary.json` through the catalog, so the

@@ -8,7 +8,6 @@ the run's own tag (`medseg.models`), not process state.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Iterable, Mapping
 from typing import Any

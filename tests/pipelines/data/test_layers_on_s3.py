@@ -17,7 +17,7 @@ import yaml
 
 from conftest import log_lines, make_project_copy, mlflow_runs, run_pipeline
 from medseg.imaging.io import read_volume
-from medseg.pipelines.data.nodes import _synthesis_settings, ensure_synthetic_dataset
+from medseg.imaging.phantoms import ensure_synthetic_dataset, synthesis_settings
 
 PARTITIONS = ("intermediate_images", "intermediate_labels", "primary_images", "primary_labels")
 FILES = {
@@ -45,12 +45,12 @@ def test_the_data_pipeline_reads_and_writes_s3(s3_bucket: str, tmp_path: Path):
     data = {
         "seed": 9,
         "synthetic": {
-            "dir": str(local_msd), "n_cases": 6, "in_plane_size": 32, "n_slices_range": [8, 12],
+            "n_cases": 6, "in_plane_size": 32, "n_slices_range": [8, 12],
             "in_plane_spacing_range": [0.8, 1.2], "slice_spacing_range": [1.5, 3.0], "n_lesions_range": [1, 3],
             "n_classes": 1,
         },
     }
-    ensure_synthetic_dataset(local_msd, _synthesis_settings(data))
+    ensure_synthetic_dataset(local_msd, synthesis_settings(data))
     fs = fsspec.filesystem("s3")
     fs.put(str(local_msd), f"{s3_bucket}/datasets/Task93_S3", recursive=True)
     remote_msd = f"{s3_bucket}/datasets/Task93_S3"

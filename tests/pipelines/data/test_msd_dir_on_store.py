@@ -9,7 +9,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from medseg.errors import ConfigurationError
 from medseg.hooks import dataset_identity, expected_class_count
 from medseg.pipelines.data.nodes import list_source_cases
 
@@ -36,7 +35,7 @@ def test_list_source_cases_reads_an_msd_dir_on_s3_in_place(s3_bucket, tmp_path):
     url = f"{s3_bucket}/datasets/Task77_Store"
     _upload_msd(url)
     data = {"source": "msd", "msd_dir": url, "channel": None}
-    cases, classes = list_source_cases(data, str(tmp_path))
+    cases, classes = list_source_cases(data, str(tmp_path), str(tmp_path / "unused-phantoms"))
     expected = pd.DataFrame(
         {
             "case_id": ["a", "b", "c"],
@@ -50,10 +49,13 @@ def test_list_source_cases_reads_an_msd_dir_on_s3_in_place(s3_bucket, tmp_path):
     assert not any(tmp_path.iterdir())  # nothing anchored at, or written to, the project root
 
 
-def test_synthetic_dir_on_a_store_is_refused(tmp_path):
-    data = {"source": "synthetic", "synthetic": {"dir": "s3://bucket/phantoms"}, "seed": 1}
-    with pytest.raises(ConfigurationError, match="data.synthetic.dir=s3://bucket/phantoms: the synthetic phantoms are written"):
-        list_source_cases(data, str(tmp_path))
+def test_synthetic_phantoms_on_a_store_are_refused():
+    from kedro.io.core import DatasetError
+
+    from medseg.datasets.phantoms import PhantomDataset
+
+    with pytest.raises(DatasetError, match="path s3://bucket/phantoms is on a store, but the phantoms are written to a local folder"):
+        PhantomDataset(path="s3://bucket/phantoms")
 
 
 def test_run_naming_reads_dataset_json_on_the_store(s3_bucket, tmp_path):

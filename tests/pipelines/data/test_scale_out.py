@@ -19,7 +19,7 @@ import pytest
 
 from conftest import log_lines, data_files_written, make_project_copy, mlflow_runs, run_pipeline
 from medseg.errors import InvalidIntensityError
-from medseg.pipelines.data.nodes import _synthesis_settings, ensure_synthetic_dataset
+from medseg.imaging.phantoms import ensure_synthetic_dataset, synthesis_settings
 
 PHANTOMS = {"n_cases": 6, "in_plane_size": 32, "n_slices_range": [8, 12]}
 LAYERS = ("02_intermediate", "03_primary")
@@ -30,11 +30,11 @@ def _phantoms(root: Path) -> Path:
     data = {
         "seed": 5,
         "synthetic": {
-            "dir": str(root), **PHANTOMS, "in_plane_spacing_range": [0.8, 1.2], "slice_spacing_range": [1.5, 3.0],
+            **PHANTOMS, "in_plane_spacing_range": [0.8, 1.2], "slice_spacing_range": [1.5, 3.0],
             "n_lesions_range": [1, 3], "n_classes": 1,
         },
     }
-    ensure_synthetic_dataset(root, _synthesis_settings(data))
+    ensure_synthetic_dataset(root, synthesis_settings(data))
     return root
 
 

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from medseg.errors import ConfigurationError, CorruptFileError, DatasetNotFoundError
-from tests.conftest import TINY_DATA_PARAMS, copy_project, mlflow_runs, run_pipeline
+from conftest import TINY_DATA_PARAMS, copy_project, mlflow_runs, run_pipeline
 
 @pytest.fixture(scope="module")
 def trained(trained_unet_postprocessed: Path, tmp_path_factory) -> Path:

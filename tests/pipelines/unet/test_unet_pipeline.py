@@ -173,13 +173,13 @@ def test_metrics_summary_names_its_run_data_and_parameters(unet_run: Path, tmp_p
 def test_run_provenance_of_an_msd_folder_outside_a_tracked_run(tmp_path: Path):
     from medseg.pipelines.evaluation import run_provenance
 
-    data = {"source": "msd", "msd_dir": "elsewhere/Task04_Hippocampus", "seed": 42, "synthetic": {"dir": "data/01_raw/synthetic"}}
-    provenance = run_provenance("unet", data, {"seed": 7}, str(tmp_path))
+    data = {"source": "msd", "msd_dir": "elsewhere/Task04_Hippocampus", "seed": 42, "synthetic": {}}
+    provenance = run_provenance("unet", data, {"seed": 7}, str(tmp_path), str(tmp_path / "phantoms"))
     assert provenance["mlflow_run_id"] is None and provenance["mlflow_run_name"] is None
     assert provenance["data_source"] == "msd"
     assert provenance["data_dir"] == str((tmp_path / "elsewhere" / "Task04_Hippocampus").resolve())
-    assert provenance["params_hash"] == run_provenance("unet", dict(reversed(data.items())), {"seed": 7}, "/other")["params_hash"]
-    assert provenance["params_hash"] != run_provenance("conv3d", data, {"seed": 7}, str(tmp_path))["params_hash"]
+    assert provenance["params_hash"] == run_provenance("unet", dict(reversed(data.items())), {"seed": 7}, "/other", "/p")["params_hash"]
+    assert provenance["params_hash"] != run_provenance("conv3d", data, {"seed": 7}, str(tmp_path), "/p")["params_hash"]
 
 
 def test_run_ends_with_a_summary_of_its_test_metrics(unet_run: Path, capsys):

@@ -27,10 +27,9 @@ from medseg.imaging.msd import (
     foreground_classes,
     list_msd_cases,
     read_dataset_json,
-    write_msd_dataset,
 )
 from medseg.imaging.normalization import image_to_training_grid
-from medseg.imaging.synthesis import GENERATOR_VERSION, synthesize_case
+from medseg.imaging.phantoms import synthesis_settings
 from medseg.imaging.validation import (
     binarize_label,
     dataset_fingerprint,
@@ -41,7 +40,6 @@ from medseg.imaging.validation import (
 )
 from medseg.parameters import DataParams, PreprocessingParams
 from medseg.incremental import KeyedPartition, content_key
-from medseg.progress import track_partitions
 from medseg.split import split_cases, split_sizes
 
 logger = logging.getLogger(__name__)
@@ -50,78 +48,26 @@ logger = logging.getLogger(__name__)
 CANONICAL_VERSION = 1
 PREPROCESSING_VERSION = 1
 
-# dataset.json names of the synthetic classes, by `data.synthetic.n_classes`: nested lesion
-# shells from the rim (1) to the core (K), see `synthesize_case`.
-SYNTHETIC_CLASS_NAMES = {1: ("lesion",), 2: ("rim", "core"), 3: ("rim", "shell", "core")}
-
-
-def _synthesis_settings(data: dict[str, Any]) -> dict[str, Any]:
-    """What determines the phantoms: when it changes, they are generated again. In the JSON
-    form that `dataset.json` stores (lists, not tuples), so that the two compare equal.
-    `n_classes` 1 (the default) is left out, so that phantoms written before it existed,
-    which are the same bit for bit, stay valid."""
-    synthetic = dict(data["synthetic"])
-    synthetic.pop("dir", None)
-    if synthetic.get("n_classes", 1) == 1:
-        synthetic.pop("n_classes", None)
-    return json.loads(json.dumps({"generator_version": GENERATOR_VERSION, "seed": int(data["seed"]), **synthetic}))
-
-
-def _phantom_maker(index: int, settings: dict[str, Any]) -> Callable[[], tuple[Volume, Volume]]:
-    def make() -> tuple[Volume, Volume]:
-        image, label, affine = synthesize_case(
-            index,
-            settings["seed"],
-            in_plane_size=settings["in_plane_size"],
-            n_slices_range=tuple(settings["n_slices_range"]),
-            in_plane_spacing_range=tuple(settings["in_plane_spacing_range"]),
-            slice_spacing_range=tuple(settings["slice_spacing_range"]),
-            n_lesions_range=tuple(settings["n_lesions_range"]),
-            n_classes=int(settings.get("n_classes", 1)),
-        )
-        return Volume(image, affine), Volume(label, affine)
-
-    return make
-
-
-def ensure_synthetic_dataset(root: Path, settings: dict[str, Any]) -> None:
-    """Write the phantoms in MSD layout unless `root` already holds them for these settings."""
-    if (root / "dataset.json").is_file():
-        try:
-            if read_dataset_json(root).get("medseg_synthesis") == settings:
-                logger.info("Synthetic phantoms in %s are up to date.", root)
-                return
-        except Exception:  # an unreadable manifest is simply regenerated
-            pass
-    logger.info("Writing %d synthetic phantoms to %s.", settings["n_cases"], root)
-    makers = track_partitions(
-        {f"case_{i:03d}": _phantom_maker(i, settings) for i in range(settings["n_cases"])}, "Writing phantoms", logger=logger
-    )
-    cases = iter(makers.items())
-    write_msd_dataset(
-        root,
-        cases,
-        {
-            "name": "medseg-synthetic",
-            "description": "MR-like phantoms with small hyperintense lesions (medseg)",
-            "labels": {
-                "0": "background",
-                **{str(i): name for i, name in enumerate(SYNTHETIC_CLASS_NAMES[settings.get("n_classes", 1)], 1)},
-            },
-            "medseg_synthesis": settings,
-        },
-    )
-
-
-def list_source_cases(data: DataParams, project_root: str) -> tuple[pd.DataFrame, dict]:
-    """List the training cases of the chosen source, synthesising phantoms when needed.
+def phantom_settings(data: DataParams) -> dict | None:
+    """What the synthetic phantoms are made from, for the catalog's `synthetic_phantoms` to
+    write (only when they changed); None when `data.source` is not `synthetic`.
 
     Args:
-        data: `params:data` (source, msd_dir, channel, seed, synthetic.*). A relative
-            `msd_dir` or `synthetic.dir` is taken from the project root, as Kedro takes the
-            catalog's paths, never from the current folder. `msd_dir` may be a URL on an
-            fsspec store (`s3://bucket/Task04_Hippocampus`); `synthetic.dir` is local.
+        data: `params:data` (source, seed, synthetic.*).
+    """
+    return synthesis_settings(data) if data["source"] == "synthetic" else None
+
+
+def list_source_cases(data: DataParams, project_root: str, synthetic_phantoms: str) -> tuple[pd.DataFrame, dict]:
+    """List the training cases of the chosen source.
+
+    Args:
+        data: `params:data` (source, msd_dir, channel). A relative `msd_dir` is taken from the
+            project root, as Kedro takes the catalog's paths, never from the current folder;
+            it may be a URL on an fsspec store (`s3://bucket/Task04_Hippocampus`).
         project_root: the project's root folder (catalog entry `project_root`).
+        synthetic_phantoms: the phantoms' folder (catalog entry `synthetic_phantoms`), read
+            when `data.source` is `synthetic`.
 
     Returns:
         `source_cases`, one row per case: case_id, image_path, label_path, channel (the paths
@@ -131,14 +77,7 @@ def list_source_cases(data: DataParams, project_root: str) -> tuple[pd.DataFrame
     """
     source = data["source"]
     if source == "synthetic":
-        root = anchor_path(data["synthetic"]["dir"], project_root)
-        if isinstance(root, str):  # anchor_path leaves only a URL as a string
-            raise ConfigurationError(
-                f"data.synthetic.dir={root}: the synthetic phantoms are written to a local folder. "
-                "Set a local path; a dataset on a store is read with data.source=msd,data.msd_dir=<URL>."
-            )
-        root = root.resolve()
-        ensure_synthetic_dataset(root, _synthesis_settings(data))
+        root = Path(synthetic_phantoms).resolve()
         cases = list_msd_cases(root)
     elif source == "msd":
         if not data.get("msd_dir"):

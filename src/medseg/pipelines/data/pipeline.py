@@ -5,6 +5,7 @@ from kedro.pipeline import Node, Pipeline
 from .nodes import (
     canonicalize_cases,
     list_source_cases,
+    phantom_settings,
     plan_preprocessing,
     preprocess_cases,
     split_dataset,
@@ -15,9 +16,10 @@ from .nodes import (
 def create_pipeline(**kwargs) -> Pipeline:
     return Pipeline(
         [
+            Node(phantom_settings, "params:data", "synthetic_phantoms", name="synthesize_phantoms", namespace="data"),
             Node(
                 list_source_cases,
-                ["params:data", "project_root"],
+                ["params:data", "project_root", "synthetic_phantoms"],
                 ["source_cases", "source_classes"],
                 name="list_source_cases",
                 namespace="data",

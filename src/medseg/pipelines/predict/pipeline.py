@@ -15,13 +15,13 @@ def create_pipeline(**kwargs) -> Pipeline:
             Node(
                 list_scans_to_predict,
                 {"predict": "params:predict", "project_root": "project_root", **segmenters},
-                ["predict.scans", "predict.model"],
+                ["predict.scans", "predict.segmenter_source"],
                 name="list_scans_to_predict",
                 namespace="predict",
             ),
             Node(
                 segment_scans,
-                ["predict.scans", "predict.model", "params:predict", "project_root"],
+                ["predict.scans", "predict.segmenter_source", "params:predict", "project_root"],
                 "predict.predictions",
                 name="segment_scans",
                 namespace="predict",
