@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-import nibabel as nib
 import numpy as np
 from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation, ornt_transform
 from scipy import ndimage
@@ -265,8 +264,3 @@ def _uncrop_and_reorient(cropped: np.ndarray, geometry: CaseGeometry) -> np.ndar
     canonical = np.zeros(geometry.canonical_shape, dtype=cropped.dtype)
     canonical[tuple(slice(a, b) for a, b in zip(geometry.crop_start, geometry.crop_stop))] = cropped
     return from_canonical(canonical, np.asarray(geometry.original_affine))
-
-
-def canonical_axcodes(affine: np.ndarray) -> tuple[str, ...]:
-    """Orientation codes of an affine, e.g. ('L', 'A', 'S')."""
-    return nib.aff2axcodes(affine)

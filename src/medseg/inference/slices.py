@@ -23,10 +23,10 @@ def slice_predictor(model: keras.Model) -> PredictSlices:
 
     The forward pass is traced once (`tf.function` with a (None, None, None, 1) signature), for
     every batch size and slice size, rather than called eagerly: an eager Keras call keeps every
-    layer's output alive until it returns, 0.87 GiB per 512×512 slice for the 32-filter U-Net,
-    where the traced graph frees each one when its last consumer has run (about 1/8 of that,
-    measured; see `medseg.patching.sliding_window.ACTIVATION_BYTES_PER_FEATURE`). The outputs
-    were identical, bit for bit, in a side-by-side run on CPU.
+    layer's output alive until it returns, where the traced graph frees each one when its last
+    consumer has run, so a batch of slices needs several times less memory (the budget of
+    `medseg.patching.sliding_window.ACTIVATION_BYTES_PER_FEATURE` assumes a traced call). The
+    traced graph runs the same layers on the same inputs as the eager call.
 
     Args:
         model: maps (B, H, W, 1) to (B, H, W, C) probabilities for any H and W (see

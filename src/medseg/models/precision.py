@@ -16,9 +16,9 @@ from typing import Any
 import keras
 
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
-# Model kinds that bfloat16 makes faster on a CPU with bfloat16 units: the 2D U-Net trained 2.3x
-# and inferred 1.3x faster (128x128, batch 16, 2-core AVX-512 BF16 CPU); the 3D U-Net at
-# 32x32x16 gained nothing, so `auto` keeps it in float32 there. On a GPU both gain.
+# Model kinds that bfloat16 makes faster on a CPU with bfloat16 units, as measured (the README
+# gives the figures): the 2D U-Net's training and inference gain; the 3D models on their small
+# patches do not, so `auto` keeps them in float32 on a CPU. On a GPU every kind gains.
 BF16_FASTER_ON_CPU = frozenset({"unet"})
 
 

@@ -363,8 +363,8 @@ def make_tf_dataset(
         augment_sample = _make_augmentation(len(sample_shape) - 1, int(seed), flip_axes)
         dataset = dataset.enumerate().map(augment_sample, num_parallel_calls=tf.data.AUTOTUNE)
     dataset = dataset.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-    # On a small CPU the autotuner's extra threads fight the training step for cores: epochs
-    # then take 1.6x longer, on and off. One private thread and no autotuning keep them steady.
+    # On a small CPU the autotuner's extra threads fight the training step for cores, and
+    # epochs take longer, on and off. One private thread and no autotuning keep them steady.
     options = tf.data.Options()
     options.autotune.enabled = False
     options.threading.private_threadpool_size = 1

@@ -39,13 +39,11 @@ from medseg.patching._checks import (
 
 PredictBatch = Callable[[np.ndarray], np.ndarray]
 
-# Measured peak memory of a traced (graph-mode) Keras forward pass on CPU, per value of
-# `unet_features_per_voxel` × voxels: 9-10 bytes for the 2D U-Net (512×512 and 256×256
-# slices, 16 and 32 filters, depth 2 and 3, 1 to 8 slices per batch) and 13-17 bytes for the
-# 3D U-Net (32×32×16 and 64×64×32 windows, 8 and 16 filters, 8 to 256 windows), TensorFlow
-# 2.21, 2-core AMD EPYC, psutil RSS polled every 5 ms (2026-11-25). 16 covers both. An eager
+# Peak memory of a traced (graph-mode) Keras forward pass, in bytes per value of
+# `unet_features_per_voxel` × voxels: a bound that covers both the 2D and the 3D U-Net, taken
+# from measurements on CPU (the README gives them). It holds for a traced call only: an eager
 # call (`model(x)` outside `tf.function`) keeps every layer's output alive until it returns and
-# costs about 55 bytes: 0.87 GiB per 512×512 slice at 32 filters.
+# needs several times more, which is why the networks run traced.
 ACTIVATION_BYTES_PER_FEATURE = 16.0
 GIB = 2**30
 
@@ -96,7 +94,8 @@ def windows_per_batch(
         features_per_voxel: the model's width, e.g. `unet_features_per_voxel(...)`.
         memory_gb: the budget in GiB (2**30 bytes), > 0 (`planning.memory_gb`).
         n_windows: the number of windows to predict, if known: the batch never exceeds it.
-        bytes_per_feature: the measured constant, `ACTIVATION_BYTES_PER_FEATURE` (16).
+        bytes_per_feature: activation bytes per feature value, `ACTIVATION_BYTES_PER_FEATURE`
+            (16) by default.
 
     Returns:
         Windows per batch, >= 1. With the defaults and 1 GiB: 4 slices of 512×512 for the
