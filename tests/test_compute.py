@@ -10,6 +10,7 @@ import pytest
 from kedro.io.core import DatasetError
 
 from conftest import data_files_written, make_project_copy, mlflow_runs, run_pipeline
+from medseg.casework import DriverThenWorker
 from medseg.runs import compute
 from medseg.datasets.staged import KEYS_FILE, StagedPartitionedDataset
 from medseg.errors import ConfigurationError, CorruptFileError
@@ -169,7 +170,7 @@ def test_predictions_map_back_on_workers_while_the_network_stays_here(tmp_path: 
             return segmenter.probabilities(image), geometry
 
         worker = partial(segmented_scan, to_label_map=segmenter.label_mapper(), classes=segmenter.plan.classes, extra={})
-        return compute.DriverThenWorker(network, worker)
+        return DriverThenWorker(network, worker)
 
     here = write_predictions(scans, segment, tmp_path / "sync")
     there = write_predictions(scans, segment, tmp_path / "dask", mapper=local2.map)

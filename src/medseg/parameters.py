@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import ConfigDict, Field, model_validator
@@ -271,6 +272,27 @@ class PlanningParams(Section):
 
 
 # compute -------------------------------------------------------------------------------------
+SYNC = "sync"
+_LOCAL_CLUSTER = re.compile(r"^local:(\d+)$")
+_ADDRESS = re.compile(r"^(tcp|tls|inproc|ucx)://\S+$")
+
+
+def check_scheduler(spec: str) -> str:
+    """`spec` itself when it is `sync`, `local:N` (N >= 1) or a scheduler address
+    (`tcp://host:port`); else a ValueError that says which forms are valid."""
+    spec = str(spec).strip()
+    if spec == SYNC or _ADDRESS.match(spec):
+        return spec
+    match = _LOCAL_CLUSTER.match(spec)
+    if match and int(match.group(1)) >= 1:
+        return spec
+    raise ValueError(
+        f"compute.scheduler='{spec}' is not one of 'sync', 'local:N' (N worker processes, N >= 1, e.g. 'local:2') "
+        "or the address of a running Dask scheduler ('tcp://host:8786')"
+    )
+
+
+
 @dataclass(config=_STRICT)
 class ComputeParams(Section):
     """Where per-case work runs (`medseg.runs.compute`).
@@ -282,8 +304,6 @@ class ComputeParams(Section):
     scheduler: str
 
     def __post_init__(self) -> None:
-        from medseg.runs.compute import check_scheduler
-
         check_scheduler(self.scheduler)
         super().__post_init__()
 

@@ -297,4 +297,3 @@ def _download_segmenter(source: str) -> tuple[str, str]:
             "`unet_segmenter` or `conv3d_segmenter` model."
         )
     return str(folder), source
-

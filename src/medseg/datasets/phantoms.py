@@ -18,13 +18,13 @@ from medseg.imaging.io import is_url
 from medseg.imaging.phantoms import ensure_synthetic_dataset
 
 
-class PhantomDataset(AbstractDataset[dict | None, str]):
+class PhantomDataset(AbstractDataset[dict, str]):
     """Saves phantom settings (`medseg.imaging.phantoms.synthesis_settings`) as the phantoms
     themselves, in MSD layout; loads as the folder's absolute path.
 
     Saving is incremental: a folder whose `dataset.json` records the same settings is kept as
     it is; other settings write the phantoms again, in a staging folder swapped in once every
-    case is written. Saving `None` (the source is not synthetic) writes nothing.
+    case is written. Saving `{}` (the source is not synthetic) writes nothing.
 
     Args:
         path: a local folder (a relative path is anchored at the project root by Kedro). The
@@ -40,8 +40,8 @@ class PhantomDataset(AbstractDataset[dict | None, str]):
         self._path = Path(path)
         self.metadata = metadata
 
-    def save(self, data: dict | None) -> None:
-        if data is not None:
+    def save(self, data: dict) -> None:
+        if data:
             ensure_synthetic_dataset(self._path.absolute(), data)
 
     def load(self) -> str:

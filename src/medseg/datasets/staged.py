@@ -13,7 +13,7 @@ made again; the file already there is kept (hard-linked into the staging folder)
 
 Parallel: the partitions to make are mapped over `medseg.runs.compute.current()`, one task per
 partition that makes it and saves it on the worker, so only `sync` makes them in this process.
-A :class:`medseg.runs.compute.DriverThenWorker` partition runs its driver part (a network) here
+A :class:`medseg.casework.DriverThenWorker` partition runs its driver part (a network) here
 first, and only its worker part in the task.
 
 Any fsspec store: on a local folder the swap is two renames. An object store (`s3://`) has no
@@ -36,6 +36,7 @@ from typing import Any
 
 from kedro_datasets.partitions import PartitionedDataset
 
+from medseg.casework import DriverThenWorker
 from medseg.runs import compute
 from medseg.incremental import KeyedPartition
 from medseg.publishing import staged_folder
@@ -53,9 +54,9 @@ def _save_partition(job: tuple[type, dict[str, Any], Any]) -> None:
 
 def _driver_part(job: tuple[type, dict[str, Any], Any]) -> tuple[type, dict[str, Any], Any]:
     """Run a partition's driver part here (a segmenter's network), leaving its worker part to
-    the task (:class:`medseg.runs.compute.DriverThenWorker`)."""
+    the task (:class:`medseg.casework.DriverThenWorker`)."""
     dataset_type, kwargs, data = job
-    if isinstance(data, compute.DriverThenWorker):
+    if isinstance(data, DriverThenWorker):
         data = partial(data.worker, data.driver())
     return dataset_type, kwargs, data
 
@@ -121,7 +122,7 @@ class StagedPartitionedDataset(PartitionedDataset):
 
     def _make(self, root: str, data: dict[str, Any], to_make: list[str]) -> None:
         jobs = [self._job(root, pid, data[pid]) for pid in to_make]
-        two_parts = any(isinstance(data[pid], compute.DriverThenWorker) for pid in to_make)
+        two_parts = any(isinstance(data[pid], DriverThenWorker) for pid in to_make)
         compute.current().map(
             _save_partition, jobs, task=f"Writing {self._path}", case_ids=to_make, prepare=_driver_part if two_parts else None
         )

@@ -30,15 +30,14 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from medseg.casework import DriverThenWorker, map_in_order
+from medseg.casework import map_in_order
+from medseg.parameters import SYNC, check_scheduler  # the grammar lives with the schema
 from medseg.errors import ConfigurationError, MedsegError
 from medseg.progress import CaseProgress
 
 logger = logging.getLogger(__name__)
 
-SYNC = "sync"
 _LOCAL = re.compile(r"^local:(\d+)$")
-_ADDRESS = re.compile(r"^(tcp|tls|inproc|ucx)://\S+$")
 CONNECT_TIMEOUT_S = 10
 # Imported once by the fork server that LocalCluster workers are forked from (no TensorFlow:
 # the network never runs on a worker).
@@ -47,21 +46,6 @@ WORKER_PRELOAD = ("distributed", "numpy", "scipy.ndimage", "nibabel", "pandas", 
 
 class ComputeError(MedsegError):
     """A Dask worker died or the cluster went away while working on a case."""
-
-
-def check_scheduler(spec: str) -> str:
-    """`spec` itself when it is `sync`, `local:N` (N >= 1) or a scheduler address
-    (`tcp://host:port`); else a ValueError that says which forms are valid."""
-    spec = str(spec).strip()
-    if spec == SYNC or _ADDRESS.match(spec):
-        return spec
-    match = _LOCAL.match(spec)
-    if match and int(match.group(1)) >= 1:
-        return spec
-    raise ValueError(
-        f"compute.scheduler='{spec}' is not one of 'sync', 'local:N' (N worker processes, N >= 1, e.g. 'local:2') "
-        "or the address of a running Dask scheduler ('tcp://host:8786')"
-    )
 
 
 class SyncExecutor:

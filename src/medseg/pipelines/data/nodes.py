@@ -48,14 +48,14 @@ logger = logging.getLogger(__name__)
 CANONICAL_VERSION = 1
 PREPROCESSING_VERSION = 1
 
-def phantom_settings(data: DataParams) -> dict | None:
+def phantom_settings(data: DataParams) -> dict:
     """What the synthetic phantoms are made from, for the catalog's `synthetic_phantoms` to
-    write (only when they changed); None when `data.source` is not `synthetic`.
+    write (only when they changed); empty when `data.source` is not `synthetic`.
 
     Args:
         data: `params:data` (source, seed, synthetic.*).
     """
-    return synthesis_settings(data) if data["source"] == "synthetic" else None
+    return synthesis_settings(data) if data["source"] == "synthetic" else {}
 
 
 def list_source_cases(data: DataParams, project_root: str, synthetic_phantoms: str) -> tuple[pd.DataFrame, dict]:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from medseg.runs import compute
-from medseg.runs.compute import DriverThenWorker
+from medseg.casework import DriverThenWorker
 from medseg.datasets.folder import anchor_path
 from medseg.errors import ConfigurationError
 from medseg.inference import Segmenter

@@ -1,0 +1,50 @@
+"""The catalog's `<model>.mlflow_segmenter`: a trained segmenter logged to the MLflow run as
+medseg's pyfunc model (`medseg.serving.SegmenterModel`).
+
+It lives beside serving, not in `medseg.datasets`: the I/O layer does not import the serving
+layer, and `medseg.serving` itself imports no Kedro, so a served model needs none.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from kedro.io.core import AbstractDataset, DatasetError
+
+from medseg.serving import log_segmenter
+
+
+class MlflowSegmenterDataset(AbstractDataset[Any, None]):
+    """Logs a segmenter to the active MLflow run as the pyfunc model `name`
+    (`SegmenterModel`), and registers it when the node asks. kedro-mlflow's
+    `MlflowModelTrackingDataset` logs a model object with fixed `save_args`; a segmenter is a
+    folder (plan and network) logged with medseg's code and a registry name that a parameter
+    chooses.
+
+    Saves a `medseg.pipelines.evaluation.SegmenterExport`; write-only. Without an active run
+    (MLflow off) nothing is logged.
+    """
+
+    def __init__(self, name: str, metadata: dict[str, Any] | None = None):
+        self._name = name
+        self.metadata = metadata
+        self.model_uri: str | None = None
+
+    def load(self) -> None:
+        raise DatasetError(f"{self._name}: load the model with mlflow.pyfunc.load_model('runs:/<run_id>/{self._name}').")
+
+    def save(self, data: Any) -> None:
+        import tempfile
+
+        import mlflow
+
+        if mlflow.active_run() is None:
+            return
+        with tempfile.TemporaryDirectory(prefix="medseg-segmenter-") as folder:
+            data.segmenter.save(Path(folder) / "segmenter")
+            info = log_segmenter(Path(folder) / "segmenter", self._name, data.registered_model_name)
+        self.model_uri = info.model_uri
+
+    def _describe(self) -> dict[str, Any]:
+        return {"name": self._name}
