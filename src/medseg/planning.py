@@ -12,7 +12,8 @@ What a model section sets explicitly overrides the plan; `plan.json` records bot
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -41,9 +42,11 @@ MAX_STEP_PIXELS = 16 * 96 * 96
 INPUT_PIPELINE_OVERHEAD = 1.15
 
 
-def median_shape(case_geometry: Mapping[str, Mapping]) -> tuple[int, int, int]:
-    """The median training-grid shape (voxels, RAS) over the cases of `geometry.json`."""
-    shapes = np.array([record["preprocessed_shape"] for record in case_geometry.values()], dtype=float)
+def median_shape(case_geometry: Any) -> tuple[int, int, int]:
+    """The median training-grid shape (voxels, RAS) over the cases of `geometry.json` (a
+    `PreprocessingPlan`, or its JSON records)."""
+    records = case_geometry.to_json() if hasattr(case_geometry, "to_json") else case_geometry
+    shapes = np.array([record["preprocessed_shape"] for record in records.values()], dtype=float)
     if shapes.size == 0:
         raise ConfigurationError("the preprocessing plan holds no case: run the data pipeline first.")
     return tuple(int(round(v)) for v in np.median(shapes, axis=0))

@@ -113,6 +113,7 @@ def test_train_model_streams_the_global_batch_and_builds_in_the_scope(tmp_path: 
     import keras
     import tensorflow as tf
 
+    from medseg.imaging.geometry import PreprocessingPlan
     from medseg.pipelines import training as modeling
 
     built_in, batches = [], []
@@ -143,7 +144,7 @@ def test_train_model_streams_the_global_batch_and_builds_in_the_scope(tmp_path: 
                 "distribute": "mirrored"}
     section = {"seed": 1, "model": {}, "training": training}
     model, history, decided = modeling.train_model(
-        "unet", build, make_stream, splits, {}, {}, {"seed": 0}, section, str(tmp_path / "backup")
+        "unet", build, make_stream, splits, PreprocessingPlan({}), {}, {"seed": 0}, section, str(tmp_path / "backup")
     )
     assert batches == [6, 6]  # training and validation streams: 3 per replica × 2 replicas
     assert built_in == [1]  # built after the scope was entered

@@ -69,15 +69,15 @@ def test_the_plan_decides_the_precision_once_from_the_probe(cpu, gpu, kind, mode
     training the resolved policy; an explicit policy is kept whatever the hardware."""
     from conftest import bfloat16_hardware
 
-    from medseg.kinds.planning import plan_precision
+    from medseg.kinds.planning import ModelPlan, plan_precision
 
     expected = "mixed_bfloat16" if gpu or (cpu and kind == "unet") else "float32"
     with bfloat16_hardware(cpu=cpu, gpu=gpu):
-        settings, plan = plan_precision(kind, model_key, {**section, "training": {"precision": "auto"}}, {})
+        settings, plan = plan_precision(kind, model_key, {**section, "training": {"precision": "auto"}}, ModelPlan(model_key, {}))
         assert settings["training"]["precision"] == expected
-        assert plan["precision"] == {"given": "auto", "used": expected}
-        settings, plan = plan_precision(kind, model_key, {**section, "training": {"precision": "float32"}}, {})
-        assert settings["training"]["precision"] == "float32" and plan["precision"]["used"] == "float32"
+        assert plan.precision == {"given": "auto", "used": expected}
+        settings, plan = plan_precision(kind, model_key, {**section, "training": {"precision": "float32"}}, ModelPlan(model_key, {}))
+        assert settings["training"]["precision"] == "float32" and plan.precision["used"] == "float32"
 
 
 def test_the_cpu_probe_reads_the_hosts_cpuinfo_through_one_function(monkeypatch):

@@ -8,7 +8,7 @@ back to the file's shape, affine and orientation, the way nnU-Net exports its pr
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -53,6 +53,45 @@ class CaseGeometry:
     @property
     def original_spacing(self) -> tuple[float, float, float]:
         return voxel_spacing(np.asarray(self.original_affine))
+
+
+@dataclass(frozen=True)
+class PreprocessingPlan:
+    """The preprocessing plan (`geometry.json`), read once: each case's :class:`CaseGeometry`,
+    all on one training-grid spacing.
+
+    Attributes:
+        cases: {case_id: CaseGeometry}.
+    """
+
+    cases: dict[str, CaseGeometry]
+
+    @classmethod
+    def from_json(cls, records: Mapping[str, Mapping]) -> "PreprocessingPlan":
+        """From `geometry.json`'s content, {case_id: CaseGeometry as a dict}."""
+        return cls({str(case_id): CaseGeometry.from_dict(dict(record)) for case_id, record in records.items()})
+
+    def to_json(self) -> dict[str, dict]:
+        """`geometry.json`'s content (what its hash and the incremental keys are made of)."""
+        return {case_id: geometry.to_dict() for case_id, geometry in self.cases.items()}
+
+    def __getitem__(self, case_id: str) -> CaseGeometry:
+        return self.cases[case_id]
+
+    @property
+    def target_spacing(self) -> tuple[float, float, float]:
+        """The training grid's spacing in mm (RAS), the same for every case.
+
+        Raises:
+            ValueError: the plan holds no case, or cases on different spacings.
+        """
+        spacings = {tuple(float(s) for s in geometry.target_spacing) for geometry in self.cases.values()}
+        if len(spacings) != 1:
+            raise ValueError(
+                f"geometry.json holds {len(spacings)} target spacings {sorted(spacings)}; it must hold one. "
+                "Run the data pipeline again."
+            )
+        return spacings.pop()
 
 
 def to_canonical(volume: Volume) -> Volume:

@@ -24,7 +24,8 @@ from medseg.evaluation import classification_metrics
 from medseg.imaging.io import Volume
 from medseg.inference import window_predictor
 from medseg.kinds import ModelKind, foreground_class_count, register_model_kind
-from medseg.kinds.planning import apply_plan, plan_model, target_spacing
+from medseg.imaging.geometry import PreprocessingPlan
+from medseg.kinds.planning import ModelPlan, apply_plan, plan_model
 from medseg.kinds.streams import sampled_dataset
 from medseg.models import build_patch_classifier, build_unet3d, compile_patch_classifier, compile_segmentation_model
 from medseg.parameters import Conv3dParams, PlanningParams
@@ -57,8 +58,8 @@ def _features_per_voxel(settings: Mapping[str, Any]) -> float:
 
 
 def plan_conv3d(
-    case_geometry: dict, dataset_fingerprint: dict, conv3d: Conv3dParams, planning: PlanningParams, timings: dict
-) -> tuple[dict, dict, dict]:
+    case_geometry: PreprocessingPlan, dataset_fingerprint: dict, conv3d: Conv3dParams, planning: PlanningParams, timings: dict
+) -> tuple[ModelPlan, dict, dict]:
     """Plan the 3D model from the data: the patch (about `planning.patch_voxels` voxels,
     shaped in millimetres so that a thick-slice axis gets fewer voxels, clipped to the median
     case), the poolings per axis (nnU-Net's: none below 4 voxels, none along an axis twice as
@@ -74,7 +75,7 @@ def plan_conv3d(
         and the timings (`conv3d.timings_updated`).
     """
     median = median_shape(case_geometry)
-    spacing = target_spacing(case_geometry)
+    spacing = list(case_geometry.target_spacing)
     model = conv3d["model"]
     max_depth = 4 if model["depth"] == "auto" else int(model["depth"])
     planned = plan_patches(median, spacing, int(planning["patch_voxels"]), int(model["base_filters"]), float(planning["memory_gb"]), max_depth)
@@ -90,10 +91,10 @@ def plan_conv3d(
         {"sampling.patch_size": planned["patch_size"], "model.depth": depth, "training.batch_size": planned["batch_size"]},
         inputs,
     )
-    plan["planned"]["model.poolings"] = planned["poolings"]
+    plan.planned["model.poolings"] = planned["poolings"]
     if given_patch == "auto" and model["depth"] == "auto":
         settings["model"]["poolings"] = planned["poolings"]
-        plan["used"]["model.poolings"] = planned["poolings"]
+        plan.used["model.poolings"] = planned["poolings"]
     return plan_model(CONV3D, settings, plan, dataset_fingerprint, planning, timings)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from medseg.models.distribute import distribution_strategy, global_batch_size, strategy_name
@@ -23,12 +24,42 @@ logger = logging.getLogger(__name__)
 STEP_PARAMETERS = ("epochs", "steps_per_epoch", "validation_steps")
 
 
-def target_spacing(case_geometry: Mapping[str, Mapping[str, Any]]) -> list[float]:
-    """The training grid's spacing in mm (RAS), the same for every case of `geometry.json`."""
-    spacings = {tuple(float(s) for s in record["target_spacing"]) for record in case_geometry.values()}
-    if len(spacings) != 1:
-        raise ValueError(f"geometry.json holds {len(spacings)} target spacings {sorted(spacings)}; it must hold one.")
-    return list(spacings.pop())
+@dataclass
+class ModelPlan:
+    """What the planner decided for one model (`<model>/plan.json`).
+
+    Attributes:
+        model: the model kind's name.
+        inputs: what the plan was made from (median shape, spacing, budgets).
+        planned: {dotted parameter path: the planned value}.
+        used: {dotted parameter path: the value training uses}: the planned one where the
+            parameter was `auto`, else the given one.
+        overrides: {dotted parameter path: {"given", "planned"}} for each explicit value.
+        precision: {"given": `training.precision`, "used": the policy}; empty until decided.
+        calibration: the timed training step and the budget it filled; empty when every step
+            parameter was given.
+    """
+
+    model: str
+    inputs: dict[str, Any]
+    planned: dict[str, Any] = field(default_factory=dict)
+    used: dict[str, Any] = field(default_factory=dict)
+    overrides: dict[str, Any] = field(default_factory=dict)
+    precision: dict[str, str] = field(default_factory=dict)
+    calibration: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """`plan.json`'s content (JSON types: lists, not tuples)."""
+        plan = {key: value for key, value in asdict(self).items() if value or key in ("planned", "used", "overrides")}
+        return json.loads(json.dumps(plan))
+
+    @classmethod
+    def from_json(cls, record: Mapping[str, Any]) -> "ModelPlan":
+        return cls(**{key: record[key] for key in cls.__dataclass_fields__ if key in record})
+
+    def logged_parameters(self) -> dict[str, Any]:
+        """The values used, as the MLflow run's parameters `<model>.plan.<path>`."""
+        return {f"{self.model}.plan.{path}": value for path, value in self.used.items()}
 
 
 def replica_part(strategy) -> dict[str, Any]:
@@ -46,7 +77,9 @@ def _get(section: Mapping[str, Any], path: str) -> Any:
     return node
 
 
-def apply_plan(model_key: str, section: Mapping[str, Any], planned: dict[str, Any], inputs: dict[str, Any]) -> tuple[dict, dict]:
+def apply_plan(
+    model_key: str, section: Mapping[str, Any], planned: dict[str, Any], inputs: dict[str, Any]
+) -> tuple[dict, ModelPlan]:
     """The model section with every `auto` replaced by its planned value, and the plan file.
 
     Args:
@@ -58,7 +91,7 @@ def apply_plan(model_key: str, section: Mapping[str, Any], planned: dict[str, An
     Returns:
         (settings, plan): `settings` is the section the model is trained and run with;
         `plan` (the catalog's `<model>.plan`) holds `planned`, `used` and `overrides` (each
-        explicit value with the planned one it replaced).
+        explicit value with the planned one it replaced), in JSON types.
     """
     settings = json.loads(json.dumps(dict(section), default=lambda value: dict(value)))
     used, overrides = {}, {}
@@ -76,11 +109,11 @@ def apply_plan(model_key: str, section: Mapping[str, Any], planned: dict[str, An
     for path, entry in overrides.items():
         if entry["given"] != entry["planned"]:
             logger.info("%s: %s=%s overrides the planned %s.", model_key, path, entry["given"], entry["planned"])
-    plan = {"model": model_key, "inputs": inputs, "planned": planned, "used": used, "overrides": overrides}
-    return settings, json.loads(json.dumps(plan))
+    as_json = json.loads(json.dumps({"inputs": inputs, "planned": planned, "used": used, "overrides": overrides}))
+    return settings, ModelPlan(model=model_key, **as_json)
 
 
-def plan_precision(network: str, model_key: str, settings: dict[str, Any], plan: dict[str, Any]) -> tuple[dict, dict]:
+def plan_precision(network: str, model_key: str, settings: dict[str, Any], plan: ModelPlan) -> tuple[dict, ModelPlan]:
     """`training.precision` decided once, by the plan: `auto` becomes the policy this machine
     trains `network` fastest in (`medseg.models.precision.resolve_precision`: `mixed_bfloat16`
     where the hardware has bfloat16 units and the network gains from them, else `float32`);
@@ -94,7 +127,7 @@ def plan_precision(network: str, model_key: str, settings: dict[str, Any], plan:
     given = str(settings["training"]["precision"])
     used = resolve_precision(given, network)
     settings["training"]["precision"] = used
-    plan["precision"] = {"given": given, "used": used}
+    plan.precision = {"given": given, "used": used}
     if given == "auto":
         logger.info("%s: training.precision=auto chose %s on this machine.", model_key, used)
     return settings, plan
@@ -103,11 +136,11 @@ def plan_precision(network: str, model_key: str, settings: dict[str, Any], plan:
 def plan_training_steps(
     model_key: str,
     settings: dict[str, Any],
-    plan: dict[str, Any],
+    plan: ModelPlan,
     build_model: Callable[[], Any],
     planning: Mapping[str, Any],
     timings: dict[str, Any] | None,
-) -> tuple[dict, dict, dict]:
+) -> tuple[dict, ModelPlan, dict]:
     """Epochs and steps from the model's time budget (`planning.budget_minutes.<model>`), for
     the `training.epochs`, `steps_per_epoch` and `validation_steps` set to `auto`.
 
@@ -151,21 +184,22 @@ def plan_training_steps(
         "%s: %.3f s per training step (%s); %d epochs of %d steps fill %g minutes.", model_key, seconds,
         "timing reused" if reused else "timed now", steps["epochs"], steps["steps_per_epoch"], budget,
     )
-    settings, step_plan = apply_plan(model_key, settings, {f"training.{k}": v for k, v in steps.items()}, plan["inputs"])
-    for part in ("planned", "used", "overrides"):
-        plan[part].update(step_plan[part])
-    plan["calibration"] = {"seconds_per_step": seconds, "budget_minutes": budget, "reused": reused, "machine": machine, **distributed}
+    settings, step_plan = apply_plan(model_key, settings, {f"training.{k}": v for k, v in steps.items()}, plan.inputs)
+    plan.planned.update(step_plan.planned)
+    plan.used.update(step_plan.used)
+    plan.overrides.update(step_plan.overrides)
+    plan.calibration = {"seconds_per_step": seconds, "budget_minutes": budget, "reused": reused, "machine": machine, **distributed}
     return settings, plan, timings
 
 
 def plan_model(
     kind,
     settings: dict[str, Any],
-    plan: dict[str, Any],
+    plan: ModelPlan,
     dataset_fingerprint: Mapping[str, Any],
     planning: Mapping[str, Any],
     timings: dict[str, Any] | None,
-) -> tuple[dict, dict, dict]:
+) -> tuple[ModelPlan, dict, dict]:
     """The steps after a kind has planned its sizes: the precision, then the training steps
     (timed on the model `kind.build` makes from the planned settings).
 

@@ -8,7 +8,8 @@ from typing import Any
 import keras
 
 from medseg.kinds import ModelKind, register_model_kind
-from medseg.kinds.planning import apply_plan, plan_model, target_spacing
+from medseg.imaging.geometry import PreprocessingPlan
+from medseg.kinds.planning import ModelPlan, apply_plan, plan_model
 from medseg.kinds.streams import sampled_dataset
 from medseg.models import build_unet2d, compile_segmentation_model
 from medseg.models.unet import with_input_shape
@@ -19,8 +20,8 @@ from medseg.planning import median_shape, plan_slices
 
 
 def plan_unet(
-    case_geometry: dict, dataset_fingerprint: dict, unet: UnetParams, planning: PlanningParams, timings: dict
-) -> tuple[dict, dict, dict]:
+    case_geometry: PreprocessingPlan, dataset_fingerprint: dict, unet: UnetParams, planning: PlanningParams, timings: dict
+) -> tuple[ModelPlan, dict, dict]:
     """Plan the 2D U-Net from the data: the training slice (the whole median axial slice at
     the target spacing, or 2.5 times the largest structure to segment when that is smaller,
     rounded to a multiple of 2**depth, as large as `planning.memory_gb` allows for two slices)
@@ -44,7 +45,7 @@ def plan_unet(
         `params:unet` with the plan applied) and the timings.
     """
     median = median_shape(case_geometry)
-    spacing = target_spacing(case_geometry)
+    spacing = list(case_geometry.target_spacing)
     extent_mm = dataset_fingerprint.get("foreground_extent_mm") or [0.0, 0.0, 0.0]
     structure = max(extent_mm[0] / spacing[0], extent_mm[1] / spacing[1])
     model = unet["model"]

@@ -30,11 +30,12 @@ from medseg.evaluation import (
     plot_training_curves,
     summarize_per_class,
 )
-from medseg.imaging.geometry import CaseGeometry, to_canonical
+from medseg.imaging.geometry import PreprocessingPlan, to_canonical
 from medseg.imaging.io import Volume, read_volume, voxel_spacing
 from medseg.imaging.validation import binarize_label
 from medseg.inference import Segmenter
 from medseg.kinds import ModelKind
+from medseg.kinds.planning import ModelPlan
 from medseg.models.training import training_fingerprint
 from medseg.models.unet import with_input_shape
 from medseg.parameters import DataParams
@@ -45,15 +46,15 @@ from medseg.split import cases_in_split
 logger = logging.getLogger(__name__)
 
 
-def logged_plan(plan: dict[str, Any]) -> dict[str, Any]:
+def logged_plan(plan: ModelPlan) -> dict[str, Any]:
     """The values the plan used, as the MLflow run's parameters `<model>.plan.<path>`."""
-    return {f"{plan['model']}.plan.{path}": value for path, value in plan["used"].items()}
+    return plan.logged_parameters()
 
 
 def predict_split(
     segmenter: Segmenter,
     primary_images: dict[str, Callable[[], Volume]],
-    case_geometry: dict,
+    case_geometry: PreprocessingPlan,
     splits: pd.DataFrame,
 ) -> dict[str, Callable[[], Volume]]:
     """Masks of every validation and test case, each in its source file's geometry.
@@ -83,7 +84,7 @@ def predict_split(
     to_label_map = segmenter.label_mapper()
 
     def mask(case_id: str) -> DriverThenWorker:
-        geometry = CaseGeometry.from_dict(case_geometry[case_id])
+        geometry = case_geometry[case_id]
         return DriverThenWorker(
             driver=lambda: segmenter.probabilities(primary_images[case_id]().data),
             worker=partial(to_label_map.volume, geometry=geometry),
@@ -109,7 +110,7 @@ def _evaluated_classes(dataset_fingerprint: dict) -> tuple[dict[int, str], bool]
 def evaluate_postprocessing(
     segmenter: Segmenter,
     primary_images: dict[str, Callable[[], Volume]],
-    case_geometry: dict,
+    case_geometry: PreprocessingPlan,
     case_fingerprints: pd.DataFrame,
     splits: pd.DataFrame,
     dataset_fingerprint: dict,
@@ -135,7 +136,7 @@ def evaluate_postprocessing(
     progress = CaseProgress("Scoring postprocessing", len(test_cases), logger=logger)
     for case_id in test_cases:
         reference, _ = _reference_mask(records.loc[case_id], multiclass, data)
-        geometry = CaseGeometry.from_dict(case_geometry[case_id])
+        geometry = case_geometry[case_id]
         for variant, labels in segmenter.variants(primary_images[case_id]().data, geometry).items():
             for value, name in classes.items():
                 rows.append({"case_id": case_id, "variant": variant, "class": name, "label": value,

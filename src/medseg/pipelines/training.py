@@ -14,7 +14,8 @@ from medseg.imaging.io import Volume
 from medseg.imaging.laterality import safe_flip_axes
 from medseg.inference import Segmenter, SegmenterPlan
 from medseg.kinds import ModelKind
-from medseg.kinds.planning import replica_part, target_spacing
+from medseg.imaging.geometry import PreprocessingPlan
+from medseg.kinds.planning import replica_part
 from medseg.kinds.streams import case_loader
 from medseg.models.distribute import distribution_strategy, global_batch_size, strategy_name
 from medseg.models.precision import dtype_policy
@@ -52,7 +53,7 @@ def train_model(
     build_model: Callable[[], keras.Model],
     make_stream: Callable[..., Any],
     splits: pd.DataFrame,
-    case_geometry: Mapping[str, Any],
+    case_geometry: PreprocessingPlan,
     dataset_fingerprint: Mapping[str, Any],
     data: Mapping[str, Any],
     settings: Mapping[str, Any],
@@ -118,7 +119,7 @@ def train_model(
     with dtype_policy(precision), strategy.scope():
         model = build_model()  # layers take the policy when built; the heads stay float32
     fingerprint = training_fingerprint(
-        model=model_key, section=settings, data=data, splits=splits.to_dict("records"), plan=case_geometry,
+        model=model_key, section=settings, data=data, splits=splits.to_dict("records"), plan=case_geometry.to_json(),
         fingerprint=dataset_fingerprint, **replica_part(strategy),
     )
     resume = prepare_backup(backup_root, fingerprint, int(training["epochs"]), {"mlflow_run_id": tracking.active_run_id()})
@@ -148,7 +149,7 @@ def train(
     primary_images: dict[str, Callable[[], Volume]],
     primary_labels: dict[str, Callable[[], Volume]],
     splits: pd.DataFrame,
-    case_geometry: dict,
+    case_geometry: PreprocessingPlan,
     dataset_fingerprint: dict,
     data: DataParams,
     settings: dict[str, Any],
@@ -193,7 +194,7 @@ def class_values(dataset_fingerprint: Mapping[str, Any]) -> tuple[int, ...]:
 def segmenter_plan(
     kind: ModelKind,
     case_fingerprints: pd.DataFrame,
-    case_geometry: Mapping[str, Any],
+    case_geometry: PreprocessingPlan,
     dataset_fingerprint: Mapping[str, Any],
     data: Mapping[str, Any],
     settings: Mapping[str, Any],
@@ -216,7 +217,7 @@ def segmenter_plan(
     return SegmenterPlan(
         model_key=kind.name,
         display_name=kind.display_name(settings),
-        target_spacing=tuple(target_spacing(case_geometry)),
+        target_spacing=case_geometry.target_spacing,
         interpolation_order=int(preprocessing["interpolation_order"]),
         clip_percentiles=tuple(preprocessing["clip_percentiles"]) if preprocessing["clip_percentiles"] else None,
         crop_margin=int(preprocessing["crop_margin"]) if preprocessing["crop_to_nonzero"] else None,
@@ -236,7 +237,7 @@ def segmenter_plan(
 def build_segmenter(
     model: keras.Model,
     case_fingerprints: pd.DataFrame,
-    case_geometry: dict,
+    case_geometry: PreprocessingPlan,
     dataset_fingerprint: dict,
     data: DataParams,
     settings: dict[str, Any],

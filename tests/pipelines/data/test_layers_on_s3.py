@@ -24,7 +24,7 @@ FILES = {
     "case_fingerprints": ("pandas.CSVDataset", "02_intermediate/case_fingerprints.csv"),
     "previous_case_fingerprints": ("medseg.datasets.optional.OptionalCSVDataset", "02_intermediate/case_fingerprints.csv"),
     "dataset_fingerprint": ("json.JSONDataset", "03_primary/fingerprint.json"),
-    "case_geometry": ("json.JSONDataset", "03_primary/geometry.json"),
+    "case_geometry": ("medseg.datasets.plans.PreprocessingPlanDataset", "03_primary/geometry.json"),
     "splits": ("pandas.CSVDataset", "03_primary/splits.csv"),
 }
 

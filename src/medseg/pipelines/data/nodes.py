@@ -16,6 +16,7 @@ from medseg.datasets.folder import anchor_path
 from medseg.errors import ConfigurationError
 from medseg.imaging.geometry import (
     CaseGeometry,
+    PreprocessingPlan,
     label_to_training_grid,
     plan_case_geometry,
     to_canonical,
@@ -196,7 +197,9 @@ def canonicalize_cases(case_fingerprints: pd.DataFrame) -> tuple[dict, dict]:
     return images, labels
 
 
-def plan_preprocessing(case_fingerprints: pd.DataFrame, fingerprint: dict, preprocessing: PreprocessingParams) -> dict:
+def plan_preprocessing(
+    case_fingerprints: pd.DataFrame, fingerprint: dict, preprocessing: PreprocessingParams
+) -> PreprocessingPlan:
     """Decide each case's training grid: target spacing, crop box and shape.
 
     Args:
@@ -206,7 +209,7 @@ def plan_preprocessing(case_fingerprints: pd.DataFrame, fingerprint: dict, prepr
             median spacing.
 
     Returns:
-        {case_id: CaseGeometry as a dict}, saved as `geometry.json`.
+        Each case's geometry, saved as `geometry.json`.
     """
     target = preprocessing.get("target_spacing") or fingerprint["median_spacing"]
     if len(target) != 3 or min(target) <= 0:
@@ -216,8 +219,8 @@ def plan_preprocessing(case_fingerprints: pd.DataFrame, fingerprint: dict, prepr
         crop_box = json.loads(row["crop_box"]) if "crop_box" in row and isinstance(row["crop_box"], str) else None
         plans[_case_id(row["case_id"])] = plan_case_geometry(
             json.loads(row["original_shape"]), np.array(json.loads(row["original_affine"])), tuple(target), crop_box
-        ).to_dict()
-    return plans
+        )
+    return PreprocessingPlan(plans)
 
 
 def _preprocess_image(load: Callable[[], Volume], geometry: CaseGeometry, preprocessing: dict) -> Callable[[], Volume]:
@@ -247,7 +250,7 @@ def preprocess_cases(
     intermediate_images: dict[str, Callable[[], Volume]],
     intermediate_labels: dict[str, Callable[[], Volume]],
     case_fingerprints: pd.DataFrame,
-    case_geometry: dict,
+    case_geometry: PreprocessingPlan,
     fingerprint: dict,
     data: DataParams,
 ) -> tuple[dict, dict]:
@@ -281,8 +284,8 @@ def preprocess_cases(
     image_settings = {k: preprocessing.get(k) for k in ("interpolation_order", "clip_percentiles", "normalization")}
     sources = {_case_id(row["case_id"]): _canonical_keys(row) for _, row in case_fingerprints.iterrows()}
     images, labels = {}, {}
-    for case_id, record in case_geometry.items():
-        geometry = CaseGeometry.from_dict(record)
+    for case_id, geometry in case_geometry.cases.items():
+        record = geometry.to_dict()
         images[case_id] = KeyedPartition(
             content_key(PREPROCESSING_VERSION, sources[case_id]["image"], record, image_settings),
             _preprocess_image(intermediate_images[case_id], geometry, preprocessing),
