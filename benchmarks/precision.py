@@ -31,7 +31,7 @@ from medseg.imaging.geometry import plan_case_geometry, to_canonical  # noqa: E4
 from medseg.imaging.io import Volume  # noqa: E402
 from medseg.imaging.synthesis import synthesize_case  # noqa: E402
 from medseg.models import build_unet2d, build_unet3d, compile_segmentation_model  # noqa: E402
-from medseg.models.training import cpu_has_bfloat16, gpu_has_bfloat16, resolve_precision  # noqa: E402
+from medseg.models.precision import cpu_has_bfloat16, gpu_has_bfloat16, resolve_precision  # noqa: E402
 from medseg.planning import plan_patches, plan_slices  # noqa: E402
 
 
