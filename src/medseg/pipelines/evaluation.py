@@ -30,8 +30,8 @@ from medseg.evaluation import (
     plot_training_curves,
     summarize_per_class,
 )
-from medseg.imaging.geometry import PreprocessingPlan, to_canonical
-from medseg.imaging.io import Volume, read_volume, voxel_spacing
+from medseg.imaging.geometry import CaseGeometry, PreprocessingPlan, from_canonical, to_canonical
+from medseg.imaging.io import Volume, voxel_spacing
 from medseg.imaging.validation import binarize_label
 from medseg.inference import Segmenter
 from medseg.kinds import ModelKind
@@ -93,9 +93,15 @@ def predict_split(
     return {c: mask(c) for c in cases_in_split(splits, "val", "test")}
 
 
-def _reference_mask(record: pd.Series, multiclass: bool, data: dict[str, Any]) -> tuple[np.ndarray, Volume]:
-    reference_volume = read_volume(record["label_path"], kind="label")
-    reference = reference_volume.data if multiclass else binarize_label(reference_volume.data, data.get("foreground_labels"))
+def _reference_mask(
+    canonical_label: Volume, geometry: CaseGeometry, multiclass: bool, data: dict[str, Any]
+) -> tuple[np.ndarray, Volume]:
+    """A case's reference label in its source file's geometry, from the canonical copy the data
+    pipeline made (`intermediate_labels`: the same voxels, reoriented without interpolation):
+    the dataset's values in multiclass mode, else the binary foreground."""
+    affine = np.asarray(geometry.original_affine, dtype=float)
+    reference_volume = Volume(from_canonical(canonical_label.data, affine), affine)
+    reference = reference_volume.data if multiclass else binarize_label(reference_volume.data, data["foreground_labels"])
     return reference, reference_volume
 
 
@@ -110,8 +116,8 @@ def _evaluated_classes(dataset_fingerprint: dict) -> tuple[dict[int, str], bool]
 def evaluate_postprocessing(
     segmenter: Segmenter,
     primary_images: dict[str, Callable[[], Volume]],
+    intermediate_labels: dict[str, Callable[[], Volume]],
     case_geometry: PreprocessingPlan,
-    case_fingerprints: pd.DataFrame,
     splits: pd.DataFrame,
     dataset_fingerprint: dict,
     data: DataParams,
@@ -130,13 +136,12 @@ def evaluate_postprocessing(
     if not segmenter.effective_mirror_axes() and not segmenter.plan.keep_largest_component:
         return pd.DataFrame(columns=["case_id", "variant", "class", "label", "dice"]), {}
     classes, multiclass = _evaluated_classes(dataset_fingerprint)
-    records = case_fingerprints.set_index("case_id")
     rows = []
     test_cases = cases_in_split(splits, "test")
     progress = CaseProgress("Scoring postprocessing", len(test_cases), logger=logger)
     for case_id in test_cases:
-        reference, _ = _reference_mask(records.loc[case_id], multiclass, data)
         geometry = case_geometry[case_id]
+        reference, _ = _reference_mask(intermediate_labels[case_id](), geometry, multiclass, data)
         for variant, labels in segmenter.variants(primary_images[case_id]().data, geometry).items():
             for value, name in classes.items():
                 rows.append({"case_id": case_id, "variant": variant, "class": name, "label": value,
@@ -165,7 +170,9 @@ def package_segmenter(segmenter: Segmenter, settings: dict[str, Any]) -> Segment
 
 def evaluate_predictions(
     predictions: dict[str, Callable[[], Volume]],
-    case_fingerprints: pd.DataFrame,
+    intermediate_images: dict[str, Callable[[], Volume]],
+    intermediate_labels: dict[str, Callable[[], Volume]],
+    case_geometry: PreprocessingPlan,
     splits: pd.DataFrame,
     dataset_fingerprint: dict,
     data: DataParams,
@@ -176,7 +183,10 @@ def evaluate_predictions(
     Args:
         predictions: predicted masks (as saved: source geometry, uint8; the dataset's own
             label values in multiclass mode, {0, 1} in binary mode).
-        case_fingerprints: per-case table with the source image and label paths.
+        intermediate_images, intermediate_labels: the cases in canonical RAS (the data
+            pipeline's copies of the source files: the overlays' images, and the references,
+            put back into each source file's geometry).
+        case_geometry: the preprocessing plan (each source file's shape and affine).
         splits: the case split; only `test` cases are scored.
         dataset_fingerprint: `fingerprint.json` (label_mode and classes).
         data: `params:data` (foreground_labels, for binary mode).
@@ -190,25 +200,22 @@ def evaluate_predictions(
     """
     classes, multiclass = _evaluated_classes(dataset_fingerprint)
     rows, overlays = [], []
-    records = case_fingerprints.set_index("case_id")
     test_cases = cases_in_split(splits, "test")
     progress = CaseProgress("Evaluating", len(test_cases), logger=logger)
     for case_id in test_cases:
-        record = records.loc[case_id]
-        reference, reference_volume = _reference_mask(record, multiclass, data)
+        reference, reference_volume = _reference_mask(intermediate_labels[case_id](), case_geometry[case_id], multiclass, data)
         prediction = predictions[case_id]()
         if prediction.data.shape != reference.shape or not np.allclose(prediction.affine, reference_volume.affine, atol=1e-3):
             raise GeometryMismatchError(
-                f"prediction of case '{case_id}' has shape {prediction.data.shape}, but its label "
-                f"{record['label_path']} has {reference.shape} (or their affines differ). Run the pipeline "
+                f"prediction of case '{case_id}' has shape {prediction.data.shape}, but its source label "
+                f"has {reference.shape} (or their affines differ). Run the pipeline "
                 "again so that predictions are written in the source geometry."
             )
         case_rows = evaluate_case_per_class(reference, prediction.data, voxel_spacing(reference_volume.affine), classes)
         rows.extend({"case_id": case_id, **row} for row in case_rows)
         if len(overlays) < int(settings["reporting"]["n_overlay_cases"]):
-            channel = None if pd.isna(record["channel"]) else int(record["channel"])
-            image = read_volume(record["image_path"], channel=channel)
-            views = [to_canonical(Volume(a, reference_volume.affine)).data for a in (image.data, reference, prediction.data)]
+            image = intermediate_images[case_id]().data
+            views = [image, *(to_canonical(Volume(a, reference_volume.affine)).data for a in (reference, prediction.data))]
             z = choose_overlay_slice(views[1], views[2])
             dice = float(np.nanmean([row["dice"] for row in case_rows])) if any(np.isfinite(row["dice"]) for row in case_rows) else float("nan")
             overlays.append(OverlaySlice(case_id, *(view[:, :, z] for view in views), z=z, dice=dice))

@@ -28,7 +28,8 @@ from medseg.pipelines.training import build_segmenter, train
 
 # What the template reads from the data pipeline and the project, by its shared names.
 SHARED_INPUTS = {
-    "case_geometry", "dataset_fingerprint", "primary_images", "primary_labels", "splits", "case_fingerprints",
+    "case_geometry", "dataset_fingerprint", "primary_images", "primary_labels", "intermediate_images",
+    "intermediate_labels", "splits", "case_fingerprints",
     "project_root", "synthetic_phantoms",
 }
 SHARED_PARAMETERS = {"params:data", "params:planning"}
@@ -78,7 +79,7 @@ def model_pipeline(kind: ModelKind) -> Pipeline:
             Node(predict_split, ["segmenter", "primary_images", "case_geometry", "splits"], "predictions", name="predict_split"),
             Node(
                 evaluate_postprocessing,
-                ["segmenter", "primary_images", "case_geometry", "case_fingerprints", "splits", "dataset_fingerprint",
+                ["segmenter", "primary_images", "intermediate_labels", "case_geometry", "splits", "dataset_fingerprint",
                  "params:data"],
                 ["postprocessing_ablation", "mlflow_metrics_postprocessing"],
                 name="evaluate_postprocessing",
@@ -86,7 +87,8 @@ def model_pipeline(kind: ModelKind) -> Pipeline:
             Node(package_segmenter, ["segmenter", "settings"], "mlflow_segmenter", name="package_segmenter"),
             Node(
                 evaluate_predictions,
-                ["predictions", "case_fingerprints", "splits", "dataset_fingerprint", "params:data", "settings"],
+                ["predictions", "intermediate_images", "intermediate_labels", "case_geometry", "splits",
+                 "dataset_fingerprint", "params:data", "settings"],
                 ["metrics_per_case", "overlays"],
                 name="evaluate_predictions",
             ),

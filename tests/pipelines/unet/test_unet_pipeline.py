@@ -216,15 +216,21 @@ def test_overlay_titles_name_the_case_slice_and_its_test_dice(unet_run: Path):
     """`evaluate_predictions` on this run's saved masks: each overlay's title carries the case,
     the axial slice shown and the Dice of metrics_per_case.csv."""
     from medseg.imaging.io import read_volume
+    from medseg.imaging.geometry import PreprocessingPlan
     from medseg.pipelines.evaluation import evaluate_predictions
 
     masks = unet_run / "data" / "07_model_output" / "unet"
     predictions = {p.name[: -len(".nii.gz")]: (lambda p=p: read_volume(str(p), kind="label")) for p in masks.glob("*.nii.gz")}
-    fingerprints = pd.read_csv(unet_run / "data" / "02_intermediate" / "case_fingerprints.csv", dtype={"case_id": str})
+    def partition(layer: str, kind: str) -> dict:
+        folder = unet_run / "data" / "02_intermediate" / layer
+        return {p.name[: -len(".nii.gz")]: (lambda p=p: read_volume(str(p), kind=kind)) for p in folder.glob("*.nii.gz")}
+
+    geometry = PreprocessingPlan.from_json(json.loads((unet_run / "data" / "03_primary" / "geometry.json").read_text()))
     splits = pd.read_csv(unet_run / "data" / "03_primary" / "splits.csv", dtype={"case_id": str})
     fingerprint = json.loads((unet_run / "data" / "03_primary" / "fingerprint.json").read_text())
     per_case, figure = evaluate_predictions(
-        predictions, fingerprints, splits, fingerprint, {"foreground_labels": None}, {"reporting": {"n_overlay_cases": 4}}
+        predictions, partition("images", "image"), partition("labels", "label"), geometry, splits, fingerprint,
+        {"foreground_labels": None}, {"reporting": {"n_overlay_cases": 4}},
     )
     report = pd.read_csv(unet_run / "data" / "08_reporting" / "unet" / "metrics_per_case.csv", dtype={"case_id": str})
     np.testing.assert_allclose(per_case["dice"], report["dice"])
