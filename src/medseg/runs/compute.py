@@ -276,6 +276,10 @@ def make_executor(scheduler: str) -> SyncExecutor | DaskExecutor:
     return SyncExecutor() if spec == SYNC else DaskExecutor(spec)
 
 
+# The one process-wide handle that a hook sets and nodes read, on purpose: a Dask client (and
+# the LocalCluster medseg may start) belongs to the process, not to a dataset, and opening one
+# per node would cost seconds each time. ComputeHook opens it before the pipeline and closes it
+# after; outside a run it is `sync`. Everything else a node needs comes as an input.
 _current: SyncExecutor | DaskExecutor = SyncExecutor()
 
 

@@ -80,15 +80,9 @@ def list_source_cases(data: DataParams, project_root: str, synthetic_phantoms: s
     if source == "synthetic":
         root = Path(synthetic_phantoms).resolve()
         cases = list_msd_cases(root)
-    elif source == "msd":
-        if not data.get("msd_dir"):
-            raise ConfigurationError(
-                "data.source=msd needs data.msd_dir, e.g. --params data.source=msd,data.msd_dir=/abs/Task04_Hippocampus"
-            )
+    else:  # "msd", with its msd_dir: the schema (DataParams) allows nothing else
         root = dataset_location(anchor_path(data["msd_dir"], project_root))
-        cases = list_msd_cases(root, channel=data.get("channel"))
-    else:
-        raise ConfigurationError(f"data.source='{source}' is not one of 'synthetic' or 'msd'.")
+        cases = list_msd_cases(root, channel=data["channel"])
     manifest = root / "dataset.json"
     classes = foreground_classes(read_dataset_json(root), manifest)
     return pd.DataFrame([case.__dict__ for case in cases]), {"manifest": str(manifest), "classes": classes}
@@ -139,19 +133,19 @@ def validate_cases(
         :func:`medseg.imaging.validation.fingerprint_cases`.
     """
     preprocessing = data["preprocessing"]
-    crop_margin = int(preprocessing.get("crop_margin", 0)) if preprocessing.get("crop_to_nonzero") else None
+    crop_margin = int(preprocessing["crop_margin"]) if preprocessing["crop_to_nonzero"] else None
     cases = [_case_files(row) for _, row in source_cases.iterrows()]
     split = data["split"]
     split_sizes(len(cases), split["train"], split["val"], split["test"])
     label_mode, classes = resolve_label_classes(
-        source_classes["classes"], data.get("label_mode", "auto"), data.get("foreground_labels"), source_classes["manifest"]
+        source_classes["classes"], data["label_mode"], data["foreground_labels"], source_classes["manifest"]
     )
     logger.info("Label mode %s, classes %s.", label_mode, classes)
     previous = {
         str(row["case_id"]): row for row in previous_case_fingerprints.to_dict("records")
     } if "settings_key" in previous_case_fingerprints else {}
     records = fingerprint_cases(
-        cases, data.get("foreground_labels"), crop_margin, classes if label_mode == "multiclass" else None,
+        cases, data["foreground_labels"], crop_margin, classes if label_mode == "multiclass" else None,
         previous=previous, mapper=compute.current().map,
     )
     return pd.DataFrame(records), dataset_fingerprint(records, label_mode, classes)
@@ -211,7 +205,7 @@ def plan_preprocessing(
     Returns:
         Each case's geometry, saved as `geometry.json`.
     """
-    target = preprocessing.get("target_spacing") or fingerprint["median_spacing"]
+    target = preprocessing["target_spacing"] or fingerprint["median_spacing"]
     if len(target) != 3 or min(target) <= 0:
         raise ConfigurationError(f"data.preprocessing.target_spacing={target}: need three positive values in mm.")
     plans = {}
@@ -226,7 +220,7 @@ def plan_preprocessing(
 def _preprocess_image(load: Callable[[], Volume], geometry: CaseGeometry, preprocessing: dict) -> Callable[[], Volume]:
     def run() -> Volume:
         return image_to_training_grid(
-            load(), geometry, int(preprocessing["interpolation_order"]), preprocessing.get("clip_percentiles")
+            load(), geometry, int(preprocessing["interpolation_order"]), preprocessing["clip_percentiles"]
         )
 
     return run
@@ -275,13 +269,9 @@ def preprocess_cases(
         for the i-th label value of `fingerprint["classes"]` (ascending).
     """
     preprocessing = data["preprocessing"]
-    if preprocessing.get("normalization", "zscore") != "zscore":
-        raise ConfigurationError(
-            f"data.preprocessing.normalization='{preprocessing['normalization']}': only 'zscore' is supported."
-        )
     multiclass = fingerprint.get("label_mode") == "multiclass"
     class_values = sorted(int(value) for value in fingerprint["classes"]) if multiclass else None
-    image_settings = {k: preprocessing.get(k) for k in ("interpolation_order", "clip_percentiles", "normalization")}
+    image_settings = {k: preprocessing[k] for k in ("interpolation_order", "clip_percentiles", "normalization")}
     sources = {_case_id(row["case_id"]): _canonical_keys(row) for _, row in case_fingerprints.iterrows()}
     images, labels = {}, {}
     for case_id, geometry in case_geometry.cases.items():
@@ -291,8 +281,8 @@ def preprocess_cases(
             _preprocess_image(intermediate_images[case_id], geometry, preprocessing),
         )
         labels[case_id] = KeyedPartition(
-            content_key(PREPROCESSING_VERSION, sources[case_id]["label"], record, class_values, data.get("foreground_labels")),
-            _preprocess_label(intermediate_labels[case_id], geometry, class_values, data.get("foreground_labels")),
+            content_key(PREPROCESSING_VERSION, sources[case_id]["label"], record, class_values, data["foreground_labels"]),
+            _preprocess_label(intermediate_labels[case_id], geometry, class_values, data["foreground_labels"]),
         )
     return images, labels
 
