@@ -100,7 +100,7 @@ def test_segmenter_logged_model_pyfunc_and_predict_give_the_same_masks(auto_run,
     segmenter = Segmenter.load(project / "data" / "06_models" / "unet" / "segmenter")
     assert _policies(segmenter.model) == ({expected}, "float32")
     logged, _ = _logged(project, "unet_model", mlflow.keras.load_model)
-    from medseg.models.training import with_input_shape
+    from medseg.models import with_input_shape
 
     through_logged = Segmenter(with_input_shape(logged, (None, None, 1)), segmenter.plan)
     served, _ = _logged(project, "unet_segmenter", mlflow.pyfunc.load_model)
@@ -127,7 +127,7 @@ def test_the_logged_models_own_predict_agrees_with_the_segmenters_forward_pass(a
     import mlflow
 
     from medseg.inference import Segmenter
-    from medseg.models.training import slice_predictor
+    from medseg.inference.slices import slice_predictor
 
     project, expected, _ = auto_run
     logged, _ = _logged(project, "unet_model", mlflow.keras.load_model)

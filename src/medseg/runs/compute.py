@@ -49,7 +49,7 @@ class ComputeError(MedsegError):
 
 
 class SyncExecutor:
-    """Runs each case in this process, in order: today's behaviour."""
+    """Runs each case in this process, in order (the default, `sync`)."""
 
     scheduler = SYNC
     n_workers = 1

@@ -131,7 +131,7 @@ def test_logged_keras_model_takes_whole_slices_of_any_size(unet_run: Path):
     trained = keras.models.load_model(unet_run / "data" / "06_models" / "unet" / "model.keras")
     for a, b in zip(logged.get_weights(), trained.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
-    from medseg.models.training import with_input_shape
+    from medseg.models import with_input_shape
 
     expected = np.asarray(with_input_shape(trained, (None, None, 1))(slices, training=False))
     np.testing.assert_allclose(probabilities, expected, atol=1e-5)
