@@ -36,6 +36,9 @@ _COLOUR = r"(\x1b\[[0-9;]*m)?"
 THIRD_PARTY_WARNINGS = (
     (r"register_new_resolver\(\) is deprecated", r"kedro\.config\.omegaconf_config|kedro_mlflow\..*"),
     (_COLOUR + r"Add type hints to the `predict` method", r"mlflow\.pyfunc\.utils\.data_validation"),
+    # Kedro's advice against dots in dataset names outside the node's namespace: `predict`
+    # reads every model's `<model>.segmenter_folder`, named by the model's namespace on purpose.
+    (r"One or more dataset names contain '\.' characters", r"medseg\.pipelines\..*"),
 )
 
 # Lines TensorFlow's absl logging writes to stderr while it loads: the "before
