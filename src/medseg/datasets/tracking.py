@@ -17,13 +17,16 @@ from kedro.io.core import AbstractDataset, DatasetError
 from medseg.runs.tracking import metric_key, models_in_active_run
 
 
-def log_metrics(model: str, metrics: Mapping[str, float], step: int | None = None) -> None:
+def log_metrics(
+    model: str, metrics: Mapping[str, float], step: int | None = None, models_in_run: tuple[str, ...] | None = None
+) -> None:
     """Log `model`'s finite metrics to the active MLflow run, if any, named by
     `medseg.runs.tracking.metric_key` (NaN and inf are skipped: MLflow's UI cannot plot them,
-    and the per-case CSV keeps them)."""
+    and the per-case CSV keeps them). `models_in_run`, when given, saves reading the run's tag
+    again (the per-epoch callback reads it once)."""
     if mlflow.active_run() is None:
         return
-    models = models_in_active_run()
+    models = models_in_active_run() if models_in_run is None else models_in_run
     values = {
         metric_key(model, key, models): float(value)
         for key, value in metrics.items()

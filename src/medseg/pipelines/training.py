@@ -43,9 +43,14 @@ class MlflowEpochLogger(keras.callbacks.Callback):
     def __init__(self, model_key: str):
         super().__init__()
         self.model_key = model_key
+        self.models_in_run: tuple[str, ...] = ()
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        self.models_in_run = tracking.models_in_active_run()  # once, not a tracking-store read per epoch
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        log_metrics(self.model_key, {k: v for k, v in (logs or {}).items() if k != "learning_rate"}, step=epoch)
+        metrics = {k: v for k, v in (logs or {}).items() if k != "learning_rate"}
+        log_metrics(self.model_key, metrics, step=epoch, models_in_run=self.models_in_run)
 
 
 def train_model(
