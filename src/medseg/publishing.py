@@ -18,10 +18,13 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from medseg.errors import UnsafePathError
 
 logger = logging.getLogger(__name__)
 
@@ -220,12 +223,16 @@ def _swap_in(staging: Path, target: Path) -> None:
 
 
 def publish_files(staging: str | os.PathLike, folder: str | os.PathLike, names: Iterable[str]) -> None:
-    """Move files from `staging` into `folder`, each replacing a file of the same name.
+    """Move files from `staging` into `folder`, all of them or none, each replacing a file of
+    the same name.
 
-    Each file is flushed to disk, then renamed (one rename each, so a reader sees a file
-    either whole and old or whole and new), in the order of `names`: put last the file that
-    says the others are complete (a table). Then `folder` is flushed. Files of `folder` not
-    in `names` (a user's own) are left alone.
+    First every target is checked: one that exists and is not a regular file (a folder, a
+    symlink, a device) is refused before anything moves. Then each file is flushed to disk
+    and renamed (a reader sees a file either whole and old or whole and new), in the order of
+    `names`: put last the file that says the others are complete (a table). A file that is
+    replaced is first hard-linked into `staging`, so that a failure part-way puts every
+    replaced file back and removes the new ones: `folder` is then as it was. Files of
+    `folder` not in `names` (a user's own) are left alone.
 
     Args:
         staging: a folder on the same file system as `folder`, e.g. one from
@@ -233,11 +240,53 @@ def publish_files(staging: str | os.PathLike, folder: str | os.PathLike, names: 
         folder: the local folder to publish into; it must exist.
         names: the file names, relative to both folders.
 
-    A failure or kill part-way leaves the files already moved published, the others in
-    `staging`; the files of `folder` are each whole, never half-written.
+    Raises:
+        UnsafePathError: a target is a folder, a symlink or another non-regular file.
+
+    A kill part-way leaves the files already moved published and the others in `staging`;
+    every file of `folder` is whole, never half-written.
     """
     staging, folder = Path(staging), Path(folder)
+    names = list(names)
     for name in names:
-        fsync_file(staging / name)
-        os.replace(staging / name, folder / name)
+        target = folder / name
+        if os.path.lexists(target) and not stat.S_ISREG(os.lstat(target).st_mode):
+            kind = "a folder" if target.is_dir() and not target.is_symlink() else "a symlink" if target.is_symlink() else "not a regular file"
+            raise UnsafePathError(
+                f"{target} is {kind}; medseg would have to replace it with a file. Nothing was written: move it "
+                "away or choose another output folder."
+            )
+    done: list[tuple[str, Path | None]] = []
+    try:
+        for index, name in enumerate(names):
+            target = folder / name
+            previous = None
+            if os.path.lexists(target):
+                previous = staging / f".previous-{index}"
+                os.link(target, previous)
+            fsync_file(staging / name)
+            os.replace(staging / name, target)
+            done.append((name, previous))
+    except BaseException:
+        for name, previous in reversed(done):
+            if previous is None:
+                (folder / name).unlink(missing_ok=True)
+            else:
+                os.replace(previous, folder / name)
+        raise
     fsync_directory(folder)
+
+
+# OWASP's CSV injection rule: a cell that starts with one of these is a formula to a spreadsheet.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(frame):
+    """`frame` (pandas) with each text cell that a spreadsheet would run as a formula (a case
+    id from a file named `=HYPERLINK(...)`) prefixed with a `'`, as OWASP advises; numbers and
+    other cells are unchanged."""
+    out = frame.copy()
+    for column in out.columns:
+        if out[column].dtype == object:
+            out[column] = [f"'{v}" if isinstance(v, str) and v.startswith(FORMULA_STARTS) else v for v in out[column]]
+    return out

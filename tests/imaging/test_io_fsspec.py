@@ -96,14 +96,16 @@ def test_truncated_object_fails_as_the_same_local_file_does(store_root, name, tm
     url = f"{store_root}/{name}"
     _put(url, raw[: len(raw) // 2])
     (tmp_path / name).write_bytes(raw[: len(raw) // 2])
-    with pytest.raises(CorruptFileError, match="probably truncated") as error:
+    with pytest.raises(CorruptFileError, match="truncated") as error:
         read_volume(url)
-    with pytest.raises(CorruptFileError) as local_error:
+    with pytest.raises(CorruptFileError, match="truncated") as local_error:
         read_volume(tmp_path / name)
-    remote, local = str(error.value), str(local_error.value).replace(str(tmp_path / name), url)
-    # The same message around nibabel's own words (which name a local file, but an "object" in memory).
-    assert remote.split(" (")[0] == local.split(" (")[0] == f"{url}: the voxel data cannot be read"
-    assert remote.rsplit(");", 1)[1] == local.rsplit(");", 1)[1]
+    # Named by its URL, and refused before the voxels are allocated: the bytes there are fewer
+    # than the header claims (an uncompressed object), or the gzip stream ends early.
+    assert str(error.value).startswith(f"{url}: ")
+    assert str(local_error.value).startswith(f"{tmp_path / name}: ")
+    if name.endswith(".nii"):
+        assert str(error.value).replace(url, "X") == str(local_error.value).replace(str(tmp_path / name), "X")
 
 
 def test_missing_and_empty_objects_name_the_url(store_root):

@@ -39,7 +39,9 @@ from medseg.errors import (
     InvalidGeometryError,
     InvalidIntensityError,
     InvalidLabelError,
+    MedsegError,
 )
+from medseg.limits import Limits, describe, limits
 from medseg.publishing import atomic_path
 
 VolumeKind = Literal["image", "label"]
@@ -74,6 +76,14 @@ def voxel_spacing(affine: np.ndarray) -> tuple[float, float, float]:
 # Below this, |det| / (product of the voxel sizes) calls an affine singular: its voxel axes are
 # (nearly) parallel, so distinct voxels would land on one point in space.
 SINGULAR_AFFINE_TOLERANCE = 1e-6
+# Voxel sizes outside these bounds are a unit mistake in the header, not a scan: the finest
+# clinical and preclinical MRI is ~0.01 mm, the coarsest slab a few cm.
+MIN_SPACING_MM = 1e-3
+MAX_SPACING_MM = 1e3
+# The qform and the sform of one file may place its corners this far apart (mm) before the file
+# counts as ambiguous: the qform cannot hold a shear, so the two differ by rounding when the
+# sform has one.
+QFORM_SFORM_TOLERANCE_MM = 1.0
 
 
 def check_affine(affine: np.ndarray, path: str | os.PathLike) -> None:
@@ -95,6 +105,12 @@ def check_affine(affine: np.ndarray, path: str | os.PathLike) -> None:
             "header (e.g. re-export the file from its source with a valid orientation)."
         )
     spacing = voxel_spacing(affine)
+    if 0 < min(spacing) < MIN_SPACING_MM or max(spacing) > MAX_SPACING_MM:
+        raise InvalidGeometryError(
+            f"{path}: the voxel spacing {tuple(round(s, 6) for s in spacing)} mm (read from the affine) is outside "
+            f"{MIN_SPACING_MM:g}..{MAX_SPACING_MM:g} mm, which no scanner writes: the header's pixdim or sform/qform is "
+            "wrong (a unit of metres or microns?). Set the real voxel size, e.g. with nibabel's header.set_zooms."
+        )
     if min(spacing) == 0:
         axis = "xyz"[spacing.index(0.0)]
         raise InvalidGeometryError(
@@ -163,16 +179,165 @@ def _read_object(url: str, storage_options: dict[str, Any] | None) -> bytes:
         ) from exc
 
 
-def _image_from_bytes(raw: bytes) -> nib.Nifti1Image:
-    """A NIfTI-1 or NIfTI-2 image over bytes in memory, gunzipped lazily as nib.load does, so
-    that a truncated `.nii.gz` fails where the voxels are read, as a local file does."""
-    stream = gzip.GzipFile(fileobj=io.BytesIO(raw)) if raw[:2] == GZIP_MAGIC else io.BytesIO(raw)
-    head = stream.read(nib.Nifti2Header.sizeof_hdr)
-    stream.seek(0)
-    for klass in (nib.Nifti2Image, nib.Nifti1Image):
-        if klass.header_class.may_contain_header(head):  # sizeof_hdr and magic, as nib.load sniffs
-            return klass.from_stream(stream)
-    raise ValueError("no NIfTI-1 or NIfTI-2 header (sizeof_hdr and magic) at the start")
+def inflate(raw: bytes, cap: int, path: str | os.PathLike) -> bytes:
+    """The gunzipped bytes of `raw` (every gzip member, as `gzip` reads them), refused as soon
+    as they pass `cap` bytes: a gzip of zeros inflates about 1000:1, so the output is never
+    allowed to grow past the cap.
+
+    Raises:
+        CorruptFileError: more than `cap` bytes, a truncated stream, or one that is not gzip.
+    """
+    out = bytearray()
+    data = raw
+    try:
+        while True:
+            decompressor = zlib.decompressobj(wbits=31)
+            chunk = data
+            while True:
+                out += decompressor.decompress(chunk, cap + 1 - len(out))
+                if len(out) > cap:
+                    raise CorruptFileError(
+                        f"{path}: decompresses to more than {describe(cap, 'bytes')} (what its header claims, within "
+                        f"MEDSEG_MAX_SCAN_MB) from {describe(len(raw), 'bytes')}. Refused before it could fill "
+                        "memory; send the real scan, or raise MEDSEG_MAX_SCAN_MB for a larger one."
+                    )
+                chunk = decompressor.unconsumed_tail
+                if decompressor.eof or not chunk:
+                    break
+            if not decompressor.eof:
+                raise CorruptFileError(f"{path}: the gzip stream ends early (truncated). Copy or send the whole file.")
+            data = decompressor.unused_data
+            if data[:2] != GZIP_MAGIC:
+                break  # the end, or trailing bytes after the last member, which gzip also ignores
+    except zlib.error as exc:
+        raise CorruptFileError(f"{path}: not a valid gzip stream ({exc}). Send the .nii.gz file's bytes unchanged.") from exc
+    return bytes(out)
+
+
+def _header_of(head: bytes, path: str | os.PathLike) -> nib.Nifti1Header:
+    """The NIfTI-1 or NIfTI-2 header at the start of `head` (sniffed as nib.load does)."""
+    for klass in (nib.Nifti2Header, nib.Nifti1Header):
+        if len(head) >= klass.sizeof_hdr and klass.may_contain_header(head):
+            return klass.from_fileobj(io.BytesIO(head[: klass.sizeof_hdr]), check=False)
+    raise CorruptFileError(
+        f"{path}: not a readable NIfTI file (no NIfTI-1 or NIfTI-2 header: sizeof_hdr and magic). "
+        "Re-export it as .nii or .nii.gz, or remove the case."
+    )
+
+
+def check_header(header: nib.Nifti1Header, path: str | os.PathLike, available: int | None = None,
+                 bounds: Limits | None = None) -> int:
+    """Refuse a header whose voxels medseg must not allocate, before any is read.
+
+    Args:
+        header: the file's NIfTI-1 or NIfTI-2 header.
+        path: the file, for the messages.
+        available: the bytes of the (uncompressed) file when known: a header claiming more
+            voxels than follow is a truncated or forged file.
+        bounds: the limits (default: :func:`medseg.limits.limits`).
+
+    Returns:
+        The bytes the voxels take once read as stored (vox_offset not included).
+
+    Raises:
+        CorruptFileError: a voxel type medseg does not read (RGB, complex), a single-file
+            header whose voxels would start inside it (vox_offset), fewer bytes than claimed.
+        InvalidGeometryError: more voxels or bytes than the limits, or a qform and an sform
+            that place the image in two places.
+    """
+    bounds = bounds or limits()
+    shape = tuple(int(n) for n in header.get_data_shape())
+    voxels = 1
+    for n in shape:
+        voxels *= n
+    try:
+        dtype = header.get_data_dtype()
+    except Exception as exc:  # nibabel: an unknown datatype code
+        raise CorruptFileError(f"{path}: unknown voxel datatype code {int(header['datatype'])} ({exc}). Re-export the file.") from exc
+    if dtype.fields is not None or dtype.kind not in "uif" or dtype.itemsize > 8:
+        raise CorruptFileError(
+            f"{path}: its voxels are {_dtype_name(header)} ({dtype}); medseg reads scalar integer or float voxels only "
+            "(an RGB or complex volume is not a scan it can segment). Convert it to one grey channel, e.g. with "
+            "nibabel: nib.Nifti1Image(np.abs(data) or data.mean(-1), affine)."
+        )
+    nbytes = voxels * dtype.itemsize
+    if voxels > bounds.max_voxels or nbytes > bounds.max_scan_bytes:
+        raise InvalidGeometryError(
+            f"{path}: its header claims {shape} voxels ({describe(voxels)}, {describe(nbytes, 'bytes')} as "
+            f"{dtype}), above the limit of {describe(bounds.max_voxels)} and {describe(bounds.max_scan_bytes, 'bytes')} "
+            "(MEDSEG_MAX_VOXELS, MEDSEG_MAX_SCAN_MB). Refused before reading; crop or downsample the scan, or raise "
+            "the limits if the scan is real."
+        )
+    magic = bytes(header["magic"]).rstrip(b"\x00")
+    offset = int(header["vox_offset"])
+    if magic in (b"n+1", b"n+2"):
+        minimum = header.sizeof_hdr + 4  # the header and the 4 extension-flag bytes (NIfTI-1 section 3.3)
+        if offset < minimum:
+            raise CorruptFileError(
+                f"{path}: vox_offset is {offset}, inside the {header.sizeof_hdr}-byte header; the standard requires at "
+                f"least {minimum} for a single .nii file, so the header would be read as voxels. Re-save the file "
+                "(nibabel: nib.save(nib.load(path), path) sets it)."
+            )
+        if available is not None and available < offset + nbytes:
+            raise CorruptFileError(
+                f"{path}: its header claims {describe(nbytes, 'bytes')} of voxels from byte {offset}, but the file "
+                f"holds {available} bytes: it is truncated, or the header is wrong. Copy or send the whole file."
+            )
+    _check_qform_sform(header, shape, path)
+    return nbytes
+
+
+def _dtype_name(header: nib.Nifti1Header) -> str:
+    try:
+        return header.get_value_label("datatype")
+    except Exception:
+        return str(int(header["datatype"]))
+
+
+def _check_qform_sform(header: nib.Nifti1Header, shape: tuple[int, ...], path: str | os.PathLike) -> None:
+    """Refuse a file whose qform and sform are both set and place it differently: nibabel
+    follows the sform and ITK-based tools the qform, so the same file would be two scans."""
+    if int(header["qform_code"]) <= 0 or int(header["sform_code"]) <= 0:
+        return
+    qform, sform = header.get_qform(), header.get_sform()
+    if not (np.all(np.isfinite(qform)) and np.all(np.isfinite(sform))):
+        return  # check_affine names the bad matrix
+    extent = [max(n - 1, 0) for n in (list(shape[:3]) + [1, 1, 1])[:3]]
+    corners = np.array([[i, j, k, 1.0] for i in (0, extent[0]) for j in (0, extent[1]) for k in (0, extent[2])])
+    distance = float(np.max(np.linalg.norm((corners @ qform.T - corners @ sform.T)[:, :3], axis=1)))
+    if distance > QFORM_SFORM_TOLERANCE_MM:
+        raise InvalidGeometryError(
+            f"{path}: its qform and sform are both set and disagree by {distance:.1f} mm at the image's corners; nibabel "
+            "reads the sform, ITK-based tools the qform, so the scan has no single position. Keep the right one and "
+            "copy it over the other (nibabel: img.set_qform(img.get_sform())), or set one code to 0."
+        )
+
+
+def _image_from_bytes(raw: bytes, path: str | os.PathLike = "<bytes>", bounds: Limits | None = None) -> nib.Nifti1Image:
+    """A NIfTI-1 or NIfTI-2 image over bytes in memory. Gzipped bytes are inflated first, with
+    a cap (the header's claim, checked against the limits), so that no forged size allocates."""
+    bounds = bounds or limits()
+    if raw[:2] == GZIP_MAGIC:
+        header = _header_of(_inflate_head(raw, path), path)
+        nbytes = check_header(header, path, bounds=bounds)
+        raw = inflate(raw, int(header["vox_offset"]) + nbytes + 2 * MIB_SLACK, path)
+    header = _header_of(raw[: nib.Nifti2Header.sizeof_hdr], path)
+    check_header(header, path, available=len(raw), bounds=bounds)
+    klass = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
+    return klass.from_stream(io.BytesIO(raw))
+
+
+# Bytes allowed past the voxels of a gzipped scan (extensions, padding), before it counts as a bomb.
+MIB_SLACK = 2**20
+
+
+def _inflate_head(raw: bytes, path: str | os.PathLike) -> bytes:
+    """The first bytes of a gzip stream once inflated: enough for a NIfTI-2 header."""
+    try:
+        decompressor = zlib.decompressobj(wbits=31)
+        return decompressor.decompress(raw, nib.Nifti2Header.sizeof_hdr)
+    except zlib.error as exc:
+        raise CorruptFileError(f"{path}: not a valid gzip stream ({exc}). Send the .nii.gz file's bytes unchanged.") from exc
 
 
 def _open_nifti(path: Path | str, storage_options: dict[str, Any] | None = None) -> nib.Nifti1Image:
@@ -184,10 +349,21 @@ def _open_nifti(path: Path | str, storage_options: dict[str, Any] | None = None)
         raise DatasetNotFoundError(
             f"{path}: file not found. Check the path, or the entry that lists it in dataset.json."
         )
-    if (len(raw) if raw is not None else path.stat().st_size) == 0:
+    size = len(raw) if raw is not None else path.stat().st_size
+    if size == 0:
         raise CorruptFileError(f"{path}: the file is empty (0 bytes). Replace it with a valid NIfTI file.")
     try:
-        img = nib.load(str(path)) if raw is None else _image_from_bytes(raw)
+        if raw is not None:
+            img = _image_from_bytes(raw, path)
+        else:
+            with open(path, "rb") as stream:
+                gzipped = stream.read(2) == GZIP_MAGIC
+            with (gzip.open if gzipped else open)(path, "rb") as stream:
+                head = stream.read(nib.Nifti2Header.sizeof_hdr)
+            check_header(_header_of(head, path), path, available=None if gzipped else size)
+            img = nib.load(str(path))  # the header only: voxels are read lazily
+    except MedsegError:
+        raise
     except Exception as exc:  # nibabel raises many types for a bad file
         raise CorruptFileError(
             f"{path}: not a readable NIfTI file ({type(exc).__name__}: {exc}). "
@@ -295,7 +471,31 @@ def read_volume(
         ConfigurationError: a URL whose filesystem is not installed.
     """
     path = _location(path)
-    img = _open_nifti(path, storage_options)
+    return _volume_of(_open_nifti(path, storage_options), path, kind, channel)
+
+
+def read_volume_bytes(raw: bytes, name: str, kind: VolumeKind = "image", channel: int | None = None) -> Volume:
+    """Read the bytes of a `.nii` or `.nii.gz` file (gzipped when they start with the gzip
+    magic) as :func:`read_volume` reads a file, `name` standing for it in the messages.
+
+    The header is checked against the limits (`medseg.limits`) and the bytes really there
+    before anything is allocated, and a gzip stream is inflated with a cap, so bytes from an
+    untrusted client cost no more memory than the limits allow.
+    """
+    if not raw:
+        raise CorruptFileError(f"{name}: the file is empty (0 bytes). Send a valid NIfTI file.")
+    try:
+        img = _image_from_bytes(raw, name)
+    except MedsegError:
+        raise
+    except Exception as exc:  # nibabel raises many types for a bad file
+        raise CorruptFileError(
+            f"{name}: not a readable NIfTI file ({type(exc).__name__}: {exc}). Send a .nii or .nii.gz file."
+        ) from exc
+    return _volume_of(img, name, kind, channel)
+
+
+def _volume_of(img: nib.Nifti1Image, path: Path | str, kind: VolumeKind, channel: int | None) -> Volume:
     check_affine(img.affine, path)
     data = _select_channel(_read_array(img, path, kind), path, channel)
     if kind == "image":

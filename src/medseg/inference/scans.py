@@ -21,11 +21,11 @@ import numpy as np
 import pandas as pd
 
 from medseg.casework import DriverThenWorker, map_in_order
-from medseg.errors import ConfigurationError, DatasetNotFoundError, EmptyDatasetError
+from medseg.errors import ConfigurationError, DatasetNotFoundError, EmptyDatasetError, UnsafePathError
 from medseg.imaging.geometry import CaseGeometry
 from medseg.imaging.io import Volume, read_header_geometry, write_volume
 from medseg.inference.postprocessing import LabelMapper, volumes_ml
-from medseg.publishing import publish_files, staging_folder
+from medseg.publishing import publish_files, spreadsheet_safe, staging_folder
 
 logger = logging.getLogger(__name__)
 
@@ -141,6 +141,24 @@ def _driver_part(segment: Callable[[Scan], Any], staging: Path) -> Callable[[Sca
     return prepare
 
 
+def check_targets(folder: Path, names: list[str]) -> None:
+    """Refuse, before any scan is segmented, a target name that is taken by a folder, a symlink
+    or anything but a regular file (which publishing could not replace), and two cases that
+    would write the same mask."""
+    seen = set()
+    for name in names:
+        if name in seen:
+            raise ConfigurationError(f"{folder / name}: two scans give the case id {name!r}; rename one of them.")
+        seen.add(name)
+        path = folder / name
+        if os.path.lexists(path) and (path.is_symlink() or not path.is_file()):
+            raise UnsafePathError(
+                f"{path} exists and is {'a symlink' if path.is_symlink() else 'a folder' if path.is_dir() else 'not a regular file'}; "
+                "predict writes a mask (or predictions.csv) of that name and never replaces anything else. Nothing "
+                "was written: move it away, or choose another predict.output_dir."
+            )
+
+
 def write_predictions(
     scans: Iterable[Scan],
     segment: Callable[[Scan], Any],
@@ -170,13 +188,14 @@ def write_predictions(
     """
     target = Path(output_dir)
     scans = list(scans)
+    check_targets(target, [*(f"{scan.case_id}.nii.gz" for scan in scans), PREDICTIONS_TABLE])
     with staging_folder(target, prefix=".medseg-predict-staging-") as staging:
         rows = (mapper or map_in_order)(
             _stage_mask, scans, task="Segmenting", case_ids=[scan.case_id for scan in scans],
             prepare=_driver_part(segment, staging),
         )
         table = pd.DataFrame(rows)
-        table.to_csv(staging / PREDICTIONS_TABLE, index=False)
+        spreadsheet_safe(table).to_csv(staging / PREDICTIONS_TABLE, index=False)
         publish_files(staging, target, [*(f"{row['case_id']}.nii.gz" for row in rows), PREDICTIONS_TABLE])
     return table
 

@@ -29,7 +29,7 @@ from typing import Any, Literal
 import keras
 import numpy as np
 
-from medseg.errors import ConfigurationError, CorruptFileError, DatasetNotFoundError
+from medseg.errors import ConfigurationError, CorruptFileError, DatasetNotFoundError, InvalidGeometryError
 from medseg.imaging.geometry import (
     CaseGeometry,
     nonzero_bounding_box,
@@ -37,6 +37,7 @@ from medseg.imaging.geometry import (
     to_canonical,
 )
 from medseg.imaging.io import Volume, read_volume
+from medseg.limits import describe, limits
 from medseg.imaging.laterality import safe_flip_axes
 from medseg.imaging.normalization import image_to_training_grid
 from medseg.inference.postprocessing import (
@@ -167,17 +168,35 @@ class Segmenter:
         self._predict_batch: Callable[[np.ndarray], np.ndarray] | None = None
 
     # -- the parts --------------------------------------------------------------------------
-    def preprocess(self, volume: Volume) -> tuple[np.ndarray, CaseGeometry]:
+    def preprocess(self, volume: Volume, name: str = "the scan") -> tuple[np.ndarray, CaseGeometry]:
         """A scan (any orientation, spacing; 3-D) onto the training grid, as in training.
+
+        Args:
+            volume: the scan.
+            name: its file, for the messages.
 
         Returns:
             The z-scored float32 image on the training grid, and the geometry that maps a
             prediction back to `volume`'s grid.
+
+        Raises:
+            InvalidGeometryError: a voxel size far from the training spacing
+                (`MEDSEG_MAX_SPACING_RATIO`), or a training grid above `MEDSEG_MAX_VOXELS`;
+                checked before anything is resampled.
         """
         plan = self.plan
+        check_spacing_against_plan(volume.spacing, plan.target_spacing, name)
         canonical = to_canonical(volume)
         crop_box = nonzero_bounding_box(canonical.data, margin=plan.crop_margin) if plan.crop_margin is not None else None
         geometry = plan_case_geometry(volume.data.shape, volume.affine, tuple(plan.target_spacing), crop_box)
+        bounds = limits()
+        grid = int(np.prod(geometry.preprocessed_shape, dtype=np.int64))
+        if grid > bounds.max_voxels:
+            raise InvalidGeometryError(
+                f"{name}: on the model's grid ({tuple(plan.target_spacing)} mm) it would be {tuple(geometry.preprocessed_shape)} "
+                f"voxels ({describe(grid)}), above MEDSEG_MAX_VOXELS ({describe(bounds.max_voxels)}). Refused before "
+                "resampling; check the voxel size in its header, or raise the limit for a scan this large."
+            )
         image = image_to_training_grid(canonical, geometry, plan.interpolation_order, plan.clip_percentiles)
         return image.data, geometry
 
@@ -257,9 +276,10 @@ class Segmenter:
                 out[key] = keep_largest_component(out[name], self.plan.class_values)
         return out
 
-    def segment(self, volume: Volume) -> Volume:
-        """A scan's label map, uint8, on exactly its grid (shape and affine)."""
-        image, geometry = self.preprocess(volume)
+    def segment(self, volume: Volume, name: str = "the scan") -> Volume:
+        """A scan's label map, uint8, on exactly its grid (shape and affine); `name` (its file)
+        is for the messages."""
+        image, geometry = self.preprocess(volume, name)
         return Volume(self.segment_preprocessed(image, geometry), np.asarray(volume.affine, dtype=np.float64))
 
     def read_scan(self, path: str | os.PathLike) -> Volume:
@@ -298,6 +318,23 @@ class Segmenter:
         except Exception as exc:  # Keras raises many types for a bad archive
             raise CorruptFileError(f"{model_path}: cannot be loaded by Keras ({type(exc).__name__}: {exc}). Train the model again.") from exc
         return cls(model, plan)
+
+
+def check_spacing_against_plan(spacing: Sequence[float], target: Sequence[float], name: str) -> None:
+    """Refuse a scan whose voxel size along some axis is more than `MEDSEG_MAX_SPACING_RATIO`
+    times coarser or finer than the spacing the model was trained at (sorted, so that the
+    orientation does not matter): resampling it would make an image the model never saw, and a
+    forged 64 mm voxel would become a grid of billions."""
+    ratio = limits().max_spacing_ratio
+    scan, trained = sorted(float(s) for s in spacing), sorted(float(s) for s in target)
+    worst = max(max(a / b, b / a) for a, b in zip(scan, trained))
+    if worst > ratio:
+        raise InvalidGeometryError(
+            f"{name}: its voxel size {tuple(round(s, 4) for s in spacing)} mm is {worst:.1f}x away from the "
+            f"{tuple(round(s, 4) for s in target)} mm this model was trained at (the limit is {ratio:g}x, "
+            "MEDSEG_MAX_SPACING_RATIO). Check the header's voxel size; a scan this different needs a model trained "
+            "on such scans."
+        )
 
 
 def _required_file(folder: Path, name: str) -> Path:

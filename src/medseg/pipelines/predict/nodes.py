@@ -106,7 +106,7 @@ def segment_scans(scans: pd.DataFrame, model: dict[str, str], predict: PredictPa
 
     def segment(scan: Scan) -> DriverThenWorker:
         def network() -> tuple:
-            image, geometry = segmenter.preprocess(segmenter.read_scan(scan.path))
+            image, geometry = segmenter.preprocess(segmenter.read_scan(scan.path), scan.path)
             return segmenter.probabilities(image), geometry
 
         return DriverThenWorker(network, partial(segmented_scan, to_label_map=to_label_map, classes=segmenter.plan.classes, extra=row))
