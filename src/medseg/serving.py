@@ -10,15 +10,22 @@ Input: a pandas DataFrame, one row per scan, with
   `.nii.gz` file, base64-encoded (a client on another machine needs no shared disk);
 - optionally `output_path`: where to write the mask; without it the mask comes back in
   `mask_b64` (gzipped NIfTI, base64);
-- optionally `case_id`.
+- optionally `case_id`, `overwrite` (`true` to replace an existing mask file), and
+  `request_id` (one per request: a retry with the same id is answered from the first run and
+  never computes or writes twice; a retry while the first still runs is refused with 409).
 Output: a DataFrame with `case_id`, `mask_path`, `mask_b64`, `volume_ml` (and
 `volume_ml_<class>` with several classes).
 
-Paths and the server's disk: when `MEDSEG_SERVE_ROOTS` is set (folders separated by `:`), every
-`image_path` and `output_path` must lie under one of them once symlinks are resolved; anything
-else is refused before a file is read or written. In MLflow's scoring server with the variable
-unset, paths are refused altogether and only `image_b64` is accepted. In the user's own Python
-(`mlflow.pyfunc.load_model(...).predict(df)`), without the variable, any path is theirs to use.
+Paths and the server's disk (`medseg.serving_files`): an `image_path` must lie strictly under a
+folder of `MEDSEG_SERVE_READ_ROOTS`, an `output_path` under one of `MEDSEG_SERVE_WRITE_ROOTS`
+(each colon-separated), reached without any symlink below the root and opened once. Without
+them no path is accepted, only `image_b64` (fail closed), in the scoring server and in the
+user's own Python alike, unless the user opts in with `MEDSEG_SERVE_ANY_PATH=1`. A mask never
+replaces an existing file unless its row says `overwrite`, is written in the format its suffix
+names (`.nii` or `.nii.gz`), and is published only when every row succeeded before the server's
+timeout. The limits of `medseg.limits` (body, rows, voxels, decompressed bytes, spacing) are
+checked before anything is allocated. In the scoring server every failure reaches the client as
+a message with no stack trace.
 """
 
 from __future__ import annotations
@@ -26,10 +33,15 @@ from __future__ import annotations
 import atexit
 import base64
 import binascii
+import collections
+import hashlib
 import importlib.metadata
+import logging
 import os
 import shutil
 import tempfile
+import threading
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -39,18 +51,32 @@ import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
-from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.protos.databricks_pb2 import (
+    DEADLINE_EXCEEDED,
+    INTERNAL_ERROR,
+    INVALID_PARAMETER_VALUE,
+    RESOURCE_CONFLICT,
+    RESOURCE_EXHAUSTED,
+)
 from mlflow.types import ColSpec, Schema
 
+from medseg import serving_files
 from medseg.errors import ConfigurationError, CorruptFileError, MedsegError
-from medseg.imaging.io import Volume, write_volume
+from medseg.imaging.io import read_volume_bytes, volume_bytes
 from medseg.inference.scans import case_id_of
 from medseg.inference.segmenter import Segmenter
+from medseg.limits import Limits, describe, limits
+from medseg.serving_files import PathNotAllowedError, Roots, serve_roots  # noqa: F401 (re-exported)
 
-SERVE_ROOTS_ENV = "MEDSEG_SERVE_ROOTS"
+logger = logging.getLogger(__name__)
+
 # MLflow's scoring server sets this in its process (mlflow.pyfunc.scoring_server.init).
 SERVING_ENV = "_MLFLOW_IS_IN_SERVING_ENVIRONMENT"
+# ... and `mlflow models serve` names the model in this one before the app is made.
+SERVER_MODEL_ENV = "__pyfunc_model_path__"
+TIMEOUT_ENV = "MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT"
 ARTIFACT = "segmenter"
+TRUE = ("1", "true", "yes")
 
 SIGNATURE = ModelSignature(
     inputs=Schema(
@@ -59,47 +85,15 @@ SIGNATURE = ModelSignature(
             ColSpec("string", "image_b64", required=False),
             ColSpec("string", "output_path", required=False),
             ColSpec("string", "case_id", required=False),
+            ColSpec("string", "overwrite", required=False),
+            ColSpec("string", "request_id", required=False),
         ]
     )
 )
 
 
-class PathNotAllowedError(MedsegError):
-    """A served model was asked to read or write a path outside `MEDSEG_SERVE_ROOTS`."""
-
-
-def serve_roots() -> list[Path] | None:
-    """The folders that request paths must lie in: those of `MEDSEG_SERVE_ROOTS` (resolved),
-    [] (no path at all) inside MLflow's scoring server when it is unset, None (any path) in
-    the user's own process."""
-    raw = os.environ.get(SERVE_ROOTS_ENV, "")
-    roots = [Path(part).expanduser().resolve() for part in raw.split(":") if part.strip()]
-    if roots:
-        return roots
-    return [] if _in_scoring_server() else None
-
-
 def _in_scoring_server() -> bool:
-    return os.environ.get(SERVING_ENV, "").lower() in ("1", "true")
-
-
-def check_path_allowed(path: str, column: str, roots: list[Path] | None) -> Path:
-    """`path` resolved (symlinks followed), or PathNotAllowedError when outside `roots`."""
-    resolved = Path(path).expanduser().resolve()
-    if roots is None:
-        return resolved
-    if not roots:
-        raise PathNotAllowedError(
-            f"{column}={path!r} refused: this model server reads and writes no path unless {SERVE_ROOTS_ENV} "
-            "names the folders it may use. Send the scan's bytes in `image_b64` instead, or start the server "
-            f"with {SERVE_ROOTS_ENV}=/data/in:/data/out."
-        )
-    if not any(resolved == root or root in resolved.parents for root in roots):
-        raise PathNotAllowedError(
-            f"{column}={path!r} refused: it resolves to {resolved}, outside {SERVE_ROOTS_ENV} "
-            f"({':'.join(map(str, roots))}). Use a path under those folders, or send `image_b64`."
-        )
-    return resolved
+    return os.environ.get(SERVING_ENV, "").lower() in TRUE
 
 
 def _text(value: Any) -> str | None:
@@ -109,92 +103,269 @@ def _text(value: Any) -> str | None:
     return text if text.strip() else None
 
 
-def _decode_scan(encoded: str, row: int, folder: Path) -> Path:
-    """Write base64 NIfTI bytes to a temporary file (.nii.gz when gzipped, else .nii)."""
+class RequestTooLargeError(MedsegError):
+    """A request above the serving limits (`medseg.limits`)."""
+
+
+class DeadlineExceededError(MedsegError):
+    """The request ran past the scoring server's timeout; nothing was published."""
+
+
+def _decode_scan(encoded: str, row: int, bounds: Limits) -> bytes:
+    """The bytes of a base64 `image_b64`, refused above MEDSEG_MAX_SCAN_MB before decoding."""
+    if len(encoded) * 3 // 4 > bounds.max_scan_bytes:
+        raise RequestTooLargeError(
+            f"row {row}: image_b64 holds {describe(len(encoded) * 3 // 4, 'bytes')}, above MEDSEG_MAX_SCAN_MB "
+            f"({describe(bounds.max_scan_bytes, 'bytes')}). Send a smaller scan."
+        )
     try:
-        raw = base64.b64decode(encoded, validate=True)
+        return base64.b64decode(encoded, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise CorruptFileError(f"row {row}: image_b64 is not valid base64 ({exc}). Encode the file's bytes with base64.") from exc
-    suffix = ".nii.gz" if raw[:2] == b"\x1f\x8b" else ".nii"
-    path = folder / f"row{row}{suffix}"
-    path.write_bytes(raw)
-    return path
 
 
-def _encode_mask(mask: Volume, folder: Path, row: int) -> str:
-    path = folder / f"mask{row}.nii.gz"
-    write_volume(mask, path)
-    return base64.b64encode(path.read_bytes()).decode("ascii")
+def _overwrite(value: Any, row: int) -> bool:
+    text = (_text(value) or "false").lower()
+    if text not in ("true", "false", "1", "0"):
+        raise ConfigurationError(f"row {row}: overwrite={value!r}; give true or false.")
+    return text in ("true", "1")
 
 
-def segment_requests(segmenter: Segmenter, frame: pd.DataFrame, roots: list[Path] | None) -> pd.DataFrame:
-    """Segment each row's scan; see the module docstring for the columns and the path rules.
+def request_deadline() -> float | None:
+    """When a request that starts now must be done (monotonic seconds): a second before the
+    scoring server's own timeout (MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT, 60 s by default),
+    after which it has already answered 504; None outside the server."""
+    if not _in_scoring_server():
+        return None
+    try:
+        timeout = float(os.environ.get(TIMEOUT_ENV, "60"))
+    except ValueError:
+        timeout = 60.0
+    return time.monotonic() + timeout - min(1.0, 0.1 * timeout)
 
-    Every row is checked before any scan is read. Masks for `output_path` are written beside
-    their targets under temporary names and renamed only once every row has succeeded, so a
-    failure writes nothing.
+
+def _check_deadline(deadline: float | None, what: str) -> None:
+    if deadline is not None and time.monotonic() > deadline:
+        raise DeadlineExceededError(
+            f"the request ran past the server's timeout ({TIMEOUT_ENV}) {what}; nothing was published. Send fewer "
+            "rows per request, or start the server with a longer timeout."
+        )
+
+
+def segment_requests(segmenter: Segmenter, frame: pd.DataFrame, roots: Roots, deadline: float | None = None) -> pd.DataFrame:
+    """Segment each row's scan; see the module docstring for the columns and the rules.
+
+    Every row is checked before any scan is computed: the limits, the paths (read roots for
+    `image_path`, write roots for `output_path`, never a symlink, never an existing file
+    unless `overwrite`). Each scan is read through the descriptor that was checked. Masks for
+    `output_path` are written beside their targets under temporary names and published only
+    once every row has succeeded and the deadline has not passed; a failure publishes nothing
+    and leaves no file or folder behind.
     """
+    bounds = limits()
     if not isinstance(frame, pd.DataFrame):
         frame = pd.DataFrame(frame)
     if "image_path" not in frame.columns and "image_b64" not in frame.columns:
         raise ConfigurationError(
-            f"the input has columns {list(frame.columns)}; it needs `image_path` (a NIfTI file) or `image_b64` "
+            f"the input has columns {list(frame.columns)[:20]}; it needs `image_path` (a NIfTI file) or `image_b64` "
             "(the file's bytes in base64), one row per scan."
         )
-    requests = []
-    for row, record in enumerate(frame.to_dict("records")):
-        image_path, image_b64 = _text(record.get("image_path")), _text(record.get("image_b64"))
-        if (image_path is None) == (image_b64 is None):
-            raise ConfigurationError(f"row {row}: give exactly one of image_path and image_b64.")
-        output_path = _text(record.get("output_path"))
-        source = check_path_allowed(image_path, "image_path", roots) if image_path else None
-        target = check_path_allowed(output_path, "output_path", roots) if output_path else None
-        if target is not None and source is not None and target == source:
-            raise ConfigurationError(f"row {row}: output_path is the input scan {image_path}; it would be overwritten.")
-        case_id = _text(record.get("case_id")) or (case_id_of(image_path) if image_path else f"case_{row}")
-        requests.append((row, case_id, source, image_b64, target))
+    if len(frame) > bounds.max_rows:
+        raise RequestTooLargeError(
+            f"the request has {len(frame)} rows, above MEDSEG_SERVE_MAX_ROWS ({bounds.max_rows}). Send the scans in "
+            "several requests."
+        )
+    requests, opened, sources = [], [], set()
+    try:
+        for row, record in enumerate(frame.to_dict("records")):
+            image_path, image_b64 = _text(record.get("image_path")), _text(record.get("image_b64"))
+            if (image_path is None) == (image_b64 is None):
+                raise ConfigurationError(f"row {row}: give exactly one of image_path and image_b64.")
+            output_path = _text(record.get("output_path"))
+            source = None
+            if image_path is not None:
+                fd, info = serving_files.open_scan(image_path, roots, bounds.max_scan_bytes)
+                opened.append(fd)
+                sources.add((info.st_dev, info.st_ino))
+                source = (fd, info.st_size)
+            case_id = _text(record.get("case_id")) or (case_id_of(image_path) if image_path else f"case_{row}")
+            requests.append((row, case_id, image_path, source, image_b64, output_path, _overwrite(record.get("overwrite"), row)))
+        targets = [r[5] for r in requests if r[5] is not None]
+        if len(set(targets)) != len(targets):
+            raise ConfigurationError("two rows have the same output_path; give each mask its own file.")
+        for row, _, _, _, _, output_path, overwrite in requests:
+            if output_path is not None:
+                serving_files.check_target(output_path, roots, overwrite, sources)
+        return _segment_checked(segmenter, requests, roots, bounds, deadline)
+    finally:
+        for fd in opened:
+            os.close(fd)
 
-    rows, pending = [], []
-    with tempfile.TemporaryDirectory(prefix="medseg-serve-") as scratch:
-        scratch = Path(scratch)
+
+def _segment_checked(segmenter, requests, roots: Roots, bounds: Limits, deadline: float | None) -> pd.DataFrame:
+    rows, pending, voxels = [], [], 0
+    try:
+        for row, case_id, image_path, source, image_b64, output_path, overwrite in requests:
+            if source is not None:
+                raw, name = serving_files.read_all(source[0], source[1]), image_path
+            else:
+                raw, name = _decode_scan(image_b64, row, bounds), f"row {row} (image_b64)"
+            scan = read_volume_bytes(raw, name, kind="image", channel=segmenter.plan.channel)
+            del raw
+            voxels += int(scan.data.size)
+            if voxels > bounds.max_request_voxels:
+                raise RequestTooLargeError(
+                    f"row {row}: the request's scans hold {describe(voxels)} together, above "
+                    f"MEDSEG_SERVE_MAX_REQUEST_VOXELS ({describe(bounds.max_request_voxels)}). Send fewer scans per request."
+                )
+            _check_deadline(deadline, f"before row {row}")
+            mask = segmenter.segment(scan, name)
+            result = {"case_id": case_id, "mask_path": None, "mask_b64": None, **segmenter.volumes_ml(mask)}
+            if output_path is None:
+                result["mask_b64"] = base64.b64encode(volume_bytes(mask, gzipped=True)).decode("ascii")
+            else:
+                payload = volume_bytes(mask, gzipped=output_path.endswith(".gz"))
+                pending.append(serving_files.stage_mask(output_path, payload, roots, overwrite))
+                result["mask_path"] = output_path
+            rows.append(result)
+        _check_deadline(deadline, "before its masks were published")
         try:
-            for row, case_id, source, image_b64, target in requests:
-                path = source if source is not None else _decode_scan(image_b64, row, scratch)
-                mask = segmenter.segment(segmenter.read_scan(path))
-                result = {"case_id": case_id, "mask_path": None, "mask_b64": None, **segmenter.volumes_ml(mask)}
-                if target is None:
-                    result["mask_b64"] = _encode_mask(mask, scratch, row)
-                else:
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp.nii.gz", dir=target.parent)
-                    os.close(fd)
-                    pending.append((Path(tmp), target))
-                    write_volume(mask, tmp)
-                    result["mask_path"] = str(target)
-                rows.append(result)
-            for tmp, target in pending:
-                os.replace(tmp, target)
-        finally:
-            for tmp, _ in pending:
-                tmp.unlink(missing_ok=True)
+            for mask in pending:
+                serving_files.publish(mask)
+        except BaseException:
+            for mask in pending:
+                serving_files.unpublish(mask)
+            raise
+    finally:
+        for mask in pending:
+            serving_files.discard(mask)
     return pd.DataFrame(rows)
+
+
+class _Idempotency:
+    """Requests by `request_id`: a retry of one still running is refused (no second
+    computation), a retry of one done gets the same answer without recomputing or rewriting.
+    Bounded: the last 64 answers, those under 8 MiB."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.running: set[str] = set()
+        self.done: collections.OrderedDict[str, tuple[str, pd.DataFrame]] = collections.OrderedDict()
+
+    def begin(self, key: str, digest: str) -> pd.DataFrame | None:
+        with self.lock:
+            if key in self.running:
+                raise RequestConflictError(f"request_id={key!r} is still being computed; retry it later for its answer.")
+            if key in self.done:
+                known, answer = self.done[key]
+                if known != digest:
+                    raise ConfigurationError(f"request_id={key!r} was already used for another request; use a new id.")
+                return answer.copy()
+            self.running.add(key)
+            return None
+
+    def end(self, key: str, digest: str, answer: pd.DataFrame | None) -> None:
+        with self.lock:
+            self.running.discard(key)
+            if answer is not None and int(answer.memory_usage(deep=True).sum()) < 8 * 2**20:
+                self.done[key] = (digest, answer.copy())
+                while len(self.done) > 64:
+                    self.done.popitem(last=False)
+
+
+class RequestConflictError(MedsegError):
+    """A request id that is still being computed."""
+
+
+_ERROR_CODES = {RequestTooLargeError: RESOURCE_EXHAUSTED, DeadlineExceededError: DEADLINE_EXCEEDED, RequestConflictError: RESOURCE_CONFLICT}
+
+
+def _install_body_limit() -> None:
+    """Cap the body of every request that MLflow's scoring app reads (`Request.body`: it reads
+    the whole body, with no limit and no hook). Refused above MEDSEG_SERVE_MAX_BODY_MB, from
+    the Content-Length before anything is read, else as soon as the streamed bytes pass it."""
+    from starlette.requests import Request
+
+    if getattr(Request.body, "_medseg_limited", False):
+        return
+    unlimited = Request.body
+
+    async def body(self) -> bytes:
+        if not hasattr(self, "_body") and self.scope.get("type") == "http":
+            cap = limits().max_body_bytes
+            declared = self.headers.get("content-length", "")
+            message = (f"the request body is above MEDSEG_SERVE_MAX_BODY_MB ({describe(cap, 'bytes')}); send fewer or "
+                       "smaller scans per request.")
+            if declared.isdigit() and int(declared) > cap:
+                raise MlflowException(message, error_code=RESOURCE_EXHAUSTED)
+            chunks, total = [], 0
+            async for chunk in self.stream():
+                total += len(chunk)
+                if total > cap:
+                    raise MlflowException(message, error_code=RESOURCE_EXHAUSTED)
+                chunks.append(chunk)
+            self._body = b"".join(chunks)
+        return await unlimited(self)
+
+    body._medseg_limited = True
+    Request.body = body
 
 
 class SegmenterModel(mlflow.pyfunc.PythonModel):
     """The pyfunc model: `predict(DataFrame) -> DataFrame` (see the module docstring)."""
 
     def load_context(self, context) -> None:
+        serve_roots()  # a misconfigured server fails to start, with the message
+        if os.environ.get(SERVER_MODEL_ENV) or _in_scoring_server():
+            _install_body_limit()
         self.segmenter = Segmenter.load(context.artifacts[ARTIFACT])
+        self._requests = _Idempotency()
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        key = digest = None
         try:
-            return segment_requests(self.segmenter, model_input, serve_roots())
+            deadline = request_deadline()
+            frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
+            if "request_id" in frame.columns:
+                ids = {str(v) for v in frame["request_id"] if _text(v)}
+                if len(ids) > 1:
+                    raise ConfigurationError("request_id differs between rows; give one id per request.")
+                key = ids.pop() if ids else None
+                frame = frame.drop(columns="request_id")
+            if key is not None:
+                digest = hashlib.sha256(frame.to_json(orient="split").encode()).hexdigest()
+                answer = self._idempotency().begin(key, digest)
+                if answer is not None:
+                    return answer
+            answer = None
+            try:
+                answer = segment_requests(self.segmenter, frame, serve_roots(), deadline)
+                return answer
+            finally:
+                if key is not None:
+                    self._idempotency().end(key, digest, answer)
         except MedsegError as exc:
             if not _in_scoring_server():
                 raise
-            # The scoring server answers any other exception with a generic message (ours only
-            # in the traceback); an MlflowException's message reaches the client as a 400.
-            raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from exc
+            # The scoring server answers any other exception with its traceback; an
+            # MlflowException's message alone reaches the client, as a 4xx.
+            code = next((c for t, c in _ERROR_CODES.items() if isinstance(exc, t)), INVALID_PARAMETER_VALUE)
+            raise MlflowException(str(exc), error_code=code) from None
+        except MlflowException:
+            raise
+        except Exception as exc:
+            if not _in_scoring_server():
+                raise
+            logger.exception("medseg segmenter: unexpected error")
+            raise MlflowException(
+                f"the segmenter failed ({type(exc).__name__}); nothing was written. The server's log has the details.",
+                error_code=INTERNAL_ERROR,
+            ) from None
+
+    def _idempotency(self) -> _Idempotency:
+        if getattr(self, "_requests", None) is None:
+            self._requests = _Idempotency()
+        return self._requests
 
 
 def _version(distribution: str) -> str | None:

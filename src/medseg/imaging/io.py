@@ -542,6 +542,19 @@ def _nifti_bytes(img: nib.Nifti1Image, gzipped: bool) -> bytes:
     return buffer.getvalue()
 
 
+def _image_of(volume: Volume) -> nib.Nifti1Image:
+    img = nib.Nifti1Image(volume.data, volume.affine)
+    img.set_data_dtype(volume.data.dtype)
+    img.set_sform(volume.affine, code=1)
+    img.set_qform(volume.affine, code=1)
+    return img
+
+
+def volume_bytes(volume: Volume, gzipped: bool) -> bytes:
+    """The bytes :func:`write_volume` writes for `volume` to a `.nii.gz` (`gzipped`) or `.nii`."""
+    return _nifti_bytes(_image_of(volume), gzipped)
+
+
 def write_volume(volume: Volume, path: str | os.PathLike, storage_options: dict[str, Any] | None = None) -> None:
     """Write a volume atomically: a local file through `atomic_path`; a URL as one object,
     serialized in memory and put whole (see the module docstring).
@@ -557,10 +570,7 @@ def write_volume(volume: Volume, path: str | os.PathLike, storage_options: dict[
             store's defaults. Ignored for a local path.
     """
     path = _location(path)
-    img = nib.Nifti1Image(volume.data, volume.affine)
-    img.set_data_dtype(volume.data.dtype)
-    img.set_sform(volume.affine, code=1)
-    img.set_qform(volume.affine, code=1)
+    img = _image_of(volume)
     if isinstance(path, str):
         fs, fs_path = url_filesystem(path, storage_options)
         fs.pipe_file(fs_path, _nifti_bytes(img, gzipped=path.endswith(".gz")))
