@@ -44,7 +44,7 @@ def test_notebook_runs_on_a_trained_project(trained_unet: Path, tmp_path: Path, 
     monkeypatch.setenv("JUPYTER_PATH", str(Path(sys.prefix) / "share" / "jupyter"))
     monkeypatch.setenv("KEDRO_DISABLE_TELEMETRY", "true")
     for name in list(os.environ):
-        if name.startswith(("MLFLOW_", "_MLFLOW_")) or name == "MEDSEG_SERVE_ROOTS":
+        if name.startswith(("MLFLOW_", "_MLFLOW_")) or name.startswith("MEDSEG_SERVE_"):
             monkeypatch.delenv(name)
     scratch = tmp_path / "tmp"
     scratch.mkdir()

@@ -18,6 +18,7 @@ as Kedro anchors catalog paths, so a run from a subfolder uses the project's `ml
 from __future__ import annotations
 
 import datetime as dt
+import difflib
 import json
 import logging
 import os
@@ -241,6 +242,30 @@ class MlflowRunHook:
             self._lock = None
 
 
+# The parameter sections medseg reads, besides one per registered model kind.
+SECTIONS = ("data", "compute", "planning", "predict")
+
+
+def check_sections(params: dict[str, Any]) -> None:
+    """Refuse a parameter section that nothing reads (`--params unnet.training.epochs=2`), before
+    any work: a misspelled section would otherwise be ignored and the run train with defaults.
+
+    Raises:
+        ConfigurationError: naming the section, the closest valid one, and the valid ones.
+    """
+    valid = [*SECTIONS, *model_kinds()]
+    unknown = [key for key in params if key not in valid]
+    if unknown:
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(str(key), valid, n=1)
+            hints.append(f"'{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+        raise ConfigurationError(
+            f"unknown parameter section {', '.join(hints)}; nothing reads it, so the run would ignore it. The valid "
+            f"sections are {valid}. Fix the name in --params or in conf/*/parameters*.yml."
+        )
+
+
 class ComputeHook:
     """Opens the run's per-case executor (`compute.scheduler`, `medseg.runs.compute`) before the
     pipeline and closes it after, stopping a LocalCluster that medseg started.
@@ -254,6 +279,7 @@ class ComputeHook:
 
     @hook_impl(tryfirst=True)
     def after_context_created(self, context) -> None:
+        check_sections(context.params)
         section = context.params.get("compute") or {"scheduler": compute.SYNC}
         try:
             self._scheduler = ComputeParams(**section)["scheduler"]

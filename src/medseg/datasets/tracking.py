@@ -14,7 +14,7 @@ from typing import Any
 import mlflow
 from kedro.io.core import AbstractDataset, DatasetError
 
-from medseg.runs.tracking import metric_key, models_in_active_run
+from medseg.runs.tracking import metric_key, models_in_active_run, redact_urls
 
 
 def log_metrics(
@@ -39,7 +39,7 @@ def log_metrics(
 def log_params(params: Mapping[str, Any]) -> None:
     """Log parameters to the active MLflow run, if any, as text."""
     if mlflow.active_run() is not None:
-        mlflow.log_params({key: str(value) for key, value in params.items()})
+        mlflow.log_params({key: redact_urls(str(value)) for key, value in params.items()})
 
 
 class MlflowModelMetricsDataset(AbstractDataset[dict, None]):

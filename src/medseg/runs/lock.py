@@ -13,6 +13,7 @@ import datetime as dt
 import fcntl
 import json
 import os
+import stat
 from pathlib import Path
 
 from medseg.errors import MedsegError
@@ -40,7 +41,17 @@ class ProjectLock:
         if self._file is not None:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(self.path, "a+")  # noqa: SIM115 (held open for the whole run)
+        try:  # never through a symlink: taking the lock truncates the file
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise ProjectBusyError(
+                f"{self.path}: the lock file is a symlink or cannot be opened ({exc.strerror}); medseg takes its lock "
+                "only on a regular file of its own. Remove it (rm) and run again."
+            ) from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise ProjectBusyError(f"{self.path} is not a regular file. Remove it and run again.")
+        handle = os.fdopen(fd, "r+")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

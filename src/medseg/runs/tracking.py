@@ -9,6 +9,7 @@ the run's own tag (`medseg.models`), not process state.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -99,10 +100,21 @@ def active_run_identity() -> tuple[str | None, str | None]:
     return (run.info.run_id, run.info.run_name) if run is not None else (None, None)
 
 
+# A URL's userinfo (`user:secret@`) and query (`?X-Amz-Signature=...`): credentials that must
+# never reach a tag, a parameter or a description.
+_URL = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/\s@?#]*@)?(?P<rest>[^\s?#]*)(?P<query>\?[^\s#)'\",]*)?")
+
+
+def redact_urls(text: str) -> str:
+    """`text` with every URL's credentials and query string taken out: `s3://KEY:SECRET@b/k?sig`
+    becomes `s3://b/k`; the scheme, host and path stay, since they say where the data was."""
+    return _URL.sub(lambda m: f"{m['scheme']}{m['rest']}", text)
+
+
 def set_tags(tags: Mapping[str, Any]) -> None:
-    """Tag the active MLflow run, if any."""
+    """Tag the active MLflow run, if any (URLs' credentials and queries taken out)."""
     if mlflow.active_run() is not None:
-        mlflow.set_tags({key: str(value) for key, value in tags.items()})
+        mlflow.set_tags({key: redact_urls(str(value)) for key, value in tags.items()})
 
 
 def record_resume(model: str, resumed_epoch: int, previous_run_id: str | None) -> None:
