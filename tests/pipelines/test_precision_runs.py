@@ -91,7 +91,7 @@ def test_the_plan_the_training_and_the_run_record_the_precision_auto_chose(auto_
         np.testing.assert_array_equal(a, b)
 
 
-def test_segmenter_logged_model_pyfunc_and_predict_give_the_same_masks(auto_run, tmp_path: Path):
+def test_segmenter_logged_model_pyfunc_and_predict_give_the_same_masks(auto_run, tmp_path: Path, monkeypatch):
     import mlflow
 
     from medseg.inference import Segmenter
@@ -108,6 +108,8 @@ def test_segmenter_logged_model_pyfunc_and_predict_give_the_same_masks(auto_run,
     cases = _evaluated_cases(project)
     scans = [project / "data" / "01_raw" / "synthetic" / "imagesTr" / f"{case}_0000.nii.gz" for case in cases]
     outputs = [tmp_path / f"{case}.nii.gz" for case in cases]
+    monkeypatch.setenv("MEDSEG_SERVE_READ_ROOTS", str(scans[0].parent))
+    monkeypatch.setenv("MEDSEG_SERVE_WRITE_ROOTS", str(tmp_path))
     served.predict(pd.DataFrame({"image_path": [str(p) for p in scans], "output_path": [str(p) for p in outputs]}))
     foreground = 0
     for case, scan, output in zip(cases, scans, outputs, strict=True):

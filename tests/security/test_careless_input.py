@@ -112,10 +112,14 @@ def test_12_tags_and_params_of_a_run_hold_no_credentials(tmp_path):
     from medseg.runs.tracking import describe_dataset
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    with mlflow.start_run() as run:
-        describe_dataset("Task04", "msd", "http://KEY:SECRET@host/d?X-Amz-Signature=abc")
-        log_params({"data.msd_dir": "s3://AKIA:shh@bucket/Task04?token=t"})
-    stored = mlflow.get_run(run.info.run_id).data
+    try:
+        experiment = mlflow.create_experiment("security", artifact_location=str(tmp_path / "artifacts"))
+        with mlflow.start_run(experiment_id=experiment) as run:
+            describe_dataset("Task04", "msd", "http://KEY:SECRET@host/d?X-Amz-Signature=abc")
+            log_params({"data.msd_dir": "s3://AKIA:shh@bucket/Task04?token=t"})
+        stored = mlflow.get_run(run.info.run_id).data
+    finally:
+        mlflow.set_tracking_uri(None)
     text = repr(stored.tags) + repr(stored.params)
     for secret in ("KEY", "SECRET", "X-Amz-Signature", "AKIA", "shh", "token"):
         assert secret not in text

@@ -281,5 +281,5 @@ def test_an_unexpected_error_sends_no_stack_trace(client, monkeypatch):
 
     monkeypatch.setattr(Segmenter, "segment", broken)
     response = invoke(client, [{"image_b64": b64(nifti_bytes(scan()))}])
-    body = assert_refused(response, 500, "RuntimeError", "server's log")
+    assert_refused(response, 500, "RuntimeError", "server's log")
     assert "/secret/server/path" not in response.text
