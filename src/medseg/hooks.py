@@ -18,7 +18,6 @@ as Kedro anchors catalog paths, so a run from a subfolder uses the project's `ml
 from __future__ import annotations
 
 import datetime as dt
-import difflib
 import json
 import logging
 import os
@@ -38,7 +37,7 @@ from medseg.runs import compute
 from medseg.datasets.tracking import log_params
 from medseg.errors import ConfigurationError, TrackingError
 from medseg.kinds import model_kinds
-from medseg.parameters import ComputeParams
+from medseg.parameters import ComputeParams, did_you_mean
 from medseg.runs import tracking
 from medseg.runs.lock import ProjectLock
 from medseg.runs.outputs import OutputTransaction, output_folders
@@ -256,12 +255,8 @@ def check_sections(params: dict[str, Any]) -> None:
     valid = [*SECTIONS, *model_kinds()]
     unknown = [key for key in params if key not in valid]
     if unknown:
-        hints = []
-        for key in unknown:
-            close = difflib.get_close_matches(str(key), valid, n=1)
-            hints.append(f"'{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
         raise ConfigurationError(
-            f"unknown parameter section {', '.join(hints)}; nothing reads it, so the run would ignore it. The valid "
+            f"unknown parameter section {did_you_mean(unknown, valid)}; nothing reads it, so the run would ignore it. The valid "
             f"sections are {valid}. Fix the name in --params or in conf/*/parameters*.yml."
         )
 

@@ -50,12 +50,17 @@ class Section(dict):
             valid = list(cls.__dataclass_fields__)
             unknown = [key for key in given if key not in valid]
             if unknown:
-                hints = []
-                for key in unknown:
-                    close = difflib.get_close_matches(str(key), valid, n=1)
-                    hints.append(f"'{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
-                raise ValueError(f"unknown parameter {', '.join(hints)}; the valid names are {valid}")
+                raise ValueError(f"unknown parameter {did_you_mean(unknown, valid)}; the valid names are {valid}")
         return values
+
+
+def did_you_mean(unknown: list[Any], valid: list[str]) -> str:
+    """`'epoch' (did you mean 'epochs'?), 'x'`: the unknown names, each with its closest valid one."""
+    hints = []
+    for key in unknown:
+        close = difflib.get_close_matches(str(key), valid, n=1)
+        hints.append(f"'{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+    return ", ".join(hints)
 
 
 def _increasing(pair: tuple[float, float], name: str) -> None:

@@ -222,6 +222,23 @@ def _swap_in(staging: Path, target: Path) -> None:
     shutil.rmtree(retired, ignore_errors=True)
 
 
+def check_replaceable(folder: str | os.PathLike, names: Iterable[str]) -> None:
+    """Refuse a name in `folder` that is taken by a folder, a symlink or anything but a regular
+    file: publishing replaces files only.
+
+    Raises:
+        UnsafePathError: naming the first such target.
+    """
+    for name in names:
+        target = Path(folder) / name
+        if os.path.lexists(target) and not stat.S_ISREG(os.lstat(target).st_mode):
+            kind = "a symlink" if target.is_symlink() else "a folder" if target.is_dir() else "not a regular file"
+            raise UnsafePathError(
+                f"{target} exists and is {kind}; medseg writes a file of that name and never replaces anything "
+                "else. Nothing was written: move it away, or choose another output folder."
+            )
+
+
 def publish_files(staging: str | os.PathLike, folder: str | os.PathLike, names: Iterable[str]) -> None:
     """Move files from `staging` into `folder`, all of them or none, each replacing a file of
     the same name.
@@ -248,14 +265,7 @@ def publish_files(staging: str | os.PathLike, folder: str | os.PathLike, names: 
     """
     staging, folder = Path(staging), Path(folder)
     names = list(names)
-    for name in names:
-        target = folder / name
-        if os.path.lexists(target) and not stat.S_ISREG(os.lstat(target).st_mode):
-            kind = "a folder" if target.is_dir() and not target.is_symlink() else "a symlink" if target.is_symlink() else "not a regular file"
-            raise UnsafePathError(
-                f"{target} is {kind}; medseg would have to replace it with a file. Nothing was written: move it "
-                "away or choose another output folder."
-            )
+    check_replaceable(folder, names)
     done: list[tuple[str, Path | None]] = []
     try:
         for index, name in enumerate(names):

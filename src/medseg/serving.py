@@ -44,7 +44,7 @@ import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import mlflow
 import numpy as np
@@ -152,6 +152,18 @@ def _check_deadline(deadline: float | None, what: str) -> None:
         )
 
 
+class _Row(NamedTuple):
+    """One checked row: its scan is `source` (an open descriptor and its size) or `image_b64`."""
+
+    row: int
+    case_id: str
+    image_path: str | None
+    source: tuple[int, int] | None
+    image_b64: str | None
+    output_path: str | None
+    overwrite: bool
+
+
 def segment_requests(segmenter: Segmenter, frame: pd.DataFrame, roots: Roots, deadline: float | None = None) -> pd.DataFrame:
     """Segment each row's scan; see the module docstring for the columns and the rules.
 
@@ -189,20 +201,20 @@ def segment_requests(segmenter: Segmenter, frame: pd.DataFrame, roots: Roots, de
                 sources.add((info.st_dev, info.st_ino))
                 source = (fd, info.st_size)
             case_id = _text(record.get("case_id")) or (case_id_of(image_path) if image_path else f"case_{row}")
-            requests.append((row, case_id, image_path, source, image_b64, output_path, _overwrite(record.get("overwrite"), row)))
-        targets = [r[5] for r in requests if r[5] is not None]
+            requests.append(_Row(row, case_id, image_path, source, image_b64, output_path, _overwrite(record.get("overwrite"), row)))
+        targets = [r.output_path for r in requests if r.output_path is not None]
         if len(set(targets)) != len(targets):
             raise ConfigurationError("two rows have the same output_path; give each mask its own file.")
-        for row, _, _, _, _, output_path, overwrite in requests:
-            if output_path is not None:
-                serving_files.check_target(output_path, roots, overwrite, sources)
+        for request in requests:
+            if request.output_path is not None:
+                serving_files.check_target(request.output_path, roots, request.overwrite, sources)
         return _segment_checked(segmenter, requests, roots, bounds, deadline)
     finally:
         for fd in opened:
             os.close(fd)
 
 
-def _segment_checked(segmenter, requests, roots: Roots, bounds: Limits, deadline: float | None) -> pd.DataFrame:
+def _segment_checked(segmenter: Segmenter, requests: list[_Row], roots: Roots, bounds: Limits, deadline: float | None) -> pd.DataFrame:
     rows, pending, voxels = [], [], 0
     try:
         for row, case_id, image_path, source, image_b64, output_path, overwrite in requests:
@@ -242,6 +254,10 @@ def _segment_checked(segmenter, requests, roots: Roots, bounds: Limits, deadline
     return pd.DataFrame(rows)
 
 
+class RequestConflictError(MedsegError):
+    """A request id that is still being computed."""
+
+
 class _Idempotency:
     """Requests by `request_id`: a retry of one still running is refused (no second
     computation), a retry of one done gets the same answer without recomputing or rewriting.
@@ -271,10 +287,6 @@ class _Idempotency:
                 self.done[key] = (digest, answer.copy())
                 while len(self.done) > 64:
                     self.done.popitem(last=False)
-
-
-class RequestConflictError(MedsegError):
-    """A request id that is still being computed."""
 
 
 _ERROR_CODES = {RequestTooLargeError: RESOURCE_EXHAUSTED, DeadlineExceededError: DEADLINE_EXCEEDED, RequestConflictError: RESOURCE_CONFLICT}
@@ -334,7 +346,7 @@ class SegmenterModel(mlflow.pyfunc.PythonModel):
                 frame = frame.drop(columns="request_id")
             if key is not None:
                 digest = hashlib.sha256(frame.to_json(orient="split").encode()).hexdigest()
-                answer = self._idempotency().begin(key, digest)
+                answer = self._requests.begin(key, digest)
                 if answer is not None:
                     return answer
             answer = None
@@ -343,7 +355,7 @@ class SegmenterModel(mlflow.pyfunc.PythonModel):
                 return answer
             finally:
                 if key is not None:
-                    self._idempotency().end(key, digest, answer)
+                    self._requests.end(key, digest, answer)
         except MedsegError as exc:
             if not _in_scoring_server():
                 raise
@@ -361,11 +373,6 @@ class SegmenterModel(mlflow.pyfunc.PythonModel):
                 f"the segmenter failed ({type(exc).__name__}); nothing was written. The server's log has the details.",
                 error_code=INTERNAL_ERROR,
             ) from None
-
-    def _idempotency(self) -> _Idempotency:
-        if getattr(self, "_requests", None) is None:
-            self._requests = _Idempotency()
-        return self._requests
 
 
 def _version(distribution: str) -> str | None:

@@ -358,8 +358,8 @@ def _open_nifti(path: Path | str, storage_options: dict[str, Any] | None = None)
         else:
             with open(path, "rb") as stream:
                 gzipped = stream.read(2) == GZIP_MAGIC
-            with (gzip.open if gzipped else open)(path, "rb") as stream:
-                head = stream.read(nib.Nifti2Header.sizeof_hdr)
+                stream.seek(0)
+                head = (gzip.GzipFile(fileobj=stream) if gzipped else stream).read(nib.Nifti2Header.sizeof_hdr)
             check_header(_header_of(head, path), path, available=None if gzipped else size)
             img = nib.load(str(path))  # the header only: voxels are read lazily
     except MedsegError:

@@ -21,11 +21,11 @@ import numpy as np
 import pandas as pd
 
 from medseg.casework import DriverThenWorker, map_in_order
-from medseg.errors import ConfigurationError, DatasetNotFoundError, EmptyDatasetError, UnsafePathError
+from medseg.errors import ConfigurationError, DatasetNotFoundError, EmptyDatasetError
 from medseg.imaging.geometry import CaseGeometry
 from medseg.imaging.io import Volume, read_header_geometry, write_volume
 from medseg.inference.postprocessing import LabelMapper, volumes_ml
-from medseg.publishing import publish_files, spreadsheet_safe, staging_folder
+from medseg.publishing import check_replaceable, publish_files, spreadsheet_safe, staging_folder
 
 logger = logging.getLogger(__name__)
 
@@ -142,21 +142,12 @@ def _driver_part(segment: Callable[[Scan], Any], staging: Path) -> Callable[[Sca
 
 
 def check_targets(folder: Path, names: list[str]) -> None:
-    """Refuse, before any scan is segmented, a target name that is taken by a folder, a symlink
-    or anything but a regular file (which publishing could not replace), and two cases that
-    would write the same mask."""
-    seen = set()
-    for name in names:
-        if name in seen:
-            raise ConfigurationError(f"{folder / name}: two scans give the case id {name!r}; rename one of them.")
-        seen.add(name)
-        path = folder / name
-        if os.path.lexists(path) and (path.is_symlink() or not path.is_file()):
-            raise UnsafePathError(
-                f"{path} exists and is {'a symlink' if path.is_symlink() else 'a folder' if path.is_dir() else 'not a regular file'}; "
-                "predict writes a mask (or predictions.csv) of that name and never replaces anything else. Nothing "
-                "was written: move it away, or choose another predict.output_dir."
-            )
+    """Refuse, before any scan is segmented, two cases that would write the same mask, and a
+    target that publishing could not replace (:func:`medseg.publishing.check_replaceable`)."""
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ConfigurationError(f"{folder / repeated[0]}: two scans give the case id {repeated[0]!r}; rename one of them.")
+    check_replaceable(folder, names)
 
 
 def write_predictions(
