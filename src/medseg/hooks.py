@@ -27,20 +27,22 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from kedro.config import MissingConfigException
 from kedro.framework.hooks import hook_impl
+from kedro.framework.project import settings
 from kedro.pipeline import Pipeline
 from mlflow.entities import ViewType
 from omegaconf import OmegaConf
 from pydantic import ValidationError
 
-from medseg.runs import compute
+from medseg.runs import compute, credentials
 from medseg.datasets.tracking import log_params
 from medseg.errors import ConfigurationError, TrackingError
 from medseg.kinds import model_kinds
 from medseg.parameters import ComputeParams, did_you_mean
 from medseg.runs import tracking
 from medseg.runs.lock import ProjectLock
-from medseg.runs.outputs import OutputTransaction, output_folders
+from medseg.runs.outputs import JOURNAL_NAME, OutputStaging, output_folders
 
 logger = logging.getLogger(__name__)
 
@@ -175,7 +177,7 @@ class MlflowRunHook:
     def __init__(self) -> None:
         self._context = None
         self._lock: ProjectLock | None = None
-        self._outputs: OutputTransaction | None = None
+        self._outputs: OutputStaging | None = None
 
     @hook_impl(tryfirst=True)
     def after_context_created(self, context) -> None:
@@ -194,8 +196,10 @@ class MlflowRunHook:
         self._lock = ProjectLock(root)
         self._lock.acquire(str(run_params.get("pipeline_names") or run_params.get("pipeline_name") or "__default__"))
         models = models_in_pipeline(pipeline)
-        self._outputs = OutputTransaction(output_folders(catalog, models))
-        self._outputs.begin()
+        # Every model's folders, not only this run's: any run (a `data` run too) cleans up after a killed one.
+        self._outputs = OutputStaging(output_folders(catalog, model_kinds()), self._lock.path.parent / JOURNAL_NAME)
+        self._outputs.recover()
+        self._outputs.redirect(catalog, pipeline)
         mlflow_config = getattr(self._context, "mlflow", None)
         if mlflow_config is None:
             return
@@ -217,7 +221,7 @@ class MlflowRunHook:
         mlflow_config.tracking.run.name = next_run_name(client, experiment, prefix)
         logger.info("MLflow run name: %s", mlflow_config.tracking.run.name)
 
-    @hook_impl
+    @hook_impl(tryfirst=True)  # the outputs are published before another hook reads them
     def after_pipeline_run(self) -> None:
         if self._outputs is not None:
             self._outputs.commit()
@@ -225,9 +229,8 @@ class MlflowRunHook:
 
     @hook_impl
     def on_pipeline_error(self) -> None:
-        if self._outputs is not None:
-            self._outputs.rollback()
-            logger.warning("The run failed: its partial model outputs were removed and the previous ones restored.")
+        if self._outputs is not None and self._outputs.rollback():
+            logger.warning("The run failed: what it had written was deleted; the previous model outputs are as they were.")
         self._release()
 
     @property
@@ -235,6 +238,8 @@ class MlflowRunHook:
         return self._context
 
     def _release(self) -> None:
+        if self._outputs is not None:
+            self._outputs.rollback()  # a no-op after commit; else a run stopped before its pipeline
         self._outputs = None
         if self._lock is not None:
             self._lock.release()
@@ -275,6 +280,11 @@ class ComputeHook:
     @hook_impl(tryfirst=True)
     def after_context_created(self, context) -> None:
         check_sections(context.params)
+        try:
+            table = context.config_loader["credentials"]
+        except (KeyError, MissingConfigException):  # no credentials files
+            table = {}
+        credentials.register_project(Path(context.project_path) / settings.CONF_SOURCE, context.env, table)
         section = context.params.get("compute") or {"scheduler": compute.SYNC}
         try:
             self._scheduler = ComputeParams(**section)["scheduler"]

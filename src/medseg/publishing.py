@@ -205,6 +205,25 @@ def staged_folder(target: str | os.PathLike) -> Iterator[Path]:
         _swap_in(staging, target)
 
 
+def link_or_copy(source: str | os.PathLike, destination: str | os.PathLike) -> None:
+    """A hard link (no bytes copied) where the file system allows, else a copy. Only for a
+    file that nothing rewrites in place: a link shares its bytes."""
+    try:
+        os.link(source, destination, follow_symlinks=False)
+    except OSError:
+        shutil.copy2(source, destination, follow_symlinks=False)
+
+
+def swap_folder_in(staging: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Make the complete folder `staging` the new `target` (flushed, then two renames), the way
+    :func:`staged_folder` ends, for a staging folder that a caller filled on its own terms.
+    A `target` that an interrupted swap had left as `.<name>.old` is put back first."""
+    staging, target = Path(staging), Path(target)
+    recover_interrupted_swap(target)
+    fsync_tree(staging)
+    _swap_in(staging, target)
+
+
 def _swap_in(staging: Path, target: Path) -> None:
     """Rename `staging` onto `target`, the previous `target` aside for the instant between."""
     retired = retired_path(target)

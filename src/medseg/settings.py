@@ -1,6 +1,7 @@
 """Project settings: the project's hooks and where configuration is read from."""
 
 from medseg.hooks import ComputeHook, MlflowRunHook, RunStartedHook, register_resolver
+from medseg.runs.credentials import CONFIG_LOADER_ARGS  # noqa: F401  (Kedro reads it here; a Dask worker there)
 from medseg.runs.summary import RunSummaryHook
 
 # kedro-mlflow's own hook is registered by its entry point. MlflowRunHook runs before it
@@ -39,9 +40,3 @@ def keras_requirements():
 # registers with OmegaConf's deprecated register_new_resolver (a warning on every run).
 register_resolver("medseg.tensor_signature", tensor_signature)
 register_resolver("medseg.keras_requirements", keras_requirements)
-
-CONFIG_LOADER_ARGS = {
-    "base_env": "base",
-    "default_run_env": "local",
-    "config_patterns": {"mlflow": ["mlflow*", "mlflow*/**", "**/mlflow*"]},
-}

@@ -35,6 +35,17 @@ def _backups(project: Path) -> list[Path]:
     return sorted((project / "data" / "06_models" / "unet" / "backup").glob("*/training_metadata.json"))
 
 
+def _published_outputs(project: Path) -> dict[str, bytes]:
+    """The unet's published plan, model, masks and reports (not the crash-recovery backups)."""
+    data = project / "data"
+    return {
+        str(p.relative_to(data)): p.read_bytes()
+        for layer in ("05_model_input", "06_models", "07_model_output", "08_reporting")
+        for p in sorted((data / layer / "unet").rglob("*"))
+        if p.is_file() and "backup" not in p.relative_to(data / layer / "unet").parts
+    }
+
+
 def _kill_during_training(project: Path, params: dict, after_epochs: int = 2) -> int:
     """Start the pipeline in a child process, SIGKILL it once `after_epochs` epochs are backed
     up, and return the epoch count that the backup holds."""
@@ -93,7 +104,13 @@ def test_a_killed_run_is_resumed_and_linked(killed_then_resumed):
 
 def test_other_parameters_start_fresh_and_the_dead_run_is_marked_killed(killed_then_resumed, caplog):
     project, _, _ = killed_then_resumed
+    published = _published_outputs(project)
+    assert {"06_models/unet/model.keras", "08_reporting/unet/metrics_summary.json"} <= set(published)
     _kill_during_training(project, PARAMS)
+    # Killed mid-training: the finished run's outputs are in place, byte for byte, and what the
+    # killed run wrote is beside them, in the staging folders the next run deletes.
+    assert _published_outputs(project) == published
+    assert list((project / "data").glob("*/.unet.medseg-staging"))
     client, runs = mlflow_runs(project)
     dead_id = runs[0].info.run_id
     assert runs[0].info.status == "RUNNING"  # what SIGKILL leaves behind
@@ -110,3 +127,4 @@ def test_other_parameters_start_fresh_and_the_dead_run_is_marked_killed(killed_t
     assert dead.info.status == "KILLED"
     assert "killed" in dead.data.tags["medseg.end_reason"]
     assert not [r for r in runs if r.info.status == "RUNNING"]
+    assert not list((project / "data").glob("*/.unet.medseg-staging"))

@@ -14,6 +14,7 @@ import fsspec
 from kedro.io.core import AbstractDataset, DatasetError, get_filepath_str, get_protocol_and_path
 
 from medseg.imaging.io import Volume, read_volume, write_volume
+from medseg.runs import credentials
 
 
 class NiftiDataset(AbstractDataset[Volume, Volume]):
@@ -63,6 +64,7 @@ class NiftiDataset(AbstractDataset[Volume, Volume]):
             raise DatasetError(f"NiftiDataset kind must be 'image' or 'label', got '{kind}'.")
         protocol, path = get_protocol_and_path(filepath)
         storage_options = {**deepcopy(credentials or {}), **deepcopy(fs_args or {})}
+        self._arguments = (filepath, kind, credentials, fs_args, metadata)
         self._protocol = protocol
         self._filepath = PurePosixPath(path)
         self._kind = kind
@@ -76,6 +78,16 @@ class NiftiDataset(AbstractDataset[Volume, Volume]):
         (Kedro's `get_filepath_str` gives an object store's path without its protocol)."""
         path = get_filepath_str(self._filepath, self._protocol)
         return path if self._protocol == "file" else self._fs.unstrip_protocol(path)
+
+    def __reduce__(self):
+        """Pickled (a case's load function sent to a Dask worker) with its credentials by name,
+        read again on the worker (:mod:`medseg.runs.credentials`): never the secret itself."""
+        filepath, kind, secret, fs_args, metadata = self._arguments
+        named = credentials.name_of(secret) if secret else None
+        return _unpickle, (filepath, kind, named, fs_args, metadata)
+
+    def __deepcopy__(self, memo: dict) -> NiftiDataset:
+        return type(self)(*deepcopy(self._arguments, memo))  # in this process: the credentials stay as they are
 
     def load(self) -> Volume:
         return read_volume(self._path, kind=self._kind, storage_options=self._remote_options())
@@ -97,3 +109,7 @@ class NiftiDataset(AbstractDataset[Volume, Volume]):
 
     def _describe(self) -> dict[str, Any]:
         return {"filepath": str(self._filepath), "protocol": self._protocol, "kind": self._kind}
+
+
+def _unpickle(filepath: str, kind: str, named, fs_args, metadata) -> NiftiDataset:
+    return NiftiDataset(filepath, kind, credentials.resolved(named), fs_args, metadata)

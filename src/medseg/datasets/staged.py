@@ -13,6 +13,8 @@ made again; the file already there is kept (hard-linked into the staging folder)
 
 Parallel: the partitions to make are mapped over `medseg.runs.compute.current()`, one task per
 partition that makes it and saves it on the worker, so only `sync` makes them in this process.
+A task names the catalog entry's credentials and the worker reads them from the project's
+credentials files (:mod:`medseg.runs.credentials`): no secret travels in a task.
 A :class:`medseg.casework.DriverThenWorker` partition runs its driver part (a network) here
 first, and only its worker part in the task.
 
@@ -26,8 +28,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 import uuid
 from copy import deepcopy
 from functools import partial
@@ -37,9 +37,9 @@ from typing import Any
 from kedro_datasets.partitions import PartitionedDataset
 
 from medseg.casework import DriverThenWorker
-from medseg.runs import compute
+from medseg.runs import compute, credentials
 from medseg.incremental import KeyedPartition
-from medseg.publishing import staged_folder
+from medseg.publishing import link_or_copy, staged_folder
 
 logger = logging.getLogger(__name__)
 
@@ -47,8 +47,11 @@ KEYS_FILE = ".partition-keys.json"
 
 
 def _save_partition(job: tuple[type, dict[str, Any], Any]) -> None:
-    """Make one partition and save it (on a Dask worker, or here under `sync`)."""
+    """Make one partition and save it (on a Dask worker, or here under `sync`); credentials
+    sent by name are read here (:mod:`medseg.runs.credentials`)."""
     dataset_type, kwargs, data = job
+    if "credentials" in kwargs:
+        kwargs = {**kwargs, "credentials": credentials.resolved(kwargs["credentials"])}
     dataset_type(**kwargs).save(data() if callable(data) else data)
 
 
@@ -122,6 +125,10 @@ class StagedPartitionedDataset(PartitionedDataset):
 
     def _make(self, root: str, data: dict[str, Any], to_make: list[str]) -> None:
         jobs = [self._job(root, pid, data[pid]) for pid in to_make]
+        if jobs and jobs[0][1].get("credentials") and not isinstance(compute.current(), compute.SyncExecutor):
+            # A task goes through the scheduler to a worker: it names the credentials, never holds them.
+            name = credentials.name_of(jobs[0][1]["credentials"])
+            jobs = [(kind, {**kwargs, "credentials": name}, value) for kind, kwargs, value in jobs]
         two_parts = any(isinstance(data[pid], DriverThenWorker) for pid in to_make)
         compute.current().map(
             _save_partition, jobs, task=f"Writing {self._path}", case_ids=to_make, prepare=_driver_part if two_parts else None
@@ -133,7 +140,7 @@ class StagedPartitionedDataset(PartitionedDataset):
             for pid in kept:
                 destination = Path(self._job(str(staging), pid, None)[1][self._filepath_arg])
                 destination.parent.mkdir(parents=True, exist_ok=True)
-                _link_or_copy(Path(self._partition_to_path(pid)), destination)
+                link_or_copy(Path(self._partition_to_path(pid)), destination)
             self._make(str(staging), data, to_make)
             if keyed:
                 (staging / KEYS_FILE).write_text(json.dumps({"partitions": keyed}, indent=1, sort_keys=True))
@@ -163,10 +170,3 @@ class StagedPartitionedDataset(PartitionedDataset):
             if fs.exists(staging):
                 fs.rm(staging, recursive=True)
 
-
-def _link_or_copy(source: Path, destination: Path) -> None:
-    """A hard link (no bytes copied) where the file system allows, else a copy."""
-    try:
-        os.link(source, destination)
-    except OSError:
-        shutil.copy2(source, destination)
