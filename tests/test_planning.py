@@ -7,6 +7,7 @@ from medseg.planning import (
     GIB,
     TRAINING_BYTES_PER_FEATURE,
     median_shape,
+    plan_context,
     plan_patches,
     plan_slices,
     plan_steps,
@@ -83,3 +84,76 @@ def test_small_structures_get_a_slice_of_a_few_times_their_size():
     # Never below 4 * 2**depth, so the bottleneck keeps 4 voxels.
     assert plan_slices((96, 96, 28), 32, 3, 4.0, structure_voxels=2)["input_size"] == 32
     assert plan_slices((96, 96, 28), 32, 3, 4.0, structure_voxels=0)["input_size"] == 96  # unknown: whole slice
+
+
+def test_the_3d_context_of_the_phantoms_steps_the_fine_axes_first():
+    """Lesions of about 19 mm need a 47 mm view; a 32x32x14 patch at 1x1x2.4 mm sees 33 mm.
+    nnU-Net's rule raises x and y first (1.016 -> 1.219, z stays 2.424), then all three."""
+    context = plan_context((96, 96, 30), (1.016, 1.016, 2.424), (18.8, 18.7, 18.2), 16384, 8, 4.0)
+    assert context["needed_extent_mm"] == [47.0, 46.75, 45.5]
+    assert context["fullres"]["patch_size"] == [32, 32, 14] and not context["fullres_covers"]
+    lowres = context["lowres"]
+    assert lowres["steps"] == 2
+    assert lowres["spacing"] == pytest.approx([1.016 * 1.2 * 1.2, 1.016 * 1.2 * 1.2, 2.424 * 1.2], abs=1e-4)
+    assert all(p * s >= 0.95 * n for p, s, n in zip(lowres["patch_size"], lowres["spacing"], context["needed_extent_mm"]))
+    assert "does not cover" in context["reason"]
+
+
+def test_a_hemisphere_needs_the_whole_head_and_gets_it_at_low_resolution():
+    """The issue's case: median (121, 145, 121) at 1.5 mm, a 36 mm patch; the hemispheres
+    need the whole image (181x218x182 mm), which 16384 voxels cover at 1.5 * 1.2**9 mm."""
+    context = plan_context((121, 145, 121), (1.5, 1.5, 1.5), (70.0, 170.0, 120.0), 16384, 8, 4.0)
+    assert context["fullres"]["patch_mm"] == [36.0, 36.0, 36.0] and not context["fullres_covers"]
+    assert context["needed_extent_mm"] == [175.0, 217.5, 181.5]
+    lowres = context["lowres"]
+    assert lowres["spacing"] == pytest.approx([1.5 * 1.2**9] * 3, abs=1e-3)
+    assert lowres["median_shape"] == [23, 28, 23]
+    assert all(p >= m for p, m in zip(lowres["patch_size"], lowres["median_shape"]))  # the whole image in one patch
+
+
+def test_a_small_structure_is_covered_at_full_resolution():
+    context = plan_context((96, 96, 30), (1.0, 1.0, 2.5), (5.0, 5.0, 5.0), 16384, 8, 4.0)
+    assert context["fullres_covers"] and "covers the needed extent" in context["reason"]
+    assert plan_context((96, 96, 30), (1.0, 1.0, 2.5), (0.0, 0.0, 0.0), 16384, 8, 4.0)["fullres_covers"]  # unknown extent
+
+
+@pytest.mark.parametrize(("given", "covers", "lateralized", "chosen"), [
+    ("auto", True, [1, 2], "fullres"),
+    ("auto", False, [1, 2], "lowres"),
+    ("auto", False, [], "fullres"),
+    ("lowres", True, [], "lowres"),
+    ("fullres", False, [1, 2], "fullres"),
+])
+def test_auto_takes_the_low_resolution_where_the_side_needs_the_context(given, covers, lateralized, chosen):
+    from medseg.kinds.conv3d import choose_configuration
+
+    configuration, reason = choose_configuration(given, {"fullres_covers": covers, "reason": "r"}, lateralized)
+    assert configuration == chosen and reason.startswith(("r", "conv3d.model.configuration="))
+
+
+def test_a_slow_first_epoch_stops_training_within_the_budget(monkeypatch, caplog):
+    """Planned: 8 epochs of 3 s in a 30 s budget. Measured: 10 s an epoch (3.3x slower). The
+    guard stops after the third epoch, the last that ends within the budget plus 10 %."""
+    import medseg.models.training as training
+
+    clock = iter(range(0, 1000, 5))  # begin, end of each epoch 5 s apart: 10 s per epoch
+    monkeypatch.setattr(training.time, "perf_counter", lambda: float(next(clock)))
+    guard = training.TrainingBudget("conv3d", 30.0, 8, planned_epoch_seconds=3.0)
+
+    class Model:
+        stop_training = False
+
+    guard.set_model(Model())
+    ran = 0
+    with caplog.at_level("INFO", logger="medseg"):
+        for epoch in range(8):
+            guard.on_epoch_begin(epoch)
+            next(clock)  # the epoch's own work
+            guard.on_epoch_end(epoch)
+            ran += 1
+            if guard.model.stop_training:
+                break
+    assert ran == 3
+    assert guard.report == {"first_epoch_seconds": 10.0, "planned_epoch_seconds": 3.0, "slower_than_timed": 3.333,
+                            "stopped_after_epoch": 3, "planned_epochs": 8}
+    assert "3 of the 8 epochs fit the 0.5-minute budget" in caplog.text

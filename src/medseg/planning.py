@@ -199,3 +199,104 @@ def plan_steps(seconds_per_step: float, budget_minutes: float, validation_fracti
     epochs = max(1, min(int(min_epochs * 2), int(steps // 20))) if steps >= 20 * min_epochs else max(1, min_epochs if steps >= min_epochs else int(steps))
     per_epoch = max(1, int(steps // epochs))
     return {"epochs": int(epochs), "steps_per_epoch": per_epoch, "validation_steps": max(1, int(round(per_epoch * validation_fraction)))}
+
+
+# nnU-Net's 3d_lowres: the spacing is raised step by step, the finest axes first, until the
+# patch covers what the task needs (nnU-Net steps by 1.03 until the patch holds a quarter of
+# the median image; 1.2 reaches the same spacings in fewer plans).
+LOWRES_SPACING_STEP = 1.2
+MAX_LOWRES_STEPS = 40
+COVERAGE_TOLERANCE = 0.95  # a patch within 5 % of the needed extent covers it (rounding to the poolings)
+
+
+def needed_extent_mm(structure_extent_mm: Sequence[float], median: Sequence[int], spacing: Sequence[float]) -> list[float]:
+    """What a patch must see, per axis (mm): `STRUCTURE_CONTEXT` times the largest structure's
+    extent (`fingerprint.json` foreground_extent_mm), at most the median image."""
+    image_mm = np.asarray(median, dtype=float) * np.asarray(spacing, dtype=float)
+    return [float(min(STRUCTURE_CONTEXT * float(e), i)) for e, i in zip(structure_extent_mm, image_mm)]
+
+
+def patch_covers(patch: Sequence[int], spacing: Sequence[float], median: Sequence[int], needed_mm: Sequence[float]) -> bool:
+    """Whether a patch sees `needed_mm` on every axis, or the whole median image along it."""
+    return all(
+        p >= m or p * s >= COVERAGE_TOLERANCE * n for p, s, m, n in zip(patch, spacing, median, needed_mm)
+    )
+
+
+def coarser_spacing(spacing: Sequence[float]) -> list[float]:
+    """One step of nnU-Net's low-resolution rule: the axes finer than half the coarsest get
+    `LOWRES_SPACING_STEP` times coarser; when none is (a near-isotropic grid), all of them."""
+    current = np.asarray(spacing, dtype=float)
+    fine = current * ANISOTROPY_RATIO <= current.max()
+    step = np.where(fine, LOWRES_SPACING_STEP, 1.0) if fine.any() else np.full(3, LOWRES_SPACING_STEP)
+    return [float(v) for v in current * step]
+
+
+def plan_context(
+    median: Sequence[int],
+    spacing: Sequence[float],
+    structure_extent_mm: Sequence[float],
+    patch_voxels: int,
+    base_filters: int,
+    memory_gb: float,
+    max_depth: int = 4,
+) -> dict:
+    """Whether the full-resolution patch sees what the task needs, and if not, the coarser
+    spacing at which a patch of `patch_voxels` does (nnU-Net's `3d_lowres`).
+
+    The needed extent is `needed_extent_mm`. The full-resolution patch is `plan_patches` at
+    `spacing`. When it does not cover that extent, the spacing is raised (`coarser_spacing`)
+    until the patch planned at it, on the median image resampled to it, covers the extent or
+    the whole image.
+
+    Args:
+        median: the median training-grid shape (X, Y, Z), voxels, at `spacing`.
+        spacing: the training grid's spacing (mm).
+        structure_extent_mm: the largest structure's extent per axis (mm); zeros: unknown.
+        patch_voxels, base_filters, memory_gb, max_depth: as for `plan_patches`.
+
+    Returns:
+        {"structure_extent_mm", "needed_extent_mm", "fullres": {"spacing", "patch_size",
+        "patch_mm"}, "fullres_covers", "lowres": None or {"spacing", "median_shape",
+        "patch_size", "patch_mm", "poolings", "batch_size", "steps"}, "reason"}.
+    """
+    needed = needed_extent_mm(structure_extent_mm, median, spacing)
+    fullres = plan_patches(median, spacing, patch_voxels, base_filters, memory_gb, max_depth)
+    record = {
+        "structure_extent_mm": [round(float(e), 2) for e in structure_extent_mm],
+        "needed_extent_mm": [round(n, 2) for n in needed],
+        "fullres": {"spacing": [float(s) for s in spacing], "patch_size": fullres["patch_size"],
+                    "patch_mm": [round(p * s, 2) for p, s in zip(fullres["patch_size"], spacing)]},
+    }
+    record["fullres_covers"] = max(needed) <= 0 or patch_covers(fullres["patch_size"], spacing, median, needed)
+    if record["fullres_covers"]:
+        record["lowres"] = None
+        record["reason"] = (
+            f"the full-resolution patch ({_mm(record['fullres']['patch_mm'])}) covers the needed extent "
+            f"({_mm(record['needed_extent_mm'])}: {STRUCTURE_CONTEXT}x the largest structure, at most the image)"
+        )
+        return record
+    image_mm = np.asarray(median, dtype=float) * np.asarray(spacing, dtype=float)
+    lowres, steps, planned, shape = list(spacing), 0, fullres, list(median)
+    while steps < MAX_LOWRES_STEPS:
+        lowres, steps = coarser_spacing(lowres), steps + 1
+        shape = [max(1, int(round(v))) for v in image_mm / np.asarray(lowres)]
+        planned = plan_patches(shape, lowres, patch_voxels, base_filters, memory_gb, max_depth)
+        if patch_covers(planned["patch_size"], lowres, shape, needed):
+            break
+    record["lowres"] = {
+        "spacing": [round(s, 4) for s in lowres], "median_shape": shape, "patch_size": planned["patch_size"],
+        "patch_mm": [round(p * s, 2) for p, s in zip(planned["patch_size"], lowres)], "poolings": planned["poolings"],
+        "batch_size": planned["batch_size"], "steps": steps,
+    }
+    record["reason"] = (
+        f"the full-resolution patch ({_mm(record['fullres']['patch_mm'])}) does not cover the needed extent "
+        f"({_mm(record['needed_extent_mm'])}); at {_mm(record['lowres']['spacing'], 'mm spacing')}, "
+        f"{steps} steps of {LOWRES_SPACING_STEP}x, a patch of {patch_voxels} voxels covers "
+        f"{_mm(record['lowres']['patch_mm'])}"
+    )
+    return record
+
+
+def _mm(values: Sequence[float], unit: str = "mm") -> str:
+    return "x".join(f"{v:.3g}" for v in values) + f" {unit}"

@@ -103,6 +103,14 @@ class StagedPartitionedDataset(PartitionedDataset):
         kwargs[self._filepath_arg] = self._join_protocol(f"{root.rstrip('/')}/{relative}")
         return self._dataset_type, kwargs, data
 
+    def load(self) -> dict[str, Any]:
+        """The partitions, as `PartitionedDataset` loads them; none (not an error) for an
+        empty or missing folder, which a step that made no case leaves (a model's
+        low-resolution grid when it trains at full resolution)."""
+        if not self._list_partitions_uncached():
+            return {}
+        return super().load()
+
     # -- save ------------------------------------------------------------------------------
     def save(self, data: dict[str, Any]) -> None:
         keyed = {pid: value.key for pid, value in data.items() if isinstance(value, KeyedPartition)}

@@ -93,6 +93,9 @@ class SegmenterPlan:
         mirror_axes: test-time mirroring axes (RAS), empty for none.
         keep_largest_component: keep each class's largest connected region only.
         provenance: where it came from (MLflow run id, parameter hash); informative.
+        data_spacing: the spacing of the training grid the model's data came from, where the
+            model runs on a coarser one (`conv3d.model.configuration: lowres`); None: the
+            target spacing. A scan's voxel size is checked against it.
     """
 
     model_key: str
@@ -116,6 +119,7 @@ class SegmenterPlan:
     mirror_axes: list[int] = field(default_factory=list)
     keep_largest_component: bool = False
     provenance: dict[str, Any] = field(default_factory=dict)
+    data_spacing: tuple[float, float, float] | None = None
     format_version: int = FORMAT_VERSION
 
     @property
@@ -185,7 +189,7 @@ class Segmenter:
                 checked before anything is resampled.
         """
         plan = self.plan
-        check_spacing_against_plan(volume.spacing, plan.target_spacing, name)
+        check_spacing_against_plan(volume.spacing, plan.data_spacing or plan.target_spacing, name)
         canonical = to_canonical(volume)
         crop_box = nonzero_bounding_box(canonical.data, margin=plan.crop_margin) if plan.crop_margin is not None else None
         geometry = plan_case_geometry(volume.data.shape, volume.affine, tuple(plan.target_spacing), crop_box)

@@ -69,7 +69,11 @@ class ModelKind:
             trained model itself).
         loss_name: `(settings) -> str`, the loss in run names (default `training.loss`).
         extra_nodes: `() -> list[Node]` of kind-only nodes, written with the template's
-            dataset names (`model`, `settings`, ...), so they are namespaced with the rest.
+            dataset names (`model`, `settings`, `grid_images`, ...), so they are namespaced
+            with the rest.
+        plans_grid: the kind's plan may choose a coarser grid than the training grid
+            (`settings["grid"]`, `medseg.pipelines.grid`); the template then adds the grid
+            nodes. Else the model uses the data pipeline's layer and plan.
     """
 
     name: str
@@ -84,6 +88,7 @@ class ModelKind:
     segmenter_network: Callable[[Any, Mapping[str, Any]], Any] = _same_network
     loss_name: Callable[[Mapping[str, Any]], str] = _given_loss
     extra_nodes: Callable[[], list] = field(default=list)
+    plans_grid: bool = False
 
 
 # The kinds that ship with medseg, each registered by its own module.

@@ -10,7 +10,8 @@ Both are also scored on test-case patches as detectors (accuracy, ROC-AUC, F1).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import logging
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any
 
@@ -31,8 +32,10 @@ from medseg.models import build_patch_classifier, build_unet3d, compile_patch_cl
 from medseg.parameters import Conv3dParams, PlanningParams
 from medseg.patching import extract_patch, patch_stream, sample_patch_centers
 from medseg.patching.sliding_window import unet_features_per_voxel, windows_per_batch
-from medseg.planning import median_shape, plan_patches
+from medseg.planning import median_shape, plan_context, plan_patches
 from medseg.split import cases_in_split
+
+logger = logging.getLogger(__name__)
 
 NETWORKS = {"unet3d": "UNet3D", "patch_classifier": "Conv3DClassifier"}
 
@@ -57,13 +60,43 @@ def _features_per_voxel(settings: Mapping[str, Any]) -> float:
     return unet_features_per_voxel(int(settings["model"]["base_filters"]), int(settings["model"]["depth"]), 3)
 
 
+def choose_configuration(given: str, context: Mapping[str, Any], lateralized: Sequence[int]) -> tuple[str, str]:
+    """`conv3d.model.configuration` decided: `fullres` or `lowres` as given; `auto` takes
+    `fullres` when its patch covers the needed extent (`medseg.planning.plan_context`), else
+    `lowres` when a class keeps to one side of the body (`fingerprint.json` lateralized: a
+    patch that cannot see the midline cannot tell the side), else `fullres`.
+
+    Returns:
+        (configuration, reason).
+    """
+    if given != "auto":
+        return given, f"conv3d.model.configuration={given} was given; {context['reason']}"
+    if context["fullres_covers"]:
+        return "fullres", context["reason"]
+    if lateralized:
+        return "lowres", f"{context['reason']}; classes {list(lateralized)} keep to one side of the body, so the patch must see it"
+    return "fullres", (
+        f"{context['reason']}; no class keeps to one side of the body, so the structures are told by what is around "
+        "them and the full resolution keeps their boundaries (set conv3d.model.configuration=lowres to train on the context)"
+    )
+
+
 def plan_conv3d(
     case_geometry: PreprocessingPlan, dataset_fingerprint: dict, conv3d: Conv3dParams, planning: PlanningParams, timings: dict
 ) -> tuple[ModelPlan, dict, dict]:
-    """Plan the 3D model from the data: the patch (about `planning.patch_voxels` voxels,
-    shaped in millimetres so that a thick-slice axis gets fewer voxels, clipped to the median
-    case), the poolings per axis (nnU-Net's: none below 4 voxels, none along an axis twice as
-    coarse as the finest), the depth (their number) and the batch (`planning.memory_gb`).
+    """Plan the 3D model from the data.
+
+    First the context (`medseg.planning.plan_context`): what a patch must see (2.5x the
+    largest structure, at most the median image), whether the full-resolution patch does, and
+    the low-resolution spacing at which a patch would. `conv3d.model.configuration` then
+    chooses the grid (`choose_configuration`): the training grid as preprocessed (`fullres`),
+    or that coarser spacing (`lowres`, nnU-Net's `3d_lowres`), on which the cases are
+    preprocessed again (`plan_grid`, `preprocess_grid`).
+
+    On the chosen grid: the patch (about `planning.patch_voxels` voxels, shaped in
+    millimetres so that a thick-slice axis gets fewer voxels, clipped to the median case),
+    the poolings per axis (nnU-Net's: none below 4 voxels, none along an axis twice as coarse
+    as the finest), the depth (their number) and the batch (`planning.memory_gb`).
 
     `conv3d.sampling.patch_size`, `conv3d.model.depth` and `conv3d.training.batch_size` set to
     `auto` take these values; explicit values override them and are recorded. The per-axis
@@ -71,16 +104,23 @@ def plan_conv3d(
     precision and the training steps (`medseg.kinds.planning.plan_model`).
 
     Returns:
-        The plan (`conv3d.plan`), the settings the model is trained with (`conv3d.settings`)
-        and the timings (`conv3d.timings_updated`).
+        The plan (`conv3d.plan`, with its `context`), the settings the model is trained with
+        (`conv3d.settings`, with `grid`: the configuration and its spacing) and the timings
+        (`conv3d.timings_updated`).
     """
     median = median_shape(case_geometry)
     spacing = list(case_geometry.target_spacing)
     model = conv3d["model"]
     max_depth = 4 if model["depth"] == "auto" else int(model["depth"])
-    planned = plan_patches(median, spacing, int(planning["patch_voxels"]), int(model["base_filters"]), float(planning["memory_gb"]), max_depth)
-    inputs = {"median_shape": median, "target_spacing": spacing, "memory_gb": float(planning["memory_gb"]),
-              "patch_voxels": int(planning["patch_voxels"])}
+    patch_voxels, memory_gb = int(planning["patch_voxels"]), float(planning["memory_gb"])
+    extent = dataset_fingerprint.get("foreground_extent_mm") or [0.0, 0.0, 0.0]
+    context = plan_context(median, spacing, extent, patch_voxels, int(model["base_filters"]), memory_gb, max_depth)
+    configuration, reason = choose_configuration(str(model.get("configuration", "auto")), context, dataset_fingerprint.get("lateralized", []))
+    if configuration == "lowres":
+        median, spacing = tuple(context["lowres"]["median_shape"]), list(context["lowres"]["spacing"])
+    logger.info("conv3d: %s configuration: %s.", configuration, reason)
+    planned = plan_patches(median, spacing, patch_voxels, int(model["base_filters"]), memory_gb, max_depth)
+    inputs = {"median_shape": median, "target_spacing": spacing, "memory_gb": memory_gb, "patch_voxels": patch_voxels}
     given_patch = conv3d["sampling"]["patch_size"]
     depth = len(planned["poolings"])
     if given_patch != "auto":  # an explicit patch pools every axis: as deep as it divides, >= 4 voxels
@@ -95,6 +135,10 @@ def plan_conv3d(
     if given_patch == "auto" and model["depth"] == "auto":
         settings["model"]["poolings"] = planned["poolings"]
         plan.used["model.poolings"] = planned["poolings"]
+    settings["model"]["configuration"] = configuration
+    settings["grid"] = {"configuration": configuration, "spacing": [float(s) for s in spacing],
+                        "data_spacing": [float(s) for s in case_geometry.target_spacing]}
+    plan.context = {**context, "configuration": {"given": str(model.get("configuration", "auto")), "used": configuration, "reason": reason}}
     return plan_model(CONV3D, settings, plan, dataset_fingerprint, planning, timings)
 
 
@@ -187,7 +231,7 @@ def _patch_detection_nodes() -> list[Node]:
     return [
         Node(
             evaluate_patch_detection,
-            ["model", "primary_images", "primary_labels", "splits", "settings", "params:planning"],
+            ["model", "grid_images", "grid_labels", "splits", "settings", "params:planning"],
             ["patch_metrics", "mlflow_metrics_patch_detection"],
             name="evaluate_patch_detection",
         )
@@ -208,4 +252,5 @@ CONV3D = register_model_kind(ModelKind(
     ),
     loss_name=lambda settings: "bce" if settings["model"]["kind"] == "patch_classifier" else str(settings["training"]["loss"]),
     extra_nodes=_patch_detection_nodes,
+    plans_grid=True,
 ))

@@ -38,6 +38,8 @@ class ModelPlan:
         precision: {"given": `training.precision`, "used": the policy}; empty until decided.
         calibration: the timed training step and the budget it filled; empty when every step
             parameter was given.
+        context: what a 3D patch must see and the configuration chosen for it
+            (`medseg.planning.plan_context`); empty for a kind that plans none.
     """
 
     model: str
@@ -47,6 +49,7 @@ class ModelPlan:
     overrides: dict[str, Any] = field(default_factory=dict)
     precision: dict[str, str] = field(default_factory=dict)
     calibration: dict[str, Any] = field(default_factory=dict)
+    context: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         """`plan.json`'s content (JSON types: lists, not tuples)."""
@@ -184,7 +187,10 @@ def plan_training_steps(
         "%s: %.3f s per training step (%s); %d epochs of %d steps fill %g minutes.", model_key, seconds,
         "timing reused" if reused else "timed now", steps["epochs"], steps["steps_per_epoch"], budget,
     )
+    epochs_planned = training["epochs"] == "auto"
     settings, step_plan = apply_plan(model_key, settings, {f"training.{k}": v for k, v in steps.items()}, plan.inputs)
+    if epochs_planned:  # training re-times its first epoch against this (medseg.models.training.TrainingBudget)
+        settings["training"]["budget"] = {"minutes": budget, "seconds_per_step": round(seconds * INPUT_PIPELINE_OVERHEAD, 6)}
     plan.planned.update(step_plan.planned)
     plan.used.update(step_plan.used)
     plan.overrides.update(step_plan.overrides)

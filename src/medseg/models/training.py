@@ -184,6 +184,64 @@ def make_reproducible(seed: int, deterministic: bool) -> None:
         tf.config.experimental.enable_op_determinism()
 
 
+# A run ends within this share over its budget (the planner's timed step may be too fast: a
+# busy machine, another process on the cores).
+BUDGET_SLACK = 0.10
+
+
+class TrainingBudget(keras.callbacks.Callback):
+    """Ends training early when the epochs run slower than the planner timed them, so that it
+    ends within `BUDGET_SLACK` of its budget.
+
+    After each epoch it measures the mean epoch so far (validation included) and stops when
+    one more epoch would end past the budget plus the slack. The first epoch is re-timed
+    against the plan: when it ran slower, the log says by how much and how many epochs will
+    fit. What it decided is in `report` once training ends.
+
+    Args:
+        model_key: the model kind's name, for the log.
+        budget_seconds: the training time of all `epochs` (`planning.budget_minutes`).
+        epochs: the planned epochs.
+        planned_epoch_seconds: one epoch as the plan expected it (timed step × steps), or None.
+    """
+
+    def __init__(self, model_key: str, budget_seconds: float, epochs: int, planned_epoch_seconds: float | None = None):
+        super().__init__()
+        self.model_key, self.budget, self.epochs = model_key, float(budget_seconds), int(epochs)
+        self.planned_epoch = planned_epoch_seconds
+        self.report: dict[str, Any] = {}
+        self._start: float | None = None
+        self._first = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self._start is None:
+            self._start, self._first = time.perf_counter(), int(epoch)
+            # A resumed run has the budget of the epochs it has left.
+            self.budget *= max(1, self.epochs - self._first) / max(1, self.epochs)
+
+    def on_epoch_end(self, epoch, logs=None):
+        elapsed = time.perf_counter() - self._start
+        done = int(epoch) - self._first + 1
+        per_epoch = elapsed / done
+        left = self.epochs - int(epoch) - 1
+        if done == 1 and self.planned_epoch:
+            ratio = per_epoch / self.planned_epoch
+            fits = max(1, int(self.budget * (1 + BUDGET_SLACK) // per_epoch))
+            self.report = {"first_epoch_seconds": round(per_epoch, 2), "planned_epoch_seconds": round(self.planned_epoch, 2),
+                           "slower_than_timed": round(ratio, 3)}
+            if fits < self.epochs - self._first:
+                logger.warning(
+                    "%s: the first epoch took %.1f s, %.2fx the %.1f s the timed step planned (a busy machine?): %d of the %d "
+                    "epochs fit the %.1f-minute budget; training stops after them.",
+                    self.model_key, per_epoch, ratio, self.planned_epoch, fits, self.epochs - self._first, self.budget / 60,
+                )
+        if left > 0 and elapsed + per_epoch > self.budget * (1 + BUDGET_SLACK):
+            self.model.stop_training = True
+            self.report.update({"stopped_after_epoch": int(epoch) + 1, "planned_epochs": self.epochs})
+            logger.info("%s: stopping after epoch %d of %d: another epoch (%.1f s) would end past the %.1f-minute budget.",
+                        self.model_key, int(epoch) + 1, self.epochs, per_epoch, self.budget / 60)
+
+
 def fit_model(
     model: keras.Model,
     train_data,

@@ -24,6 +24,7 @@ from medseg.pipelines.evaluation import (
     predict_split,
     summarize_evaluation,
 )
+from medseg.pipelines.grid import plan_grid, preprocess_grid, select_grid
 from medseg.pipelines.training import build_segmenter, train
 
 # What the template reads from the data pipeline and the project, by its shared names.
@@ -33,6 +34,24 @@ SHARED_INPUTS = {
     "project_root", "synthetic_phantoms",
 }
 SHARED_PARAMETERS = {"params:data", "params:planning"}
+# The grid the model trains and predicts on, by the template's names: for a kind that plans
+# its grid (`ModelKind.plans_grid`), made by the grid nodes; for the others, the data
+# pipeline's own layer and plan.
+GRID_INPUTS = {"grid_images": "primary_images", "grid_labels": "primary_labels", "grid_geometry": "case_geometry"}
+
+
+def _grid_nodes() -> list[Node]:
+    """The model's own grid (`medseg.pipelines.grid`): the plan's spacing, the cases
+    preprocessed at it when it is not the training grid, and the layer the model uses."""
+    return [
+        Node(plan_grid, ["settings", "case_fingerprints", "case_geometry", "dataset_fingerprint", "params:data"],
+             "grid_geometry", name="plan_grid"),
+        Node(preprocess_grid, ["intermediate_images", "intermediate_labels", "case_fingerprints", "grid_geometry",
+                               "dataset_fingerprint", "params:data", "settings"],
+             ["lowres_images", "lowres_labels"], name="preprocess_grid"),
+        Node(select_grid, ["settings", "primary_images", "primary_labels", "lowres_images", "lowres_labels"],
+             ["grid_images", "grid_labels"], name="select_grid"),
+    ]
 
 
 def _bound(func: Callable, **keywords: Any) -> Callable:
@@ -64,22 +83,22 @@ def model_pipeline(kind: ModelKind) -> Pipeline:
             Node(logged_plan, "plan", "mlflow_params_plan", name="log_plan"),
             Node(
                 _bound(train, kind=kind),
-                ["primary_images", "primary_labels", "splits", "case_geometry", "dataset_fingerprint", "params:data",
+                ["grid_images", "grid_labels", "splits", "grid_geometry", "dataset_fingerprint", "params:data",
                  "settings", "backup"],
                 ["model", "history", "mlflow_params_training"],
                 name=f"train_{name}",
             ),
             Node(
                 _bound(build_segmenter, kind=kind),
-                ["model", "case_fingerprints", "case_geometry", "dataset_fingerprint", "params:data", "settings",
+                ["model", "case_fingerprints", "grid_geometry", "dataset_fingerprint", "params:data", "settings",
                  "params:planning"],
                 "segmenter",
                 name=f"build_{name}_segmenter",
             ),
-            Node(predict_split, ["segmenter", "primary_images", "case_geometry", "splits"], "predictions", name="predict_split"),
+            Node(predict_split, ["segmenter", "grid_images", "grid_geometry", "splits"], "predictions", name="predict_split"),
             Node(
                 evaluate_postprocessing,
-                ["segmenter", "primary_images", "intermediate_labels", "case_geometry", "splits", "dataset_fingerprint",
+                ["segmenter", "grid_images", "intermediate_labels", "grid_geometry", "splits", "dataset_fingerprint",
                  "params:data"],
                 ["postprocessing_ablation", "mlflow_metrics_postprocessing"],
                 name="evaluate_postprocessing",
@@ -99,12 +118,16 @@ def model_pipeline(kind: ModelKind) -> Pipeline:
                 name="summarize_evaluation",
             ),
             Node(export_model, "model", ["mlflow_model", "architecture", "weights"], name="export_model"),
+            *(_grid_nodes() if kind.plans_grid else []),
             *kind.extra_nodes(),
         ]
     )
+    shared = {dataset: dataset for dataset in SHARED_INPUTS & template.inputs()}
+    if not kind.plans_grid:
+        shared.update({ours: theirs for ours, theirs in GRID_INPUTS.items() if ours in template.inputs()})
     return Pipeline(
         template,
         namespace=name,
-        inputs=SHARED_INPUTS & template.inputs(),
+        inputs=shared,
         parameters={**{p: p for p in SHARED_PARAMETERS}, "params:model": f"params:{name}"},
     )

@@ -20,6 +20,7 @@ from medseg.kinds.streams import case_loader
 from medseg.models.distribute import distribution_strategy, global_batch_size, strategy_name
 from medseg.models.precision import dtype_policy
 from medseg.models.training import (
+    TrainingBudget,
     derive_seed,
     fit_model,
     make_reproducible,
@@ -136,6 +137,7 @@ def train_model(
     flip_axes = safe_flip_axes(training["flip_axes"], dataset_fingerprint.get("lateralized", []))
     if tuple(flip_axes) != tuple(sorted(set(training["flip_axes"]))):
         logger.info("%s: classes %s keep to one side of the body: no left-right flips.", model_key, dataset_fingerprint["lateralized"])
+    budget = _budget_callback(model_key, training)
     history = fit_model(
         model,
         make_stream(cases_in_split(splits, "train"), seed, bool(training["augment"]), flip_axes, batch_size=batch_size),
@@ -145,9 +147,21 @@ def train_model(
         validation_steps=training["validation_steps"],
         backup_dir=resume.backup_dir,
         patience=training["early_stopping_patience"],
-        callbacks=[MlflowEpochLogger(model_key)],
+        callbacks=[MlflowEpochLogger(model_key), *([budget] if budget else [])],
     )
+    if budget is not None and budget.report:
+        decided.update({f"{model_key}.training.budget.{key}": value for key, value in budget.report.items()})
     return model, history, decided
+
+
+def _budget_callback(model_key: str, training: Mapping[str, Any]) -> TrainingBudget | None:
+    """The budget guard for planned epochs (`training.budget` from the plan); none for
+    epochs given explicitly, which run as asked."""
+    budget = training.get("budget")
+    if not budget:
+        return None
+    planned_epoch = float(budget["seconds_per_step"]) * (int(training["steps_per_epoch"]) + int(training["validation_steps"]) / 3.0)
+    return TrainingBudget(model_key, float(budget["minutes"]) * 60.0, int(training["epochs"]), planned_epoch)
 
 
 def train(
@@ -235,6 +249,7 @@ def segmenter_plan(
         mirror_axes=[int(a) for a in inference["mirror_axes"]],
         keep_largest_component=bool(inference["keep_largest_component"]),
         provenance={"mlflow_run_id": run_id, "params_hash": training_fingerprint(data=data, **{kind.name: settings})},
+        data_spacing=tuple((settings.get("grid") or {}).get("data_spacing") or case_geometry.target_spacing),
         **kind.segmenter_window(settings),
     )
 

@@ -1,0 +1,91 @@
+"""3D context side by side: `conv3d.model.configuration` fullres, lowres and auto on a
+lateralized task, with per-class Dice and time each.
+
+A stand-in for the hemisphere task, which this project has no offline copy of: heads split
+into a right (1) and a left (2) hemisphere that look the same inside, in six orientations
+(`tests/lateralized.py`), 16 cases of 96x112x80 at 1.5 mm (144x168x120 mm). Each configuration
+is `kedro run --pipelines conv3d` in a fresh project copy and child process, with the default
+parameters (`planning.patch_voxels` 16384: a 25-voxel, 38 mm cube at full resolution) and the
+same time budget. The cascade is not built yet; it has no row.
+
+Targets: `auto` chooses `lowres` here, and reaches per-class Dice >= 0.85 each; it beats
+`fullres` by >= 0.05 on the worse class; its wall time stays within 15 % of the training
+budget plus the time `fullres` spends outside training (data steps, evaluation).
+Exits 1 on a miss.
+
+Run: .venv/bin/python benchmarks/context.py [--budget 1.5] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from _targets import Target, report_targets  # noqa: E402
+from ct_memory import run_pipeline  # noqa: E402
+from lateralized import write_lateralized_task  # noqa: E402
+
+
+def _cpu() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--budget", type=float, default=1.5, help="planning.budget_minutes.conv3d")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    args = parser.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="medseg-context-"))
+    task = write_lateralized_task(workdir / "Task_heads", n_cases=16, shape=(96, 112, 80), spacing=1.5)
+    print(f"{_cpu()}, {os.cpu_count()} cores; 16 heads of 96x112x80 at 1.5 mm; budget {args.budget} min; data in {task}")
+    common = {"data.source": "msd", "data.msd_dir": str(task), "planning.budget_minutes.conv3d": args.budget,
+              "conv3d.training.precision": "float32"}
+    results = {}
+    for configuration in ("fullres", "lowres", "auto"):
+        run_dir = workdir / configuration
+        run_dir.mkdir()
+        result = run_pipeline("conv3d", {**common, "conv3d.model.configuration": configuration}, run_dir)
+        project = run_dir / "project_conv3d"
+        summary_path = project / "data/08_reporting/conv3d/metrics_summary.json"
+        plan_path = project / "data/05_model_input/conv3d/plan.json"
+        classes = json.loads(summary_path.read_text())["classes"] if summary_path.exists() else {}
+        plan = json.loads(plan_path.read_text()) if plan_path.exists() else {}
+        result["dice"] = {name: entry["dice"]["mean"] for name, entry in classes.items()}
+        result["used"] = plan.get("context", {}).get("configuration", {}).get("used")
+        result["spacing"] = plan.get("inputs", {}).get("target_spacing")
+        result["patch"] = plan.get("used", {}).get("sampling.patch_size")
+        results[configuration] = result
+        dice = ", ".join(f"{name} {value:.3f}" for name, value in result["dice"].items()) or "no result"
+        print(f"{configuration:>8} ({result['used']}): Dice {dice}; {result['seconds'] / 60:.2f} min; "
+              f"spacing {result['spacing']} mm, patch {result['patch']}")
+    if not args.keep:
+        shutil.rmtree(workdir, ignore_errors=True)
+    auto, fullres = results["auto"], results["fullres"]
+    worst = min(auto["dice"].values(), default=float("nan"))
+    return report_targets([
+        Target("auto chose lowres (1 = yes)", float(auto["used"] == "lowres"), ">=", 1.0),
+        Target("auto: the worse class's Dice", worst, ">=", 0.85),
+        Target("auto minus fullres, worse class", worst - min(fullres["dice"].values(), default=float("nan")), ">=", 0.05),
+        # fullres spends the same budget training: its time beyond the budget is the data and evaluation steps.
+        Target("auto wall time / (1.15 x budget + fullres outside training)",
+               auto["seconds"] / (1.15 * args.budget * 60 + max(0.0, fullres["seconds"] - args.budget * 60)), "<=", 1.0),
+    ])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
