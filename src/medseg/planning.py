@@ -156,7 +156,8 @@ def plan_patches(
         max_depth: at most this many pooling stages.
 
     Returns:
-        {"patch_size": [x, y, z], "poolings": [[px, py, pz], ...], "batch_size": b}.
+        {"patch_size": [x, y, z], "poolings": [[px, py, pz], ...], "batch_size": b, "unrounded":
+        the shape before it was rounded to the poolings' multiples}.
     """
     inverse = 1.0 / np.asarray(spacing, dtype=float)
     shape = inverse * (float(patch_voxels) / float(np.prod(inverse))) ** (1.0 / 3.0)
@@ -176,6 +177,7 @@ def plan_patches(
         "patch_size": [int(p) for p in patch],
         "poolings": [list(stage) for stage in stages],
         "batch_size": training_batch(int(np.prod(patch)), width, memory_gb),
+        "unrounded": [round(float(s), 3) for s in shape],  # before rounding to the poolings
     }
 
 
@@ -216,10 +218,10 @@ def needed_extent_mm(structure_extent_mm: Sequence[float], median: Sequence[int]
     return [float(min(STRUCTURE_CONTEXT * float(e), i)) for e, i in zip(structure_extent_mm, image_mm)]
 
 
-def patch_covers(patch: Sequence[int], spacing: Sequence[float], median: Sequence[int], needed_mm: Sequence[float]) -> bool:
-    """Whether a patch sees `needed_mm` on every axis, or the whole median image along it."""
+def patch_covers(patch: Sequence[float], spacing: Sequence[float], median: Sequence[int], needed_mm: Sequence[float]) -> bool:
+    """Whether a patch (voxels) sees `needed_mm` on every axis, or the whole median image along it."""
     return all(
-        p >= m or p * s >= COVERAGE_TOLERANCE * n for p, s, m, n in zip(patch, spacing, median, needed_mm)
+        p >= m - 0.5 or p * s >= COVERAGE_TOLERANCE * n for p, s, m, n in zip(patch, spacing, median, needed_mm)
     )
 
 
@@ -282,7 +284,9 @@ def plan_context(
         lowres, steps = coarser_spacing(lowres), steps + 1
         shape = [max(1, int(round(v))) for v in image_mm / np.asarray(lowres)]
         planned = plan_patches(shape, lowres, patch_voxels, base_filters, memory_gb, max_depth)
-        if patch_covers(planned["patch_size"], lowres, shape, needed):
+        # The shape before rounding: a patch meant to hold a whole axis may round a few voxels
+        # under it, which the sliding windows cover; that is no reason to coarsen further.
+        if patch_covers(planned["unrounded"], lowres, shape, needed):
             break
     record["lowres"] = {
         "spacing": [round(s, 4) for s in lowres], "median_shape": shape, "patch_size": planned["patch_size"],
