@@ -309,3 +309,16 @@ def test_a_binary_label_draws_as_before():
     picks = foreground[rng.integers(foreground.size, size=int(use.sum()))]
     expected[use] = np.column_stack(np.unravel_index(picks, label.shape))
     np.testing.assert_array_equal(got, expected)
+
+
+def test_an_image_with_channels_gives_patches_with_them_and_the_label_stays_one():
+    image = np.stack([np.full((12, 12, 12), 1.0), np.full((12, 12, 12), 2.0)], axis=-1).astype(np.float32)
+    image[..., 0] += np.arange(12)[:, None, None]  # channel 0 varies along x
+    label = np.zeros((12, 12, 12), np.uint8)
+    label[4:8, 4:8, 4:8] = 1
+    queue = PatchQueue(lambda case: (image, label), ["a"], (6, 6, 6), samples_per_volume=4, queue_length=2, seed=1)
+    patches = list(itertools.islice(iter(queue), 6))
+    for image_patch, label_patch in patches:
+        assert image_patch.shape == (6, 6, 6, 2) and label_patch.shape == (6, 6, 6, 1)
+        assert np.all(image_patch[..., 1][label_patch[..., 0] >= 0] == 2.0)
+        assert np.ptp(image_patch[..., 0][:, 0, 0]) == 5.0  # six consecutive x positions of channel 0

@@ -208,6 +208,25 @@ def test_predictor_with_wrong_output_shape_raises():
         sliding_window_predict(np.zeros((8, 8, 8), np.float32), lambda batch: batch[:, :4], (8, 8, 8))
 
 
-def test_volume_must_be_three_dimensional():
-    with pytest.raises(ConfigurationError, match="volume"):
-        sliding_window_predict(np.zeros((8, 8, 8, 1), np.float32), lambda batch: batch, (8, 8, 8))
+def test_volume_must_be_three_dimensional_with_or_without_channels():
+    for shape in ((8, 8), (8, 8, 8, 1, 1)):
+        with pytest.raises(ConfigurationError, match="volume"):
+            sliding_window_predict(np.zeros(shape, np.float32), lambda batch: batch, (8, 8, 8))
+
+
+def test_a_volume_with_channels_gives_each_window_all_of_them():
+    """(X, Y, Z, C) input, as a cascade feeds its image and the earlier stage's probabilities:
+    every window carries the C channels of its voxels, and the blended output is per voxel."""
+    rng = np.random.default_rng(3)
+    volume = rng.normal(size=(13, 11, 9, 3)).astype(np.float32)
+    seen = []
+
+    def weighted_sum_of_channels(windows):
+        seen.append(windows.shape)
+        return windows @ np.array([1.0, 10.0, 100.0], np.float32)[:, None]  # (B, wx, wy, wz, 1)
+
+    out = sliding_window_predict(volume, weighted_sum_of_channels, (8, 8, 8), overlap=0.5, batch_size=3)
+    assert out.shape == (13, 11, 9)
+    assert all(shape[1:] == (8, 8, 8, 3) for shape in seen)
+    # Any blend of identical per-voxel values is that value: the channels reached their voxel.
+    np.testing.assert_allclose(out, volume @ np.array([1.0, 10.0, 100.0], np.float32), rtol=1e-5, atol=1e-4)

@@ -62,6 +62,7 @@ def check_volume(volume: np.ndarray, name: str, ndim: int) -> np.ndarray:
     array = np.asarray(volume)
     if array.ndim != ndim:
         raise ConfigurationError(
-            f"{name} has shape {array.shape}; pass an array with {ndim} axes (x, y, z) and no channel axis."
+            f"{name} has shape {array.shape}; pass an array with {ndim} axes "
+            + ("(x, y, z) and no channel axis." if ndim == 3 else "(x, y, z, channels).")
         )
     return array

@@ -242,12 +242,12 @@ class PatchQueue:
     def _load(self, case_id: str) -> tuple[np.ndarray, np.ndarray]:
         image, label = self.load_case(case_id)
         image, label = np.asarray(image), np.asarray(label)
-        if image.ndim != 3 or label.ndim != 3:
+        if image.ndim not in (3, 4) or label.ndim != 3:
             raise ChannelError(
-                f"case {case_id!r}: image {image.shape} and label {label.shape} must both be (X, Y, Z); "
-                "select one channel before sampling patches."
+                f"case {case_id!r}: image {image.shape} must be (X, Y, Z) or (X, Y, Z, C) and label {label.shape} "
+                "(X, Y, Z); select one channel before sampling patches."
             )
-        if image.shape != label.shape:
+        if image.shape[:3] != label.shape:
             raise GeometryMismatchError(
                 f"case {case_id!r}: image shape {image.shape} differs from label shape {label.shape}; "
                 "resample the label onto the image grid."
@@ -321,6 +321,7 @@ def make_tf_dataset(
     augment: bool = False,
     seed: int = 0,
     flip_axes: Sequence[int] | None = None,
+    image_channels: int = 1,
 ) -> tf.data.Dataset:
     """Wrap a sample stream as a batched, prefetched `tf.data.Dataset`.
 
@@ -340,9 +341,13 @@ def make_tf_dataset(
         flip_axes: the spatial axes that augmentation may flip (None: all). Axes beyond the
             sample's (axis 2 of a 2D slice) are ignored. Leave out the left-right axis (0 in
             canonical RAS) when classes are lateralized (`medseg.imaging.laterality`).
+        image_channels: the image's channels (the label has one): more than 1 for a
+            cascade's image and context probabilities. The intensity jitter applies to the
+            first channel only.
 
     Returns:
-        A dataset of (images, labels), float32 tensors (batch_size, *sample_shape).
+        A dataset of (images, labels), float32 tensors (batch_size, *sample_shape), the images
+        with `image_channels` channels.
     """
     import tensorflow as tf
 
@@ -358,7 +363,8 @@ def make_tf_dataset(
         )
     batch_size = check_positive_int(batch_size, "batch_size")
     spec = tf.TensorSpec(shape=sample_shape, dtype=tf.float32)
-    dataset = tf.data.Dataset.from_generator(stream_factory, output_signature=(spec, spec))
+    image_spec = tf.TensorSpec(shape=(*sample_shape[:-1], check_positive_int(image_channels, "image_channels")), dtype=tf.float32)
+    dataset = tf.data.Dataset.from_generator(stream_factory, output_signature=(image_spec, spec))
     if augment:
         augment_sample = _make_augmentation(len(sample_shape) - 1, int(seed), flip_axes)
         dataset = dataset.enumerate().map(augment_sample, num_parallel_calls=tf.data.AUTOTUNE)
@@ -394,15 +400,21 @@ def _make_augmentation(spatial_axes: int, seed: int, flip_axes: Sequence[int] | 
             label = tf.where(flip, tf.reverse(label, [axis]), label)
         scale = 1.0 + INTENSITY_SCALE_RANGE * (2.0 * draws[spatial_axes] - 1.0)
         shift = INTENSITY_SHIFT_RANGE * (2.0 * draws[spatial_axes + 1] - 1.0)
-        return image * scale + shift, label
+        if image.shape[-1] == 1:
+            return image * scale + shift, label
+        return tf.concat([image[..., :1] * scale + shift, image[..., 1:]], axis=-1), label  # context kept as is
 
     return augment_sample
 
 
 def _sample_at(image: np.ndarray, label: np.ndarray, center: np.ndarray, patch_shape: tuple[int, ...]) -> Sample:
-    """The (image, label) patch pair at `center`, float32 with a trailing channel axis."""
-    image_patch = extract_patch(image, center, patch_shape).astype(np.float32, copy=False)
+    """The (image, label) patch pair at `center`, float32 with a trailing channel axis (an
+    image's own channels, when it has them: a cascade's image and context)."""
     label_patch = extract_patch(label, center, patch_shape).astype(np.float32, copy=False)
+    if image.ndim == label.ndim + 1:
+        channels = [extract_patch(image[..., c], center, patch_shape) for c in range(image.shape[-1])]
+        return np.stack(channels, axis=-1).astype(np.float32, copy=False), label_patch[..., np.newaxis]
+    image_patch = extract_patch(image, center, patch_shape).astype(np.float32, copy=False)
     return image_patch[..., np.newaxis], label_patch[..., np.newaxis]
 
 

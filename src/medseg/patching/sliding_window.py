@@ -254,15 +254,26 @@ def extract_windows(
     Returns:
         float32 array (N, wx, wy, wz, 1), N = len(starts), channels-last.
     """
-    volume = check_volume(volume, "volume", ndim=3)
+    volume = _spatial_volume(volume)
     window_shape = check_shape(window_shape, "window_shape", ndim=3)
-    batch = np.empty((len(starts), *window_shape, 1), dtype=np.float32)
+    channels = volume.shape[3] if volume.ndim == 4 else 1
+    batch = np.empty((len(starts), *window_shape, channels), dtype=np.float32)
     for i, start in enumerate(starts):
-        inside, within = _clipped_slices(start, window_shape, volume.shape)
+        inside, within = _clipped_slices(start, window_shape, volume.shape[:3])
         if any(s.stop - s.start != w for s, w in zip(within, window_shape)):
             batch[i] = 0.0
-        batch[(i, *within, 0)] = volume[inside]
+        if volume.ndim == 4:
+            batch[(i, *within)] = volume[inside]
+        else:
+            batch[(i, *within, 0)] = volume[inside]
     return batch
+
+
+def _spatial_volume(volume: np.ndarray) -> np.ndarray:
+    """An (X, Y, Z) image, or (X, Y, Z, C) with its channels last (a cascade's image and the
+    earlier stage's probabilities), checked."""
+    volume = np.asarray(volume)
+    return check_volume(volume, "volume", ndim=4 if volume.ndim == 4 else 3)
 
 
 def sliding_window_predict(
@@ -288,7 +299,8 @@ def sliding_window_predict(
     `windows_per_batch`.
 
     Args:
-        volume: (X, Y, Z) image, cast to float32 (no copy when it is float32 already).
+        volume: (X, Y, Z) image, or (X, Y, Z, C) with channels last (a cascade's image and
+            context), cast to float32 (no copy when it is float32 already).
         predict_batch: callable mapping a float32 array (B, wx, wy, wz, 1) to probabilities
             (B, wx, wy, wz, 1) or (B, wx, wy, wz), anything `np.asarray` accepts (e.g.
             `model.predict_on_batch`, or `lambda x: model(x, training=False)`). B <= batch_size;
@@ -311,7 +323,8 @@ def sliding_window_predict(
     Raises:
         ConfigurationError: bad arguments, or `predict_batch` returns the wrong shape.
     """
-    volume = check_volume(volume, "volume", ndim=3).astype(np.float32, copy=False)
+    volume = _spatial_volume(volume).astype(np.float32, copy=False)
+    spatial = volume.shape[:3]
     window_shape = check_shape(window_shape, "window_shape", ndim=3)
     batch_size = check_positive_int(batch_size, "batch_size")
     if weighting not in ("gaussian", "constant"):
@@ -321,9 +334,9 @@ def sliding_window_predict(
 
     # Windows are placed on the grid of the padded volume, then shifted back by the padding
     # before the volume: they reach past the volume where it is padded.
-    missing = [max(0, w - s) for s, w in zip(volume.shape, window_shape)]
+    missing = [max(0, w - s) for s, w in zip(spatial, window_shape)]
     before = [m // 2 if padding == "centre" else 0 for m in missing]
-    padded_shape = [s + m for s, m in zip(volume.shape, missing)]
+    padded_shape = [s + m for s, m in zip(spatial, missing)]
     per_axis = [
         [start - shift for start in sliding_window_starts(size, window, overlap)]
         for size, window, shift in zip(padded_shape, window_shape, before)
@@ -334,16 +347,16 @@ def sliding_window_predict(
     weighted_sum = None  # (X, Y, Z) or (X, Y, Z, C): allocated once the channels are known
     if weighting == "gaussian":
         weights = gaussian_importance_map(window_shape, sigma_scale)
-        weight_sum = np.zeros(volume.shape, dtype=np.float32)
+        weight_sum = np.zeros(spatial, dtype=np.float32)
 
     for _ in range(0, n_windows, batch_size):
         starts = list(itertools.islice(grid, batch_size))
         probabilities = _predict_windows(predict_batch, extract_windows(volume, starts, window_shape))
         if weighted_sum is None:
-            weighted_sum = np.zeros(volume.shape + probabilities.shape[4:], dtype=np.float32)
+            weighted_sum = np.zeros(spatial + probabilities.shape[4:], dtype=np.float32)
         channels = (Ellipsis,) if probabilities.ndim == 4 else (Ellipsis, None)
         for start, probability in zip(starts, probabilities):
-            inside, within = _clipped_slices(start, window_shape, volume.shape)
+            inside, within = _clipped_slices(start, window_shape, spatial)
             if weighting == "gaussian":
                 weighted_sum[inside] += weights[within][channels] * probability[within]
                 weight_sum[inside] += weights[within]
@@ -355,7 +368,7 @@ def sliding_window_predict(
         return weighted_sum
     # Constant weights: the number of windows over a voxel is the product of its per-axis
     # counts. Divide axis by axis, skipping axes covered once (x / 1 is x, bit for bit).
-    for axis, (size, window, starts) in enumerate(zip(volume.shape, window_shape, per_axis)):
+    for axis, (size, window, starts) in enumerate(zip(spatial, window_shape, per_axis)):
         count = np.zeros(size, dtype=np.float32)
         for start in starts:
             count[max(0, start) : max(0, start + window)] += 1.0
@@ -370,15 +383,13 @@ def _predict_windows(predict_batch: PredictBatch, windows: np.ndarray) -> np.nda
     """Run `predict_batch` on (B, wx, wy, wz, 1) windows; return float32 (B, wx, wy, wz), or
     (B, wx, wy, wz, C) for a model with C > 1 output channels (class probabilities)."""
     probabilities = np.asarray(predict_batch(windows), dtype=np.float32)
-    if probabilities.shape == windows.shape:
-        return probabilities[..., 0]
     if probabilities.shape == windows.shape[:-1]:
         return probabilities
     if probabilities.ndim == 5 and probabilities.shape[:4] == windows.shape[:4]:
-        return probabilities
+        return probabilities[..., 0] if probabilities.shape[-1] == 1 else probabilities
     raise ConfigurationError(
         f"predict_batch returned shape {probabilities.shape} for windows of shape {windows.shape}; "
-        f"it must return {windows.shape} or {windows.shape[:-1]} (one probability per voxel, "
+        f"it must return {(*windows.shape[:-1], 1)} or {windows.shape[:-1]} (one probability per voxel, "
         "or (B, wx, wy, wz, C) class probabilities)."
     )
 
