@@ -215,7 +215,7 @@ class Conv3dModelParams(Section):
     kind: Literal["unet3d", "patch_classifier"]
     base_filters: Positive
     depth: Annotated[int, Field(ge=1, le=5)] | Auto
-    configuration: Literal["fullres", "lowres", "auto"] = "auto"
+    configuration: Literal["fullres", "lowres", "cascade", "auto"] = "auto"
 
 
 @dataclass(config=_STRICT)

@@ -47,6 +47,7 @@ from medseg.inference.postprocessing import (
     probabilities_to_label_map,
     volumes_ml,
 )
+from medseg.inference.cascade import context_channels, with_context
 from medseg.inference.slices import axial_window, predict_axial_slices, slice_predictor
 from medseg.patching.sliding_window import sliding_window_predict, windows_per_batch
 from medseg.publishing import apply_umask, staged_folder
@@ -55,6 +56,7 @@ logger = logging.getLogger(__name__)
 
 PLAN_FILE = "segmenter.json"
 MODEL_FILE = "model.keras"
+CONTEXT_FOLDER = "context"  # a cascade's low-resolution stage: one segmenter folder per network
 FORMAT_VERSION = 1
 
 # Variant names of `Segmenter.variants`, for the with/without comparison of the evaluation.
@@ -162,13 +164,18 @@ class Segmenter:
 
     Args:
         model: the Keras network. A slice model must take (None, None, 1) inputs
-            (`medseg.models.with_input_shape`); a patch model takes its patch.
+            (`medseg.models.with_input_shape`); a patch model takes its patch, with 1 + C
+            channels in a cascade.
         plan: see :class:`SegmenterPlan`.
+        context: a cascade's low-resolution stage (`conv3d.model.configuration: cascade`):
+            segmenters whose mean class probabilities (`medseg.inference.cascade`) the
+            network takes after the image. Saved in `context/<n>/` of the segmenter's folder.
     """
 
-    def __init__(self, model: keras.Model, plan: SegmenterPlan):
+    def __init__(self, model: keras.Model, plan: SegmenterPlan, context: Sequence[Segmenter] = ()):
         self.model = model
         self.plan = plan
+        self.context = list(context)
         self._predict_batch: Callable[[np.ndarray], np.ndarray] | None = None
 
     # -- the parts --------------------------------------------------------------------------
@@ -223,6 +230,8 @@ class Segmenter:
             return predict_axial_slices(self._predict_batch, image, multiple, batch)
         window = tuple(int(s) for s in plan.patch_size)
         batch = windows_per_batch(window, plan.features_per_voxel, plan.memory_gb)
+        if self.context:  # a cascade: the low-resolution stage's probabilities after the image
+            image = with_context(image, context_channels(self.context, image, plan.target_spacing))
         return sliding_window_predict(
             image, self._predict_batch, window, overlap=float(plan.overlap), batch_size=batch,
             sigma_scale=float(plan.sigma_scale),
@@ -305,6 +314,8 @@ class Segmenter:
             (staging / PLAN_FILE).write_text(json.dumps(self.plan.to_dict(), indent=2))
             for path in staging.iterdir():
                 apply_umask(path)
+            for index, stage in enumerate(self.context):
+                stage.save(staging / CONTEXT_FOLDER / str(index))
 
     @classmethod
     def load(cls, folder: str | os.PathLike) -> Segmenter:
@@ -321,7 +332,8 @@ class Segmenter:
             model = keras.models.load_model(model_path, compile=False)
         except Exception as exc:  # Keras raises many types for a bad archive
             raise CorruptFileError(f"{model_path}: cannot be loaded by Keras ({type(exc).__name__}: {exc}). Train the model again.") from exc
-        return cls(model, plan)
+        stages = sorted((folder / CONTEXT_FOLDER).iterdir(), key=lambda path: int(path.name)) if (folder / CONTEXT_FOLDER).is_dir() else []
+        return cls(model, plan, [cls.load(stage) for stage in stages if stage.name.isdigit()])
 
 
 def check_spacing_against_plan(spacing: Sequence[float], target: Sequence[float], name: str) -> None:

@@ -119,8 +119,51 @@ def plan_conv3d(
     if configuration == "lowres":
         median, spacing = tuple(context["lowres"]["median_shape"]), list(context["lowres"]["spacing"])
     logger.info("conv3d: %s configuration: %s.", configuration, reason)
+    settings, plan = _plan_sizes(conv3d, median, spacing, planning, max_depth)
+    settings["model"]["configuration"] = configuration
+    settings["grid"] = {"configuration": configuration, "spacing": [float(s) for s in spacing],
+                        "data_spacing": [float(s) for s in case_geometry.target_spacing]}
+    plan.context = {**context, "configuration": {"given": str(model.get("configuration", "auto")), "used": configuration, "reason": reason}}
+    if configuration != "cascade":
+        return plan_model(CONV3D, settings, plan, dataset_fingerprint, planning, timings)
+    # The cascade: CASCADE_FOLDS low-resolution networks, each trained on a share of the
+    # training cases, give the full-resolution network their probabilities after the image.
+    low = context["lowres"]
+    # The stage's patch is planned to see the whole structure; an explicit patch is the
+    # full-resolution network's.
+    planned_stage = {**conv3d, "sampling": {**conv3d["sampling"], "patch_size": "auto"}, "model": {**model, "depth": "auto"}}
+    stage_settings, stage_plan = _plan_sizes(planned_stage, tuple(low["median_shape"]), list(low["spacing"]), planning, 4)
+    stage_settings["model"]["configuration"] = "lowres"
+    stage_plan, stage_settings, timings = plan_model(
+        CONV3D, stage_settings, stage_plan, dataset_fingerprint, _budget_share(planning, CASCADE_STAGE_SHARE), timings
+    )
+    n_classes = CONV3D.class_count(settings, dataset_fingerprint)
+    settings["model"]["input_channels"] = 1 + (1 if n_classes == 1 else n_classes + 1)
+    settings["cascade"] = {"stage": stage_settings, "folds": CASCADE_FOLDS, "spacing": list(low["spacing"])}
+    plan.context["cascade"] = {"folds": CASCADE_FOLDS, "stage_budget_share": CASCADE_STAGE_SHARE, "stage": stage_plan.to_json()}
+    return plan_model(CONV3D, settings, plan, dataset_fingerprint, _budget_share(planning, 1 - CASCADE_FOLDS * CASCADE_STAGE_SHARE), timings)
+
+
+# A cascade's budget: each low-resolution fold a quarter, the full-resolution network the rest.
+CASCADE_FOLDS = 2
+CASCADE_STAGE_SHARE = 0.25
+
+
+def _budget_share(planning: Mapping[str, Any], share: float) -> dict[str, Any]:
+    """`planning` with `share` of conv3d's training budget."""
+    budget = dict(planning["budget_minutes"])
+    budget["conv3d"] = float(budget["conv3d"]) * share
+    return {**planning, "budget_minutes": budget}
+
+
+def _plan_sizes(
+    conv3d: Mapping[str, Any], median: Sequence[int], spacing: Sequence[float], planning: Mapping[str, Any], max_depth: int
+) -> tuple[dict, ModelPlan]:
+    """The patch, poolings, depth and batch on a grid (`plan_conv3d`), applied to the section."""
+    model = conv3d["model"]
+    patch_voxels, memory_gb = int(planning["patch_voxels"]), float(planning["memory_gb"])
     planned = plan_patches(median, spacing, patch_voxels, int(model["base_filters"]), memory_gb, max_depth)
-    inputs = {"median_shape": median, "target_spacing": spacing, "memory_gb": memory_gb, "patch_voxels": patch_voxels}
+    inputs = {"median_shape": list(median), "target_spacing": list(spacing), "memory_gb": memory_gb, "patch_voxels": patch_voxels}
     given_patch = conv3d["sampling"]["patch_size"]
     depth = len(planned["poolings"])
     if given_patch != "auto":  # an explicit patch pools every axis: as deep as it divides, >= 4 voxels
@@ -135,17 +178,13 @@ def plan_conv3d(
     if given_patch == "auto" and model["depth"] == "auto":
         settings["model"]["poolings"] = planned["poolings"]
         plan.used["model.poolings"] = planned["poolings"]
-    settings["model"]["configuration"] = configuration
-    settings["grid"] = {"configuration": configuration, "spacing": [float(s) for s in spacing],
-                        "data_spacing": [float(s) for s in case_geometry.target_spacing]}
-    plan.context = {**context, "configuration": {"given": str(model.get("configuration", "auto")), "used": configuration, "reason": reason}}
-    return plan_model(CONV3D, settings, plan, dataset_fingerprint, planning, timings)
+    return settings, plan
 
 
 def build_conv3d(settings: dict[str, Any], n_classes: int = 1) -> keras.Model:
     """The compiled 3D network of `settings` (input (*patch_size, 1))."""
     model_params, training = settings["model"], settings["training"]
-    shape = (*_patch_shape(settings), 1)
+    shape = (*_patch_shape(settings), input_channels(settings))
     if network(settings) == "patch_classifier":
         return compile_patch_classifier(build_patch_classifier(shape), training["optimizer"], float(training["learning_rate"]))
     return compile_segmentation_model(
@@ -159,6 +198,12 @@ def build_conv3d(settings: dict[str, Any], n_classes: int = 1) -> keras.Model:
     )
 
 
+def input_channels(settings: Mapping[str, Any]) -> int:
+    """The network's input channels: the image, and in a cascade the low-resolution stage's
+    class probabilities after it."""
+    return int(settings["model"].get("input_channels", 1))
+
+
 def _contains_foreground(images, labels):
     """Batch of (patch, label patch) -> (patch, 1 if the patch holds any foreground)."""
     import tensorflow as tf
@@ -170,7 +215,8 @@ def patch_samples(settings: dict[str, Any], load_case):
     """Random 3D patches through a bounded queue (TorchIO-style), `sampling.foreground_fraction`
     of them centred on foreground; the patch classifier learns whether a patch holds any."""
     shape = _patch_shape(settings)
-    patches = partial(sampled_dataset, patch_stream, load_case, shape, (*shape, 1), settings["sampling"])
+    patches = partial(sampled_dataset, patch_stream, load_case, shape, (*shape, 1), settings["sampling"],
+                      image_channels=input_channels(settings))
     if network(settings) != "patch_classifier":
         return patches
 
@@ -194,6 +240,7 @@ def evaluate_patch_detection(
     splits: pd.DataFrame,
     settings: dict[str, Any],
     planning: PlanningParams,
+    context: Mapping[str, np.ndarray] | None = None,
 ) -> tuple[dict[str, float], dict[str, float]]:
     """Score the model as a detector on patches of the test cases: does a patch hold foreground?
 
@@ -214,10 +261,12 @@ def evaluate_patch_detection(
     truths, scores = [], []
     for case_id in cases_in_split(splits, "test"):
         image, label = primary_images[case_id]().data, primary_labels[case_id]().data
+        channels = [image, *np.moveaxis(np.asarray(context[case_id], np.float32), -1, 0)] if context else [image]
         centers = sample_patch_centers(label, n_per_case, shape, float(settings["sampling"]["foreground_fraction"]), rng, case_id=case_id)
         truths.extend(bool(extract_patch(label, c, shape).any()) for c in centers)
         for first in range(0, len(centers), batch):
-            patches = np.stack([extract_patch(image, c, shape) for c in centers[first : first + batch]])[..., None]
+            patches = np.stack([np.stack([extract_patch(channel, c, shape) for channel in channels], axis=-1)
+                                for c in centers[first : first + batch]])
             probabilities = predict(patches)
             if probabilities.ndim == 5:  # K + 1 classes: the foreground is 1 - background
                 probabilities = 1.0 - probabilities[..., 0]
@@ -231,7 +280,7 @@ def _patch_detection_nodes() -> list[Node]:
     return [
         Node(
             evaluate_patch_detection,
-            ["model", "grid_images", "grid_labels", "splits", "settings", "params:planning"],
+            ["model", "grid_images", "grid_labels", "splits", "settings", "params:planning", "context"],
             ["patch_metrics", "mlflow_metrics_patch_detection"],
             name="evaluate_patch_detection",
         )

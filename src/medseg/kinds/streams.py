@@ -35,6 +35,7 @@ def sampled_dataset(
     flip_axes: tuple[int, ...] | None = None,
     *,
     batch_size: int,
+    image_channels: int = 1,
 ):
     """A batched `tf.data` dataset over `stream_fn` (`slice_stream` or `patch_stream`), with a
     kind's `sampling` parameters (`samples_per_volume`, `queue_length`, `foreground_fraction`).
@@ -52,4 +53,6 @@ def sampled_dataset(
         foreground_fraction=float(sampling["foreground_fraction"]),
         seed=seed,
     )
-    return make_tf_dataset(factory, sample_shape, batch_size, augment=augment, seed=seed, flip_axes=flip_axes)
+    return make_tf_dataset(
+        factory, sample_shape, batch_size, augment=augment, seed=seed, flip_axes=flip_axes, image_channels=image_channels
+    )

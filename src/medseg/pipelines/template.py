@@ -24,6 +24,7 @@ from medseg.pipelines.evaluation import (
     predict_split,
     summarize_evaluation,
 )
+from medseg.pipelines.cascade import train_context
 from medseg.pipelines.grid import plan_grid, preprocess_grid, select_grid
 from medseg.pipelines.training import build_segmenter, train
 
@@ -52,6 +53,18 @@ def _grid_nodes() -> list[Node]:
         Node(select_grid, ["settings", "primary_images", "primary_labels", "lowres_images", "lowres_labels"],
              ["grid_images", "grid_labels"], name="select_grid"),
     ]
+
+
+def _context_node(kind: ModelKind) -> Node:
+    """A cascade's low-resolution stage (`medseg.pipelines.cascade`): its networks and the
+    probabilities the model takes after the image; none unless the plan chose the cascade."""
+    return Node(
+        _bound(train_context, kind=kind),
+        ["grid_images", "grid_labels", "splits", "grid_geometry", "case_fingerprints", "dataset_fingerprint", "params:data",
+         "settings", "params:planning", "backup"],
+        ["context_models", "context"],
+        name=f"train_{kind.name}_context",
+    )
 
 
 def _bound(func: Callable, **keywords: Any) -> Callable:
@@ -84,14 +97,14 @@ def model_pipeline(kind: ModelKind) -> Pipeline:
             Node(
                 _bound(train, kind=kind),
                 ["grid_images", "grid_labels", "splits", "grid_geometry", "dataset_fingerprint", "params:data",
-                 "settings", "backup"],
+                 "settings", "backup", *(["context"] if kind.plans_grid else [])],
                 ["model", "history", "mlflow_params_training"],
                 name=f"train_{name}",
             ),
             Node(
                 _bound(build_segmenter, kind=kind),
                 ["model", "case_fingerprints", "grid_geometry", "dataset_fingerprint", "params:data", "settings",
-                 "params:planning"],
+                 "params:planning", *(["context_models"] if kind.plans_grid else [])],
                 "segmenter",
                 name=f"build_{name}_segmenter",
             ),
@@ -118,7 +131,7 @@ def model_pipeline(kind: ModelKind) -> Pipeline:
                 name="summarize_evaluation",
             ),
             Node(export_model, "model", ["mlflow_model", "architecture", "weights"], name="export_model"),
-            *(_grid_nodes() if kind.plans_grid else []),
+            *(_grid_nodes() + [_context_node(kind)] if kind.plans_grid else []),
             *kind.extra_nodes(),
         ]
     )

@@ -8,11 +8,13 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import keras
+import numpy as np
 import pandas as pd
 
 from medseg.imaging.io import Volume
 from medseg.imaging.laterality import safe_flip_axes
 from medseg.inference import Segmenter, SegmenterPlan
+from medseg.inference.cascade import with_context
 from medseg.kinds import ModelKind
 from medseg.imaging.geometry import PreprocessingPlan
 from medseg.kinds.planning import replica_part
@@ -41,16 +43,16 @@ class MlflowEpochLogger(keras.callbacks.Callback):
     they come: the one place where a node logs to MLflow itself, so that a run's curves grow
     while it trains rather than when the node returns."""
 
-    def __init__(self, model_key: str):
+    def __init__(self, model_key: str, prefix: str = ""):
         super().__init__()
-        self.model_key = model_key
+        self.model_key, self.prefix = model_key, prefix
         self.models_in_run: tuple[str, ...] = ()
 
     def on_train_begin(self, logs: dict | None = None) -> None:
         self.models_in_run = tracking.models_in_active_run()  # once, not a tracking-store read per epoch
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        metrics = {k: v for k, v in (logs or {}).items() if k != "learning_rate"}
+        metrics = {f"{self.prefix}{k}": v for k, v in (logs or {}).items() if k != "learning_rate"}
         log_metrics(self.model_key, metrics, step=epoch, models_in_run=self.models_in_run)
 
 
@@ -64,6 +66,7 @@ def train_model(
     data: Mapping[str, Any],
     settings: Mapping[str, Any],
     backup_root: str,
+    metric_prefix: str = "",
 ) -> tuple[keras.Model, dict[str, list[float]], dict[str, Any]]:
     """The one training skeleton of every model kind.
 
@@ -96,6 +99,8 @@ def train_model(
         settings: `<model>.settings`, the model's section with the plan applied (seed, model,
             sampling, training).
         backup_root: the model's backup folder (catalog entry `<model>.backup`).
+        metric_prefix: put before the epoch metrics' names in the MLflow run (a cascade's
+            low-resolution folds: `context0.val_dice`).
 
     Returns:
         The trained model (best validation loss), its history, and what training decided:
@@ -147,7 +152,7 @@ def train_model(
         validation_steps=training["validation_steps"],
         backup_dir=resume.backup_dir,
         patience=training["early_stopping_patience"],
-        callbacks=[MlflowEpochLogger(model_key), *([budget] if budget else [])],
+        callbacks=[MlflowEpochLogger(model_key, metric_prefix), *([budget] if budget else [])],
     )
     if budget is not None and budget.report:
         decided.update({f"{model_key}.training.budget.{key}": value for key, value in budget.report.items()})
@@ -173,6 +178,7 @@ def train(
     data: DataParams,
     settings: dict[str, Any],
     backup_root: str,
+    context: Mapping[str, np.ndarray] | None = None,
     *,
     kind: ModelKind,
 ) -> tuple[keras.Model, dict[str, list[float]], dict[str, Any]]:
@@ -189,6 +195,9 @@ def train(
         data: `params:data` (seed; part of the fingerprint).
         settings: `<model>.settings`, `params:<model>` with the plan applied.
         backup_root: `<model>.backup`, the crash-recovery folder.
+        context: a cascade's low-resolution probabilities per case, on the training grid
+            (`medseg.pipelines.cascade.train_context`): the network takes them after the image.
+            None or empty: the image alone.
         kind: the model kind (bound by the template).
 
     Returns:
@@ -196,11 +205,24 @@ def train(
         training decided (`train_model`).
     """
     n_classes = kind.class_count(settings, dataset_fingerprint)
-    stream = kind.sample_stream(settings, case_loader(primary_images, primary_labels))
+    load_case = case_loader(primary_images, primary_labels)
+    if context:
+        load_case = with_context_loader(load_case, context)
+    stream = kind.sample_stream(settings, load_case)
     return train_model(
         kind.name, lambda: kind.build(settings, n_classes), stream, splits, case_geometry, dataset_fingerprint, data,
         settings, backup_root,
     )
+
+
+def with_context_loader(load_case: Callable[[str], tuple[np.ndarray, np.ndarray]], context: Mapping[str, np.ndarray]):
+    """`load_case` whose image carries the case's context channels after it, (X, Y, Z, 1 + C)."""
+
+    def load(case_id: str) -> tuple[np.ndarray, np.ndarray]:
+        image, label = load_case(case_id)
+        return with_context(image, context[case_id]), label
+
+    return load
 
 
 def class_values(dataset_fingerprint: Mapping[str, Any]) -> tuple[int, ...]:
@@ -262,6 +284,7 @@ def build_segmenter(
     data: DataParams,
     settings: dict[str, Any],
     planning: PlanningParams,
+    context_models: list[Segmenter] | None = None,
     *,
     kind: ModelKind,
 ) -> Segmenter:
@@ -277,10 +300,11 @@ def build_segmenter(
         data: `params:data` (preprocessing).
         settings: `<model>.settings` (model, inference).
         planning: `params:planning` (memory_gb).
+        context_models: a cascade's low-resolution stage, run before the network.
         kind: the model kind (bound by the template).
 
     Returns:
         The segmenter, saved as `<model>.segmenter`.
     """
     plan = segmenter_plan(kind, case_fingerprints, case_geometry, dataset_fingerprint, data, settings, planning)
-    return Segmenter(kind.segmenter_network(model, settings), plan)
+    return Segmenter(kind.segmenter_network(model, settings), plan, context_models or ())

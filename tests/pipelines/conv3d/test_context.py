@@ -89,3 +89,26 @@ def test_a_small_full_resolution_patch_cannot_tell_the_sides(auto_run, task, tmp
     assert plan["context"]["configuration"]["used"] == "fullres"
     assert max(dice.values()) < 0.85, dice
     assert min(auto_dice.values()) - max(dice.values()) >= 0.05, (auto_dice, dice)
+
+
+def test_the_cascade_tells_the_sides_with_the_small_patch_and_segments_a_scan_through_both_stages(auto_run, task, tmp_path):
+    """`cascade` with the same 8x8x8 full-resolution patch: the low-resolution folds see the
+    whole head, and their probabilities, after the image, let the small patch tell the sides.
+    The segmenter saves both stages and runs the chain from a scan."""
+    project, plan, dice = _trained(tmp_path / "cascade", task, {"conv3d.model.configuration": "cascade",
+                                                                 "conv3d.sampling.patch_size": [8, 8, 8],
+                                                                 "planning.budget_minutes.conv3d": 0.5})
+    cascade = plan["context"]["cascade"]
+    assert plan["context"]["configuration"]["used"] == "cascade" and cascade["folds"] == 2
+    assert cascade["stage"]["inputs"]["target_spacing"] == plan["context"]["lowres"]["spacing"]
+    assert plan["used"]["sampling.patch_size"] == [8, 8, 8] and plan["inputs"]["target_spacing"] == [2.0, 2.0, 2.0]
+    assert min(dice.values()) >= 0.85, dice
+    folder = project / "data/06_models/conv3d/segmenter"
+    assert sorted(p.name for p in (folder / "context").iterdir()) == ["0", "1"]
+    segmenter = Segmenter.load(folder)
+    assert len(segmenter.context) == 2 and segmenter.model.input_shape[-1] == 1 + 3  # image + background, right, left
+    scan = read_volume(task / "imagesTr/head_002.nii.gz")
+    mask = segmenter.segment(scan, "head_002")
+    assert mask.data.shape == scan.data.shape
+    np.testing.assert_allclose(mask.affine, scan.affine)
+    assert set(np.unique(mask.data)) <= {0, 1, 2} and (mask.data == 1).any() and (mask.data == 2).any()
