@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -40,16 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from _targets import Target, report_targets  # noqa: E402
 from ct_memory import run_pipeline  # noqa: E402
 from lateralized import write_lateralized_task  # noqa: E402
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from scale_out import cpu_name  # noqa: E402
 
 
 def main() -> int:
@@ -59,7 +49,7 @@ def main() -> int:
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="medseg-context-"))
     task = write_lateralized_task(workdir / "Task_heads", n_cases=16, shape=(96, 112, 80), spacing=1.5)
-    print(f"{_cpu()}, {os.cpu_count()} cores; 16 heads of 96x112x80 at 1.5 mm; budget {args.budget} min; data in {task}")
+    print(f"{cpu_name()}, {os.cpu_count()} cores; 16 heads of 96x112x80 at 1.5 mm; budget {args.budget} min; data in {task}")
     common = {"data.source": "msd", "data.msd_dir": str(task), "planning.budget_minutes.conv3d": args.budget,
               "conv3d.training.precision": "float32"}
     results = {}

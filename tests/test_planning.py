@@ -132,13 +132,19 @@ def test_auto_takes_the_low_resolution_where_the_side_needs_the_context(given, c
 
 
 def test_a_slow_first_epoch_stops_training_within_the_budget(monkeypatch, caplog):
-    """Planned: 8 epochs of 3 s in a 30 s budget. Measured: 10 s an epoch (3.3x slower). The
-    guard stops after the third epoch, the last that ends within the budget plus 10 %."""
+    """Planned: 8 epochs of 10 steps at 0.1 s (+ 2 validation steps) in a 10 s budget.
+    Measured in the first epoch: 0.35 s a step after two slow tracing steps (3.5x). An epoch
+    then takes 0.35 * (10 + 2/3) = 3.73 s, and 11 s (the budget plus 10 %) holds 2 of them."""
     import medseg.models.training as training
 
-    clock = iter(range(0, 1000, 5))  # begin, end of each epoch 5 s apart: 10 s per epoch
-    monkeypatch.setattr(training.time, "perf_counter", lambda: float(next(clock)))
-    guard = training.TrainingBudget("conv3d", 30.0, 8, planned_epoch_seconds=3.0)
+    durations = iter([5.0, 2.0] + [0.35] * 8)
+    clock = {"now": 0.0}
+
+    def perf_counter():
+        return clock["now"]
+
+    monkeypatch.setattr(training.time, "perf_counter", perf_counter)
+    guard = training.TrainingBudget("conv3d", 10.0, 8, 10, 2, planned_seconds_per_step=0.1)
 
     class Model:
         stop_training = False
@@ -148,12 +154,32 @@ def test_a_slow_first_epoch_stops_training_within_the_budget(monkeypatch, caplog
     with caplog.at_level("INFO", logger="medseg"):
         for epoch in range(8):
             guard.on_epoch_begin(epoch)
-            next(clock)  # the epoch's own work
+            for batch in range(10):
+                guard.on_train_batch_begin(batch)
+                clock["now"] += next(durations, 0.35)
+                guard.on_train_batch_end(batch)
             guard.on_epoch_end(epoch)
             ran += 1
             if guard.model.stop_training:
                 break
-    assert ran == 3
-    assert guard.report == {"first_epoch_seconds": 10.0, "planned_epoch_seconds": 3.0, "slower_than_timed": 3.333,
-                            "stopped_after_epoch": 3, "planned_epochs": 8}
-    assert "3 of the 8 epochs fit the 0.5-minute budget" in caplog.text
+    assert ran == 2
+    assert guard.report == {"measured_seconds_per_step": 0.35, "planned_seconds_per_step": 0.1, "slower_than_timed": 3.5,
+                            "stopped_after_epoch": 2, "planned_epochs": 8}
+    assert "2 of the 8 epochs fit the 0.17-minute budget" in caplog.text
+
+
+def test_steps_as_fast_as_timed_keep_every_planned_epoch():
+    import medseg.models.training as training
+
+    guard = training.TrainingBudget("unet", 60.0, 4, 10, 2, planned_seconds_per_step=1.0)
+    guard._durations = [1.0] * 10
+    guard._first = 0
+
+    class Model:
+        stop_training = False
+
+    guard.set_model(Model())
+    for epoch in range(4):
+        guard.on_epoch_end(epoch)
+        assert not guard.model.stop_training
+    assert guard.report["slower_than_timed"] == 1.0 and "stopped_after_epoch" not in guard.report

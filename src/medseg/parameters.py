@@ -270,11 +270,14 @@ class PlanningParams(Section):
     patch_voxels: the voxels a planned 3D patch holds (its shape follows the spacing).
     budget_minutes: training minutes per model that `auto` epochs and steps fill, timed on
         the machine that runs (`medseg.pipelines.modeling.plan_training_steps`).
+    retime: re-time the first epoch of planned epochs and stop within 10 % over the budget
+        when the steps run slower than timed (`medseg.models.training.TrainingBudget`).
     """
 
     memory_gb: Annotated[float, Field(gt=0.0, le=1024.0)]
     patch_voxels: Annotated[int, Field(ge=64)]
     budget_minutes: BudgetParams
+    retime: bool = True
 
 
 # compute -------------------------------------------------------------------------------------

@@ -189,7 +189,7 @@ def plan_training_steps(
     )
     epochs_planned = training["epochs"] == "auto"
     settings, step_plan = apply_plan(model_key, settings, {f"training.{k}": v for k, v in steps.items()}, plan.inputs)
-    if epochs_planned:  # training re-times its first epoch against this (medseg.models.training.TrainingBudget)
+    if epochs_planned and planning.get("retime", True):  # training re-times its first epoch (medseg.models.training.TrainingBudget)
         settings["training"]["budget"] = {"minutes": budget, "seconds_per_step": round(seconds * INPUT_PIPELINE_OVERHEAD, 6)}
     plan.planned.update(step_plan.planned)
     plan.used.update(step_plan.used)

@@ -190,56 +190,66 @@ BUDGET_SLACK = 0.10
 
 
 class TrainingBudget(keras.callbacks.Callback):
-    """Ends training early when the epochs run slower than the planner timed them, so that it
+    """Ends training early when its steps run slower than the planner timed them, so that it
     ends within `BUDGET_SLACK` of its budget.
 
-    After each epoch it measures the mean epoch so far (validation included) and stops when
-    one more epoch would end past the budget plus the slack. The first epoch is re-timed
-    against the plan: when it ran slower, the log says by how much and how many epochs will
-    fit. What it decided is in `report` once training ends.
+    The first epoch is re-timed: the median of its training steps (the first two, which trace
+    the graph, left out) against the planned step. From that speed it computes how many epochs
+    fit the budget plus the slack; when fewer than planned, the log says so and training stops
+    after them. What it measured and decided is in `report` once training ends.
 
     Args:
         model_key: the model kind's name, for the log.
         budget_seconds: the training time of all `epochs` (`planning.budget_minutes`).
-        epochs: the planned epochs.
-        planned_epoch_seconds: one epoch as the plan expected it (timed step × steps), or None.
+        epochs: the planned epochs; `steps_per_epoch`, `validation_steps` as planned.
+        planned_seconds_per_step: the timed step (with the input pipeline's overhead).
     """
 
-    def __init__(self, model_key: str, budget_seconds: float, epochs: int, planned_epoch_seconds: float | None = None):
+    def __init__(self, model_key: str, budget_seconds: float, epochs: int, steps_per_epoch: int, validation_steps: int,
+                 planned_seconds_per_step: float):
         super().__init__()
         self.model_key, self.budget, self.epochs = model_key, float(budget_seconds), int(epochs)
-        self.planned_epoch = planned_epoch_seconds
+        self.steps, self.validation_steps = int(steps_per_epoch), int(validation_steps)
+        self.planned = float(planned_seconds_per_step)
         self.report: dict[str, Any] = {}
-        self._start: float | None = None
-        self._first = 0
+        self._first: int | None = None
+        self._began = 0.0
+        self._durations: list[float] = []
+        self._stop_after: int | None = None
 
     def on_epoch_begin(self, epoch, logs=None):
-        if self._start is None:
-            self._start, self._first = time.perf_counter(), int(epoch)
-            # A resumed run has the budget of the epochs it has left.
-            self.budget *= max(1, self.epochs - self._first) / max(1, self.epochs)
+        if self._first is None:
+            self._first = int(epoch)
+            self.budget *= max(1, self.epochs - self._first) / max(1, self.epochs)  # a resumed run: what is left
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if not self.report:
+            self._began = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        if not self.report:
+            self._durations.append(time.perf_counter() - self._began)
 
     def on_epoch_end(self, epoch, logs=None):
-        elapsed = time.perf_counter() - self._start
-        done = int(epoch) - self._first + 1
-        per_epoch = elapsed / done
-        left = self.epochs - int(epoch) - 1
-        if done == 1 and self.planned_epoch:
-            ratio = per_epoch / self.planned_epoch
-            fits = max(1, int(self.budget * (1 + BUDGET_SLACK) // per_epoch))
-            self.report = {"first_epoch_seconds": round(per_epoch, 2), "planned_epoch_seconds": round(self.planned_epoch, 2),
-                           "slower_than_timed": round(ratio, 3)}
-            if fits < self.epochs - self._first:
+        if not self.report:
+            timed = self._durations[2:] or self._durations
+            measured = float(np.median(timed)) if timed else self.planned
+            # A validation step costs about a third of a training step (no backward pass).
+            epoch_seconds = measured * (self.steps + self.validation_steps / 3.0)
+            left = self.epochs - self._first
+            fits = max(1, int(self.budget * (1 + BUDGET_SLACK) // epoch_seconds))
+            self.report = {"measured_seconds_per_step": round(measured, 5), "planned_seconds_per_step": round(self.planned, 5),
+                           "slower_than_timed": round(measured / self.planned, 3)}
+            if fits < left:
+                self._stop_after = self._first + fits
+                self.report.update({"stopped_after_epoch": self._stop_after, "planned_epochs": self.epochs})
                 logger.warning(
-                    "%s: the first epoch took %.1f s, %.2fx the %.1f s the timed step planned (a busy machine?): %d of the %d "
-                    "epochs fit the %.1f-minute budget; training stops after them.",
-                    self.model_key, per_epoch, ratio, self.planned_epoch, fits, self.epochs - self._first, self.budget / 60,
+                    "%s: re-timed in the first epoch, a step takes %.3f s, %.2fx the %.3f s the plan timed (a busy machine?): "
+                    "%d of the %d epochs fit the %.2f-minute budget; training stops after epoch %d.",
+                    self.model_key, measured, measured / self.planned, self.planned, fits, left, self.budget / 60, self._stop_after,
                 )
-        if left > 0 and elapsed + per_epoch > self.budget * (1 + BUDGET_SLACK):
+        if self._stop_after is not None and int(epoch) + 1 >= self._stop_after:
             self.model.stop_training = True
-            self.report.update({"stopped_after_epoch": int(epoch) + 1, "planned_epochs": self.epochs})
-            logger.info("%s: stopping after epoch %d of %d: another epoch (%.1f s) would end past the %.1f-minute budget.",
-                        self.model_key, int(epoch) + 1, self.epochs, per_epoch, self.budget / 60)
 
 
 def fit_model(

@@ -160,13 +160,13 @@ def train_model(
 
 
 def _budget_callback(model_key: str, training: Mapping[str, Any]) -> TrainingBudget | None:
-    """The budget guard for planned epochs (`training.budget` from the plan); none for
-    epochs given explicitly, which run as asked."""
+    """The budget guard for planned epochs (`training.budget` from the plan, unless
+    `planning.retime` is off); none for epochs given explicitly, which run as asked."""
     budget = training.get("budget")
     if not budget:
         return None
-    planned_epoch = float(budget["seconds_per_step"]) * (int(training["steps_per_epoch"]) + int(training["validation_steps"]) / 3.0)
-    return TrainingBudget(model_key, float(budget["minutes"]) * 60.0, int(training["epochs"]), planned_epoch)
+    return TrainingBudget(model_key, float(budget["minutes"]) * 60.0, int(training["epochs"]), int(training["steps_per_epoch"]),
+                          int(training["validation_steps"]), float(budget["seconds_per_step"]))
 
 
 def train(
