@@ -183,3 +183,36 @@ def test_steps_as_fast_as_timed_keep_every_planned_epoch():
         guard.on_epoch_end(epoch)
         assert not guard.model.stop_training
     assert guard.report["slower_than_timed"] == 1.0 and "stopped_after_epoch" not in guard.report
+
+
+def test_an_explicit_low_resolution_is_planned_even_where_the_full_one_covers():
+    """`lowres` or `cascade` asked for while the full-resolution patch already sees the
+    structure: the low resolution is planned to hold the whole median image."""
+    context = plan_context((96, 96, 30), (1.0, 1.0, 2.5), (5.0, 5.0, 5.0), 16384, 8, 4.0, require_lowres=True)
+    assert context["fullres_covers"]
+    lowres = context["lowres"]
+    assert lowres is not None and lowres["steps"] >= 1
+    assert all(p >= 0.95 * m for p, m in zip(lowres["patch_size"], lowres["median_shape"]))
+    assert "was asked for" in context["reason"]
+    # Unknown extent: the same rule.
+    assert plan_context((96, 96, 30), (1.0, 1.0, 2.5), (0.0, 0.0, 0.0), 16384, 8, 4.0, require_lowres=True)["lowres"]
+    # A patch that already holds the whole image: no coarser grid would see more.
+    small = plan_context((16, 16, 16), (1.0, 1.0, 1.0), (4.0, 4.0, 4.0), 16384, 8, 4.0, require_lowres=True)
+    assert small["lowres"] is None and "whole median image" in small["reason"]
+
+
+@pytest.mark.parametrize("given", ["lowres", "cascade"])
+def test_a_low_resolution_asked_for_on_images_a_patch_holds_is_refused(given):
+    from types import SimpleNamespace
+
+    from medseg.errors import ConfigurationError
+    from medseg.kinds.conv3d import plan_conv3d
+
+    geometry = SimpleNamespace(
+        to_json=lambda: {"a": {"preprocessed_shape": [16, 16, 16]}, "b": {"preprocessed_shape": [16, 16, 16]}},
+        target_spacing=(1.0, 1.0, 1.0),
+    )
+    conv3d = {"model": {"configuration": given, "depth": "auto", "base_filters": 8}, "sampling": {"patch_size": "auto"}}
+    planning = {"patch_voxels": 16384, "memory_gb": 4.0}
+    with pytest.raises(ConfigurationError, match=f"configuration={given}.*fullres or auto"):
+        plan_conv3d(geometry, {"foreground_extent_mm": [4.0, 4.0, 4.0]}, conv3d, planning, {})

@@ -242,6 +242,7 @@ def plan_context(
     base_filters: int,
     memory_gb: float,
     max_depth: int = 4,
+    require_lowres: bool = False,
 ) -> dict:
     """Whether the full-resolution patch sees what the task needs, and if not, the coarser
     spacing at which a patch of `patch_voxels` does (nnU-Net's `3d_lowres`).
@@ -256,6 +257,9 @@ def plan_context(
         spacing: the training grid's spacing (mm).
         structure_extent_mm: the largest structure's extent per axis (mm); zeros: unknown.
         patch_voxels, base_filters, memory_gb, max_depth: as for `plan_patches`.
+        require_lowres: plan the low resolution even where the full resolution covers the
+            extent (an explicit `lowres` or `cascade`): the spacing is then raised until the
+            patch holds the whole median image. None where the full-resolution patch holds it.
 
     Returns:
         {"structure_extent_mm", "needed_extent_mm", "fullres": {"spacing", "patch_size",
@@ -271,35 +275,50 @@ def plan_context(
                     "patch_mm": [round(p * s, 2) for p, s in zip(fullres["patch_size"], spacing)]},
     }
     record["fullres_covers"] = max(needed) <= 0 or patch_covers(fullres["patch_size"], spacing, median, needed)
-    if record["fullres_covers"]:
-        record["lowres"] = None
-        record["reason"] = (
-            f"the full-resolution patch ({_mm(record['fullres']['patch_mm'])}) covers the needed extent "
-            f"({_mm(record['needed_extent_mm'])}: {STRUCTURE_CONTEXT}x the largest structure, at most the image)"
-        )
-        return record
+    covers_reason = (
+        f"the full-resolution patch ({_mm(record['fullres']['patch_mm'])}) covers the needed extent "
+        f"({_mm(record['needed_extent_mm'])}: {STRUCTURE_CONTEXT}x the largest structure, at most the image)"
+    )
     image_mm = np.asarray(median, dtype=float) * np.asarray(spacing, dtype=float)
-    lowres, steps, planned, shape = list(spacing), 0, fullres, list(median)
-    while steps < MAX_LOWRES_STEPS:
+    if record["fullres_covers"]:
+        whole = [float(v) for v in image_mm]
+        if not require_lowres or patch_covers(fullres["patch_size"], spacing, median, whole):
+            record["lowres"] = None
+            record["reason"] = covers_reason + ("; it holds the whole median image too, so no coarser grid would see more"
+                                                if require_lowres else "")
+            return record
+        needed = whole  # asked for: a grid on which the patch sees the whole image
+    record["lowres"] = _coarsen_until_covered(median, spacing, needed, patch_voxels, base_filters, memory_gb, max_depth)
+    steps = record["lowres"]["steps"]
+    record["reason"] = (
+        (covers_reason + "; the low resolution was asked for, so it is planned to hold the whole median image"
+         if record["fullres_covers"] else
+         f"the full-resolution patch ({_mm(record['fullres']['patch_mm'])}) does not cover the needed extent "
+         f"({_mm(record['needed_extent_mm'])})")
+        + f"; at {_mm(record['lowres']['spacing'], 'mm spacing')}, {steps} steps of {LOWRES_SPACING_STEP}x, "
+        f"a patch of {patch_voxels} voxels covers {_mm(record['lowres']['patch_mm'])}"
+    )
+    return record
+
+
+def _coarsen_until_covered(median, spacing, needed, patch_voxels, base_filters, memory_gb, max_depth) -> dict:
+    """nnU-Net's low-resolution loop: `coarser_spacing` until the patch planned on the median
+    image resampled to that spacing covers `needed` (mm) or the whole image."""
+    image_mm = np.asarray(median, dtype=float) * np.asarray(spacing, dtype=float)
+    lowres, steps = list(spacing), 0
+    while True:
         lowres, steps = coarser_spacing(lowres), steps + 1
         shape = [max(1, int(round(v))) for v in image_mm / np.asarray(lowres)]
         planned = plan_patches(shape, lowres, patch_voxels, base_filters, memory_gb, max_depth)
         # The shape before rounding: a patch meant to hold a whole axis may round a few voxels
         # under it, which the sliding windows cover; that is no reason to coarsen further.
-        if patch_covers(planned["unrounded"], lowres, shape, needed):
+        if steps >= MAX_LOWRES_STEPS or patch_covers(planned["unrounded"], lowres, shape, needed):
             break
-    record["lowres"] = {
+    return {
         "spacing": [round(s, 4) for s in lowres], "median_shape": shape, "patch_size": planned["patch_size"],
         "patch_mm": [round(p * s, 2) for p, s in zip(planned["patch_size"], lowres)], "poolings": planned["poolings"],
         "batch_size": planned["batch_size"], "steps": steps,
     }
-    record["reason"] = (
-        f"the full-resolution patch ({_mm(record['fullres']['patch_mm'])}) does not cover the needed extent "
-        f"({_mm(record['needed_extent_mm'])}); at {_mm(record['lowres']['spacing'], 'mm spacing')}, "
-        f"{steps} steps of {LOWRES_SPACING_STEP}x, a patch of {patch_voxels} voxels covers "
-        f"{_mm(record['lowres']['patch_mm'])}"
-    )
-    return record
 
 
 def _mm(values: Sequence[float], unit: str = "mm") -> str:

@@ -114,8 +114,15 @@ def plan_conv3d(
     max_depth = 4 if model["depth"] == "auto" else int(model["depth"])
     patch_voxels, memory_gb = int(planning["patch_voxels"]), float(planning["memory_gb"])
     extent = dataset_fingerprint.get("foreground_extent_mm") or [0.0, 0.0, 0.0]
-    context = plan_context(median, spacing, extent, patch_voxels, int(model["base_filters"]), memory_gb, max_depth)
-    configuration, reason = choose_configuration(str(model.get("configuration", "auto")), context, dataset_fingerprint.get("lateralized", []))
+    given = str(model.get("configuration", "auto"))
+    context = plan_context(median, spacing, extent, patch_voxels, int(model["base_filters"]), memory_gb, max_depth,
+                           require_lowres=given in ("lowres", "cascade"))
+    if given in ("lowres", "cascade") and context["lowres"] is None:
+        raise ConfigurationError(
+            f"conv3d.model.configuration={given}: {context['reason']}. A low-resolution grid would be the same as the "
+            "full one; set conv3d.model.configuration to fullres or auto"
+        )
+    configuration, reason = choose_configuration(given, context, dataset_fingerprint.get("lateralized", []))
     if configuration == "lowres":
         median, spacing = tuple(context["lowres"]["median_shape"]), list(context["lowres"]["spacing"])
     logger.info("conv3d: %s configuration: %s.", configuration, reason)
