@@ -147,3 +147,55 @@ def test_a_missing_or_broken_segmenter_names_the_file(tmp_path: Path):
     (tmp_path / "s" / "model.keras").write_bytes(b"garbage")
     with pytest.raises(CorruptFileError, match=r"model\.keras"):
         Segmenter.load(tmp_path / "s")
+
+
+def _patch_model(channels_in: int, weights: list[float], bias: float = 0.0) -> keras.Model:
+    inputs = keras.Input((8, 8, 4, channels_in))
+    layer = keras.layers.Conv3D(1, 1, activation="sigmoid")
+    model = keras.Model(inputs, layer(inputs))
+    layer.set_weights([np.array(weights, np.float32).reshape(1, 1, 1, channels_in, 1), np.full(1, bias, np.float32)])
+    return model
+
+
+def _cascade(mirror_axes=()) -> tuple[Segmenter, Segmenter]:
+    """A two-stage segmenter of 1x1 networks: the stage says sigmoid(10 z) at half the
+    resolution; the full network ignores the image and passes the stage's probability on."""
+    patch = dict(model_key="conv3d", window="patch", depth=0, patch_size=(8, 8, 4), overlap=0.5)
+    stage = Segmenter(_patch_model(1, [10.0]), _plan(**patch, target_spacing=(2.0, 2.0, 4.0)))
+    full = Segmenter(_patch_model(2, [0.0, 40.0], bias=-20.0), _plan(**patch, mirror_axes=list(mirror_axes)), context=[stage])
+    return full, stage
+
+
+def test_a_cascade_computes_its_context_once_however_many_flips(monkeypatch):
+    full, stage = _cascade(mirror_axes=[0, 1, 2])
+    calls = []
+    original = stage.predict_volume
+    monkeypatch.setattr(stage, "predict_volume", lambda image: calls.append(image.shape) or original(image))
+    image = np.random.default_rng(2).normal(size=(16, 12, 8)).astype(np.float32)
+    mirrored = full.probabilities(image)
+    assert calls == [(8, 6, 4)]  # once, at the stage's (half) resolution, not once per flip (8)
+    plain = full.probabilities(image, mirror_axes=[])
+    # A 1x1 network on a flipped input flipped back is the same map: mirroring changes nothing.
+    np.testing.assert_allclose(mirrored, plain, atol=1e-5)
+    # The full network passes the stage's probability through: sigmoid(40 (p - 0.5)) > 0.5 iff p > 0.5.
+    from medseg.inference.cascade import context_channels
+
+    context = context_channels([stage], image, full.plan.target_spacing)[..., 0]
+    np.testing.assert_array_equal(plain > 0.5, context > 0.5)
+
+
+def test_a_cascade_segmenter_saves_its_stages_and_refuses_a_missing_one(tmp_path: Path):
+    import shutil
+
+    full, _ = _cascade()
+    assert full.plan.context_stages == 1
+    full.save(tmp_path / "segmenter")
+    assert json.loads((tmp_path / "segmenter/segmenter.json").read_text())["context_stages"] == 1
+    (tmp_path / "segmenter/context/notes").mkdir()  # not a stage: ignored
+    loaded = Segmenter.load(tmp_path / "segmenter")
+    scan = _scan(shape=(16, 12, 8), seed=5)
+    assert len(loaded.context) == 1
+    np.testing.assert_array_equal(loaded.segment(scan).data, full.segment(scan).data)
+    shutil.rmtree(tmp_path / "segmenter/context/0")
+    with pytest.raises(CorruptFileError, match=r"1 low-resolution stage.*\['0'\].*holds \[\]"):
+        Segmenter.load(tmp_path / "segmenter")

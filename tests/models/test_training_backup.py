@@ -2,6 +2,7 @@
 
 import json
 
+import keras
 import numpy as np
 import pytest
 
@@ -58,3 +59,28 @@ def test_determinism_setting():
     with pytest.raises(ValueError, match="true, false or 'auto'"):
         wants_determinism("sometimes")
     assert np.isscalar(derive_seed(1))
+
+
+def _dense() -> keras.Model:
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    return model
+
+
+def test_a_kept_network_loads_whole_and_a_broken_one_is_trained_again(tmp_path):
+    from medseg.models.training import keep_finished, load_finished
+
+    trained = _dense()
+    trained.set_weights([np.arange(6, dtype=np.float32).reshape(3, 2), np.array([1.0, -1.0], np.float32)])
+    assert load_finished(tmp_path, "fp1", _dense()) is None  # nothing kept yet
+    folder = keep_finished(tmp_path, "fp1", trained, {"loss": [0.5, 0.25]}, {"epochs_planned": 8, "epochs_run": 6})
+    assert folder == tmp_path / "fp1" / "finished" and not (tmp_path / "fp1" / ".finished.tmp").exists()
+    fresh = _dense()
+    record = load_finished(tmp_path, "fp1", fresh)
+    assert record == {"history": {"loss": [0.5, 0.25]}, "report": {"epochs_planned": 8, "epochs_run": 6}}
+    for got, want in zip(fresh.get_weights(), trained.get_weights()):
+        np.testing.assert_array_equal(got, want)
+    assert load_finished(tmp_path, "other", _dense()) is None  # another fingerprint: not this network
+    # A truncated weights file: not loaded, deleted, so the run trains the network again.
+    weights = folder / "model.weights.h5"
+    weights.write_bytes(weights.read_bytes()[:100])
+    assert load_finished(tmp_path, "fp1", _dense()) is None and not folder.exists()

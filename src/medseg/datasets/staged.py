@@ -68,11 +68,15 @@ class StagedPartitionedDataset(PartitionedDataset):
     """`partitions.PartitionedDataset` with an all-or-nothing save that skips unchanged partitions.
 
     Takes the same arguments; `overwrite` is implied (the new set replaces the old one).
+    `allow_empty: true` loads an empty or missing folder as no partitions (a model's
+    low-resolution grid, which a full-resolution plan leaves empty); otherwise that is
+    `PartitionedDataset`'s error, which names the folder.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any):
+    def __init__(self, *args: Any, allow_empty: bool = False, **kwargs: Any):
         kwargs.pop("overwrite", None)
         super().__init__(*args, overwrite=False, **kwargs)
+        self._allow_empty = bool(allow_empty)
 
     # -- what is there ---------------------------------------------------------------------
     def _is_local(self) -> bool:
@@ -104,10 +108,9 @@ class StagedPartitionedDataset(PartitionedDataset):
         return self._dataset_type, kwargs, data
 
     def load(self) -> dict[str, Any]:
-        """The partitions, as `PartitionedDataset` loads them; none (not an error) for an
-        empty or missing folder, which a step that made no case leaves (a model's
-        low-resolution grid when it trains at full resolution)."""
-        if not self._list_partitions_uncached():
+        """The partitions, as `PartitionedDataset` loads them; with `allow_empty`, none (not
+        an error) for an empty or missing folder."""
+        if self._allow_empty and not self._list_partitions_uncached():
             return {}
         return super().load()
 

@@ -14,7 +14,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from scipy import ndimage
+
+from medseg.imaging.geometry import resample_to_shape
 
 
 def context_shape(shape: Sequence[int], spacing: Sequence[float], context_spacing: Sequence[float]) -> tuple[int, int, int]:
@@ -24,20 +25,12 @@ def context_shape(shape: Sequence[int], spacing: Sequence[float], context_spacin
 
 def resample_to(array: np.ndarray, shape: Sequence[int], order: int = 1) -> np.ndarray:
     """`array` (X, Y, Z) or (X, Y, Z, C) resampled to the spatial `shape`, voxel edges aligned
-    (the same field of view), channels kept; float32."""
-    factors = [t / s for t, s in zip(shape, array.shape[:3])]
-    if array.ndim == 4:
-        factors.append(1.0)
-    zoomed = ndimage.zoom(np.asarray(array, dtype=np.float32), factors, order=order, mode="nearest", grid_mode=True)
-    return zoomed[tuple(slice(0, n) for n in shape)].astype(np.float32, copy=False)
-
-
-def downsample_label(label: np.ndarray, shape: Sequence[int]) -> np.ndarray:
-    """A label map on the coarser `shape`: each class one-hot, resampled linearly, then argmax
-    (as the preprocessing resamples labels)."""
-    values = np.unique(label)
-    stacked = np.stack([resample_to((label == v).astype(np.float32), shape) for v in values], axis=-1)
-    return values[np.argmax(stacked, axis=-1)].astype(label.dtype)
+    (the same field of view: `medseg.imaging.geometry.resample_to_shape`), channels kept; float32."""
+    shape = tuple(int(n) for n in shape[:3])
+    array = np.asarray(array, dtype=np.float32)
+    if array.ndim == 3:
+        return resample_to_shape(array, shape, order)
+    return np.stack([resample_to_shape(array[..., c], shape, order) for c in range(array.shape[-1])], axis=-1)
 
 
 def stage_probabilities(stage, image: np.ndarray) -> np.ndarray:

@@ -48,7 +48,8 @@ def predict_with_mirroring(
     Args:
         predict_volume: maps (X, Y, Z) to (X, Y, Z) probabilities or (X, Y, Z, C) class
             probabilities (e.g. `sliding_window_predict` bound to a model).
-        image: (X, Y, Z) float32, preprocessed.
+        image: (X, Y, Z) float32, preprocessed, or (X, Y, Z, C) with channels last (a cascade's
+            image and context); only the spatial axes are flipped.
         axes: spatial axes to mirror; empty: no mirroring.
 
     Returns:

@@ -22,7 +22,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -98,6 +98,8 @@ class SegmenterPlan:
         data_spacing: the spacing of the training grid the model's data came from, where the
             model runs on a coarser one (`conv3d.model.configuration: lowres`); None: the
             target spacing. A scan's voxel size is checked against it.
+        context_stages: a cascade's low-resolution networks, saved in `context/0..n-1`
+            (set by :class:`Segmenter` from its `context`); 0 for one network.
     """
 
     model_key: str
@@ -122,6 +124,7 @@ class SegmenterPlan:
     keep_largest_component: bool = False
     provenance: dict[str, Any] = field(default_factory=dict)
     data_spacing: tuple[float, float, float] | None = None
+    context_stages: int = 0
     format_version: int = FORMAT_VERSION
 
     @property
@@ -174,8 +177,8 @@ class Segmenter:
 
     def __init__(self, model: keras.Model, plan: SegmenterPlan, context: Sequence[Segmenter] = ()):
         self.model = model
-        self.plan = plan
         self.context = list(context)
+        self.plan = plan if plan.context_stages == len(self.context) else replace(plan, context_stages=len(self.context))
         self._predict_batch: Callable[[np.ndarray], np.ndarray] | None = None
 
     # -- the parts --------------------------------------------------------------------------
@@ -217,6 +220,17 @@ class Segmenter:
         Returns:
             (X, Y, Z) float32 foreground probabilities, or (X, Y, Z, K + 1) class probabilities.
         """
+        return self._predict_network_input(self._network_input(image))
+
+    def _network_input(self, image: np.ndarray) -> np.ndarray:
+        """What the network's windows are cut from: the image, and in a cascade the
+        low-resolution stage's probabilities after it, (X, Y, Z, 1 + C); computed once per
+        scan (mirroring flips it whole, as nnU-Net flips the previous stage's segmentation)."""
+        if self.context and self.plan.window == "patch":
+            return with_context(image, context_channels(self.context, image, self.plan.target_spacing))
+        return image
+
+    def _predict_network_input(self, image: np.ndarray) -> np.ndarray:
         plan = self.plan
         if self._predict_batch is None:
             if plan.window == "slice":
@@ -230,12 +244,13 @@ class Segmenter:
             return predict_axial_slices(self._predict_batch, image, multiple, batch)
         window = tuple(int(s) for s in plan.patch_size)
         batch = windows_per_batch(window, plan.features_per_voxel, plan.memory_gb)
-        if self.context:  # a cascade: the low-resolution stage's probabilities after the image
-            image = with_context(image, context_channels(self.context, image, plan.target_spacing))
         return sliding_window_predict(
             image, self._predict_batch, window, overlap=float(plan.overlap), batch_size=batch,
             sigma_scale=float(plan.sigma_scale),
         )
+
+    def _mirrored(self, image: np.ndarray, axes: Sequence[int]) -> tuple[np.ndarray, np.ndarray | None]:
+        return predict_with_mirroring(self._predict_network_input, self._network_input(image), axes)
 
     def effective_mirror_axes(self, mirror_axes: Sequence[int] | None = None) -> tuple[int, ...]:
         """The mirroring axes that apply: the plan's (or `mirror_axes`), without left-right
@@ -263,7 +278,7 @@ class Segmenter:
     def probabilities(self, image: np.ndarray, mirror_axes: Sequence[int] | None = None) -> np.ndarray:
         """The network's part of `segment_preprocessed`: probabilities on the training grid,
         averaged over the mirrored copies when mirroring is on."""
-        plain, mirrored = predict_with_mirroring(self.predict_volume, image, self.effective_mirror_axes(mirror_axes))
+        plain, mirrored = self._mirrored(image, self.effective_mirror_axes(mirror_axes))
         return plain if mirrored is None else mirrored
 
     def label_mapper(self, largest_component: bool | None = None) -> LabelMapper:
@@ -279,7 +294,7 @@ class Segmenter:
         `mirroring+largest_component`, only those the plan enables. Mirroring costs one pass
         per flip; the plain prediction is the unflipped pass, so it costs nothing more.
         """
-        plain, mirrored = predict_with_mirroring(self.predict_volume, image, self.effective_mirror_axes())
+        plain, mirrored = self._mirrored(image, self.effective_mirror_axes())
         out = {PLAIN: self.label_map(plain, geometry)}
         if mirrored is not None:
             out[MIRRORED] = self.label_map(mirrored, geometry)
@@ -332,8 +347,16 @@ class Segmenter:
             model = keras.models.load_model(model_path, compile=False)
         except Exception as exc:  # Keras raises many types for a bad archive
             raise CorruptFileError(f"{model_path}: cannot be loaded by Keras ({type(exc).__name__}: {exc}). Train the model again.") from exc
-        stages = sorted((folder / CONTEXT_FOLDER).iterdir(), key=lambda path: int(path.name)) if (folder / CONTEXT_FOLDER).is_dir() else []
-        return cls(model, plan, [cls.load(stage) for stage in stages if stage.name.isdigit()])
+        context = folder / CONTEXT_FOLDER
+        stages = [path for path in context.iterdir() if path.name.isdigit()] if context.is_dir() else []
+        stages.sort(key=lambda path: int(path.name))
+        expected = int(plan.context_stages)
+        if len(stages) != expected or [int(p.name) for p in stages] != list(range(expected)):
+            raise CorruptFileError(
+                f"{context}: {PLAN_FILE} names {expected} low-resolution stage(s), folders "
+                f"{[str(i) for i in range(expected)]}, but the segmenter holds {[p.name for p in stages]}. Train the model again."
+            )
+        return cls(model, plan, [cls.load(stage) for stage in stages])
 
 
 def check_spacing_against_plan(spacing: Sequence[float], target: Sequence[float], name: str) -> None:

@@ -60,6 +60,48 @@ class ResumeState:
     discarded: list[str] = field(default_factory=list)
 
 
+FINISHED_DIR = "finished"  # a kept network: <backup_root>/<fingerprint>/finished/
+FINISHED_WEIGHTS = "model.weights.h5"
+FINISHED_RECORD = "training.json"
+
+
+def load_finished(backup_root: str | Path, fingerprint: str, model: keras.Model) -> dict | None:
+    """A network kept by `keep_finished` with this fingerprint, loaded into `model` (built as
+    the run would build it); None when there is none.
+
+    Returns:
+        {"history": the Keras history, "report": what training recorded (the budget guard)}.
+    """
+    finished = Path(backup_root) / fingerprint / FINISHED_DIR
+    try:
+        record = json.loads((finished / FINISHED_RECORD).read_text())
+        model.load_weights(finished / FINISHED_WEIGHTS)
+    except (OSError, ValueError, KeyError) as error:
+        if finished.exists():
+            logger.warning("%s: a kept network that cannot be read (%s); training it again.", finished, error)
+            shutil.rmtree(finished, ignore_errors=True)
+        return None
+    return record
+
+
+def keep_finished(backup_root: str | Path, fingerprint: str, model: keras.Model, history: Mapping[str, Any],
+                  report: Mapping[str, Any]) -> Path:
+    """Keep a network that finished training under its fingerprint, so that a rerun of the
+    same computation (a cascade resumed after a later node failed) loads it and trains nothing.
+    Written to a temporary folder first and renamed: it is there whole or not at all."""
+    folder = Path(backup_root) / fingerprint
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{FINISHED_DIR}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    model.save_weights(tmp / FINISHED_WEIGHTS)
+    history_json = {k: [float(v) for v in values] for k, values in history.items()}
+    (tmp / FINISHED_RECORD).write_text(json.dumps({"history": history_json, "report": dict(report)}, default=str))
+    shutil.rmtree(folder / FINISHED_DIR, ignore_errors=True)
+    tmp.rename(folder / FINISHED_DIR)
+    return folder / FINISHED_DIR
+
+
 def _finished_epochs(backup_dir: Path) -> int:
     try:
         return int(json.loads((backup_dir / BACKUP_METADATA).read_text())["epoch"])

@@ -22,10 +22,10 @@ import numpy as np
 import pandas as pd
 
 from medseg.errors import ConfigurationError
-from medseg.imaging.geometry import PreprocessingPlan
+from medseg.imaging.geometry import PreprocessingPlan, resample_label_map
 from medseg.imaging.io import Volume
 from medseg.inference import Segmenter
-from medseg.inference.cascade import context_channels, context_shape, downsample_label, fold_cases, resample_to, stage_probabilities
+from medseg.inference.cascade import context_channels, context_shape, fold_cases, resample_to, stage_probabilities
 from medseg.kinds import ModelKind
 from medseg.parameters import DataParams, PlanningParams
 from medseg.pipelines.training import segmenter_plan, train_model
@@ -49,17 +49,23 @@ def train_context(
     backup_root: str,
     *,
     kind: ModelKind,
-) -> tuple[list[Segmenter], dict[str, np.ndarray]]:
+) -> tuple[list[Segmenter], dict[str, np.ndarray], dict[str, Any]]:
     """Train the low-resolution folds and give every case its context.
 
+    Each fold keeps its crash-recovery backup, and its network once trained, under
+    `backup_root/fold<i>` (`<model>.context_backup`, apart from the full-resolution
+    network's backup, which deletes what it does not own): a run resumed after a later node
+    failed loads the finished folds instead of training them again.
+
     Returns:
-        (context_models, context): the fold networks as segmenters at the low resolution, and
-        {case_id: (X, Y, Z, C) float16 probabilities on the training grid}; both empty unless
-        the plan chose the cascade.
+        (context_models, context, decided): the fold networks as segmenters at the low
+        resolution; {case_id: (X, Y, Z, C) float16 probabilities on the training grid}; what
+        each fold's training decided, as `<model>.context<i>.training.*` MLflow parameters.
+        All empty unless the plan chose the cascade.
     """
     cascade = settings.get("cascade")
     if not cascade:
-        return [], {}
+        return [], {}, {}
     stage, spacing = cascade["stage"], tuple(cascade["spacing"])
     grid_spacing = tuple(grid_geometry.target_spacing)
     training_cases = cases_in_split(splits, "train")
@@ -74,11 +80,12 @@ def train_context(
     def load_low(case_id: str) -> tuple[np.ndarray, np.ndarray]:
         image, label = grid_images[case_id]().data, grid_labels[case_id]().data
         shape = context_shape(image.shape, grid_spacing, spacing)
-        return resample_to(image, shape), downsample_label(label, shape)
+        return resample_to(image, shape), resample_label_map(label, shape)
 
     stage_plan = segmenter_plan(kind, case_fingerprints, SimpleNamespace(target_spacing=spacing), dataset_fingerprint, data,
                                 stage, planning)
     models: list[Segmenter] = []
+    decided: dict[str, Any] = {}
     for index, cases in enumerate(folds):
         fold_splits = pd.concat([
             pd.DataFrame({"case_id": cases, "split": "train"}),
@@ -86,10 +93,12 @@ def train_context(
         ], ignore_index=True)
         logger.info("%s: cascade fold %d of %d, low resolution %s mm, on %d training cases.", kind.name, index + 1,
                     len(folds), spacing, len(cases))
-        model, _, _ = train_model(
+        model, _, fold_decided = train_model(
             kind.name, lambda: kind.build(stage, n_classes), kind.sample_stream(stage, load_low), fold_splits, grid_geometry,
-            dataset_fingerprint, data, stage, f"{backup_root}/context{index}", metric_prefix=f"context{index}.",
+            dataset_fingerprint, data, stage, f"{backup_root}/fold{index}", metric_prefix=f"context{index}.", keep=True,
         )
+        prefix = f"{kind.name}."
+        decided.update({f"{prefix}context{index}.{key.removeprefix(prefix)}": value for key, value in fold_decided.items()})
         models.append(Segmenter(kind.segmenter_network(model, stage), stage_plan))
     context = {}
     for case_id in sorted(grid_images):
@@ -101,4 +110,4 @@ def train_context(
             low = resample_to(image, context_shape(image.shape, grid_spacing, spacing))
             mean = sum(stage_probabilities(m, low) for m in held_out) / len(held_out)
             context[case_id] = resample_to(mean, image.shape).astype(np.float16)
-    return models, context
+    return models, context, decided

@@ -61,8 +61,8 @@ def _context_node(kind: ModelKind) -> Node:
     return Node(
         _bound(train_context, kind=kind),
         ["grid_images", "grid_labels", "splits", "grid_geometry", "case_fingerprints", "dataset_fingerprint", "params:data",
-         "settings", "params:planning", "backup"],
-        ["context_models", "context"],
+         "settings", "params:planning", "context_backup"],
+        ["context_models", "context", "mlflow_params_context"],
         name=f"train_{kind.name}_context",
     )
 

@@ -25,6 +25,8 @@ from medseg.models.training import (
     TrainingBudget,
     derive_seed,
     fit_model,
+    keep_finished,
+    load_finished,
     make_reproducible,
     prepare_backup,
     training_fingerprint,
@@ -67,6 +69,7 @@ def train_model(
     settings: Mapping[str, Any],
     backup_root: str,
     metric_prefix: str = "",
+    keep: bool = False,
 ) -> tuple[keras.Model, dict[str, list[float]], dict[str, Any]]:
     """The one training skeleton of every model kind.
 
@@ -101,6 +104,10 @@ def train_model(
         backup_root: the model's backup folder (catalog entry `<model>.backup`).
         metric_prefix: put before the epoch metrics' names in the MLflow run (a cascade's
             low-resolution folds: `context0.val_dice`).
+        keep: keep the trained network under its fingerprint in `backup_root`
+            (`medseg.models.training.keep_finished`), and return a kept one without training:
+            a cascade's folds, which live in memory, are not trained again when the run is
+            resumed after a later node failed.
 
     Returns:
         The trained model (best validation loss), its history, and what training decided:
@@ -133,6 +140,10 @@ def train_model(
         model=model_key, section=settings, data=data, splits=splits.to_dict("records"), plan=case_geometry.to_json(),
         fingerprint=dataset_fingerprint, **replica_part(strategy),
     )
+    if keep and (finished := load_finished(backup_root, fingerprint, model)) is not None:
+        logger.info("%s: a network trained with this fingerprint (%s) is kept; loaded, not trained again.", model_key, fingerprint)
+        decided.update({f"{model_key}.training.budget.{key}": value for key, value in finished["report"].items()})
+        return model, finished["history"], decided
     resume = prepare_backup(backup_root, fingerprint, int(training["epochs"]), {"mlflow_run_id": tracking.active_run_id()})
     if resume.discarded:
         logger.info("%s: deleted backups %s made with other parameters or data; training starts fresh.", model_key, resume.discarded)
@@ -154,8 +165,10 @@ def train_model(
         patience=training["early_stopping_patience"],
         callbacks=[MlflowEpochLogger(model_key, metric_prefix), *([budget] if budget else [])],
     )
-    if budget is not None and budget.report:
-        decided.update({f"{model_key}.training.budget.{key}": value for key, value in budget.report.items()})
+    report = budget.report if budget is not None and budget.report else {}
+    decided.update({f"{model_key}.training.budget.{key}": value for key, value in report.items()})
+    if keep:
+        keep_finished(backup_root, fingerprint, model, history, report)
     return model, history, decided
 
 

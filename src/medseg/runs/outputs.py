@@ -59,7 +59,7 @@ OUTPUT_ENTRIES = (
     ("{model}.predictions", "folder"),
     ("{model}.metrics_summary", "file"),
 )
-KEPT_IN_PLACE = frozenset({"backup"})
+KEPT_IN_PLACE = frozenset({"backup", "context_backup"})
 STAGING_SUFFIX = ".medseg-staging"
 ASIDE_SUFFIX = ".medseg-previous"  # where runs before the staging design moved outputs aside
 JOURNAL_NAME = ".medseg-publish.json"
