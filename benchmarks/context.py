@@ -42,6 +42,16 @@ from lateralized import write_lateralized_task  # noqa: E402
 from scale_out import cpu_name  # noqa: E402
 
 
+def _small_patch(project: Path) -> None:
+    """conv3d.sampling.patch_size [8, 8, 8] in the copy's parameters (`--params` splits a list)."""
+    path = project / "conf/base/parameters_conv3d.yml"
+    text = path.read_text()
+    edited = text.replace("    patch_size: auto ", "    patch_size: [8, 8, 8] ", 1)
+    if edited == text:
+        raise SystemExit(f"{path}: no `patch_size: auto` line to change")
+    path.write_text(edited)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget", type=float, default=1.5, help="planning.budget_minutes.conv3d")
@@ -55,7 +65,7 @@ def main() -> int:
     results = {}
     runs = {
         "fullres": {"conv3d.model.configuration": "fullres"},
-        "fullres 8^3": {"conv3d.model.configuration": "fullres", "conv3d.sampling.patch_size": "[8,8,8]"},
+        "fullres 8^3": {"conv3d.model.configuration": "fullres"},
         "lowres": {"conv3d.model.configuration": "lowres"},
         "cascade": {"conv3d.model.configuration": "cascade"},
         "auto": {"conv3d.model.configuration": "auto"},
@@ -63,7 +73,7 @@ def main() -> int:
     for configuration, extra in runs.items():
         run_dir = workdir / configuration.replace(" ", "_").replace("^", "")
         run_dir.mkdir()
-        result = run_pipeline("conv3d", {**common, **extra}, run_dir)
+        result = run_pipeline("conv3d", {**common, **extra}, run_dir, _small_patch if configuration == "fullres 8^3" else None)
         project = run_dir / "project_conv3d"
         summary_path = project / "data/08_reporting/conv3d/metrics_summary.json"
         plan_path = project / "data/05_model_input/conv3d/plan.json"

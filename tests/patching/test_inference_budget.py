@@ -215,3 +215,42 @@ def test_grid_order_is_unchanged_c_order():
     grid = sliding_window_grid(volume.shape, (8, 8, 4), 0.5)
     assert order == [tuple(volume[x, y, z : z + 1].astype(int)) for x, y, z in grid]
     assert list(itertools.product([0, 4], [0, 2], [0, 2])) == grid
+
+
+def test_the_case_arrays_by_hand():
+    # 100 x 100 x 10 = 1e5 voxels, float32. One input channel, a sigmoid head, no mirroring:
+    # input 1 + weighted sum 1 + weight sum 1 + the map back and the best class 2 = 5 arrays.
+    assert sw.case_arrays_bytes((100, 100, 10), 1, 1, mirrored=False) == 4 * 10**5 * 5
+    # A cascade's 4 channels, 3 class probabilities, mirrored: 4*2 inputs + 3*3 + 1 + 2 = 20.
+    assert sw.case_arrays_bytes((100, 100, 10), 4, 3, mirrored=True) == 4 * 10**5 * 20
+
+
+def test_the_activations_get_what_the_runtime_and_the_arrays_leave():
+    gib = 2**30
+    assert sw.activation_budget_gb(4.0, 0, runtime_gb=1.0) == 3.0
+    assert sw.activation_budget_gb(4.0, gib // 2, runtime_gb=1.0) == 2.5
+    # Nothing left: the floor, so the scan is still predicted, a window at a time.
+    assert sw.activation_budget_gb(1.0, 2 * gib, runtime_gb=1.0) == sw.MIN_ACTIVATION_GB
+    # The whole budget on a CT-sized grid (512 x 512 x 160, one channel, no mirroring): the
+    # arrays are 5 x 160 MiB, so 4 GiB leaves 4 - RUNTIME_GB - 0.78 GiB for the batch.
+    held = sw.case_arrays_bytes((512, 512, 160), 1, 1, mirrored=False)
+    assert held == 5 * 512 * 512 * 160 * 4
+    assert sw.activation_budget_gb(4.0, held) == pytest.approx(4.0 - sw.RUNTIME_GB - 0.78125)
+
+
+def test_a_segmenter_batches_from_what_is_left_and_the_same_shape_always_gets_the_same_batch():
+    from medseg.inference import Segmenter, SegmenterPlan
+
+    plan = SegmenterPlan(
+        model_key="conv3d", display_name="3D", window="patch", target_spacing=(1.0, 1.0, 1.0), interpolation_order=1,
+        clip_percentiles=None, crop_margin=None, channel=None, label_mode="multiclass", classes={"1": "a", "2": "b"},
+        lateralized=[], threshold=0.5, depth=2, patch_size=(32, 32, 16), overlap=0.5, sigma_scale=0.125,
+        features_per_voxel=10.5, memory_gb=4.0, mirror_axes=[0, 1, 2],
+    )
+    segmenter = Segmenter(None, plan)
+    shape = (512, 512, 160)
+    # Three classes (background + 2), mirrored: 1*2 + 3*3 + 1 + 2 = 14 arrays of 160 MiB.
+    expected = 4.0 - sw.RUNTIME_GB - 14 * 160 / 1024
+    assert segmenter.activation_budget(shape) == pytest.approx(expected)
+    assert segmenter.activation_budget(shape) == segmenter.activation_budget(shape)
+    assert windows_per_batch((32, 32, 16), 10.5, segmenter.activation_budget(shape)) < windows_per_batch((32, 32, 16), 10.5, 4.0)

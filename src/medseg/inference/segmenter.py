@@ -49,7 +49,15 @@ from medseg.inference.postprocessing import (
 )
 from medseg.inference.cascade import context_channels, with_context
 from medseg.inference.slices import axial_window, predict_axial_slices, slice_predictor
-from medseg.patching.sliding_window import sliding_window_predict, windows_per_batch
+from medseg.patching.sliding_window import (
+    GIB,
+    MIN_ACTIVATION_GB,
+    RUNTIME_GB,
+    activation_budget_gb,
+    case_arrays_bytes,
+    sliding_window_predict,
+    windows_per_batch,
+)
 from medseg.publishing import apply_umask, staged_folder
 
 logger = logging.getLogger(__name__)
@@ -180,6 +188,8 @@ class Segmenter:
         self.context = list(context)
         self.plan = plan if plan.context_stages == len(self.context) else replace(plan, context_stages=len(self.context))
         self._predict_batch: Callable[[np.ndarray], np.ndarray] | None = None
+        self._warned_budget = False
+        self._logged_shapes: set[tuple[int, ...]] = set()
 
     # -- the parts --------------------------------------------------------------------------
     def preprocess(self, volume: Volume, name: str = "the scan") -> tuple[np.ndarray, CaseGeometry]:
@@ -230,6 +240,32 @@ class Segmenter:
             return with_context(image, context_channels(self.context, image, self.plan.target_spacing))
         return image
 
+    def activation_budget(self, shape: Sequence[int], in_channels: int = 1, mirrored: bool | None = None) -> float:
+        """GiB left for one batch's activations on a training-grid volume of `shape`:
+        `planning.memory_gb` less the runtime and the case's arrays
+        (`medseg.patching.sliding_window.activation_budget_gb`)."""
+        if mirrored is None:
+            mirrored = bool(self.effective_mirror_axes())
+        out_channels = 1 if len(self.plan.classes) == 1 else len(self.plan.classes) + 1
+        held = case_arrays_bytes(shape, in_channels, out_channels, mirrored)
+        budget = activation_budget_gb(self.plan.memory_gb, held)
+        if budget <= MIN_ACTIVATION_GB and not self._warned_budget:
+            self._warned_budget = True
+            logger.warning(
+                "%s: planning.memory_gb=%s leaves no room for the network on a %s volume (runtime %.2f GiB, arrays "
+                "%.2f GiB): predicting one window at a time. Raise planning.memory_gb.", self.plan.model_key,
+                self.plan.memory_gb, "x".join(str(int(n)) for n in shape[:3]), RUNTIME_GB, held / GIB,
+            )
+        return budget
+
+    def _log_batch(self, shape: Sequence[int], batch: int, what: str, window: Sequence[int], budget: float) -> None:
+        key = tuple(int(n) for n in shape)
+        if key not in self._logged_shapes:
+            self._logged_shapes.add(key)
+            logger.info("%s: %d %s of %s per batch (%.2f GiB of activations within planning.memory_gb=%g, volume %s).",
+                        self.plan.model_key, batch, what, "x".join(str(int(n)) for n in window), budget, self.plan.memory_gb,
+                        "x".join(str(n) for n in key[:3]))
+
     def _predict_network_input(self, image: np.ndarray) -> np.ndarray:
         plan = self.plan
         if self._predict_batch is None:
@@ -237,13 +273,16 @@ class Segmenter:
                 self._predict_batch = slice_predictor(self.model)
             else:
                 self._predict_batch = window_predictor(self.model)
+        budget = self.activation_budget(image.shape[:3], 1 if image.ndim == 3 else int(image.shape[-1]))
         if plan.window == "slice":
             multiple = 2 ** int(plan.depth)
             window = axial_window(image.shape, multiple)
-            batch = windows_per_batch(window, plan.features_per_voxel, plan.memory_gb, n_windows=image.shape[2])
+            batch = windows_per_batch(window, plan.features_per_voxel, budget, n_windows=image.shape[2])
+            self._log_batch(image.shape, batch, "slices", window, budget)
             return predict_axial_slices(self._predict_batch, image, multiple, batch)
         window = tuple(int(s) for s in plan.patch_size)
-        batch = windows_per_batch(window, plan.features_per_voxel, plan.memory_gb)
+        batch = windows_per_batch(window, plan.features_per_voxel, budget)
+        self._log_batch(image.shape, batch, "windows", window, budget)
         return sliding_window_predict(
             image, self._predict_batch, window, overlap=float(plan.overlap), batch_size=batch,
             sigma_scale=float(plan.sigma_scale),

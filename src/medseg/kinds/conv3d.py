@@ -31,7 +31,7 @@ from medseg.kinds.streams import sampled_dataset
 from medseg.models import build_patch_classifier, build_unet3d, compile_patch_classifier, compile_segmentation_model
 from medseg.parameters import Conv3dParams, PlanningParams
 from medseg.patching import extract_patch, patch_stream, sample_patch_centers
-from medseg.patching.sliding_window import unet_features_per_voxel, windows_per_batch
+from medseg.patching.sliding_window import activation_budget_gb, unet_features_per_voxel, windows_per_batch
 from medseg.planning import median_shape, plan_context, plan_patches
 from medseg.split import cases_in_split
 
@@ -262,7 +262,7 @@ def evaluate_patch_detection(
     """
     shape = _patch_shape(settings)
     n_per_case = int(settings["evaluation"]["patches_per_case"])
-    batch = windows_per_batch(shape, _features_per_voxel(settings), float(planning["memory_gb"]), n_per_case)
+    batch = windows_per_batch(shape, _features_per_voxel(settings), activation_budget_gb(float(planning["memory_gb"])), n_per_case)
     predict = window_predictor(model)
     rng = np.random.default_rng(int(settings["seed"]) + 2)
     truths, scores = [], []

@@ -47,6 +47,38 @@ PredictBatch = Callable[[np.ndarray], np.ndarray]
 ACTIVATION_BYTES_PER_FEATURE = 16.0
 GIB = 2**30
 
+# `planning.memory_gb` is the predicting process's peak, not only the activations': the
+# runtime (Python with TensorFlow, Keras, Kedro and MLflow loaded, the network built and
+# traced) and the case's arrays come off it first (`activation_budget_gb`). RUNTIME_GB is
+# the runtime's measured RSS (README, "Memory"), rounded up.
+RUNTIME_GB = 1.0
+# What is left for the activations never goes below this: a budget smaller than the runtime
+# still predicts, one window or slice at a time, and the log says the budget is too small.
+MIN_ACTIVATION_GB = 0.0625
+
+
+def case_arrays_bytes(spatial_shape: Sequence[int], in_channels: int, out_channels: int, mirrored: bool) -> int:
+    """The float32 arrays a whole-volume prediction holds besides the batch (bytes).
+
+    The input (X, Y, Z, in_channels), and with mirroring its flipped copy; the weighted sum
+    (X, Y, Z, out_channels) and the weight sum of `sliding_window_predict`, and with mirroring
+    the plain prediction and the running mean over the flips; the probabilities mapped back to
+    the scan's grid and the best class so far (`probabilities_to_label_map`), taken at the
+    training grid's size.
+    """
+    voxels = math.prod(int(n) for n in spatial_shape[:3])
+    inputs = in_channels * (2 if mirrored else 1)
+    outputs = out_channels * (3 if mirrored else 1) + 1
+    return 4 * voxels * (inputs + outputs + 2)
+
+
+def activation_budget_gb(memory_gb: float, held_bytes: int = 0, runtime_gb: float = RUNTIME_GB) -> float:
+    """The share of `memory_gb` left for one forward pass's activations: the budget less the
+    runtime (`RUNTIME_GB`) and the arrays held (`case_arrays_bytes`), at least
+    `MIN_ACTIVATION_GB`. A function of the plan and the volume's shape only, never of the
+    memory in use, so the same scan gets the same batches (and masks) in every process."""
+    return max(MIN_ACTIVATION_GB, float(memory_gb) - float(runtime_gb) - float(held_bytes) / GIB)
+
 
 def unet_features_per_voxel(base_filters: int, depth: int, spatial_rank: int) -> float:
     """Feature-map values per input voxel of a U-Net, summed over its resolution levels.
