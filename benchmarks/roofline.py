@@ -16,9 +16,9 @@ the sigmoid are left out (less than 1 % of the convolutions here). A training st
 3 × the forward FLOPs (the backward pass is two convolutions per convolution: the input's
 gradient and the weights'), the usual convention; Adam's update is left out.
 
-Targets, set from what this script found (README, "Measured figures"):
-- the 2D U-Net's training step reaches >= 25 % of the matmul peak (measured 40-60 % on 2-core
-  CPUs: its convolutions have 32-256 channels, which oneDNN keeps busy);
+Targets, provisional: this script has not been run yet, so they are not set from a measurement.
+- the 2D U-Net's training step reaches >= 25 % of the matmul peak (its convolutions have
+  32-256 channels, enough to keep oneDNN's kernels busy);
 - the 3D U-Net's inference reaches >= 25 % of the peak of its own dominant convolution: its
   8-channel convolutions are memory-bound (few FLOPs per byte), so the matmul peak is not
   attainable for them, and the convolution alone is the roofline that applies;

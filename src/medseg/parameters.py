@@ -263,10 +263,10 @@ class BudgetParams(Section):
 class PlanningParams(Section):
     """Budgets that are turned into sizes, shared by both models.
 
-    memory_gb: GiB of activations that one training step or inference forward pass may take;
-        the planned training batch (`medseg.planning.training_batch`) and the whole slices
-        (unet) or windows (conv3d) per inference batch follow from it and the model's width
-        (`medseg.patching.sliding_window.windows_per_batch`).
+    memory_gb: GiB of activations that one training step may take (the planned training
+        batch, `medseg.planning.training_batch`); for inference, the predicting process's
+        peak: the whole slices (unet) or windows (conv3d) per batch get what is left after
+        the runtime and the scan's arrays (`medseg.patching.sliding_window.activation_budget_gb`).
     patch_voxels: the voxels a planned 3D patch holds (its shape follows the spacing).
     budget_minutes: training minutes per model that `auto` epochs and steps fill, timed on
         the machine that runs (`medseg.pipelines.modeling.plan_training_steps`).
