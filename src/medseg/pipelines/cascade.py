@@ -25,7 +25,7 @@ from medseg.errors import ConfigurationError
 from medseg.imaging.geometry import PreprocessingPlan, resample_label_map
 from medseg.imaging.io import Volume
 from medseg.inference import Segmenter
-from medseg.inference.cascade import context_channels, context_shape, fold_cases, resample_to, stage_probabilities
+from medseg.inference.cascade import context_channels, context_shape, fold_cases, resample_to
 from medseg.kinds import ModelKind
 from medseg.parameters import DataParams, PlanningParams
 from medseg.pipelines.training import segmenter_plan, train_model
@@ -103,11 +103,7 @@ def train_context(
     context = {}
     for case_id in sorted(grid_images):
         image = grid_images[case_id]().data
+        # A training case gets only the networks that did not see it; the others all of them.
         held_out = [m for m, cases in zip(models, folds) if case_id not in cases]
-        if len(held_out) == len(models):
-            context[case_id] = context_channels(models, image, grid_spacing).astype(np.float16)
-        else:  # a training case: only the networks that did not see it
-            low = resample_to(image, context_shape(image.shape, grid_spacing, spacing))
-            mean = sum(stage_probabilities(m, low) for m in held_out) / len(held_out)
-            context[case_id] = resample_to(mean, image.shape).astype(np.float16)
+        context[case_id] = context_channels(held_out, image, grid_spacing).astype(np.float16)
     return models, context, decided
