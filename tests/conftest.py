@@ -96,6 +96,25 @@ def bfloat16_hardware(cpu: bool, gpu: bool = False):
         yield
 
 
+@contextmanager
+def measured_precision(train_speedup: float, infer_speedup: float, dice_drift: float = 0.0):
+    """While the block runs, the planner's precision measurement
+    (`medseg.kinds.planning.measure_precisions`) reports each policy beyond float32 as
+    `train_speedup` and `infer_speedup` times faster, its check Dice `dice_drift` away:
+    the choice then follows from these figures on every machine, not from this one's speed."""
+    import medseg.kinds.planning as planning
+    from medseg.models.precision import PrecisionMeasurement
+
+    def measure(candidates, build_model, batch_size):
+        base = PrecisionMeasurement(1.0, 0.5, 0.9, 0.9)
+        faster = PrecisionMeasurement(1.0 / train_speedup, 0.5 / infer_speedup, 0.9 - dice_drift, 0.9 - dice_drift)
+        return {name: base if name == "float32" else faster for name in candidates}
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(planning, "measure_precisions", measure)
+        yield
+
+
 _REAL_PROBES: dict = {}
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import TINY_UNET, bfloat16_hardware, copy_project, mlflow_runs, run_pipeline, tracking_store
+from conftest import TINY_UNET, bfloat16_hardware, copy_project, measured_precision, mlflow_runs, run_pipeline, tracking_store
 
 # How far the logged model's own `predict` may stray from the segmenter's forward pass on the
 # same whole slices. Both run the same weights in the same policies, but as two TensorFlow
@@ -39,7 +39,9 @@ def auto_run(request, prepared_data, tmp_path_factory) -> tuple[Path, str, Path]
     scratch = tmp_path_factory.mktemp("precision")
     if request.param:
         project = copy_project(prepared_data, scratch / "project")
-        with bfloat16_hardware(cpu=True):
+        # bfloat16 measured faster (the planner's own measurement is tested in
+        # tests/models/test_precision.py), so the choice does not hang on this CPU's speed.
+        with bfloat16_hardware(cpu=True), measured_precision(train_speedup=1.8, infer_speedup=2.8):
             run_pipeline(project, "unet", {**TINY_UNET, "unet.training.precision": "auto"})
     else:
         project = copy_project(request.getfixturevalue("trained_unet_postprocessed"), scratch / "project")
@@ -77,7 +79,8 @@ def _logged(project: Path, name: str, loader):
 def test_the_plan_the_training_and_the_run_record_the_precision_auto_chose(auto_run):
     project, expected, _ = auto_run
     plan = json.loads((project / "data" / "05_model_input" / "unet" / "plan.json").read_text())
-    assert plan["precision"] == {"given": "auto", "used": expected}
+    assert (plan["precision"]["given"], plan["precision"]["used"], plan["precision"]["inference"]) == ("auto", expected, expected)
+    assert set(plan["precision"].get("measured", {"float32": 0})) == ({"float32", "mixed_bfloat16"} if expected != "float32" else {"float32"})
     trained = keras.models.load_model(project / "data" / "06_models" / "unet" / "model.keras", compile=False)
     assert _policies(trained) == ({expected}, "float32")  # the head (and the loss) stay float32
     import mlflow

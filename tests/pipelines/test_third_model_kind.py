@@ -117,7 +117,7 @@ def test_a_model_kind_defined_in_a_test_runs_end_to_end(toy_kind, prepared_proje
     data = project / "data"
     plan = json.loads((data / "05_model_input/toy/plan.json").read_text())
     assert plan["model"] == "toy" and plan["used"]["model.input_size"] == 32
-    assert plan["precision"] == {"given": "float32", "used": "float32"}
+    assert plan["precision"] == {"given": "float32", "used": "float32", "inference": "float32"}
     segmenter = json.loads((data / "06_models/toy/segmenter/segmenter.json").read_text())
     assert segmenter["display_name"] == "Toy" and segmenter["model_key"] == "toy"
 

@@ -15,7 +15,16 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from medseg.models.distribute import distribution_strategy, global_batch_size, strategy_name
-from medseg.models.precision import dtype_policy, machine_description, resolve_precision
+from medseg.models.precision import (
+    CHECK_BATCH,
+    CHECK_STEPS,
+    PrecisionMeasurement,
+    choose_precision,
+    dtype_policy,
+    machine_description,
+    measure_precision,
+    precision_candidates,
+)
 from medseg.models.training import seconds_per_training_step, training_fingerprint
 from medseg.planning import INPUT_PIPELINE_OVERHEAD, plan_steps
 
@@ -116,24 +125,74 @@ def apply_plan(
     return settings, ModelPlan(model=model_key, **as_json)
 
 
-def plan_precision(network: str, model_key: str, settings: dict[str, Any], plan: ModelPlan) -> tuple[dict, ModelPlan]:
-    """`training.precision` decided once, by the plan: `auto` becomes the policy this machine
-    trains `network` fastest in (`medseg.models.precision.resolve_precision`: `mixed_bfloat16`
-    where the hardware has bfloat16 units and the network gains from them, else `float32`);
-    an explicit policy is kept. Training, the timing of steps and the MLflow run then read the
-    one value in `settings`, so they cannot disagree.
+def plan_precision(
+    model_key: str,
+    settings: dict[str, Any],
+    plan: ModelPlan,
+    build_model: Callable[[], Any],
+    timings: dict[str, Any] | None,
+) -> tuple[dict, ModelPlan, dict]:
+    """`training.precision` decided once, by the plan, and by measurement for `auto`.
+
+    An explicit policy is kept, for training and inference alike. For `auto`, each policy the
+    hardware offers (`precision_candidates`: float32, and bfloat16 where there are bfloat16
+    units) is measured on the planned model and batch (`measure_precision`: a training step, an
+    inference batch and the quick Dice check), and `choose_precision` keeps the fastest that
+    passes, for training and for inference apart: a float32-trained network can predict in
+    bfloat16 where that is faster and its masks agree. The measurements are kept with the
+    training-step timings (`<model>.timings`, keyed by the sizes, batch, candidates and
+    machine), so a rerun on the same machine makes the same choice without measuring.
 
     Returns:
-        (settings, plan): `settings["training"]["precision"]` is the policy; the plan gains
-        `precision`: {"given": the parameter, "used": the policy}.
+        (settings, plan, timings): `settings["training"]["precision"]` is the training policy
+        and `settings["inference"]["precision"]` the inference one; the plan gains
+        `precision`: {"given", "used" (training), "inference", and for `auto` "measured"
+        (per policy: seconds per step and per batch, check Dice), "reason", "reused"}.
     """
+    timings = dict(timings or {})
     given = str(settings["training"]["precision"])
-    used = resolve_precision(given, network)
-    settings["training"]["precision"] = used
-    plan.precision = {"given": given, "used": used}
-    if given == "auto":
-        logger.info("%s: training.precision=auto chose %s on this machine.", model_key, used)
-    return settings, plan
+    candidates = precision_candidates(given)
+    record: dict[str, Any] = {"given": given}
+    if len(candidates) == 1:
+        chosen = {"training": candidates[0], "inference": candidates[0]}
+    else:
+        training = settings["training"]
+        sized = {k: v for k, v in settings.items() if k in ("model", "sampling")}
+        machine = machine_description()
+        key = training_fingerprint(
+            model=model_key, sizes=sized, batch=training["batch_size"], candidates=candidates, machine=machine,
+            purpose="precision", check=[CHECK_STEPS, CHECK_BATCH],
+        )
+        reused = key in timings
+        if reused:
+            measured = {name: PrecisionMeasurement(**values) for name, values in timings[key]["measured"].items()}
+        else:
+            measured = measure_precisions(candidates, build_model, int(training["batch_size"]))
+            timings[key] = {"measured": {name: m.to_json() for name, m in measured.items()}, "machine": machine}
+        chosen = choose_precision(measured)
+        record.update(measured={name: m.to_json() for name, m in measured.items()}, reason=chosen["reason"], reused=reused)
+        logger.info(
+            "%s: training.precision=auto chose %s for training and %s for inference on this machine (%s%s).",
+            model_key, chosen["training"], chosen["inference"], chosen["reason"] or "float32 fastest",
+            ", measured earlier" if reused else "",
+        )
+    settings["training"]["precision"] = chosen["training"]
+    settings.setdefault("inference", {})["precision"] = chosen["inference"]
+    plan.precision = {**record, "used": chosen["training"], "inference": chosen["inference"]}
+    return settings, plan, timings
+
+
+def measure_precisions(
+    candidates: tuple[str, ...], build_model: Callable[[], Any], batch_size: int
+) -> dict[str, PrecisionMeasurement]:
+    """`measure_precision` for each policy, float32 first: its initial weights start every
+    other policy, and its trained check model is run in each for the inference check."""
+    measured, initial, float32_model = {}, None, None
+    for name in sorted(candidates, key=lambda name: name != "float32"):
+        measured[name], model, start = measure_precision(name, build_model, batch_size, initial, float32_model)
+        if name == "float32":
+            initial, float32_model = start, model
+    return measured
 
 
 def plan_training_steps(
@@ -212,8 +271,8 @@ def plan_model(
     Returns:
         (plan, settings, timings), in the order of a planning node's outputs.
     """
-    settings, plan = plan_precision(kind.network(settings), kind.name, settings, plan)
     n_classes = kind.class_count(settings, dataset_fingerprint)
+    settings, plan, timings = plan_precision(kind.name, settings, plan, lambda: kind.build(settings, n_classes), timings)
     settings, plan, timings = plan_training_steps(
         kind.name, settings, plan, lambda: kind.build(settings, n_classes), planning, timings
     )

@@ -1,25 +1,39 @@
-"""Which floating-point precision a model trains and predicts in, from what the machine has.
+"""Which floating-point precision a model trains and predicts in, measured on the machine.
 
-`resolve_precision` turns `training.precision` ("auto" or a Keras mixed-precision policy) into
-a policy once, from the hardware probes here (`read_cpuinfo`, `cpu_has_bfloat16`,
-`gpu_has_bfloat16`); `dtype_policy` builds a model under it; `machine_description` records the
-hardware a timing was made on.
+`precision_candidates` turns `training.precision` ("auto" or a Keras mixed-precision policy)
+into the policies worth measuring, from the hardware probes here (`read_cpuinfo`,
+`cpu_has_bfloat16`, `gpu_has_bfloat16`). `measure_precision` times a model's training step and
+inference batch in one policy and runs the quick Dice check; `choose_precision` keeps the
+fastest policy that passes it, for training and for inference apart. `dtype_policy` builds a
+model under a policy, `with_precision` copies a trained one into another, and
+`machine_description` records the hardware a timing was made on.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import keras
+import numpy as np
 
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
-# Model kinds that bfloat16 makes faster on a CPU with bfloat16 units, as measured (the README
-# gives the figures): the 2D U-Net's training and inference gain; the 3D models on their small
-# patches do not, so `auto` keeps them in float32 on a CPU. On a GPU every kind gains.
-BF16_FASTER_ON_CPU = frozenset({"unet"})
+# The quick check: `CHECK_STEPS` training steps on a small batch of a task a U-Net learns in
+# that many steps (smooth noise thresholded), from the same initial weights in every policy.
+# A policy whose Dice on a second batch strays more than `DICE_TOLERANCE` from float32's is not
+# chosen. 30 steps: at 12 the 3D U-Net's float32 and bfloat16 runs were still 0.013 apart on
+# the way up (0.869 / 0.856); at 30 they were 0.004 apart (0.909 / 0.905), the 2D U-Net 0.0035.
+CHECK_STEPS = 30
+CHECK_BATCH = 4
+DICE_TOLERANCE = 0.01
+# A policy must be this much faster than float32 to be chosen: within it, two timings of the
+# same kernels differ by noise, and float32 needs no check.
+MIN_SPEEDUP = 1.05
 
 
 def read_cpuinfo() -> str:
@@ -58,27 +72,195 @@ def gpu_has_bfloat16() -> bool:
     return False
 
 
-def resolve_precision(setting: str, model_kind: str, cpuinfo: str | None = None, gpu_bf16: bool | None = None) -> str:
-    """`training.precision`: a Keras mixed-precision policy name, or "auto".
-
-    "auto" picks `mixed_bfloat16` where the hardware has bfloat16 (an NVIDIA GPU of compute
-    capability >= 8.0, or a CPU with `avx512_bf16`/`amx_bf16`) and where it was measured
-    faster for the model kind (`BF16_FASTER_ON_CPU` on a CPU); otherwise `float32`.
+def precision_candidates(setting: str, cpuinfo: str | None = None, gpu_bf16: bool | None = None) -> tuple[str, ...]:
+    """The policies `training.precision` asks to measure: an explicit policy alone; for "auto",
+    float32 and, where the hardware has bfloat16 units (an NVIDIA GPU of compute capability
+    >= 8.0, or a CPU with `avx512_bf16`/`amx_bf16`), `mixed_bfloat16`. Without the units
+    bfloat16 is emulated and never faster (11x slower in 2D on an AMD EPYC, README), so it is
+    not timed. `mixed_float16` is never chosen by `auto`: it needs loss scaling and can
+    overflow; set it explicitly.
 
     Args:
         setting: "auto", "float32", "mixed_bfloat16" or "mixed_float16".
-        model_kind: "unet" (2D), "unet3d" or "patch_classifier".
         cpuinfo, gpu_bf16: for tests; read from the machine when None.
     """
     if setting != "auto":
         if setting not in PRECISIONS:
             raise ValueError(f"training.precision must be 'auto' or one of {list(PRECISIONS)}, got '{setting}'.")
-        return setting
-    if gpu_has_bfloat16() if gpu_bf16 is None else gpu_bf16:
-        return "mixed_bfloat16"
-    if model_kind in BF16_FASTER_ON_CPU and cpu_has_bfloat16(cpuinfo):
-        return "mixed_bfloat16"
-    return "float32"
+        return (setting,)
+    if (gpu_has_bfloat16() if gpu_bf16 is None else gpu_bf16) or cpu_has_bfloat16(cpuinfo):
+        return ("float32", "mixed_bfloat16")
+    return ("float32",)
+
+
+@dataclass(frozen=True)
+class PrecisionMeasurement:
+    """One policy measured on one model (`measure_precision`).
+
+    Attributes:
+        train_seconds_per_step: median training step on the planned batch.
+        infer_seconds_per_batch: median forward pass of the planned batch.
+        train_check_dice: Dice on the check's held-out batch after `CHECK_STEPS` steps trained
+            in this policy.
+        infer_check_dice: Dice of the float32-trained check model run in this policy.
+    """
+
+    train_seconds_per_step: float
+    infer_seconds_per_batch: float
+    train_check_dice: float
+    infer_check_dice: float
+
+    def to_json(self) -> dict[str, float]:
+        return {key: round(float(value), 6) for key, value in asdict(self).items()}
+
+
+def check_batch(input_shape, output_shape, batch_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A batch of a task any segmentation network learns in a few dozen steps: smooth noise
+    (Gaussian, sigma 2 voxels), standardized, its voxels above 0.5 the foreground (about a
+    third). A multi-class network gets one class per band (0.5, 1, 1.5, ...); a patch
+    classifier one label per patch (whether its mean is positive)."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(int(batch_size), *input_shape[1:])).astype(np.float32)
+    x = ndimage.gaussian_filter(x, sigma=(0, *([2] * (len(input_shape) - 2)), 0))
+    x = ((x - x.mean()) / x.std()).astype(np.float32)
+    if len(output_shape) == 2:  # (B, 1): one probability per patch
+        return x, (x.reshape(len(x), -1).mean(axis=1, keepdims=True) > 0).astype(np.float32)
+    channels = int(output_shape[-1])
+    bands = np.arange(1, max(channels, 2)) * 0.5
+    return x, np.digitize(x[..., :1], bands).astype(np.float32)
+
+
+def check_dice(model: keras.Model, x: np.ndarray, y: np.ndarray) -> float:
+    """Mean Dice over the foreground classes of `model` on (x, y): sigmoid outputs at 0.5,
+    softmax outputs by argmax, a classifier's per-patch labels as one mask."""
+    out = np.asarray(model.predict_on_batch(x), dtype=np.float32)
+    if out.shape[-1] == 1:
+        labels, classes = (out >= 0.5).astype(np.int64), [1]
+    else:
+        labels, classes = out.argmax(axis=-1)[..., None], range(1, out.shape[-1])
+    truth = y.astype(np.int64).reshape(labels.shape)
+    scores = []
+    for value in classes:
+        a, b = labels == value, truth == value
+        total = int(a.sum() + b.sum())
+        scores.append(1.0 if total == 0 else 2.0 * float((a & b).sum()) / total)
+    return float(np.mean(scores))
+
+
+def seconds_per_inference_batch(model: keras.Model, x: np.ndarray, steps: int = 3) -> float:
+    """Median time of `model.predict_on_batch(x)`, the call the segmenter makes per batch of
+    windows (`medseg.inference.segmenter.window_predictor`), after one call that traces it."""
+    model.predict_on_batch(x)
+    times = []
+    for _ in range(int(steps)):
+        start = time.perf_counter()
+        model.predict_on_batch(x)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def measure_precision(
+    precision: str,
+    build_model: Callable[[], keras.Model],
+    batch_size: int,
+    initial_weights: list[np.ndarray] | None,
+    float32_model: keras.Model | None,
+) -> tuple[PrecisionMeasurement, keras.Model, list[np.ndarray]]:
+    """Time `build_model()`'s training step and inference batch in `precision`, and run the
+    quick check (module constants).
+
+    Args:
+        precision: the policy.
+        build_model: a compiled model of the planned sizes; called under the policy.
+        batch_size: the planned batch.
+        initial_weights: float32's initial weights, so every policy starts from the same
+            point; None for float32 itself.
+        float32_model: the float32 check model, trained; its weights are run in `precision`
+            for the inference check. None for float32 itself.
+
+    Returns:
+        (the measurement, the check model trained in `precision`, its initial weights).
+    """
+    from medseg.models.training import seconds_per_training_step
+
+    with dtype_policy(precision):
+        model = build_model()
+    if initial_weights is not None:
+        model.set_weights(initial_weights)
+    start_weights = model.get_weights()
+    x, y = check_batch(model.input_shape, model.output_shape, batch_size, seed=0)
+    train_seconds = seconds_per_training_step(model, batch_size, data=(x, y))
+    infer_seconds = seconds_per_inference_batch(model, x)
+    model.set_weights(start_weights)
+    x_check, y_check = check_batch(model.input_shape, model.output_shape, min(CHECK_BATCH, batch_size), seed=1)
+    x_held, y_held = check_batch(model.input_shape, model.output_shape, min(CHECK_BATCH, batch_size), seed=2)
+    for _ in range(CHECK_STEPS):
+        model.train_on_batch(x_check, y_check)
+    train_dice = check_dice(model, x_held, y_held)
+    if float32_model is None:
+        infer_dice = train_dice
+    else:
+        infer_dice = check_dice(with_precision(float32_model, precision), x_held, y_held)
+    return PrecisionMeasurement(train_seconds, infer_seconds, train_dice, infer_dice), model, start_weights
+
+
+def choose_precision(measured: Mapping[str, PrecisionMeasurement]) -> dict[str, Any]:
+    """The policies to train and to predict in: for each, the fastest whose check Dice is
+    within `DICE_TOLERANCE` of float32's and which beats float32 by `MIN_SPEEDUP`; float32
+    otherwise. One measured policy (an explicit one, or float32 alone) is chosen for both.
+
+    Returns:
+        {"training", "inference": the policies, "reason": in words, for the plan and the log}.
+    """
+    if "float32" not in measured:
+        (only,) = measured
+        return {"training": only, "inference": only, "reason": f"{only} was set explicitly"}
+    base = measured["float32"]
+    chosen, reasons = {}, []
+    for purpose, seconds, dice in (
+        ("training", "train_seconds_per_step", "train_check_dice"),
+        ("inference", "infer_seconds_per_batch", "infer_check_dice"),
+    ):
+        best = "float32"
+        for name, m in measured.items():
+            speedup = getattr(base, seconds) / max(getattr(m, seconds), 1e-12)
+            drift = abs(getattr(m, dice) - getattr(base, dice))
+            if name == "float32":
+                continue
+            if drift > DICE_TOLERANCE:
+                reasons.append(f"{purpose}: {name} {speedup:.2f}x but its check Dice strays {drift:.3f} from float32's")
+            elif speedup < MIN_SPEEDUP:
+                reasons.append(f"{purpose}: {name} only {speedup:.2f}x float32")
+            elif getattr(m, seconds) < getattr(measured[best], seconds):
+                best = name
+                reasons.append(f"{purpose}: {name} {speedup:.2f}x float32, check Dice within {drift:.3f}")
+        chosen[purpose] = best
+    if len(measured) == 1:
+        reasons.append("only float32 was measured (no bfloat16 units)")
+    return {**chosen, "reason": "; ".join(reasons)}
+
+
+def with_precision(model: keras.Model, precision: str) -> keras.Model:
+    """A copy of a trained model computing in `precision`, with the same weights (mixed
+    policies keep float32 variables). The output layer keeps its own policy: it is float32
+    in every medseg network, so the probabilities and the losses are. The model itself when
+    it already computes in `precision`."""
+    head = model.layers[-1].name
+    hidden = {layer.dtype_policy.name for layer in model.layers if layer.weights and layer.name != head}
+    if hidden <= {precision}:
+        return model
+
+    def clone(layer):
+        config = layer.get_config()
+        if layer.name != head and not isinstance(layer, keras.layers.InputLayer) and "dtype" in config:
+            config["dtype"] = precision
+        return layer.__class__.from_config(config)
+
+    copy = keras.models.clone_model(model, clone_function=clone)
+    copy.set_weights(model.get_weights())
+    return copy
 
 
 @contextlib.contextmanager

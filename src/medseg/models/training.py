@@ -170,7 +170,9 @@ def wants_determinism(setting: bool | str) -> bool:
     return bool(setting)
 
 
-def seconds_per_training_step(model: keras.Model, batch_size: int, steps: int = 3, seed: int = 0) -> float:
+def seconds_per_training_step(
+    model: keras.Model, batch_size: int, steps: int = 3, seed: int = 0, data: tuple[np.ndarray, np.ndarray] | None = None
+) -> float:
     """Time of one training step of a compiled model on this machine: the median of `steps`
     steps on random inputs of the model's shape, after one step that traces the graph.
 
@@ -187,16 +189,20 @@ def seconds_per_training_step(model: keras.Model, batch_size: int, steps: int = 
         batch_size: samples per step, the global batch (per replica × replicas).
         steps: timed steps, after the traced one.
         seed: of the random inputs.
+        data: (x, y) of `batch_size` samples to step on instead (the precision check's batch).
 
     Returns:
         Seconds per step.
     """
     import tensorflow as tf
 
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(int(batch_size), *model.input_shape[1:])).astype(np.float32)
-    out_shape = model.output_shape
-    y = np.zeros((int(batch_size), 1) if len(out_shape) == 2 else (int(batch_size), *out_shape[1:-1], 1), np.float32)
+    if data is None:
+        rng = np.random.default_rng(seed)
+        x = rng.normal(size=(int(batch_size), *model.input_shape[1:])).astype(np.float32)
+        out_shape = model.output_shape
+        y = np.zeros((int(batch_size), 1) if len(out_shape) == 2 else (int(batch_size), *out_shape[1:-1], 1), np.float32)
+    else:
+        x, y = data
     ends: list[float] = []
 
     class StepClock(keras.callbacks.Callback):

@@ -20,7 +20,7 @@ from medseg.imaging.geometry import PreprocessingPlan
 from medseg.kinds.planning import replica_part
 from medseg.kinds.streams import case_loader
 from medseg.models.distribute import distribution_strategy, global_batch_size, strategy_name
-from medseg.models.precision import dtype_policy
+from medseg.models.precision import dtype_policy, with_precision
 from medseg.models.training import (
     TrainingBudget,
     derive_seed,
@@ -112,7 +112,8 @@ def train_model(
     Returns:
         The trained model (best validation loss), its history, and what training decided:
         `<model>.training.precision_used`, `.distribute_strategy`, `.replicas` and
-        `.global_batch_size` (the MLflow run's parameters).
+        `.global_batch_size`, and `<model>.inference.precision_used` (the MLflow run's
+        parameters).
     """
     training = settings["training"]
     seed = derive_seed(int(data["seed"]), int(settings["seed"]))
@@ -126,6 +127,7 @@ def train_model(
         f"{model_key}.training.distribute_strategy": strategy_name(strategy),
         f"{model_key}.training.replicas": replicas,
         f"{model_key}.training.global_batch_size": batch_size,
+        f"{model_key}.inference.precision_used": str(settings.get("inference", {}).get("precision", precision)),
     }
     logger.info("%s: training in %s.", model_key, precision)
     logger.info(
@@ -302,8 +304,10 @@ def build_segmenter(
     kind: ModelKind,
 ) -> Segmenter:
     """The trained network as a segmenter: the network the kind runs
-    (`kind.segmenter_network`), with the training run's plan (`segmenter_plan`); its windows
-    are batched within `planning.memory_gb`.
+    (`kind.segmenter_network`), in the inference precision the plan chose
+    (`settings["inference"]["precision"]`, `medseg.models.precision.with_precision`: the same
+    weights, computing in that policy), with the training run's plan (`segmenter_plan`); its
+    windows are batched within `planning.memory_gb`.
 
     Args:
         model: the trained network.
@@ -320,4 +324,9 @@ def build_segmenter(
         The segmenter, saved as `<model>.segmenter`.
     """
     plan = segmenter_plan(kind, case_fingerprints, case_geometry, dataset_fingerprint, data, settings, planning)
-    return Segmenter(kind.segmenter_network(model, settings), plan, context_models or ())
+    network = kind.segmenter_network(model, settings)
+    precision = settings.get("inference", {}).get("precision")
+    if precision and precision != settings["training"]["precision"]:
+        logger.info("%s: the segmenter predicts in %s (trained in %s).", kind.name, precision, settings["training"]["precision"])
+        network = with_precision(network, precision)
+    return Segmenter(network, plan, context_models or ())
