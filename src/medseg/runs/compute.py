@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -76,7 +77,10 @@ class SyncExecutor:
         Returns:
             The results, in the order of `items`. The first exception is raised as is.
         """
-        return map_in_order(func, items, task=task, case_ids=case_ids, prepare=prepare, logger=logger)
+        start = time.perf_counter()
+        results = map_in_order(func, items, task=task, case_ids=case_ids, prepare=prepare, logger=logger)
+        _log_step_time(task, len(items), start)
+        return results
 
     def close(self) -> None:
         pass
@@ -202,6 +206,7 @@ class DaskExecutor:
             group_of[future.key] = group
             queue.add(future)
 
+        start = time.perf_counter()
         queue = as_completed(loop=client.loop, with_results=True, raise_errors=False)
         for _ in range(limit):
             submit_next(queue)
@@ -227,6 +232,7 @@ class DaskExecutor:
             for future in list(queue.futures):
                 future.cancel()
             raise
+        _log_step_time(task, len(items), start)
         return results
 
     def close(self) -> None:
@@ -244,6 +250,11 @@ class DaskExecutor:
         if self._cluster is not None:
             self._cluster.close()
             self._cluster = None
+
+
+def _log_step_time(task: str, n_cases: int, start: float) -> None:
+    """"<task>: N cases in S s", the step's own time (benchmarks/scale_out.py sums these)."""
+    logger.info("%s: %d cases in %.2f s.", task, n_cases, time.perf_counter() - start)
 
 
 def _chunks(n_items: int, n_chunks: int) -> list[list[int]]:
