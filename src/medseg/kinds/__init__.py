@@ -59,8 +59,8 @@ class ModelKind:
         segmenter_window: `(settings) -> dict` of the window fields of
             `medseg.inference.SegmenterPlan` (`window`, `depth`, `patch_size`, `overlap`,
             `sigma_scale`, `features_per_voxel`).
-        network: `(settings) -> str`, the network's name for the precision policy and the
-            timing keys ("unet", "unet3d", "patch_classifier").
+        network: `(settings) -> str`, the network's name ("unet", "unet3d",
+            "patch_classifier").
         display_name: `(settings) -> str`, the model's name in run names ("UNet").
         training_samples: what the training curves' Dice and IoU were computed on.
         class_count: `(settings, dataset_fingerprint) -> int`, the classes the network
