@@ -247,7 +247,7 @@ class MlflowRunHook:
 
 
 # The parameter sections medseg reads, besides one per registered model kind.
-SECTIONS = ("data", "compute", "planning", "predict")
+SECTIONS = ("data", "compute", "planning", "predict", "cv")
 
 
 def check_sections(params: dict[str, Any]) -> None:

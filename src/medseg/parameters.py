@@ -317,6 +317,26 @@ class ComputeParams(Section):
         super().__post_init__()
 
 
+# cv ------------------------------------------------------------------------------------------
+@dataclass(config=_STRICT)
+class CvParams(Section):
+    """Cross-validation and the choice of the best configuration (`medseg.pipelines.crossval`,
+    `medseg.pipelines.selection`).
+
+    folds: K folds over the training and validation cases (0: the single split only).
+    register: register the chosen configuration in the MLflow model registry as
+        `medseg-<dataset>` with the alias `champion`.
+    """
+
+    folds: NonNegative
+    register: bool
+
+    def __post_init__(self) -> None:
+        if self.folds == 1:
+            raise ValueError("cv.folds=1 is not a cross-validation: use 0 (off) or at least 2.")
+        super().__post_init__()
+
+
 # predict -------------------------------------------------------------------------------------
 @dataclass(config=_STRICT)
 class PredictParams(Section):
@@ -340,6 +360,7 @@ ROOTS: dict[str, type[Section]] = {
     "planning": PlanningParams,
     "predict": PredictParams,
     "compute": ComputeParams,
+    "cv": CvParams,
 }
 
 

@@ -39,12 +39,17 @@ class MlflowSegmenterDataset(AbstractDataset[Any, None]):
 
         import mlflow
 
-        if mlflow.active_run() is None:
-            return
+        if data is None or mlflow.active_run() is None:
+            return  # nothing chosen (a selection without cross-validation), or MLflow off
         with tempfile.TemporaryDirectory(prefix="medseg-segmenter-") as folder:
             data.segmenter.save(Path(folder) / "segmenter")
             info = log_segmenter(Path(folder) / "segmenter", self._name, data.registered_model_name)
         self.model_uri = info.model_uri
+        alias = getattr(data, "alias", None)
+        if alias and data.registered_model_name:
+            # The alias moves to the new version; the previous one keeps its number, so
+            # `set_registered_model_alias(name, alias, <old version>)` undoes a promotion.
+            mlflow.MlflowClient().set_registered_model_alias(data.registered_model_name, alias, info.registered_model_version)
 
     def _describe(self) -> dict[str, Any]:
         return {"name": self._name}

@@ -65,6 +65,7 @@ from medseg.errors import ConfigurationError, CorruptFileError, MedsegError
 from medseg.imaging.io import read_volume_bytes, volume_bytes
 from medseg.inference.scans import case_id_of
 from medseg.inference.segmenter import Segmenter
+from medseg.inference.ensemble import is_ensemble, load_segmenter
 from medseg.limits import Limits, describe, limits
 from medseg.serving_files import PathNotAllowedError, Roots, serve_roots  # noqa: F401 (re-exported)
 
@@ -330,7 +331,7 @@ class SegmenterModel(mlflow.pyfunc.PythonModel):
         serve_roots()  # a misconfigured server fails to start, with the message
         if os.environ.get(SERVER_MODEL_ENV) or _in_scoring_server():
             _install_body_limit()
-        self.segmenter = Segmenter.load(context.artifacts[ARTIFACT])
+        self.segmenter = load_segmenter(context.artifacts[ARTIFACT])
         self._requests = _Idempotency()
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
@@ -469,7 +470,7 @@ def _download_segmenter(source: str) -> tuple[str, str]:
             "run id or the registered name and version (`kedro mlflow ui`), and the tracking URI."
         ) from exc
     folder = path / "artifacts" / ARTIFACT
-    if not (folder / "segmenter.json").is_file():
+    if not (folder / "segmenter.json").is_file() and not is_ensemble(folder):
         raise ConfigurationError(
             f"predict.model={source!r} is not a medseg segmenter (no artifacts/{ARTIFACT}/segmenter.json). Use a "
             "`unet_segmenter` or `conv3d_segmenter` model."

@@ -77,3 +77,91 @@ def split_cases(case_ids: Sequence[str], train: float, val: float, test: float, 
 def cases_in_split(splits: pd.DataFrame, *names: str) -> list[str]:
     """Case ids assigned to any of the named sets (`train`, `val`, `test`), sorted."""
     return sorted(splits.loc[splits["split"].isin(names), "case_id"])
+
+
+# Cross-validation folds (`cv.folds`) ----------------------------------------------------------
+def assign_folds(splits: pd.DataFrame, n_folds: int, seed: int, saved: dict | None = None) -> dict:
+    """The training and validation cases in `n_folds` folds, as nnU-Net's `splits_final.json`.
+
+    The test cases stay out of every fold. The folds are made once, from `seed`: the cases are
+    shuffled and dealt in turn, so fold sizes are within one of each other. A saved assignment
+    with the same number of folds is kept as it is, so that the folds stay fixed when cases are
+    added: a new case goes to the smallest fold (the first of them on a tie), in sorted order,
+    and a case that left the training and validation sets leaves its fold.
+
+    Args:
+        splits: the case split (`splits.csv`).
+        n_folds: `cv.folds`, at least 2.
+        seed: `data.seed`.
+        saved: the last run's `folds.json`, or empty.
+
+    Returns:
+        `{"n_folds": K, "seed": seed, "folds": [{"fold": i, "train": [...], "val": [...]}]}`:
+        `val` is the held-out fold, `train` the other folds' cases.
+
+    Raises:
+        SplitError: fewer training and validation cases than folds.
+        ConfigurationError: a saved file with another number of folds.
+    """
+    cases = cases_in_split(splits, "train", "val")
+    if n_folds < 2:
+        raise ConfigurationError(f"cv.folds={n_folds}: cross-validation needs at least 2 folds (0 turns it off).")
+    if len(cases) < n_folds:
+        raise SplitError(
+            f"cv.folds={n_folds} needs at least {n_folds} training and validation cases; the split has {len(cases)}. "
+            "Lower cv.folds or add cases."
+        )
+    if saved and saved.get("folds"):
+        if int(saved.get("n_folds", len(saved["folds"]))) != n_folds:
+            raise ConfigurationError(
+                f"data/03_primary/folds.json holds {saved.get('n_folds')} folds, but cv.folds={n_folds}. Set "
+                f"cv.folds={saved.get('n_folds')} to keep them, or delete folds.json to split the cases anew."
+            )
+        held_out = [[c for c in fold["val"] if c in set(cases)] for fold in saved["folds"]]
+        placed = {c for fold in held_out for c in fold}
+        for case in sorted(set(cases) - placed):
+            smallest = min(range(n_folds), key=lambda i: (len(held_out[i]), i))
+            held_out[smallest].append(case)
+        seed = int(saved.get("seed", seed))
+    else:
+        order = np.random.default_rng(int(seed)).permutation(len(cases))
+        held_out = [[cases[i] for i in order[fold::n_folds]] for fold in range(n_folds)]
+    held_out = [sorted(fold) for fold in held_out]
+    if any(not fold for fold in held_out):
+        raise SplitError(f"a fold of folds.json holds no case after the cases changed; delete data/03_primary/folds.json to split anew.")
+    return {
+        "n_folds": n_folds,
+        "seed": int(seed),
+        "folds": [
+            {"fold": i, "train": sorted(c for j, other in enumerate(held_out) if j != i for c in other), "val": fold}
+            for i, fold in enumerate(held_out)
+        ],
+    }
+
+
+def fold_split(splits: pd.DataFrame, folds: dict, fold: int) -> pd.DataFrame:
+    """The split one fold trains with, in the columns of `splits.csv`.
+
+    The held-out fold is `heldout`: neither fitted nor used to stop early, so its predictions
+    are out-of-fold. The other folds keep their own set: `train` cases are fitted, `val` cases
+    stop training early, as in the single split. When the other folds hold no `val` case, the
+    last of their training cases (in sorted order) stops training early instead. The test
+    cases stay `test`.
+
+    Raises:
+        SplitError: the other folds hold fewer than 2 cases.
+    """
+    held_out = set(folds["folds"][fold]["val"])
+    table = splits[["case_id", "split"]].copy()
+    table.loc[table["case_id"].isin(held_out), "split"] = "heldout"
+    if not (table["split"] == "val").any():
+        train = sorted(table.loc[table["split"] == "train", "case_id"])
+        if len(train) >= 2:
+            table.loc[table["case_id"] == train[-1], "split"] = "val"
+    for needed in ("train", "val"):
+        if not (table["split"] == needed).any():
+            raise SplitError(
+                f"fold {fold}: the other folds hold no {needed} case ({len(held_out)} held out of "
+                f"{len(cases_in_split(splits, 'train', 'val'))}). Lower cv.folds, or add cases."
+            )
+    return table

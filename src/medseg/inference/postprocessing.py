@@ -120,6 +120,39 @@ def probabilities_to_label_map(
     return labels
 
 
+def probabilities_on_source_grid(probability: np.ndarray, geometry: CaseGeometry) -> np.ndarray:
+    """Probabilities on the training grid mapped back to the source file's grid, each channel
+    resampled linearly as `probabilities_to_label_map` does before its threshold or argmax: the
+    space in which an ensemble of models with different grids averages them.
+
+    Returns:
+        float32, `geometry.original_shape` (one sigmoid channel) or that shape + (K + 1,).
+    """
+    if probability.ndim == 3 or probability.shape[-1] == 1:
+        foreground = probability if probability.ndim == 3 else probability[..., 0]
+        return restore_original_geometry(np.asarray(foreground, dtype=np.float32), geometry, order=1).astype(np.float32, copy=False)
+    channels = [restore_original_geometry(np.ascontiguousarray(probability[..., c], dtype=np.float32), geometry, order=1)
+                for c in range(probability.shape[-1])]
+    return np.stack(channels, axis=-1).astype(np.float32, copy=False)
+
+
+def source_label_map(probability: np.ndarray, threshold: float, class_values: Sequence[int]) -> np.ndarray:
+    """A uint8 label map from probabilities already on the source grid: one channel
+    thresholded, or the most probable of K + 1 classes (background on ties), exactly as
+    `probabilities_to_label_map` decides after its resampling."""
+    if probability.ndim == 3 or probability.shape[-1] == 1:
+        foreground = probability if probability.ndim == 3 else probability[..., 0]
+        return (foreground >= threshold).astype(np.uint8) * np.uint8(class_values[0])
+    best = np.array(probability[..., 0], dtype=np.float32)
+    labels = np.zeros(best.shape, dtype=np.uint8)
+    for index, value in enumerate(class_values, start=1):
+        channel = probability[..., index]
+        wins = channel > best
+        best[wins] = channel[wins]
+        labels[wins] = value
+    return labels
+
+
 @dataclass(frozen=True)
 class LabelMapper:
     """Probabilities on the training grid to a uint8 label map on the scan's grid: the inverse
@@ -142,6 +175,10 @@ class LabelMapper:
     def volume(self, probability: np.ndarray, geometry: CaseGeometry) -> Volume:
         """The label map as a :class:`medseg.imaging.io.Volume` with the scan's own affine."""
         return Volume(self(probability, geometry), np.asarray(geometry.original_affine, dtype=np.float64))
+
+    def from_parts(self, parts: tuple[np.ndarray, CaseGeometry]) -> Volume:
+        """`volume(*parts)`, for the (probability, geometry) a segmenter's `network_part` gives."""
+        return self.volume(*parts)
 
 
 def volumes_ml(mask: Volume, classes: Mapping[str, str]) -> dict[str, float]:

@@ -192,10 +192,9 @@ def write_predictions(
 
 
 def segmented_scan(
-    parts: tuple[np.ndarray, CaseGeometry], to_label_map: LabelMapper, classes: Mapping[str, str], extra: Mapping[str, Any]
+    parts: Any, finish: Callable[[Any], Volume], classes: Mapping[str, str], extra: Mapping[str, Any]
 ) -> tuple[Volume, dict]:
-    """A scan's mask on its own grid and its `predictions.csv` row, from the probabilities and
-    geometry a segmenter's network part gave: the worker part of a prediction (no network)."""
-    probability, geometry = parts
-    mask = to_label_map.volume(probability, geometry)
+    """A scan's mask on its own grid and its `predictions.csv` row, from what a segmenter's
+    `network_part` gave and its `finisher()`: the worker part of a prediction (no network)."""
+    mask = finish(parts)
     return mask, {**volumes_ml(mask, classes), **extra}

@@ -44,6 +44,7 @@ from medseg.inference.postprocessing import (
     LabelMapper,
     keep_largest_component,
     predict_with_mirroring,
+    probabilities_on_source_grid,
     probabilities_to_label_map,
     volumes_ml,
 )
@@ -348,6 +349,30 @@ class Segmenter:
         is for the messages."""
         image, geometry = self.preprocess(volume, name)
         return Volume(self.segment_preprocessed(image, geometry), np.asarray(volume.affine, dtype=np.float64))
+
+    def source_probabilities(self, volume: Volume, name: str = "the scan") -> np.ndarray:
+        """The scan's probabilities on its own grid (each channel resampled back linearly), with
+        the plan's mirroring: what an ensemble averages (`medseg.inference.ensemble`)."""
+        image, geometry = self.preprocess(volume, name)
+        return probabilities_on_source_grid(self.probabilities(image), geometry)
+
+    def network_part(self, volume: Volume, name: str = "the scan") -> tuple[np.ndarray, CaseGeometry]:
+        """The part of `segment` with the network (the driver's): probabilities on the training
+        grid and the geometry back to the scan's."""
+        image, geometry = self.preprocess(volume, name)
+        return self.probabilities(image), geometry
+
+    def finisher(self) -> Callable[[tuple[np.ndarray, CaseGeometry]], Volume]:
+        """The part without the network, which pickles (a Dask worker runs it):
+        `finisher()(network_part(...))` is `segment(...)`."""
+        return self.label_mapper().from_parts
+
+    def configure(self, mirror_axes: Sequence[int] | None = None, keep_largest_component: bool | None = None) -> None:
+        """Override the plan's postprocessing (`predict.mirror_axes`, `keep_largest_component`)."""
+        if mirror_axes is not None:
+            self.plan.mirror_axes = [int(a) for a in mirror_axes]
+        if keep_largest_component is not None:
+            self.plan.keep_largest_component = bool(keep_largest_component)
 
     def read_scan(self, path: str | os.PathLike) -> Volume:
         """Read and check a scan as training did (float32; NaN, a zero spacing, a wrong number

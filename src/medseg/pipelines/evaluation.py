@@ -156,10 +156,12 @@ def evaluate_postprocessing(
 
 @dataclass(frozen=True)
 class SegmenterExport:
-    """What `<model>.mlflow_segmenter` logs: the segmenter, and the registry name (or None)."""
+    """What `<model>.mlflow_segmenter` logs: the segmenter (or an ensemble), the registry name
+    (or None), and an alias the new registered version takes (`champion`), or None."""
 
-    segmenter: Segmenter
+    segmenter: Any
     registered_model_name: str | None
+    alias: str | None = None
 
 
 def package_segmenter(segmenter: Segmenter, settings: dict[str, Any]) -> SegmenterExport:

@@ -25,6 +25,7 @@ from medseg.pipelines.evaluation import (
     summarize_evaluation,
 )
 from medseg.pipelines.cascade import train_context
+from medseg.pipelines.crossval import cross_validate, evaluate_cross_validation
 from medseg.pipelines.grid import plan_grid, preprocess_grid, select_grid
 from medseg.pipelines.training import build_segmenter, train
 
@@ -32,9 +33,9 @@ from medseg.pipelines.training import build_segmenter, train
 SHARED_INPUTS = {
     "case_geometry", "dataset_fingerprint", "primary_images", "primary_labels", "intermediate_images",
     "intermediate_labels", "splits", "case_fingerprints",
-    "project_root", "synthetic_phantoms",
+    "project_root", "synthetic_phantoms", "folds",
 }
-SHARED_PARAMETERS = {"params:data", "params:planning"}
+SHARED_PARAMETERS = {"params:data", "params:planning", "params:cv"}
 # The grid the model trains and predicts on, by the template's names: for a kind that plans
 # its grid (`ModelKind.plans_grid`), made by the grid nodes; for the others, the data
 # pipeline's own layer and plan.
@@ -131,6 +132,20 @@ def model_pipeline(kind: ModelKind) -> Pipeline:
                 name="summarize_evaluation",
             ),
             Node(export_model, "model", ["mlflow_model", "architecture", "weights"], name="export_model"),
+            Node(
+                _bound(cross_validate, kind=kind),
+                ["grid_images", "grid_labels", "splits", "folds", "grid_geometry", "case_fingerprints", "dataset_fingerprint",
+                 "params:data", "settings", "params:planning", "params:cv", "cv_backup"],
+                ["cv_ensemble", "cv_probabilities", "cv_runs", "mlflow_params_cv"],
+                name=f"cross_validate_{name}",
+            ),
+            Node(
+                _bound(evaluate_cross_validation, kind=kind),
+                ["cv_probabilities", "cv_runs", "intermediate_labels", "case_geometry", "folds", "dataset_fingerprint",
+                 "params:data", "settings"],
+                ["cv_metrics_per_case", "cv_summary", "mlflow_metrics_cv"],
+                name="evaluate_cross_validation",
+            ),
             *(_grid_nodes() + [_context_node(kind)] if kind.plans_grid else []),
             *kind.extra_nodes(),
         ]

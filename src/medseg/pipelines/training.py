@@ -70,6 +70,7 @@ def train_model(
     backup_root: str,
     metric_prefix: str = "",
     keep: bool = False,
+    log_epochs: bool = True,
 ) -> tuple[keras.Model, dict[str, list[float]], dict[str, Any]]:
     """The one training skeleton of every model kind.
 
@@ -108,6 +109,8 @@ def train_model(
             (`medseg.models.training.keep_finished`), and return a kept one without training:
             a cascade's folds, which live in memory, are not trained again when the run is
             resumed after a later node failed.
+        log_epochs: send each epoch to the active MLflow run; off for cross-validation folds,
+            whose nested runs get their history when the fold ends, wherever it trained.
 
     Returns:
         The trained model (best validation loss), its history, and what training decided:
@@ -165,7 +168,7 @@ def train_model(
         validation_steps=training["validation_steps"],
         backup_dir=resume.backup_dir,
         patience=training["early_stopping_patience"],
-        callbacks=[MlflowEpochLogger(model_key, metric_prefix), *([budget] if budget else [])],
+        callbacks=[*([MlflowEpochLogger(model_key, metric_prefix)] if log_epochs else []), *([budget] if budget else [])],
     )
     report = budget.report if budget is not None and budget.report else {}
     decided.update({f"{model_key}.training.budget.{key}": value for key, value in report.items()})

@@ -155,3 +155,53 @@ def describe_dataset(name: str, source: str, folder: str) -> None:
         "medseg.data_dir": folder,
         "mlflow.note.content": f"Dataset: {name} ({source}, {folder})",
     })
+
+
+TAG_FOLD = "medseg.fold"
+TAG_MODEL = "medseg.model"
+
+
+def fold_run_name(parent_name: str, model: str, fold: int, models_in_run: Iterable[str]) -> str:
+    """`<parent>/fold<i>`, or `<parent>/<model>-fold<i>` when the run trains several models."""
+    return f"{parent_name}/{model}-fold{fold}" if len(set(models_in_run)) > 1 else f"{parent_name}/fold{fold}"
+
+
+def log_fold_runs(model: str, records: Iterable[Mapping[str, Any]], fold_metrics: Iterable[Mapping[str, Any]]) -> list[str]:
+    """One MLflow run per cross-validation fold, nested under the active run: its epoch history
+    (one step per epoch), what its training decided, and its out-of-fold metrics, each run
+    tagged with its model and fold. Logged when the folds have ended, from this process, so
+    folds trained on Dask workers are logged the same way as folds trained here.
+
+    Returns:
+        The nested runs' ids (none outside a tracked run).
+    """
+    import time
+
+    from mlflow.entities import Metric, Param, RunTag
+
+    parent = mlflow.active_run()
+    if parent is None:
+        return []
+    client = mlflow.MlflowClient()
+    models = models_in_active_run()
+    scores = {int(m["fold"]): m for m in fold_metrics}
+    ids = []
+    for record in records:
+        fold = int(record["fold"])
+        run = client.create_run(
+            parent.info.experiment_id,
+            run_name=fold_run_name(parent.info.run_name, model, fold, models),
+            tags={"mlflow.parentRunId": parent.info.run_id, TAG_MODEL: model, TAG_FOLD: str(fold)},
+        )
+        now = int(time.time() * 1000)
+        metrics = [Metric(key, float(value), now, step) for key, values in record["history"].items()
+                   for step, value in enumerate(values)]
+        metrics += [Metric(key, float(value), now, 0) for key, value in scores.get(fold, {}).items() if key != "fold"]
+        params = [Param(key, redact_urls(str(value))[:6000]) for key, value in record["decided"].items()]
+        params.append(Param("fold", str(fold)))
+        for start in range(0, max(len(metrics), 1), 900):  # MLflow takes at most 1000 metrics per batch
+            client.log_batch(run.info.run_id, metrics=metrics[start:start + 900], params=params if start == 0 else [],
+                             tags=[RunTag("medseg.fold_seconds", f"{float(record.get('seconds', 0)):.1f}")] if start == 0 else [])
+        client.set_terminated(run.info.run_id)
+        ids.append(run.info.run_id)
+    return ids

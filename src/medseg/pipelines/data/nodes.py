@@ -39,9 +39,9 @@ from medseg.imaging.validation import (
     label_to_class_indices,
     resolve_label_classes,
 )
-from medseg.parameters import DataParams, PreprocessingParams
+from medseg.parameters import CvParams, DataParams, PreprocessingParams
 from medseg.incremental import KeyedPartition, content_key
-from medseg.split import split_cases, split_sizes
+from medseg.split import assign_folds, split_cases, split_sizes
 
 logger = logging.getLogger(__name__)
 
@@ -300,3 +300,18 @@ def split_dataset(case_fingerprints: pd.DataFrame, data: DataParams) -> pd.DataF
     split = data["split"]
     case_ids = [_case_id(value) for value in case_fingerprints["case_id"]]
     return split_cases(case_ids, split["train"], split["val"], split["test"], int(data["seed"]))
+
+
+def assign_cv_folds(splits: pd.DataFrame, cv: CvParams, data: DataParams, folds_saved: dict) -> dict:
+    """The cross-validation folds, `data/03_primary/folds.json` (`medseg.split.assign_folds`).
+
+    With `cv.folds: 0` the saved file is passed on as it is (or an empty record when there is
+    none), so a run without cross-validation never changes the folds of a later one.
+    """
+    if int(cv["folds"]) == 0:
+        return folds_saved or {}
+    folds = assign_folds(splits, int(cv["folds"]), int(data["seed"]), folds_saved)
+    if folds_saved and folds_saved.get("folds") != folds["folds"]:
+        logger.info("folds.json: kept, with the cases that changed placed: %s.",
+                    [len(f["val"]) for f in folds["folds"]])
+    return folds

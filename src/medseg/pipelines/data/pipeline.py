@@ -3,6 +3,7 @@
 from kedro.pipeline import Node, Pipeline
 
 from .nodes import (
+    assign_cv_folds,
     canonicalize_cases,
     list_source_cases,
     phantom_settings,
@@ -60,5 +61,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                 namespace="data",
             ),
             Node(split_dataset, ["case_fingerprints", "params:data"], "splits", name="split_dataset", namespace="data"),
+            Node(assign_cv_folds, ["splits", "params:cv", "params:data", "folds_saved"], "folds", name="assign_cv_folds",
+                 namespace="data"),
         ]
     )

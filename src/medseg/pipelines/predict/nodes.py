@@ -18,9 +18,8 @@ from medseg.runs import compute
 from medseg.casework import DriverThenWorker
 from medseg.datasets.folder import anchor_path
 from medseg.errors import ConfigurationError
-from medseg.inference import Segmenter
+from medseg.inference.ensemble import load_segmenter, read_any_plan
 from medseg.inference.scans import Scan, check_output_folder, list_scans, segmented_scan, write_predictions
-from medseg.inference.segmenter import read_plan
 from medseg.parameters import PredictParams
 from medseg.runs import tracking
 from medseg.serving import fetch_segmenter
@@ -65,7 +64,7 @@ def list_scans_to_predict(
     """
     input_dir, _ = _folders(predict, project_root)
     folder, model_uri = fetch_segmenter(str(predict["model"]), local_segmenters)
-    scans = list_scans(input_dir, read_plan(folder).channel)
+    scans = list_scans(input_dir, read_any_plan(folder).channel)
     logger.info("predict: %d scans in %s.", len(scans), input_dir)
     table = pd.DataFrame([{"case_id": scan.case_id, "image_path": scan.path} for scan in scans])
     return table, {"folder": folder, "uri": model_uri}
@@ -91,25 +90,21 @@ def segment_scans(scans: pd.DataFrame, model: dict[str, str], predict: PredictPa
         several classes), model_uri; also logged to the MLflow run with the source model URI.
     """
     _, output_dir = _folders(predict, project_root)
-    segmenter, model_uri = Segmenter.load(model["folder"]), model["uri"]
-    if predict.get("mirror_axes") is not None:
-        segmenter.plan.mirror_axes = [int(a) for a in predict["mirror_axes"]]
-    if predict.get("keep_largest_component") is not None:
-        segmenter.plan.keep_largest_component = bool(predict["keep_largest_component"])
+    segmenter, model_uri = load_segmenter(model["folder"]), model["uri"]
+    segmenter.configure(predict.get("mirror_axes"), predict.get("keep_largest_component"))
     tracking.set_tags({"medseg.source_model_uri": model_uri, "medseg.source_model": segmenter.plan.display_name})
     logger.info(
         "predict: %s from %s; mirroring over %s, largest component %s.", segmenter.plan.display_name, model_uri,
         list(segmenter.effective_mirror_axes()) or "no axes", "kept" if segmenter.plan.keep_largest_component else "off",
     )
-    to_label_map = segmenter.label_mapper()
+    finish = segmenter.finisher()
     row = {"model_uri": model_uri}
 
     def segment(scan: Scan) -> DriverThenWorker:
         def network() -> tuple:
-            image, geometry = segmenter.preprocess(segmenter.read_scan(scan.path), scan.path)
-            return segmenter.probabilities(image), geometry
+            return segmenter.network_part(segmenter.read_scan(scan.path), scan.path)
 
-        return DriverThenWorker(network, partial(segmented_scan, to_label_map=to_label_map, classes=segmenter.plan.classes, extra=row))
+        return DriverThenWorker(network, partial(segmented_scan, finish=finish, classes=segmenter.plan.classes, extra=row))
 
     table = write_predictions(
         [Scan(str(r.case_id), str(r.image_path)) for r in scans.itertuples()], segment, output_dir, mapper=compute.current().map
