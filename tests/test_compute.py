@@ -166,10 +166,9 @@ def test_predictions_map_back_on_workers_while_the_network_stays_here(tmp_path: 
 
     def segment(scan):
         def network():
-            image, geometry = segmenter.preprocess(segmenter.read_scan(scan.path))
-            return segmenter.probabilities(image), geometry
+            return segmenter.network_part(segmenter.read_scan(scan.path))
 
-        worker = partial(segmented_scan, to_label_map=segmenter.label_mapper(), classes=segmenter.plan.classes, extra={})
+        worker = partial(segmented_scan, finish=segmenter.finisher(), classes=segmenter.plan.classes, extra={})
         return DriverThenWorker(network, worker)
 
     here = write_predictions(scans, segment, tmp_path / "sync")

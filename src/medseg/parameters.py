@@ -324,12 +324,9 @@ class CvParams(Section):
     `medseg.pipelines.selection`).
 
     folds: K folds over the training and validation cases (0: the single split only).
-    register: register the chosen configuration in the MLflow model registry as
-        `medseg-<dataset>` with the alias `champion`.
     """
 
     folds: NonNegative
-    register: bool
 
     def __post_init__(self) -> None:
         if self.folds == 1:

@@ -26,8 +26,8 @@ class SegmenterDataset(AbstractDataset[Segmenter, Segmenter]):
 
     def __init__(self, path: str, optional: bool = False, metadata: dict[str, Any] | None = None):
         """`optional: true`: an output that a run may not make (the cross-validation's
-        ensemble under `cv.folds: 0`): saving None removes the folder, so it always holds
-        the last run's, and a missing folder loads as None."""
+        ensemble under `cv.folds: 0`): saving `{}` (Kedro refuses to save None) removes the
+        folder, so it always holds the last run's, and a missing folder loads as None."""
         self._path = Path(path)
         self._optional = bool(optional)
         self.metadata = metadata
@@ -37,8 +37,8 @@ class SegmenterDataset(AbstractDataset[Segmenter, Segmenter]):
             return None
         return load_segmenter(self._path)
 
-    def save(self, data: Segmenter | None) -> None:
-        if data is None and self._optional:
+    def save(self, data: Segmenter | dict) -> None:
+        if isinstance(data, dict) and not data and self._optional:
             import shutil
 
             shutil.rmtree(self._path, ignore_errors=True)

@@ -87,7 +87,7 @@ def cross_validate(
     backup_root: str,
     *,
     kind: ModelKind,
-) -> tuple[Ensemble | None, dict[str, Callable[[], Volume]], list[dict], dict[str, Any]]:
+) -> tuple[Ensemble | dict, dict[str, Callable[[], Volume]], list[dict], dict[str, Any]]:
     """Train the K folds and predict each one's held-out cases.
 
     Args:
@@ -107,11 +107,11 @@ def cross_validate(
         out-of-fold probabilities on its source grid}, lazily, `<model>.cv_probabilities`;
         one record per fold (history, what training decided, time) for the nested runs; the
         folds' decisions as MLflow parameters `<model>.fold<i>.training.*`). With
-        `cv.folds: 0`, (None, {}, [], {}).
+        `cv.folds: 0`, ({}, {}, [], {}): `{}` for no ensemble, since Kedro saves no None.
     """
     n_folds = int(cv["folds"])
     if n_folds == 0:
-        return None, {}, [], {}
+        return {}, {}, [], {}
     if settings.get("cascade"):
         raise ConfigurationError(
             f"{kind.name}: cross-validation of a cascade (conv3d.model.configuration: cascade) is not supported: its "
