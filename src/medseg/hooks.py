@@ -43,6 +43,7 @@ from medseg.parameters import ComputeParams, did_you_mean
 from medseg.runs import tracking
 from medseg.runs.lock import ProjectLock
 from medseg.runs.outputs import JOURNAL_NAME, OutputStaging, output_folders
+from medseg.runs.tracking import dataset_identity  # noqa: F401  (tests import it from here too)
 
 logger = logging.getLogger(__name__)
 
@@ -116,20 +117,28 @@ def run_name_prefix(models: list[str], params: dict[str, Any], today: dt.date, n
     return f"{joined[0]}-{joined[1]}-{joined[2]}-{date}"
 
 
+def _top_namespaces(pipeline: Pipeline) -> set[str]:
+    return {node.namespace.split(".")[0] for node in pipeline.nodes if node.namespace}
+
+
 def is_prediction_run(pipeline: Pipeline) -> bool:
     """Whether the run is `predict` alone (no data or training node)."""
-    namespaces = {node.namespace.split(".")[0] for node in pipeline.nodes if node.namespace}
-    return namespaces == {"predict"}
+    return _top_namespaces(pipeline) == {"predict"}
+
+
+def is_selection_run(pipeline: Pipeline) -> bool:
+    """Whether the run is `select` alone: it trains nothing, so it is named `Select-{YYYYMMDD}`."""
+    return _top_namespaces(pipeline) == {"selection"}
 
 
 def prediction_run_prefix(predict: dict[str, Any], local_folders: dict[str, str], today: dt.date) -> str:
     """`Predict-{Model}-{YYYYMMDD}`, the model's name read from its segmenter (downloaded from
     MLflow for a model URI). A model that cannot be found fails here, before the run starts."""
-    from medseg.inference.segmenter import read_plan
+    from medseg.inference.ensemble import segmenter_name
     from medseg.serving import fetch_segmenter
 
     folder, _ = fetch_segmenter(str(predict["model"]), local_folders)
-    return f"Predict-{read_plan(folder).display_name}-{today.strftime('%Y%m%d')}"
+    return f"Predict-{segmenter_name(folder)}-{today.strftime('%Y%m%d')}"
 
 
 def next_run_number(existing_names: list[str], prefix: str) -> int:
@@ -210,6 +219,8 @@ class MlflowRunHook:
             except BaseException:
                 self._release()
                 raise
+        elif is_selection_run(pipeline):
+            prefix = f"Select-{dt.date.today().strftime('%Y%m%d')}"
         else:
             data = self._context.params.get("data", {})
             prefix = run_name_prefix(models, self._context.params, dt.date.today(), expected_class_count(data, self._context.project_path))
@@ -337,25 +348,3 @@ def expected_class_count(data: dict[str, Any], project_path) -> int:
         return len(foreground_classes(json.loads(manifest.read_text()), manifest))
     except Exception:  # the data steps report a bad dataset.json, with the fix
         return 1
-
-
-def dataset_identity(data: dict[str, Any], project_path, synthetic_phantoms: str | None = None) -> tuple[str, str, str]:
-    """(name, source, folder) of the run's dataset: the name from its `dataset.json` when it
-    can be read (the phantoms may not exist yet: "medseg-synthetic"). `folder` is a local path,
-    or the URL of a `data.msd_dir` on an fsspec store; for the phantoms, `synthetic_phantoms`
-    (the catalog entry's folder)."""
-    from medseg.datasets.folder import anchor_path
-    from medseg.imaging.msd import dataset_location
-
-    source = str(data["source"])
-    folder = anchor_path(data["msd_dir"] if source == "msd" else str(synthetic_phantoms), project_path)
-    if isinstance(folder, str):  # anchor_path leaves only a URL as a string: read it through fsspec
-        folder = dataset_location(folder)
-    name = "medseg-synthetic" if source == "synthetic" else folder.name
-    # Never fatal, whatever fails: a store adds its own errors (credentials, a missing fsspec
-    # package) to OSError and ValueError, and the data steps report them with the fix.
-    try:
-        name = str(json.loads((folder / "dataset.json").read_text()).get("name") or name)
-    except Exception:
-        pass
-    return name, source, str(folder)

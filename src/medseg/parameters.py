@@ -324,9 +324,12 @@ class CvParams(Section):
     `medseg.pipelines.selection`).
 
     folds: K folds over the training and validation cases (0: the single split only).
+    registered_model_name: the MLflow registry name of the selection's champion; None names
+        it `medseg-<dataset>` (the name in the dataset's `dataset.json`).
     """
 
     folds: NonNegative
+    registered_model_name: str | None
 
     def __post_init__(self) -> None:
         if self.folds == 1:

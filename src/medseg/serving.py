@@ -429,7 +429,7 @@ def fetch_segmenter(source: str, local_folders: Mapping[str, str]) -> tuple[str,
 
     Args:
         source: a key of `local_folders` (`unet`, `conv3d`: the model this project last
-            trained), or an MLflow model URI (`runs:/<run_id>/<name>`,
+            trained), `champion` (`champion_uri`), or an MLflow model URI (`runs:/<run_id>/<name>`,
             `models:/<name>/<version>`), downloaded to a temporary folder that is deleted
             when the process ends.
         local_folders: {model: its segmenter folder}, from the catalog entries
@@ -440,6 +440,8 @@ def fetch_segmenter(source: str, local_folders: Mapping[str, str]) -> tuple[str,
         (`runs:/<id>/<model>_segmenter` for a local model whose training run is known), else
         the folder.
     """
+    if source == CHAMPION:
+        source = champion_uri()
     if source in local_folders:
         folder = Path(local_folders[source])
         run_id = None
@@ -453,11 +455,44 @@ def fetch_segmenter(source: str, local_folders: Mapping[str, str]) -> tuple[str,
     return _download_segmenter(source)
 
 
+CHAMPION = "champion"
+REGISTRY_PREFIX = "medseg-"
+
+
+def champion_uri() -> str:
+    """`models:/<name>@champion` of the one medseg model in the registry (`medseg-<dataset>`)
+    whose version holds the alias `champion` (set by `kedro run --pipeline select`).
+
+    Raises:
+        ConfigurationError: none holds it, or several do (then the message lists them and asks
+            for the full URI).
+    """
+    client = mlflow.MlflowClient()
+    try:
+        registered = client.search_registered_models(filter_string=f"name LIKE '{REGISTRY_PREFIX}%'")
+    except Exception as exc:
+        raise ConfigurationError(f"predict.model=champion: the model registry cannot be read ({type(exc).__name__}: "
+                                 f"{str(exc)[:300]}). Check the tracking URI.") from exc
+    names = sorted(model.name for model in registered if CHAMPION in (model.aliases or {}))
+    if not names:
+        raise ConfigurationError(
+            "predict.model=champion: no registered medseg model has the alias `champion`. Choose one first: train with "
+            "`kedro run --params cv.folds=5`, then `kedro run --pipeline select`; or give a model URI."
+        )
+    if len(names) > 1:
+        raise ConfigurationError(
+            f"predict.model=champion: several datasets have a champion ({', '.join(names)}). Name one: "
+            f"predict.model=models:/{names[0]}@champion."
+        )
+    return f"models:/{names[0]}@{CHAMPION}"
+
+
 def _download_segmenter(source: str) -> tuple[str, str]:
     if ":/" not in source:
         raise ConfigurationError(
-            f"predict.model={source!r}: give `unet` or `conv3d` (this project's last trained model), or an MLflow "
-            "model URI such as runs:/<run_id>/unet_segmenter or models:/<name>/<version>."
+            f"predict.model={source!r}: give `unet` or `conv3d` (this project's last trained model), `champion` (the "
+            "registered champion of `kedro run --pipeline select`), or an MLflow model URI such as "
+            "runs:/<run_id>/unet_segmenter or models:/<name>/<version>."
         )
     local = Path(tempfile.mkdtemp(prefix="medseg-model-"))
     atexit.register(shutil.rmtree, local, ignore_errors=True)

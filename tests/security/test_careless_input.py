@@ -137,5 +137,6 @@ def test_15_an_unknown_parameter_section_is_refused_with_a_hint():
     with pytest.raises(ConfigurationError, match=r"'unnet' \(did you mean 'unet'\?\)") as error:
         check_sections({**params, "unnet": {"training": {"epochs": 2}}})
     assert "'conv3d'" in str(error.value)
-    with pytest.raises(ConfigurationError, match="'cv'"):
-        check_sections({**params, "cv": {"folds": 3}})
+    check_sections({**params, "cv": {"folds": 3}})  # cross-validation's own section
+    with pytest.raises(ConfigurationError, match=r"'cvv' \(did you mean 'cv'\?\)"):
+        check_sections({**params, "cvv": {"folds": 3}})

@@ -191,6 +191,18 @@ def load_segmenter(folder: str | os.PathLike) -> Segmenter | Ensemble:
     return Ensemble.load(folder) if is_ensemble(folder) else Segmenter.load(folder)
 
 
+def segmenter_name(folder: str | os.PathLike) -> str:
+    """The display name of a segmenter folder (`UNet`), or an ensemble's own name
+    (`unet+conv3d+largest_component`), without loading a network."""
+    folder = Path(folder)
+    if is_ensemble(folder):
+        try:
+            return str(json.loads((folder / ENSEMBLE_FILE).read_text())["name"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise CorruptFileError(f"{folder / ENSEMBLE_FILE}: not a readable ensemble ({exc}). Run the selection again.") from exc
+    return read_plan(folder).display_name
+
+
 def read_any_plan(folder: str | os.PathLike) -> SegmenterPlan:
     """The plan of a segmenter folder, or of an ensemble's first member (its channel and
     classes are every member's), without loading a network."""
@@ -200,4 +212,4 @@ def read_any_plan(folder: str | os.PathLike) -> SegmenterPlan:
     return read_plan(folder)
 
 
-__all__ = ["Ensemble", "SourceLabelMapper", "is_ensemble", "load_segmenter", "read_any_plan", "PLAN_FILE"]
+__all__ = ["Ensemble", "SourceLabelMapper", "is_ensemble", "load_segmenter", "read_any_plan", "segmenter_name", "PLAN_FILE"]

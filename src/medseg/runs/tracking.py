@@ -8,6 +8,7 @@ the run's own tag (`medseg.models`), not process state.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -155,6 +156,28 @@ def describe_dataset(name: str, source: str, folder: str) -> None:
         "medseg.data_dir": folder,
         "mlflow.note.content": f"Dataset: {name} ({source}, {folder})",
     })
+
+
+def dataset_identity(data: dict[str, Any], project_path, synthetic_phantoms: str | None = None) -> tuple[str, str, str]:
+    """(name, source, folder) of the run's dataset: the name from its `dataset.json` when it
+    can be read (the phantoms may not exist yet: "medseg-synthetic"). `folder` is a local path,
+    or the URL of a `data.msd_dir` on an fsspec store; for the phantoms, `synthetic_phantoms`
+    (the catalog entry's folder)."""
+    from medseg.datasets.folder import anchor_path
+    from medseg.imaging.msd import dataset_location
+
+    source = str(data["source"])
+    folder = anchor_path(data["msd_dir"] if source == "msd" else str(synthetic_phantoms), project_path)
+    if isinstance(folder, str):  # anchor_path leaves only a URL as a string: read it through fsspec
+        folder = dataset_location(folder)
+    name = "medseg-synthetic" if source == "synthetic" else folder.name
+    # Never fatal, whatever fails: a store adds its own errors (credentials, a missing fsspec
+    # package) to OSError and ValueError, and the data steps report them with the fix.
+    try:
+        name = str(json.loads((folder / "dataset.json").read_text()).get("name") or name)
+    except Exception:
+        pass
+    return name, source, str(folder)
 
 
 TAG_FOLD = "medseg.fold"

@@ -26,6 +26,8 @@ FILES = {
     "dataset_fingerprint": ("json.JSONDataset", "03_primary/fingerprint.json"),
     "case_geometry": ("medseg.datasets.plans.PreprocessingPlanDataset", "03_primary/geometry.json"),
     "splits": ("pandas.CSVDataset", "03_primary/splits.csv"),
+    "folds_saved": ("medseg.datasets.optional.OptionalJSONDataset", "03_primary/folds.json"),
+    "folds": ("json.JSONDataset", "03_primary/folds.json"),
 }
 
 

@@ -1,0 +1,214 @@
+"""The `select` pipeline: the best configuration from the cross-validation, as nnU-Net's
+`nnUNetv2_find_best_configuration`, scored once on the test split and promoted in the MLflow
+model registry.
+
+`kedro run --pipeline select` reads what the model pipelines left with `cv.folds: K` (each
+model's out-of-fold probabilities and its ensemble of fold networks) and compares each model,
+the ensemble of all of them, and each with and without the largest-component filter (decided
+per class), by out-of-fold Dice (`medseg.evaluation.selection`). The test split plays no part
+in the choice; the chosen segmenter then segments it once, for the figure a paper reports.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from kedro.pipeline import Node, Pipeline
+from matplotlib.figure import Figure
+
+from medseg.errors import ConfigurationError
+from medseg.evaluation import evaluate_case_per_class, flatten_class_means, flatten_summary, summarize_per_class
+from medseg.evaluation.selection import best_candidate, candidates_table, plot_candidates, registry_name, score_model_sets
+from medseg.imaging.geometry import PreprocessingPlan, from_canonical
+from medseg.imaging.io import Volume, voxel_spacing
+from medseg.inference.ensemble import Ensemble
+from medseg.kinds import model_kinds
+from medseg.parameters import DataParams
+from medseg.pipelines.evaluation import SegmenterExport, _evaluated_classes, _reference_mask
+from medseg.progress import CaseProgress
+from medseg.runs import tracking
+from medseg.split import cases_in_split
+
+logger = logging.getLogger(__name__)
+
+Partitions = dict[str, Callable[[], Volume]]
+CHAMPION = "champion"
+
+
+def _cross_validated(folds: dict, model_outputs: Mapping[str, Any]) -> dict[str, tuple[Partitions, Ensemble]]:
+    """{model: (its out-of-fold probabilities, its fold ensemble)} of every model kind that was
+    cross-validated on the folds of `folds.json`; refuses a model whose outputs are of other
+    folds or other cases (a run before the folds or the cases changed)."""
+    cases = sorted(c for fold in folds.get("folds", []) for c in fold["val"])
+    found = {}
+    for model in model_kinds():
+        probabilities, ensemble = model_outputs[f"{model}_probabilities"], model_outputs[f"{model}_ensemble"]
+        if not probabilities or ensemble is None:
+            continue
+        n_folds = int(ensemble.description.get("folds", len(ensemble.members)))
+        if n_folds != int(folds.get("n_folds", 0)) or sorted(probabilities) != cases:
+            raise ConfigurationError(
+                f"{model}: its cross-validation ({n_folds} folds, {len(probabilities)} cases) is not of the folds in "
+                f"folds.json ({folds.get('n_folds')} folds, {len(cases)} cases): the folds or the cases changed since. "
+                f"Run `kedro run --pipeline {model} --params cv.folds={folds.get('n_folds')}` again, then select."
+            )
+        found[model] = (probabilities, ensemble)
+    if not found:
+        raise ConfigurationError(
+            "select: no model was cross-validated, so there is nothing to choose from. Train with folds first: "
+            "`kedro run --params cv.folds=5` (every model), or `kedro run --pipeline unet --params cv.folds=5`."
+        )
+    return found
+
+
+def select_configuration(
+    intermediate_labels: Partitions,
+    case_geometry: PreprocessingPlan,
+    folds: dict,
+    dataset_fingerprint: dict,
+    data: DataParams,
+    cv: Mapping[str, Any],
+    project_root: str,
+    synthetic_phantoms: str,
+    **model_outputs: Any,
+) -> tuple[dict[str, Any], Figure, Ensemble, dict[str, float], dict[str, Any]]:
+    """Score every candidate on the out-of-fold predictions and choose the best.
+
+    Args:
+        intermediate_labels, case_geometry: the references, put back into each source file's
+            geometry (the out-of-fold probabilities are on that grid).
+        folds: `folds.json`; every model must have been cross-validated on these folds.
+        dataset_fingerprint: the classes and label mode.
+        data: `params:data` (foreground_labels, for binary mode).
+        cv: `params:cv` (registered_model_name: null names the registered model
+            `medseg-<dataset>`, the dataset's name from its `dataset.json`).
+        project_root, synthetic_phantoms: where the dataset is, for its name.
+        model_outputs: `<model>_probabilities` (`<model>.cv_probabilities`) and
+            `<model>_ensemble` (`<model>.cv_ensemble`) of every model kind; a model without
+            cross-validation (empty, None) is left out.
+
+    Returns:
+        `best_configuration.json` (the choice, its members and filtered classes, the registry
+        name, and the table of every candidate), the plot of the candidates, the chosen
+        segmenter (an ensemble of the chosen models' fold networks), the MLflow metrics
+        (`best_cv_dice_mean`, `cv_dice_mean_<candidate>`) and parameters (`selection.*`).
+
+    Raises:
+        ConfigurationError: no model was cross-validated, or one on other folds.
+    """
+    models = _cross_validated(folds, model_outputs)
+    classes, multiclass = _evaluated_classes(dataset_fingerprint)
+    threshold = next(iter(models.values()))[1].threshold
+    cases = sorted(next(iter(models.values()))[0])
+
+    def reference(case_id: str) -> np.ndarray:
+        return _reference_mask(intermediate_labels[case_id](), case_geometry[case_id], multiclass, data)[0]
+
+    loaders = {model: (lambda case_id, parts=parts: parts[case_id]().data) for model, (parts, _) in models.items()}
+    logger.info("select: %d cross-validated models (%s) over %d out-of-fold cases.", len(models), ", ".join(models), len(cases))
+    scores = score_model_sets(cases, loaders, reference, classes, threshold)
+    candidates, table = candidates_table(scores)
+    chosen = best_candidate(candidates, table)
+    members = [member for model in chosen.models for member in models[model][1].members]
+    name = cv["registered_model_name"] or registry_name(tracking.dataset_identity(data, project_root, synthetic_phantoms)[0])
+    segmenter = Ensemble(members, chosen.name, largest_component=chosen.largest_component, threshold=threshold,
+                         description={"models": list(chosen.models), "folds": int(folds["n_folds"]),
+                                      "candidates": table.to_dict(orient="records")})
+    row = table.loc[table["candidate"] == chosen.name].iloc[0]
+    logger.info("select: %s chosen, cross-validation Dice %.4f; %s", chosen.name, row["cv_dice_mean"],
+                {r.candidate: round(float(r.cv_dice_mean), 4) for r in table.itertuples()})
+    configuration = {
+        "chosen": {"candidate": chosen.name, "models": list(chosen.models), "largest_component": list(chosen.largest_component),
+                   "cv_dice_mean": float(row["cv_dice_mean"]), "members": len(members), "threshold": threshold},
+        "folds": int(folds["n_folds"]),
+        "cases": len(cases),
+        "registered_model_name": name,
+        "alias": CHAMPION,
+        "candidates": table.to_dict(orient="records"),
+    }
+    metrics = {"best_cv_dice_mean": float(row["cv_dice_mean"]),
+               **{f"cv_dice_mean_{r.candidate.replace('+', '_and_')}": float(r.cv_dice_mean) for r in table.itertuples()}}
+    params = {"selection.chosen": chosen.name, "selection.models": "+".join(chosen.models),
+              "selection.largest_component": " ".join(str(v) for v in chosen.largest_component) or "none",
+              "selection.folds": int(folds["n_folds"]), "selection.registered_model_name": name}
+    return configuration, plot_candidates(table, chosen.name), segmenter, metrics, params
+
+
+def score_best_configuration(
+    segmenter: Ensemble,
+    intermediate_images: Partitions,
+    intermediate_labels: Partitions,
+    case_geometry: PreprocessingPlan,
+    splits: pd.DataFrame,
+    dataset_fingerprint: dict,
+    data: DataParams,
+) -> tuple[pd.DataFrame, dict[str, float]]:
+    """The chosen configuration's one score on the held-out test split, per case and class.
+
+    Each test case is segmented from its source scan (the canonical copy put back into its
+    source file's geometry), exactly as `predict` and the served model segment a new scan.
+
+    Returns:
+        One row per test case and class (as `metrics_per_case.csv`), and the MLflow metrics
+        `best_test_<metric>_mean` and `best_test_<metric>_<class>_mean`.
+    """
+    classes, multiclass = _evaluated_classes(dataset_fingerprint)
+    test_cases = cases_in_split(splits, "test")
+    rows = []
+    progress = CaseProgress(f"select: {segmenter.name} on the test split", len(test_cases), logger=logger)
+    for case_id in test_cases:
+        geometry = case_geometry[case_id]
+        affine = np.asarray(geometry.original_affine, dtype=float)
+        scan = Volume(from_canonical(intermediate_images[case_id]().data, affine), affine)
+        reference, reference_volume = _reference_mask(intermediate_labels[case_id](), geometry, multiclass, data)
+        labels = segmenter.segment(scan, case_id).data
+        rows.extend({"case_id": case_id, **row} for row in
+                    evaluate_case_per_class(reference, labels, voxel_spacing(reference_volume.affine), classes))
+        progress.advance(case_id)
+    table = pd.DataFrame(rows)
+    if table.empty:
+        return table, {}
+    summary = summarize_per_class(table)
+    metrics = {**flatten_summary(summary, prefix="best_test_"), **flatten_class_means(summary, prefix="best_test_")}
+    logger.info("select: %s scores test Dice %.4f on %d held-out cases.", segmenter.name,
+                metrics.get("best_test_dice_mean", float("nan")), len(test_cases))
+    return table, metrics
+
+
+def promote_champion(segmenter: Ensemble, configuration: dict[str, Any]) -> SegmenterExport:
+    """The chosen segmenter for the MLflow run (`best_segmenter`), registered under
+    `medseg-<dataset>` with the alias `champion`, which moves to the new version; the previous
+    champion keeps its version number, so a promotion can be undone in the registry."""
+    return SegmenterExport(segmenter, configuration["registered_model_name"], alias=configuration["alias"])
+
+
+def create_pipeline(**kwargs) -> Pipeline:
+    outputs = {f"{model}_{what}": f"{model}.cv_{what}" for model in model_kinds() for what in ("probabilities", "ensemble")}
+    return Pipeline(
+        [
+            Node(
+                select_configuration,
+                {"intermediate_labels": "intermediate_labels", "case_geometry": "case_geometry", "folds": "folds",
+                 "dataset_fingerprint": "dataset_fingerprint", "data": "params:data", "cv": "params:cv",
+                 "project_root": "project_root", "synthetic_phantoms": "synthetic_phantoms", **outputs},
+                ["selection.best_configuration", "selection.candidates_plot", "selection.segmenter",
+                 "selection.mlflow_metrics_cv", "selection.mlflow_params_choice"],
+                name="select_configuration",
+                namespace="selection",
+            ),
+            Node(
+                score_best_configuration,
+                ["selection.segmenter", "intermediate_images", "intermediate_labels", "case_geometry", "splits",
+                 "dataset_fingerprint", "params:data"],
+                ["selection.metrics_per_case", "selection.mlflow_metrics_test"],
+                name="score_best_configuration",
+                namespace="selection",
+            ),
+            Node(promote_champion, ["selection.segmenter", "selection.best_configuration"], "selection.mlflow_segmenter",
+                 name="promote_champion", namespace="selection"),
+        ]
+    )
