@@ -19,7 +19,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # the rest in their usual order: with --dist loadscope a module runs whole on one worker, and a
 # long one drawn last would keep the suite waiting while the other workers sit idle.
 LONG_MODULES = (
-    "test_resume.py", "test_distribute.py", "test_planned_runs.py", "test_multiclass_models.py",
+    "test_selection.py", "test_resume.py", "test_distribute.py", "test_planned_runs.py", "test_cross_validation.py", "test_multiclass_models.py",
     "test_serving.py", "test_precision_runs.py", "test_notebook.py", "test_predict_pipeline.py",
     "test_unet_pipeline.py", "test_cli.py", "test_conv3d_pipeline.py", "test_failed_run_keeps_outputs.py",
 )
@@ -232,6 +232,15 @@ TINY_UNET_POSTPROCESSED = {
     "unet.inference.mirror_axes": [0, 1],
     "unet.inference.keep_largest_component": True,
 }
+
+
+CV_UNET = {**TINY_UNET, "data.synthetic.n_cases": 8, "cv.folds": 2}
+
+
+@pytest.fixture(scope="session")
+def cross_validated_unet(tmp_path_factory) -> Path:
+    """`kedro run --pipeline unet` with two folds (CV_UNET), once for the session (read only)."""
+    return shared_project(tmp_path_factory, "cv-unet", lambda project: run_pipeline(project, "unet", CV_UNET))
 
 
 @pytest.fixture(scope="session")

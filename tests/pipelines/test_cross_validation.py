@@ -9,18 +9,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import TINY_CONV3D, TINY_DATA_PARAMS, TINY_UNET, copy_project, log_lines, make_project_copy, mlflow_runs, run_pipeline
+from conftest import CV_UNET, TINY_UNET, copy_project, log_lines, mlflow_runs, run_pipeline
 from medseg.datasets.probabilities import ProbabilityDataset
 from medseg.imaging.io import read_volume
 
-CV_UNET = {**TINY_UNET, "data.synthetic.n_cases": 8, "cv.folds": 2}
 
 
 @pytest.fixture(scope="module")
-def cross_validated(tmp_path_factory):
-    project = make_project_copy(tmp_path_factory.mktemp("cv") / "project")
-    run_pipeline(project, "unet", CV_UNET)
-    return project
+def cross_validated(cross_validated_unet):
+    return cross_validated_unet
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -108,85 +105,3 @@ def test_without_folds_the_run_writes_no_cross_validation(tmp_path, prepared_pro
     assert not (prepared_project / "data/06_models/unet/cv_ensemble").exists()
     assert json.loads((prepared_project / "data/08_reporting/unet/cv_summary.json").read_text()) == {}
 
-
-# The best configuration (`kedro run --pipeline select`) ---------------------------------------
-CV_CONV3D = {**TINY_CONV3D, "data.synthetic.n_cases": 8, "cv.folds": 2}
-
-
-@pytest.fixture(scope="module")
-def selected(cross_validated, tmp_path_factory):
-    """The cross-validated U-Net's project, then the 3D U-Net cross-validated on the same folds,
-    then `select` twice (the second promotes a new champion version)."""
-    project = copy_project(cross_validated, tmp_path_factory.mktemp("select") / "project")
-    run_pipeline(project, "conv3d", CV_CONV3D)
-    run_pipeline(project, "select", {**CV_UNET, **CV_CONV3D})
-    first = json.loads((project / "data/08_reporting/best_configuration.json").read_text())
-    run_pipeline(project, "select", {**CV_UNET, **CV_CONV3D})
-    return project, first
-
-
-def _source_label(project, case_id: str) -> np.ndarray:
-    return read_volume(project / f"data/01_raw/synthetic/labelsTr/{case_id}.nii.gz", kind="label").data > 0
-
-
-def test_the_selection_scores_every_candidate_on_the_out_of_fold_predictions_by_hand(selected):
-    project, first = selected
-    configuration = json.loads((project / "data/08_reporting/best_configuration.json").read_text())
-    assert configuration == first  # the same inputs choose the same configuration
-    table = {row["candidate"]: row for row in configuration["candidates"]}
-    assert {"unet", "conv3d", "unet+conv3d"} <= set(table)
-    # A model alone scores what its own cross-validation reported.
-    for model in ("unet", "conv3d"):
-        summary = json.loads((project / f"data/08_reporting/{model}/cv_summary.json").read_text())
-        assert table[model]["cv_dice_mean"] == pytest.approx(summary["metrics"]["cv_dice_mean"], abs=1e-9)
-    # The ensemble: the mean of both models' out-of-fold probabilities, thresholded, by hand.
-    folds = json.loads((project / "data/03_primary/folds.json").read_text())
-    dices = []
-    for case_id in sorted(c for f in folds["folds"] for c in f["val"]):
-        mean = sum(ProbabilityDataset(str(project / f"data/07_model_output/{m}_cv/{case_id}.npz")).load().data
-                   for m in ("unet", "conv3d")) / 2
-        dices.append(_dice(_source_label(project, case_id), mean >= 0.5))
-    assert table["unet+conv3d"]["cv_dice_mean"] == pytest.approx(np.nanmean(dices), abs=1e-6)
-    best = max(configuration["candidates"], key=lambda row: row["cv_dice_mean"])
-    assert configuration["chosen"]["cv_dice_mean"] == pytest.approx(best["cv_dice_mean"])
-    assert configuration["chosen"]["members"] == 2 * len(configuration["chosen"]["models"])  # every fold of each
-    assert (project / "data/08_reporting/best_configuration.png").stat().st_size > 0
-
-
-def test_the_champion_is_registered_and_predict_uses_it_with_the_test_score_it_reported(selected, tmp_path):
-    project, _ = selected
-    client, runs = mlflow_runs(project)
-    select_runs = [r for r in runs if r.info.run_name.startswith("Select-")]
-    assert sorted(r.info.run_name.rsplit("-", 1)[1] for r in select_runs) == ["run1", "run2"]
-    configuration = json.loads((project / "data/08_reporting/best_configuration.json").read_text())
-    newest = select_runs[0]
-    assert newest.data.params["selection.chosen"] == configuration["chosen"]["candidate"]
-    assert newest.data.metrics["best_cv_dice_mean"] == pytest.approx(configuration["chosen"]["cv_dice_mean"])
-    name = configuration["registered_model_name"]
-    assert name == "medseg-synthetic"
-    versions = sorted(int(v.version) for v in client.search_model_versions(f"name = '{name}'"))
-    assert versions == [1, 2]  # the previous champion keeps its version
-    assert int(client.get_model_version_by_alias(name, "champion").version) == 2
-
-    # predict.model=champion on the test scans gives the masks whose Dice the selection logged.
-    splits = pd.read_csv(project / "data/03_primary/splits.csv", dtype={"case_id": str})
-    test_cases = sorted(splits.loc[splits.split == "test", "case_id"])
-    scans = tmp_path / "scans"
-    scans.mkdir()
-    for case_id in test_cases:
-        shutil.copy(project / f"data/01_raw/synthetic/imagesTr/{case_id}_0000.nii.gz", scans)
-    run_pipeline(project, "predict", {**CV_UNET, "predict.model": "champion", "predict.input_dir": str(scans),
-                                      "predict.output_dir": str(tmp_path / "masks")})
-    dices = [_dice(_source_label(project, c), read_volume(tmp_path / "masks" / f"{c}.nii.gz", kind="label").data > 0)
-             for c in test_cases]
-    assert newest.data.metrics["best_test_dice_mean"] == pytest.approx(np.nanmean(dices), abs=1e-6)
-    _, runs = mlflow_runs(project)
-    assert runs[0].info.run_name.startswith(f"Predict-{configuration['chosen']['candidate']}-")
-    assert runs[0].data.tags["medseg.source_model_uri"] == f"models:/{name}@champion"
-
-
-def test_select_without_cross_validation_names_the_fix(prepared_project):
-    from medseg.errors import ConfigurationError
-
-    with pytest.raises(ConfigurationError, match=r"no model was cross-validated.*cv\.folds=5"):
-        run_pipeline(prepared_project, "select", TINY_DATA_PARAMS)
