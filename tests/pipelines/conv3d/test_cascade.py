@@ -1,0 +1,64 @@
+"""The cascade (`conv3d.model.configuration: cascade`, nnU-Net's 3d_cascade_fullres) on the
+lateralized task of test_context.py: a small full-resolution patch that cannot tell the sides
+alone tells them with the low-resolution stage's probabilities. Its own module, so that it
+runs beside test_context.py's runs on the other pytest worker."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import mlflow_runs, run_pipeline
+from medseg.imaging.io import read_volume
+from medseg.inference.segmenter import Segmenter
+from test_context import COMMON, SHAPE, _trained
+from lateralized import write_lateralized_task
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory) -> Path:
+    return write_lateralized_task(tmp_path_factory.mktemp("lateralized") / "Task_heads", n_cases=10, shape=SHAPE)
+
+
+def test_the_cascade_tells_the_sides_with_the_small_patch_and_segments_a_scan_through_both_stages(task, tmp_path, caplog):
+    """`cascade` with the same 8x8x8 full-resolution patch: the low-resolution folds see the
+    whole head, and their probabilities, after the image, let the small patch tell the sides.
+    The segmenter saves both stages and runs the chain from a scan."""
+    cascade_params = {"conv3d.model.configuration": "cascade", "conv3d.sampling.patch_size": [8, 8, 8],
+                      "planning.budget_minutes.conv3d": 0.5}
+    project, plan, dice = _trained(tmp_path / "cascade", task, cascade_params)
+    cascade = plan["context"]["cascade"]
+    assert plan["context"]["configuration"]["used"] == "cascade" and cascade["folds"] == 2
+    assert cascade["stage"]["inputs"]["target_spacing"] == plan["context"]["lowres"]["spacing"]
+    assert plan["used"]["sampling.patch_size"] == [8, 8, 8] and plan["inputs"]["target_spacing"] == [2.0, 2.0, 2.0]
+    assert min(dice.values()) >= 0.85, dice
+    folder = project / "data/06_models/conv3d/segmenter"
+    assert sorted(p.name for p in (folder / "context").iterdir()) == ["0", "1"]
+    segmenter = Segmenter.load(folder)
+    assert len(segmenter.context) == 2 and segmenter.model.input_shape[-1] == 1 + 3  # image + background, right, left
+    scan = read_volume(task / "imagesTr/head_002.nii.gz")
+    mask = segmenter.segment(scan, "head_002")
+    assert mask.data.shape == scan.data.shape
+    np.testing.assert_allclose(mask.affine, scan.affine)
+    assert set(np.unique(mask.data)) <= {0, 1, 2} and (mask.data == 1).any() and (mask.data == 2).any()
+
+    # Each fold's network is kept under its fingerprint, apart from the full-resolution backup
+    # (which the last training deleted), and its training is in the run's parameters.
+    kept = sorted((project / "data/06_models/conv3d/context_backup").glob("fold*/*/finished/model.weights.h5"))
+    assert [p.parents[2].name for p in kept] == ["fold0", "fold1"]
+    assert not list((project / "data/06_models/conv3d/backup").glob("*/training_metadata.json"))
+    _, runs = mlflow_runs(project)
+    params = runs[0].data.params
+    assert params["conv3d.context0.training.precision_used"] == params["conv3d.context1.training.precision_used"] == "float32"
+    # Run again, as a resume after a later node failed would: the folds are loaded, not trained.
+    stamps = [p.stat().st_mtime_ns for p in kept]
+    caplog.clear()
+    with caplog.at_level("INFO", logger="medseg"):
+        run_pipeline(project, "conv3d", {**COMMON, "data.msd_dir": str(task), **cascade_params})
+    assert sum("loaded, not trained again" in r.getMessage() for r in caplog.records) == 2
+    assert [p.stat().st_mtime_ns for p in kept] == stamps
+    rerun = json.loads((project / "data/08_reporting/conv3d/metrics_summary.json").read_text())
+    assert min(entry["dice"]["mean"] for entry in rerun["classes"].values()) >= 0.85
