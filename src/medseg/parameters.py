@@ -342,8 +342,11 @@ class CvParams(Section):
 class PredictParams(Section):
     """`kedro run --pipeline predict`: which model, which scans, where the masks go.
 
-    model: `unet` or `conv3d` (this project's last trained model) or an MLflow model URI.
+    model: `unet` or `conv3d` (this project's last trained model), `champion` or an MLflow
+        model URI.
     mirror_axes, keep_largest_component: None keeps the model's own postprocessing.
+    series_uid: the SeriesInstanceUID to segment in DICOM inputs that hold several series;
+        None refuses such an input, listing its series.
     """
 
     model: str
@@ -351,6 +354,7 @@ class PredictParams(Section):
     output_dir: str | None
     mirror_axes: list[Axis] | None
     keep_largest_component: bool | None
+    series_uid: str | None = None
 
 
 ROOTS: dict[str, type[Section]] = {

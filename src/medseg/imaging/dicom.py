@@ -271,6 +271,28 @@ def read_dicom_series(source: DicomSource, series_uid: str | None = None) -> Dic
     )
 
 
+def check_dicom_series(source: DicomSource, series_uid: str | None = None) -> str:
+    """Every check of :func:`read_dicom_series` that the headers allow (the series chosen,
+    localizers, orientation, gaps, tilt, sizes against the limits, decoders), without decoding
+    a pixel: what `predict` runs on every input before it segments the first.
+
+    Returns:
+        The SeriesInstanceUID of the series that would be read.
+
+    Raises:
+        The errors of :func:`read_dicom_series`, but for a file whose pixel data is corrupt.
+    """
+    label, members = _members_of(source)
+    instances, _ = _scan_headers(members, label)
+    chosen, _ = _drop_copies(_choose_series(instances, series_uid, label))
+    what = _series_name(chosen[0].header, label)
+    _check_instances(chosen, what)
+    ordered, affine = _slice_geometry(chosen, what)
+    check_affine(affine, what)
+    _check_decoders(ordered, what)
+    return str(ordered[0].header.SeriesInstanceUID)
+
+
 # --- sources --------------------------------------------------------------------------------------
 
 

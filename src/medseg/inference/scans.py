@@ -1,7 +1,10 @@
 """The files of a prediction run: a folder of new scans in, a folder of masks out.
 
 Input names follow nnU-Net: `<case>_0000.nii.gz` (one file per channel, `_0000` the first) or
-`<case>.nii.gz`; `.nii` works too. Output: `<case>.nii.gz` per scan and `predictions.csv`.
+`<case>.nii.gz`; `.nii` works too. A DICOM series is a case too: a subfolder (case id: its
+name) or a `.zip` (its stem) holding the series, or the DICOM files lying in the folder itself
+(case id: the folder's name). Output: `<case>.nii.gz` per scan, `<case>.seg.dcm` (a DICOM SEG
+referring to the source series) per DICOM scan, and `predictions.csv`.
 Masks are written to a staging folder inside the output folder and moved into place only
 once every scan has been segmented, so a failure leaves the output folder as it was.
 """
@@ -22,6 +25,7 @@ import pandas as pd
 
 from medseg.casework import DriverThenWorker, map_in_order
 from medseg.errors import ConfigurationError, DatasetNotFoundError, EmptyDatasetError
+from medseg.imaging.dicom import DicomSeries, check_dicom_series, is_dicom_input, read_dicom_series
 from medseg.imaging.geometry import CaseGeometry
 from medseg.imaging.io import Volume, read_header_geometry, write_volume
 from medseg.inference.postprocessing import LabelMapper, volumes_ml
@@ -32,12 +36,88 @@ logger = logging.getLogger(__name__)
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 _CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 PREDICTIONS_TABLE = "predictions.csv"
+SEG_SUFFIX = ".seg.dcm"
+NIFTI, DICOM, DICOM_FILES = "nifti", "dicom", "dicom-files"
 
 
 @dataclass(frozen=True)
 class Scan:
+    """One case to segment.
+
+    Attributes:
+        case_id: the output's name (`<case_id>.nii.gz`).
+        path: the NIfTI file; for DICOM, the series' folder or `.zip`, or (`dicom-files`) the
+            folder whose own DICOM files are the series.
+        kind: `nifti`, `dicom` or `dicom-files`.
+        series_uid: for DICOM, the SeriesInstanceUID to read (`predict.series_uid`), or None
+            for the only series of the input.
+    """
+
     case_id: str
     path: str
+    kind: str = NIFTI
+    series_uid: str | None = None
+
+    @property
+    def is_dicom(self) -> bool:
+        return self.kind != NIFTI
+
+    def dicom_source(self) -> str | list[Path]:
+        """What :func:`medseg.imaging.dicom.read_dicom_series` reads for this scan."""
+        if self.kind == DICOM_FILES:
+            return _loose_dicom_files(Path(self.path))
+        return self.path
+
+    def read_series(self) -> DicomSeries:
+        return read_dicom_series(self.dicom_source(), self.series_uid)
+
+
+@dataclass(frozen=True)
+class SegWriter:
+    """Writes a DICOM scan's mask as a DICOM SEG over its source series
+    (:func:`medseg.imaging.dicom_seg.write_dicom_seg`, BINARY); picklable, for a Dask worker.
+
+    Attributes:
+        series: the source series (its datasets without pixel data).
+        classes: {label value: name} of the foreground classes.
+        algorithm_name: the model's name (`UNet`, `unet+conv3d`).
+        model_uri: the model the mask came from (`runs:/...`, `models:/...`).
+    """
+
+    series: DicomSeries
+    classes: Mapping[int, str]
+    algorithm_name: str
+    model_uri: str
+
+    def __call__(self, mask: Volume, path: Path) -> str:
+        from medseg.imaging.dicom_seg import write_dicom_seg
+
+        return write_dicom_seg(
+            np.asarray(mask.data), self.series, dict(self.classes), algorithm_name=f"medseg {self.algorithm_name}",
+            algorithm_version=medseg_version(), model_uri=self.model_uri, path=path,
+        )
+
+
+def medseg_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("medseg")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def lineage(series: DicomSeries | None) -> dict[str, str]:
+    """The columns of `predictions.csv` that trace a mask to its source: StudyInstanceUID and
+    SeriesInstanceUID of a DICOM scan (empty for NIfTI). UIDs, never patient data."""
+    if series is None:
+        return {"study_instance_uid": "", "series_instance_uid": ""}
+    return {"study_instance_uid": series.study_uid, "series_instance_uid": series.series_uid}
+
+
+def _loose_dicom_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and nifti_stem(p.name) is None
+                  and p.suffix.lower() != ".zip" and is_dicom_input(p))
 
 
 def nifti_stem(name: str) -> str | None:
@@ -55,15 +135,21 @@ def case_id_of(name: str) -> str:
     return match.group("case") if match else stem
 
 
-def list_scans(input_dir: str | os.PathLike, channel: int | None = None) -> list[Scan]:
+def list_scans(input_dir: str | os.PathLike, channel: int | None = None, series_uid: str | None = None) -> list[Scan]:
     """The scans of a folder, one per case, sorted by case id; headers checked.
 
     A case split into channel files (`<case>_0000`, `<case>_0001`, ...) gives the file of
-    `channel` (0 when None). Hidden files and files that are not NIfTI are skipped (logged).
+    `channel` (0 when None). A subfolder or `.zip` holding DICOM files is a DICOM case named
+    after it; DICOM files lying in the folder itself are one case named after the folder. Each
+    DICOM case has every header check of `medseg.imaging.dicom.read_dicom_series` run here,
+    before anything is segmented (`series_uid` picks a series where an input holds several).
+    Hidden files and other files are skipped (logged).
 
     Raises:
         DatasetNotFoundError: the folder is missing, or is a file.
-        EmptyDatasetError: it holds no NIfTI file.
+        EmptyDatasetError: it holds no NIfTI file and no DICOM series.
+        DicomError: a DICOM input that cannot be read as one series (several series, a
+            missing slice, a tilt...), naming the series and the fix.
         ConfigurationError: two files give the same case (`a.nii.gz` and `a_0000.nii.gz`).
         CorruptFileError, InvalidGeometryError: a file's header is unreadable or unusable,
             naming the file (no voxel data is read here).
@@ -75,21 +161,37 @@ def list_scans(input_dir: str | os.PathLike, channel: int | None = None) -> list
         raise DatasetNotFoundError(f"{folder}: is a file, not a folder. Set predict.input_dir to the folder that holds it.")
     wanted = f"{0 if channel is None else int(channel):04d}"
     by_case: dict[str, list[tuple[str | None, Path]]] = {}
-    skipped = []
+    skipped, dicom = [], []
     for path in sorted(folder.iterdir()):
         stem = nifti_stem(path.name)
-        if path.name.startswith(".") or stem is None or not path.is_file():
+        if path.name.startswith("."):
+            skipped.append(path.name)
+            continue
+        if stem is None:
+            if path.is_dir() and is_dicom_input(path):
+                dicom.append(Scan(path.name, str(path), DICOM, series_uid))
+            elif path.is_file() and path.suffix.lower() == ".zip":
+                dicom.append(Scan(path.stem, str(path), DICOM, series_uid))
+            elif not (path.is_file() and is_dicom_input(path)):
+                skipped.append(path.name)
+            continue
+        if not path.is_file():
             skipped.append(path.name)
             continue
         match = _CHANNEL_SUFFIX.match(stem)
         case_id, file_channel = (match.group("case"), match.group("channel")) if match else (stem, None)
         by_case.setdefault(case_id, []).append((file_channel, path))
+    if _loose_dicom_files(folder):
+        dicom.append(Scan(folder.name, str(folder), DICOM_FILES, series_uid))
     if skipped:
-        logger.info("Skipped %d entries of %s that are not NIfTI scans: %s", len(skipped), folder, skipped[:5])
-    if not by_case:
+        logger.info("Skipped %d entries of %s that are not scans: %s", len(skipped), folder, skipped[:5])
+    if not by_case and not dicom:
         raise EmptyDatasetError(
-            f"{folder}: holds no scan (`<case>_0000.nii.gz` or `<case>.nii.gz`). Point predict.input_dir at a folder of NIfTI scans."
+            f"{folder}: holds no scan (`<case>_0000.nii.gz`, `<case>.nii.gz`, or DICOM series in subfolders or .zip files). "
+            "Point predict.input_dir at a folder of scans."
         )
+    for scan in dicom:
+        check_dicom_series(scan.dicom_source(), series_uid)  # every header, before any prediction
     scans = []
     for case_id, files in sorted(by_case.items()):
         if any(ch is None for ch, _ in files) and len(files) > 1:
@@ -105,7 +207,7 @@ def list_scans(input_dir: str | os.PathLike, channel: int | None = None) -> list
             )
         read_header_geometry(chosen[0])  # a corrupt header fails here, before any prediction
         scans.append(Scan(case_id, str(chosen[0])))
-    return scans
+    return sorted(scans + dicom, key=lambda scan: scan.case_id)
 
 
 def check_output_folder(input_dir: str | os.PathLike, output_dir: str | os.PathLike) -> Path:
@@ -126,8 +228,11 @@ def _stage_mask(job: tuple[Scan, Any, Path]) -> dict:
     """Make one scan's mask and row (on a Dask worker, or here) and write the mask into the
     staging folder; returns the row."""
     scan, made, staging = job
-    mask, row = made() if callable(made) else made
+    mask, row, *seg = made() if callable(made) else made
     write_volume(mask, staging / f"{scan.case_id}.nii.gz")
+    if seg and seg[0] is not None:
+        row = {**row, "seg_file": f"{scan.case_id}{SEG_SUFFIX}",
+               "seg_sop_instance_uid": seg[0](mask, staging / f"{scan.case_id}{SEG_SUFFIX}")}
     return {"case_id": scan.case_id, **row}
 
 
@@ -167,9 +272,12 @@ def write_predictions(
     Args:
         scans: the scans to segment.
         segment: `scan -> (mask, row)`, or a :class:`medseg.casework.DriverThenWorker` whose
-            result is `(mask, row)`: its driver part (the network) runs here and its worker
-            part (inverse geometry, volumes) where `mapper` runs tasks, which also write the
-            mask. The row holds the table's columns for that case (`case_id` is added).
+            result is `(mask, row)` or `(mask, row, write_seg)`: its driver part (the network)
+            runs here and its worker part (inverse geometry, volumes) where `mapper` runs
+            tasks, which also write the mask, and for a DICOM scan `write_seg(mask, path)`,
+            which writes its DICOM SEG and returns the SEG's SOPInstanceUID. The row holds the
+            table's columns for that case (`case_id`, and `seg_file` and
+            `seg_sop_instance_uid` for a SEG, are added).
         output_dir: the folder to write; created if missing. Under a Dask scheduler the
             workers write into it, so it must be on storage they share.
         mapper: a `medseg.runs.compute` executor's `map` (default: this process, in order).
@@ -179,7 +287,8 @@ def write_predictions(
     """
     target = Path(output_dir)
     scans = list(scans)
-    check_targets(target, [*(f"{scan.case_id}.nii.gz" for scan in scans), PREDICTIONS_TABLE])
+    segs = [f"{scan.case_id}{SEG_SUFFIX}" for scan in scans if scan.is_dicom]
+    check_targets(target, [*(f"{scan.case_id}.nii.gz" for scan in scans), *segs, PREDICTIONS_TABLE])
     with staging_folder(target, prefix=".medseg-predict-staging-") as staging:
         rows = (mapper or map_in_order)(
             _stage_mask, scans, task="Segmenting", case_ids=[scan.case_id for scan in scans],
@@ -187,14 +296,17 @@ def write_predictions(
         )
         table = pd.DataFrame(rows)
         spreadsheet_safe(table).to_csv(staging / PREDICTIONS_TABLE, index=False)
-        publish_files(staging, target, [*(f"{row['case_id']}.nii.gz" for row in rows), PREDICTIONS_TABLE])
+        published = [f"{row['case_id']}.nii.gz" for row in rows] + [row["seg_file"] for row in rows if row.get("seg_file")]
+        publish_files(staging, target, [*published, PREDICTIONS_TABLE])
     return table
 
 
 def segmented_scan(
-    parts: Any, finish: Callable[[Any], Volume], classes: Mapping[str, str], extra: Mapping[str, Any]
-) -> tuple[Volume, dict]:
+    parts: Any, finish: Callable[[Any], Volume], classes: Mapping[str, str], extra: Mapping[str, Any],
+    write_seg: Callable[[Volume, Path], str] | None = None,
+) -> tuple[Volume, dict, Callable[[Volume, Path], str] | None]:
     """A scan's mask on its own grid and its `predictions.csv` row, from what a segmenter's
-    `network_part` gave and its `finisher()`: the worker part of a prediction (no network)."""
+    `network_part` gave and its `finisher()`: the worker part of a prediction (no network).
+    `write_seg` (for a DICOM scan) goes back with them, for `write_predictions` to call."""
     mask = finish(parts)
-    return mask, {**volumes_ml(mask, classes), **extra}
+    return mask, {**volumes_ml(mask, classes), **extra}, write_seg

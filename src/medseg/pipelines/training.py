@@ -223,6 +223,8 @@ def train(
         training decided (`train_model`).
     """
     n_classes = kind.class_count(settings, dataset_fingerprint)
+    source = data["msd_dir"] if data["source"] == "msd" else f"{data['source']} phantoms (data.seed={data['seed']})"
+    tracking.log_input_cases(f"{kind.name}-cases", str(source), splits, context="training")
     load_case = case_loader(primary_images, primary_labels)
     if context:
         load_case = with_context_loader(load_case, context)

@@ -180,6 +180,32 @@ def dataset_identity(data: dict[str, Any], project_path, synthetic_phantoms: str
     return name, source, str(folder)
 
 
+def cases_digest(case_ids: Iterable[str], extra: Iterable[str] = ()) -> str:
+    """16 hex characters of SHA-256 over the sorted case ids (and `extra`, e.g. series UIDs):
+    the same cases give the same digest, whatever their order."""
+    import hashlib
+
+    text = "\n".join([*sorted(str(c) for c in case_ids), *sorted(str(e) for e in extra)])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def log_input_cases(name: str, source: str, table: Any, context: str) -> None:
+    """Log the cases a run read as its MLflow input dataset (the run page's Datasets panel):
+    `name`, `source` (the folder or URL, credentials removed), a digest of the cases, and a
+    table of their ids alone (with their split when `table` has one), so that no patient data
+    reaches the tracking store. Nothing outside a tracked run."""
+    if mlflow.active_run() is None or table is None or len(table) == 0:
+        return
+    import pandas as pd
+    from mlflow.data.pandas_dataset import from_pandas
+
+    columns = [c for c in ("case_id", "split") if c in table]
+    cases = pd.DataFrame(table[columns]).astype(str).reset_index(drop=True)
+    dataset = from_pandas(cases, source=redact_urls(str(source)), name=name,
+                          digest=cases_digest(cases["case_id"], table.get("series_instance_uid", [])))
+    mlflow.log_input(dataset, context=context)
+
+
 TAG_FOLD = "medseg.fold"
 TAG_MODEL = "medseg.model"
 

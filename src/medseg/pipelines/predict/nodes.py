@@ -19,7 +19,16 @@ from medseg.casework import DriverThenWorker
 from medseg.datasets.folder import anchor_path
 from medseg.errors import ConfigurationError
 from medseg.inference.ensemble import load_segmenter, read_any_plan
-from medseg.inference.scans import Scan, check_output_folder, list_scans, segmented_scan, write_predictions
+from medseg.inference.scans import (
+    Scan,
+    SegWriter,
+    check_output_folder,
+    lineage,
+    list_scans,
+    medseg_version,
+    segmented_scan,
+    write_predictions,
+)
 from medseg.parameters import PredictParams
 from medseg.runs import tracking
 from medseg.serving import fetch_segmenter
@@ -64,9 +73,9 @@ def list_scans_to_predict(
     """
     input_dir, _ = _folders(predict, project_root)
     folder, model_uri = fetch_segmenter(str(predict["model"]), local_segmenters)
-    scans = list_scans(input_dir, read_any_plan(folder).channel)
-    logger.info("predict: %d scans in %s.", len(scans), input_dir)
-    table = pd.DataFrame([{"case_id": scan.case_id, "image_path": scan.path} for scan in scans])
+    scans = list_scans(input_dir, read_any_plan(folder).channel, predict.get("series_uid"))
+    logger.info("predict: %d scans in %s (%d DICOM).", len(scans), input_dir, sum(scan.is_dicom for scan in scans))
+    table = pd.DataFrame([{"case_id": scan.case_id, "image_path": scan.path, "kind": scan.kind} for scan in scans])
     return table, {"folder": folder, "uri": model_uri}
 
 
@@ -87,9 +96,12 @@ def segment_scans(scans: pd.DataFrame, model: dict[str, str], predict: PredictPa
 
     Returns:
         The table written as `predictions.csv`: case_id, volume_ml (and volume_ml_<class> with
-        several classes), model_uri; also logged to the MLflow run with the source model URI.
+        several classes), model_uri, medseg_version, and the lineage of DICOM scans
+        (study_instance_uid, series_instance_uid, seg_file, seg_sop_instance_uid); also logged
+        to the MLflow run, with the source model URI as a tag and the scans as the run's input
+        dataset (case ids and a digest: no patient data).
     """
-    _, output_dir = _folders(predict, project_root)
+    input_dir, output_dir = _folders(predict, project_root)
     segmenter, model_uri = load_segmenter(model["folder"]), model["uri"]
     segmenter.configure(predict.get("mirror_axes"), predict.get("keep_largest_component"))
     tracking.set_tags({"medseg.source_model_uri": model_uri, "medseg.source_model": segmenter.plan.display_name})
@@ -98,16 +110,24 @@ def segment_scans(scans: pd.DataFrame, model: dict[str, str], predict: PredictPa
         list(segmenter.effective_mirror_axes()) or "no axes", "kept" if segmenter.plan.keep_largest_component else "off",
     )
     finish = segmenter.finisher()
-    row = {"model_uri": model_uri}
+    classes = {int(value): name for value, name in segmenter.plan.classes.items()}
+    row = {"model_uri": model_uri, "medseg_version": medseg_version()}
 
     def segment(scan: Scan) -> DriverThenWorker:
+        series = scan.read_series() if scan.is_dicom else None
+        volume = series.volume if series is not None else segmenter.read_scan(scan.path)
+        write_seg = SegWriter(series, classes, segmenter.plan.display_name, model_uri) if series is not None else None
+
         def network() -> tuple:
-            return segmenter.network_part(segmenter.read_scan(scan.path), scan.path)
+            return segmenter.network_part(volume, scan.path)
 
-        return DriverThenWorker(network, partial(segmented_scan, finish=finish, classes=segmenter.plan.classes, extra=row))
+        return DriverThenWorker(network, partial(segmented_scan, finish=finish, classes=segmenter.plan.classes,
+                                                 extra={**row, **lineage(series)}, write_seg=write_seg))
 
-    table = write_predictions(
-        [Scan(str(r.case_id), str(r.image_path)) for r in scans.itertuples()], segment, output_dir, mapper=compute.current().map
-    )
+    kinds = scans["kind"] if "kind" in scans else ["nifti"] * len(scans)
+    items = [Scan(str(r.case_id), str(r.image_path), str(kind), predict.get("series_uid"))
+             for r, kind in zip(scans.itertuples(), kinds)]
+    table = write_predictions(items, segment, output_dir, mapper=compute.current().map)
+    tracking.log_input_cases("predict-input", str(input_dir), table, context="inference")
     logger.info("predict: %d masks and predictions.csv written to %s.", len(table), output_dir)
     return table

@@ -1,0 +1,122 @@
+"""DICOM in, DICOM SEG out, through `kedro run --pipeline predict`: a phantom written as a DICOM
+series (pydicom) is segmented like its NIfTI, the SEG reads back as the NIfTI mask voxel for
+voxel, `predictions.csv` traces the mask to its series and model, and the MLflow store holds no
+patient identifier."""
+
+from __future__ import annotations
+
+import shutil
+import zipfile
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+
+from conftest import SHARED_UNET, copy_project, mlflow_runs, run_pipeline
+from medseg.errors import MedsegError
+from medseg.imaging.dicom import read_dicom_series
+from medseg.imaging.dicom_seg import read_dicom_seg
+from medseg.imaging.dicom_synthesis import write_dicom_series
+from medseg.imaging.io import read_volume
+
+PATIENT_ID = "PID-7731-SECRET"
+
+
+def _canonical(volume_data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    image = nib.as_closest_canonical(nib.Nifti1Image(np.asarray(volume_data), affine))
+    return np.asarray(image.dataobj), image.affine
+
+
+@pytest.fixture(scope="module")
+def dicom_prediction(trained_unet, tmp_path_factory):
+    """One phantom as a NIfTI file, as a DICOM series folder and as a zip of that series, all
+    three segmented in one predict run."""
+    root = tmp_path_factory.mktemp("dicom_predict")
+    project = copy_project(trained_unet, root / "project")
+    source = sorted((project / "data/01_raw/synthetic/imagesTr").glob("*_0000.nii.gz"))[0]
+    scans = root / "scans"
+    scans.mkdir()
+    shutil.copy(source, scans / "nifti_0000.nii.gz")
+    files = write_dicom_series(read_volume(source), scans / "series", patient_id=PATIENT_ID, seed=3)
+    with zipfile.ZipFile(scans / "zipped.zip", "w") as archive:
+        for path in files:
+            archive.write(path, f"export/{path.name}")
+    out = root / "masks"
+    run_pipeline(project, "predict", {**SHARED_UNET, "predict.model": "unet", "predict.input_dir": str(scans),
+                                      "predict.output_dir": str(out)})
+    return project, scans, out
+
+
+def test_a_dicom_series_is_segmented_as_its_nifti_and_its_seg_reads_back_as_the_mask(dicom_prediction):
+    _, scans, out = dicom_prediction
+    assert sorted(p.name for p in out.iterdir()) == [
+        "nifti.nii.gz", "predictions.csv", "series.nii.gz", "series.seg.dcm", "zipped.nii.gz", "zipped.seg.dcm"]
+    series = read_dicom_series(scans / "series")
+    mask = read_volume(out / "series.nii.gz", kind="label")
+    # The mask is on the series' own grid, the affine built from its IPP/IOP.
+    assert mask.data.shape == series.volume.data.shape
+    np.testing.assert_allclose(mask.affine, series.volume.affine, atol=1e-4)
+    # Same voxels in space as the NIfTI's mask (the series stores intensities as int16, so a few
+    # boundary voxels may differ: at most 1 %).
+    nifti = read_volume(out / "nifti.nii.gz", kind="label")
+    a, affine_a = _canonical(mask.data, mask.affine)
+    b, affine_b = _canonical(nifti.data, nifti.affine)
+    np.testing.assert_allclose(affine_a, affine_b, atol=1e-3)
+    assert b.sum() > 0 and np.mean(a != b) <= 0.01
+    # The SEG, read back over its source series, is the NIfTI mask voxel for voxel.
+    for name in ("series", "zipped"):
+        np.testing.assert_array_equal(read_dicom_seg(out / f"{name}.seg.dcm", series), read_volume(out / f"{name}.nii.gz", kind="label").data)
+
+
+def test_predictions_trace_each_mask_to_its_series_and_model(dicom_prediction):
+    _, scans, out = dicom_prediction
+    table = pd.read_csv(out / "predictions.csv", dtype=str, keep_default_na=False).set_index("case_id")
+    series = read_dicom_series(scans / "series")
+    for name in ("series", "zipped"):
+        row = table.loc[name]
+        seg = pydicom.dcmread(out / f"{name}.seg.dcm")
+        assert row["series_instance_uid"] == series.series_uid == seg.ReferencedSeriesSequence[0].SeriesInstanceUID
+        assert row["study_instance_uid"] == series.study_uid == seg.StudyInstanceUID
+        assert row["seg_sop_instance_uid"] == seg.SOPInstanceUID and row["seg_file"] == f"{name}.seg.dcm"
+        assert row["model_uri"].startswith("runs:/") and row["model_uri"].endswith("/unet_segmenter")
+        assert seg.SegmentSequence[0].SegmentAlgorithmName.startswith("medseg")
+        assert seg.PatientID == PATIENT_ID  # the SEG carries the patient module, as the standard requires
+    assert table.loc["nifti", "series_instance_uid"] == "" and table.loc["nifti", "seg_file"] == ""
+
+
+def test_the_tracking_store_holds_no_patient_identifier_and_the_run_lists_its_inputs(dicom_prediction):
+    project, _, _ = dicom_prediction
+    _, runs = mlflow_runs(project)
+    run = runs[0]
+    assert run.info.run_name.startswith("Predict-UNet-")
+    identifiers = {PATIENT_ID, "PHANTOM^SYNTHETIC", "PHANTOM"}
+    for what in (run.data.params, run.data.tags, {k: str(v) for k, v in run.data.metrics.items()}):
+        for key, value in what.items():
+            assert not any(i in str(value) or i in key for i in identifiers), (key, value)
+    inputs = run.inputs.dataset_inputs
+    assert [i.dataset.name for i in inputs] == ["predict-input"]
+    assert inputs[0].tags[0].value == "inference"
+    assert PATIENT_ID not in inputs[0].dataset.profile + inputs[0].dataset.schema
+    # The training run of the model lists its cases too.
+    training = next(r for r in runs if r.info.run_name.startswith("UNet-"))
+    assert [i.dataset.name for i in training.inputs.dataset_inputs] == ["unet-cases"]
+
+
+def test_two_series_in_one_input_are_refused_naming_them_and_nothing_is_written(dicom_prediction, tmp_path):
+    project, scans, _ = dicom_prediction
+    mixed = tmp_path / "mixed"
+    shutil.copytree(scans / "series", mixed / "study")
+    source = sorted((project / "data/01_raw/synthetic/imagesTr").glob("*_0000.nii.gz"))[1]
+    write_dicom_series(read_volume(source), mixed / "study" / "other", patient_id=PATIENT_ID, seed=4, series_number=2)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(MedsegError, match="series") as error:
+        run_pipeline(project, "predict", {**SHARED_UNET, "predict.model": "unet", "predict.input_dir": str(mixed),
+                                          "predict.output_dir": str(out)})
+    for uid in {read_dicom_series(scans / "series").series_uid, read_dicom_series(mixed / "study" / "other").series_uid}:
+        assert uid in str(error.value)
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
