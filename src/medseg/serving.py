@@ -7,7 +7,10 @@ and its requirements pin the TensorFlow build that trained it, so `mlflow models
 
 Input: a pandas DataFrame, one row per scan, with
 - `image_path`: a NIfTI scan on the server's disk, or `image_b64`: the bytes of a `.nii` or
-  `.nii.gz` file, base64-encoded (a client on another machine needs no shared disk);
+  `.nii.gz` file, base64-encoded (a client on another machine needs no shared disk). Either may
+  also be a `.zip` of one DICOM series (`medseg.imaging.dicom`), whose answer then carries a
+  DICOM SEG referring to the series (`seg_b64`) and its lineage (`study_instance_uid`,
+  `series_instance_uid`, `seg_sop_instance_uid`);
 - optionally `output_path`: where to write the mask; without it the mask comes back in
   `mask_b64` (gzipped NIfTI, base64);
 - optionally `case_id`, `overwrite` (`true` to replace an existing mask file), and
@@ -62,8 +65,9 @@ from mlflow.types import ColSpec, Schema
 
 from medseg import serving_files
 from medseg.errors import ConfigurationError, CorruptFileError, MedsegError
-from medseg.imaging.io import read_volume_bytes, volume_bytes
-from medseg.inference.scans import case_id_of
+from medseg.imaging.dicom import read_dicom_series
+from medseg.imaging.io import Volume, read_volume_bytes, volume_bytes
+from medseg.inference.scans import SegWriter, case_id_of, lineage
 from medseg.inference.segmenter import Segmenter
 from medseg.inference.ensemble import is_ensemble, load_segmenter
 from medseg.limits import Limits, describe, limits
@@ -223,7 +227,8 @@ def _segment_checked(segmenter: Segmenter, requests: list[_Row], roots: Roots, b
                 raw, name = serving_files.read_all(source[0], source[1]), image_path
             else:
                 raw, name = _decode_scan(image_b64, row, bounds), f"row {row} (image_b64)"
-            scan = read_volume_bytes(raw, name, kind="image", channel=segmenter.plan.channel)
+            series = read_dicom_series(raw) if raw[:4] == ZIP_MAGIC else None
+            scan = series.volume if series is not None else read_volume_bytes(raw, name, kind="image", channel=segmenter.plan.channel)
             del raw
             voxels += int(scan.data.size)
             if voxels > bounds.max_request_voxels:
@@ -234,6 +239,8 @@ def _segment_checked(segmenter: Segmenter, requests: list[_Row], roots: Roots, b
             _check_deadline(deadline, f"before row {row}")
             mask = segmenter.segment(scan, name)
             result = {"case_id": case_id, "mask_path": None, "mask_b64": None, **segmenter.volumes_ml(mask)}
+            if series is not None:
+                result.update(_dicom_seg_answer(segmenter, series, mask))
             if output_path is None:
                 result["mask_b64"] = base64.b64encode(volume_bytes(mask, gzipped=True)).decode("ascii")
             else:
@@ -253,6 +260,20 @@ def _segment_checked(segmenter: Segmenter, requests: list[_Row], roots: Roots, b
         for mask in pending:
             serving_files.discard(mask)
     return pd.DataFrame(rows)
+
+
+ZIP_MAGIC = b"PK\x03\x04"
+
+
+def _dicom_seg_answer(segmenter: Segmenter, series, mask: Volume) -> dict[str, str]:
+    """A DICOM scan's SEG (base64) and lineage columns for the answer; the model is named by
+    its segmenter (the served model's own URI is not known inside the server)."""
+    classes = {int(value): name for value, name in segmenter.plan.classes.items()}
+    with tempfile.TemporaryDirectory(prefix="medseg-seg-") as folder:
+        path = Path(folder) / "mask.seg.dcm"
+        uid = SegWriter(series, classes, segmenter.plan.display_name, f"served:{segmenter.plan.display_name}")(mask, path)
+        encoded = base64.b64encode(path.read_bytes()).decode("ascii")
+    return {**lineage(series), "seg_sop_instance_uid": uid, "seg_b64": encoded}
 
 
 class RequestConflictError(MedsegError):

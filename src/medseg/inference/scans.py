@@ -129,8 +129,10 @@ def nifti_stem(name: str) -> str | None:
 
 
 def case_id_of(name: str) -> str:
-    """The case id of a scan's file name: `la_003_0000.nii.gz` -> `la_003`, `a.nii` -> `a`."""
-    stem = nifti_stem(Path(name).name) or Path(name).name
+    """The case id of a scan's file name: `la_003_0000.nii.gz` -> `la_003`, `a.nii` -> `a`,
+    `series.zip` (a DICOM series) -> `series`."""
+    base = Path(name).name
+    stem = nifti_stem(base) or (base[:-4] if base.lower().endswith(".zip") and len(base) > 4 else base)
     match = _CHANNEL_SUFFIX.match(stem)
     return match.group("case") if match else stem
 

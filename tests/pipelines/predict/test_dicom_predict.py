@@ -120,3 +120,31 @@ def test_two_series_in_one_input_are_refused_naming_them_and_nothing_is_written(
     for uid in {read_dicom_series(scans / "series").series_uid, read_dicom_series(mixed / "study" / "other").series_uid}:
         assert uid in str(error.value)
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+
+
+def test_the_served_model_takes_a_zip_of_the_series_and_answers_with_its_seg(dicom_prediction, tmp_path):
+    """The pyfunc's request path (`segment_requests`) with the series' zip in `image_b64` and
+    by path under a read root: the mask of `predict`, and a SEG that reads back as it."""
+    import base64
+
+    from medseg.inference import Segmenter
+    from medseg.serving import segment_requests
+    from medseg.serving_files import Roots
+
+    project, scans, out = dicom_prediction
+    segmenter = Segmenter.load(project / "data/06_models/unet/segmenter")
+    encoded = base64.b64encode((scans / "zipped.zip").read_bytes()).decode("ascii")
+    roots = Roots(read=(scans.resolve(),))
+    answer = segment_requests(segmenter, pd.DataFrame([{"image_b64": encoded, "case_id": "sent"},
+                                                       {"image_path": str(scans / "zipped.zip")}]), roots)
+    series = read_dicom_series(scans / "series")
+    expected = read_volume(out / "zipped.nii.gz", kind="label").data
+    for row in answer.to_dict("records"):
+        assert row["series_instance_uid"] == series.series_uid and row["study_instance_uid"] == series.study_uid
+        mask_file, seg_file = tmp_path / f"{row['case_id']}.nii.gz", tmp_path / f"{row['case_id']}.seg.dcm"
+        mask_file.write_bytes(base64.b64decode(row["mask_b64"]))
+        seg_file.write_bytes(base64.b64decode(row["seg_b64"]))
+        np.testing.assert_array_equal(read_volume(mask_file, kind="label").data, expected)
+        np.testing.assert_array_equal(read_dicom_seg(seg_file, series), expected)
+        assert pydicom.dcmread(seg_file).SOPInstanceUID == row["seg_sop_instance_uid"]
+    assert list(answer["case_id"]) == ["sent", "zipped"]
