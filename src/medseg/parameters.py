@@ -116,8 +116,9 @@ class SplitParams(Section):
 
 @dataclass(config=_STRICT)
 class DataParams(Section):
-    source: Literal["synthetic", "msd"]
+    source: Literal["synthetic", "msd", "dicom"]
     msd_dir: str | None
+    dicom_dir: str | None
     channel: NonNegative | str | None
     label_mode: Literal["auto", "multiclass", "binary"]
     foreground_labels: list[Annotated[int, Field(ge=1, le=255)]] | None
@@ -129,6 +130,9 @@ class DataParams(Section):
     def __post_init__(self) -> None:
         if self.source == "msd" and not self.msd_dir:
             raise ValueError("source=msd needs msd_dir, e.g. --params data.source=msd,data.msd_dir=/abs/Task04_Hippocampus")
+        if self.source == "dicom" and not self.dicom_dir:
+            raise ValueError("source=dicom needs dicom_dir, e.g. --params data.source=dicom,data.dicom_dir=/abs/studies "
+                             "(one folder per case: its image series and a DICOM SEG)")
         if self.label_mode == "multiclass" and self.foreground_labels is not None:
             raise ValueError(
                 "label_mode=multiclass makes each label that dataset.json lists a class; foreground_labels merges "

@@ -128,7 +128,7 @@ GENERIC_SEGMENT_CODE = SegmentCode(codes.SCT.Tissue, codes.SCT.Tissue)
 
 # Segment Description (0062,0006) of a segment medseg wrote, holding the dataset's label value.
 _LABEL_VALUE_TEXT = "medseg label value {}"
-_LABEL_VALUE_PATTERN = re.compile(r"^medseg label value (\d+)$")
+LABEL_VALUE_PATTERN = re.compile(r"^medseg label value (\d+)$")
 # A FRACTIONAL voxel belongs to its most probable segment when that probability reaches this.
 _FRACTIONAL_THRESHOLD = 0.5
 
@@ -437,6 +437,6 @@ def _segment_values(seg: hd.seg.Segmentation, classes: dict[int, str] | None, wh
                 )
             values[number] = by_name[label.lower()]
             continue
-        match = _LABEL_VALUE_PATTERN.match(str(description.get("SegmentDescription", "")))
+        match = LABEL_VALUE_PATTERN.match(str(description.get("SegmentDescription", "")))
         values[number] = int(match.group(1)) if match else int(number)
     return values

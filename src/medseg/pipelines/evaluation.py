@@ -245,7 +245,7 @@ def run_provenance(
         equal hashes, whatever the key order).
     """
     run_id, run_name = tracking.active_run_identity()
-    folder = data["msd_dir"] if data["source"] == "msd" else synthetic_phantoms
+    folder = {"msd": data["msd_dir"], "dicom": data.get("dicom_dir")}.get(data["source"]) or synthetic_phantoms
     location = anchor_path(folder, project_root) if folder else None
     return {
         "mlflow_run_id": run_id,

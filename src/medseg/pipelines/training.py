@@ -223,7 +223,7 @@ def train(
         training decided (`train_model`).
     """
     n_classes = kind.class_count(settings, dataset_fingerprint)
-    source = data["msd_dir"] if data["source"] == "msd" else f"{data['source']} phantoms (data.seed={data['seed']})"
+    source = {"msd": data["msd_dir"], "dicom": data.get("dicom_dir")}.get(data["source"]) or f"synthetic phantoms (data.seed={data['seed']})"
     tracking.log_input_cases(f"{kind.name}-cases", str(source), splits, context="training")
     load_case = case_loader(primary_images, primary_labels)
     if context:

@@ -161,13 +161,14 @@ def describe_dataset(name: str, source: str, folder: str) -> None:
 def dataset_identity(data: dict[str, Any], project_path, synthetic_phantoms: str | None = None) -> tuple[str, str, str]:
     """(name, source, folder) of the run's dataset: the name from its `dataset.json` when it
     can be read (the phantoms may not exist yet: "medseg-synthetic"). `folder` is a local path,
-    or the URL of a `data.msd_dir` on an fsspec store; for the phantoms, `synthetic_phantoms`
-    (the catalog entry's folder)."""
+    or the URL of a `data.msd_dir` on an fsspec store; `data.dicom_dir` for DICOM studies (named
+    after the folder); for the phantoms, `synthetic_phantoms` (the catalog entry's folder)."""
     from medseg.datasets.folder import anchor_path
     from medseg.imaging.msd import dataset_location
 
     source = str(data["source"])
-    folder = anchor_path(data["msd_dir"] if source == "msd" else str(synthetic_phantoms), project_path)
+    given = {"msd": data.get("msd_dir"), "dicom": data.get("dicom_dir")}.get(source) or str(synthetic_phantoms)
+    folder = anchor_path(given, project_path)
     if isinstance(folder, str):  # anchor_path leaves only a URL as a string: read it through fsspec
         folder = dataset_location(folder)
     name = "medseg-synthetic" if source == "synthetic" else folder.name

@@ -59,7 +59,22 @@ def phantom_settings(data: DataParams) -> dict:
     return synthesis_settings(data) if data["source"] == "synthetic" else {}
 
 
-def list_source_cases(data: DataParams, project_root: str, synthetic_phantoms: str) -> tuple[pd.DataFrame, dict]:
+def dicom_settings(data: DataParams, project_root: str) -> dict:
+    """What the catalog's `dicom_cases` converts to MSD layout: `{"dicom_dir": <absolute
+    folder>}` when `data.source` is `dicom`, else empty (nothing is written).
+
+    Args:
+        data: `params:data` (source, dicom_dir; a relative dicom_dir is taken from the project root).
+        project_root: the project's root folder (catalog entry `project_root`).
+    """
+    if data["source"] != "dicom":
+        return {}
+    return {"dicom_dir": str(anchor_path(data["dicom_dir"], project_root))}
+
+
+def list_source_cases(
+    data: DataParams, project_root: str, synthetic_phantoms: str, dicom_cases: str | None = None
+) -> tuple[pd.DataFrame, dict]:
     """List the training cases of the chosen source.
 
     Args:
@@ -69,6 +84,8 @@ def list_source_cases(data: DataParams, project_root: str, synthetic_phantoms: s
         project_root: the project's root folder (catalog entry `project_root`).
         synthetic_phantoms: the phantoms' folder (catalog entry `synthetic_phantoms`), read
             when `data.source` is `synthetic`.
+        dicom_cases: the DICOM studies converted to MSD layout (catalog entry `dicom_cases`),
+            read when `data.source` is `dicom`.
 
     Returns:
         `source_cases`, one row per case: case_id, image_path, label_path, channel (the paths
@@ -77,8 +94,8 @@ def list_source_cases(data: DataParams, project_root: str, synthetic_phantoms: s
         (:func:`medseg.imaging.msd.foreground_classes`).
     """
     source = data["source"]
-    if source == "synthetic":
-        root = Path(synthetic_phantoms).resolve()
+    if source in ("synthetic", "dicom"):
+        root = Path(synthetic_phantoms if source == "synthetic" else dicom_cases).resolve()
         cases = list_msd_cases(root)
     else:  # "msd", with its msd_dir: the schema (DataParams) allows nothing else
         root = dataset_location(anchor_path(data["msd_dir"], project_root))

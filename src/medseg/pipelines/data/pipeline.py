@@ -5,6 +5,7 @@ from kedro.pipeline import Node, Pipeline
 from .nodes import (
     assign_cv_folds,
     canonicalize_cases,
+    dicom_settings,
     list_source_cases,
     phantom_settings,
     plan_preprocessing,
@@ -18,9 +19,10 @@ def create_pipeline(**kwargs) -> Pipeline:
     return Pipeline(
         [
             Node(phantom_settings, "params:data", "synthetic_phantoms", name="synthesize_phantoms", namespace="data"),
+            Node(dicom_settings, ["params:data", "project_root"], "dicom_cases", name="convert_dicom_cases", namespace="data"),
             Node(
                 list_source_cases,
-                ["params:data", "project_root", "synthetic_phantoms"],
+                ["params:data", "project_root", "synthetic_phantoms", "dicom_cases"],
                 ["source_cases", "source_classes"],
                 name="list_source_cases",
                 namespace="data",
