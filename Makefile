@@ -24,7 +24,7 @@ names = {d.metadata["Name"].lower().replace("_", "-") for d in distributions()};
 sys.exit("$(VENV) holds both tensorflow and tensorflow-cpu: remove $(VENV) (rm -rf $(VENV)) and rerun." \
 if {"tensorflow", "tensorflow-cpu"} <= names else 0)'
 
-.PHONY: run test viz benchmarks clean-data check-extras
+.PHONY: run test viz benchmarks clean-data check-extras dicom-tools
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +55,13 @@ run: $(VENV)/.installed-$(EXTRAS)
 
 test: $(VENV)/.installed-$(EXTRAS)-test
 	$(PY) -m pytest
+
+# Optional, for the DICOM tests that skip without them: Debian's dcm2niix (geometry against an
+# independent converter) and dicom3tools (dciodvfy validates the DICOM SEGs). Needs root and apt.
+dicom-tools:
+	@if command -v dcm2niix >/dev/null && command -v dciodvfy >/dev/null; then exit 0; fi; \
+	if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then echo "dicom-tools: needs root and apt-get" >&2; exit 1; fi; \
+	timeout 600 apt-get update -qq && DEBIAN_FRONTEND=noninteractive timeout 600 apt-get install -y -qq dcm2niix dicom3tools >/dev/null
 
 viz: $(VENV)/.installed-$(EXTRAS)
 	$(VENV)/bin/kedro viz run --no-browser
