@@ -10,9 +10,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import random
 import shutil
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -216,6 +218,30 @@ def seconds_per_training_step(
         callbacks=[StepClock()], shuffle=False, verbose=0,
     )
     return float(np.median(np.diff(ends)))  # the first end closes the traced step: not counted
+
+
+@contextmanager
+def seeded_initializers(seed: int) -> Iterator[None]:
+    """While the block builds a model, Keras draws each initializer's seed from a private
+    `random.Random(seed)`, not from Python's global generator.
+
+    Keras gives an initializer without a seed one from the module-level `random.randint`. In a
+    process where other threads use that generator too (a Dask worker's event loop, heartbeats
+    and retries), numbers are taken between `keras.utils.set_random_seed` and the layers'
+    creation, so the same seed built other weights in each worker than in one process. With a
+    private generator a fold built on a Dask worker starts from the weights it starts from here
+    (tests/pipelines/test_cross_validation.py). Keras reads the generator through the module
+    attribute `keras.src.random.seed_generator.python_random`; the block swaps it and puts the
+    original back, whatever happens.
+    """
+    from keras.src.random import seed_generator
+
+    original = seed_generator.python_random
+    seed_generator.python_random = random.Random(int(seed))
+    try:
+        yield
+    finally:
+        seed_generator.python_random = original
 
 
 def make_reproducible(seed: int, deterministic: bool) -> None:

@@ -29,6 +29,7 @@ from medseg.models.training import (
     load_finished,
     make_reproducible,
     prepare_backup,
+    seeded_initializers,
     training_fingerprint,
     wants_determinism,
 )
@@ -139,7 +140,7 @@ def train_model(
     )
     # Keras records the strategy when the model object is created, and the optimizer and
     # metric variables made by compile must be mirrored too: both happen in the scope.
-    with dtype_policy(precision), strategy.scope():
+    with dtype_policy(precision), strategy.scope(), seeded_initializers(seed):
         model = build_model()  # layers take the policy when built; the heads stay float32
     fingerprint = training_fingerprint(
         model=model_key, section=settings, data=data, splits=splits.to_dict("records"), plan=case_geometry.to_json(),
