@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import mlflow_runs, run_pipeline
+from conftest import log_lines, mlflow_runs, run_pipeline
 from medseg.imaging.io import read_volume
 from medseg.inference.segmenter import Segmenter
 from test_context import COMMON, SHAPE, _trained
@@ -23,7 +23,7 @@ def task(tmp_path_factory) -> Path:
     return write_lateralized_task(tmp_path_factory.mktemp("lateralized") / "Task_heads", n_cases=10, shape=SHAPE)
 
 
-def test_the_cascade_tells_the_sides_with_the_small_patch_and_segments_a_scan_through_both_stages(task, tmp_path, caplog):
+def test_the_cascade_tells_the_sides_with_the_small_patch_and_segments_a_scan_through_both_stages(task, tmp_path):
     """`cascade` with the same 8x8x8 full-resolution patch: the low-resolution folds see the
     whole head, and their probabilities, after the image, let the small patch tell the sides.
     The segmenter saves both stages and runs the chain from a scan."""
@@ -55,10 +55,9 @@ def test_the_cascade_tells_the_sides_with_the_small_patch_and_segments_a_scan_th
     assert params["conv3d.context0.training.precision_used"] == params["conv3d.context1.training.precision_used"] == "float32"
     # Run again, as a resume after a later node failed would: the folds are loaded, not trained.
     stamps = [p.stat().st_mtime_ns for p in kept]
-    caplog.clear()
-    with caplog.at_level("INFO", logger="medseg"):
+    with log_lines("medseg.pipelines.training") as lines:
         run_pipeline(project, "conv3d", {**COMMON, "data.msd_dir": str(task), **cascade_params})
-    assert sum("loaded, not trained again" in r.getMessage() for r in caplog.records) == 2
+    assert lines.text.count("loaded, not trained again") == 2
     assert [p.stat().st_mtime_ns for p in kept] == stamps
     rerun = json.loads((project / "data/08_reporting/conv3d/metrics_summary.json").read_text())
     assert min(entry["dice"]["mean"] for entry in rerun["classes"].values()) >= 0.85

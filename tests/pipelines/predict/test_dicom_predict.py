@@ -6,6 +6,7 @@ patient identifier."""
 from __future__ import annotations
 
 import shutil
+import subprocess
 import zipfile
 from pathlib import Path
 
@@ -44,6 +45,12 @@ def dicom_prediction(trained_unet, tmp_path_factory):
     with zipfile.ZipFile(scans / "zipped.zip", "w") as archive:
         for path in files:
             archive.write(path, f"export/{path.name}")
+    if shutil.which("dcm2niix"):  # the same series converted by an independent tool
+        converted = root / "dcm2niix"
+        converted.mkdir()
+        subprocess.run(["dcm2niix", "-z", "y", "-f", "converted", "-o", str(converted), str(scans / "series")],
+                       check=True, capture_output=True)
+        shutil.copy(converted / "converted.nii.gz", scans / "dcm2niix.nii.gz")
     out = root / "masks"
     run_pipeline(project, "predict", {**SHARED_UNET, "predict.model": "unet", "predict.input_dir": str(scans),
                                       "predict.output_dir": str(out)})
@@ -52,8 +59,8 @@ def dicom_prediction(trained_unet, tmp_path_factory):
 
 def test_a_dicom_series_is_segmented_as_its_nifti_and_its_seg_reads_back_as_the_mask(dicom_prediction):
     _, scans, out = dicom_prediction
-    assert sorted(p.name for p in out.iterdir()) == [
-        "nifti.nii.gz", "predictions.csv", "series.nii.gz", "series.seg.dcm", "zipped.nii.gz", "zipped.seg.dcm"]
+    names = sorted(p.name for p in out.iterdir() if p.name != "dcm2niix.nii.gz")
+    assert names == ["nifti.nii.gz", "predictions.csv", "series.nii.gz", "series.seg.dcm", "zipped.nii.gz", "zipped.seg.dcm"]
     series = read_dicom_series(scans / "series")
     mask = read_volume(out / "series.nii.gz", kind="label")
     # The mask is on the series' own grid, the affine built from its IPP/IOP.
@@ -69,6 +76,20 @@ def test_a_dicom_series_is_segmented_as_its_nifti_and_its_seg_reads_back_as_the_
     # The SEG, read back over its source series, is the NIfTI mask voxel for voxel.
     for name in ("series", "zipped"):
         np.testing.assert_array_equal(read_dicom_seg(out / f"{name}.seg.dcm", series), read_volume(out / f"{name}.nii.gz", kind="label").data)
+
+
+@pytest.mark.skipif(shutil.which("dcm2niix") is None, reason="dcm2niix (Debian's package) is not installed: make dicom-tools")
+def test_dcm2niix_s_conversion_of_the_series_gets_the_same_geometry_and_the_same_mask(dicom_prediction):
+    _, scans, out = dicom_prediction
+    converted = read_volume(scans / "dcm2niix.nii.gz")
+    series = read_dicom_series(scans / "series")
+    a, affine_a = _canonical(series.volume.data, series.volume.affine)
+    b, affine_b = _canonical(converted.data, converted.affine)
+    np.testing.assert_allclose(affine_a, affine_b, atol=1e-3)
+    np.testing.assert_allclose(a, b, atol=1e-3)  # the same rescaled intensities
+    mine = read_volume(out / "series.nii.gz", kind="label")
+    theirs = read_volume(out / "dcm2niix.nii.gz", kind="label")
+    np.testing.assert_array_equal(_canonical(mine.data, mine.affine)[0], _canonical(theirs.data, theirs.affine)[0])
 
 
 def test_predictions_trace_each_mask_to_its_series_and_model(dicom_prediction):
