@@ -10,33 +10,17 @@ Example catalog entry::
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
-
-from kedro.io.core import AbstractDataset
-
+from medseg.datasets.phantoms import PhantomDataset
 from medseg.imaging.dicom_dataset import convert_dicom_dataset
 
 
-class DicomCasesDataset(AbstractDataset[dict, str]):
+class DicomCasesDataset(PhantomDataset):
     """Saves `{"dicom_dir": <folder>}` as that folder's studies converted to MSD layout
     (`medseg.imaging.dicom_dataset.convert_dicom_dataset`: incremental, swapped in whole);
-    loads as the converted folder's absolute path. Saving `{}` (another source) writes
-    nothing. `data.dicom_dir` itself is only read."""
-
-    def __init__(self, path: str, metadata: dict[str, Any] | None = None):
-        self._path = Path(path)
-        self.metadata = metadata
+    loads as the converted folder's absolute path, like the phantoms' folder it stands beside
+    (a local folder, never a store). Saving `{}` (another source) writes nothing.
+    `data.dicom_dir` itself is only read."""
 
     def save(self, data: dict) -> None:
         if data:
             convert_dicom_dataset(data["dicom_dir"], self._path.absolute())
-
-    def load(self) -> str:
-        return str(self._path.absolute())
-
-    def _exists(self) -> bool:
-        return (self._path / "dataset.json").is_file()
-
-    def _describe(self) -> dict[str, Any]:
-        return {"path": str(self._path)}
