@@ -84,3 +84,19 @@ def test_a_kept_network_loads_whole_and_a_broken_one_is_trained_again(tmp_path):
     weights = folder / "model.weights.h5"
     weights.write_bytes(weights.read_bytes()[:100])
     assert load_finished(tmp_path, "fp1", _dense()) is None and not folder.exists()
+
+
+@pytest.mark.parametrize(("shape", "steps", "eager"), [((8, 8), 3, True), ((8, 8), 20, False), ((40, 40, 24), 1, False)])
+def test_a_short_training_on_small_samples_runs_eagerly_and_the_others_as_graphs(tmp_path, shape, steps, eager):
+    import tensorflow as tf
+
+    from medseg.models.training import EAGER_MAX_STEPS, EAGER_MAX_VOXELS, fit_model
+
+    conv = keras.layers.Conv2D if len(shape) == 2 else keras.layers.Conv3D
+    inputs = keras.Input((*shape, 1))
+    model = keras.Model(inputs, conv(1, 1, activation="sigmoid")(inputs))
+    model.compile("sgd", "binary_crossentropy")
+    data = tf.data.Dataset.from_tensors((np.zeros((1, *shape, 1), np.float32), np.zeros((1, *shape, 1), np.float32))).repeat()
+    fit_model(model, data, data, epochs=1, steps_per_epoch=steps, validation_steps=1, backup_dir=tmp_path / "b", patience=1)
+    assert model.run_eagerly is eager
+    assert (steps + 1 <= EAGER_MAX_STEPS and int(np.prod(shape)) <= EAGER_MAX_VOXELS) == eager

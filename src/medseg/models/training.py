@@ -326,10 +326,12 @@ class TrainingBudget(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
-# Up to this many steps in all (training and validation, every epoch), `fit` runs eagerly: on 2
-# CPU cores the tiny U-Net of the tests traced its steps in about 8 s and ran 4 of them in under
-# 1 s eagerly (benchmarks are not this small; a real training runs hundreds of steps).
+# Up to this many steps in all (training and validation, every epoch), on samples of at most
+# EAGER_MAX_VOXELS, `fit` runs eagerly: on 2 CPU cores the tiny U-Net of the tests traced its
+# steps in about 8 s and ran 4 of them in under 1 s eagerly. A real training (hundreds of steps)
+# and a short one on real sizes (a memory benchmark on CT slices) run as graphs.
 EAGER_MAX_STEPS = 16
+EAGER_MAX_VOXELS = 32**3
 
 
 def fit_model(
@@ -363,12 +365,13 @@ def fit_model(
         The Keras history as plain floats: {"loss": [...], "val_loss": [...], ...}, one value
         per epoch trained by this call (a resumed run starts at its resumed epoch).
 
-    A training of at most `EAGER_MAX_STEPS` steps (training and validation, all epochs) runs
-    eagerly: tracing the training and validation steps into graphs costs seconds, more than a
-    few eager steps of a small network.
+    A training of at most `EAGER_MAX_STEPS` steps (training and validation, all epochs) on
+    samples of at most `EAGER_MAX_VOXELS` runs eagerly: tracing the training and validation
+    steps into graphs costs seconds, more than a few eager steps of a small network.
     """
     total = int(epochs) * (int(steps_per_epoch) + int(validation_steps))
-    if total <= EAGER_MAX_STEPS:
+    voxels = int(np.prod([int(n or 0) for n in model.input_shape[1:-1]]))
+    if total <= EAGER_MAX_STEPS and 0 < voxels <= EAGER_MAX_VOXELS:
         model.run_eagerly = True
     history = model.fit(
         train_data,
