@@ -114,3 +114,16 @@ def test_a_single_case_is_one_case(clock, logged):
     clock.tick(0.5)
     progress.advance("a")
     assert logged.messages == ["Evaluating: 1 of 1 case done in 0.5 s"]
+
+
+def test_folds_are_counted_as_folds_with_the_time_left():
+    import logging
+
+    now = [0.0]
+    progress = CaseProgress("unet: cross-validation", 3, logger=logging.getLogger("test"), unit="fold",
+                            every_s=0.0, every_fraction=0.0, clock=lambda: now[0])
+    now[0] = 60.0
+    assert progress.advance() == "unet: cross-validation: fold 1 of 3, 1:00 elapsed, about 2:00 left"
+    now[0] = 130.0
+    assert progress.advance() == "unet: cross-validation: fold 2 of 3, 2:10 elapsed, about 1:05 left"
+    assert progress.advance() == f"unet: cross-validation: 3 of 3 folds done in {format_duration(130.0)}"

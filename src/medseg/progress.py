@@ -57,6 +57,7 @@ class CaseProgress:
         clock: monotonic seconds; tests pass a fake one.
         start: start the clock now; False waits for `start()` or the first `advance()`
             (lazy partitions: the catalog computes them later, at save time).
+        unit: what is counted, in the lines ("case"; "fold" for cross-validation).
     """
 
     def __init__(
@@ -69,8 +70,10 @@ class CaseProgress:
         every_fraction: float = DEFAULT_EVERY_FRACTION,
         clock: Callable[[], float] = time.monotonic,
         start: bool = True,
+        unit: str = "case",
     ) -> None:
         self.task = task
+        self.unit = unit
         self.total = int(total)
         self.done = 0
         self._logger = logger or _logger
@@ -119,12 +122,12 @@ class CaseProgress:
             return None
         self._last_logged_at, self._last_logged_done = now, self.done
         if last:
-            cases = "case" if self.total == 1 else "cases"
+            cases = self.unit if self.total == 1 else f"{self.unit}s"
             line = f"{self.task}: {self.done} of {self.total} {cases} done in {format_duration(self.elapsed_s)}"
         else:
             named = f" ({case_id})" if case_id is not None else ""
             line = (
-                f"{self.task}: case {self.done} of {self.total}{named}, {format_duration(self.elapsed_s)} elapsed, "
+                f"{self.task}: {self.unit} {self.done} of {self.total}{named}, {format_duration(self.elapsed_s)} elapsed, "
                 f"about {format_duration(self.remaining_s())} left"
             )
         self._logger.info(line)

@@ -481,8 +481,10 @@ REGISTRY_PREFIX = "medseg-"
 
 
 def champion_uri() -> str:
-    """`models:/<name>@champion` of the one medseg model in the registry (`medseg-<dataset>`)
-    whose version holds the alias `champion` (set by `kedro run --pipeline select`).
+    """`models:/<name>/<version>` of the version that holds the alias `champion` (set by
+    `kedro run --pipeline select`), for the one medseg model in the registry
+    (`medseg-<dataset>`) that has it: the version, not the alias, so that what a run records
+    still names the model that made its masks after the alias has moved.
 
     Raises:
         ConfigurationError: none holds it, or several do (then the message lists them and asks
@@ -505,7 +507,9 @@ def champion_uri() -> str:
             f"predict.model=champion: several datasets have a champion ({', '.join(names)}). Name one: "
             f"predict.model=models:/{names[0]}@champion."
         )
-    return f"models:/{names[0]}@{CHAMPION}"
+    version = client.get_model_version_by_alias(names[0], CHAMPION).version
+    logger.info("predict.model=champion: %s version %s.", names[0], version)
+    return f"models:/{names[0]}/{version}"
 
 
 def _download_segmenter(source: str) -> tuple[str, str]:

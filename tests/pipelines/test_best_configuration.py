@@ -89,7 +89,9 @@ def test_the_champion_is_registered_and_predict_uses_it_with_the_test_score_it_r
     assert newest.data.metrics["best_test_dice_mean"] == pytest.approx(np.nanmean(dices), abs=1e-6)
     _, runs = mlflow_runs(project)
     assert runs[0].info.run_name.startswith(f"Predict-{configuration['chosen']['candidate']}-")
-    assert runs[0].data.tags["medseg.source_model_uri"] == f"models:/{name}@champion"
+    assert runs[0].data.tags["medseg.source_model_uri"] == f"models:/{name}/2"  # the version the alias named
+    table = pd.read_csv(tmp_path / "masks" / "predictions.csv", dtype=str)
+    assert set(table["model_uri"]) == {f"models:/{name}/2"}
 
 
 def test_select_without_cross_validation_names_the_fix(prepared_project):

@@ -130,12 +130,13 @@ def cross_validate(
                           dict(data), dict(settings), roots[i])
 
     if executor.scheduler == compute.SYNC:
-        progress = CaseProgress(f"{kind.name}: cross-validation", n_folds, logger=logger)
+        progress = CaseProgress(f"{kind.name}: cross-validation", n_folds, logger=logger, unit="fold", every_s=0.0,
+                                every_fraction=0.0)
         records = []
         for i in range(n_folds):
-            logger.info("%s: fold %d of %d.", kind.name, i + 1, n_folds)
+            logger.info("%s: training fold %d of %d.", kind.name, i + 1, n_folds)
             records.append(task(i))
-            progress.advance(f"fold {i}")
+            progress.advance()
     else:
         records = executor.map(task, list(range(n_folds)), task=f"{kind.name}: cross-validation",
                                case_ids=[f"fold {i}" for i in range(n_folds)])
