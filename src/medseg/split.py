@@ -114,8 +114,9 @@ def assign_folds(splits: pd.DataFrame, n_folds: int, seed: int, saved: dict | No
     if saved and saved.get("folds"):
         if int(saved.get("n_folds", len(saved["folds"]))) != n_folds:
             raise ConfigurationError(
-                f"data/03_primary/folds.json holds {saved.get('n_folds')} folds, but cv.folds={n_folds}. Set "
-                f"cv.folds={saved.get('n_folds')} to keep them, or delete folds.json to split the cases anew."
+                f"folds.json holds {saved.get('n_folds')} folds, but cv.folds={n_folds}. Set "
+                f"cv.folds={saved.get('n_folds')} to keep them, or delete folds.json (the catalog's `folds`) to split "
+                "the cases anew."
             )
         held_out = [[c for c in fold["val"] if c in set(cases)] for fold in saved["folds"]]
         placed = {c for fold in held_out for c in fold}
@@ -128,7 +129,8 @@ def assign_folds(splits: pd.DataFrame, n_folds: int, seed: int, saved: dict | No
         held_out = [[cases[i] for i in order[fold::n_folds]] for fold in range(n_folds)]
     held_out = [sorted(fold) for fold in held_out]
     if any(not fold for fold in held_out):
-        raise SplitError(f"a fold of folds.json holds no case after the cases changed; delete data/03_primary/folds.json to split anew.")
+        raise SplitError("a fold of folds.json (the catalog's `folds`) holds no case after the cases changed; delete "
+                         "folds.json to split the cases anew.")
     return {
         "n_folds": n_folds,
         "seed": int(seed),
