@@ -180,3 +180,20 @@ def test_predictions_map_back_on_workers_while_the_network_stays_here(tmp_path: 
         assert (tmp_path / "sync" / f"{scan.case_id}.nii.gz").read_bytes() == (tmp_path / "dask" / f"{scan.case_id}.nii.gz").read_bytes()
         assert segmenter.segment(segmenter.read_scan(scan.path)).data.tolist() == np.asarray(mask.dataobj).tolist()
     assert set(local2.client.run(_worker_has_tensorflow).values()) == {False}
+
+
+def _dies_on_fold_one(fold):
+    if fold == 1:
+        os._exit(1)  # as a worker killed mid-fold (out of memory, kill -9) ends
+    return fold
+
+
+def test_a_worker_that_dies_mid_fold_fails_the_run_naming_the_fold():
+    import dask
+
+    from medseg.runs.compute import ComputeError
+
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+        with compute.using_scheduler("local:2") as executor:
+            with pytest.raises(ComputeError, match=r"cross-validation: the Dask worker died while working on case\(s\) fold 1"):
+                executor.map(_dies_on_fold_one, [0, 1], task="unet: cross-validation", case_ids=["fold 0", "fold 1"])
