@@ -65,6 +65,7 @@ def test_notebook_runs_on_a_trained_project(trained_unet: Path, tmp_path: Path, 
     conv3d_name = next(run.info.run_name for run in runs if run.info.run_name.startswith("UNet3D-"))
     assert unet_name in stdout and conv3d_name in stdout, stdout
     assert f"from {unet_name}" in stdout
+    assert re.search(r"DICOM series [\d.]+: \d+ slices -> DICOM SEG [\d.]+ \(\d+ bytes\)", stdout), stdout
     assert "models with predictions: ['unet', 'conv3d']" in stdout
     assert f"tracking URI: sqlite:///{(project / 'mlflow.db').resolve()}" in stdout
 

@@ -200,7 +200,8 @@ def test_logged_requirements_pin_this_environment_and_leave_medseg_out(trained: 
     assert f"keras=={importlib.metadata.version('keras')}" in requirements
     assert "tensorflow" not in names  # the cpu build only: never both
     if name == "unet_segmenter":
-        for package in ("nibabel", "scipy", "numpy", "pandas", "mlflow"):
+        # pydicom and highdicom: the segmenter reads DICOM series and writes DICOM SEG.
+        for package in ("nibabel", "scipy", "numpy", "pandas", "mlflow", "pydicom", "highdicom"):
             assert f"{package}=={importlib.metadata.version(package)}" in requirements
     assert_satisfied_here(requirements)
 

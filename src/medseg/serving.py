@@ -407,14 +407,15 @@ def _version(distribution: str) -> str | None:
 def pip_requirements() -> list[str]:
     """What the segmenter needs, pinned to the versions installed here: the TensorFlow build of
     this environment (`tensorflow-cpu`, or `tensorflow[and-cuda]` for the gpu extra), Keras,
-    nibabel, SciPy, NumPy, pandas and MLflow. medseg itself travels as code, not a package."""
+    nibabel, SciPy, NumPy, pandas, MLflow, and pydicom with highdicom (DICOM series in, DICOM
+    SEG out). medseg itself travels as code, not a package."""
     requirements = []
     if _version("tensorflow-cpu"):
         requirements.append(f"tensorflow-cpu=={_version('tensorflow-cpu')}")
     elif _version("tensorflow"):
         cuda = any(_version(name) for name in ("nvidia-cudnn-cu12", "nvidia-cuda-runtime-cu12"))
         requirements.append(f"tensorflow{'[and-cuda]' if cuda else ''}=={_version('tensorflow')}")
-    for name in ("keras", "nibabel", "scipy", "numpy", "pandas", "mlflow"):
+    for name in ("keras", "nibabel", "scipy", "numpy", "pandas", "mlflow", "pydicom", "highdicom"):
         if _version(name):
             requirements.append(f"{name}=={_version(name)}")
     return requirements
