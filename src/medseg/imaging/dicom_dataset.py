@@ -25,7 +25,7 @@ import pydicom
 
 from medseg.errors import DatasetNotFoundError, EmptyDatasetError, InvalidLabelError
 from medseg.imaging.dicom import DicomSeriesError, is_dicom_input, read_dicom_series
-from medseg.imaging.dicom_seg import LABEL_VALUE_PATTERN, read_dicom_seg
+from medseg.imaging.dicom_seg import read_dicom_seg, segment_label_value
 from medseg.imaging.io import Volume
 from medseg.imaging.msd import write_msd_dataset
 
@@ -88,8 +88,7 @@ def _segment_names(seg_path: Path) -> dict[int, str]:
     seg = pydicom.dcmread(seg_path, stop_before_pixels=True)
     names = {}
     for item in seg.SegmentSequence:
-        match = LABEL_VALUE_PATTERN.match(str(item.get("SegmentDescription", "")))
-        names[int(match.group(1)) if match else int(item.SegmentNumber)] = str(item.get("SegmentLabel", f"segment {item.SegmentNumber}"))
+        names[segment_label_value(item, int(item.SegmentNumber))] = str(item.get("SegmentLabel", f"segment {item.SegmentNumber}"))
     return names
 
 

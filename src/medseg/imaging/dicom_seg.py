@@ -437,6 +437,18 @@ def _segment_values(seg: hd.seg.Segmentation, classes: dict[int, str] | None, wh
                 )
             values[number] = by_name[label.lower()]
             continue
-        match = LABEL_VALUE_PATTERN.match(str(description.get("SegmentDescription", "")))
-        values[number] = int(match.group(1)) if match else int(number)
+        values[number] = segment_label_value(description, number)
     return values
+
+
+def segment_label_value(description, number: int) -> int:
+    """The label value of a SEG segment: the one medseg wrote in its SegmentDescription
+    (`medseg label value N`), else its segment number.
+
+    Args:
+        description: the segment's item of SegmentSequence (a pydicom Dataset or highdicom's
+            SegmentDescription).
+        number: its SegmentNumber.
+    """
+    match = LABEL_VALUE_PATTERN.match(str(description.get("SegmentDescription", "")))
+    return int(match.group(1)) if match else int(number)

@@ -124,9 +124,7 @@ def segment_scans(scans: pd.DataFrame, model: dict[str, str], predict: PredictPa
         return DriverThenWorker(network, partial(segmented_scan, finish=finish, classes=segmenter.plan.classes,
                                                  extra={**row, **lineage(series)}, write_seg=write_seg))
 
-    kinds = scans["kind"] if "kind" in scans else ["nifti"] * len(scans)
-    items = [Scan(str(r.case_id), str(r.image_path), str(kind), predict.get("series_uid"))
-             for r, kind in zip(scans.itertuples(), kinds)]
+    items = [Scan(str(r.case_id), str(r.image_path), str(r.kind), predict.get("series_uid")) for r in scans.itertuples()]
     table = write_predictions(items, segment, output_dir, mapper=compute.current().map)
     tracking.log_input_cases("predict-input", str(input_dir), table, context="inference")
     logger.info("predict: %d masks and predictions.csv written to %s.", len(table), output_dir)
