@@ -213,6 +213,18 @@ def node_at(log_text: str, when: float) -> str:
     return found
 
 
+def node_peaks(log_text: str, samples: list[tuple[float, int]]) -> dict[str, tuple[float, float]]:
+    """Each node's (RSS when it started, peak RSS while it ran), in MiB, from the polled samples
+    and the node at each sample's time; in the order the nodes ran."""
+    peaks: dict[str, tuple[float, float]] = {}
+    for when, total in samples:
+        node = node_at(log_text, when)
+        mib = total / 2**20
+        start, peak = peaks.get(node, (mib, 0.0))
+        peaks[node] = (start, max(peak, mib))
+    return peaks
+
+
 def run_pipeline(pipeline: str, params: dict[str, object], workdir: Path,
                  prepare: Callable[[Path], None] | None = None) -> dict[str, float]:
     """`kedro run --pipelines <pipeline>` in a fresh project copy; its peak RSS and wall time.
@@ -257,6 +269,7 @@ def run_pipeline(pipeline: str, params: dict[str, object], workdir: Path,
         "n_masks": len(masks),
         "planned": planned[-1] if planned else "",
         "peak_node": node_at(log_text, tree.peak_time),
+        "node_peaks": node_peaks(log_text, tree.samples),
     }
 
 
@@ -336,6 +349,9 @@ def main() -> int:
         if result["ok"]:
             print(f"        {result['n_masks']} masks written, test Dice mean {result['dice']:.3f} (short training: not a quality figure)")
             print(f"        tree peak during node {result['peak_node']}")
+            heaviest = sorted(result["node_peaks"].items(), key=lambda item: -item[1][1])[:5]
+            print("        heaviest nodes (MiB at start -> peak): "
+                  + "; ".join(f"{node} {start:.0f} -> {peak:.0f}" for node, (start, peak) in heaviest))
             if result["planned"]:
                 print(f"        {result['planned']}")
         targets.append(Target(f"{pipeline} peak RSS GiB", peak_gib if result["ok"] else float("nan"), "<=", target_gib))

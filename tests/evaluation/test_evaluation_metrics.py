@@ -11,6 +11,8 @@ from scipy.spatial.distance import cdist
 
 from medseg.errors import GeometryMismatchError, InvalidLabelError
 from medseg.evaluation.metrics import (
+    _directed_surface_distances,
+    _mask_surface,
     classification_metrics,
     dice_score,
     evaluate_case,
@@ -176,6 +178,23 @@ def test_hd95_is_exact_when_small_structures_sit_in_a_large_volume(seed):
     assert hausdorff_distance_95(reference, prediction, spacing) == pytest.approx(
         _brute_force_hd95(reference, prediction, spacing), rel=1e-12
     )
+
+
+@pytest.mark.parametrize("max_points", [1, 5, 40, 10_000])
+def test_surface_distances_in_slabs_equal_the_brute_force(max_points):
+    # Slabs of a few surface voxels (a tree per target slab, source slabs skipped when they
+    # cannot come closer) must give every voxel's exact distance, in C order.
+    rng = np.random.default_rng(7)
+    spacing = np.array([2.5, 0.8, 0.9])
+    source = _random_blob(rng, (16, 10, 9), 0.25)
+    target = np.zeros_like(source)
+    target[11:15, 2:6, 3:7] = _random_blob(rng, (4, 4, 4), 0.5)  # far along axis 0 from most of it
+    target[1, 8, 8] = 1
+    source_surface = _mask_surface(source.astype(bool))
+    target_surface = _mask_surface(target.astype(bool))
+    expected = cdist(np.argwhere(source_surface) * spacing, np.argwhere(target_surface) * spacing).min(axis=1)
+    found = _directed_surface_distances(source_surface, target_surface, spacing, max_points=max_points)
+    np.testing.assert_allclose(found, expected, rtol=1e-12)
 
 
 def test_hd95_is_nan_when_either_mask_is_empty():

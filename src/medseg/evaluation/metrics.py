@@ -215,8 +215,37 @@ def _joint_bounding_box(
     return tuple(box)
 
 
+# At most this many surface voxels go into one k-d tree or one query (the tree holds about 32
+# bytes a point, a query's points 48), so a surface of millions of voxels (a poor prediction
+# that speckles a CT scan) is measured in slabs of bounded memory.
+SURFACE_CHUNK_POINTS = 1 << 20
+
+
+def _surface_slabs(surface: np.ndarray, max_points: int) -> list[tuple[slice, int]]:
+    """Slabs of planes along axis 0 holding at most `max_points` surface voxels each (a single
+    plane above it is one slab), as (planes, voxel count), in C order; empty slabs are left out."""
+    counts = np.count_nonzero(surface.reshape(surface.shape[0], -1), axis=1)
+    slabs, start, running = [], 0, 0
+    for plane, count in enumerate(counts.tolist()):
+        if running and running + count > max_points:
+            slabs.append((slice(start, plane), running))
+            start, running = plane, 0
+        running += count
+    slabs.append((slice(start, len(counts)), running))
+    return [(planes, count) for planes, count in slabs if count]
+
+
+def _slab_points(surface: np.ndarray, planes: slice, spacing: np.ndarray) -> np.ndarray:
+    """The surface voxels of one slab, as points in mm (C order)."""
+    points = np.argwhere(surface[planes]).astype(np.float64)
+    points[:, 0] += planes.start
+    points *= spacing
+    return points
+
+
 def _directed_surface_distances(
-    source_surface: np.ndarray, target_surface: np.ndarray, spacing: np.ndarray
+    source_surface: np.ndarray, target_surface: np.ndarray, spacing: np.ndarray,
+    max_points: int = SURFACE_CHUNK_POINTS,
 ) -> np.ndarray:
     """Return the distance in mm from each source surface voxel to the nearest target one.
 
@@ -226,15 +255,30 @@ def _directed_surface_distances(
     A k-d tree of the target's surface voxels (in mm) answers each source voxel exactly, as a
     Euclidean distance transform of the whole box would, but its memory grows with the
     surfaces, not the box: the transform holds an int32 index per axis and a float64 distance
-    for every voxel of the box, gigabytes over a CT scan that a poor prediction fills, where
-    the tree of its surface is a small fraction of that.
+    for every voxel of the box, gigabytes over a CT scan that a poor prediction fills. Both
+    surfaces are taken in slabs along axis 0 of at most `max_points` voxels: a tree per target
+    slab, and each source slab queried against it only where it can still come closer than
+    the source slab's current farthest answer (the gap between the slabs' planes is a lower
+    bound of every distance between them). So the memory beyond the answer (8 bytes a source
+    voxel) is bounded by `max_points`, whatever the surfaces, and the answer is the same.
     """
-    target_points = np.argwhere(target_surface) * spacing
-    source_points = np.argwhere(source_surface) * spacing
-    # Large leaves and every core: a prediction that fills a CT scan has a surface of hundreds
-    # of thousands of voxels far from the reference's, and with the default leaf size (16) that
-    # query takes several times longer than the whole box's distance transform.
-    distances, _ = spatial.cKDTree(target_points, leafsize=128).query(source_points, workers=-1)
+    source_slabs = _surface_slabs(source_surface, max_points)
+    offsets = np.cumsum([0] + [count for _, count in source_slabs])
+    distances = np.full(int(offsets[-1]), np.inf)
+    for target_planes, _ in _surface_slabs(target_surface, max_points):
+        # Large leaves and every core: a prediction that fills a CT scan has a surface of
+        # hundreds of thousands of voxels far from the reference's, and with the default leaf
+        # size (16) that query takes several times longer.
+        tree = spatial.cKDTree(_slab_points(target_surface, target_planes, spacing), leafsize=128)
+        for (source_planes, _), start, stop in zip(source_slabs, offsets[:-1], offsets[1:]):
+            best = distances[start:stop]
+            farthest = float(best.max())
+            plane_gap = max(target_planes.start - source_planes.stop + 1, source_planes.start - target_planes.stop + 1, 0)
+            if plane_gap * spacing[0] >= farthest:
+                continue
+            found, _ = tree.query(_slab_points(source_surface, source_planes, spacing),
+                                  distance_upper_bound=farthest, workers=-1)
+            np.minimum(best, found, out=best)
     return distances
 
 
@@ -288,10 +332,11 @@ def hausdorff_distance_95(
     prediction_to_reference = _directed_surface_distances(
         prediction_surface, reference_surface, sampling
     )
+    # overwrite_input: the percentile partitions the distances in place, no copy of them.
     return float(
         max(
-            np.percentile(reference_to_prediction, 95),
-            np.percentile(prediction_to_reference, 95),
+            np.percentile(reference_to_prediction, 95, overwrite_input=True),
+            np.percentile(prediction_to_reference, 95, overwrite_input=True),
         )
     )
 
