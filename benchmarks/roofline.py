@@ -56,6 +56,7 @@ from scale_out import cpu_name  # noqa: E402
 from medseg.imaging.io import Volume  # noqa: E402
 from medseg.inference import Segmenter, SegmenterPlan  # noqa: E402
 from medseg.models import build_unet2d, build_unet3d, compile_segmentation_model  # noqa: E402
+from medseg.models.precision import cpu_has_bfloat16  # noqa: E402
 from medseg.patching.sliding_window import unet_features_per_voxel  # noqa: E402
 from medseg.planning import plan_patches, plan_slices  # noqa: E402
 
@@ -159,7 +160,8 @@ def segment_share(model: keras.Model, patch: tuple[int, int, int], depth: int) -
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--bf16", action="store_true", help="also measure bfloat16 (emulated without bfloat16 units)")
+    parser.add_argument("--bf16", action="store_true",
+                        help="also measure bfloat16 where the CPU has no bfloat16 units (emulated); on by itself where it has them")
     args = parser.parse_args()
     median, spacing = phantom_median_shape()
     slices = plan_slices(median, 32, 3, 4.0)
@@ -167,7 +169,7 @@ def main() -> int:
     size, patch, pools = slices["input_size"], tuple(patches["patch_size"]), patches["poolings"]
     print(f"{cpu_name()}, {os.cpu_count()} cores; TensorFlow {tf.__version__}")
 
-    dtypes = [("float32", tf.float32)] + ([("bfloat16", tf.bfloat16)] if args.bf16 else [])
+    dtypes = [("float32", tf.float32)] + ([("bfloat16", tf.bfloat16)] if args.bf16 or cpu_has_bfloat16() else [])
     peaks = {name: matmul_peak(dtype, args.repeats) for name, dtype in dtypes}
     for name, value in peaks.items():
         print(f"matmul 2048^3 {name}: {value:8.1f} GFLOP/s")
