@@ -49,6 +49,7 @@ from medseg.inference.postprocessing import (
     volumes_ml,
 )
 from medseg.inference.cascade import context_channels, with_context
+from medseg.models.normalization import FusedBatchNormalization  # noqa: F401 (registered for keras.models.load_model)
 from medseg.inference.slices import axial_window, predict_axial_slices, slice_predictor
 from medseg.patching.sliding_window import (
     GIB,

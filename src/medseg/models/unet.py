@@ -29,6 +29,7 @@ import keras
 from keras import layers
 
 from medseg.errors import ConfigurationError
+from medseg.models.normalization import FusedBatchNormalization
 
 # Layer classes per number of spatial dimensions.
 _CONV = {2: layers.Conv2D, 3: layers.Conv3D}
@@ -71,7 +72,8 @@ def conv_block(x, filters: int, name: str):
         x = conv(filters, 3, padding="same", name=f"{name}_conv{i}")(x)
         # momentum 0.9 (Keras: 0.99): the moving statistics used at inference then settle
         # within the few hundred steps that a CPU training run affords.
-        x = layers.BatchNormalization(momentum=0.9, name=f"{name}_bn{i}")(x)
+        # Keras's batch normalization, fused in mixed-precision training (medseg.models.normalization).
+        x = FusedBatchNormalization(momentum=0.9, name=f"{name}_bn{i}")(x)
         x = layers.ReLU(name=f"{name}_relu{i}")(x)
     return x
 
