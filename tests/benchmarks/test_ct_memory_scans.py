@@ -68,3 +68,22 @@ def test_the_peak_is_attributed_to_the_node_running_then(ct_memory):
     assert ct_memory.node_at(log, at("11/25/26 16:45:00")) == "predict_unet"
     assert ct_memory.node_at(log, at("11/25/26 16:46:07")) == "evaluate_predictions"
     assert ct_memory.node_at(log, at("11/25/26 16:40:00")) == "(before the first node)"
+
+
+def test_each_node_gets_its_rss_at_start_and_its_peak(ct_memory):
+    import time
+
+    log = "\n".join(
+        [
+            "[11/25/26 16:44:18] INFO     Running node: predict_split: predict_split([unet.segmenter])",
+            "[11/25/26 16:44:30] INFO     Running node: evaluate_predictions: evaluate_predictions([unet.predictions])",
+        ]
+    )
+    at = lambda stamp: time.mktime(time.strptime(stamp, "%m/%d/%y %H:%M:%S"))  # noqa: E731
+    mib = 2**20
+    samples = [(at("11/25/26 16:44:10"), 300 * mib), (at("11/25/26 16:44:19"), 1000 * mib), (at("11/25/26 16:44:25"), 1800 * mib),
+               (at("11/25/26 16:44:31"), 1500 * mib), (at("11/25/26 16:44:40"), 2100 * mib), (at("11/25/26 16:44:50"), 1200 * mib)]
+    peaks = ct_memory.node_peaks(log, samples)
+    assert list(peaks) == ["(before the first node)", "predict_split", "evaluate_predictions"]
+    assert peaks["predict_split"] == (1000.0, 1800.0)
+    assert peaks["evaluate_predictions"] == (1500.0, 2100.0)
