@@ -49,7 +49,7 @@ class FusedBatchNormalization(layers.BatchNormalization):
         )
         # The kernel returns the batch variance with Bessel's correction; Keras's moving
         # variance averages the population variance (tf.nn.moments), as the kernel normalizes by.
-        count = tf.cast(tf.size(inputs) // channels, tf.float32)
+        count = tf.cast(tf.size(inputs, out_type=tf.int64) // channels, tf.float32)
         variance = variance * (count - 1.0) / tf.maximum(count, 1.0)
         self.moving_mean.assign(self.moving_mean * self.momentum + mean * (1.0 - self.momentum))
         self.moving_variance.assign(self.moving_variance * self.momentum + variance * (1.0 - self.momentum))
