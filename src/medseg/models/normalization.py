@@ -21,6 +21,8 @@ import keras
 import tensorflow as tf
 from keras import layers
 
+from medseg.models.cloning import clone_with_layers
+
 _FUSED_FORMATS = {4: "NHWC", 5: "NDHWC"}
 _HALF = {"bfloat16", "float16"}
 
@@ -66,6 +68,4 @@ def as_keras_layers(model: keras.Model) -> keras.Model:
         kind = layers.BatchNormalization if isinstance(layer, FusedBatchNormalization) else layer.__class__
         return kind.from_config(layer.get_config())
 
-    copy = keras.models.clone_model(model, clone_function=clone)
-    copy.set_weights(model.get_weights())
-    return copy
+    return clone_with_layers(model, clone)

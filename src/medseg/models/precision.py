@@ -22,6 +22,8 @@ from typing import Any
 import keras
 import numpy as np
 
+from medseg.models.cloning import clone_with_layers
+
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 # The quick check: `CHECK_STEPS` training steps on a small batch of a task a U-Net learns in
 # that many steps (smooth noise thresholded), from the same initial weights in every policy.
@@ -258,9 +260,7 @@ def with_precision(model: keras.Model, precision: str) -> keras.Model:
             config["dtype"] = precision
         return layer.__class__.from_config(config)
 
-    copy = keras.models.clone_model(model, clone_function=clone)
-    copy.set_weights(model.get_weights())
-    return copy
+    return clone_with_layers(model, clone)
 
 
 @contextlib.contextmanager
