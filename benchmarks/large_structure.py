@@ -33,7 +33,7 @@ from _targets import Target, report_targets  # noqa: E402
 from ct_memory import run_pipeline  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
-from medseg.imaging.synthesis import synthesize_case  # noqa: E402
+from medseg.synthetic.shapes import synthesize_case  # noqa: E402
 
 
 def write_head_dataset(root: Path, n_cases: int = 24, seed: int = 42) -> float:

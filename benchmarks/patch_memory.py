@@ -40,7 +40,7 @@ def write_cases(folder: Path, n_cases: int, size: int) -> float:
     from medseg.imaging.geometry import to_canonical
     from medseg.imaging.io import Volume, write_volume
     from medseg.imaging.normalization import zscore_normalize
-    from medseg.imaging.synthesis import synthesize_case
+    from medseg.synthetic.shapes import synthesize_case
 
     total = 0
     for index in range(n_cases):

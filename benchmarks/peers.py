@@ -73,7 +73,7 @@ from _targets import Target, report_targets  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
 from medseg.evaluation.metrics import dice_score, hausdorff_distance_95, iou_score  # noqa: E402
-from medseg.planning import poolings_per_axis  # noqa: E402
+from medseg.kinds.sizes import poolings_per_axis  # noqa: E402
 from medseg.patching.sliding_window import (  # noqa: E402
     activation_budget_gb,
     case_arrays_bytes,

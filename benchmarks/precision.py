@@ -1,8 +1,8 @@
 """Training and inference speed in float32 and in the precisions `training.precision: auto` picks.
 
-For the 2D U-Net and the 3D U-Net at the sizes the planner (`medseg.planning`) gives the
+For the 2D U-Net and the 3D U-Net at the sizes the planner (`medseg.kinds.sizes`) gives the
 default phantoms:
-  1. the planner's own measurement (`medseg.kinds.planning.measure_precisions`, then
+  1. the planner's own measurement (`medseg.kinds.plans.measure_precisions`, then
      `choose_precision`) decides `auto`'s policy for training and for inference, as a run would;
   2. then, side by side in this run with the same random batches, float32 and each policy are
      timed again, independently of the planner's figures.
@@ -31,11 +31,11 @@ from _targets import Target, report_targets  # noqa: E402
 
 from medseg.imaging.geometry import plan_case_geometry, to_canonical  # noqa: E402
 from medseg.imaging.io import Volume  # noqa: E402
-from medseg.imaging.synthesis import synthesize_case  # noqa: E402
+from medseg.synthetic.shapes import synthesize_case  # noqa: E402
 from medseg.models import build_unet2d, build_unet3d, compile_segmentation_model  # noqa: E402
-from medseg.kinds.planning import measure_precisions  # noqa: E402
+from medseg.kinds.plans import measure_precisions  # noqa: E402
 from medseg.models.precision import choose_precision, cpu_has_bfloat16, gpu_has_bfloat16, precision_candidates  # noqa: E402
-from medseg.planning import plan_patches, plan_slices  # noqa: E402
+from medseg.kinds.sizes import plan_patches, plan_slices  # noqa: E402
 
 
 def phantom_median_shape(n_cases: int = 6) -> tuple[tuple[int, int, int], tuple[float, float, float]]:

@@ -58,7 +58,7 @@ from medseg.inference import Segmenter, SegmenterPlan  # noqa: E402
 from medseg.models import build_unet2d, build_unet3d, compile_segmentation_model  # noqa: E402
 from medseg.models.precision import cpu_has_bfloat16  # noqa: E402
 from medseg.patching.sliding_window import unet_features_per_voxel  # noqa: E402
-from medseg.planning import plan_patches, plan_slices  # noqa: E402
+from medseg.kinds.sizes import plan_patches, plan_slices  # noqa: E402
 
 CONV = (keras.layers.Conv2D, keras.layers.Conv3D)
 TRANSPOSED = (keras.layers.Conv2DTranspose, keras.layers.Conv3DTranspose)

@@ -91,7 +91,7 @@ def upsample_dataset(root: Path, in_plane: int, slices: int) -> None:
 
 def write_phantoms(root: Path, n_cases: int, in_plane: int = 96, slices: list[int] | None = None) -> Path:
     """`n_cases` phantoms (`in_plane` x `in_plane` x `slices`, default 96 x 96 x 24-40) in MSD layout."""
-    from medseg.imaging.phantoms import ensure_synthetic_dataset, synthesis_settings
+    from medseg.synthetic.phantoms import ensure_synthetic_dataset, synthesis_settings
 
     data = {
         "seed": 42,

@@ -51,7 +51,7 @@ def build_model(root: Path) -> Path:
     import mlflow
 
     from medseg.inference.segmenter import Segmenter, SegmenterPlan
-    from medseg.serving import ARTIFACT, SIGNATURE, SegmenterModel
+    from medseg.serving.model import ARTIFACT, SIGNATURE, SegmenterModel
 
     inputs = keras.Input((None, None, 1))
     outputs = keras.layers.Conv2D(1, 1, activation="sigmoid", kernel_initializer="ones")(inputs)

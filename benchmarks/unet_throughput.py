@@ -27,7 +27,7 @@ from _targets import Target, report_targets  # noqa: E402
 from medseg.imaging.geometry import plan_case_geometry, to_canonical, to_training_grid  # noqa: E402
 from medseg.imaging.io import Volume  # noqa: E402
 from medseg.imaging.normalization import zscore_normalize  # noqa: E402
-from medseg.imaging.synthesis import synthesize_case  # noqa: E402
+from medseg.synthetic.shapes import synthesize_case  # noqa: E402
 from medseg.models import build_unet2d, compile_segmentation_model  # noqa: E402
 from medseg.patching import make_tf_dataset, slice_stream  # noqa: E402
 

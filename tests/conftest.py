@@ -99,10 +99,10 @@ def bfloat16_hardware(cpu: bool, gpu: bool = False):
 @contextmanager
 def measured_precision(train_speedup: float, infer_speedup: float, dice_drift: float = 0.0):
     """While the block runs, the planner's precision measurement
-    (`medseg.kinds.planning.measure_precisions`) reports each policy beyond float32 as
+    (`medseg.kinds.plans.measure_precisions`) reports each policy beyond float32 as
     `train_speedup` and `infer_speedup` times faster, its check Dice `dice_drift` away:
     the choice then follows from these figures on every machine, not from this one's speed."""
-    import medseg.kinds.planning as planning
+    import medseg.kinds.plans as planning
     from medseg.models.precision import PrecisionMeasurement
 
     def measure(candidates, build_model, batch_size):

@@ -94,7 +94,7 @@ def test_tensorflow_start_up_lines_are_dropped_and_the_rest_kept():
 def test_stderr_filter_keeps_every_other_line_and_the_exception(capfd):
     import re
 
-    from medseg.console import TENSORFLOW_NOTICE, stderr_without
+    from medseg.runs.console import TENSORFLOW_NOTICE, stderr_without
 
     with pytest.raises(RuntimeError, match="boom"):
         with stderr_without(TENSORFLOW_NOTICE):

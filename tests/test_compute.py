@@ -15,7 +15,7 @@ from medseg.runs import compute
 from medseg.datasets.staged import KEYS_FILE, StagedPartitionedDataset
 from medseg.errors import ConfigurationError, CorruptFileError
 from medseg.imaging.io import Volume, read_volume
-from medseg.incremental import KeyedPartition
+from medseg.storage.incremental import KeyedPartition
 
 
 @pytest.fixture(scope="module")

@@ -1,11 +1,11 @@
-"""Cross-validation folds (`medseg.split.assign_folds`, `fold_split`): by case, test held out,
+"""Cross-validation folds (`medseg.cases.split.assign_folds`, `fold_split`): by case, test held out,
 fixed once written."""
 
 import pandas as pd
 import pytest
 
 from medseg.errors import ConfigurationError, SplitError
-from medseg.split import assign_folds, fold_split
+from medseg.cases.split import assign_folds, fold_split
 
 
 def _splits(n_train: int, n_val: int, n_test: int) -> pd.DataFrame:

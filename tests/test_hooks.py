@@ -4,7 +4,7 @@ import time
 import pytest
 
 from medseg.errors import TrackingError
-from medseg.hooks import check_tracking_server, next_run_number, run_name_prefix
+from medseg.runs.hooks import check_tracking_server, next_run_number, run_name_prefix
 
 PARAMS = {
     "data": {"source": "synthetic"},
@@ -46,7 +46,7 @@ def _store(tmp_path):
 
 
 def test_a_deleted_runs_name_is_not_given_again(tmp_path):
-    from medseg.hooks import next_run_name
+    from medseg.runs.hooks import next_run_name
 
     client, experiment = _store(tmp_path)
     prefix = "UNet-Adam-BCE+Dice-20261125"

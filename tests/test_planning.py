@@ -3,7 +3,7 @@
 import pytest
 
 from medseg.errors import ConfigurationError
-from medseg.planning import (
+from medseg.kinds.sizes import (
     GIB,
     TRAINING_BYTES_PER_FEATURE,
     median_shape,

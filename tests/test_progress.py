@@ -1,4 +1,4 @@
-"""medseg.progress: "case i of N" lines with the time left, quiet for quick runs (fake clock)."""
+"""medseg.casework.progress: "case i of N" lines with the time left, quiet for quick runs (fake clock)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from medseg.progress import CaseProgress, format_duration, track_cases, track_partitions
+from medseg.casework.progress import CaseProgress, format_duration, track_cases, track_partitions
 
 
 class FakeClock:
@@ -27,7 +27,7 @@ def clock() -> FakeClock:
 
 @pytest.fixture
 def logged(caplog):
-    caplog.set_level(logging.INFO, logger="medseg.progress")
+    caplog.set_level(logging.INFO, logger="medseg.casework.progress")
     return caplog
 
 

@@ -1,4 +1,4 @@
-"""`medseg.publishing`: what the target holds after a publish, a failure, and a crash."""
+"""`medseg.storage.publishing`: what the target holds after a publish, a failure, and a crash."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from medseg.publishing import publish_files, recover_interrupted_swap, retired_path, staged_folder, staging_folder
+from medseg.storage.publishing import publish_files, recover_interrupted_swap, retired_path, staged_folder, staging_folder
 
 
 def _contents(folder):

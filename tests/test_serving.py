@@ -1,4 +1,4 @@
-"""The segmenter as an MLflow model (`unet_segmenter`, medseg.serving): loaded in a fresh
+"""The segmenter as an MLflow model (`unet_segmenter`, medseg.serving.model): loaded in a fresh
 process, served over REST by `mlflow models serve`, registered and used by `predict`.
 
 One tiny `unet` training run (module fixture) and one `predict` run on the phantoms' images

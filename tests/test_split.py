@@ -1,7 +1,7 @@
 import pytest
 
 from medseg.errors import ConfigurationError, SplitError
-from medseg.split import split_cases
+from medseg.cases.split import split_cases
 
 
 def test_split_is_by_case_deterministic_and_complete():
@@ -30,7 +30,7 @@ def test_bad_fractions():
 
 
 def test_split_sizes_are_known_before_any_case_is_read():
-    from medseg.split import split_sizes
+    from medseg.cases.split import split_sizes
 
     assert split_sizes(6, 0.6, 0.2, 0.2) == {"train": 4, "val": 1, "test": 1}
     assert split_sizes(3, 1.0, 0.0, 0.0) == {"train": 3, "val": 0, "test": 0}

@@ -7,7 +7,7 @@ import os
 # and WARNING lines (CPU features, memory patches). A value the user exported wins.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from medseg.console import quiet_tensorflow_import, quiet_third_party_warnings  # noqa: E402
+from medseg.runs.console import quiet_tensorflow_import, quiet_third_party_warnings  # noqa: E402
 
 quiet_tensorflow_import()
 quiet_third_party_warnings()

@@ -30,7 +30,7 @@ Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 Millimetres = Annotated[float, Field(gt=0.0)]
 Probability = Annotated[float, Field(gt=0.0, lt=1.0)]
 Determinism = Literal["auto"] | bool
-Auto = Literal["auto"]  # the planner decides (medseg.planning); plan.json records it
+Auto = Literal["auto"]  # the planner decides (medseg.kinds.sizes); plan.json records it
 
 _STRICT = ConfigDict(extra="forbid")
 
@@ -268,7 +268,7 @@ class PlanningParams(Section):
     """Budgets that are turned into sizes, shared by both models.
 
     memory_gb: GiB of activations that one training step may take (the planned training
-        batch, `medseg.planning.training_batch`); for inference, the predicting process's
+        batch, `medseg.kinds.sizes.training_batch`); for inference, the predicting process's
         peak: the whole slices (unet) or windows (conv3d) per batch get what is left after
         the runtime and the scan's arrays (`medseg.patching.sliding_window.activation_budget_gb`).
     patch_voxels: the voxels a planned 3D patch holds (its shape follows the spacing).

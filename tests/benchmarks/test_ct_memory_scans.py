@@ -32,7 +32,7 @@ def test_the_scans_are_ct_sized_int16_with_one_organ(ct_memory, tmp_path):
     import nibabel as nib
 
     from medseg.imaging.io import read_volume, voxel_spacing
-    from medseg.imaging.msd import list_msd_cases
+    from medseg.cases.msd import list_msd_cases
 
     root = tmp_path / "Task00_CT"
     ct_memory.write_ct_dataset(root, n_cases=2, n_slices=8)

@@ -8,7 +8,7 @@ import pytest
 from kedro_datasets.partitions import PartitionedDataset
 
 from conftest import s3_storage_options
-from medseg.datasets.folder import anchor_path
+from medseg.storage.paths import anchor_path
 from medseg.datasets.nifti import NiftiDataset
 from medseg.imaging.io import Volume
 

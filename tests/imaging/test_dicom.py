@@ -1,5 +1,5 @@
-"""Tests of reading a DICOM series (`medseg.imaging.dicom`) and of the synthetic series writer
-(`medseg.imaging.dicom_synthesis`), on pydicom's real test files and on synthetic series."""
+"""Tests of reading a DICOM series (`medseg.dicom.series`) and of the synthetic series writer
+(`medseg.synthetic.dicom_series`), on pydicom's real test files and on synthetic series."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ from pydicom.pixels.decoders.base import get_decoder
 from pydicom.uid import CTImageStorage, JPEGExtended12Bit, JPEGLossless, generate_uid
 
 from medseg.errors import CorruptFileError, DatasetNotFoundError, InvalidGeometryError, MedsegError
-from medseg.imaging import dicom
-from medseg.imaging.dicom import (
+from medseg.dicom import series as dicom
+from medseg.dicom.series import (
     DicomArchiveError,
     DicomDecoderError,
     DicomFileError,
@@ -29,7 +29,7 @@ from medseg.imaging.dicom import (
     is_dicom_input,
     read_dicom_series,
 )
-from medseg.imaging.dicom_synthesis import write_dicom_series
+from medseg.synthetic.dicom_series import write_dicom_series
 from medseg.imaging.io import Volume
 
 TEST_FILES = Path(pydicom.data.__file__).parent / "test_files"

@@ -1,4 +1,4 @@
-"""Tests of writing and reading DICOM SEG objects (`medseg.imaging.dicom_seg`)."""
+"""Tests of writing and reading DICOM SEG objects (`medseg.dicom.seg`)."""
 
 from __future__ import annotations
 
@@ -13,15 +13,15 @@ import pydicom.data
 import pytest
 from pydicom.dataset import Dataset
 
-from medseg.imaging.dicom import DicomSeries, read_dicom_series
-from medseg.imaging.dicom_seg import (
+from medseg.dicom.series import DicomSeries, read_dicom_series
+from medseg.dicom.seg import (
     GENERIC_SEGMENT_CODE,
     DicomSegError,
     read_dicom_seg,
     segment_code,
     write_dicom_seg,
 )
-from medseg.imaging.dicom_synthesis import write_dicom_series
+from medseg.synthetic.dicom_series import write_dicom_series
 from medseg.imaging.io import Volume
 
 TEST_FILES = Path(pydicom.data.__file__).parent / "test_files"

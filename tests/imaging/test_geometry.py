@@ -14,7 +14,7 @@ from medseg.imaging.geometry import (
     to_training_grid,
 )
 from medseg.imaging.io import Volume
-from medseg.imaging.synthesis import synthesize_case
+from medseg.synthetic.shapes import synthesize_case
 
 
 def _affine(codes, spacing, origin=(10.0, -20.0, 5.0)):

@@ -14,7 +14,7 @@ from medseg.errors import (
     InvalidLabelError,
 )
 from medseg.imaging.io import Volume, read_header_geometry, read_volume, voxel_spacing, write_volume
-from medseg.publishing import current_umask
+from medseg.storage.publishing import current_umask
 
 
 def _save(path, data, affine=None, dtype=None):

@@ -10,7 +10,8 @@ import pytest
 
 from medseg.errors import ConfigurationError, CorruptFileError, DatasetNotFoundError
 from medseg.imaging import io as medseg_io
-from medseg.imaging.io import Volume, is_url, read_header_geometry, read_volume, write_volume
+from medseg.imaging.io import Volume, read_header_geometry, read_volume, write_volume
+from medseg.storage.paths import is_url
 from conftest import s3_storage_options
 
 AFFINE = np.array([[0.0, -0.8, 0.0, 12.5], [0.7, 0.0, 0.0, -30.0], [0.0, 0.0, 2.5, 4.0], [0.0, 0.0, 0.0, 1.0]])

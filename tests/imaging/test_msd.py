@@ -14,7 +14,7 @@ from medseg.errors import (
     UnsafePathError,
 )
 from medseg.imaging.io import Volume
-from medseg.imaging.msd import list_msd_cases, write_msd_dataset
+from medseg.cases.msd import list_msd_cases, write_msd_dataset
 
 
 def _nifti(path, shape=(4, 4, 4)):
@@ -200,7 +200,7 @@ def test_msd_dir_pointing_at_a_file_says_so(tmp_path):
 
 def test_foreground_classes_read_both_label_forms(tmp_path):
     from medseg.errors import CorruptFileError
-    from medseg.imaging.msd import foreground_classes
+    from medseg.cases.msd import foreground_classes
 
     manifest = tmp_path / "dataset.json"
     msd = {"labels": {"0": "background", "2": "posterior", "1": "anterior"}}

@@ -12,7 +12,7 @@ import pytest
 
 from medseg.errors import DatasetNotFoundError, MissingLabelError, UnsafePathError
 from medseg.imaging.io import read_volume
-from medseg.imaging.msd import UrlPath, dataset_location, list_msd_cases, read_dataset_json
+from medseg.cases.msd import UrlPath, dataset_location, list_msd_cases, read_dataset_json
 
 
 def _nifti(path: Path, value: float, shape=(4, 5, 3)) -> None:

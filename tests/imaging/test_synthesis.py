@@ -1,4 +1,4 @@
-"""Tests of the synthetic MR-like phantoms (`medseg.imaging.synthesis`)."""
+"""Tests of the synthetic MR-like phantoms (`medseg.synthetic.shapes`)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from scipy import ndimage
 
 from medseg.errors import ConfigurationError
-from medseg.imaging.synthesis import synthesize_case
+from medseg.synthetic.shapes import synthesize_case
 
 N_CASES = 30
 SEED = 0
@@ -169,7 +169,7 @@ def test_negative_seed_raises_configuration_error():
 def test_multi_class_phantoms_are_nested_shells_of_the_same_lesions():
     from scipy import ndimage
 
-    from medseg.imaging.synthesis import synthesize_case
+    from medseg.synthetic.shapes import synthesize_case
 
     image1, label1, affine1 = synthesize_case(3, seed=5, in_plane_size=48, n_slices_range=(16, 20))
     image2, label2, affine2 = synthesize_case(3, seed=5, in_plane_size=48, n_slices_range=(16, 20), n_classes=2)
@@ -184,7 +184,7 @@ def test_multi_class_phantoms_are_nested_shells_of_the_same_lesions():
 
 
 def test_lesion_shells_by_depth():
-    from medseg.imaging.synthesis import lesion_shells
+    from medseg.synthetic.shapes import lesion_shells
 
     mask = np.zeros((9, 9, 9), dtype=bool)
     mask[1:8, 1:8, 1:8] = True  # a 7-voxel cube: depths 1..4 voxels

@@ -12,8 +12,8 @@ from medseg.errors import (
     InvalidIntensityError,
     InvalidLabelError,
 )
-from medseg.imaging.msd import CaseFiles
-from medseg.imaging.validation import (
+from medseg.cases.msd import CaseFiles
+from medseg.cases.validation import (
     binarize_label,
     class_indices_to_label,
     dataset_fingerprint,
@@ -235,7 +235,7 @@ def test_dataset_fingerprint_classes_and_lateralized(tmp_path):
 def test_largest_component_extent_is_in_mm_along_each_axis():
     import numpy as np
 
-    from medseg.imaging.validation import largest_component_extent_mm
+    from medseg.cases.validation import largest_component_extent_mm
 
     mask = np.zeros((10, 10, 10), np.uint8)
     mask[1:4, 2:8, 0:2] = 1  # 3 x 6 x 2 voxels: the largest region

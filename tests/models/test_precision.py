@@ -84,7 +84,7 @@ def test_the_planners_measurement_trains_each_policy_from_the_same_start_and_lea
     """The real measurement on a tiny 2D U-Net, in both policies on any machine (on a CPU
     without bfloat16 units the bfloat16 run is emulated, slow, but still correct): the check
     task is learned, and float32's inference check is its training check."""
-    from medseg.kinds.planning import measure_precisions
+    from medseg.kinds.plans import measure_precisions
 
     def build():
         return compile_segmentation_model(build_unet2d((32, 32, 1), 8, 2), "adam", 1e-3, "bce+dice")
@@ -145,7 +145,7 @@ def test_the_plan_decides_the_precision_once_by_measurement(cpu, gpu, kind, mode
     and reuses the measurement on a rerun; an explicit policy is kept, unmeasured."""
     from conftest import bfloat16_hardware, measured_precision
 
-    from medseg.kinds.planning import ModelPlan, plan_precision
+    from medseg.kinds.plans import ModelPlan, plan_precision
 
     expected = "mixed_bfloat16" if gpu or cpu else "float32"
     never_built = lambda: pytest.fail("an explicit policy or a reused measurement builds nothing")  # noqa: E731

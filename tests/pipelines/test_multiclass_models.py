@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from conftest import HOST_INDEPENDENT_CONV3D, HOST_INDEPENDENT_UNET, TINY_UNET, make_project_copy, mlflow_runs, run_pipeline, surface_hd95_brute_force
-from medseg.imaging.synthesis import synthesize_case
+from medseg.synthetic.shapes import synthesize_case
 
 CLASSES = {1: "anterior", 2: "posterior"}
 SMALL = {

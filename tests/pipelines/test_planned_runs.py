@@ -7,7 +7,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from medseg.planning import median_shape, plan_patches, plan_slices
+from medseg.kinds.sizes import median_shape, plan_patches, plan_slices
 from conftest import TINY_CONV3D, TINY_UNET, make_project_copy, mlflow_runs, run_pipeline
 
 

@@ -20,11 +20,11 @@ from conftest import TINY_DATA_PARAMS, mlflow_runs, run_pipeline
 
 from medseg.imaging.io import read_volume
 from medseg.kinds import ModelKind
-from medseg.kinds.planning import apply_plan, plan_model
+from medseg.kinds.plans import apply_plan, plan_model
 from medseg.kinds.streams import sampled_dataset
 from medseg.models import compile_segmentation_model
 from medseg.patching import slice_stream
-from medseg.planning import median_shape
+from medseg.kinds.sizes import median_shape
 
 
 def plan_toy(case_geometry: dict, dataset_fingerprint: dict, toy: dict, planning: dict, timings: dict):

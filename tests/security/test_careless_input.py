@@ -43,7 +43,7 @@ def test_6_predict_checks_every_target_before_the_first_rename(tmp_path):
 
 
 def test_6_a_publish_that_fails_part_way_puts_everything_back(tmp_path, monkeypatch):
-    from medseg import publishing
+    from medseg.storage import publishing
 
     out = tmp_path / "out"
     out.mkdir()
@@ -108,7 +108,7 @@ def test_12_urls_lose_their_credentials_before_they_are_logged(given, logged):
 def test_12_tags_and_params_of_a_run_hold_no_credentials(tmp_path):
     import mlflow
 
-    from medseg.datasets.tracking import log_params
+    from medseg.runs.tracking import log_params
     from medseg.runs.tracking import describe_dataset
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -130,7 +130,7 @@ def test_12_tags_and_params_of_a_run_hold_no_credentials(tmp_path):
 # -- 15: a misspelled section ----------------------------------------------------------------
 
 def test_15_an_unknown_parameter_section_is_refused_with_a_hint():
-    from medseg.hooks import check_sections
+    from medseg.runs.hooks import check_sections
 
     params = {"data": {}, "compute": {}, "planning": {}, "predict": {}, "unet": {}, "conv3d": {}}
     check_sections(params)

@@ -255,7 +255,7 @@ def test_14_outside_the_scoring_server_paths_need_roots_or_an_opt_in(tiny_model_
     import mlflow
     import pandas as pd
 
-    from medseg.serving import PathNotAllowedError
+    from medseg.serving.model import PathNotAllowedError
 
     for name in ("_MLFLOW_IS_IN_SERVING_ENVIRONMENT", "MEDSEG_SERVE_READ_ROOTS", "MEDSEG_SERVE_WRITE_ROOTS", "MEDSEG_SERVE_ANY_PATH"):
         monkeypatch.delenv(name, raising=False)

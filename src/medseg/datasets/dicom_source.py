@@ -11,12 +11,12 @@ Example catalog entry::
 from __future__ import annotations
 
 from medseg.datasets.phantoms import PhantomDataset
-from medseg.imaging.dicom_dataset import convert_dicom_dataset
+from medseg.dicom.training_set import convert_dicom_dataset
 
 
 class DicomCasesDataset(PhantomDataset):
     """Saves `{"dicom_dir": <folder>}` as that folder's studies converted to MSD layout
-    (`medseg.imaging.dicom_dataset.convert_dicom_dataset`: incremental, swapped in whole);
+    (`medseg.dicom.training_set.convert_dicom_dataset`: incremental, swapped in whole);
     loads as the converted folder's absolute path, like the phantoms' folder it stands beside
     (a local folder, never a store). Saving `{}` (another source) writes nothing.
     `data.dicom_dir` itself is only read."""

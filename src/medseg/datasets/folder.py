@@ -14,7 +14,7 @@ from typing import Any
 
 from kedro.io.core import AbstractDataset, DatasetError
 
-from medseg.imaging.io import is_url
+from medseg.storage.paths import is_url
 
 
 class FolderDataset(AbstractDataset[str, None]):
@@ -42,16 +42,3 @@ class FolderDataset(AbstractDataset[str, None]):
 
     def _describe(self) -> dict[str, Any]:
         return {"path": str(self._path)}
-
-
-def anchor_path(path: str | Path, root: str | Path) -> Path | str:
-    """`path` itself when absolute, else `root / path`: the project root, never the cwd.
-
-    A URL on an fsspec store (`s3://bucket/Task04`, `memory://x`: any protocol but `file`) is
-    returned as is, a string: it names the same data from every machine, so it is never
-    anchored at the project root.
-    """
-    if is_url(path):
-        return str(path)
-    path = Path(path).expanduser()
-    return path if path.is_absolute() else Path(root) / path

@@ -7,11 +7,11 @@ from typing import Any
 
 from kedro.io.core import AbstractDataset, DatasetError
 
-from medseg.publishing import atomic_path
+from medseg.storage.publishing import atomic_path
 
 
 class KerasWeightsDataset(AbstractDataset[Any, None]):
-    """Saves `model.save_weights(...)` atomically (`medseg.publishing.atomic_path`). Write-only: weights need their
+    """Saves `model.save_weights(...)` atomically (`medseg.storage.publishing.atomic_path`). Write-only: weights need their
     architecture to load, which the `.keras` model file carries."""
 
     def __init__(self, filepath: str, metadata: dict[str, Any] | None = None):

@@ -14,12 +14,12 @@ from typing import Any
 
 from kedro.io.core import AbstractDataset, DatasetError
 
-from medseg.imaging.io import is_url
-from medseg.imaging.phantoms import ensure_synthetic_dataset
+from medseg.storage.paths import is_url
+from medseg.synthetic.phantoms import ensure_synthetic_dataset
 
 
 class PhantomDataset(AbstractDataset[dict, str]):
-    """Saves phantom settings (`medseg.imaging.phantoms.synthesis_settings`) as the phantoms
+    """Saves phantom settings (`medseg.synthetic.phantoms.synthesis_settings`) as the phantoms
     themselves, in MSD layout; loads as the folder's absolute path.
 
     Saving is incremental: a folder whose `dataset.json` records the same settings is kept as

@@ -1,6 +1,6 @@
 """The stage files as typed plans: `geometry.json` loads as a
 :class:`medseg.imaging.geometry.PreprocessingPlan`, `plan.json` as a
-:class:`medseg.kinds.planning.ModelPlan`; both are written as the same JSON as before.
+:class:`medseg.kinds.plans.ModelPlan`; both are written as the same JSON as before.
 
 Example catalog entry::
 
@@ -32,7 +32,7 @@ class ModelPlanDataset(JSONDataset):
     """A model's `plan.json` (local or on an fsspec store)."""
 
     def load(self) -> Any:
-        from medseg.kinds.planning import ModelPlan
+        from medseg.kinds.plans import ModelPlan
 
         return ModelPlan.from_json(super().load())
 

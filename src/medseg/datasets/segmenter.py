@@ -1,5 +1,5 @@
 """The Kedro dataset of a trained segmenter's folder on disk. Its MLflow pyfunc model is
-logged by `medseg.segmenter_export.MlflowSegmenterDataset`."""
+logged by `medseg.serving.export.MlflowSegmenterDataset`."""
 
 from __future__ import annotations
 

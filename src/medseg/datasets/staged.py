@@ -3,11 +3,11 @@ the partitions that did not change, and makes the others on the run's Dask worke
 
 kedro-datasets' `overwrite: true` deletes the old partitions before writing the new ones, so a
 crash half-way leaves neither set. This subclass writes into a hidden staging folder beside the
-target and swaps the two at the end (:func:`medseg.publishing.staged_folder`: two renames on
+target and swaps the two at the end (:func:`medseg.storage.publishing.staged_folder`: two renames on
 the same file system). On failure the staging folder is removed and the old partitions are left
 as they were.
 
-Incremental: a partition given as a :class:`medseg.incremental.KeyedPartition` whose key equals
+Incremental: a partition given as a :class:`medseg.storage.incremental.KeyedPartition` whose key equals
 the key it was last saved with (recorded in `.partition-keys.json` inside the folder) is not
 made again; the file already there is kept (hard-linked into the staging folder).
 
@@ -38,8 +38,8 @@ from kedro_datasets.partitions import PartitionedDataset
 
 from medseg.casework import DriverThenWorker
 from medseg.runs import compute, credentials
-from medseg.incremental import KeyedPartition
-from medseg.publishing import link_or_copy, staged_folder
+from medseg.storage.incremental import KeyedPartition
+from medseg.storage.publishing import link_or_copy, staged_folder
 
 logger = logging.getLogger(__name__)
 

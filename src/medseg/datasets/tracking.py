@@ -7,39 +7,12 @@ the per-epoch training callback that log to MLflow. Outside a tracked run they l
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
-import mlflow
 from kedro.io.core import AbstractDataset, DatasetError
 
-from medseg.runs.tracking import metric_key, models_in_active_run, redact_urls
-
-
-def log_metrics(
-    model: str, metrics: Mapping[str, float], step: int | None = None, models_in_run: tuple[str, ...] | None = None
-) -> None:
-    """Log `model`'s finite metrics to the active MLflow run, if any, named by
-    `medseg.runs.tracking.metric_key` (NaN and inf are skipped: MLflow's UI cannot plot them,
-    and the per-case CSV keeps them). `models_in_run`, when given, saves reading the run's tag
-    again (the per-epoch callback reads it once)."""
-    if mlflow.active_run() is None:
-        return
-    models = models_in_active_run() if models_in_run is None else models_in_run
-    values = {
-        metric_key(model, key, models): float(value)
-        for key, value in metrics.items()
-        if value is not None and math.isfinite(float(value))
-    }
-    if values:
-        mlflow.log_metrics(values, step=step)
-
-
-def log_params(params: Mapping[str, Any]) -> None:
-    """Log parameters to the active MLflow run, if any, as text."""
-    if mlflow.active_run() is not None:
-        mlflow.log_params({key: redact_urls(str(value)) for key, value in params.items()})
+from medseg.runs.tracking import log_metrics, log_params
 
 
 class MlflowModelMetricsDataset(AbstractDataset[dict, None]):

@@ -41,8 +41,9 @@ from medseg.errors import (
     InvalidLabelError,
     MedsegError,
 )
-from medseg.limits import Limits, describe, limits
-from medseg.publishing import atomic_path
+from medseg.storage.limits import Limits, describe, limits
+from medseg.storage.paths import is_url, local_or_url, read_object, url_filesystem
+from medseg.storage.publishing import atomic_path
 
 VolumeKind = Literal["image", "label"]
 
@@ -131,54 +132,6 @@ def check_affine(affine: np.ndarray, path: str | os.PathLike) -> None:
 GZIP_MAGIC = b"\x1f\x8b"
 
 
-def is_url(path: str | os.PathLike) -> bool:
-    """True when `path` names a file on an fsspec store other than the local disk
-    (`s3://b/k`, `memory://x`, `simplecache::s3://...`); False for a local path or `file://`."""
-    protocol, _ = split_protocol(os.fspath(path))
-    return protocol not in (None, "file", "local")
-
-
-def _location(path: str | os.PathLike) -> Path | str:
-    """A URL as its string; a local path as a Path, a `file://` prefix dropped (pathlib would
-    keep it as a folder named `file:`)."""
-    text = os.fspath(path)
-    if is_url(text):
-        return text
-    protocol, local = split_protocol(text)
-    return Path(local if protocol else text)
-
-
-def url_filesystem(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The fsspec filesystem of `url` and the path on it (`fsspec.core.url_to_fs`).
-
-    Args:
-        url: e.g. `s3://bucket/Task04/dataset.json`.
-        storage_options: keyword arguments of the filesystem (credentials, `endpoint_url`...);
-            None uses the store's defaults (environment variables, config files).
-
-    Raises:
-        ConfigurationError: the protocol is unknown, or its fsspec package is not installed.
-    """
-    try:
-        return fsspec.core.url_to_fs(url, **(storage_options or {}))
-    except (ImportError, ValueError) as exc:  # fsspec's two ways of saying "no such filesystem"
-        raise ConfigurationError(
-            f"{url}: no filesystem for this URL ({exc}). Install the fsspec package of its store "
-            "(for s3:// `pip install -e '.[s3]'`, gs:// gcsfs, abfs:// adlfs), or use a local path."
-        ) from exc
-
-
-def _read_object(url: str, storage_options: dict[str, Any] | None) -> bytes:
-    """The whole object at `url`, in one request."""
-    fs, fs_path = url_filesystem(url, storage_options)
-    try:
-        return fs.cat_file(fs_path)
-    except (FileNotFoundError, IsADirectoryError) as exc:
-        raise DatasetNotFoundError(
-            f"{url}: file not found. Check the path, or the entry that lists it in dataset.json."
-        ) from exc
-
-
 def inflate(raw: bytes, cap: int, path: str | os.PathLike) -> bytes:
     """The gunzipped bytes of `raw` (every gzip member, as `gzip` reads them), refused as soon
     as they pass `cap` bytes: a gzip of zeros inflates about 1000:1, so the output is never
@@ -234,7 +187,7 @@ def check_header(header: nib.Nifti1Header, path: str | os.PathLike, available: i
         path: the file, for the messages.
         available: the bytes of the (uncompressed) file when known: a header claiming more
             voxels than follow is a truncated or forged file.
-        bounds: the limits (default: :func:`medseg.limits.limits`).
+        bounds: the limits (default: :func:`medseg.storage.limits.limits`).
 
     Returns:
         The bytes the voxels take once read as stored (vox_offset not included).
@@ -344,7 +297,7 @@ def _open_nifti(path: Path | str, storage_options: dict[str, Any] | None = None)
     """The image at a local Path (read lazily by nibabel) or a URL (read whole, parsed in memory)."""
     raw = None
     if isinstance(path, str):
-        raw = _read_object(path, storage_options)
+        raw = read_object(path, storage_options)
     elif not path.exists():
         raise DatasetNotFoundError(
             f"{path}: file not found. Check the path, or the entry that lists it in dataset.json."
@@ -417,7 +370,7 @@ def _as_label(data: np.ndarray, path: Path | str) -> np.ndarray:
     """Non-negative integer class values as uint8, or the smallest unsigned dtype that holds them.
 
     Values above 255 are allowed here; validation checks that none of them is foreground, and
-    :func:`medseg.imaging.validation.label_for_storage` maps them to background before a label
+    :func:`medseg.cases.validation.label_for_storage` maps them to background before a label
     is written.
     """
     if data.dtype == np.uint8:
@@ -470,7 +423,7 @@ def read_volume(
         InvalidIntensityError, InvalidLabelError: each message names the file and the fix.
         ConfigurationError: a URL whose filesystem is not installed.
     """
-    path = _location(path)
+    path = local_or_url(path)
     return _volume_of(_open_nifti(path, storage_options), path, kind, channel)
 
 
@@ -478,7 +431,7 @@ def read_volume_bytes(raw: bytes, name: str, kind: VolumeKind = "image", channel
     """Read the bytes of a `.nii` or `.nii.gz` file (gzipped when they start with the gzip
     magic) as :func:`read_volume` reads a file, `name` standing for it in the messages.
 
-    The header is checked against the limits (`medseg.limits`) and the bytes really there
+    The header is checked against the limits (`medseg.storage.limits`) and the bytes really there
     before anything is allocated, and a gzip stream is inflated with a cap, so bytes from an
     untrusted client cost no more memory than the limits allow.
     """
@@ -520,7 +473,7 @@ def read_header_geometry(
     Raises:
         DatasetNotFoundError, CorruptFileError, InvalidGeometryError, ConfigurationError.
     """
-    path = _location(path)
+    path = local_or_url(path)
     img = _open_nifti(path, storage_options)
     check_affine(img.affine, path)
     return tuple(int(s) for s in img.shape), np.asarray(img.affine, dtype=np.float64)
@@ -569,7 +522,7 @@ def write_volume(volume: Volume, path: str | os.PathLike, storage_options: dict[
         storage_options: for a URL, keyword arguments of its fsspec filesystem; None uses the
             store's defaults. Ignored for a local path.
     """
-    path = _location(path)
+    path = local_or_url(path)
     img = _image_of(volume)
     if isinstance(path, str):
         fs, fs_path = url_filesystem(path, storage_options)

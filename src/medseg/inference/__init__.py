@@ -1,7 +1,7 @@
 """Inference on whole scans: the segmenter (a network and its training plan), test-time
 mirroring, the largest-component filter, and the files of a prediction run.
 
-Numpy, nibabel and Keras only: no Kedro, no MLflow (`medseg.serving` wraps a segmenter as an
+Numpy, nibabel and Keras only: no Kedro, no MLflow (`medseg.serving.model` wraps a segmenter as an
 MLflow model; the `predict` pipeline runs it from Kedro).
 """
 

@@ -34,7 +34,7 @@ from medseg.inference.postprocessing import (
     volumes_ml,
 )
 from medseg.inference.segmenter import PLAN_FILE, Segmenter, SegmenterPlan, read_plan
-from medseg.publishing import apply_umask, staged_folder
+from medseg.storage.publishing import apply_umask, staged_folder
 
 ENSEMBLE_FILE = "ensemble.json"
 MEMBERS_FOLDER = "members"

@@ -25,11 +25,11 @@ import pandas as pd
 
 from medseg.casework import DriverThenWorker, map_in_order
 from medseg.errors import ConfigurationError, DatasetNotFoundError, EmptyDatasetError
-from medseg.imaging.dicom import DicomSeries, check_dicom_series, is_dicom_input, read_dicom_series
+from medseg.dicom.series import DicomSeries, check_dicom_series, is_dicom_input, read_dicom_series
 from medseg.imaging.geometry import CaseGeometry
 from medseg.imaging.io import Volume, read_header_geometry, write_volume
 from medseg.inference.postprocessing import LabelMapper, volumes_ml
-from medseg.publishing import check_replaceable, publish_files, spreadsheet_safe, staging_folder
+from medseg.storage.publishing import check_replaceable, publish_files, spreadsheet_safe, staging_folder
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class Scan:
         return self.kind != NIFTI
 
     def dicom_source(self) -> str | list[Path]:
-        """What :func:`medseg.imaging.dicom.read_dicom_series` reads for this scan."""
+        """What :func:`medseg.dicom.series.read_dicom_series` reads for this scan."""
         if self.kind == DICOM_FILES:
             return _loose_dicom_files(Path(self.path))
         return self.path
@@ -75,7 +75,7 @@ class Scan:
 @dataclass(frozen=True)
 class SegWriter:
     """Writes a DICOM scan's mask as a DICOM SEG over its source series
-    (:func:`medseg.imaging.dicom_seg.write_dicom_seg`, BINARY); picklable, for a Dask worker.
+    (:func:`medseg.dicom.seg.write_dicom_seg`, BINARY); picklable, for a Dask worker.
 
     Attributes:
         series: the source series (its datasets without pixel data).
@@ -90,7 +90,7 @@ class SegWriter:
     model_uri: str
 
     def __call__(self, mask: Volume, path: Path) -> str:
-        from medseg.imaging.dicom_seg import write_dicom_seg
+        from medseg.dicom.seg import write_dicom_seg
 
         return write_dicom_seg(
             np.asarray(mask.data), self.series, dict(self.classes), algorithm_name=f"medseg {self.algorithm_name}",
@@ -143,7 +143,7 @@ def list_scans(input_dir: str | os.PathLike, channel: int | None = None, series_
     A case split into channel files (`<case>_0000`, `<case>_0001`, ...) gives the file of
     `channel` (0 when None). A subfolder or `.zip` holding DICOM files is a DICOM case named
     after it; DICOM files lying in the folder itself are one case named after the folder. Each
-    DICOM case has every header check of `medseg.imaging.dicom.read_dicom_series` run here,
+    DICOM case has every header check of `medseg.dicom.series.read_dicom_series` run here,
     before anything is segmented (`series_uid` picks a series where an input holds several).
     Hidden files and other files are skipped (logged).
 
@@ -250,7 +250,7 @@ def _driver_part(segment: Callable[[Scan], Any], staging: Path) -> Callable[[Sca
 
 def check_targets(folder: Path, names: list[str]) -> None:
     """Refuse, before any scan is segmented, two cases that would write the same mask, and a
-    target that publishing could not replace (:func:`medseg.publishing.check_replaceable`)."""
+    target that publishing could not replace (:func:`medseg.storage.publishing.check_replaceable`)."""
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
         raise ConfigurationError(f"{folder / repeated[0]}: two scans give the case id {repeated[0]!r}; rename one of them.")
@@ -267,7 +267,7 @@ def write_predictions(
 
     Each mask goes to a staging folder inside `output_dir` as soon as it is made (one case in
     memory at a time per process); only when every scan has succeeded are they moved into
-    `output_dir` (:func:`medseg.publishing.publish_files`: a rename each, replacing masks of the
+    `output_dir` (:func:`medseg.storage.publishing.publish_files`: a rename each, replacing masks of the
     same name), then the table. On any error the staging folder is removed and `output_dir`
     keeps what it held; files of other names in it (a user's own) are left alone.
 

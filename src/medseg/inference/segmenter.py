@@ -37,7 +37,7 @@ from medseg.imaging.geometry import (
     to_canonical,
 )
 from medseg.imaging.io import Volume, read_volume
-from medseg.limits import describe, limits
+from medseg.storage.limits import describe, limits
 from medseg.imaging.laterality import safe_flip_axes
 from medseg.imaging.normalization import image_to_training_grid
 from medseg.inference.postprocessing import (
@@ -60,7 +60,7 @@ from medseg.patching.sliding_window import (
     sliding_window_predict,
     windows_per_batch,
 )
-from medseg.publishing import apply_umask, staged_folder
+from medseg.storage.publishing import apply_umask, staged_folder
 
 logger = logging.getLogger(__name__)
 
@@ -387,7 +387,7 @@ class Segmenter:
     # -- on disk --------------------------------------------------------------------------------
     def save(self, folder: str | os.PathLike) -> None:
         """Write `segmenter.json` and `model.keras` into `folder`, replacing it only once both
-        are written (:func:`medseg.publishing.staged_folder`: a staging folder beside it, then
+        are written (:func:`medseg.storage.publishing.staged_folder`: a staging folder beside it, then
         a rename)."""
         with staged_folder(folder) as staging:
             self.model.save(staging / MODEL_FILE)

@@ -50,7 +50,7 @@ class ModelKind:
         plan: the planning node, `(case_geometry, dataset_fingerprint, section, planning,
             timings) -> (plan, settings, timings)`. Its `section` argument is annotated with the
             section's schema (`medseg.parameters`), so Kedro validates `params:<name>` before
-            the run starts. The shared steps are in `medseg.kinds.planning`.
+            the run starts. The shared steps are in `medseg.kinds.plans`.
         build: `(settings, n_classes) -> keras.Model`, compiled; called inside the precision
             policy and the distribution strategy's scope.
         sample_stream: `(settings, load_case) -> make_stream`, where `make_stream(case_ids,

@@ -26,14 +26,14 @@ from medseg.imaging.io import Volume
 from medseg.inference import window_predictor
 from medseg.kinds import ModelKind, foreground_class_count, register_model_kind
 from medseg.imaging.geometry import PreprocessingPlan
-from medseg.kinds.planning import ModelPlan, apply_plan, plan_model
+from medseg.kinds.plans import ModelPlan, apply_plan, plan_model
 from medseg.kinds.streams import sampled_dataset
 from medseg.models import build_patch_classifier, build_unet3d, compile_patch_classifier, compile_segmentation_model
 from medseg.parameters import Conv3dParams, PlanningParams
 from medseg.patching import extract_patch, patch_stream, sample_patch_centers
 from medseg.patching.sliding_window import activation_budget_gb, unet_features_per_voxel, windows_per_batch
-from medseg.planning import median_shape, plan_context, plan_patches
-from medseg.split import cases_in_split
+from medseg.kinds.sizes import median_shape, plan_context, plan_patches
+from medseg.cases.split import cases_in_split
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def _features_per_voxel(settings: Mapping[str, Any]) -> float:
 
 def choose_configuration(given: str, context: Mapping[str, Any], lateralized: Sequence[int]) -> tuple[str, str]:
     """`conv3d.model.configuration` decided: `fullres` or `lowres` as given; `auto` takes
-    `fullres` when its patch covers the needed extent (`medseg.planning.plan_context`), else
+    `fullres` when its patch covers the needed extent (`medseg.kinds.sizes.plan_context`), else
     `lowres` when a class keeps to one side of the body (`fingerprint.json` lateralized: a
     patch that cannot see the midline cannot tell the side), else `fullres`.
 
@@ -86,7 +86,7 @@ def plan_conv3d(
 ) -> tuple[ModelPlan, dict, dict]:
     """Plan the 3D model from the data.
 
-    First the context (`medseg.planning.plan_context`): what a patch must see (2.5x the
+    First the context (`medseg.kinds.sizes.plan_context`): what a patch must see (2.5x the
     largest structure, at most the median image), whether the full-resolution patch does, and
     the low-resolution spacing at which a patch would. `conv3d.model.configuration` then
     chooses the grid (`choose_configuration`): the training grid as preprocessed (`fullres`),
@@ -101,7 +101,7 @@ def plan_conv3d(
     `conv3d.sampling.patch_size`, `conv3d.model.depth` and `conv3d.training.batch_size` set to
     `auto` take these values; explicit values override them and are recorded. The per-axis
     poolings apply only to a planned patch; an explicit patch pools every axis. Then the
-    precision and the training steps (`medseg.kinds.planning.plan_model`).
+    precision and the training steps (`medseg.kinds.plans.plan_model`).
 
     Returns:
         The plan (`conv3d.plan`, with its `context`), the settings the model is trained with

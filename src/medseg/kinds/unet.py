@@ -9,14 +9,14 @@ import keras
 
 from medseg.kinds import ModelKind, register_model_kind
 from medseg.imaging.geometry import PreprocessingPlan
-from medseg.kinds.planning import ModelPlan, apply_plan, plan_model
+from medseg.kinds.plans import ModelPlan, apply_plan, plan_model
 from medseg.kinds.streams import sampled_dataset
 from medseg.models import build_unet2d, compile_segmentation_model
 from medseg.models.unet import with_input_shape
 from medseg.parameters import PlanningParams, UnetParams
 from medseg.patching import slice_stream
 from medseg.patching.sliding_window import unet_features_per_voxel
-from medseg.planning import median_shape, plan_slices
+from medseg.kinds.sizes import median_shape, plan_slices
 
 
 def plan_unet(
@@ -29,7 +29,7 @@ def plan_unet(
 
     `unet.model.input_size` and `unet.training.batch_size` set to `auto` take these values;
     explicit values override them and are recorded as overrides. Then the precision and the
-    training steps (`medseg.kinds.planning.plan_model`): epochs and steps set to `auto` fill
+    training steps (`medseg.kinds.plans.plan_model`): epochs and steps set to `auto` fill
     `planning.budget_minutes.unet` at the speed timed on this machine, and
     `training.precision: auto` becomes the policy this machine trains fastest in.
 

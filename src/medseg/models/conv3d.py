@@ -36,7 +36,7 @@ def build_unet3d(
         n_classes: foreground classes K (background excluded). 1 (default): one sigmoid
             channel, as before. K > 1: K + 1 softmax channels, channel 0 the background.
         pool_sizes: per stage, each axis's pooling factor (1 or 2), as the planner gives them
-            for anisotropic data (`medseg.planning.poolings_per_axis`); `depth` is then their
+            for anisotropic data (`medseg.kinds.sizes.poolings_per_axis`); `depth` is then their
             number and each axis must be divisible by the product of its factors. None: 2 on
             every axis.
 

@@ -167,7 +167,7 @@ def build_unet(
             U-Net. K > 1: K + 1 softmax channels, channel 0 the background.
         pool_sizes: per stage, the pooling factor of each axis (1 or 2), e.g.
             [(2, 2, 1), (2, 2, 2)] to keep a thick-slice axis until the others coarsen
-            (`medseg.planning.poolings_per_axis`); None: 2 on every axis. The upsampling
+            (`medseg.kinds.sizes.poolings_per_axis`); None: 2 on every axis. The upsampling
             mirrors it.
 
     Returns:

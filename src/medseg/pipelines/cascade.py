@@ -29,7 +29,7 @@ from medseg.inference.cascade import context_channels, context_shape, fold_cases
 from medseg.kinds import ModelKind
 from medseg.parameters import DataParams, PlanningParams
 from medseg.pipelines.training import segmenter_plan, train_model
-from medseg.split import cases_in_split
+from medseg.cases.split import cases_in_split
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 the model template that train each fold, predict its held-out cases in their source
 geometry, and score the pooled out-of-fold predictions.
 
-A fold is the template's own training step on the fold's split (`medseg.split.fold_split`):
+A fold is the template's own training step on the fold's split (`medseg.cases.split.fold_split`):
 the same `train_model` skeleton, model kind, plan and settings, so a fold trains exactly what
 a single-split run trains, on other cases. Folds train one after another under
 `compute.scheduler: sync`, and at the same time on Dask workers under `local:N` or
@@ -33,9 +33,9 @@ from medseg.kinds.streams import case_loader
 from medseg.parameters import DataParams, PlanningParams
 from medseg.pipelines.evaluation import _evaluated_classes, _reference_mask
 from medseg.pipelines.training import build_segmenter, class_values, train_model
-from medseg.progress import CaseProgress
+from medseg.casework.progress import CaseProgress
 from medseg.runs import compute, tracking
-from medseg.split import fold_split
+from medseg.cases.split import fold_split
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def cross_validate(
     Args:
         grid_images, grid_labels: the cases on the model's grid.
         splits: the case split (its test cases stay out of every fold).
-        folds: `folds.json` (`medseg.split.assign_folds`).
+        folds: `folds.json` (`medseg.cases.split.assign_folds`).
         grid_geometry: the model's grid, which maps its probabilities back to each source.
         case_fingerprints, dataset_fingerprint, data, settings, planning: as the template's
             training and segmenter nodes take them (`settings` holds the plan: every fold

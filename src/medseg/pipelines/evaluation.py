@@ -17,7 +17,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from medseg.casework import DriverThenWorker
-from medseg.datasets.folder import anchor_path
+from medseg.storage.paths import anchor_path
 from medseg.errors import GeometryMismatchError
 from medseg.evaluation import (
     OverlaySlice,
@@ -32,17 +32,17 @@ from medseg.evaluation import (
 )
 from medseg.imaging.geometry import CaseGeometry, PreprocessingPlan, from_canonical, to_canonical
 from medseg.imaging.io import Volume, voxel_spacing
-from medseg.imaging.validation import binarize_label
+from medseg.cases.validation import binarize_label
 from medseg.inference import Segmenter
 from medseg.kinds import ModelKind
-from medseg.kinds.planning import ModelPlan
+from medseg.kinds.plans import ModelPlan
 from medseg.models.training import training_fingerprint
 from medseg.models.normalization import as_keras_layers
 from medseg.models.unet import with_input_shape
 from medseg.parameters import DataParams
-from medseg.progress import CaseProgress
+from medseg.casework.progress import CaseProgress
 from medseg.runs import tracking
-from medseg.split import cases_in_split
+from medseg.cases.split import cases_in_split
 
 logger = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ class SegmenterExport:
 
 def package_segmenter(segmenter: Segmenter, settings: dict[str, Any]) -> SegmenterExport:
     """The trained segmenter for the MLflow run, as the pyfunc model `<model>_segmenter`
-    (`medseg.serving`), registered under `<model>.export.registered_model_name` when set."""
+    (`medseg.serving.model`), registered under `<model>.export.registered_model_name` when set."""
     return SegmenterExport(segmenter, settings["export"]["registered_model_name"] or None)
 
 

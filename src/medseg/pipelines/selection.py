@@ -29,9 +29,9 @@ from medseg.inference.ensemble import Ensemble
 from medseg.kinds import model_kinds
 from medseg.parameters import DataParams
 from medseg.pipelines.evaluation import SegmenterExport, _evaluated_classes, _reference_mask
-from medseg.progress import CaseProgress
+from medseg.casework.progress import CaseProgress
 from medseg.runs import tracking
-from medseg.split import cases_in_split
+from medseg.cases.split import cases_in_split
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from medseg.inference import Segmenter, SegmenterPlan
 from medseg.inference.cascade import with_context
 from medseg.kinds import ModelKind
 from medseg.imaging.geometry import PreprocessingPlan
-from medseg.kinds.planning import replica_part
+from medseg.kinds.plans import replica_part
 from medseg.kinds.streams import case_loader
 from medseg.models.distribute import distribution_strategy, global_batch_size, strategy_name
 from medseg.models.precision import dtype_policy, with_precision
@@ -34,9 +34,9 @@ from medseg.models.training import (
     wants_determinism,
 )
 from medseg.parameters import DataParams, PlanningParams
-from medseg.datasets.tracking import log_metrics
+from medseg.runs.tracking import log_metrics
 from medseg.runs import tracking
-from medseg.split import cases_in_split
+from medseg.cases.split import cases_in_split
 
 logger = logging.getLogger(__name__)
 

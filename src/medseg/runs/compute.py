@@ -16,7 +16,7 @@ returns only what the driver needs (fingerprint rows, nothing for a written file
 holds one case in memory.
 
 The executor of the current run is module state, as a Dask `Client` is the process's default
-client once made: the project hook (`medseg.hooks.ComputeHook`) opens it before the pipeline
+client once made: the project hook (`medseg.runs.hooks.ComputeHook`) opens it before the pipeline
 and closes it after, and the steps that map over cases ask for it with :func:`current`.
 No Kedro or MLflow import here.
 """
@@ -34,7 +34,7 @@ from typing import Any
 from medseg.casework import map_in_order
 from medseg.parameters import SYNC, check_scheduler  # the grammar lives with the schema
 from medseg.errors import ConfigurationError, MedsegError
-from medseg.progress import CaseProgress
+from medseg.casework.progress import CaseProgress
 
 logger = logging.getLogger(__name__)
 

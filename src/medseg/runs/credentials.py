@@ -9,7 +9,7 @@ config loader, once per process. The project's `conf/` must therefore be on the 
 same path, as medseg's code must already be (a shared checkout). A set of credentials that is
 not in the project's credentials files cannot be named, and is refused before any task is sent.
 
-The project's credentials are registered in this process by `medseg.hooks.ComputeHook`, from
+The project's credentials are registered in this process by `medseg.runs.hooks.ComputeHook`, from
 the run's own config loader. No secret is logged or put in an error message.
 """
 

@@ -14,7 +14,7 @@ When the run succeeds (`commit`):
    whole (the predictions), whose new set replaces the old;
 2. a journal, `data/.medseg-publish.json` beside the project lock, names the staging
    folders: from then on the run's outputs count as published;
-3. each staging folder is swapped in place of its folder (`medseg.publishing.swap_folder_in`),
+3. each staging folder is swapped in place of its folder (`medseg.storage.publishing.swap_folder_in`),
    then the journal is deleted.
 
 A run that fails deletes its staging folders (`rollback`). A run that dies without a word
@@ -47,7 +47,7 @@ from typing import Any
 import fsspec
 from kedro.io import AbstractDataset
 
-from medseg.publishing import atomic_path, fsync_directory, link_or_copy, retired_path, swap_folder_in
+from medseg.storage.publishing import atomic_path, fsync_directory, link_or_copy, retired_path, swap_folder_in
 
 logger = logging.getLogger(__name__)
 

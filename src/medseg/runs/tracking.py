@@ -9,6 +9,7 @@ the run's own tag (`medseg.models`), not process state.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -163,8 +164,8 @@ def dataset_identity(data: dict[str, Any], project_path, synthetic_phantoms: str
     can be read (the phantoms may not exist yet: "medseg-synthetic"). `folder` is a local path,
     or the URL of a `data.msd_dir` on an fsspec store; `data.dicom_dir` for DICOM studies (named
     after the folder); for the phantoms, `synthetic_phantoms` (the catalog entry's folder)."""
-    from medseg.datasets.folder import anchor_path
-    from medseg.imaging.msd import dataset_location
+    from medseg.storage.paths import anchor_path
+    from medseg.cases.msd import dataset_location
 
     source = str(data["source"])
     given = {"msd": data.get("msd_dir"), "dicom": data.get("dicom_dir")}.get(source) or str(synthetic_phantoms)
@@ -255,3 +256,28 @@ def log_fold_runs(model: str, records: Iterable[Mapping[str, Any]], fold_metrics
         client.set_terminated(run.info.run_id)
         ids.append(run.info.run_id)
     return ids
+
+
+def log_metrics(
+    model: str, metrics: Mapping[str, float], step: int | None = None, models_in_run: tuple[str, ...] | None = None
+) -> None:
+    """Log `model`'s finite metrics to the active MLflow run, if any, named by
+    `medseg.runs.tracking.metric_key` (NaN and inf are skipped: MLflow's UI cannot plot them,
+    and the per-case CSV keeps them). `models_in_run`, when given, saves reading the run's tag
+    again (the per-epoch callback reads it once)."""
+    if mlflow.active_run() is None:
+        return
+    models = models_in_active_run() if models_in_run is None else models_in_run
+    values = {
+        metric_key(model, key, models): float(value)
+        for key, value in metrics.items()
+        if value is not None and math.isfinite(float(value))
+    }
+    if values:
+        mlflow.log_metrics(values, step=step)
+
+
+def log_params(params: Mapping[str, Any]) -> None:
+    """Log parameters to the active MLflow run, if any, as text."""
+    if mlflow.active_run() is not None:
+        mlflow.log_params({key: redact_urls(str(value)) for key, value in params.items()})

@@ -18,7 +18,7 @@ from medseg.errors import (
     SplitError,
 )
 from medseg.imaging.io import read_volume
-from medseg.imaging.synthesis import synthesize_case
+from medseg.synthetic.shapes import synthesize_case
 
 
 def test_outputs_are_ras_resampled_normalized_and_split(data_run: Path):

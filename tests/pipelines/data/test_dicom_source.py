@@ -13,12 +13,12 @@ import pytest
 
 from conftest import make_project_copy, mlflow_runs, run_pipeline
 from medseg.errors import InvalidLabelError, MedsegError
-from medseg.imaging.dicom import read_dicom_series
-from medseg.imaging.dicom_dataset import convert_dicom_dataset
-from medseg.imaging.dicom_seg import write_dicom_seg
-from medseg.imaging.dicom_synthesis import write_dicom_series
+from medseg.dicom.series import read_dicom_series
+from medseg.dicom.training_set import convert_dicom_dataset
+from medseg.dicom.seg import write_dicom_seg
+from medseg.synthetic.dicom_series import write_dicom_series
 from medseg.imaging.io import Volume, read_volume
-from medseg.imaging.phantoms import ensure_synthetic_dataset, synthesis_settings
+from medseg.synthetic.phantoms import ensure_synthetic_dataset, synthesis_settings
 
 DATA = {
     "seed": 5,

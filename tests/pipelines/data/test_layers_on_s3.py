@@ -17,7 +17,7 @@ import yaml
 
 from conftest import log_lines, make_project_copy, mlflow_runs, run_pipeline
 from medseg.imaging.io import read_volume
-from medseg.imaging.phantoms import ensure_synthetic_dataset, synthesis_settings
+from medseg.synthetic.phantoms import ensure_synthetic_dataset, synthesis_settings
 
 PARTITIONS = ("intermediate_images", "intermediate_labels", "primary_images", "primary_labels")
 FILES = {
@@ -90,7 +90,7 @@ def test_the_data_pipeline_reads_and_writes_s3(s3_bucket: str, tmp_path: Path):
     # An unchanged rerun reads no case again, on the store as on a local disk.
     before = {p: fs.info(p)["LastModified"] for p in fs.find(f"{layers}/data/03_primary/images")}
     assert len(before) == 7  # six volumes and the keys file
-    with log_lines("medseg.imaging.validation", "medseg.datasets.staged") as log:
+    with log_lines("medseg.cases.validation", "medseg.datasets.staged") as log:
         run_pipeline(project, "data", {**params, "compute.scheduler": "sync"})
     assert "Validating: 6 of 6 cases unchanged since the last run" in log.text
     assert log.text.count("6 of 6 cases unchanged since the last run (same source files and plan), kept; 0 to make") == 4

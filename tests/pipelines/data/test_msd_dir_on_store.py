@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from medseg.hooks import dataset_identity, expected_class_count
+from medseg.runs.hooks import dataset_identity, expected_class_count
 from medseg.pipelines.data.nodes import list_source_cases
 
 

@@ -14,7 +14,7 @@ from medseg.errors import InvalidLabelError
 from medseg.imaging.geometry import CaseGeometry, label_to_training_grid, to_canonical
 from medseg.imaging.io import read_volume
 from medseg.imaging.laterality import body_midline, lateralized_classes, right_fractions
-from medseg.imaging.synthesis import synthesize_case
+from medseg.synthetic.shapes import synthesize_case
 
 HIPPOCAMPUS_LABELS = {"0": "background", "1": "anterior", "2": "posterior"}
 

@@ -19,7 +19,7 @@ import pytest
 
 from conftest import log_lines, data_files_written, make_project_copy, mlflow_runs, run_pipeline
 from medseg.errors import InvalidIntensityError
-from medseg.imaging.phantoms import ensure_synthetic_dataset, synthesis_settings
+from medseg.synthetic.phantoms import ensure_synthetic_dataset, synthesis_settings
 
 PHANTOMS = {"n_cases": 6, "in_plane_size": 32, "n_slices_range": [8, 12]}
 LAYERS = ("02_intermediate", "03_primary")
@@ -107,7 +107,7 @@ def test_reruns_redo_only_what_changed(tmp_path: Path):
     first = _inodes(project)
 
     # 1. Unchanged: no case is read or written again, and the log says so.
-    with log_lines("medseg.imaging.validation", "medseg.datasets.staged") as lines:
+    with log_lines("medseg.cases.validation", "medseg.datasets.staged") as lines:
         run_pipeline(project, "data", _params(msd))
     assert _inodes(project) == first
     log = lines.text

@@ -18,9 +18,9 @@ import pytest
 
 from conftest import SHARED_UNET, copy_project, mlflow_runs, run_pipeline
 from medseg.errors import MedsegError
-from medseg.imaging.dicom import read_dicom_series
-from medseg.imaging.dicom_seg import read_dicom_seg
-from medseg.imaging.dicom_synthesis import write_dicom_series
+from medseg.dicom.series import read_dicom_series
+from medseg.dicom.seg import read_dicom_seg
+from medseg.synthetic.dicom_series import write_dicom_series
 from medseg.imaging.io import read_volume
 
 PATIENT_ID = "PID-7731-SECRET"
@@ -149,8 +149,8 @@ def test_the_served_model_takes_a_zip_of_the_series_and_answers_with_its_seg(dic
     import base64
 
     from medseg.inference import Segmenter
-    from medseg.serving import segment_requests
-    from medseg.serving_files import Roots
+    from medseg.serving.model import segment_requests
+    from medseg.serving.files import Roots
 
     project, scans, out = dicom_prediction
     segmenter = Segmenter.load(project / "data/06_models/unet/segmenter")

@@ -1,4 +1,4 @@
-"""Nodes of the `data` pipeline: thin wrappers around `medseg.imaging` and `medseg.split`."""
+"""Nodes of the `data` pipeline: thin wrappers around `medseg.imaging` and `medseg.cases.split`."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from medseg.runs import compute
-from medseg.datasets.folder import anchor_path
+from medseg.storage.paths import anchor_path
 from medseg.errors import ConfigurationError
 from medseg.imaging.geometry import (
     CaseGeometry,
@@ -22,7 +22,7 @@ from medseg.imaging.geometry import (
     to_canonical,
 )
 from medseg.imaging.io import Volume, read_volume
-from medseg.imaging.msd import (
+from medseg.cases.msd import (
     CaseFiles,
     dataset_location,
     foreground_classes,
@@ -30,8 +30,8 @@ from medseg.imaging.msd import (
     read_dataset_json,
 )
 from medseg.imaging.normalization import image_to_training_grid
-from medseg.imaging.phantoms import synthesis_settings
-from medseg.imaging.validation import (
+from medseg.synthetic.phantoms import synthesis_settings
+from medseg.cases.validation import (
     binarize_label,
     dataset_fingerprint,
     fingerprint_cases,
@@ -40,8 +40,8 @@ from medseg.imaging.validation import (
     resolve_label_classes,
 )
 from medseg.parameters import CvParams, DataParams, PreprocessingParams
-from medseg.incremental import KeyedPartition, content_key
-from medseg.split import assign_folds, split_cases, split_sizes
+from medseg.storage.incremental import KeyedPartition, content_key
+from medseg.cases.split import assign_folds, split_cases, split_sizes
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ def list_source_cases(
         `source_cases`, one row per case: case_id, image_path, label_path, channel (the paths
         are URLs for a URL `msd_dir`); and `source_classes`: {"manifest": dataset.json's path,
         "classes": {label value: name}}, the foreground labels it lists
-        (:func:`medseg.imaging.msd.foreground_classes`).
+        (:func:`medseg.cases.msd.foreground_classes`).
     """
     source = data["source"]
     if source in ("synthetic", "dicom"):
@@ -147,7 +147,7 @@ def validate_cases(
 
     Raises:
         SplitError, ConfigurationError and the MedsegErrors of
-        :func:`medseg.imaging.validation.fingerprint_cases`.
+        :func:`medseg.cases.validation.fingerprint_cases`.
     """
     preprocessing = data["preprocessing"]
     crop_margin = int(preprocessing["crop_margin"]) if preprocessing["crop_to_nonzero"] else None
@@ -190,7 +190,7 @@ def canonicalize_cases(case_fingerprints: pd.DataFrame) -> tuple[dict, dict]:
     """Reorient every validated case to canonical RAS (made lazily, one case per task).
 
     A case whose source file did not change since the last run keeps its canonical file
-    (:class:`medseg.incremental.KeyedPartition`, keyed by the file's SHA-256).
+    (:class:`medseg.storage.incremental.KeyedPartition`, keyed by the file's SHA-256).
 
     Args:
         case_fingerprints: per-case table from `validate_cases` (case ids as text).
@@ -270,7 +270,7 @@ def preprocess_cases(
     Labels are resampled one-hot, linearly, then argmax (nnU-Net's way; nearest neighbour
     would shift them by half a voxel against the linearly resampled image). A case whose
     source file, geometry plan and preprocessing settings did not change since the last run
-    keeps its files (:class:`medseg.incremental.KeyedPartition`); a changed plan (target
+    keeps its files (:class:`medseg.storage.incremental.KeyedPartition`); a changed plan (target
     spacing, interpolation, clipping, classes) redoes every case.
 
     Args:
@@ -320,7 +320,7 @@ def split_dataset(case_fingerprints: pd.DataFrame, data: DataParams) -> pd.DataF
 
 
 def assign_cv_folds(splits: pd.DataFrame, cv: CvParams, data: DataParams, folds_saved: dict) -> dict:
-    """The cross-validation folds, `data/03_primary/folds.json` (`medseg.split.assign_folds`).
+    """The cross-validation folds, `data/03_primary/folds.json` (`medseg.cases.split.assign_folds`).
 
     With `cv.folds: 0` the saved file is passed on as it is (or an empty record when there is
     none), so a run without cross-validation never changes the folds of a later one.

@@ -1,4 +1,4 @@
-"""Nodes of the `predict` pipeline: thin wrappers around `medseg.inference` and `medseg.serving`.
+"""Nodes of the `predict` pipeline: thin wrappers around `medseg.inference` and `medseg.serving.model`.
 
 The segmenter comes from `predict.model`: this project's last trained `unet` or `conv3d`
 (catalog entries `<model>.segmenter_folder`), or an MLflow model URI. It carries the training run's
@@ -16,7 +16,7 @@ import pandas as pd
 
 from medseg.runs import compute
 from medseg.casework import DriverThenWorker
-from medseg.datasets.folder import anchor_path
+from medseg.storage.paths import anchor_path
 from medseg.errors import ConfigurationError
 from medseg.inference.ensemble import load_segmenter, read_any_plan
 from medseg.inference.scans import (
@@ -31,7 +31,7 @@ from medseg.inference.scans import (
 )
 from medseg.parameters import PredictParams
 from medseg.runs import tracking
-from medseg.serving import fetch_segmenter
+from medseg.serving.model import fetch_segmenter
 
 logger = logging.getLogger(__name__)
 

@@ -28,8 +28,9 @@ from medseg.errors import (
     MissingLabelError,
     UnsafePathError,
 )
-from medseg.imaging.io import Volume, is_url, url_filesystem, write_volume
-from medseg.publishing import staged_folder
+from medseg.imaging.io import Volume, write_volume
+from medseg.storage.paths import is_url, url_filesystem
+from medseg.storage.publishing import staged_folder
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
@@ -413,7 +414,7 @@ def write_msd_dataset(
         metadata: extra dataset.json fields (name, description, generator parameters...).
 
     If anything fails, `root` is left as it was and the partial folder is removed (what a kill
-    leaves: :func:`medseg.publishing.staged_folder`). Every file is flushed to disk before the
+    leaves: :func:`medseg.storage.publishing.staged_folder`). Every file is flushed to disk before the
     swap, and the new folder gets the mode the umask gives (0755 under the usual 022), not the
     0700 of a temporary folder.
     """

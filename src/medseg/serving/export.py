@@ -1,8 +1,8 @@
 """The catalog's `<model>.mlflow_segmenter`: a trained segmenter logged to the MLflow run as
-medseg's pyfunc model (`medseg.serving.SegmenterModel`).
+medseg's pyfunc model (`medseg.serving.model.SegmenterModel`).
 
 It lives beside serving, not in `medseg.datasets`: the I/O layer does not import the serving
-layer, and `medseg.serving` itself imports no Kedro, so a served model needs none.
+layer, and `medseg.serving.model` itself imports no Kedro, so a served model needs none.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 
 from kedro.io.core import AbstractDataset, DatasetError
 
-from medseg.serving import log_segmenter
+from medseg.serving.model import log_segmenter
 
 
 class MlflowSegmenterDataset(AbstractDataset[Any, None]):

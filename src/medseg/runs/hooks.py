@@ -32,16 +32,16 @@ from kedro.framework.hooks import hook_impl
 from kedro.framework.project import settings
 from kedro.pipeline import Pipeline
 from mlflow.entities import ViewType
-from omegaconf import OmegaConf
 from pydantic import ValidationError
 
 from medseg.runs import compute, credentials
-from medseg.datasets.tracking import log_params
+from medseg.runs.tracking import log_params
 from medseg.errors import ConfigurationError, TrackingError
 from medseg.kinds import model_kinds
 from medseg.parameters import ComputeParams, did_you_mean
 from medseg.runs import tracking
 from medseg.runs.lock import ProjectLock
+from medseg.runs.resolvers import register_project_root
 from medseg.runs.outputs import JOURNAL_NAME, OutputStaging, output_folders
 from medseg.runs.tracking import dataset_identity  # noqa: F401  (tests import it from here too)
 
@@ -135,7 +135,7 @@ def prediction_run_prefix(predict: dict[str, Any], local_folders: dict[str, str]
     """`Predict-{Model}-{YYYYMMDD}`, the model's name read from its segmenter (downloaded from
     MLflow for a model URI). A model that cannot be found fails here, before the run starts."""
     from medseg.inference.ensemble import segmenter_name
-    from medseg.serving import fetch_segmenter
+    from medseg.serving.model import fetch_segmenter
 
     folder, _ = fetch_segmenter(str(predict["model"]), local_folders)
     return f"Predict-{segmenter_name(folder)}-{today.strftime('%Y%m%d')}"
@@ -146,19 +146,6 @@ def next_run_number(existing_names: list[str], prefix: str) -> int:
     pattern = re.compile(rf"^{re.escape(prefix)}-run(\d+)$")
     numbers = [int(m.group(1)) for m in map(pattern.match, existing_names) if m]
     return max(numbers, default=0) + 1
-
-
-def register_project_root(project_path) -> None:
-    """`${medseg.project_root:}` in configuration: the project's absolute root (POSIX)."""
-    root = Path(project_path).resolve().as_posix()
-    register_resolver("medseg.project_root", lambda: root)
-
-
-def register_resolver(name: str, resolver) -> None:
-    """Register (or replace) an OmegaConf resolver. OmegaConf 2.4 renamed
-    `register_new_resolver` (now deprecated, a warning per call) to `register_resolver`."""
-    register = getattr(OmegaConf, "register_resolver", None) or OmegaConf.register_new_resolver
-    register(name, resolver, replace=True)
 
 
 def next_run_name(client, experiment, prefix: str) -> str:
@@ -340,7 +327,7 @@ def expected_class_count(data: dict[str, Any], project_path) -> int:
         return 1
     if data.get("source") == "synthetic":
         return int(data.get("synthetic", {}).get("n_classes", 1))
-    from medseg.imaging.msd import dataset_location, foreground_classes
+    from medseg.cases.msd import dataset_location, foreground_classes
 
     _, _, folder = dataset_identity(data, project_path)
     try:

@@ -28,7 +28,7 @@ number), the source and the fix, rather than read into a volume in the wrong pla
 - a compressed transfer syntax whose decoder is not installed (the message names the package);
 - a missing PixelSpacing or ImagePositionPatient;
 - a corrupt or truncated file anywhere in the input (which series it belonged to is unknown);
-- more voxels than :func:`medseg.limits.limits` allows, checked before any is allocated.
+- more voxels than :func:`medseg.storage.limits.limits` allows, checked before any is allocated.
 
 Instances that hold no image to segment (SEG, RTSTRUCT, RTDOSE, SR, presentation states,
 a DICOMDIR...) are skipped: they are not series to choose among, and :attr:`DicomSeries.skipped`
@@ -65,7 +65,7 @@ from pydicom.pixels.decoders.base import get_decoder
 
 from medseg.errors import CorruptFileError, DatasetNotFoundError, InvalidGeometryError, MedsegError
 from medseg.imaging.io import Volume, check_affine
-from medseg.limits import describe, limits
+from medseg.storage.limits import describe, limits
 
 __all__ = [
     "DicomArchiveError",

@@ -2,7 +2,7 @@
 
 The lines go through Python's `logging`, so `kedro run` shows them with its rich handler like
 any other log line, and a user's logging configuration applies. No Kedro import here: the
-domain modules (`medseg.imaging.validation`) use it too.
+domain modules (`medseg.cases.validation`) use it too.
 
 A run stays quiet when it is quick: a line is written at most every `every_s` seconds *and*
 every `every_fraction` of the cases, plus one line when the last case is done. Six small cases

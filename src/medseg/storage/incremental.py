@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from medseg.imaging.io import is_url, url_filesystem
+from medseg.storage.paths import is_url, url_filesystem
 
 T = TypeVar("T")
 

@@ -2,7 +2,7 @@
 
 A SEG is what a PACS or a DICOM viewer (OHIF, 3D Slicer, Horos) overlays on the series it was
 made from: it references every source instance by UID and places each frame by the source
-slice's position, so it is only ever written over a :class:`~medseg.imaging.dicom.DicomSeries`
+slice's position, so it is only ever written over a :class:`~medseg.dicom.series.DicomSeries`
 whose voxel grid the mask shares.
 
 What the SEG holds:
@@ -41,13 +41,13 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
-from medseg.imaging.dicom import (
+from medseg.dicom.series import (
     ORIENTATION_TOLERANCE,
     SLICE_GAP_ABSOLUTE_TOLERANCE_MM,
     DicomError,
     DicomSeries,
 )
-from medseg.publishing import atomic_path
+from medseg.storage.publishing import atomic_path
 
 __all__ = [
     "DicomSegError",

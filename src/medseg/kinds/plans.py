@@ -2,7 +2,7 @@
 section, deciding the precision, and filling the time budget with training steps.
 
 A kind's own planner (`ModelKind.plan`) computes its sizes from the data
-(`medseg.planning`), then calls these in order: `apply_plan`, `plan_precision`,
+(`medseg.kinds.sizes`), then calls these in order: `apply_plan`, `plan_precision`,
 `plan_training_steps`.
 """
 
@@ -26,7 +26,7 @@ from medseg.models.precision import (
     precision_candidates,
 )
 from medseg.models.training import seconds_per_training_step, training_fingerprint
-from medseg.planning import INPUT_PIPELINE_OVERHEAD, plan_steps
+from medseg.kinds.sizes import INPUT_PIPELINE_OVERHEAD, plan_steps
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class ModelPlan:
         calibration: the timed training step and the budget it filled; empty when every step
             parameter was given.
         context: what a 3D patch must see and the configuration chosen for it
-            (`medseg.planning.plan_context`); empty for a kind that plans none.
+            (`medseg.kinds.sizes.plan_context`); empty for a kind that plans none.
     """
 
     model: str
@@ -209,7 +209,7 @@ def plan_training_steps(
     A few training steps of the planned model are timed on this machine
     (`seconds_per_training_step`), as training will run them: in the planned precision, built
     under the `training.distribute` strategy, on the global batch (per-replica batch ×
-    replicas). `medseg.planning.plan_steps` fills the budget. The timing is kept (the catalog's
+    replicas). `medseg.kinds.sizes.plan_steps` fills the budget. The timing is kept (the catalog's
     `<model>.timings`, keyed by the model's sizes, precision, the machine, and the strategy and
     replicas when distributed), so a rerun with the same plan on the same machine chooses the
     same steps and trains to the same weights.

@@ -2,7 +2,7 @@
 
 A scan's header says how many voxels follow; a 126-byte file can claim terabytes. Every reader
 checks the claim against these limits, and against the bytes really there, before a voxel is
-allocated; a served model also checks each request (`medseg.serving`). Each limit is an
+allocated; a served model also checks each request (`medseg.serving.model`). Each limit is an
 environment variable, so that the process that serves or runs can set it without a config:
 
 | variable | default | what it bounds |

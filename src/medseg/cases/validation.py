@@ -27,9 +27,9 @@ from medseg.imaging.components import largest_component
 from medseg.imaging.geometry import nonzero_bounding_box, to_canonical
 from medseg.imaging.io import Volume, read_volume
 from medseg.imaging.laterality import body_midline, lateralized_classes, right_fractions
-from medseg.imaging.msd import CaseFiles
+from medseg.cases.msd import CaseFiles
 from medseg.casework import map_in_order
-from medseg.incremental import content_key, file_identity, file_stat
+from medseg.storage.incremental import content_key, file_identity, file_stat
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def resolve_label_classes(
       else binary. Setting `data.foreground_labels` asks for a merge, so auto is then binary.
 
     Args:
-        listed: :func:`medseg.imaging.msd.foreground_classes` of the dataset.
+        listed: :func:`medseg.cases.msd.foreground_classes` of the dataset.
         label_mode: `data.label_mode`: auto, multiclass or binary.
         foreground_labels: `data.foreground_labels` (binary only), checked as in
             :func:`check_foreground_labels`.
@@ -317,7 +317,7 @@ def _recorded_identity(previous: Mapping | None, kind: str) -> dict | None:
 
 def source_identity(case: CaseFiles, previous: Mapping | None = None) -> dict:
     """The `image_*` and `label_*` size, mtime and sha256 of a case's files
-    (:func:`medseg.incremental.file_identity`; a file whose size and mtime match `previous`
+    (:func:`medseg.storage.incremental.file_identity`; a file whose size and mtime match `previous`
     is not read)."""
     out = {}
     for kind, path in (("image", case.image_path), ("label", case.label_path)):

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from medseg.progress import CaseProgress
+from medseg.casework.progress import CaseProgress
 
 _logger = logging.getLogger(__name__)
 

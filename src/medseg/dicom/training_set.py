@@ -2,14 +2,14 @@
 
 Each case is a folder of `data.dicom_dir` (its name is the case id) holding one image series
 and one DICOM SEG over it, the labels (anywhere below the folder; loose files or subfolders).
-The series becomes `imagesTr/<case>_0000.nii.gz` on its own grid (`medseg.imaging.dicom`), the
-SEG a label map on that grid (`medseg.imaging.dicom_seg`), and `dataset.json` lists the SEGs'
+The series becomes `imagesTr/<case>_0000.nii.gz` on its own grid (`medseg.dicom.series`), the
+SEG a label map on that grid (`medseg.dicom.seg`), and `dataset.json` lists the SEGs'
 segment labels as the classes. From there the data pipeline validates, fingerprints and
 preprocesses the cases exactly as MSD data: the primary layer is the same.
 
 The conversion is incremental: a folder whose `dataset.json` records the same source files
 (names, sizes, modification times) is kept; otherwise the whole folder is written again in a
-staging folder and swapped in (`medseg.imaging.msd.write_msd_dataset`).
+staging folder and swapped in (`medseg.cases.msd.write_msd_dataset`).
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ import numpy as np
 import pydicom
 
 from medseg.errors import DatasetNotFoundError, EmptyDatasetError, InvalidLabelError
-from medseg.imaging.dicom import DicomSeriesError, is_dicom_input, read_dicom_series
-from medseg.imaging.dicom_seg import read_dicom_seg, segment_label_value
+from medseg.dicom.series import DicomSeriesError, is_dicom_input, read_dicom_series
+from medseg.dicom.seg import read_dicom_seg, segment_label_value
 from medseg.imaging.io import Volume
-from medseg.imaging.msd import write_msd_dataset
+from medseg.cases.msd import write_msd_dataset
 
 SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 RTSTRUCT_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.481.3"

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from medseg.imaging.io import Volume
-from medseg.imaging.msd import read_dataset_json, write_msd_dataset
-from medseg.imaging.synthesis import GENERATOR_VERSION, synthesize_case
-from medseg.progress import track_partitions
+from medseg.cases.msd import read_dataset_json, write_msd_dataset
+from medseg.synthetic.shapes import GENERATOR_VERSION, synthesize_case
+from medseg.casework.progress import track_partitions
 
 logger = logging.getLogger(__name__)
 

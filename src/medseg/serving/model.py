@@ -8,7 +8,7 @@ and its requirements pin the TensorFlow build that trained it, so `mlflow models
 Input: a pandas DataFrame, one row per scan, with
 - `image_path`: a NIfTI scan on the server's disk, or `image_b64`: the bytes of a `.nii` or
   `.nii.gz` file, base64-encoded (a client on another machine needs no shared disk). Either may
-  also be a `.zip` of one DICOM series (`medseg.imaging.dicom`), whose answer then carries a
+  also be a `.zip` of one DICOM series (`medseg.dicom.series`), whose answer then carries a
   DICOM SEG referring to the series (`seg_b64`) and its lineage (`study_instance_uid`,
   `series_instance_uid`, `seg_sop_instance_uid`);
 - optionally `output_path`: where to write the mask; without it the mask comes back in
@@ -19,14 +19,14 @@ Input: a pandas DataFrame, one row per scan, with
 Output: a DataFrame with `case_id`, `mask_path`, `mask_b64`, `volume_ml` (and
 `volume_ml_<class>` with several classes).
 
-Paths and the server's disk (`medseg.serving_files`): an `image_path` must lie strictly under a
+Paths and the server's disk (`medseg.serving.files`): an `image_path` must lie strictly under a
 folder of `MEDSEG_SERVE_READ_ROOTS`, an `output_path` under one of `MEDSEG_SERVE_WRITE_ROOTS`
 (each colon-separated), reached without any symlink below the root and opened once. Without
 them no path is accepted, only `image_b64` (fail closed), in the scoring server and in the
 user's own Python alike, unless the user opts in with `MEDSEG_SERVE_ANY_PATH=1`. A mask never
 replaces an existing file unless its row says `overwrite`, is written in the format its suffix
 names (`.nii` or `.nii.gz`), and is published only when every row succeeded before the server's
-timeout. The limits of `medseg.limits` (body, rows, voxels, decompressed bytes, spacing) are
+timeout. The limits of `medseg.storage.limits` (body, rows, voxels, decompressed bytes, spacing) are
 checked before anything is allocated. In the scoring server every failure reaches the client as
 a message with no stack trace.
 """
@@ -63,15 +63,15 @@ from mlflow.protos.databricks_pb2 import (
 )
 from mlflow.types import ColSpec, Schema
 
-from medseg import serving_files
+from medseg.serving import files as serving_files
 from medseg.errors import ConfigurationError, CorruptFileError, MedsegError
-from medseg.imaging.dicom import read_dicom_series
+from medseg.dicom.series import read_dicom_series
 from medseg.imaging.io import Volume, read_volume_bytes, volume_bytes
 from medseg.inference.scans import SegWriter, case_id_of, lineage
 from medseg.inference.segmenter import Segmenter
 from medseg.inference.ensemble import is_ensemble, load_segmenter
-from medseg.limits import Limits, describe, limits
-from medseg.serving_files import PathNotAllowedError, Roots, serve_roots  # noqa: F401 (re-exported)
+from medseg.storage.limits import Limits, describe, limits
+from medseg.serving.files import PathNotAllowedError, Roots, serve_roots  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ def _text(value: Any) -> str | None:
 
 
 class RequestTooLargeError(MedsegError):
-    """A request above the serving limits (`medseg.limits`)."""
+    """A request above the serving limits (`medseg.storage.limits`)."""
 
 
 class DeadlineExceededError(MedsegError):

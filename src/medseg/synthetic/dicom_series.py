@@ -2,7 +2,7 @@
 
 The series is what a scanner would export for the volume: one single-frame CT (or MR) image
 per slice, placed by ImagePositionPatient / ImageOrientationPatient / PixelSpacing so that
-:func:`medseg.imaging.dicom.read_dicom_series` reads back the same affine and voxels (within
+:func:`medseg.dicom.series.read_dicom_series` reads back the same affine and voxels (within
 the int16 quantization of the rescale), and dcm2niix converts it to the same geometry. The
 patient is obviously fake (PHANTOM^SYNTHETIC, no birth date), the UIDs are derived from the
 seed and the volume's content, so the same call writes the same files.
@@ -21,9 +21,9 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, 
 from pydicom.valuerep import DS
 
 from medseg.errors import InvalidGeometryError, InvalidIntensityError
-from medseg.imaging.dicom import lps_to_ras
+from medseg.dicom.series import lps_to_ras
 from medseg.imaging.io import Volume, check_affine
-from medseg.publishing import atomic_path
+from medseg.storage.publishing import atomic_path
 
 __all__ = ["write_dicom_series"]
 
@@ -124,7 +124,7 @@ def write_dicom_series(
         dataset.FrameOfReferenceUID = frame_uid
         dataset.PositionReferenceIndicator = ""
         dataset.Manufacturer = "medseg"
-        dataset.ManufacturerModelName = "medseg.imaging.dicom_synthesis"
+        dataset.ManufacturerModelName = "medseg.synthetic.dicom_series"
         dataset.SoftwareVersions = "1"
         dataset.InstanceNumber = k + 1
         dataset.ContentDate, dataset.ContentTime = "20000101", "000000"
