@@ -9,7 +9,7 @@ from medseg.runs.hooks import check_tracking_server, next_run_number, run_name_p
 PARAMS = {
     "data": {"source": "synthetic"},
     "unet": {"training": {"optimizer": "adam", "loss": "bce+dice"}, "model": {}},
-    "conv3d": {"training": {"optimizer": "adam", "loss": "bce+dice"}, "model": {"kind": "unet3d"}},
+    "conv3d": {"training": {"optimizer": "adam", "loss": "bce+dice"}, "model": {"network": "unet3d"}},
 }
 
 
@@ -19,7 +19,7 @@ def test_run_name_prefixes():
     assert run_name_prefix(["conv3d"], PARAMS, day) == "UNet3D-Adam-BCE+Dice-20261125"
     assert run_name_prefix(["unet", "conv3d"], PARAMS, day) == "UNet+UNet3D-Adam-BCE+Dice-20261125"
     assert run_name_prefix([], PARAMS, day) == "Data-Synthetic-20261125"
-    classifier = {**PARAMS, "conv3d": {"training": {"optimizer": "sgd", "loss": "dice"}, "model": {"kind": "patch_classifier"}}}
+    classifier = {**PARAMS, "conv3d": {"training": {"optimizer": "sgd", "loss": "dice"}, "model": {"network": "patch_classifier"}}}
     assert run_name_prefix(["conv3d"], classifier, day) == "Conv3DClassifier-SGD-BCE-20261125"
 
 

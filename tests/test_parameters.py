@@ -1,4 +1,4 @@
-"""The parameter schema: refused up front, named, and in step with the YAML and the README."""
+"""The parameter schema: refused up front, named, described once, and in step with the YAML and the reference page."""
 
 from __future__ import annotations
 
@@ -11,7 +11,10 @@ import yaml
 from pydantic import ValidationError
 
 from conftest import REPO_ROOT, make_project_copy, mlflow_runs, run_pipeline
-from medseg.parameters import ROOTS, leaf_names
+from medseg.kinds import parameter_roots
+from medseg.parameters import Section, leaf_names
+
+ROOTS = parameter_roots()
 
 
 def _defaults() -> dict:
@@ -47,7 +50,7 @@ def test_the_defaults_validate_and_read_like_dicts():
         ("unet", "training.epochs", -1, r"training\.epochs.*greater than or equal to 1"),
         ("unet", "training.learning_rate", 0, r"training\.learning_rate\n.*greater than 0"),
         ("unet", "model.input_size", 50, r"input_size=50 is not divisible by 2\*\*depth=8"),
-        ("conv3d", "model.kind", "unet2d", r"model\.kind\n.*'unet3d' or 'patch_classifier'"),
+        ("conv3d", "model.network", "unet2d", r"model\.network\n.*'unet3d' or 'patch_classifier'"),
         ("conv3d", "sampling.patch_size", [32, 32], r"sampling\.patch_size"),
         ("conv3d", "inference.overlap", 1.0, r"inference\.overlap\n.*less than 1"),
         ("data", "split.val", 0.5, r"train \+ val \+ test must be 1"),
@@ -72,18 +75,53 @@ def test_multiclass_with_foreground_labels_is_refused():
     assert ROOTS["data"](**section)["foreground_labels"] == [1]
 
 
-def test_the_readme_table_the_yaml_and_the_schema_agree():
-    readme = (REPO_ROOT / "README.md").read_text()
-    table = dict(re.findall(r"^\| `([a-z0-9_.]+)` \| `([^`]*)` \|", readme, flags=re.M))
-    names = [name for root, schema in ROOTS.items() for name in leaf_names(schema, root)]
-    assert sorted(table) == sorted(names)
-    defaults = _defaults()
-    for name in names:
-        value = defaults
-        for key in name.split("."):
-            value = value[key]
-        shown = "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
-        assert table[name] == shown, name
+def _reference_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("generate_reference", REPO_ROOT / "docs" / "generate_reference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_yaml_holds_every_leaf_of_the_schema_and_nothing_else():
+    def leaves(tree, prefix):
+        if isinstance(tree, dict) and not prefix.endswith("budget_minutes"):
+            return [name for key, value in tree.items() for name in leaves(value, f"{prefix}.{key}")]
+        return [prefix]
+
+    yaml_names = [name for root, section in _defaults().items() for name in leaves(section, root)]
+    schema_names = [name for root, schema in ROOTS.items() for name in leaf_names(schema, root)]
+    assert sorted(yaml_names) == sorted(schema_names)
+
+
+def _sections(schema: type[Section]):
+    yield schema
+    for field in schema.__pydantic_fields__.values():
+        if isinstance(field.annotation, type) and issubclass(field.annotation, Section):
+            yield from _sections(field.annotation)
+
+
+def test_every_parameter_is_described_once_in_the_schema():
+    for root, schema in ROOTS.items():
+        for section in _sections(schema):
+            assert (section.__doc__ or "").strip(), f"{section.__name__} has no docstring"
+            for name, field in section.__pydantic_fields__.items():
+                nested = isinstance(field.annotation, type) and issubclass(field.annotation, Section)
+                assert nested or (field.description or "").strip(), f"{root}: {section.__name__}.{name} has no description"
+
+
+def test_the_reference_page_is_generated_from_the_schema(monkeypatch):
+    reference = _reference_module()
+    page = (REPO_ROOT / "docs" / "reference" / "parameters.md").read_text()
+    assert page == reference.render(), "docs/reference/parameters.md is out of date: run `python docs/generate_reference.py`"
+    # Each parameter's row carries its description and its YAML default.
+    assert "| `unet.training.epochs` | `auto` |" in page
+    field = ROOTS["unet"].__pydantic_fields__["seed"]
+    assert field.description in page
+    # A changed description changes the page: the check is not vacuous.
+    monkeypatch.setattr(field, "description", "A description that the committed page does not hold.")
+    assert reference.render() != page and reference.main(["--check"]) == 1
 
 
 @pytest.mark.parametrize(

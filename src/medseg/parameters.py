@@ -10,7 +10,13 @@ plain mappings, and a mistake is refused up front:
 - a wrong type (`batch_size=abc`) or a value out of range (`epochs=-1`), naming the key.
 
 The defaults live in `conf/base/parameters_*.yml`, not here: every field is required, so the
-YAML and the schema cannot drift apart silently (a test also checks the README's table).
+YAML and the schema cannot drift apart silently. What each parameter means is written once, as
+its field's `description`; the reference page (`docs/reference/parameters.md`) is generated from
+the schema (`python -m medseg.parameters_reference`, checked by a test).
+
+This module holds the shared sections and the pieces the model kinds build theirs from; each
+model kind's own section is defined beside the kind (`medseg.kinds.unet.UnetParams`), and
+`medseg.kinds.parameter_roots` lists them all.
 """
 
 from __future__ import annotations
@@ -31,8 +37,9 @@ Millimetres = Annotated[float, Field(gt=0.0)]
 Probability = Annotated[float, Field(gt=0.0, lt=1.0)]
 Determinism = Literal["auto"] | bool
 Auto = Literal["auto"]  # the planner decides (medseg.kinds.sizes); plan.json records it
+Axis = Annotated[int, Field(ge=0, le=2)]  # a RAS axis
 
-_STRICT = ConfigDict(extra="forbid")
+STRICT = ConfigDict(extra="forbid")
 
 
 class Section(dict):
@@ -69,17 +76,21 @@ def _increasing(pair: tuple[float, float], name: str) -> None:
 
 
 # data ----------------------------------------------------------------------------------------
-@dataclass(config=_STRICT)
+@dataclass(config=STRICT)
 class SyntheticParams(Section):
-    """The phantoms' settings; where they are written is the catalog's `synthetic_phantoms`."""
+    """The phantoms that `data.source: synthetic` generates (`medseg.synthetic`); where they are
+    written is the catalog's `synthetic_phantoms`."""
 
-    n_cases: Annotated[int, Field(ge=3)]
-    in_plane_size: Annotated[int, Field(ge=16)]
-    n_slices_range: tuple[Positive, Positive]
-    in_plane_spacing_range: tuple[Millimetres, Millimetres]
-    slice_spacing_range: tuple[Millimetres, Millimetres]
-    n_lesions_range: tuple[Positive, Positive]
-    n_classes: Annotated[int, Field(ge=1, le=3)]
+    n_cases: Annotated[int, Field(ge=3, description="Phantoms to generate.")]
+    in_plane_size: Annotated[int, Field(ge=16, description="Voxels along x and y.")]
+    n_slices_range: Annotated[tuple[Positive, Positive], Field(description="Voxels along z, [low, high].")]
+    in_plane_spacing_range: Annotated[
+        tuple[Millimetres, Millimetres], Field(description="In-plane voxel size in mm, [low, high].")
+    ]
+    slice_spacing_range: Annotated[tuple[Millimetres, Millimetres], Field(description="Slice spacing in mm, [low, high].")]
+    n_lesions_range: Annotated[tuple[Positive, Positive], Field(description="Lesions per phantom, [low, high].")]
+    n_classes: Annotated[int, Field(ge=1, le=3, description=(
+        "Foreground classes (1-3): nested lesion shells, `rim` (1) to `core` (K); 1 is a single `lesion` class."))]
 
     def __post_init__(self) -> None:
         for name in ("n_slices_range", "in_plane_spacing_range", "slice_spacing_range", "n_lesions_range"):
@@ -87,14 +98,24 @@ class SyntheticParams(Section):
         super().__post_init__()
 
 
-@dataclass(config=_STRICT)
+Percentile = Annotated[float, Field(ge=0, le=100)]
+
+
+@dataclass(config=STRICT)
 class PreprocessingParams(Section):
-    target_spacing: tuple[Millimetres, Millimetres, Millimetres] | None
-    interpolation_order: Literal[1, 3]
-    normalization: Literal["zscore"]
-    clip_percentiles: tuple[Annotated[float, Field(ge=0, le=100)], Annotated[float, Field(ge=0, le=100)]] | None
-    crop_to_nonzero: bool
-    crop_margin: NonNegative
+    """How every case is brought to the training grid (`medseg.imaging.geometry`,
+    `medseg.imaging.normalization`); the planner records the result in `geometry.json`."""
+
+    target_spacing: Annotated[tuple[Millimetres, Millimetres, Millimetres] | None, Field(description=(
+        "Voxel size in mm along the RAS axes that every case is resampled to; null: the dataset's median spacing."))]
+    interpolation_order: Annotated[Literal[1, 3], Field(description=(
+        "Interpolation of images when resampling: 1 linear, 3 cubic. Labels are always resampled as one-hot, "
+        "linearly, then argmax."))]
+    normalization: Annotated[Literal["zscore"], Field(description="Intensity normalization: `zscore`, per case.")]
+    clip_percentiles: Annotated[tuple[Percentile, Percentile] | None, Field(description=(
+        "Clip intensities to these percentiles before the z-score, e.g. `[0.5, 99.5]`; null: no clipping."))]
+    crop_to_nonzero: Annotated[bool, Field(description="Crop each case to the box around its nonzero voxels.")]
+    crop_margin: Annotated[NonNegative, Field(description="Voxels kept around that box.")]
 
     def __post_init__(self) -> None:
         if self.clip_percentiles is not None and self.clip_percentiles[0] >= self.clip_percentiles[1]:
@@ -102,11 +123,13 @@ class PreprocessingParams(Section):
         super().__post_init__()
 
 
-@dataclass(config=_STRICT)
+@dataclass(config=STRICT)
 class SplitParams(Section):
-    train: Fraction
-    val: Fraction
-    test: Fraction
+    """The split of the cases into training, validation and test, by case (`medseg.cases.split`)."""
+
+    train: Annotated[Fraction, Field(description="Fraction of the cases that train the models.")]
+    val: Annotated[Fraction, Field(description="Fraction of the cases that validate them (early stopping).")]
+    test: Annotated[Fraction, Field(description="Fraction of the cases that the reports score; the three sum to 1.")]
 
     def __post_init__(self) -> None:
         if abs(self.train + self.val + self.test - 1.0) > 1e-6:
@@ -114,15 +137,28 @@ class SplitParams(Section):
         super().__post_init__()
 
 
-@dataclass(config=_STRICT)
+@dataclass(config=STRICT)
 class DataParams(Section):
-    source: Literal["synthetic", "msd", "dicom"]
-    msd_dir: str | None
-    dicom_dir: str | None
-    channel: NonNegative | str | None
-    label_mode: Literal["auto", "multiclass", "binary"]
-    foreground_labels: list[Annotated[int, Field(ge=1, le=255)]] | None
-    seed: NonNegative
+    """`params:data`: where the cases come from, how they are read, preprocessed and split
+    (`kedro run --pipeline data`)."""
+
+    source: Annotated[Literal["synthetic", "msd", "dicom"], Field(description=(
+        "`synthetic` (generated phantoms), `msd` (your MSD-layout folder, `data.msd_dir`) or `dicom` "
+        "(`data.dicom_dir`: image series with DICOM SEG labels)."))]
+    msd_dir: Annotated[str | None, Field(description=(
+        "An MSD-layout folder (`dataset.json`, `imagesTr/`, `labelsTr/`), read only: a path (relative: from the "
+        "project root) or an fsspec URL (`s3://bucket/Task04_Hippocampus`)."))]
+    dicom_dir: Annotated[str | None, Field(description=(
+        "`data.source: dicom`: one folder per case holding its image series and a DICOM SEG; read only."))]
+    channel: Annotated[NonNegative | str | None, Field(description=(
+        "The channel (an index, or a modality name of `dataset.json`) of multi-channel images; null: single-channel data."))]
+    label_mode: Annotated[Literal["auto", "multiclass", "binary"], Field(description=(
+        "`multiclass`: each label that `dataset.json` lists is a class; `binary`: the labels are merged into one; "
+        "`auto`: multiclass when `dataset.json` lists more than one foreground label and `foreground_labels` is null."))]
+    foreground_labels: Annotated[list[Annotated[int, Field(ge=1, le=255)]] | None, Field(description=(
+        "Binary mode: the label values (1-255) that count as foreground; null: every value above 0."))]
+    seed: Annotated[NonNegative, Field(description=(
+        "The phantoms and the split, bit for bit; with each model's own seed, its training."))]
     synthetic: SyntheticParams
     preprocessing: PreprocessingParams
     split: SplitParams
@@ -141,147 +177,108 @@ class DataParams(Section):
         super().__post_init__()
 
 
-# shared by the model pipelines ---------------------------------------------------------------
-@dataclass(config=_STRICT)
+# the pieces of a model kind's section --------------------------------------------------------
+@dataclass(config=STRICT)
 class TrainingParams(Section):
-    optimizer: Literal["adam", "adamw", "sgd", "rmsprop"]
-    learning_rate: Annotated[float, Field(gt=0.0, le=10.0)]
-    loss: Literal["bce", "dice", "bce+dice", "ce", "ce+dice"]
-    epochs: Positive | Auto
-    batch_size: Positive | Auto
-    steps_per_epoch: Positive | Auto
-    validation_steps: Positive | Auto
-    augment: bool
-    early_stopping_patience: NonNegative
-    deterministic: Determinism
-    flip_axes: list[Annotated[int, Field(ge=0, le=2)]]
-    precision: Literal["auto", "float32", "mixed_bfloat16", "mixed_float16"]
-    distribute: Literal["none", "mirrored"]  # medseg.models.distribute; batch_size stays per replica
+    """How a model is trained (`medseg.models.training`); `auto` values are planned from the
+    data and the budgets (`params:planning`) and recorded in the model's `plan.json`."""
+
+    optimizer: Annotated[Literal["adam", "adamw", "sgd", "rmsprop"], Field(description="The Keras optimizer.")]
+    learning_rate: Annotated[float, Field(gt=0.0, le=10.0, description="The optimizer's learning rate.")]
+    loss: Annotated[Literal["bce", "dice", "bce+dice", "ce", "ce+dice"], Field(description=(
+        "`bce`, `dice` or `bce+dice`; with several classes the cross-entropy is categorical (`ce` and `ce+dice` "
+        "say so). A patch classifier always uses BCE."))]
+    epochs: Annotated[Positive | Auto, Field(description=(
+        "At most this many epochs (early stopping may end sooner); `auto`: as many as fill the model's "
+        "`planning.budget_minutes`, at the speed timed on this machine."))]
+    batch_size: Annotated[Positive | Auto, Field(description=(
+        "Samples (slices or patches) per step, per replica; `auto`: as many as `planning.memory_gb` allows, at most 16."))]
+    steps_per_epoch: Annotated[Positive | Auto, Field(description="Training steps per epoch; `auto`: from the time budget.")]
+    validation_steps: Annotated[Positive | Auto, Field(description=(
+        "Batches of validation samples per epoch; `auto`: a quarter of the training steps."))]
+    augment: Annotated[bool, Field(description="Augment the training samples (flips along `flip_axes`, intensity jitter).")]
+    early_stopping_patience: Annotated[NonNegative, Field(description=(
+        "Epochs without a lower validation loss before training stops; the best weights are kept."))]
+    deterministic: Annotated[Determinism, Field(description=(
+        "TensorFlow op determinism: `auto` (on without a GPU), `true` or `false`."))]
+    flip_axes: Annotated[list[Axis], Field(description=(
+        "RAS axes that augmentation flips; left-right (0) is never flipped when a class is lateralized."))]
+    precision: Annotated[Literal["auto", "float32", "mixed_bfloat16", "mixed_float16"], Field(description=(
+        "The Keras dtype policy. `auto` measures: where the hardware has bfloat16 units, the planner times float32 "
+        "and `mixed_bfloat16` on the planned model and batch and checks the Dice of a short training; for training "
+        "and for inference apart it keeps the fastest policy that is at least 5 % faster than float32 and within "
+        "0.01 Dice of it, else float32. `plan.json` records the measurements and the reason."))]
+    distribute: Annotated[Literal["none", "mirrored"], Field(description=(
+        "`none` (one device) or `mirrored`: `tf.distribute.MirroredStrategy`, one replica per visible GPU (per "
+        "logical CPU device without one); `batch_size` stays per replica and `learning_rate` is not scaled."))]
 
 
-@dataclass(config=_STRICT)
-class ReportingParams(Section):
-    n_overlay_cases: Positive
-
-
-# unet ----------------------------------------------------------------------------------------
-@dataclass(config=_STRICT)
-class UnetModelParams(Section):
-    input_size: Annotated[int, Field(ge=8)] | Auto
-    base_filters: Positive
-    depth: Annotated[int, Field(ge=1, le=6)]
-
-    def __post_init__(self) -> None:
-        if self.input_size != "auto" and self.input_size % 2**self.depth:
-            raise ValueError(
-                f"input_size={self.input_size} is not divisible by 2**depth={2**self.depth}: "
-                "the skip connections would not line up"
-            )
-        super().__post_init__()
-
-
-@dataclass(config=_STRICT)
+@dataclass(config=STRICT)
 class SliceSamplingParams(Section):
-    foreground_fraction: Fraction
-    samples_per_volume: Positive
-    queue_length: Positive
+    """How 2D training slices are drawn (`medseg.patching.sampling`)."""
+
+    foreground_fraction: Annotated[Fraction, Field(description=(
+        "Share of the slices drawn through a foreground voxel (nnU-Net's 0.33)."))]
+    samples_per_volume: Annotated[Positive, Field(description="Slices drawn from a case each time it is loaded.")]
+    queue_length: Annotated[Positive, Field(description="Slices held in memory for shuffling.")]
 
 
-Axis = Annotated[int, Field(ge=0, le=2)]
-
-
-@dataclass(config=_STRICT)
-class ExportParams(Section):
-    registered_model_name: str | None
-
-
-@dataclass(config=_STRICT)
-class UnetInferenceParams(Section):
-    threshold: Probability
-    mirror_axes: list[Axis]
-    keep_largest_component: bool
-
-
-@dataclass(config=_STRICT)
-class UnetParams(Section):
-    seed: NonNegative
-    model: UnetModelParams
-    sampling: SliceSamplingParams
-    training: TrainingParams
-    inference: UnetInferenceParams
-    reporting: ReportingParams
-    export: ExportParams
-
-
-# conv3d --------------------------------------------------------------------------------------
-@dataclass(config=_STRICT)
-class Conv3dModelParams(Section):
-    kind: Literal["unet3d", "patch_classifier"]
-    base_filters: Positive
-    depth: Annotated[int, Field(ge=1, le=5)] | Auto
-    configuration: Literal["fullres", "lowres", "cascade", "auto"] = "auto"
-
-
-@dataclass(config=_STRICT)
+@dataclass(config=STRICT)
 class PatchSamplingParams(Section):
-    patch_size: tuple[Positive, Positive, Positive] | Auto
-    foreground_fraction: Fraction
-    samples_per_volume: Positive
-    queue_length: Positive
+    """How 3D training patches are drawn (`medseg.patching.sampling`)."""
+
+    patch_size: Annotated[tuple[Positive, Positive, Positive] | Auto, Field(description=(
+        "Voxels (x, y, z) of a patch, divisible by 2**depth along each pooled axis; `auto`: planned "
+        "(`planning.patch_voxels`, shaped by the spacing, with per-axis poolings)."))]
+    foreground_fraction: Annotated[Fraction, Field(description="Share of the patches centred on a foreground voxel.")]
+    samples_per_volume: Annotated[Positive, Field(description="Patches cut from a case each time it is loaded.")]
+    queue_length: Annotated[Positive, Field(description="Patches held in memory for shuffling.")]
 
 
-@dataclass(config=_STRICT)
-class Conv3dInferenceParams(Section):
-    overlap: Annotated[float, Field(ge=0.0, lt=1.0)]
-    sigma_scale: Annotated[float, Field(gt=0.0)]
-    threshold: Probability
-    mirror_axes: list[Axis]
-    keep_largest_component: bool
+@dataclass(config=STRICT)
+class InferenceParams(Section):
+    """How the segmenter turns the network's probabilities into a mask (`medseg.inference`)."""
+
+    threshold: Annotated[Probability, Field(description="Probability at or above which a voxel is foreground.")]
+    mirror_axes: Annotated[list[Axis], Field(description=(
+        "Test-time mirroring: predictions averaged over flips along these RAS axes (nnU-Net: `[0, 1, 2]`); "
+        "left-right is dropped for lateralized classes; `[]`: off."))]
+    keep_largest_component: Annotated[bool, Field(description="Keep only the largest connected region of each class.")]
 
 
-@dataclass(config=_STRICT)
-class PatchEvaluationParams(Section):
-    patches_per_case: Positive
+@dataclass(config=STRICT)
+class ReportingParams(Section):
+    """What the model's report draws (`medseg.evaluation.reports`)."""
+
+    n_overlay_cases: Annotated[Positive, Field(description="Test cases drawn in `overlays.png`.")]
 
 
-@dataclass(config=_STRICT)
-class Conv3dParams(Section):
-    seed: NonNegative
-    model: Conv3dModelParams
-    sampling: PatchSamplingParams
-    training: TrainingParams
-    inference: Conv3dInferenceParams
-    evaluation: PatchEvaluationParams
-    reporting: ReportingParams
-    export: ExportParams
+@dataclass(config=STRICT)
+class ExportParams(Section):
+    """How the trained segmenter is published in MLflow."""
+
+    registered_model_name: Annotated[str | None, Field(description=(
+        "Also register the `<model>_segmenter` pyfunc model in the MLflow model registry under this name; null: not registered."))]
 
 
 # planning ------------------------------------------------------------------------------------
-@dataclass(config=_STRICT)
-class BudgetParams(Section):
-    unet: Annotated[float, Field(gt=0.0)]
-    conv3d: Annotated[float, Field(gt=0.0)]
-
-
-@dataclass(config=_STRICT)
+@dataclass(config=STRICT)
 class PlanningParams(Section):
-    """Budgets that are turned into sizes, shared by both models.
+    """`params:planning`: the budgets that the planner turns into sizes, batches and steps, for
+    every model kind (`medseg.kinds.sizes`, `medseg.kinds.plans`)."""
 
-    memory_gb: GiB of activations that one training step may take (the planned training
-        batch, `medseg.kinds.sizes.training_batch`); for inference, the predicting process's
-        peak: the whole slices (unet) or windows (conv3d) per batch get what is left after
-        the runtime and the scan's arrays (`medseg.patching.sliding_window.activation_budget_gb`).
-    patch_voxels: the voxels a planned 3D patch holds (its shape follows the spacing).
-    budget_minutes: training minutes per model that `auto` epochs and steps fill, timed on
-        the machine that runs (`medseg.pipelines.modeling.plan_training_steps`).
-    retime: re-time the first epoch of planned epochs and stop within 10 % over the budget
-        when the steps run slower than timed (`medseg.models.training.TrainingBudget`).
-    """
-
-    memory_gb: Annotated[float, Field(gt=0.0, le=1024.0)]
-    patch_voxels: Annotated[int, Field(ge=64)]
-    budget_minutes: BudgetParams
-    retime: bool = True
+    memory_gb: Annotated[float, Field(gt=0.0, le=1024.0, description=(
+        "GiB of activations that one training step may take (the planned batch); for inference, the predicting "
+        "process's peak: each batch of whole slices or windows gets what is left after the runtime and the scan's arrays "
+        "(`medseg.patching.sliding_window.activation_budget_gb`)."))]
+    patch_voxels: Annotated[int, Field(ge=64, description=(
+        "Voxels that a planned 3D patch holds; its shape follows the spacing."))]
+    budget_minutes: Annotated[dict[str, Annotated[float, Field(gt=0.0)]], Field(description=(
+        "Training minutes per model kind (`planning.budget_minutes.<model>`) that `auto` epochs and steps fill, at the "
+        "speed timed on this machine; a kind that is not listed gets its own default (`ModelKind.budget_minutes`)."))]
+    retime: Annotated[bool, Field(description=(
+        "Re-time planned epochs by the first epoch and stop after the epochs that fit the budget plus 10 % when the "
+        "steps run slower than timed; `false` keeps the planned epochs (bit-identical reruns under load)."))] = True
 
 
 # compute -------------------------------------------------------------------------------------
@@ -306,15 +303,14 @@ def check_scheduler(spec: str) -> str:
 
 
 
-@dataclass(config=_STRICT)
+@dataclass(config=STRICT)
 class ComputeParams(Section):
-    """Where per-case work runs (`medseg.runs.compute`).
+    """`params:compute`: where per-case work runs (`medseg.runs.compute`)."""
 
-    scheduler: `sync` (this process), `local:N` (a Dask LocalCluster of N worker processes)
-        or the address of a running Dask scheduler (`tcp://host:8786`).
-    """
-
-    scheduler: str
+    scheduler: Annotated[str, Field(description=(
+        "Where per-case work (validation, canonicalization, preprocessing, writing predicted masks) runs: `sync` (this "
+        "process), `local:N` (a Dask LocalCluster of N worker processes, started and stopped by the run) or the "
+        "address of a running Dask scheduler (`tcp://host:8786`)."))]
 
     def __post_init__(self) -> None:
         check_scheduler(self.scheduler)
@@ -322,18 +318,17 @@ class ComputeParams(Section):
 
 
 # cv ------------------------------------------------------------------------------------------
-@dataclass(config=_STRICT)
+@dataclass(config=STRICT)
 class CvParams(Section):
-    """Cross-validation and the choice of the best configuration (`medseg.pipelines.crossval`,
-    `medseg.pipelines.selection`).
+    """`params:cv`: cross-validation and the choice of the best configuration
+    (`medseg.pipelines.crossval`, `medseg.pipelines.selection`)."""
 
-    folds: K folds over the training and validation cases (0: the single split only).
-    registered_model_name: the MLflow registry name of the selection's champion; None names
-        it `medseg-<dataset>` (the name in the dataset's `dataset.json`).
-    """
-
-    folds: NonNegative
-    registered_model_name: str | None
+    folds: Annotated[NonNegative, Field(description=(
+        "K >= 2 folds over the training and validation cases (`data/03_primary/folds.json`, kept across runs): each "
+        "fold trains the model on the others and predicts its own cases; 0: the single split only."))]
+    registered_model_name: Annotated[str | None, Field(description=(
+        "The registry name that `select` registers its champion under; null: `medseg-<dataset>` (the name in "
+        "`dataset.json`)."))]
 
     def __post_init__(self) -> None:
         if self.folds == 1:
@@ -342,29 +337,27 @@ class CvParams(Section):
 
 
 # predict -------------------------------------------------------------------------------------
-@dataclass(config=_STRICT)
+@dataclass(config=STRICT)
 class PredictParams(Section):
-    """`kedro run --pipeline predict`: which model, which scans, where the masks go.
+    """`params:predict`: `kedro run --pipeline predict`: which model, which scans, where the masks go."""
 
-    model: `unet` or `conv3d` (this project's last trained model), `champion` or an MLflow
-        model URI.
-    mirror_axes, keep_largest_component: None keeps the model's own postprocessing.
-    series_uid: the SeriesInstanceUID to segment in DICOM inputs that hold several series;
-        None refuses such an input, listing its series.
-    """
+    model: Annotated[str, Field(description=(
+        "A model kind's name (this project's last trained model of that kind, e.g. `unet`), `champion` (the "
+        "selection's champion), or an MLflow model URI (`runs:/<run_id>/unet_segmenter`, `models:/<name>/<version>`)."))]
+    input_dir: Annotated[str | None, Field(description=(
+        "The scans to segment: NIfTI files (`<case>_0000.nii.gz` or `<case>.nii.gz`) or DICOM series; never written to."))]
+    output_dir: Annotated[str | None, Field(description=(
+        "Where the `<case>.nii.gz` masks (and DICOM SEGs for DICOM inputs) and `predictions.csv` go; not inside `input_dir`."))]
+    mirror_axes: Annotated[list[Axis] | None, Field(description=(
+        "Test-time mirroring axes; null: the model's own `inference.mirror_axes`."))]
+    keep_largest_component: Annotated[bool | None, Field(description="null: the model's own `inference.keep_largest_component`.")]
+    series_uid: Annotated[str | None, Field(description=(
+        "The SeriesInstanceUID to segment where a DICOM input holds several series; null refuses such an input, listing them."))] = None
 
-    model: str
-    input_dir: str | None
-    output_dir: str | None
-    mirror_axes: list[Axis] | None
-    keep_largest_component: bool | None
-    series_uid: str | None = None
 
-
-ROOTS: dict[str, type[Section]] = {
+# The sections every project has; each model kind adds its own (`medseg.kinds.parameter_roots`).
+SHARED_ROOTS: dict[str, type[Section]] = {
     "data": DataParams,
-    "unet": UnetParams,
-    "conv3d": Conv3dParams,
     "planning": PlanningParams,
     "predict": PredictParams,
     "compute": ComputeParams,

@@ -136,8 +136,8 @@ def test_a_bfloat16_unet_computes_in_bfloat16_and_outputs_float32():
 @pytest.mark.parametrize("cpu, gpu", [(True, False), (False, False), (False, True)])
 @pytest.mark.parametrize("kind, model_key, section", [
     ("unet", "unet", {"model": {}}),
-    ("unet3d", "conv3d", {"model": {"kind": "unet3d"}}),
-    ("patch_classifier", "conv3d", {"model": {"kind": "patch_classifier"}}),
+    ("unet3d", "conv3d", {"model": {"network": "unet3d"}}),
+    ("patch_classifier", "conv3d", {"model": {"network": "patch_classifier"}}),
 ])
 def test_the_plan_decides_the_precision_once_by_measurement(cpu, gpu, kind, model_key, section):
     """Both answers of the probe on every machine, with the measurement's figures given: the

@@ -1,108 +1,67 @@
-"""A model is one place: a third model kind, defined in this file only, with no change under
-`src/`, runs end to end through the model pipeline template and `predict`.
+"""A model is one place: a fourth model kind, laid out as a user would add it (one module under
+the kinds' package and its `parameters_<name>.yml`, in `user_kind/`), with no change under
+`src/` or `conf/base/`, runs end to end through the model pipeline template and `predict`.
 
-The kind is a deliberately small 2D network (two convolutions, no pooling) over whole axial
-slices. It gets its own namespace (`toy.plan`, `toy.model`, ...), which the catalog's dataset
-factories place, a named and tracked MLflow run, a segmenter, masks in each case's source
-geometry, reports, and a `predict.model: toy` that the predict pipeline finds.
+The kind (`user_kind/src/medseg/kinds/toy.py`) is a deliberately small 2D network (two
+convolutions, no pooling) over whole axial slices, with a typed schema and `epochs: auto`
+(filled from its own default budget: `planning.budget_minutes` does not name it). It gets its
+own namespace (`toy.plan`, `toy.model`, ...), which the catalog's dataset factories place, a
+named and tracked MLflow run, a segmenter, masks in each case's source geometry, reports, and a
+`predict.model: toy` that the predict pipeline finds.
 """
 
 from __future__ import annotations
 
 import json
-from functools import partial
+import re
+import shutil
+import sys
 from pathlib import Path
 
-import keras
 import numpy as np
 import pytest
-from conftest import TINY_DATA_PARAMS, mlflow_runs, run_pipeline
+from conftest import REPO_ROOT, TINY_DATA_PARAMS, mlflow_runs, run_pipeline
 
 from medseg.imaging.io import read_volume
-from medseg.kinds import ModelKind
-from medseg.kinds.plans import apply_plan, plan_model
-from medseg.kinds.streams import sampled_dataset
-from medseg.models import compile_segmentation_model
-from medseg.patching import slice_stream
-from medseg.kinds.sizes import median_shape
 
-
-def plan_toy(case_geometry: dict, dataset_fingerprint: dict, toy: dict, planning: dict, timings: dict):
-    """The training slice: the median slice's larger in-plane side, at most 32 voxels."""
-    size = int(min(32, max(median_shape(case_geometry)[:2])))
-    settings, plan = apply_plan("toy", toy, {"model.input_size": size}, {"median_shape": median_shape(case_geometry)})
-    return plan_model(TOY, settings, plan, dataset_fingerprint, planning, timings)
-
-
-def build_toy(settings: dict, n_classes: int) -> keras.Model:
-    size = int(settings["model"]["input_size"])
-    inputs = keras.Input((size, size, 1))
-    hidden = keras.layers.Conv2D(int(settings["model"]["filters"]), 3, padding="same", activation="relu")(inputs)
-    outputs = keras.layers.Conv2D(1, 1, activation="sigmoid", dtype="float32")(hidden)
-    training = settings["training"]
-    return compile_segmentation_model(
-        keras.Model(inputs, outputs), optimizer=training["optimizer"], learning_rate=float(training["learning_rate"]),
-        loss=training["loss"],
-    )
-
-
-def toy_samples(settings: dict, load_case):
-    size = int(settings["model"]["input_size"])
-    return partial(sampled_dataset, slice_stream, load_case, (size, size), (size, size, 1), settings["sampling"])
-
-
-def toy_network_for_slices(model: keras.Model, settings: dict) -> keras.Model:
-    inputs = keras.Input((None, None, 1))
-    outputs = inputs
-    for layer in model.layers[1:]:
-        outputs = layer(outputs)
-    return keras.Model(inputs, outputs)
-
-
-TOY = ModelKind(
-    name="toy",
-    plan=plan_toy,
-    build=build_toy,
-    sample_stream=toy_samples,
-    segmenter_window=lambda settings: {"window": "slice", "depth": 0, "patch_size": None, "overlap": 0.0,
-                                       "sigma_scale": 0.125, "features_per_voxel": 8.0},
-    network=lambda settings: "toy",
-    display_name=lambda settings: "Toy",
-    training_samples="sampled 2D slices",
-    segmenter_network=toy_network_for_slices,
-)
-
-TOY_PARAMS = {
-    "seed": 3,
-    "model": {"input_size": "auto", "filters": 4},
-    "sampling": {"foreground_fraction": 0.5, "samples_per_volume": 4, "queue_length": 16},
-    "training": {
-        "optimizer": "adam", "learning_rate": 0.01, "loss": "bce+dice", "epochs": 1, "batch_size": 4,
-        "steps_per_epoch": 2, "validation_steps": 1, "augment": False, "early_stopping_patience": 2,
-        "deterministic": True, "flip_axes": [0, 1, 2], "precision": "float32", "distribute": "none",
-    },
-    "inference": {"threshold": 0.5, "mirror_axes": [], "keep_largest_component": False},
-    "reporting": {"n_overlay_cases": 1},
-    "export": {"registered_model_name": None},
-}
+USER_KIND = Path(__file__).parent / "user_kind"
 
 
 @pytest.fixture
 def toy_kind(monkeypatch):
+    """The user's folder on `medseg.kinds`' package path, as if `toy.py` were in `src/medseg/kinds/`."""
     import medseg.kinds as kinds
 
-    kinds.model_kinds()  # the built-in kinds first, as a project run finds them
-    monkeypatch.setitem(kinds._REGISTRY, "toy", TOY)
-    return TOY
+    kinds.model_kinds()  # the built-in kinds registered first, so that the registry restored after the test holds them
+    monkeypatch.setattr(kinds, "__path__", [*kinds.__path__, str(USER_KIND / "src" / "medseg" / "kinds")])
+    monkeypatch.setattr(kinds, "_REGISTRY", dict(kinds._REGISTRY))
+    yield kinds.model_kinds()["toy"]
+    sys.modules.pop("medseg.kinds.toy", None)
 
 
-def _toy_params() -> dict:
-    return {**TINY_DATA_PARAMS, **{f"toy.{key}": value for key, value in TOY_PARAMS.items()}}
+def test_nothing_in_the_project_names_the_user_kind():
+    named = [
+        str(path.relative_to(REPO_ROOT))
+        for folder in (REPO_ROOT / "src", REPO_ROOT / "conf" / "base")
+        for path in folder.rglob("*")
+        if path.is_file() and path.suffix in (".py", ".yml", ".yaml", ".json", ".md")
+        and re.search(r"\btoy\b", path.read_text(errors="replace"), re.I)
+    ]
+    assert named == []
 
 
-def test_a_model_kind_defined_in_a_test_runs_end_to_end(toy_kind, prepared_project: Path, tmp_path: Path):
+def test_the_user_kind_is_found_with_its_schema_and_budget(toy_kind):
+    from medseg.kinds import model_kinds, parameter_roots
+
+    assert list(model_kinds())[:2] == ["unet", "conv3d"] and "toy" in model_kinds()
+    assert parameter_roots()["toy"].__name__ == "ToyParams"
+    assert toy_kind.budget_minutes == 0.05 and toy_kind.defaults_file == "parameters_toy.yml"
+
+
+def test_a_model_kind_added_as_a_user_would_runs_end_to_end(toy_kind, prepared_project: Path, tmp_path: Path):
     project = prepared_project
-    run_pipeline(project, "toy", _toy_params())
+    shutil.copy(USER_KIND / "conf" / "base" / "parameters_toy.yml", project / "conf" / "base")
+    run_pipeline(project, "toy", TINY_DATA_PARAMS)
 
     _, runs = mlflow_runs(project)
     run = runs[0]
@@ -118,6 +77,8 @@ def test_a_model_kind_defined_in_a_test_runs_end_to_end(toy_kind, prepared_proje
     plan = json.loads((data / "05_model_input/toy/plan.json").read_text())
     assert plan["model"] == "toy" and plan["used"]["model.input_size"] == 32
     assert plan["precision"] == {"given": "float32", "used": "float32", "inference": "float32"}
+    # `epochs: auto` filled the kind's own budget (0.05 minutes), timed on this machine.
+    assert plan["calibration"]["budget_minutes"] == 0.05 and plan["used"]["training.epochs"] >= 1
     segmenter = json.loads((data / "06_models/toy/segmenter/segmenter.json").read_text())
     assert segmenter["display_name"] == "Toy" and segmenter["model_key"] == "toy"
 

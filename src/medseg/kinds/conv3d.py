@@ -1,8 +1,8 @@
 """The 3D model, trained on patches and run by Gaussian-weighted sliding windows.
 
-Two networks (`conv3d.model.kind`):
+Two networks (`conv3d.model.network`):
 - `unet3d`: a 3D U-Net; whole volumes are segmented by sliding windows.
-- `patch_classifier`: the original course block, which says whether a patch holds foreground.
+- `patch_classifier`: a small Conv3D block that says whether a patch holds foreground.
   Its sliding-window output is a coarse detection map (each window's probability spread over
   the window), so it is evaluated by the same code, honestly, as a localiser.
 Both are also scored on test-case patches as detectors (accuracy, ROC-AUC, F1).
@@ -13,12 +13,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import keras
 import numpy as np
 import pandas as pd
 from kedro.pipeline import Node
+from pydantic import Field
+from pydantic.dataclasses import dataclass
 
 from medseg.errors import ConfigurationError
 from medseg.evaluation import classification_metrics
@@ -29,7 +31,19 @@ from medseg.imaging.geometry import PreprocessingPlan
 from medseg.kinds.plans import ModelPlan, apply_plan, plan_model
 from medseg.kinds.streams import sampled_dataset
 from medseg.models import build_patch_classifier, build_unet3d, compile_patch_classifier, compile_segmentation_model
-from medseg.parameters import Conv3dParams, PlanningParams
+from medseg.parameters import (
+    STRICT,
+    Auto,
+    ExportParams,
+    InferenceParams,
+    NonNegative,
+    PatchSamplingParams,
+    PlanningParams,
+    Positive,
+    ReportingParams,
+    Section,
+    TrainingParams,
+)
 from medseg.patching import extract_patch, patch_stream, sample_patch_centers
 from medseg.patching.sliding_window import activation_budget_gb, unet_features_per_voxel, windows_per_batch
 from medseg.kinds.sizes import median_shape, plan_context, plan_patches
@@ -40,12 +54,61 @@ logger = logging.getLogger(__name__)
 NETWORKS = {"unet3d": "UNet3D", "patch_classifier": "Conv3DClassifier"}
 
 
+@dataclass(config=STRICT)
+class Conv3dModelParams(Section):
+    """The 3D network (`medseg.models.conv3d`) and the grid it works on."""
+
+    network: Annotated[Literal["unet3d", "patch_classifier"], Field(description=(
+        "`unet3d` (a 3D U-Net that segments whole volumes by sliding windows) or `patch_classifier` (a small Conv3D "
+        "block that says whether a patch holds foreground; its sliding-window output is a coarse detection map)."))]
+    base_filters: Annotated[Positive, Field(description="unet3d: filters of the first stage, doubled at each pooling.")]
+    depth: Annotated[Annotated[int, Field(ge=1, le=5)] | Auto, Field(description=(
+        "Pooling stages; `auto`: planned with the patch, or as deep as an explicit patch divides."))]
+    configuration: Annotated[Literal["fullres", "lowres", "cascade", "auto"], Field(description=(
+        "`fullres`: the training grid; `lowres`: a coarser spacing at which a patch of `planning.patch_voxels` sees 2.5 "
+        "times the largest structure (nnU-Net's `3d_lowres`), the cases preprocessed again at it; `cascade`: two "
+        "low-resolution folds whose probabilities the full-resolution network takes after the image (nnU-Net's "
+        "`3d_cascade_fullres`); `auto`: `fullres` when its patch covers that, else `lowres` where a class keeps to one "
+        "side of the body, else `fullres`. `plan.json`'s `context` says why."))] = "auto"
+
+
+@dataclass(config=STRICT)
+class Conv3dInferenceParams(InferenceParams):
+    """Sliding-window inference (`medseg.patching.sliding_window`) and its postprocessing."""
+
+    overlap: Annotated[float, Field(ge=0.0, lt=1.0, description="Fraction of a window shared with its neighbour.")]
+    sigma_scale: Annotated[float, Field(gt=0.0, description=(
+        "Sigma of the Gaussian importance map, as a fraction of the window."))]
+
+
+@dataclass(config=STRICT)
+class PatchEvaluationParams(Section):
+    """The 3D model scored as a detector on test-case patches (accuracy, ROC-AUC, F1)."""
+
+    patches_per_case: Annotated[Positive, Field(description="Test-case patches scored per case.")]
+
+
+@dataclass(config=STRICT)
+class Conv3dParams(Section):
+    """`params:conv3d`: the 3D model, trained on patches and run by sliding windows
+    (`kedro run --pipeline conv3d`)."""
+
+    seed: Annotated[NonNegative, Field(description="With `data.seed`: the weights, the sampling and the augmentation.")]
+    model: Conv3dModelParams
+    sampling: PatchSamplingParams
+    training: TrainingParams
+    inference: Conv3dInferenceParams
+    evaluation: PatchEvaluationParams
+    reporting: ReportingParams
+    export: ExportParams
+
+
 def network(settings: Mapping[str, Any]) -> str:
-    """`conv3d.model.kind`, checked."""
-    kind = settings["model"]["kind"]
-    if kind not in NETWORKS:
-        raise ConfigurationError(f"conv3d.model.kind='{kind}' is not one of {list(NETWORKS)}.")
-    return kind
+    """`conv3d.model.network`, checked."""
+    name = settings["model"]["network"]
+    if name not in NETWORKS:
+        raise ConfigurationError(f"conv3d.model.network='{name}' is not one of {list(NETWORKS)}.")
+    return name
 
 
 def _patch_shape(settings: Mapping[str, Any]) -> tuple[int, int, int]:
@@ -159,7 +222,7 @@ CASCADE_STAGE_SHARE = 0.25
 def _budget_share(planning: Mapping[str, Any], share: float) -> dict[str, Any]:
     """`planning` with `share` of conv3d's training budget."""
     budget = dict(planning["budget_minutes"])
-    budget["conv3d"] = float(budget["conv3d"]) * share
+    budget["conv3d"] = float(budget.get("conv3d", CONV3D.budget_minutes)) * share
     return {**planning, "budget_minutes": budget}
 
 
@@ -296,17 +359,20 @@ def _patch_detection_nodes() -> list[Node]:
 
 CONV3D = register_model_kind(ModelKind(
     name="conv3d",
+    params=Conv3dParams,
     plan=plan_conv3d,
     build=build_conv3d,
     sample_stream=patch_samples,
     segmenter_window=patch_window,
     network=network,
-    display_name=lambda settings: NETWORKS.get(settings["model"]["kind"], str(settings["model"]["kind"])),
+    display_name=lambda settings: NETWORKS.get(settings["model"]["network"], str(settings["model"]["network"])),
     training_samples="sampled 3D patches",
     class_count=lambda settings, fingerprint: (
         1 if network(settings) == "patch_classifier" else foreground_class_count(settings, fingerprint)
     ),
-    loss_name=lambda settings: "bce" if settings["model"]["kind"] == "patch_classifier" else str(settings["training"]["loss"]),
+    loss_name=lambda settings: "bce" if settings["model"]["network"] == "patch_classifier" else str(settings["training"]["loss"]),
     extra_nodes=_patch_detection_nodes,
     plans_grid=True,
+    budget_minutes=3.75,
+    order=1,
 ))

@@ -202,9 +202,11 @@ def plan_training_steps(
     build_model: Callable[[], Any],
     planning: Mapping[str, Any],
     timings: dict[str, Any] | None,
+    default_budget_minutes: float,
 ) -> tuple[dict, ModelPlan, dict]:
-    """Epochs and steps from the model's time budget (`planning.budget_minutes.<model>`), for
-    the `training.epochs`, `steps_per_epoch` and `validation_steps` set to `auto`.
+    """Epochs and steps from the model's time budget (`planning.budget_minutes.<model>`, else
+    `default_budget_minutes`, the kind's own), for the `training.epochs`, `steps_per_epoch` and
+    `validation_steps` set to `auto`.
 
     A few training steps of the planned model are timed on this machine
     (`seconds_per_training_step`), as training will run them: in the planned precision, built
@@ -240,7 +242,7 @@ def plan_training_steps(
         seconds = seconds_per_training_step(model, global_batch_size(training["batch_size"], strategy.num_replicas_in_sync))
         del model
         timings[key] = {"seconds_per_step": seconds, "machine": machine, "precision": precision, **distributed}
-    budget = float(planning["budget_minutes"][model_key])
+    budget = float(planning["budget_minutes"].get(model_key, default_budget_minutes))
     steps = plan_steps(seconds * INPUT_PIPELINE_OVERHEAD, budget)
     logger.info(
         "%s: %.3f s per training step (%s); %d epochs of %d steps fill %g minutes.", model_key, seconds,
@@ -274,6 +276,6 @@ def plan_model(
     n_classes = kind.class_count(settings, dataset_fingerprint)
     settings, plan, timings = plan_precision(kind.name, settings, plan, lambda: kind.build(settings, n_classes), timings)
     settings, plan, timings = plan_training_steps(
-        kind.name, settings, plan, lambda: kind.build(settings, n_classes), planning, timings
+        kind.name, settings, plan, lambda: kind.build(settings, n_classes), planning, timings, kind.budget_minutes
     )
     return plan, settings, timings

@@ -1,11 +1,13 @@
-"""The 2D U-Net (the course's model): trained on axial slices, run over whole slices."""
+"""The 2D U-Net: trained on axial slices, run over whole slices."""
 
 from __future__ import annotations
 
 from functools import partial
-from typing import Any
+from typing import Annotated, Any
 
 import keras
+from pydantic import Field
+from pydantic.dataclasses import dataclass
 
 from medseg.kinds import ModelKind, register_model_kind
 from medseg.imaging.geometry import PreprocessingPlan
@@ -13,10 +15,55 @@ from medseg.kinds.plans import ModelPlan, apply_plan, plan_model
 from medseg.kinds.streams import sampled_dataset
 from medseg.models import build_unet2d, compile_segmentation_model
 from medseg.models.unet import with_input_shape
-from medseg.parameters import PlanningParams, UnetParams
+from medseg.parameters import (
+    STRICT,
+    Auto,
+    ExportParams,
+    InferenceParams,
+    NonNegative,
+    PlanningParams,
+    Positive,
+    ReportingParams,
+    Section,
+    SliceSamplingParams,
+    TrainingParams,
+)
 from medseg.patching import slice_stream
 from medseg.patching.sliding_window import unet_features_per_voxel
 from medseg.kinds.sizes import median_shape, plan_slices
+
+
+@dataclass(config=STRICT)
+class UnetModelParams(Section):
+    """The 2D U-Net's network (`medseg.models.unet2d`): Conv2D, BatchNorm, ReLU twice per stage."""
+
+    input_size: Annotated[Annotated[int, Field(ge=8)] | Auto, Field(description=(
+        "Training slice size in voxels, divisible by 2**depth (inference runs whole slices); `auto`: 2.5 times the "
+        "largest structure, up to the whole median slice, as large as `planning.memory_gb` allows."))]
+    base_filters: Annotated[Positive, Field(description=(
+        "Filters of the first stage, doubled at each pooling (32: 32-64-128 and a 256-filter bottleneck)."))]
+    depth: Annotated[int, Field(ge=1, le=6, description="Pooling stages.")]
+
+    def __post_init__(self) -> None:
+        if self.input_size != "auto" and self.input_size % 2**self.depth:
+            raise ValueError(
+                f"input_size={self.input_size} is not divisible by 2**depth={2**self.depth}: "
+                "the skip connections would not line up"
+            )
+        super().__post_init__()
+
+
+@dataclass(config=STRICT)
+class UnetParams(Section):
+    """`params:unet`: the 2D U-Net, trained on axial slices (`kedro run --pipeline unet`)."""
+
+    seed: Annotated[NonNegative, Field(description="With `data.seed`: the weights, the sampling and the augmentation.")]
+    model: UnetModelParams
+    sampling: SliceSamplingParams
+    training: TrainingParams
+    inference: InferenceParams
+    reporting: ReportingParams
+    export: ExportParams
 
 
 def plan_unet(
@@ -93,6 +140,7 @@ def whole_slices(model: keras.Model, settings: dict[str, Any]) -> keras.Model:
 
 UNET = register_model_kind(ModelKind(
     name="unet",
+    params=UnetParams,
     plan=plan_unet,
     build=build_unet,
     sample_stream=slice_samples,
@@ -101,4 +149,6 @@ UNET = register_model_kind(ModelKind(
     display_name=lambda settings: "UNet",
     training_samples="sampled 2D slices",
     segmenter_network=whole_slices,
+    budget_minutes=2.5,
+    order=0,
 ))

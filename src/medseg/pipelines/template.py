@@ -14,7 +14,9 @@ from typing import Any, Callable
 
 from kedro.pipeline import Node, Pipeline
 
+from medseg.imaging.geometry import PreprocessingPlan
 from medseg.kinds import ModelKind
+from medseg.parameters import PlanningParams
 from medseg.pipelines.evaluation import (
     evaluate_postprocessing,
     evaluate_predictions,
@@ -75,6 +77,21 @@ def _bound(func: Callable, **keywords: Any) -> Callable:
     return update_wrapper(partial(func, **keywords), func)
 
 
+def _typed_plan(kind: ModelKind) -> Callable:
+    """`kind.plan` as a node whose section argument is annotated with `kind.params`, so that
+    Kedro validates `params:<kind>` against the kind's schema before the run starts, whatever
+    the kind's own function is annotated with."""
+
+    def plan(case_geometry: PreprocessingPlan, dataset_fingerprint: dict, section: dict, planning: PlanningParams,
+             timings: dict) -> tuple[Any, dict, dict]:
+        return kind.plan(case_geometry, dataset_fingerprint, section, planning, timings)
+
+    plan.__name__ = plan.__qualname__ = kind.plan.__name__  # kedro-viz shows the kind's function
+    plan.__doc__ = kind.plan.__doc__
+    plan.__annotations__ = {**plan.__annotations__, "section": kind.params}
+    return plan
+
+
 def model_pipeline(kind: ModelKind) -> Pipeline:
     """The model pipeline of `kind`, in namespace `kind.name`.
 
@@ -89,7 +106,7 @@ def model_pipeline(kind: ModelKind) -> Pipeline:
     template = Pipeline(
         [
             Node(
-                kind.plan,
+                _typed_plan(kind),
                 ["case_geometry", "dataset_fingerprint", "params:model", "params:planning", "timings"],
                 ["plan", "settings", "timings_updated"],
                 name=f"plan_{name}",

@@ -37,7 +37,7 @@ from pydantic import ValidationError
 from medseg.runs import compute, credentials
 from medseg.runs.tracking import log_params
 from medseg.errors import ConfigurationError, TrackingError
-from medseg.kinds import model_kinds
+from medseg.kinds import model_kinds, parameter_roots
 from medseg.parameters import ComputeParams, did_you_mean
 from medseg.runs import tracking
 from medseg.runs.lock import ProjectLock
@@ -244,23 +244,28 @@ class MlflowRunHook:
             self._lock = None
 
 
-# The parameter sections medseg reads, besides one per registered model kind.
-SECTIONS = ("data", "compute", "planning", "predict", "cv")
-
-
 def check_sections(params: dict[str, Any]) -> None:
-    """Refuse a parameter section that nothing reads (`--params unnet.training.epochs=2`), before
-    any work: a misspelled section would otherwise be ignored and the run train with defaults.
+    """Refuse a parameter section that nothing reads (`--params unnet.training.epochs=2`), and a
+    training budget for a model kind that does not exist (`planning.budget_minutes.unnet`),
+    before any work: either would otherwise be ignored and the run train with defaults.
 
     Raises:
-        ConfigurationError: naming the section, the closest valid one, and the valid ones.
+        ConfigurationError: naming the section or kind, the closest valid one, and the valid ones.
     """
-    valid = [*SECTIONS, *model_kinds()]
+    valid = list(parameter_roots())
     unknown = [key for key in params if key not in valid]
     if unknown:
         raise ConfigurationError(
             f"unknown parameter section {did_you_mean(unknown, valid)}; nothing reads it, so the run would ignore it. The valid "
             f"sections are {valid}. Fix the name in --params or in conf/*/parameters*.yml."
+        )
+    kinds = list(model_kinds())
+    budgets = (params.get("planning") or {}).get("budget_minutes") or {}
+    unknown = [key for key in budgets if key not in kinds]
+    if unknown:
+        raise ConfigurationError(
+            f"planning.budget_minutes names an unknown model {did_you_mean(unknown, kinds)}; the models are {kinds}. "
+            "Fix the name in --params or in conf/*/parameters_planning.yml."
         )
 
 

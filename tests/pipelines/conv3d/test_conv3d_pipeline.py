@@ -18,7 +18,7 @@ def conv3d_run(request, trained_conv3d, prepared_project):
     3D U-Net (TINY_CONV3D), or a run of the patch classifier in a copy of the prepared data."""
     if request.param == "unet3d":
         return trained_conv3d
-    run_pipeline(prepared_project, "conv3d", {**TINY_CONV3D, "conv3d.model.kind": request.param})
+    run_pipeline(prepared_project, "conv3d", {**TINY_CONV3D, "conv3d.model.network": request.param})
     return prepared_project
 
 

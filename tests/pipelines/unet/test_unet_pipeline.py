@@ -150,7 +150,8 @@ def _run_params(project: Path) -> dict:
 
 def test_metrics_summary_names_its_run_data_and_parameters(unet_run: Path, tmp_path: Path):
     from medseg.models.training import training_fingerprint
-    from medseg.parameters import DataParams, UnetParams
+    from medseg.kinds.unet import UnetParams
+    from medseg.parameters import DataParams
 
     summary = pd.read_json(unet_run / "data" / "08_reporting" / "unet" / "metrics_summary.json", typ="series")
     _, runs = mlflow_runs(unet_run)
