@@ -42,7 +42,9 @@ def _same_network(model: Any, settings: Mapping[str, Any]) -> Any:
 
 
 def _given_loss(settings: Mapping[str, Any]) -> str:
-    return str(settings["training"]["loss"])
+    from medseg.kinds.plans import ModelSettings
+
+    return ModelSettings.of(settings).training.loss
 
 
 @dataclass(frozen=True)

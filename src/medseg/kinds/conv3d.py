@@ -28,7 +28,7 @@ from medseg.imaging.io import Volume
 from medseg.inference import window_predictor
 from medseg.kinds import ModelKind, foreground_class_count, register_model_kind
 from medseg.imaging.geometry import PreprocessingPlan
-from medseg.kinds.plans import ModelPlan, apply_plan, plan_model
+from medseg.kinds.plans import ModelPlan, ModelSettings, apply_plan, plan_model
 from medseg.kinds.streams import sampled_dataset
 from medseg.models import build_patch_classifier, build_unet3d, compile_patch_classifier, compile_segmentation_model
 from medseg.parameters import (
@@ -105,14 +105,10 @@ class Conv3dParams(Section):
 
 def network(settings: Mapping[str, Any]) -> str:
     """`conv3d.model.network`, checked."""
-    name = settings["model"]["network"]
+    name = ModelSettings.of(settings).network
     if name not in NETWORKS:
         raise ConfigurationError(f"conv3d.model.network='{name}' is not one of {list(NETWORKS)}.")
     return name
-
-
-def _patch_shape(settings: Mapping[str, Any]) -> tuple[int, int, int]:
-    return tuple(int(s) for s in settings["sampling"]["patch_size"])
 
 
 def _features_per_voxel(settings: Mapping[str, Any]) -> float:
@@ -120,7 +116,8 @@ def _features_per_voxel(settings: Mapping[str, Any]) -> float:
     if network(settings) == "patch_classifier":
         # Conv3D(16) at full resolution, Conv3D(32) after one pooling: a 16-filter encoder of depth 1.
         return unet_features_per_voxel(16, 1, 3)
-    return unet_features_per_voxel(int(settings["model"]["base_filters"]), int(settings["model"]["depth"]), 3)
+    settings = ModelSettings.of(settings)
+    return unet_features_per_voxel(settings.base_filters, settings.depth, 3)
 
 
 def choose_configuration(given: str, context: Mapping[str, Any], lateralized: Sequence[int]) -> tuple[str, str]:
@@ -251,27 +248,23 @@ def _plan_sizes(
     return settings, plan
 
 
-def build_conv3d(settings: dict[str, Any], n_classes: int = 1) -> keras.Model:
-    """The compiled 3D network of `settings` (input (*patch_size, 1))."""
-    model_params, training = settings["model"], settings["training"]
-    shape = (*_patch_shape(settings), input_channels(settings))
+def build_conv3d(settings: Mapping[str, Any], n_classes: int = 1) -> keras.Model:
+    """The compiled 3D network of `settings` (input (*patch_size, channels)): the image, and in a
+    cascade the low-resolution stage's class probabilities after it."""
+    settings = ModelSettings.of(settings)
+    training = settings.training
+    shape = (*settings.patch_size, settings.input_channels)
     if network(settings) == "patch_classifier":
-        return compile_patch_classifier(build_patch_classifier(shape), training["optimizer"], float(training["learning_rate"]))
+        return compile_patch_classifier(build_patch_classifier(shape), training.optimizer, training.learning_rate)
     return compile_segmentation_model(
         build_unet3d(
-            shape, int(model_params["base_filters"]), int(model_params["depth"]), n_classes=n_classes,
-            pool_sizes=model_params.get("poolings"),  # absent for an explicit patch: every axis pools
+            shape, settings.base_filters, settings.depth, n_classes=n_classes,
+            pool_sizes=settings.poolings,  # None for an explicit patch: every axis pools
         ),
-        optimizer=training["optimizer"],
-        learning_rate=float(training["learning_rate"]),
-        loss=training["loss"],
+        optimizer=training.optimizer,
+        learning_rate=training.learning_rate,
+        loss=training.loss,
     )
-
-
-def input_channels(settings: Mapping[str, Any]) -> int:
-    """The network's input channels: the image, and in a cascade the low-resolution stage's
-    class probabilities after it."""
-    return int(settings["model"].get("input_channels", 1))
 
 
 def _contains_foreground(images, labels):
@@ -281,12 +274,13 @@ def _contains_foreground(images, labels):
     return images, tf.cast(tf.reduce_max(labels, axis=[1, 2, 3, 4]) > 0, tf.float32)[:, None]
 
 
-def patch_samples(settings: dict[str, Any], load_case):
+def patch_samples(settings: Mapping[str, Any], load_case):
     """Random 3D patches through a bounded queue (TorchIO-style), `sampling.foreground_fraction`
     of them centred on foreground; the patch classifier learns whether a patch holds any."""
-    shape = _patch_shape(settings)
-    patches = partial(sampled_dataset, patch_stream, load_case, shape, (*shape, 1), settings["sampling"],
-                      image_channels=input_channels(settings))
+    settings = ModelSettings.of(settings)
+    shape = settings.patch_size
+    patches = partial(sampled_dataset, patch_stream, load_case, shape, (*shape, 1), settings.sampling,
+                      image_channels=settings.input_channels)
     if network(settings) != "patch_classifier":
         return patches
 
@@ -296,11 +290,12 @@ def patch_samples(settings: dict[str, Any], load_case):
     return stream
 
 
-def patch_window(settings: dict[str, Any]) -> dict[str, Any]:
+def patch_window(settings: Mapping[str, Any]) -> dict[str, Any]:
     """Gaussian-weighted sliding windows of the patch size (`inference.overlap`, `sigma_scale`)."""
-    inference = settings["inference"]
-    return {"window": "patch", "depth": 0, "patch_size": _patch_shape(settings), "overlap": float(inference["overlap"]),
-            "sigma_scale": float(inference["sigma_scale"]), "features_per_voxel": _features_per_voxel(settings)}
+    settings = ModelSettings.of(settings)
+    inference = settings.inference
+    return {"window": "patch", "depth": 0, "patch_size": settings.patch_size, "overlap": inference.overlap,
+            "sigma_scale": inference.sigma_scale, "features_per_voxel": _features_per_voxel(settings)}
 
 
 def evaluate_patch_detection(
@@ -323,16 +318,17 @@ def evaluate_patch_detection(
         (result, metrics): accuracy, roc_auc and f1 (at 0.5), and the number of patches and of
         positive ones; the same as `test_patch_<metric>` for the MLflow run.
     """
-    shape = _patch_shape(settings)
+    settings = ModelSettings.of(settings)
+    shape = settings.patch_size
     n_per_case = int(settings["evaluation"]["patches_per_case"])
     batch = windows_per_batch(shape, _features_per_voxel(settings), activation_budget_gb(float(planning["memory_gb"])), n_per_case)
     predict = window_predictor(model)
-    rng = np.random.default_rng(int(settings["seed"]) + 2)
+    rng = np.random.default_rng(settings.seed + 2)
     truths, scores = [], []
     for case_id in cases_in_split(splits, "test"):
         image, label = primary_images[case_id]().data, primary_labels[case_id]().data
         channels = [image, *np.moveaxis(np.asarray(context[case_id], np.float32), -1, 0)] if context else [image]
-        centers = sample_patch_centers(label, n_per_case, shape, float(settings["sampling"]["foreground_fraction"]), rng, case_id=case_id)
+        centers = sample_patch_centers(label, n_per_case, shape, settings.sampling.foreground_fraction, rng, case_id=case_id)
         truths.extend(bool(extract_patch(label, c, shape).any()) for c in centers)
         for first in range(0, len(centers), batch):
             patches = np.stack([np.stack([extract_patch(channel, c, shape) for channel in channels], axis=-1)
@@ -365,12 +361,12 @@ CONV3D = register_model_kind(ModelKind(
     sample_stream=patch_samples,
     segmenter_window=patch_window,
     network=network,
-    display_name=lambda settings: NETWORKS.get(settings["model"]["network"], str(settings["model"]["network"])),
+    display_name=lambda settings: NETWORKS.get(ModelSettings.of(settings).network, ModelSettings.of(settings).network),
     training_samples="sampled 3D patches",
     class_count=lambda settings, fingerprint: (
         1 if network(settings) == "patch_classifier" else foreground_class_count(settings, fingerprint)
     ),
-    loss_name=lambda settings: "bce" if settings["model"]["network"] == "patch_classifier" else str(settings["training"]["loss"]),
+    loss_name=lambda settings: "bce" if network(settings) == "patch_classifier" else ModelSettings.of(settings).training.loss,
     extra_nodes=_patch_detection_nodes,
     plans_grid=True,
     budget_minutes=3.75,

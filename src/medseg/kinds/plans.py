@@ -74,6 +74,232 @@ class ModelPlan:
         return {f"{self.model}.plan.{path}": value for path, value in self.used.items()}
 
 
+class _View:
+    """A typed reading of one part of a settings mapping (the mapping itself stays JSON)."""
+
+    def __init__(self, values: Mapping[str, Any]):
+        self._values = values
+
+    @classmethod
+    def of(cls, values: "Mapping[str, Any] | _View"):
+        """`values` itself when it is already this view, else the view of the mapping."""
+        return values if isinstance(values, cls) else cls(values)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self._values.get(key, default)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self._values)
+
+
+def _steps(value: Any) -> int:
+    if value == "auto":
+        raise ValueError("a step parameter is still `auto`: the settings were not planned (medseg.kinds.plans.apply_plan)")
+    return int(value)
+
+
+class TrainingSettings(_View):
+    """`settings.training`: how the network is trained, every `auto` planned."""
+
+    @property
+    def optimizer(self) -> str:
+        return str(self._values["optimizer"])
+
+    @property
+    def learning_rate(self) -> float:
+        return float(self._values["learning_rate"])
+
+    @property
+    def loss(self) -> str:
+        return str(self._values["loss"])
+
+    @property
+    def epochs(self) -> int:
+        return _steps(self._values["epochs"])
+
+    @property
+    def batch_size(self) -> int:
+        return _steps(self._values["batch_size"])
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return _steps(self._values["steps_per_epoch"])
+
+    @property
+    def validation_steps(self) -> int:
+        return _steps(self._values["validation_steps"])
+
+    @property
+    def augment(self) -> bool:
+        return bool(self._values["augment"])
+
+    @property
+    def early_stopping_patience(self) -> int:
+        return int(self._values["early_stopping_patience"])
+
+    @property
+    def deterministic(self) -> str | bool:
+        return self._values["deterministic"]
+
+    @property
+    def flip_axes(self) -> list[int]:
+        return [int(axis) for axis in self._values["flip_axes"]]
+
+    @property
+    def precision(self) -> str:
+        """The training policy (decided by `plan_precision` when it was `auto`)."""
+        return str(self._values["precision"])
+
+    @property
+    def distribute(self) -> str:
+        return str(self._values["distribute"])
+
+    @property
+    def budget(self) -> dict[str, float] | None:
+        """{"minutes", "seconds_per_step"} for planned epochs that training re-times; else None."""
+        return self._values.get("budget") or None
+
+
+class InferenceSettings(_View):
+    """`settings.inference`: how the segmenter turns probabilities into a mask."""
+
+    @property
+    def threshold(self) -> float:
+        return float(self._values["threshold"])
+
+    @property
+    def mirror_axes(self) -> list[int]:
+        return [int(axis) for axis in self._values["mirror_axes"]]
+
+    @property
+    def keep_largest_component(self) -> bool:
+        return bool(self._values["keep_largest_component"])
+
+    @property
+    def overlap(self) -> float:
+        return float(self._values["overlap"])
+
+    @property
+    def sigma_scale(self) -> float:
+        return float(self._values["sigma_scale"])
+
+    @property
+    def precision(self) -> str | None:
+        """The inference policy the plan chose; None before `plan_precision`."""
+        value = self._values.get("precision")
+        return str(value) if value else None
+
+
+class SamplingSettings(_View):
+    """`settings.sampling`: how training samples are drawn."""
+
+    @property
+    def foreground_fraction(self) -> float:
+        return float(self._values["foreground_fraction"])
+
+    @property
+    def samples_per_volume(self) -> int:
+        return int(self._values["samples_per_volume"])
+
+    @property
+    def queue_length(self) -> int:
+        return int(self._values["queue_length"])
+
+    @property
+    def patch_size(self) -> tuple[int, int, int]:
+        value = self._values["patch_size"]
+        if value == "auto":
+            _steps(value)
+        return tuple(int(s) for s in value)
+
+
+class ModelSettings(dict):
+    """A model kind's section with its plan applied (`<model>.settings`): what training, the
+    segmenter and prediction use, read through typed properties, as nnU-Net's
+    `ConfigurationManager` reads its plans. It is still the plain JSON mapping underneath
+    (what the MLflow run logs and the training fingerprint hashes); `ModelSettings.of` wraps a
+    plain mapping. A property raises `KeyError` for a value the kind's section does not have
+    and `ValueError` for one that is still `auto`.
+    """
+
+    @classmethod
+    def of(cls, settings: Mapping[str, Any]) -> "ModelSettings":
+        return settings if isinstance(settings, cls) else cls(settings)
+
+    @property
+    def seed(self) -> int:
+        return int(self["seed"])
+
+    @property
+    def model(self) -> dict[str, Any]:
+        return self["model"]
+
+    @property
+    def input_size(self) -> int:
+        """`model.input_size`: a 2D model's training slice, voxels."""
+        return _steps(self["model"]["input_size"])
+
+    @property
+    def base_filters(self) -> int:
+        return int(self["model"]["base_filters"])
+
+    @property
+    def depth(self) -> int:
+        """`model.depth`: the network's pooling stages."""
+        return _steps(self["model"]["depth"])
+
+    @property
+    def network(self) -> str:
+        """`model.network`, for a kind with several networks."""
+        return str(self["model"]["network"])
+
+    @property
+    def poolings(self) -> list[list[int]] | None:
+        """The planned per-axis pooling of each stage of a 3D network; None: isotropic."""
+        return self["model"].get("poolings")
+
+    @property
+    def input_channels(self) -> int:
+        """The network's input channels: 1, or the image and a cascade's context."""
+        return int(self["model"].get("input_channels", 1))
+
+    @property
+    def patch_size(self) -> tuple[int, int, int]:
+        """`sampling.patch_size`: a 3D model's training patch and window, voxels."""
+        return self.sampling.patch_size
+
+    @property
+    def sampling(self) -> SamplingSettings:
+        return SamplingSettings(self["sampling"])
+
+    @property
+    def training(self) -> TrainingSettings:
+        return TrainingSettings(self["training"])
+
+    @property
+    def inference(self) -> InferenceSettings:
+        return InferenceSettings(self.get("inference", {}))
+
+    @property
+    def registered_model_name(self) -> str | None:
+        return self["export"]["registered_model_name"] or None
+
+    @property
+    def n_overlay_cases(self) -> int:
+        return int(self["reporting"]["n_overlay_cases"])
+
+    @property
+    def grid(self) -> dict[str, Any]:
+        """The model's own grid when its plan chose one (`configuration`, `spacing`,
+        `data_spacing`); empty: the data pipeline's training grid."""
+        return self.get("grid") or {}
+
+    @property
+    def cascade(self) -> dict[str, Any]:
+        """A cascade's low-resolution stage (`stage` settings, `folds`, `spacing`); empty: none."""
+        return self.get("cascade") or {}
+
+
 def replica_part(strategy) -> dict[str, Any]:
     """What a distributed run adds to its backup and timing keys: the strategy and replicas
     (another replica count is another global batch). Empty for one device, so that one-device
@@ -91,7 +317,7 @@ def _get(section: Mapping[str, Any], path: str) -> Any:
 
 def apply_plan(
     model_key: str, section: Mapping[str, Any], planned: dict[str, Any], inputs: dict[str, Any]
-) -> tuple[dict, ModelPlan]:
+) -> tuple[ModelSettings, ModelPlan]:
     """The model section with every `auto` replaced by its planned value, and the plan file.
 
     Args:
@@ -105,7 +331,7 @@ def apply_plan(
         `plan` (the catalog's `<model>.plan`) holds `planned`, `used` and `overrides` (each
         explicit value with the planned one it replaced), in JSON types.
     """
-    settings = json.loads(json.dumps(dict(section), default=lambda value: dict(value)))
+    settings = ModelSettings(json.loads(json.dumps(dict(section), default=lambda value: dict(value))))
     used, overrides = {}, {}
     for path, value in planned.items():
         given = _get(section, path)
@@ -144,30 +370,30 @@ def plan_precision(
     machine), so a rerun on the same machine makes the same choice without measuring.
 
     Returns:
-        (settings, plan, timings): `settings["training"]["precision"]` is the training policy
-        and `settings["inference"]["precision"]` the inference one; the plan gains
+        (settings, plan, timings): `settings.training.precision` is the training policy
+        and `settings.inference.precision` the inference one; the plan gains
         `precision`: {"given", "used" (training), "inference", and for `auto` "measured"
         (per policy: seconds per step and per batch, check Dice), "reason", "reused"}.
     """
     timings = dict(timings or {})
-    given = str(settings["training"]["precision"])
+    training = ModelSettings.of(settings).training
+    given = training.precision
     candidates = precision_candidates(given)
     record: dict[str, Any] = {"given": given}
     if len(candidates) == 1:
         chosen = {"training": candidates[0], "inference": candidates[0]}
     else:
-        training = settings["training"]
         sized = {k: v for k, v in settings.items() if k in ("model", "sampling")}
         machine = machine_description()
         key = training_fingerprint(
-            model=model_key, sizes=sized, batch=training["batch_size"], candidates=candidates, machine=machine,
+            model=model_key, sizes=sized, batch=training.batch_size, candidates=candidates, machine=machine,
             purpose="precision", check=[CHECK_STEPS, CHECK_BATCH],
         )
         reused = key in timings
         if reused:
             measured = {name: PrecisionMeasurement(**values) for name, values in timings[key]["measured"].items()}
         else:
-            measured = measure_precisions(candidates, build_model, int(training["batch_size"]))
+            measured = measure_precisions(candidates, build_model, training.batch_size)
             timings[key] = {"measured": {name: m.to_json() for name, m in measured.items()}, "machine": machine}
         chosen = choose_precision(measured)
         record.update(measured={name: m.to_json() for name, m in measured.items()}, reason=chosen["reason"], reused=reused)
@@ -222,16 +448,16 @@ def plan_training_steps(
         machine, and `distribute` and `replicas` when distributed).
     """
     timings = dict(timings or {})
-    training = settings["training"]
-    if not any(training[name] == "auto" for name in STEP_PARAMETERS):
+    if not any(settings["training"][name] == "auto" for name in STEP_PARAMETERS):
         return settings, plan, timings
-    precision = str(training["precision"])
+    training = ModelSettings.of(settings).training
+    precision = training.precision
     machine = machine_description()
-    strategy = distribution_strategy(str(training["distribute"]))
+    strategy = distribution_strategy(training.distribute)
     distributed = replica_part(strategy)
     sized = {k: v for k, v in settings.items() if k in ("model", "sampling")}
     key = training_fingerprint(
-        model=model_key, sizes=sized, batch=training["batch_size"], precision=precision, machine=machine, **distributed
+        model=model_key, sizes=sized, batch=training.batch_size, precision=precision, machine=machine, **distributed
     )
     reused = key in timings
     if reused:
@@ -239,7 +465,7 @@ def plan_training_steps(
     else:
         with dtype_policy(precision), strategy.scope():
             model = build_model()
-        seconds = seconds_per_training_step(model, global_batch_size(training["batch_size"], strategy.num_replicas_in_sync))
+        seconds = seconds_per_training_step(model, global_batch_size(training.batch_size, strategy.num_replicas_in_sync))
         del model
         timings[key] = {"seconds_per_step": seconds, "machine": machine, "precision": precision, **distributed}
     budget = float(planning["budget_minutes"].get(model_key, default_budget_minutes))
@@ -248,7 +474,7 @@ def plan_training_steps(
         "%s: %.3f s per training step (%s); %d epochs of %d steps fill %g minutes.", model_key, seconds,
         "timing reused" if reused else "timed now", steps["epochs"], steps["steps_per_epoch"], budget,
     )
-    epochs_planned = training["epochs"] == "auto"
+    epochs_planned = settings["training"]["epochs"] == "auto"
     settings, step_plan = apply_plan(model_key, settings, {f"training.{k}": v for k, v in steps.items()}, plan.inputs)
     if epochs_planned and planning.get("retime", True):  # training re-times its first epoch (medseg.models.training.TrainingBudget)
         settings["training"]["budget"] = {"minutes": budget, "seconds_per_step": round(seconds * INPUT_PIPELINE_OVERHEAD, 6)}

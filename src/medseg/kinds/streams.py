@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from medseg.imaging.io import Volume
+from medseg.kinds.plans import SamplingSettings
 from medseg.patching import make_tf_dataset
 
 
@@ -28,7 +29,7 @@ def sampled_dataset(
     load_case: Callable[[str], tuple[np.ndarray, np.ndarray]],
     shape: tuple[int, ...],
     sample_shape: tuple[int, ...],
-    sampling: Mapping[str, Any],
+    sampling: Mapping[str, Any] | SamplingSettings,
     case_ids: list[str],
     seed: int,
     augment: bool,
@@ -44,13 +45,14 @@ def sampled_dataset(
     `medseg.kinds.ModelKind.sample_stream`); `batch_size` is the global batch (samples per
     step across all replicas), not `training.batch_size`.
     """
+    sampling = SamplingSettings.of(sampling)
     factory = lambda: stream_fn(  # noqa: E731
         load_case,
         case_ids,
         shape,
-        samples_per_volume=int(sampling["samples_per_volume"]),
-        queue_length=int(sampling["queue_length"]),
-        foreground_fraction=float(sampling["foreground_fraction"]),
+        samples_per_volume=sampling.samples_per_volume,
+        queue_length=sampling.queue_length,
+        foreground_fraction=sampling.foreground_fraction,
         seed=seed,
     )
     return make_tf_dataset(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import partial
+from collections.abc import Mapping
 from typing import Annotated, Any
 
 import keras
@@ -11,7 +12,7 @@ from pydantic.dataclasses import dataclass
 
 from medseg.kinds import ModelKind, register_model_kind
 from medseg.imaging.geometry import PreprocessingPlan
-from medseg.kinds.plans import ModelPlan, apply_plan, plan_model
+from medseg.kinds.plans import ModelPlan, ModelSettings, apply_plan, plan_model
 from medseg.kinds.streams import sampled_dataset
 from medseg.models import build_unet2d, compile_segmentation_model
 from medseg.models.unet import with_input_shape
@@ -107,28 +108,30 @@ def plan_unet(
     return plan_model(UNET, settings, plan, dataset_fingerprint, planning, timings)
 
 
-def build_unet(settings: dict[str, Any], n_classes: int) -> keras.Model:
+def build_unet(settings: Mapping[str, Any], n_classes: int) -> keras.Model:
     """The compiled 2D U-Net of `settings` (input (input_size, input_size, 1))."""
-    model_params, training = settings["model"], settings["training"]
-    size = int(model_params["input_size"])
+    settings = ModelSettings.of(settings)
+    size, training = settings.input_size, settings.training
     return compile_segmentation_model(
-        build_unet2d((size, size, 1), int(model_params["base_filters"]), int(model_params["depth"]), n_classes=n_classes),
-        optimizer=training["optimizer"],
-        learning_rate=float(training["learning_rate"]),
-        loss=training["loss"],
+        build_unet2d((size, size, 1), settings.base_filters, settings.depth, n_classes=n_classes),
+        optimizer=training.optimizer,
+        learning_rate=training.learning_rate,
+        loss=training.loss,
     )
 
 
-def slice_samples(settings: dict[str, Any], load_case):
+def slice_samples(settings: Mapping[str, Any], load_case):
     """Axial slices cropped or zero-padded to `model.input_size`, `sampling.foreground_fraction`
     of them through a foreground voxel (nnU-Net's 0.33), through a bounded queue."""
-    size = int(settings["model"]["input_size"])
-    return partial(sampled_dataset, slice_stream, load_case, (size, size), (size, size, 1), settings["sampling"])
+    settings = ModelSettings.of(settings)
+    size = settings.input_size
+    return partial(sampled_dataset, slice_stream, load_case, (size, size), (size, size, 1), settings.sampling)
 
 
-def slice_window(settings: dict[str, Any]) -> dict[str, Any]:
+def slice_window(settings: Mapping[str, Any]) -> dict[str, Any]:
     """Whole axial slices, padded to a multiple of 2**depth."""
-    base_filters, depth = int(settings["model"]["base_filters"]), int(settings["model"]["depth"])
+    settings = ModelSettings.of(settings)
+    base_filters, depth = settings.base_filters, settings.depth
     return {"window": "slice", "depth": depth, "patch_size": None, "overlap": 0.0, "sigma_scale": 0.125,
             "features_per_voxel": unet_features_per_voxel(base_filters, depth, 2)}
 

@@ -2,7 +2,7 @@
 `3d_cascade_fullres`): the networks and the probabilities that the full-resolution network
 takes after the image.
 
-The training cases are split into `settings["cascade"]["folds"]` folds. Each fold's network
+The training cases are split into `settings.cascade["folds"]` folds. Each fold's network
 is the model kind's own (`kind.build`, `kind.sample_stream`, the one training skeleton
 `train_model`) on the fold's cases, resampled to the planned low resolution. The context a
 training case gets comes from the network that did not train on it, so that the second stage
@@ -27,6 +27,7 @@ from medseg.imaging.io import Volume
 from medseg.inference import Segmenter
 from medseg.inference.cascade import context_channels, context_shape, fold_cases, resample_to
 from medseg.kinds import ModelKind
+from medseg.kinds.plans import ModelSettings
 from medseg.parameters import DataParams, PlanningParams
 from medseg.pipelines.training import segmenter_plan, train_model
 from medseg.cases.split import cases_in_split
@@ -63,7 +64,7 @@ def train_context(
         each fold's training decided, as `<model>.context<i>.training.*` MLflow parameters.
         All empty unless the plan chose the cascade.
     """
-    cascade = settings.get("cascade")
+    cascade = ModelSettings.of(settings).cascade
     if not cascade:
         return [], {}, {}
     stage, spacing = cascade["stage"], tuple(cascade["spacing"])

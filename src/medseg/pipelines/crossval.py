@@ -29,6 +29,7 @@ from medseg.imaging.io import Volume, voxel_spacing
 from medseg.inference.ensemble import Ensemble
 from medseg.inference.postprocessing import probabilities_on_source_grid, source_label_map
 from medseg.kinds import ModelKind, model_kinds
+from medseg.kinds.plans import ModelSettings
 from medseg.kinds.streams import case_loader
 from medseg.parameters import DataParams, PlanningParams
 from medseg.pipelines.evaluation import _evaluated_classes, _reference_mask
@@ -112,7 +113,7 @@ def cross_validate(
     n_folds = int(cv["folds"])
     if n_folds == 0:
         return {}, {}, [], {}
-    if settings.get("cascade"):
+    if ModelSettings.of(settings).cascade:
         raise ConfigurationError(
             f"{kind.name}: cross-validation of a cascade (conv3d.model.configuration: cascade) is not supported: its "
             "low-resolution stage would need folds of its own. Set conv3d.model.configuration to fullres or lowres."
@@ -192,7 +193,7 @@ def evaluate_cross_validation(
         return pd.DataFrame(columns=["case_id", "fold"]), {}, {}
     classes, multiclass = _evaluated_classes(dataset_fingerprint)
     values = class_values(dataset_fingerprint)
-    threshold = float(settings["inference"]["threshold"])
+    threshold = ModelSettings.of(settings).inference.threshold
     fold_of = {c: f["fold"] for f in folds["folds"] for c in f["val"]}
     rows = []
     progress = CaseProgress(f"{kind.name}: scoring out-of-fold predictions", len(cv_probabilities), logger=logger)

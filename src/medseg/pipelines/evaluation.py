@@ -35,7 +35,7 @@ from medseg.imaging.io import Volume, voxel_spacing
 from medseg.cases.validation import binarize_label
 from medseg.inference import Segmenter
 from medseg.kinds import ModelKind
-from medseg.kinds.plans import ModelPlan
+from medseg.kinds.plans import ModelPlan, ModelSettings
 from medseg.models.training import training_fingerprint
 from medseg.models.normalization import as_keras_layers
 from medseg.models.unet import with_input_shape
@@ -168,7 +168,7 @@ class SegmenterExport:
 def package_segmenter(segmenter: Segmenter, settings: dict[str, Any]) -> SegmenterExport:
     """The trained segmenter for the MLflow run, as the pyfunc model `<model>_segmenter`
     (`medseg.serving.model`), registered under `<model>.export.registered_model_name` when set."""
-    return SegmenterExport(segmenter, settings["export"]["registered_model_name"] or None)
+    return SegmenterExport(segmenter, ModelSettings.of(settings).registered_model_name)
 
 
 def evaluate_predictions(
@@ -216,7 +216,7 @@ def evaluate_predictions(
             )
         case_rows = evaluate_case_per_class(reference, prediction.data, voxel_spacing(reference_volume.affine), classes)
         rows.extend({"case_id": case_id, **row} for row in case_rows)
-        if len(overlays) < int(settings["reporting"]["n_overlay_cases"]):
+        if len(overlays) < ModelSettings.of(settings).n_overlay_cases:
             image = intermediate_images[case_id]().data
             views = [image, *(to_canonical(Volume(a, reference_volume.affine)).data for a in (reference, prediction.data))]
             z = choose_overlay_slice(views[1], views[2])

@@ -21,12 +21,13 @@ from medseg.imaging.geometry import PreprocessingPlan
 from medseg.imaging.io import Volume
 from medseg.parameters import DataParams
 from medseg.pipelines.data.nodes import plan_preprocessing, preprocess_cases
+from medseg.kinds.plans import ModelSettings
 
 Partitions = dict[str, Callable[[], Volume]]
 
 
 def _is_lowres(settings: dict[str, Any]) -> bool:
-    return (settings.get("grid") or {}).get("configuration") == "lowres"
+    return ModelSettings.of(settings).grid.get("configuration") == "lowres"
 
 
 def plan_grid(
@@ -34,10 +35,10 @@ def plan_grid(
     data: DataParams,
 ) -> PreprocessingPlan:
     """Each case's geometry on the model's grid: `case_geometry` itself at full resolution,
-    else the preprocessing plan at `settings["grid"]["spacing"]`."""
+    else the preprocessing plan at the grid's spacing (`settings.grid`)."""
     if not _is_lowres(settings):
         return case_geometry
-    preprocessing = {**data["preprocessing"], "target_spacing": list(settings["grid"]["spacing"])}
+    preprocessing = {**data["preprocessing"], "target_spacing": list(ModelSettings.of(settings).grid["spacing"])}
     return plan_preprocessing(case_fingerprints, dataset_fingerprint, preprocessing)
 
 

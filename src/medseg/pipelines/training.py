@@ -17,7 +17,7 @@ from medseg.inference import Segmenter, SegmenterPlan
 from medseg.inference.cascade import with_context
 from medseg.kinds import ModelKind
 from medseg.imaging.geometry import PreprocessingPlan
-from medseg.kinds.plans import replica_part
+from medseg.kinds.plans import ModelSettings, TrainingSettings, replica_part
 from medseg.kinds.streams import case_loader
 from medseg.models.distribute import distribution_strategy, global_batch_size, strategy_name
 from medseg.models.precision import dtype_policy, with_precision
@@ -119,24 +119,25 @@ def train_model(
         `.global_batch_size`, and `<model>.inference.precision_used` (the MLflow run's
         parameters).
     """
-    training = settings["training"]
-    seed = derive_seed(int(data["seed"]), int(settings["seed"]))
-    make_reproducible(seed, wants_determinism(training["deterministic"]))
-    precision = str(training["precision"])
-    strategy = distribution_strategy(str(training["distribute"]))
+    settings = ModelSettings.of(settings)
+    training = settings.training
+    seed = derive_seed(int(data["seed"]), settings.seed)
+    make_reproducible(seed, wants_determinism(training.deterministic))
+    precision = training.precision
+    strategy = distribution_strategy(training.distribute)
     replicas = int(strategy.num_replicas_in_sync)
-    batch_size = global_batch_size(training["batch_size"], replicas)
+    batch_size = global_batch_size(training.batch_size, replicas)
     decided = {
         f"{model_key}.training.precision_used": precision,
         f"{model_key}.training.distribute_strategy": strategy_name(strategy),
         f"{model_key}.training.replicas": replicas,
         f"{model_key}.training.global_batch_size": batch_size,
-        f"{model_key}.inference.precision_used": str(settings.get("inference", {}).get("precision", precision)),
+        f"{model_key}.inference.precision_used": settings.inference.precision or precision,
     }
     logger.info("%s: training in %s.", model_key, precision)
     logger.info(
         "%s: %s, %d replica(s): global batch %d = %s per replica x %d.", model_key, strategy_name(strategy), replicas,
-        batch_size, training["batch_size"], replicas,
+        batch_size, training.batch_size, replicas,
     )
     # Keras records the strategy when the model object is created, and the optimizer and
     # metric variables made by compile must be mirrored too: both happen in the scope.
@@ -150,25 +151,25 @@ def train_model(
         logger.info("%s: a network trained with this fingerprint (%s) is kept; loaded, not trained again.", model_key, fingerprint)
         decided.update({f"{model_key}.training.budget.{key}": value for key, value in finished["report"].items()})
         return model, finished["history"], decided
-    resume = prepare_backup(backup_root, fingerprint, int(training["epochs"]), {"mlflow_run_id": tracking.active_run_id()})
+    resume = prepare_backup(backup_root, fingerprint, training.epochs, {"mlflow_run_id": tracking.active_run_id()})
     if resume.discarded:
         logger.info("%s: deleted backups %s made with other parameters or data; training starts fresh.", model_key, resume.discarded)
     if resume.resumed_epoch:
         logger.info("%s: resuming an interrupted run (backup %s) after epoch %d.", model_key, fingerprint, resume.resumed_epoch)
         tracking.record_resume(model_key, resume.resumed_epoch, resume.previous_owner.get("mlflow_run_id"))
-    flip_axes = safe_flip_axes(training["flip_axes"], dataset_fingerprint.get("lateralized", []))
-    if tuple(flip_axes) != tuple(sorted(set(training["flip_axes"]))):
+    flip_axes = safe_flip_axes(training.flip_axes, dataset_fingerprint.get("lateralized", []))
+    if tuple(flip_axes) != tuple(sorted(set(training.flip_axes))):
         logger.info("%s: classes %s keep to one side of the body: no left-right flips.", model_key, dataset_fingerprint["lateralized"])
     budget = _budget_callback(model_key, training)
     history = fit_model(
         model,
-        make_stream(cases_in_split(splits, "train"), seed, bool(training["augment"]), flip_axes, batch_size=batch_size),
+        make_stream(cases_in_split(splits, "train"), seed, training.augment, flip_axes, batch_size=batch_size),
         make_stream(cases_in_split(splits, "val"), seed + 1, False, flip_axes, batch_size=batch_size),
-        epochs=training["epochs"],
-        steps_per_epoch=training["steps_per_epoch"],
-        validation_steps=training["validation_steps"],
+        epochs=training.epochs,
+        steps_per_epoch=training.steps_per_epoch,
+        validation_steps=training.validation_steps,
         backup_dir=resume.backup_dir,
-        patience=training["early_stopping_patience"],
+        patience=training.early_stopping_patience,
         callbacks=[*([MlflowEpochLogger(model_key, metric_prefix)] if log_epochs else []), *([budget] if budget else [])],
     )
     report = budget.report if budget is not None and budget.report else {}
@@ -178,14 +179,14 @@ def train_model(
     return model, history, decided
 
 
-def _budget_callback(model_key: str, training: Mapping[str, Any]) -> TrainingBudget | None:
+def _budget_callback(model_key: str, training: TrainingSettings) -> TrainingBudget | None:
     """The budget guard for planned epochs (`training.budget` from the plan, unless
     `planning.retime` is off); none for epochs given explicitly, which run as asked."""
-    budget = training.get("budget")
+    budget = training.budget
     if not budget:
         return None
-    return TrainingBudget(model_key, float(budget["minutes"]) * 60.0, int(training["epochs"]), int(training["steps_per_epoch"]),
-                          int(training["validation_steps"]), float(budget["seconds_per_step"]))
+    return TrainingBudget(model_key, float(budget["minutes"]) * 60.0, training.epochs, training.steps_per_epoch,
+                          training.validation_steps, float(budget["seconds_per_step"]))
 
 
 def train(
@@ -269,7 +270,8 @@ def segmenter_plan(
     (`kind.segmenter_window`)."""
     preprocessing = data["preprocessing"]
     channels = case_fingerprints["channel"].dropna() if "channel" in case_fingerprints else pd.Series([], dtype=float)
-    inference = settings["inference"]
+    settings = ModelSettings.of(settings)
+    inference = settings.inference
     names = dataset_fingerprint.get("classes", {})
     if dataset_fingerprint.get("label_mode") == "multiclass":
         classes = {str(v): str(names.get(str(v), names.get(v, v))) for v in class_values(dataset_fingerprint)}
@@ -287,12 +289,12 @@ def segmenter_plan(
         label_mode=str(dataset_fingerprint.get("label_mode", "binary")),
         classes=classes,
         lateralized=[int(v) for v in dataset_fingerprint.get("lateralized", [])],
-        threshold=float(inference["threshold"]),
+        threshold=inference.threshold,
         memory_gb=float(planning["memory_gb"]),
-        mirror_axes=[int(a) for a in inference["mirror_axes"]],
-        keep_largest_component=bool(inference["keep_largest_component"]),
+        mirror_axes=inference.mirror_axes,
+        keep_largest_component=inference.keep_largest_component,
         provenance={"mlflow_run_id": run_id, "params_hash": training_fingerprint(data=data, **{kind.name: settings})},
-        data_spacing=tuple((settings.get("grid") or {}).get("data_spacing") or case_geometry.target_spacing),
+        data_spacing=tuple(settings.grid.get("data_spacing") or case_geometry.target_spacing),
         **kind.segmenter_window(settings),
     )
 
@@ -311,7 +313,7 @@ def build_segmenter(
 ) -> Segmenter:
     """The trained network as a segmenter: the network the kind runs
     (`kind.segmenter_network`), in the inference precision the plan chose
-    (`settings["inference"]["precision"]`, `medseg.models.precision.with_precision`: the same
+    (`settings.inference.precision`, `medseg.models.precision.with_precision`: the same
     weights, computing in that policy), with the training run's plan (`segmenter_plan`); its
     windows are batched within `planning.memory_gb`.
 
@@ -331,8 +333,9 @@ def build_segmenter(
     """
     plan = segmenter_plan(kind, case_fingerprints, case_geometry, dataset_fingerprint, data, settings, planning)
     network = kind.segmenter_network(model, settings)
-    precision = settings.get("inference", {}).get("precision")
-    if precision and precision != settings["training"]["precision"]:
-        logger.info("%s: the segmenter predicts in %s (trained in %s).", kind.name, precision, settings["training"]["precision"])
+    settings = ModelSettings.of(settings)
+    precision = settings.inference.precision
+    if precision and precision != settings.training.precision:
+        logger.info("%s: the segmenter predicts in %s (trained in %s).", kind.name, precision, settings.training.precision)
         network = with_precision(network, precision)
     return Segmenter(network, plan, context_models or ())

@@ -14,7 +14,7 @@ from pydantic import Field
 from pydantic.dataclasses import dataclass
 
 from medseg.kinds import ModelKind, register_model_kind
-from medseg.kinds.plans import apply_plan, plan_model
+from medseg.kinds.plans import ModelSettings, apply_plan, plan_model
 from medseg.kinds.sizes import median_shape
 from medseg.kinds.streams import sampled_dataset
 from medseg.models import compile_segmentation_model
@@ -62,20 +62,20 @@ def plan_toy(case_geometry, dataset_fingerprint, toy, planning, timings):
 
 
 def build_toy(settings: dict, n_classes: int) -> keras.Model:
-    size = int(settings["model"]["input_size"])
+    settings = ModelSettings.of(settings)
+    size, training = settings.input_size, settings.training
     inputs = keras.Input((size, size, 1))
-    hidden = keras.layers.Conv2D(int(settings["model"]["filters"]), 3, padding="same", activation="relu")(inputs)
+    hidden = keras.layers.Conv2D(int(settings.model["filters"]), 3, padding="same", activation="relu")(inputs)
     outputs = keras.layers.Conv2D(1, 1, activation="sigmoid", dtype="float32")(hidden)
-    training = settings["training"]
     return compile_segmentation_model(
-        keras.Model(inputs, outputs), optimizer=training["optimizer"], learning_rate=float(training["learning_rate"]),
-        loss=training["loss"],
+        keras.Model(inputs, outputs), optimizer=training.optimizer, learning_rate=training.learning_rate, loss=training.loss
     )
 
 
 def toy_samples(settings: dict, load_case):
-    size = int(settings["model"]["input_size"])
-    return partial(sampled_dataset, slice_stream, load_case, (size, size), (size, size, 1), settings["sampling"])
+    settings = ModelSettings.of(settings)
+    size = settings.input_size
+    return partial(sampled_dataset, slice_stream, load_case, (size, size), (size, size, 1), settings.sampling)
 
 
 def toy_network_for_slices(model: keras.Model, settings: dict) -> keras.Model:
