@@ -53,7 +53,9 @@ $(VENV)/.installed-$(EXTRAS)-test: pyproject.toml | $(PY) check-extras
 run: $(VENV)/.installed-$(EXTRAS)
 	$(VENV)/bin/kedro run
 
+# The layers of docs/architecture.md are import-linter contracts (pyproject.toml): checked first.
 test: $(VENV)/.installed-$(EXTRAS)-test
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest
 
 # Optional, for the DICOM tests that skip without them: Debian's dcm2niix (geometry against an

@@ -19,7 +19,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
 
 FAKE_TOOL = """#!/bin/sh
-# Stand-in for .venv/bin/python and kedro: record `-m ...` and `kedro ...`, run `-c` for real.
+# Stand-in for .venv/bin/python, kedro and lint-imports: record `-m ...` and `kedro ...`, run `-c` for real.
 if [ "$1" = "-c" ]; then exec {python} "$@"; fi
 echo "$(basename "$0") $*" >> "$(dirname "$0")/../calls.log"
 """
@@ -31,7 +31,7 @@ def project(tmp_path: Path) -> Path:
     shutil.copy(REPO_ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
     bin_dir = tmp_path / ".venv" / "bin"
     bin_dir.mkdir(parents=True)
-    for name in ("python", "kedro"):
+    for name in ("python", "kedro", "lint-imports"):
         tool = bin_dir / name
         tool.write_text(FAKE_TOOL.format(python=sys.executable))
         tool.chmod(0o755)

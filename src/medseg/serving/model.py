@@ -424,7 +424,7 @@ def pip_requirements() -> list[str]:
 def _medseg_code(folder: Path) -> str:
     """A copy of the medseg package (no bytecode caches) for `code_paths`."""
     target = folder / "medseg"
-    shutil.copytree(Path(__file__).parent, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copytree(Path(__file__).parents[1], target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     return str(target)
 
 

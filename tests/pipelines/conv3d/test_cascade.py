@@ -28,7 +28,7 @@ def test_the_cascade_tells_the_sides_with_the_small_patch_and_segments_a_scan_th
     whole head, and their probabilities, after the image, let the small patch tell the sides.
     The segmenter saves both stages and runs the chain from a scan."""
     cascade_params = {"conv3d.model.configuration": "cascade", "conv3d.sampling.patch_size": [8, 8, 8],
-                      "planning.budget_minutes.conv3d": 0.5, "conv3d.inference.overlap": 0.0}
+                      "conv3d.inference.overlap": 0.0}
     project, plan, dice = _trained(tmp_path / "cascade", task, cascade_params)
     cascade = plan["context"]["cascade"]
     assert plan["context"]["configuration"]["used"] == "cascade" and cascade["folds"] == 2
