@@ -184,7 +184,7 @@ def measure_medseg(setup: Setup, precision: str) -> dict:
     """medseg in a fresh process: inference and a training step of the 3D U-Net in `precision`."""
     import keras
 
-    from medseg.inference.segmenter import window_predictor
+    from medseg.inference.windows import window_predictor
     from medseg.models import build_unet3d, compile_segmentation_model
     from medseg.models.precision import dtype_policy
     from medseg.models.training import seconds_per_training_step

@@ -107,6 +107,41 @@ def test_mirror_axes_skip_left_right_for_lateralized_classes_and_z_for_slices():
     assert Segmenter(None, patches).effective_mirror_axes([2]) == (2,)
 
 
+class _WholeVolume:
+    """A window strategy of a model kind's own: the whole volume through the network at once."""
+
+    name = "whole_volume"
+    takes_context = False
+
+    def predictor(self, model):
+        return lambda volume: np.asarray(model.predict_on_batch(volume[None, ..., None]))[0, ..., 0]
+
+    def predict(self, predict_batch, image, plan, budget_gb, log_batch):
+        log_batch(1, "volumes", image.shape)
+        return predict_batch(image)
+
+    def mirror_axes(self, axes):
+        return tuple(axes)
+
+
+def test_a_kind_registers_its_own_window_and_an_unknown_one_is_refused(monkeypatch):
+    from medseg.inference import windows
+
+    monkeypatch.setattr(windows, "_WINDOWS", dict(windows._WINDOWS))
+    with pytest.raises(ConfigurationError, match="window 'whole_volume' is not one this process knows"):
+        Segmenter(None, _plan(window="whole_volume", depth=0))
+    windows.register_window(_WholeVolume())
+    inputs = keras.Input((None, None, None, 1))
+    layer = keras.layers.Conv3D(1, 1, activation="sigmoid")
+    model = keras.Model(inputs, layer(inputs))
+    layer.set_weights([np.full((1, 1, 1, 1, 1), 10.0, np.float32), np.zeros(1, np.float32)])
+    scan = _scan()
+    whole = Segmenter(model, _plan(window="whole_volume", depth=0, mirror_axes=[2])).segment(scan)
+    slices = Segmenter(_above_mean_slices(), _plan()).segment(scan)
+    np.testing.assert_array_equal(whole.data, slices.data)  # the same 1x1 network, another way to cover the volume
+    assert Segmenter(model, _plan(window="whole_volume", mirror_axes=[0, 2])).effective_mirror_axes() == (0, 2)
+
+
 def test_variants_report_each_enabled_option():
     segmenter = Segmenter(_above_mean_slices(), _plan(mirror_axes=[0], keep_largest_component=True))
     image = np.random.default_rng(1).normal(size=(8, 8, 3)).astype(np.float32)

@@ -18,7 +18,7 @@ from medseg.inference.postprocessing import (
 # The segmenter imports Keras (TensorFlow, seconds and hundreds of MiB): loaded on first use, so
 # that a Dask worker which only maps probabilities back (`LabelMapper`) never imports it.
 _LAZY = {"Segmenter": "medseg.inference.segmenter", "SegmenterPlan": "medseg.inference.segmenter",
-         "window_predictor": "medseg.inference.segmenter"}
+         "window_predictor": "medseg.inference.windows"}
 
 
 def __getattr__(name: str):

@@ -24,7 +24,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import keras
 import numpy as np
@@ -50,15 +50,13 @@ from medseg.inference.postprocessing import (
 )
 from medseg.inference.cascade import context_channels, with_context
 from medseg.models.normalization import FusedBatchNormalization  # noqa: F401 (registered for keras.models.load_model)
-from medseg.inference.slices import axial_window, predict_axial_slices, slice_predictor
+from medseg.inference.windows import WindowStrategy, window_predictor, window_strategy  # noqa: F401 (window_predictor re-exported)
 from medseg.patching.sliding_window import (
     GIB,
     MIN_ACTIVATION_GB,
     RUNTIME_GB,
     activation_budget_gb,
     case_arrays_bytes,
-    sliding_window_predict,
-    windows_per_batch,
 )
 from medseg.storage.publishing import apply_umask, staged_folder
 
@@ -82,8 +80,10 @@ class SegmenterPlan:
     Attributes:
         model_key: the pipeline that trained it, `unet` or `conv3d`.
         display_name: the model's name in run names (`UNet`, `UNet3D`, `Conv3DClassifier`).
-        window: `slice` (a 2D model: whole axial slices, padded to a multiple of 2**depth) or
-            `patch` (a 3D model: sliding windows of `patch_size`).
+        window: the name of the window strategy that covers a volume
+            (`medseg.inference.windows`): `slice` (a 2D model: whole axial slices, padded to a
+            multiple of 2**depth), `patch` (a 3D model: sliding windows of `patch_size`), or
+            one a model kind registers.
         target_spacing: the training grid's spacing in mm along RAS axes.
         interpolation_order: spline order of the image resampling (1 or 3).
         clip_percentiles: (low, high) percentiles clipped before the z-score, or None.
@@ -114,7 +114,7 @@ class SegmenterPlan:
 
     model_key: str
     display_name: str
-    window: Literal["slice", "patch"]
+    window: str
     target_spacing: tuple[float, float, float]
     interpolation_order: int
     clip_percentiles: tuple[float, float] | None
@@ -155,23 +155,6 @@ class SegmenterPlan:
         return cls(**{key: value for key, value in record.items() if key in known})
 
 
-def window_predictor(model: keras.Model) -> Callable[[np.ndarray], np.ndarray]:
-    """`predict_batch` for sliding windows: (B, wx, wy, wz, 1) -> (B, wx, wy, wz) foreground
-    probabilities, or (B, wx, wy, wz, K + 1) class probabilities for a multi-class model.
-
-    A segmentation model's map is returned as is; a patch classifier's single probability is
-    spread over its whole window.
-    """
-
-    def predict(windows: np.ndarray) -> np.ndarray:
-        out = np.asarray(model.predict_on_batch(windows))
-        if out.ndim == 2:  # (B, 1): one probability per window
-            return np.broadcast_to(out[:, :, None, None], (len(windows), *windows.shape[1:4]))
-        return out[..., 0] if out.shape[-1] == 1 else out
-
-    return predict
-
-
 class Segmenter:
     """A trained network and its plan: scan in, label map on the scan's grid out.
 
@@ -189,6 +172,7 @@ class Segmenter:
         self.model = model
         self.context = list(context)
         self.plan = plan if plan.context_stages == len(self.context) else replace(plan, context_stages=len(self.context))
+        window_strategy(self.plan.window)  # an unknown window is refused here, not at the first scan
         self._predict_batch: Callable[[np.ndarray], np.ndarray] | None = None
         self._warned_budget = False
         self._logged_shapes: set[tuple[int, ...]] = set()
@@ -238,7 +222,7 @@ class Segmenter:
         """What the network's windows are cut from: the image, and in a cascade the
         low-resolution stage's probabilities after it, (X, Y, Z, 1 + C); computed once per
         scan (mirroring flips it whole, as nnU-Net flips the previous stage's segmentation)."""
-        if self.context and self.plan.window == "patch":
+        if self.context and self.windows.takes_context:
             return with_context(image, context_channels(self.context, image, self.plan.target_spacing))
         return image
 
@@ -260,6 +244,11 @@ class Segmenter:
             )
         return budget
 
+    @property
+    def windows(self) -> WindowStrategy:
+        """How the network covers a volume (`plan.window`, `medseg.inference.windows`)."""
+        return window_strategy(self.plan.window)
+
     def _log_batch(self, shape: Sequence[int], batch: int, what: str, window: Sequence[int], budget: float) -> None:
         key = tuple(int(n) for n in shape)
         if key not in self._logged_shapes:
@@ -269,25 +258,13 @@ class Segmenter:
                         "x".join(str(n) for n in key[:3]))
 
     def _predict_network_input(self, image: np.ndarray) -> np.ndarray:
-        plan = self.plan
+        windows = self.windows
         if self._predict_batch is None:
-            if plan.window == "slice":
-                self._predict_batch = slice_predictor(self.model)
-            else:
-                self._predict_batch = window_predictor(self.model)
+            self._predict_batch = windows.predictor(self.model)
         budget = self.activation_budget(image.shape[:3], 1 if image.ndim == 3 else int(image.shape[-1]))
-        if plan.window == "slice":
-            multiple = 2 ** int(plan.depth)
-            window = axial_window(image.shape, multiple)
-            batch = windows_per_batch(window, plan.features_per_voxel, budget, n_windows=image.shape[2])
-            self._log_batch(image.shape, batch, "slices", window, budget)
-            return predict_axial_slices(self._predict_batch, image, multiple, batch)
-        window = tuple(int(s) for s in plan.patch_size)
-        batch = windows_per_batch(window, plan.features_per_voxel, budget)
-        self._log_batch(image.shape, batch, "windows", window, budget)
-        return sliding_window_predict(
-            image, self._predict_batch, window, overlap=float(plan.overlap), batch_size=batch,
-            sigma_scale=float(plan.sigma_scale),
+        return windows.predict(
+            self._predict_batch, image, self.plan, budget,
+            lambda batch, what, window: self._log_batch(image.shape, batch, what, window, budget),
         )
 
     def _mirrored(self, image: np.ndarray, axes: Sequence[int]) -> tuple[np.ndarray, np.ndarray | None]:
@@ -295,10 +272,10 @@ class Segmenter:
 
     def effective_mirror_axes(self, mirror_axes: Sequence[int] | None = None) -> tuple[int, ...]:
         """The mirroring axes that apply: the plan's (or `mirror_axes`), without left-right
-        when a class is lateralized, and without z for a slice model (each slice is predicted
-        alone, so a flip along z changes nothing and would only cost time)."""
+        when a class is lateralized, and without those that cannot change the window
+        strategy's prediction (z for whole axial slices, each predicted alone)."""
         axes = safe_flip_axes(self.plan.mirror_axes if mirror_axes is None else mirror_axes, self.plan.lateralized)
-        return tuple(a for a in axes if not (self.plan.window == "slice" and a == 2))
+        return self.windows.mirror_axes(axes)
 
     def label_map(self, probability: np.ndarray, geometry: CaseGeometry) -> np.ndarray:
         """uint8 label map on the source grid (:func:`probabilities_to_label_map`)."""

@@ -153,7 +153,7 @@ def check_dice(model: keras.Model, x: np.ndarray, y: np.ndarray) -> float:
 
 def seconds_per_inference_batch(model: keras.Model, x: np.ndarray, steps: int = 3) -> float:
     """Median time of `model.predict_on_batch(x)`, the call the segmenter makes per batch of
-    windows (`medseg.inference.segmenter.window_predictor`), after one call that traces it."""
+    windows (`medseg.inference.windows.window_predictor`), after one call that traces it."""
     model.predict_on_batch(x)
     times = []
     for _ in range(int(steps)):
