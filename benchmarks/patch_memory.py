@@ -67,8 +67,8 @@ def child(args: argparse.Namespace) -> None:
 
     def load_case(case_id: str) -> tuple[np.ndarray, np.ndarray]:
         loads.append(case_id)
-        image = read_volume(folder / f"{case_id}_image.nii.gz", kind="image").data
-        label = read_volume(folder / f"{case_id}_label.nii.gz", kind="label").data
+        image = read_volume(folder / f"{case_id}_image.nii.gz", role="image").data
+        label = read_volume(folder / f"{case_id}_label.nii.gz", role="label").data
         return image, label
 
     shape = (args.patch,) * 3

@@ -75,14 +75,14 @@ def _mask(value):
 
 def _dataset(path):
     return StagedPartitionedDataset(
-        path=str(path), dataset={"type": "medseg.datasets.nifti.NiftiDataset", "kind": "label"}, filename_suffix=".nii.gz"
+        path=str(path), dataset={"type": "medseg.datasets.nifti.NiftiDataset", "role": "label"}, filename_suffix=".nii.gz"
     )
 
 
 def test_partitions_are_written_by_the_workers_all_or_nothing(tmp_path, local2):
     folder = tmp_path / "labels"
     _dataset(folder).save({c: (lambda i=i: _mask(i)) for i, c in enumerate("abcd")})
-    assert [int(read_volume(folder / f"{c}.nii.gz", kind="label").data.max()) for c in "abcd"] == [0, 1, 2, 3]
+    assert [int(read_volume(folder / f"{c}.nii.gz", role="label").data.max()) for c in "abcd"] == [0, 1, 2, 3]
 
     def crash():
         raise RuntimeError("worker killed while making case e")
@@ -90,7 +90,7 @@ def test_partitions_are_written_by_the_workers_all_or_nothing(tmp_path, local2):
     with pytest.raises(DatasetError, match="case e"):
         _dataset(folder).save({"a": lambda: _mask(9), "e": crash})
     assert sorted(p.name for p in folder.iterdir()) == [f"{c}.nii.gz" for c in "abcd"]
-    assert read_volume(folder / "a.nii.gz", kind="label").data.max() == 0
+    assert read_volume(folder / "a.nii.gz", role="label").data.max() == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["labels"]  # no staging folder left
 
 
@@ -100,13 +100,13 @@ def test_keyed_partitions_are_kept_when_their_key_is_unchanged(tmp_path):
     inode = (folder / "a.nii.gz").stat().st_ino
     # Same key for a: kept as it is (a maker that would give 7 is not called); new key for b: made.
     _dataset(folder).save({"a": KeyedPartition("k1", lambda: _mask(7)), "b": KeyedPartition("k2-new", lambda: _mask(5))})
-    assert read_volume(folder / "a.nii.gz", kind="label").data.max() == 1
+    assert read_volume(folder / "a.nii.gz", role="label").data.max() == 1
     assert (folder / "a.nii.gz").stat().st_ino == inode  # the same file, linked, not rewritten
-    assert read_volume(folder / "b.nii.gz", kind="label").data.max() == 5
+    assert read_volume(folder / "b.nii.gz", role="label").data.max() == 5
     assert (folder / KEYS_FILE).is_file()
     (folder / "a.nii.gz").unlink()  # a partition that is gone is made again, whatever its key
     _dataset(folder).save({"a": KeyedPartition("k1", lambda: _mask(7)), "b": KeyedPartition("k2-new", lambda: _mask(5))})
-    assert read_volume(folder / "a.nii.gz", kind="label").data.max() == 7
+    assert read_volume(folder / "a.nii.gz", role="label").data.max() == 7
 
 
 def test_a_bad_scheduler_stops_the_run_before_any_work(tmp_path: Path):

@@ -42,13 +42,13 @@ def test_the_scans_are_ct_sized_int16_with_one_organ(ct_memory, tmp_path):
         on_disk = nib.load(case.image_path)
         assert on_disk.shape == (512, 512, 8) and on_disk.get_data_dtype() == np.int16
         image = read_volume(case.image_path)
-        label = read_volume(case.label_path, kind="label")
+        label = read_volume(case.label_path, role="label")
         assert voxel_spacing(image.affine) == pytest.approx((0.8, 0.8, 2.5))
         assert image.data.min() == pytest.approx(-1024, abs=80)  # air, with noise
         organ = label.data == 1
         assert set(np.unique(label.data)) == {0, 1} and 0.01 < organ.mean() < 0.2
         assert 30 < np.median(image.data[organ]) < 90  # soft-tissue HU
-    first, second = (read_volume(case.label_path, kind="label").data for case in cases)
+    first, second = (read_volume(case.label_path, role="label").data for case in cases)
     assert not np.array_equal(first, second)  # each scan its own organ
 
 

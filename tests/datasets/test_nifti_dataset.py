@@ -10,7 +10,7 @@ def test_partitioned_round_trip_is_lazy_and_keeps_dtype_and_affine(tmp_path):
     affine = np.diag([0.7, 0.7, 3.0, 1.0])
     dataset = PartitionedDataset(
         path=str(tmp_path / "labels"),
-        dataset={"type": "medseg.datasets.nifti.NiftiDataset", "kind": "label"},
+        dataset={"type": "medseg.datasets.nifti.NiftiDataset", "role": "label"},
         filename_suffix=".nii.gz",
     )
     made = []
@@ -38,8 +38,8 @@ def test_image_kind_loads_float32(tmp_path):
     assert NiftiDataset(path)._exists()
 
 
-def test_bad_kind_is_refused(tmp_path):
+def test_a_bad_role_is_refused(tmp_path):
     from kedro.io.core import DatasetError
 
-    with pytest.raises(DatasetError, match="kind"):
-        NiftiDataset(str(tmp_path / "x.nii.gz"), kind="mask")
+    with pytest.raises(DatasetError, match="role"):
+        NiftiDataset(str(tmp_path / "x.nii.gz"), role="mask")

@@ -24,12 +24,12 @@ def store_root(request) -> str:
 
 def test_save_load_exists_on_a_store(store_root):
     url = f"{store_root}/03_primary/labels/case_1.nii.gz"
-    dataset = NiftiDataset(filepath=url, kind="label")
+    dataset = NiftiDataset(filepath=url, role="label")
     assert not dataset.exists()
     label = Volume(np.arange(60, dtype=np.uint8).reshape(3, 4, 5) % 3, AFFINE)
     dataset.save(label)
     assert dataset.exists()
-    loaded = NiftiDataset(url, kind="label").load()
+    loaded = NiftiDataset(url, role="label").load()
     assert loaded.data.dtype == np.uint8
     np.testing.assert_array_equal(loaded.data, label.data)
     np.testing.assert_allclose(loaded.affine, AFFINE, atol=1e-6)
@@ -45,7 +45,7 @@ def test_partitioned_dataset_on_s3_with_catalog_credentials(s3_server, s3_bucket
     s3fs.S3FileSystem.clear_instance_cache()
     config = {
         "path": f"{s3_bucket}/03_primary/images",
-        "dataset": {"type": "medseg.datasets.nifti.NiftiDataset", "kind": "image"},
+        "dataset": {"type": "medseg.datasets.nifti.NiftiDataset", "role": "image"},
         "filename_suffix": ".nii.gz",
         "credentials": s3_storage_options(s3_server),
     }
@@ -61,7 +61,7 @@ def test_partitioned_dataset_on_s3_with_catalog_credentials(s3_server, s3_bucket
 
 
 def test_describe_names_the_protocol():
-    assert NiftiDataset("s3://b/x.nii.gz")._describe() == {"filepath": "b/x.nii.gz", "protocol": "s3", "kind": "image"}
+    assert NiftiDataset("s3://b/x.nii.gz")._describe() == {"filepath": "b/x.nii.gz", "protocol": "s3", "role": "image"}
 
 
 @pytest.mark.parametrize("url", ["s3://bucket/Task04", "memory://x/Task04", "gs://b/T", "simplecache::s3://b/T"])

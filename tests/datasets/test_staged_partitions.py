@@ -12,7 +12,7 @@ from medseg.imaging.io import Volume, read_volume
 
 def _dataset(path):
     return StagedPartitionedDataset(
-        path=str(path), dataset={"type": "medseg.datasets.nifti.NiftiDataset", "kind": "label"}, filename_suffix=".nii.gz"
+        path=str(path), dataset={"type": "medseg.datasets.nifti.NiftiDataset", "role": "label"}, filename_suffix=".nii.gz"
     )
 
 
@@ -30,7 +30,7 @@ def test_a_crash_half_way_keeps_the_old_set(tmp_path):
     with pytest.raises(DatasetError, match="case c"):
         _dataset(folder).save({"a": lambda: _mask(0), "c": crash})
     assert sorted(p.name for p in folder.iterdir()) == ["a.nii.gz", "b.nii.gz"]
-    assert read_volume(folder / "a.nii.gz", kind="label").data.max() == 1  # not overwritten
+    assert read_volume(folder / "a.nii.gz", role="label").data.max() == 1  # not overwritten
     assert sorted(p.name for p in tmp_path.iterdir()) == ["predictions"]  # no staging left behind
 
 

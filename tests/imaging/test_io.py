@@ -30,7 +30,7 @@ def test_image_reads_as_float32_with_scaling_and_affine(tmp_path):
     img = nib.Nifti1Image(data, np.diag([0.5, 0.5, 2.0, 1.0]))
     img.header.set_slope_inter(2.0, 10.0)
     nib.save(img, str(tmp_path / "x.nii.gz"))
-    volume = read_volume(tmp_path / "x.nii.gz", kind="image")
+    volume = read_volume(tmp_path / "x.nii.gz", role="image")
     assert volume.data.dtype == np.float32
     np.testing.assert_allclose(volume.data, data * 2.0 + 10.0)
     assert volume.spacing == (0.5, 0.5, 2.0)
@@ -38,7 +38,7 @@ def test_image_reads_as_float32_with_scaling_and_affine(tmp_path):
 
 def test_label_reads_as_uint8_from_float_storage(tmp_path):
     _save(tmp_path / "l.nii.gz", np.array([[[0.0, 1.0], [2.0, 0.0]]], dtype=np.float32))
-    label = read_volume(tmp_path / "l.nii.gz", kind="label")
+    label = read_volume(tmp_path / "l.nii.gz", role="label")
     assert label.data.dtype == np.uint8
     assert label.data.tolist() == [[[0, 1], [2, 0]]]
 
@@ -46,7 +46,7 @@ def test_label_reads_as_uint8_from_float_storage(tmp_path):
 def test_non_integer_label_is_refused_with_the_file_name(tmp_path):
     path = _save(tmp_path / "bad_label.nii.gz", np.full((2, 2, 2), 0.5, dtype=np.float32))
     with pytest.raises(InvalidLabelError, match="bad_label.nii.gz.*non-integer"):
-        read_volume(path, kind="label")
+        read_volume(path, role="label")
 
 
 def test_nan_in_image_is_refused(tmp_path):
@@ -131,17 +131,17 @@ def test_failed_write_leaves_previous_file(tmp_path, monkeypatch):
 
 def test_label_values_above_255_keep_a_wider_dtype(tmp_path):
     data = np.array([[[0, 1], [300, 70000]]], dtype=np.int32)
-    label = read_volume(_save(tmp_path / "wide.nii.gz", data), kind="label")
+    label = read_volume(_save(tmp_path / "wide.nii.gz", data), role="label")
     assert label.data.dtype == np.uint32
     assert label.data.tolist() == [[[0, 1], [300, 70000]]]
-    assert read_volume(_save(tmp_path / "u16.nii.gz", np.array([[[0, 300]]], np.int16)), kind="label").data.dtype == np.uint16
-    assert read_volume(_save(tmp_path / "u8.nii.gz", np.array([[[0, 255]]], np.int16)), kind="label").data.dtype == np.uint8
+    assert read_volume(_save(tmp_path / "u16.nii.gz", np.array([[[0, 300]]], np.int16)), role="label").data.dtype == np.uint16
+    assert read_volume(_save(tmp_path / "u8.nii.gz", np.array([[[0, 255]]], np.int16)), role="label").data.dtype == np.uint8
 
 
 def test_negative_label_is_refused_with_the_file_name(tmp_path):
     path = _save(tmp_path / "neg.nii.gz", np.array([[[0, -1]]], np.int16))
     with pytest.raises(InvalidLabelError, match="neg.nii.gz.*negative values.*-1"):
-        read_volume(path, kind="label")
+        read_volume(path, role="label")
 
 
 def _save_with_sform(path, affine):
@@ -158,7 +158,7 @@ def test_zero_voxel_spacing_is_refused(tmp_path):
     with pytest.raises(InvalidGeometryError, match=r"flat.nii.gz: the voxel spacing is zero along y.*set_zooms"):
         read_volume(path)
     with pytest.raises(InvalidGeometryError, match="flat.nii.gz.*zero along y"):
-        read_volume(path, kind="label")
+        read_volume(path, role="label")
     with pytest.raises(InvalidGeometryError, match="flat.nii.gz.*zero"):
         read_header_geometry(path)
 

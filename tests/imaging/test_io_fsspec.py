@@ -45,13 +45,13 @@ def _get(url: str) -> bytes:
 
 
 @pytest.mark.parametrize("name", ["case.nii.gz", "case.nii"])
-@pytest.mark.parametrize("kind, make", [("image", _image), ("label", _label)])
-def test_volume_round_trip_on_a_store_keeps_data_dtype_and_affine(store_root, name, kind, make):
+@pytest.mark.parametrize("role, make", [("image", _image), ("label", _label)])
+def test_volume_round_trip_on_a_store_keeps_data_dtype_and_affine(store_root, name, role, make):
     volume = make()
     url = f"{store_root}/layer/{name}"
     write_volume(volume, url)
-    back = read_volume(url, kind=kind)
-    assert back.data.dtype == volume.data.dtype == (np.float32 if kind == "image" else np.uint8)
+    back = read_volume(url, role=role)
+    assert back.data.dtype == volume.data.dtype == (np.float32 if role == "image" else np.uint8)
     np.testing.assert_array_equal(back.data, volume.data)
     np.testing.assert_array_equal(back.affine, AFFINE.astype(np.float32).astype(np.float64))
     assert (_get(url)[:2] == medseg_io.GZIP_MAGIC) is name.endswith(".gz")
@@ -158,7 +158,7 @@ def test_storage_options_reach_the_store_without_the_environment(s3_server, s3_b
     options = s3_storage_options(s3_server)
     url = f"{s3_bucket}/explicit.nii.gz"
     write_volume(_label(), url, storage_options=options)
-    np.testing.assert_array_equal(read_volume(url, kind="label", storage_options=options).data, _label().data)
+    np.testing.assert_array_equal(read_volume(url, role="label", storage_options=options).data, _label().data)
     assert read_header_geometry(url, storage_options=options)[0] == (6, 5, 4)
     s3fs.S3FileSystem.clear_instance_cache()  # the next test's default instance must see the env again
 
@@ -185,4 +185,4 @@ def test_is_url(path, expected):
 
 def test_a_file_url_is_read_as_the_local_file(tmp_path):
     write_volume(_label(), tmp_path / "x.nii.gz")
-    np.testing.assert_array_equal(read_volume(f"file://{tmp_path}/x.nii.gz", kind="label").data, _label().data)
+    np.testing.assert_array_equal(read_volume(f"file://{tmp_path}/x.nii.gz", role="label").data, _label().data)

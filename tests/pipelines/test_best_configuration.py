@@ -33,7 +33,7 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _source_label(project, case_id: str) -> np.ndarray:
-    return read_volume(project / f"data/01_raw/synthetic/labelsTr/{case_id}.nii.gz", kind="label").data > 0
+    return read_volume(project / f"data/01_raw/synthetic/labelsTr/{case_id}.nii.gz", role="label").data > 0
 
 
 def test_the_selection_scores_every_candidate_on_the_out_of_fold_predictions_by_hand(selected):
@@ -84,7 +84,7 @@ def test_the_champion_is_registered_and_predict_uses_it_with_the_test_score_it_r
         shutil.copy(project / f"data/01_raw/synthetic/imagesTr/{case_id}_0000.nii.gz", scans)
     run_pipeline(project, "predict", {**CV_UNET, "predict.model": "champion", "predict.input_dir": str(scans),
                                       "predict.output_dir": str(tmp_path / "masks")})
-    dices = [_dice(_source_label(project, c), read_volume(tmp_path / "masks" / f"{c}.nii.gz", kind="label").data > 0)
+    dices = [_dice(_source_label(project, c), read_volume(tmp_path / "masks" / f"{c}.nii.gz", role="label").data > 0)
              for c in test_cases]
     assert newest.data.metrics["best_test_dice_mean"] == pytest.approx(np.nanmean(dices), abs=1e-6)
     _, runs = mlflow_runs(project)

@@ -38,7 +38,7 @@ def test_out_of_fold_predictions_cover_the_folds_and_score_as_computed_by_hand(c
     dices = []
     for case_id in held_out:
         probability = ProbabilityDataset(str(project / f"data/07_model_output/unet_cv/{case_id}.npz")).load()
-        source = read_volume(project / f"data/01_raw/synthetic/labelsTr/{case_id}.nii.gz", kind="label")
+        source = read_volume(project / f"data/01_raw/synthetic/labelsTr/{case_id}.nii.gz", role="label")
         assert probability.data.shape == source.data.shape  # the source file's own grid
         np.testing.assert_allclose(probability.affine, source.affine, atol=1e-5)
         dices.append(_dice(source.data > 0, probability.data >= 0.5))

@@ -89,8 +89,8 @@ def test_a_model_kind_added_as_a_user_would_runs_end_to_end(toy_kind, prepared_p
     test_cases = sorted(line.split(",")[0] for line in splits if line.endswith(",test"))
     assert test_cases
     for case_id in test_cases:
-        mask = read_volume(str(data / f"07_model_output/toy/{case_id}.nii.gz"), kind="label")
-        label = read_volume(str(data / f"01_raw/synthetic/labelsTr/{case_id}.nii.gz"), kind="label")
+        mask = read_volume(str(data / f"07_model_output/toy/{case_id}.nii.gz"), role="label")
+        label = read_volume(str(data / f"01_raw/synthetic/labelsTr/{case_id}.nii.gz"), role="label")
         assert mask.data.shape == label.data.shape
         np.testing.assert_allclose(mask.affine, label.affine, atol=1e-5)
         assert set(np.unique(mask.data)) <= {0, 1}
@@ -101,8 +101,8 @@ def test_a_model_kind_added_as_a_user_would_runs_end_to_end(toy_kind, prepared_p
     source = data / f"01_raw/synthetic/imagesTr/{test_cases[0]}_0000.nii.gz"
     (scans / "new_scan.nii.gz").write_bytes(source.read_bytes())
     run_pipeline(project, "predict", {"predict.model": "toy", "predict.input_dir": str(scans), "predict.output_dir": str(masks)})
-    predicted = read_volume(str(masks / "new_scan.nii.gz"), kind="label")
-    evaluated = read_volume(str(data / f"07_model_output/toy/{test_cases[0]}.nii.gz"), kind="label")
+    predicted = read_volume(str(masks / "new_scan.nii.gz"), role="label")
+    evaluated = read_volume(str(data / f"07_model_output/toy/{test_cases[0]}.nii.gz"), role="label")
     np.testing.assert_array_equal(predicted.data, evaluated.data)
     _, runs = mlflow_runs(project)
     assert runs[0].info.run_name.startswith("Predict-Toy-")

@@ -199,8 +199,8 @@ def read_case(case: CaseFiles) -> tuple[Volume, Volume]:
         the errors of :func:`medseg.imaging.io.read_volume` (including a zero spacing or a
         singular affine), and GeometryMismatchError.
     """
-    image = read_volume(case.image_path, kind="image", channel=case.channel)
-    label = read_volume(case.label_path, kind="label")
+    image = read_volume(case.image_path, role="image", channel=case.channel)
+    label = read_volume(case.label_path, role="label")
     check_pair(image, label, case.image_path, case.label_path)
     return image, label
 
@@ -309,10 +309,10 @@ VALIDATION_VERSION = 1
 IDENTITY_COLUMNS = ("image_size", "image_mtime", "image_sha256", "label_size", "label_mtime", "label_sha256")
 
 
-def _recorded_identity(previous: Mapping | None, kind: str) -> dict | None:
+def _recorded_identity(previous: Mapping | None, role: str) -> dict | None:
     if previous is None:
         return None
-    return {"size": previous.get(f"{kind}_size"), "mtime": previous.get(f"{kind}_mtime"), "sha256": previous.get(f"{kind}_sha256")}
+    return {"size": previous.get(f"{role}_size"), "mtime": previous.get(f"{role}_mtime"), "sha256": previous.get(f"{role}_sha256")}
 
 
 def source_identity(case: CaseFiles, previous: Mapping | None = None) -> dict:
@@ -320,9 +320,9 @@ def source_identity(case: CaseFiles, previous: Mapping | None = None) -> dict:
     (:func:`medseg.storage.incremental.file_identity`; a file whose size and mtime match `previous`
     is not read)."""
     out = {}
-    for kind, path in (("image", case.image_path), ("label", case.label_path)):
-        identity = file_identity(path, _recorded_identity(previous, kind))
-        out.update({f"{kind}_{name}": identity[name] for name in ("size", "mtime", "sha256")})
+    for role, path in (("image", case.image_path), ("label", case.label_path)):
+        identity = file_identity(path, _recorded_identity(previous, role))
+        out.update({f"{role}_{name}": identity[name] for name in ("size", "mtime", "sha256")})
     return out
 
 
@@ -339,8 +339,8 @@ def _unchanged_on_disk(case: CaseFiles, previous: Mapping) -> bool:
     """Same size and mtime for both files (nothing is read): the recorded hashes still hold."""
     try:
         return all(
-            file_stat(path) == {"size": int(previous[f"{kind}_size"]), "mtime": str(previous[f"{kind}_mtime"])}
-            for kind, path in (("image", case.image_path), ("label", case.label_path))
+            file_stat(path) == {"size": int(previous[f"{role}_size"]), "mtime": str(previous[f"{role}_mtime"])}
+            for role, path in (("image", case.image_path), ("label", case.label_path))
         )
     except (OSError, KeyError, TypeError, ValueError):
         return False
@@ -356,7 +356,7 @@ def _fingerprint_job(job: tuple) -> dict | MedsegError:
     except OSError:
         identity = None  # a missing file: fingerprint_case says which, with the fix
     if identity is not None and previous is not None and all(
-        identity[f"{kind}_sha256"] == previous.get(f"{kind}_sha256") for kind in ("image", "label")
+        identity[f"{role}_sha256"] == previous.get(f"{role}_sha256") for role in ("image", "label")
     ):
         return {**previous, **identity}
     try:

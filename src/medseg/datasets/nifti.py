@@ -21,7 +21,7 @@ class NiftiDataset(AbstractDataset[Volume, Volume]):
     """Loads and saves a :class:`medseg.imaging.io.Volume` as `.nii` / `.nii.gz`, on the local
     disk or any fsspec store (`s3://`, `gs://`, `abfs://`, `memory://`...).
 
-    Images load as float32 and labels as uint8 (``kind``), with the affine and header kept.
+    Images load as float32 and labels as uint8 (``role``), with the affine and header kept.
     A local save is atomic (temporary file, fsync, rename); a save to a store is one object
     serialized in memory and put whole (see :mod:`medseg.imaging.io`).
 
@@ -33,14 +33,14 @@ class NiftiDataset(AbstractDataset[Volume, Volume]):
           credentials: s3_medseg   # from conf/local/credentials.yml; passed on to each case
           dataset:
             type: medseg.datasets.nifti.NiftiDataset
-            kind: image
+            role: image
           filename_suffix: .nii.gz
     """
 
     def __init__(
         self,
         filepath: str,
-        kind: str = "image",
+        role: str = "image",
         credentials: dict[str, Any] | None = None,
         fs_args: dict[str, Any] | None = None,
         metadata: dict[str, Any] | None = None,
@@ -52,7 +52,7 @@ class NiftiDataset(AbstractDataset[Volume, Volume]):
                 Write `memory:///bucket/x.nii.gz` with three slashes: Kedro's
                 `get_protocol_and_path` drops the host of a protocol it does not know as a
                 cloud store (`memory://bucket/x` would be `/x`), in every Kedro dataset.
-            kind: "image" (float32) or "label" (uint8), see :func:`medseg.imaging.io.read_volume`.
+            role: "image" (float32) or "label" (uint8), see :func:`medseg.imaging.io.read_volume`.
             credentials: credentials of the filesystem, as kedro-datasets takes them (for S3
                 e.g. `{"key": ..., "secret": ..., "client_kwargs": {"endpoint_url": ...}}`).
                 None uses the store's defaults (for S3 the `AWS_*` variables and `~/.aws`).
@@ -60,14 +60,14 @@ class NiftiDataset(AbstractDataset[Volume, Volume]):
                 `open_args_load` / `open_args_save` do not apply: nibabel reads the bytes.)
             metadata: any metadata; ignored by Kedro.
         """
-        if kind not in ("image", "label"):
-            raise DatasetError(f"NiftiDataset kind must be 'image' or 'label', got '{kind}'.")
+        if role not in ("image", "label"):
+            raise DatasetError(f"NiftiDataset role must be 'image' or 'label', got '{role}'.")
         protocol, path = get_protocol_and_path(filepath)
         storage_options = {**deepcopy(credentials or {}), **deepcopy(fs_args or {})}
-        self._arguments = (filepath, kind, credentials, fs_args, metadata)
+        self._arguments = (filepath, role, credentials, fs_args, metadata)
         self._protocol = protocol
         self._filepath = PurePosixPath(path)
-        self._kind = kind
+        self._role = role
         self._storage_options = storage_options
         self._fs = fsspec.filesystem(protocol, **storage_options)
         self.metadata = metadata
@@ -82,15 +82,15 @@ class NiftiDataset(AbstractDataset[Volume, Volume]):
     def __reduce__(self):
         """Pickled (a case's load function sent to a Dask worker) with its credentials by name,
         read again on the worker (:mod:`medseg.runs.credentials`): never the secret itself."""
-        filepath, kind, secret, fs_args, metadata = self._arguments
+        filepath, role, secret, fs_args, metadata = self._arguments
         named = credentials.name_of(secret) if secret else None
-        return _unpickle, (filepath, kind, named, fs_args, metadata)
+        return _unpickle, (filepath, role, named, fs_args, metadata)
 
     def __deepcopy__(self, memo: dict) -> NiftiDataset:
         return type(self)(*deepcopy(self._arguments, memo))  # in this process: the credentials stay as they are
 
     def load(self) -> Volume:
-        return read_volume(self._path, kind=self._kind, storage_options=self._remote_options())
+        return read_volume(self._path, role=self._role, storage_options=self._remote_options())
 
     def save(self, data: Volume) -> None:
         write_volume(data, self._path, storage_options=self._remote_options())
@@ -108,8 +108,8 @@ class NiftiDataset(AbstractDataset[Volume, Volume]):
         self._fs.invalidate_cache(self._path)
 
     def _describe(self) -> dict[str, Any]:
-        return {"filepath": str(self._filepath), "protocol": self._protocol, "kind": self._kind}
+        return {"filepath": str(self._filepath), "protocol": self._protocol, "role": self._role}
 
 
-def _unpickle(filepath: str, kind: str, named, fs_args, metadata) -> NiftiDataset:
-    return NiftiDataset(filepath, kind, credentials.resolved(named), fs_args, metadata)
+def _unpickle(filepath: str, role: str, named, fs_args, metadata) -> NiftiDataset:
+    return NiftiDataset(filepath, role, credentials.resolved(named), fs_args, metadata)

@@ -45,7 +45,7 @@ from medseg.storage.limits import Limits, describe, limits
 from medseg.storage.paths import is_url, local_or_url, read_object, url_filesystem
 from medseg.storage.publishing import atomic_path
 
-VolumeKind = Literal["image", "label"]
+VolumeRole = Literal["image", "label"]  # what a volume holds: intensities, or label values
 
 
 @dataclass
@@ -329,9 +329,9 @@ def _open_nifti(path: Path | str, storage_options: dict[str, Any] | None = None)
     return img
 
 
-def _read_array(img: nib.Nifti1Image, path: Path | str, kind: VolumeKind) -> np.ndarray:
+def _read_array(img: nib.Nifti1Image, path: Path | str, role: VolumeRole) -> np.ndarray:
     try:
-        if kind == "image":
+        if role == "image":
             return img.get_fdata(dtype=np.float32, caching="unchanged")
         return np.asanyarray(img.dataobj)
     except (EOFError, OSError, ValueError, zlib.error, gzip.BadGzipFile) as exc:
@@ -398,7 +398,7 @@ def _as_label(data: np.ndarray, path: Path | str) -> np.ndarray:
 
 def read_volume(
     path: str | os.PathLike,
-    kind: VolumeKind = "image",
+    role: VolumeRole = "image",
     channel: int | None = None,
     storage_options: dict[str, Any] | None = None,
 ) -> Volume:
@@ -407,7 +407,7 @@ def read_volume(
     Args:
         path: a `.nii` or `.nii.gz` file: a local path or an fsspec URL (`s3://b/x.nii.gz`).
             A URL's object is read whole, then gunzipped when it starts with the gzip magic.
-        kind: "image" reads float32 (scaling applied, NaN/Inf refused); "label" reads uint8
+        role: "image" reads float32 (scaling applied, NaN/Inf refused); "label" reads uint8
             (non-integer and negative values refused; a label with values above 255 reads as
             the smallest unsigned dtype that holds them).
         channel: for a 4-D (X, Y, Z, C) file with C > 1, the channel to keep. A trailing axis of
@@ -424,10 +424,10 @@ def read_volume(
         ConfigurationError: a URL whose filesystem is not installed.
     """
     path = local_or_url(path)
-    return _volume_of(_open_nifti(path, storage_options), path, kind, channel)
+    return _volume_of(_open_nifti(path, storage_options), path, role, channel)
 
 
-def read_volume_bytes(raw: bytes, name: str, kind: VolumeKind = "image", channel: int | None = None) -> Volume:
+def read_volume_bytes(raw: bytes, name: str, role: VolumeRole = "image", channel: int | None = None) -> Volume:
     """Read the bytes of a `.nii` or `.nii.gz` file (gzipped when they start with the gzip
     magic) as :func:`read_volume` reads a file, `name` standing for it in the messages.
 
@@ -445,13 +445,13 @@ def read_volume_bytes(raw: bytes, name: str, kind: VolumeKind = "image", channel
         raise CorruptFileError(
             f"{name}: not a readable NIfTI file ({type(exc).__name__}: {exc}). Send a .nii or .nii.gz file."
         ) from exc
-    return _volume_of(img, name, kind, channel)
+    return _volume_of(img, name, role, channel)
 
 
-def _volume_of(img: nib.Nifti1Image, path: Path | str, kind: VolumeKind, channel: int | None) -> Volume:
+def _volume_of(img: nib.Nifti1Image, path: Path | str, role: VolumeRole, channel: int | None) -> Volume:
     check_affine(img.affine, path)
-    data = _select_channel(_read_array(img, path, kind), path, channel)
-    if kind == "image":
+    data = _select_channel(_read_array(img, path, role), path, channel)
+    if role == "image":
         data = data.astype(np.float32, copy=False)
         if not np.all(np.isfinite(data)):
             n_bad = int(np.count_nonzero(~np.isfinite(data)))

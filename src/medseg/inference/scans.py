@@ -48,23 +48,23 @@ class Scan:
         case_id: the output's name (`<case_id>.nii.gz`).
         path: the NIfTI file; for DICOM, the series' folder or `.zip`, or (`dicom-files`) the
             folder whose own DICOM files are the series.
-        kind: `nifti`, `dicom` or `dicom-files`.
+        format: `nifti`, `dicom` or `dicom-files`.
         series_uid: for DICOM, the SeriesInstanceUID to read (`predict.series_uid`), or None
             for the only series of the input.
     """
 
     case_id: str
     path: str
-    kind: str = NIFTI
+    format: str = NIFTI
     series_uid: str | None = None
 
     @property
     def is_dicom(self) -> bool:
-        return self.kind != NIFTI
+        return self.format != NIFTI
 
     def dicom_source(self) -> str | list[Path]:
         """What :func:`medseg.dicom.series.read_dicom_series` reads for this scan."""
-        if self.kind == DICOM_FILES:
+        if self.format == DICOM_FILES:
             return _loose_dicom_files(Path(self.path))
         return self.path
 

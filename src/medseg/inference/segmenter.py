@@ -355,7 +355,7 @@ class Segmenter:
     def read_scan(self, path: str | os.PathLike) -> Volume:
         """Read and check a scan as training did (float32; NaN, a zero spacing, a wrong number
         of dimensions are refused naming the file); a 4-D scan gives the plan's channel."""
-        return read_volume(path, kind="image", channel=self.plan.channel)
+        return read_volume(path, role="image", channel=self.plan.channel)
 
     def volumes_ml(self, mask: Volume) -> dict[str, float]:
         """`volume_ml` (all foreground) and, with several classes, `volume_ml_<name>`."""

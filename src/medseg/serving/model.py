@@ -228,7 +228,7 @@ def _segment_checked(segmenter: Segmenter, requests: list[_Row], roots: Roots, b
             else:
                 raw, name = _decode_scan(image_b64, row, bounds), f"row {row} (image_b64)"
             series = read_dicom_series(raw) if raw[:4] == ZIP_MAGIC else None
-            scan = series.volume if series is not None else read_volume_bytes(raw, name, kind="image", channel=segmenter.plan.channel)
+            scan = series.volume if series is not None else read_volume_bytes(raw, name, role="image", channel=segmenter.plan.channel)
             del raw
             voxels += int(scan.data.size)
             if voxels > bounds.max_request_voxels:

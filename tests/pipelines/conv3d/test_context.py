@@ -75,7 +75,7 @@ def test_auto_tells_the_sides_and_the_segmenter_maps_them_back_to_the_scan(auto_
     # A scan stored in another orientation (LPS): the mask comes back on its own grid.
     segmenter = Segmenter.load(project / "data/06_models/conv3d/segmenter")
     scan = read_volume(task / "imagesTr/head_001.nii.gz")
-    truth = read_volume(task / "labelsTr/head_001.nii.gz", kind="label")
+    truth = read_volume(task / "labelsTr/head_001.nii.gz", role="label")
     mask = segmenter.segment(scan, "head_001")
     assert mask.data.shape == scan.data.shape
     np.testing.assert_allclose(mask.affine, scan.affine)

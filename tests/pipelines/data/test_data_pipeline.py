@@ -32,8 +32,8 @@ def test_outputs_are_ras_resampled_normalized_and_split(data_run: Path):
     assert splits["split"].value_counts().to_dict() == {"train": 4, "val": 1, "test": 1}
 
     for case_id in geometry:
-        image = read_volume(primary / "images" / f"{case_id}.nii.gz", kind="image")
-        label = read_volume(primary / "labels" / f"{case_id}.nii.gz", kind="label")
+        image = read_volume(primary / "images" / f"{case_id}.nii.gz", role="image")
+        label = read_volume(primary / "labels" / f"{case_id}.nii.gz", role="label")
         assert nib.aff2axcodes(image.affine) == ("R", "A", "S")
         assert image.spacing == pytest.approx(tuple(fingerprint["median_spacing"]), rel=0.06)
         assert image.data.shape == tuple(geometry[case_id]["preprocessed_shape"]) == label.data.shape
@@ -114,7 +114,7 @@ def test_msd_folder_with_mixed_orientations_dtypes_and_channel_axis(project_copy
     assert set(fingerprints["orientation"]) == {"RAS", "LAS", "LSA"}
     assert set(fingerprints["source_dtype"]) == {"int16", "float32", "uint8"}
     for case_id in fingerprints["case_id"]:
-        label = read_volume(primary / "labels" / f"{case_id}.nii.gz", kind="label")
+        label = read_volume(primary / "labels" / f"{case_id}.nii.gz", role="label")
         assert nib.aff2axcodes(label.affine) == ("R", "A", "S")
         assert set(np.unique(label.data)) == {0, 1}  # values 1 and 2 both count as foreground
 
@@ -226,7 +226,7 @@ def test_label_values_above_255_that_are_not_foreground(project_copy: Path, tmp_
     run_pipeline(project_copy, "data", {**params, "data.foreground_labels": [1]})
     data = project_copy / "data"
     for case_id in (f"c{i}" for i in range(5)):
-        source = read_volume(msd / "labelsTr" / f"{case_id}.nii.gz", kind="label")
+        source = read_volume(msd / "labelsTr" / f"{case_id}.nii.gz", role="label")
         assert source.data.dtype == np.uint16 and 300 in source.data
         intermediate = nib.load(str(data / "02_intermediate" / "labels" / f"{case_id}.nii.gz"))
         primary = nib.load(str(data / "03_primary" / "labels" / f"{case_id}.nii.gz"))

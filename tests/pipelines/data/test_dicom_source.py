@@ -42,7 +42,7 @@ def _write_studies(msd: Path, studies: Path) -> None:
         case_id = image_path.name.removesuffix("_0000.nii.gz")
         files = write_dicom_series(read_volume(image_path), studies / case_id / "series", patient_id=f"P{k}", seed=k)
         series = read_dicom_series(files)
-        label = read_volume(msd / "labelsTr" / f"{case_id}.nii.gz", kind="label")
+        label = read_volume(msd / "labelsTr" / f"{case_id}.nii.gz", role="label")
         mask = _on_grid(label, series.volume.affine)
         write_dicom_seg(mask, series, classes, algorithm_name="reference", algorithm_version="1", model_uri="manual",
                         path=studies / case_id / "labels.seg.dcm")
@@ -76,8 +76,8 @@ def test_dicom_studies_give_the_primary_layer_of_the_same_cases_in_msd_layout(bo
     labels = sorted((reference / "data/03_primary/labels").glob("*.nii.gz"))
     assert len(labels) == 6
     for path in labels:
-        theirs_label = read_volume(path, kind="label")
-        mine_label = read_volume(project / "data/03_primary/labels" / path.name, kind="label")
+        theirs_label = read_volume(path, role="label")
+        mine_label = read_volume(project / "data/03_primary/labels" / path.name, role="label")
         np.testing.assert_allclose(mine_label.affine, theirs_label.affine, atol=1e-3)
         np.testing.assert_array_equal(mine_label.data, theirs_label.data)  # SEG labels are exact
         mine_image = read_volume(project / "data/03_primary/images" / path.name).data

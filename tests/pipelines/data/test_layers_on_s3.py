@@ -69,12 +69,12 @@ def test_the_data_pipeline_reads_and_writes_s3(s3_bucket: str, tmp_path: Path):
     assert not any((project / "data" / "02_intermediate").iterdir())  # nothing written locally
     assert not any((project / "data" / "03_primary").iterdir())
     for layer, name in [("02_intermediate", "images"), ("02_intermediate", "labels"), ("03_primary", "images"), ("03_primary", "labels")]:
-        kind = "image" if name == "images" else "label"
+        role = "image" if name == "images" else "label"
         local_files = sorted((reference / "data" / layer / name).glob("*.nii.gz"))
         assert len(local_files) == 6
         for path in local_files:
-            remote = read_volume(f"{layers}/data/{layer}/{name}/{path.name}", kind=kind)
-            mine = read_volume(path, kind=kind)
+            remote = read_volume(f"{layers}/data/{layer}/{name}/{path.name}", role=role)
+            mine = read_volume(path, role=role)
             assert remote.data.dtype == mine.data.dtype and np.array_equal(remote.data, mine.data), path.name
             np.testing.assert_array_equal(remote.affine, mine.affine)
             assert fs.cat(f"{layers}/data/{layer}/{name}/{path.name}") == path.read_bytes()  # the same gzip bytes

@@ -66,7 +66,7 @@ def _outputs(project: Path):
 
 
 def _primary_label(project: Path, case_id: str) -> np.ndarray:
-    label = read_volume(project / "data" / "03_primary" / "labels" / f"{case_id}.nii.gz", kind="label")
+    label = read_volume(project / "data" / "03_primary" / "labels" / f"{case_id}.nii.gz", role="label")
     assert label.data.dtype == np.uint8
     return label.data
 
@@ -81,19 +81,19 @@ def test_two_listed_labels_make_a_multiclass_dataset(project_copy: Path, tmp_pat
     assert list(fingerprint["classes"]) == ["1", "2"]  # ascending: training index i + 1 is the i-th value
     sides = []
     for _, row in cases.iterrows():
-        source = read_volume(row["label_path"], kind="label").data
+        source = read_volume(row["label_path"], role="label").data
         assert row["share_1"] == pytest.approx(np.mean(source == 1), abs=1e-12)
         assert row["share_2"] == pytest.approx(np.mean(source == 2), abs=1e-12)
         assert row["share_1"] + row["share_2"] == pytest.approx(row["foreground_fraction"])
-        image = to_canonical(read_volume(row["image_path"], kind="image"))
-        canonical = to_canonical(read_volume(row["label_path"], kind="label"))
+        image = to_canonical(read_volume(row["image_path"], role="image"))
+        canonical = to_canonical(read_volume(row["label_path"], role="label"))
         sides.append(right_fractions(canonical.data, body_midline(image.data)))
     assert fingerprint["lateralized"] == lateralized_classes(sides) == []  # lesions lie on both sides
 
     found = set()
     for case_id, record in geometry.items():
         primary = _primary_label(project_copy, case_id)
-        intermediate = read_volume(project_copy / "data" / "02_intermediate" / "labels" / f"{case_id}.nii.gz", kind="label")
+        intermediate = read_volume(project_copy / "data" / "02_intermediate" / "labels" / f"{case_id}.nii.gz", role="label")
         assert set(np.unique(intermediate.data)) <= {0, 1, 2}  # the dataset's own values
         # one-hot, linear, argmax onto the planned grid (values 1, 2 are already indices 1, 2)
         expected = label_to_training_grid(intermediate, CaseGeometry.from_dict(record)).data
@@ -112,11 +112,11 @@ def test_nnunet_v2_labels_and_values_that_are_not_1_to_k(project_copy: Path, tmp
     assert fingerprint["classes"] == {"2": "edema", "5": "tumour"}
     assert {"share_2", "share_5"} <= set(cases.columns) and "share_1" not in cases.columns
     for _, row in cases.iterrows():
-        source = read_volume(row["label_path"], kind="label").data
+        source = read_volume(row["label_path"], role="label").data
         assert (row["share_2"], row["share_5"]) == pytest.approx((np.mean(source == 2), np.mean(source == 5)))
     found = set()
     for case_id, record in geometry.items():
-        intermediate = read_volume(project_copy / "data" / "02_intermediate" / "labels" / f"{case_id}.nii.gz", kind="label")
+        intermediate = read_volume(project_copy / "data" / "02_intermediate" / "labels" / f"{case_id}.nii.gz", role="label")
         indices = np.select([intermediate.data == 2, intermediate.data == 5], [1, 2], 0).astype(np.uint8)
         intermediate.data = indices
         expected = label_to_training_grid(intermediate, CaseGeometry.from_dict(record)).data
@@ -163,7 +163,7 @@ def test_label_mode_binary_merges_the_listed_labels(project_copy: Path, tmp_path
     fingerprint, cases, _ = _outputs(project_copy)
     assert fingerprint["label_mode"] == "binary" and fingerprint["classes"] == {"1": "posterior"}
     for _, row in cases.iterrows():
-        assert row["share_1"] == pytest.approx(np.mean(read_volume(row["label_path"], kind="label").data == 2))
+        assert row["share_1"] == pytest.approx(np.mean(read_volume(row["label_path"], role="label").data == 2))
 
 
 def _lateralized_cases() -> dict:

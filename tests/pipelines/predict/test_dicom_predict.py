@@ -62,20 +62,20 @@ def test_a_dicom_series_is_segmented_as_its_nifti_and_its_seg_reads_back_as_the_
     names = sorted(p.name for p in out.iterdir() if p.name != "dcm2niix.nii.gz")
     assert names == ["nifti.nii.gz", "predictions.csv", "series.nii.gz", "series.seg.dcm", "zipped.nii.gz", "zipped.seg.dcm"]
     series = read_dicom_series(scans / "series")
-    mask = read_volume(out / "series.nii.gz", kind="label")
+    mask = read_volume(out / "series.nii.gz", role="label")
     # The mask is on the series' own grid, the affine built from its IPP/IOP.
     assert mask.data.shape == series.volume.data.shape
     np.testing.assert_allclose(mask.affine, series.volume.affine, atol=1e-4)
     # Same voxels in space as the NIfTI's mask (the series stores intensities as int16, so a few
     # boundary voxels may differ: at most 1 %).
-    nifti = read_volume(out / "nifti.nii.gz", kind="label")
+    nifti = read_volume(out / "nifti.nii.gz", role="label")
     a, affine_a = _canonical(mask.data, mask.affine)
     b, affine_b = _canonical(nifti.data, nifti.affine)
     np.testing.assert_allclose(affine_a, affine_b, atol=1e-3)
     assert b.sum() > 0 and np.mean(a != b) <= 0.01
     # The SEG, read back over its source series, is the NIfTI mask voxel for voxel.
     for name in ("series", "zipped"):
-        np.testing.assert_array_equal(read_dicom_seg(out / f"{name}.seg.dcm", series), read_volume(out / f"{name}.nii.gz", kind="label").data)
+        np.testing.assert_array_equal(read_dicom_seg(out / f"{name}.seg.dcm", series), read_volume(out / f"{name}.nii.gz", role="label").data)
 
 
 @pytest.mark.skipif(shutil.which("dcm2niix") is None, reason="dcm2niix (Debian's package) is not installed: make dicom-tools")
@@ -87,8 +87,8 @@ def test_dcm2niix_s_conversion_of_the_series_gets_the_same_geometry_and_the_same
     b, affine_b = _canonical(converted.data, converted.affine)
     np.testing.assert_allclose(affine_a, affine_b, atol=1e-3)
     np.testing.assert_allclose(a, b, atol=1e-3)  # the same rescaled intensities
-    mine = read_volume(out / "series.nii.gz", kind="label")
-    theirs = read_volume(out / "dcm2niix.nii.gz", kind="label")
+    mine = read_volume(out / "series.nii.gz", role="label")
+    theirs = read_volume(out / "dcm2niix.nii.gz", role="label")
     np.testing.assert_array_equal(_canonical(mine.data, mine.affine)[0], _canonical(theirs.data, theirs.affine)[0])
 
 
@@ -159,13 +159,13 @@ def test_the_served_model_takes_a_zip_of_the_series_and_answers_with_its_seg(dic
     answer = segment_requests(segmenter, pd.DataFrame([{"image_b64": encoded, "case_id": "sent"},
                                                        {"image_path": str(scans / "zipped.zip")}]), roots)
     series = read_dicom_series(scans / "series")
-    expected = read_volume(out / "zipped.nii.gz", kind="label").data
+    expected = read_volume(out / "zipped.nii.gz", role="label").data
     for row in answer.to_dict("records"):
         assert row["series_instance_uid"] == series.series_uid and row["study_instance_uid"] == series.study_uid
         mask_file, seg_file = tmp_path / f"{row['case_id']}.nii.gz", tmp_path / f"{row['case_id']}.seg.dcm"
         mask_file.write_bytes(base64.b64decode(row["mask_b64"]))
         seg_file.write_bytes(base64.b64decode(row["seg_b64"]))
-        np.testing.assert_array_equal(read_volume(mask_file, kind="label").data, expected)
+        np.testing.assert_array_equal(read_volume(mask_file, role="label").data, expected)
         np.testing.assert_array_equal(read_dicom_seg(seg_file, series), expected)
         assert pydicom.dcmread(seg_file).SOPInstanceUID == row["seg_sop_instance_uid"]
     assert list(answer["case_id"]) == ["sent", "zipped"]

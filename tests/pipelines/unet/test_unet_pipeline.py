@@ -221,10 +221,10 @@ def test_overlay_titles_name_the_case_slice_and_its_test_dice(unet_run: Path):
     from medseg.pipelines.evaluation import evaluate_predictions
 
     masks = unet_run / "data" / "07_model_output" / "unet"
-    predictions = {p.name[: -len(".nii.gz")]: (lambda p=p: read_volume(str(p), kind="label")) for p in masks.glob("*.nii.gz")}
-    def partition(layer: str, kind: str) -> dict:
+    predictions = {p.name[: -len(".nii.gz")]: (lambda p=p: read_volume(str(p), role="label")) for p in masks.glob("*.nii.gz")}
+    def partition(layer: str, role: str) -> dict:
         folder = unet_run / "data" / "02_intermediate" / layer
-        return {p.name[: -len(".nii.gz")]: (lambda p=p: read_volume(str(p), kind=kind)) for p in folder.glob("*.nii.gz")}
+        return {p.name[: -len(".nii.gz")]: (lambda p=p: read_volume(str(p), role=role)) for p in folder.glob("*.nii.gz")}
 
     geometry = PreprocessingPlan.from_json(json.loads((unet_run / "data" / "03_primary" / "geometry.json").read_text()))
     splits = pd.read_csv(unet_run / "data" / "03_primary" / "splits.csv", dtype={"case_id": str})

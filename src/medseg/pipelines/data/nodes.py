@@ -168,10 +168,10 @@ def validate_cases(
     return pd.DataFrame(records), dataset_fingerprint(records, label_mode, classes)
 
 
-def _canonical_loader(path: str, kind: str, channel: int | None) -> Callable[[], Volume]:
+def _canonical_loader(path: str, role: str, channel: int | None) -> Callable[[], Volume]:
     def load() -> Volume:
-        volume = to_canonical(read_volume(path, kind=kind, channel=channel))
-        if kind == "label":
+        volume = to_canonical(read_volume(path, role=role, channel=channel))
+        if role == "label":
             volume.data = label_for_storage(volume.data)  # values above 255 are background
         return volume
 

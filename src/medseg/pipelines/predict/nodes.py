@@ -75,7 +75,7 @@ def list_scans_to_predict(
     folder, model_uri = fetch_segmenter(str(predict["model"]), local_segmenters)
     scans = list_scans(input_dir, read_any_plan(folder).channel, predict.get("series_uid"))
     logger.info("predict: %d scans in %s (%d DICOM).", len(scans), input_dir, sum(scan.is_dicom for scan in scans))
-    table = pd.DataFrame([{"case_id": scan.case_id, "image_path": scan.path, "kind": scan.kind} for scan in scans])
+    table = pd.DataFrame([{"case_id": scan.case_id, "image_path": scan.path, "format": scan.format} for scan in scans])
     return table, {"folder": folder, "uri": model_uri}
 
 
@@ -124,7 +124,7 @@ def segment_scans(scans: pd.DataFrame, model: dict[str, str], predict: PredictPa
         return DriverThenWorker(network, partial(segmented_scan, finish=finish, classes=segmenter.plan.classes,
                                                  extra={**row, **lineage(series)}, write_seg=write_seg))
 
-    items = [Scan(str(r.case_id), str(r.image_path), str(r.kind), predict.get("series_uid")) for r in scans.itertuples()]
+    items = [Scan(str(r.case_id), str(r.image_path), str(r.format), predict.get("series_uid")) for r in scans.itertuples()]
     table = write_predictions(items, segment, output_dir, mapper=compute.current().map)
     tracking.log_input_cases("predict-input", str(input_dir), table, context="inference")
     logger.info("predict: %d masks and predictions.csv written to %s.", len(table), output_dir)
