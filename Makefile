@@ -9,8 +9,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 EXTRAS_FILE := $(VENV)/.extras
-# Without .extras, the stamps of an older Makefile tell: .installed-gpu held tensorflow[and-cuda],
-# .installed-cpu and .installed-test held tensorflow-cpu.
+# Without .extras, the install stamps tell the build: .installed-gpu holds tensorflow[and-cuda],
+# .installed-cpu and .installed-test hold tensorflow-cpu.
 BUILT_EXTRAS := $(strip $(shell cat $(EXTRAS_FILE) 2>/dev/null || \
 	if [ -e $(VENV)/.installed-gpu ]; then echo gpu; \
 	elif [ -e $(VENV)/.installed-cpu ] || [ -e $(VENV)/.installed-test ]; then echo cpu; fi))
@@ -18,7 +18,7 @@ EXTRAS ?= $(or $(BUILT_EXTRAS),cpu)
 export KEDRO_DISABLE_TELEMETRY := true
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-# An environment made by an older Makefile may hold both builds; pip cannot repair that.
+# An environment whose stamps disagree may hold both builds; pip cannot repair that.
 CHECK_ONE_TENSORFLOW := $(PY) -c 'import sys; from importlib.metadata import distributions; \
 names = {d.metadata["Name"].lower().replace("_", "-") for d in distributions()}; \
 sys.exit("$(VENV) holds both tensorflow and tensorflow-cpu: remove $(VENV) (rm -rf $(VENV)) and rerun." \

@@ -58,8 +58,8 @@ class RunStopped(click.ClickException):
 
 def _run(verbose: bool = False, **options: Any) -> None:
     if options.get("pipeline") and not options.get("pipelines"):
-        # `--pipeline unet` is medseg's documented command (DESIGN.md); Kedro 1.7 deprecates
-        # the option for `--pipelines`, which means the same for one name: pass it on as that.
+        # `--pipeline unet` is medseg's documented command; Kedro 1.7 deprecates the option
+        # for `--pipelines`, which means the same for one name: pass it on as that.
         options["pipelines"], options["pipeline"] = [options["pipeline"]], None
     try:
         kedro_run.callback(**options)

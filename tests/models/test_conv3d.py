@@ -40,7 +40,7 @@ def test_unet3d_output_matches_input_and_one_step_trains(patches):
     assert model.predict(images, verbose=0).shape == images.shape
 
 
-def test_patch_classifier_is_the_course_block_and_one_step_trains(patches):
+def test_patch_classifier_is_the_small_conv3d_block_and_one_step_trains(patches):
     images, labels = patches
     model = compile_patch_classifier(build_patch_classifier((16, 16, 16, 1)), "sgd", 1e-2)
     kinds = [type(layer).__name__ for layer in model.layers[1:]]

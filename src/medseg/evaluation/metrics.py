@@ -8,7 +8,8 @@ nothing but 0 and 1; threshold probabilities first (`probabilities >= 0.5`).
 Spacing is the voxel size in mm per axis, in the same axis order as the array. Distances are
 returned in mm, volumes in ml (1 ml = 1000 mm³).
 
-Empty masks follow one convention everywhere (see DESIGN.md, section 4):
+Empty masks follow one convention everywhere (the per-case tables, the summaries, the MLflow
+metrics):
 
 =========================  ======  ======  ========  =================  =========  ======
 case                       dice    iou     hd95_mm   hd95_mm_penalized  precision  recall

@@ -20,10 +20,9 @@ import numpy as np
 from medseg.errors import ConfigurationError
 from medseg.patching.sliding_window import GIB, unet_features_per_voxel
 
-# Measured peak memory of one Keras training step (forward, backward, Adam) on CPU, per value of
-# `unet_features_per_voxel` x voxels: 17-30 bytes for the 2D U-Net at 128x128 and 256x256,
-# 20 for the 3D U-Net at 64x64x32 (TensorFlow 2.21, 2-core AMD EPYC, psutil RSS polled every
-# 5 ms, 2026-11-25). 32 covers them.
+# Peak memory of one Keras training step (forward, backward, Adam) on CPU, per value of
+# `unet_features_per_voxel` x voxels: between 17 and 30 bytes for the 2D and 3D U-Nets, measured
+# as the process's RSS on CPU under TensorFlow 2.21; 32 covers them with a margin.
 TRAINING_BYTES_PER_FEATURE = 32.0
 MIN_FEATURE_MAP = 4  # nnU-Net: no pooling takes an axis below 4 voxels
 ANISOTROPY_RATIO = 2.0  # nnU-Net: an axis is pooled only while its spacing is < 2x the finest

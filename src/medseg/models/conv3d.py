@@ -1,7 +1,8 @@
 """3D models trained on patches: a 3D U-Net for segmentation and a small patch classifier.
 
-The U-Net is the 2D design in 3D (see `medseg.models.unet`). The classifier is the Conv3D
-block of the original course material, kept layer for layer so its results can be compared.
+The U-Net is the 2D design in 3D (see `medseg.models.unet`). The classifier is a small Conv3D
+block (two valid convolutions and a dense head) that says whether a patch holds foreground: a
+cheap detector, scored as one.
 """
 
 from __future__ import annotations
@@ -77,10 +78,10 @@ def build_unet3d(
 
 
 def build_patch_classifier(patch_shape: Sequence[int] = (32, 32, 32, 1)) -> keras.Model:
-    """Build the course's Conv3D patch classifier: does this patch contain foreground?
+    """Build the Conv3D patch classifier: does this patch contain foreground?
 
     Conv3D(16, 3, relu) → MaxPool3D(2) → Conv3D(32, 3, relu) → MaxPool3D(2) → Flatten
-    → Dense(1, sigmoid). Convolutions are 'valid', as in the original, so each spatial size
+    → Dense(1, sigmoid). Convolutions are 'valid' (no padding), so each spatial size
     shrinks as s → (s − 2) // 2 → ((s − 2) // 2 − 2) // 2; it must stay >= 1, i.e. every
     patch size must be at least 10.
 
