@@ -4,7 +4,8 @@
 # EXTRAS picks the TensorFlow build: cpu (tensorflow-cpu) or gpu (tensorflow[and-cuda]). The two
 # must never share an environment, so the build a .venv got first is recorded in .venv/.extras
 # and is the default from then on: `make run EXTRAS=gpu` then `make test` tests the GPU build.
-# The `test` extra holds only the test tools and is installed on top: `.[$(EXTRAS),test]`.
+# The `test` and `docs` extras hold only the test tools and the documentation site's, installed on
+# top: `.[$(EXTRAS),test,docs]`.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -24,7 +25,7 @@ names = {d.metadata["Name"].lower().replace("_", "-") for d in distributions()};
 sys.exit("$(VENV) holds both tensorflow and tensorflow-cpu: remove $(VENV) (rm -rf $(VENV)) and rerun." \
 if {"tensorflow", "tensorflow-cpu"} <= names else 0)'
 
-.PHONY: run test viz benchmarks clean-data check-extras dicom-tools
+.PHONY: run test test-quick docs viz benchmarks clean-data check-extras dicom-tools
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -45,7 +46,7 @@ $(VENV)/.installed-$(EXTRAS): pyproject.toml | $(PY) check-extras
 	touch $@
 
 $(VENV)/.installed-$(EXTRAS)-test: pyproject.toml | $(PY) check-extras
-	$(PY) -m pip install --quiet -e '.[$(EXTRAS),test]'
+	$(PY) -m pip install --quiet -e '.[$(EXTRAS),test,docs]'
 	@$(CHECK_ONE_TENSORFLOW)
 	echo $(EXTRAS) > $(EXTRAS_FILE)
 	touch $@
@@ -53,10 +54,20 @@ $(VENV)/.installed-$(EXTRAS)-test: pyproject.toml | $(PY) check-extras
 run: $(VENV)/.installed-$(EXTRAS)
 	$(VENV)/bin/kedro run
 
-# The layers of docs/architecture.md are import-linter contracts (pyproject.toml): checked first.
+# Everything CI checks: the layers of docs/architecture.md (import-linter contracts in
+# pyproject.toml), the documentation site (no broken link), then every test tier.
 test: $(VENV)/.installed-$(EXTRAS)-test
 	$(VENV)/bin/lint-imports
+	$(MAKE) --no-print-directory docs
 	$(PY) -m pytest
+
+# The unit and wiring tiers only: no KedroSession, training run, server or subprocess.
+test-quick: $(VENV)/.installed-$(EXTRAS)-test
+	$(PY) -m pytest -m "not integration"
+
+# The documentation site into site/ (browse it with `.venv/bin/mkdocs serve`).
+docs: $(VENV)/.installed-$(EXTRAS)-test
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
 
 # Optional, for the DICOM tests that skip without them: Debian's dcm2niix (geometry against an
 # independent converter) and dicom3tools (dciodvfy validates the DICOM SEGs). Needs root and apt.

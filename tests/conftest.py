@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
 import os
-from contextlib import contextmanager
+import re
 import shutil
+from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 
 import pytest
@@ -25,7 +28,40 @@ LONG_MODULES = (
 )
 
 
+# The integration tier: a test is marked `integration` when it, or a fixture it uses (at any
+# depth), runs a KedroSession, trains a network, starts a subprocess or a server, or executes
+# the notebook. Everything else (unit tests of the domain on in-memory data, and wiring tests
+# that run a pipeline with SequentialRunner on a DataCatalog) is `make test-quick`.
+INTEGRATION_CALLS = re.compile(
+    r"\brun_pipeline\(|\bKedroSession\b|\bsubprocess\.|\bPopen\(|\.fit\(|\bfit_model\(|\bmeasure_precisions?\(|"
+    r"\bseconds_per_training_step\(|\bTestClient\(|\bnbclient\b|\bLocalCluster\(|\bThreadedMotoServer\(|"
+    r"\bcompute\.executor\(|\blocal:\d|\bplan_model\(|\bplan_precision\(|\bplan_training_steps\("
+)
+
+
+@lru_cache(maxsize=None)
+def _calls_integration(function) -> bool:
+    try:
+        source = inspect.getsource(function)
+    except (OSError, TypeError):
+        return False
+    return bool(INTEGRATION_CALLS.search(source))
+
+
+def _needs_integration(item) -> bool:
+    if item.get_closest_marker("integration"):
+        return True
+    functions = [getattr(item, "function", None)]
+    info = getattr(item, "_fixtureinfo", None)
+    for definitions in (info.name2fixturedefs.values() if info else ()):
+        functions.extend(definition.func for definition in definitions)
+    return any(function is not None and _calls_integration(function) for function in functions)
+
+
 def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        if _needs_integration(item):
+            item.add_marker(pytest.mark.integration)
     rank = {name: index for index, name in enumerate(LONG_MODULES)}
     items.sort(key=lambda item: rank.get(item.path.name, len(LONG_MODULES)))
 

@@ -42,6 +42,32 @@ def test_bad_input_ends_with_its_message_alone(bad_dataset_runs):
     assert last[-2].startswith("Error: ") and "no_such_dataset: dataset folder not found" in last[-2]
     assert "Set data.msd_dir" in last[-2]
     assert last[-1] == "(kedro run --verbose, or MEDSEG_TRACEBACK=1, shows the traceback.)"
+    # The message once, in a console that fits in ten lines: no Kedro account of the failure.
+    lines = output.strip().splitlines()
+    assert len(lines) <= 10, output
+    assert output.count("dataset folder not found") == 1 and "--from-nodes" not in output
+
+
+def test_the_console_filter_drops_the_repeats_of_a_failed_run_and_keeps_a_bug():
+    import logging
+
+    from medseg.errors import DatasetNotFoundError
+    from medseg.runs.console import UserErrorsOnce
+
+    def record(name, level, message, error=None):
+        made = logging.LogRecord(name, level, __file__, 1, message, None, None)
+        if error is not None:
+            made.exc_info = (type(error), error, None)
+        return made
+
+    keep = UserErrorsOnce().filter
+    assert not keep(record("kedro.pipeline.node", logging.ERROR, "Node list_source_cases: f() -> [x] failed with error: \nx"))
+    assert not keep(record("kedro.runner.sequential_runner", logging.WARNING, "There are 7 nodes that have not run.\nYou can"))
+    wrapped = RuntimeError("dataset failed")
+    wrapped.__cause__ = DatasetNotFoundError("/x: dataset folder not found")
+    assert not keep(record("kedro.io", logging.ERROR, "load failed", wrapped))
+    assert keep(record("kedro.io", logging.ERROR, "load failed", ZeroDivisionError("a bug")))
+    assert keep(record("medseg.stages", logging.INFO, "[1/9] data.validate_cases  0.1 s"))
 
 
 def test_the_run_command_takes_kedros_options_and_verbose():

@@ -111,3 +111,40 @@ def test_hook_warns_instead_of_failing_when_the_summary_is_unreadable(tmp_path, 
     assert "test Dice" not in capsys.readouterr().out
     assert len(caplog.records) == 1 and caplog.records[0].levelno == logging.WARNING
     assert caplog.messages[0].startswith("No summary of unet: unet.metrics_summary could not be read")
+
+
+# Imported before any test sets up caplog: importing Kedro's project module configures logging
+# (conf/logging.yml) and replaces the root logger's handlers, caplog's among them.
+from medseg.runs.hooks import StageLinesHook  # noqa: E402
+
+
+def test_a_line_per_node_with_its_count_and_time(caplog):
+    import logging
+    from types import SimpleNamespace
+
+    caplog.set_level(logging.INFO, logger="medseg.stages")
+    nodes = [SimpleNamespace(name=f"data.step_{i}") for i in range(10)]
+    hook = StageLinesHook()
+    hook.before_pipeline_run({"pipeline_names": ["data"]}, SimpleNamespace(nodes=nodes), None)
+    for node in nodes:
+        hook.before_node_run(node)
+        hook.after_node_run(node)
+    lines = caplog.messages
+    assert lines[0] == "kedro run --pipelines data: 10 steps (kedro run --verbose for the full log)"
+    assert len(lines) == 11 and lines[1].startswith("[ 1/10] data.step_0 ") and lines[-1].startswith("[10/10] data.step_9 ")
+    assert all(line.endswith(" s") for line in lines[1:])
+
+
+def test_a_long_training_writes_at_most_eight_epoch_lines_and_the_last(caplog):
+    import logging
+
+    from medseg.models.training import EpochLines
+
+    caplog.set_level(logging.INFO, logger="medseg.stages")
+    lines = EpochLines(20)
+    for epoch in range(20):
+        lines.on_epoch_begin(epoch)
+        lines.on_epoch_end(epoch, {"loss": 0.5, "val_loss": 0.4, "val_dice": 0.75})
+    shown = [message.split()[1] for message in caplog.messages]
+    assert shown == ["3/20", "6/20", "9/20", "12/20", "15/20", "18/20", "20/20"]
+    assert "val_dice 0.750" in caplog.messages[-1]

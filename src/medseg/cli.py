@@ -23,29 +23,9 @@ import click
 from kedro.framework.cli.project import run as kedro_run
 from kedro.framework.cli.utils import KedroCliError
 
+from medseg.runs.console import plain_console, user_error, verbose_console
+
 TRACEBACK_ENV = "MEDSEG_TRACEBACK"
-
-
-def user_error(exc: BaseException) -> BaseException | None:
-    """The error of the user's input behind `exc`, if it is one: `exc` itself or an error it
-    was raised from (Kedro wraps a dataset's error in its own `DatasetError`).
-
-    Returns:
-        The first `MedsegError`, `ParameterValidationError` or pydantic `ValidationError` in
-        the chain of causes, or None when the chain holds none (a bug: keep the traceback).
-    """
-    from kedro.validation.exceptions import ParameterValidationError
-    from pydantic import ValidationError
-
-    from medseg.errors import MedsegError
-
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, (MedsegError, ParameterValidationError, ValidationError)):
-            return exc
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return None
 
 
 class RunStopped(click.ClickException):
@@ -61,6 +41,10 @@ def _run(verbose: bool = False, **options: Any) -> None:
         # `--pipeline unet` is medseg's documented command; Kedro 1.7 deprecates the option
         # for `--pipelines`, which means the same for one name: pass it on as that.
         options["pipelines"], options["pipeline"] = [options["pipeline"]], None
+    if verbose:
+        verbose_console()
+    else:
+        plain_console()
     try:
         kedro_run.callback(**options)
     except KedroCliError:
@@ -79,7 +63,7 @@ run = click.Command(
         *kedro_run.params,
         click.Option(
             ["--verbose", "-v"], is_flag=True, default=False,
-            help=f"On bad input, show the full traceback, not only the error's message (or set {TRACEBACK_ENV}=1).",
+            help=f"Show Kedro's full log, and on bad input the full traceback, not only the error's message (or set {TRACEBACK_ENV}=1).",
         ),
     ],
     help=kedro_run.help,

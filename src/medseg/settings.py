@@ -1,7 +1,7 @@
 """Project settings: the project's hooks and where configuration is read from."""
 
 from medseg.runs.credentials import CONFIG_LOADER_ARGS  # noqa: F401  (Kedro reads it here; a Dask worker there)
-from medseg.runs.hooks import ComputeHook, MlflowRunHook, RunStartedHook
+from medseg.runs.hooks import ComputeHook, MlflowRunHook, RunStartedHook, StageLinesHook
 from medseg.runs.resolvers import register_catalog_resolvers
 from medseg.runs.summary import RunSummaryHook
 
@@ -10,7 +10,8 @@ from medseg.runs.summary import RunSummaryHook
 # RunStartedHook runs after it (trylast), once the run has started. RunSummaryHook ends a
 # model run with its test metrics and where to look next. ComputeHook opens and closes the
 # per-case executor of `compute.scheduler` (sync, a LocalCluster, or a Dask cluster).
+# StageLinesHook writes the console's line per node.
 _RUN_HOOK = MlflowRunHook()
-HOOKS = (_RUN_HOOK, RunStartedHook(_RUN_HOOK), RunSummaryHook(), ComputeHook())
+HOOKS = (_RUN_HOOK, RunStartedHook(_RUN_HOOK), RunSummaryHook(), ComputeHook(), StageLinesHook())
 
 register_catalog_resolvers()

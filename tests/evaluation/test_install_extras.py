@@ -19,7 +19,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
 
 FAKE_TOOL = """#!/bin/sh
-# Stand-in for .venv/bin/python, kedro and lint-imports: record `-m ...` and `kedro ...`, run `-c` for real.
+# Stand-in for .venv/bin/python and the tools make calls: record `-m ...` and `kedro ...`, run `-c` for real.
 if [ "$1" = "-c" ]; then exec {python} "$@"; fi
 echo "$(basename "$0") $*" >> "$(dirname "$0")/../calls.log"
 """
@@ -31,7 +31,7 @@ def project(tmp_path: Path) -> Path:
     shutil.copy(REPO_ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
     bin_dir = tmp_path / ".venv" / "bin"
     bin_dir.mkdir(parents=True)
-    for name in ("python", "kedro", "lint-imports"):
+    for name in ("python", "kedro", "lint-imports", "mkdocs"):
         tool = bin_dir / name
         tool.write_text(FAKE_TOOL.format(python=sys.executable))
         tool.chmod(0o755)
@@ -51,7 +51,7 @@ def _pip_installs(project: Path) -> list[str]:
 def test_make_test_on_a_fresh_clone_installs_the_cpu_build_and_the_test_tools(project):
     result = _make(project, "test")
     assert result.returncode == 0, result.stderr
-    assert _pip_installs(project) == [".[cpu,test]"]
+    assert _pip_installs(project) == [".[cpu,test,docs]"]
     assert (project / ".venv" / ".extras").read_text().strip() == "cpu"
 
 
@@ -60,7 +60,7 @@ def test_make_test_after_a_gpu_run_keeps_the_gpu_build(project):
     result = _make(project, "test")
     assert result.returncode == 0, result.stderr
     assert _make(project, "run").returncode == 0  # up to date: no third install
-    assert _pip_installs(project) == [".[gpu]", ".[gpu,test]"]
+    assert _pip_installs(project) == [".[gpu]", ".[gpu,test,docs]"]
 
 
 def test_switching_builds_in_one_environment_is_refused(project):
@@ -89,4 +89,4 @@ def test_an_environment_from_the_old_makefile_keeps_its_build(project):
     refused = _make(project, "run", "EXTRAS=gpu")
     assert refused.returncode != 0 and "holds the cpu build" in refused.stderr
     assert _make(project, "test").returncode == 0
-    assert _pip_installs(project) == [".[cpu,test]"]
+    assert _pip_installs(project) == [".[cpu,test,docs]"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import random
 import shutil
 import time
@@ -23,6 +24,8 @@ import keras
 import numpy as np
 
 logger = logging.getLogger(__name__)
+# The lines a default `kedro run` prints (conf/logging.yml): a line per stage and per epoch.
+STAGES = logging.getLogger("medseg.stages")
 
 BACKUP_METADATA = "training_metadata.json"  # written by keras.callbacks.BackupAndRestore
 BACKUP_OWNER = "owner.json"
@@ -317,7 +320,7 @@ class TrainingBudget(keras.callbacks.Callback):
             if fits < left:
                 self._stop_after = self._first + fits
                 self.report.update({"stopped_after_epoch": self._stop_after, "planned_epochs": self.epochs})
-                logger.warning(
+                STAGES.info(
                     "%s: re-timed in the first epoch, a step takes %.3f s, %.2fx the %.3f s the plan timed (a busy machine?): "
                     "%d of the %d epochs fit the %.2f-minute budget; training stops after epoch %d.",
                     self.model_key, measured, measured / self.planned, self.planned, fits, left, self.budget / 60, self._stop_after,
@@ -332,6 +335,31 @@ class TrainingBudget(keras.callbacks.Callback):
 # and a short one on real sizes (a memory benchmark on CT slices) run as graphs.
 EAGER_MAX_STEPS = 16
 EAGER_MAX_VOXELS = 32**3
+
+
+class EpochLines(keras.callbacks.Callback):
+    """Log lines on the `medseg.stages` logger (what a default `kedro run` shows): an epoch, its
+    losses and validation Dice, and its time; at most `MAX_LINES` per training (every k-th epoch
+    and the last), so a long training keeps the console short."""
+
+    MAX_LINES = 8
+
+    def __init__(self, epochs: int):
+        super().__init__()
+        self._epochs = epochs
+        self._every = max(1, math.ceil(epochs / self.MAX_LINES))
+        self._started = 0.0
+
+    def on_epoch_begin(self, epoch: int, logs=None) -> None:
+        self._started = time.monotonic()
+
+    def on_epoch_end(self, epoch: int, logs=None) -> None:
+        if (epoch + 1) % self._every and epoch + 1 != self._epochs:
+            return
+        logs = logs or {}
+        shown = [f"{name} {float(logs[name]):.3f}" for name in ("loss", "val_loss", "val_dice") if name in logs]
+        STAGES.info("          epoch %d/%d  %s  (%.0f s)", epoch + 1, self._epochs, "  ".join(shown),
+                    time.monotonic() - self._started)
 
 
 def fit_model(
@@ -382,11 +410,12 @@ def fit_model(
         callbacks=[
             keras.callbacks.BackupAndRestore(str(backup_dir)),
             keras.callbacks.EarlyStopping(monitor="val_loss", patience=int(patience), restore_best_weights=True),
+            EpochLines(int(epochs)),
             *callbacks,
         ],
         # The streams are shuffled by their own bounded queues; Keras' default shuffle=True
         # means nothing for a tf.data input and only warns.
         shuffle=False,
-        verbose=2,
+        verbose=0,  # one line per epoch comes from EpochLines, through logging
     )
     return {key: [float(v) for v in values] for key, values in history.history.items()}

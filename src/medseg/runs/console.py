@@ -39,6 +39,18 @@ THIRD_PARTY_WARNINGS = (
     # Kedro's advice against dots in dataset names outside the node's namespace: `predict`
     # reads every model's `<model>.segmenter_folder`, named by the model's namespace on purpose.
     (r"One or more dataset names contain '\.' characters", r"medseg\.pipelines\..*"),
+    # kedro-mlflow logs the run's input datasets with a local path that MLflow's registry can read
+    # as two sources of the same class; it picks that class either way.
+    (r"The specified dataset source can be interpreted in multiple ways", r"mlflow\.data\..*"),
+    # The segmenter's pyfunc model has a signature; an input example would be a scan on disk.
+    (_COLOUR + r"An input example was not provided when logging the model", r"mlflow\..*"),
+)
+
+# Log records a user can do nothing about, by (logger, message regex): MLflow's notice that a
+# pyfunc model given as an object is pickled (medseg's SegmenterModel holds no state; its code
+# travels with the model as `code_paths`).
+THIRD_PARTY_RECORDS = (
+    ("mlflow.pyfunc", re.compile(r"^Passing a Python object as `python_model` causes it to be serialized using CloudPickle")),
 )
 
 # Lines TensorFlow's absl logging writes to stderr while it loads: the "before
@@ -52,12 +64,18 @@ TENSORFLOW_NOTICE = re.compile(
 
 def quiet_third_party_warnings() -> None:
     """Leave out the Python warnings of `THIRD_PARTY_WARNINGS` (by message and module), both
-    as warnings and as the records of the `py.warnings` logger (`ThirdPartyNotices`)."""
+    as warnings and as the records of the `py.warnings` logger (`ThirdPartyNotices`), and the
+    log records of `THIRD_PARTY_RECORDS`."""
     for message, module in THIRD_PARTY_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=UserWarning, module=module)
-    captured = logging.getLogger("py.warnings")
-    if not any(isinstance(f, ThirdPartyNotices) for f in captured.filters):
-        captured.addFilter(ThirdPartyNotices())
+    # Warnings go through logging (the `py.warnings` logger), as Kedro's rich console has them:
+    # the console's handlers show them, and the filter below can drop a third party's notice
+    # that it emits under a `catch_warnings()` of its own.
+    logging.captureWarnings(True)
+    for name in ("py.warnings", *(logger for logger, _ in THIRD_PARTY_RECORDS)):
+        captured = logging.getLogger(name)
+        if not any(isinstance(f, ThirdPartyNotices) for f in captured.filters):
+            captured.addFilter(ThirdPartyNotices())
 
 
 @contextlib.contextmanager
@@ -130,6 +148,75 @@ class ThirdPartyNotices(logging.Filter):
 
     def filter(self, record) -> bool:
         if record.name != "py.warnings":
-            return True
+            text = record.getMessage()
+            return not any(record.name == name and pattern.search(text) for name, pattern in THIRD_PARTY_RECORDS)
         text = record.getMessage()
         return not any(message.search(text) and module.search(text) for message, module in self._NOTICES)
+
+
+def user_error(exc: BaseException | None) -> BaseException | None:
+    """The error of the user's input behind `exc`, if it is one: `exc` itself or an error it
+    was raised from (Kedro wraps a dataset's error in its own `DatasetError`).
+
+    Returns:
+        The first `MedsegError`, `ParameterValidationError` or pydantic `ValidationError` in
+        the chain of causes, or None when the chain holds none (a bug: keep the traceback).
+    """
+    from kedro.validation.exceptions import ParameterValidationError
+    from pydantic import ValidationError
+
+    from medseg.errors import MedsegError
+
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, (MedsegError, ParameterValidationError, ValidationError)):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+# Kedro's own account of a failed run, which the command's last lines give once: the node's
+# error (its message again) and the nodes not run, with a `--from-nodes` hint.
+KEDRO_FAILURE_RECORDS = (
+    ("kedro.pipeline.node", re.compile(r"^Node .* failed with error:", re.S)),
+    ("kedro.runner", re.compile(r"^There are \d+ nodes that have not run\.")),
+)
+
+
+class UserErrorsOnce(logging.Filter):
+    """Leaves out the log records that repeat a failed run's error: those that carry a user's
+    error (`user_error`), and Kedro's account of the failure (`KEDRO_FAILURE_RECORDS`). The
+    command prints the message once, at the end, with its hint (`medseg.cli`); a bug keeps its
+    traceback there."""
+
+    def filter(self, record) -> bool:
+        if record.exc_info and record.exc_info[1] is not None and user_error(record.exc_info[1]) is not None:
+            return False
+        text = record.getMessage()
+        return not any(record.name.startswith(name) and pattern.search(text) for name, pattern in KEDRO_FAILURE_RECORDS)
+
+
+def plain_console() -> None:
+    """The default console of `kedro run` (conf/logging.yml), with a user's error told once."""
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, UserErrorsOnce) for f in handler.filters):
+            handler.addFilter(UserErrorsOnce())
+
+
+VERBOSE_CONSOLE = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "handlers": {"rich": {"class": "kedro.logging.RichHandler", "rich_tracebacks": True}},
+    "loggers": {"kedro": {"level": "INFO"}, "kedro.io.data_catalog": {"level": "WARNING"}, "medseg": {"level": "INFO"},
+                "distributed": {"level": "WARNING"}},
+    "root": {"handlers": ["rich"]},
+}
+
+
+def verbose_console() -> None:
+    """`kedro run --verbose`: Kedro's rich log of every INFO line (nodes, datasets, medseg's own
+    planning, batching and progress lines) instead of the stage lines."""
+    import logging.config
+
+    logging.config.dictConfig(VERBOSE_CONSOLE)
