@@ -40,12 +40,29 @@ INTEGRATION_CALLS = re.compile(
 
 
 @lru_cache(maxsize=None)
-def _calls_integration(function) -> bool:
+def _calls_integration(function, depth: int = 3) -> bool:
+    """Whether `function`'s source, or that of a test helper it calls (a function of the tests'
+    own modules, `depth` calls deep), matches INTEGRATION_CALLS."""
+    function = inspect.unwrap(function)
     try:
         source = inspect.getsource(function)
     except (OSError, TypeError):
         return False
-    return bool(INTEGRATION_CALLS.search(source))
+    if INTEGRATION_CALLS.search(source):
+        return True
+    if depth == 0 or not hasattr(function, "__code__"):
+        return False
+    tests = str(Path(__file__).parent)
+    names = set(function.__code__.co_names)
+    for const in function.__code__.co_consts:  # nested functions and lambdas
+        if hasattr(const, "co_names"):
+            names.update(const.co_names)
+    for name in names:
+        helper = function.__globals__.get(name)
+        if inspect.isfunction(helper) and helper is not function and str(inspect.getsourcefile(helper) or "").startswith(tests):
+            if _calls_integration(helper, depth - 1):
+                return True
+    return False
 
 
 def _needs_integration(item) -> bool:
