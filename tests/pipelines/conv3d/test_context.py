@@ -20,7 +20,7 @@ SHAPE = (72, 80, 56)  # 2 mm voxels: a 144 x 160 x 112 mm head
 # A fixed schedule, not a time budget: what a configuration learns must not depend on how fast
 # the host trains (a budget of 0.4 minutes gave 36 steps on one 2-core machine and hundreds on
 # another). The planner still plans the grid, the patch, the depth and the batch.
-SCHEDULE = {"conv3d.training.epochs": 6, "conv3d.training.steps_per_epoch": 16, "conv3d.training.validation_steps": 4}
+SCHEDULE = {"conv3d.training.epochs": 5, "conv3d.training.steps_per_epoch": 12, "conv3d.training.validation_steps": 2}
 COMMON = {
     **HOST_INDEPENDENT_CONV3D,
     **SCHEDULE,
