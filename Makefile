@@ -65,8 +65,20 @@ test: $(VENV)/.installed-$(EXTRAS)-test
 test-quick: $(VENV)/.installed-$(EXTRAS)-test
 	$(PY) -m pytest -m "not integration"
 
-# The documentation site into site/ (browse it with `.venv/bin/mkdocs serve`).
-docs: $(VENV)/.installed-$(EXTRAS)-test
+# The documentation site into site/ (browse it with `.venv/bin/mkdocs serve`). Its diagrams are
+# drawn by Mermaid served with the site, not from a CDN: the script is fetched once from the npm
+# registry (npm checks the package's integrity) into docs/assets/javascripts/, which git ignores;
+# after that the site builds and reads offline.
+MERMAID_VERSION := 11.17.2
+MERMAID_JS := docs/assets/javascripts/mermaid.min.js
+
+$(MERMAID_JS):
+	@command -v npm >/dev/null || { echo "docs: npm fetches Mermaid $(MERMAID_VERSION) once for the site's diagrams; install Node.js and npm (apt-get install npm)." >&2; exit 1; }
+	@tmp=$$(mktemp -d) && (cd $$tmp && npm pack --silent mermaid@$(MERMAID_VERSION) >/dev/null) && \
+		tar -xzf $$tmp/mermaid-$(MERMAID_VERSION).tgz -C $$tmp package/dist/mermaid.min.js && \
+		cp $$tmp/package/dist/mermaid.min.js $@.tmp && mv $@.tmp $@; status=$$?; rm -rf $$tmp; exit $$status
+
+docs: $(VENV)/.installed-$(EXTRAS)-test $(MERMAID_JS)
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
 
 # Optional, for the DICOM tests that skip without them: Debian's dcm2niix (geometry against an
