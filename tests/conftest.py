@@ -525,3 +525,36 @@ def log_lines(*names: str):
     finally:
         for logger in loggers:
             logger.removeHandler(handler)
+
+
+# --- A user's own model kind, and in-memory catalogs ---------------------------------------------
+# tests/pipelines/user_kind/ is laid out as a user adds a model: one module under the kinds'
+# package and its parameters_<name>.yml.
+USER_KIND = REPO_ROOT / "tests" / "pipelines" / "user_kind"
+
+
+@pytest.fixture
+def toy_kind(monkeypatch):
+    """The user's folder on `medseg.kinds`' package path, as if `toy.py` were in `src/medseg/kinds/`;
+    the registry is restored afterwards."""
+    import sys
+
+    import medseg.kinds as kinds
+
+    kinds.model_kinds()  # the built-in kinds registered first, so that the registry restored after the test holds them
+    monkeypatch.setattr(kinds, "__path__", [*kinds.__path__, str(USER_KIND / "src" / "medseg" / "kinds")])
+    monkeypatch.setattr(kinds, "_REGISTRY", dict(kinds._REGISTRY))
+    yield kinds.model_kinds()["toy"]
+    sys.modules.pop("medseg.kinds.toy", None)
+
+
+def kept_dataset():
+    """A MemoryDataset that the runner does not empty once its last reader has run, for wiring
+    tests that read a pipeline's intermediate results after the run."""
+    from kedro.io import MemoryDataset
+
+    class KeptDataset(MemoryDataset):
+        def _release(self) -> None:
+            pass
+
+    return KeptDataset()

@@ -36,7 +36,7 @@ Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 Millimetres = Annotated[float, Field(gt=0.0)]
 Probability = Annotated[float, Field(gt=0.0, lt=1.0)]
 Determinism = Literal["auto"] | bool
-Auto = Literal["auto"]  # the planner decides (medseg.kinds.sizes); plan.json records it
+Auto = Literal["auto"]  # the planner decides (medseg.kinds.sizes); the model's plan records it
 Axis = Annotated[int, Field(ge=0, le=2)]  # a RAS axis
 
 STRICT = ConfigDict(extra="forbid")
@@ -104,7 +104,7 @@ Percentile = Annotated[float, Field(ge=0, le=100)]
 @dataclass(config=STRICT)
 class PreprocessingParams(Section):
     """How every case is brought to the training grid (`medseg.imaging.geometry`,
-    `medseg.imaging.normalization`); the planner records the result in `geometry.json`."""
+    `medseg.imaging.normalization`); the planner records the result in the catalog's `case_geometry`."""
 
     target_spacing: Annotated[tuple[Millimetres, Millimetres, Millimetres] | None, Field(description=(
         "Voxel size in mm along the RAS axes that every case is resampled to; null: the dataset's median spacing."))]
@@ -181,7 +181,7 @@ class DataParams(Section):
 @dataclass(config=STRICT)
 class TrainingParams(Section):
     """How a model is trained (`medseg.models.training`); `auto` values are planned from the
-    data and the budgets (`params:planning`) and recorded in the model's `plan.json`."""
+    data and the budgets (`params:planning`) and recorded in the model's plan (`<model>.plan`)."""
 
     optimizer: Annotated[Literal["adam", "adamw", "sgd", "rmsprop"], Field(description="The Keras optimizer.")]
     learning_rate: Annotated[float, Field(gt=0.0, le=10.0, description="The optimizer's learning rate.")]
@@ -207,7 +207,7 @@ class TrainingParams(Section):
         "The Keras dtype policy. `auto` measures: where the hardware has bfloat16 units, the planner times float32 "
         "and `mixed_bfloat16` on the planned model and batch and checks the Dice of a short training; for training "
         "and for inference apart it keeps the fastest policy that is at least 5 % faster than float32 and within "
-        "0.01 Dice of it, else float32. `plan.json` records the measurements and the reason."))]
+        "0.01 Dice of it, else float32. The model's plan records the measurements and the reason."))]
     distribute: Annotated[Literal["none", "mirrored"], Field(description=(
         "`none` (one device) or `mirrored`: `tf.distribute.MirroredStrategy`, one replica per visible GPU (per "
         "logical CPU device without one); `batch_size` stays per replica and `learning_rate` is not scaled."))]
@@ -250,7 +250,7 @@ class InferenceParams(Section):
 class ReportingParams(Section):
     """What the model's report draws (`medseg.evaluation.reports`)."""
 
-    n_overlay_cases: Annotated[Positive, Field(description="Test cases drawn in `overlays.png`.")]
+    n_overlay_cases: Annotated[Positive, Field(description="Test cases drawn in the report's overlays (`<model>.overlays`).")]
 
 
 @dataclass(config=STRICT)
@@ -324,7 +324,7 @@ class CvParams(Section):
     (`medseg.pipelines.crossval`, `medseg.pipelines.selection`)."""
 
     folds: Annotated[NonNegative, Field(description=(
-        "K >= 2 folds over the training and validation cases (`data/03_primary/folds.json`, kept across runs): each "
+        "K >= 2 folds over the training and validation cases (the catalog's `folds`, kept across runs): each "
         "fold trains the model on the others and predicts its own cases; 0: the single split only."))]
     registered_model_name: Annotated[str | None, Field(description=(
         "The registry name that `select` registers its champion under; null: `medseg-<dataset>` (the name in "

@@ -15,29 +15,13 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO_ROOT, TINY_DATA_PARAMS, mlflow_runs, run_pipeline
+from conftest import REPO_ROOT, TINY_DATA_PARAMS, USER_KIND, mlflow_runs, run_pipeline
 
 from medseg.imaging.io import read_volume
-
-USER_KIND = Path(__file__).parent / "user_kind"
-
-
-@pytest.fixture
-def toy_kind(monkeypatch):
-    """The user's folder on `medseg.kinds`' package path, as if `toy.py` were in `src/medseg/kinds/`."""
-    import medseg.kinds as kinds
-
-    kinds.model_kinds()  # the built-in kinds registered first, so that the registry restored after the test holds them
-    monkeypatch.setattr(kinds, "__path__", [*kinds.__path__, str(USER_KIND / "src" / "medseg" / "kinds")])
-    monkeypatch.setattr(kinds, "_REGISTRY", dict(kinds._REGISTRY))
-    yield kinds.model_kinds()["toy"]
-    sys.modules.pop("medseg.kinds.toy", None)
-
 
 def test_nothing_in_the_project_names_the_user_kind():
     named = [

@@ -69,7 +69,7 @@ class Conv3dModelParams(Section):
         "times the largest structure (nnU-Net's `3d_lowres`), the cases preprocessed again at it; `cascade`: two "
         "low-resolution folds whose probabilities the full-resolution network takes after the image (nnU-Net's "
         "`3d_cascade_fullres`); `auto`: `fullres` when its patch covers that, else `lowres` where a class keeps to one "
-        "side of the body, else `fullres`. `plan.json`'s `context` says why."))] = "auto"
+        "side of the body, else `fullres`. The model plan's `context` says why."))] = "auto"
 
 
 @dataclass(config=STRICT)

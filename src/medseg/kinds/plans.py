@@ -85,12 +85,6 @@ class _View:
         """`values` itself when it is already this view, else the view of the mapping."""
         return values if isinstance(values, cls) else cls(values)
 
-    def get(self, key: str, default: Any = None) -> Any:
-        return self._values.get(key, default)
-
-    def as_dict(self) -> dict[str, Any]:
-        return dict(self._values)
-
 
 def _steps(value: Any) -> int:
     if value == "auto":

@@ -136,10 +136,11 @@ def quiet_tensorflow_import() -> None:
 
 
 class ThirdPartyNotices(logging.Filter):
-    """A filter of the `py.warnings` logger, through which Kedro logs Python's warnings
-    (`logging.captureWarnings`), that leaves out the warnings of `THIRD_PARTY_WARNINGS`: MLflow
+    """A filter of the `py.warnings` logger, through which Python's warnings are logged
+    (`logging.captureWarnings`), that leaves out the warnings of `THIRD_PARTY_WARNINGS` (MLflow
     emits its type-hint notice under `warnings.catch_warnings()` with a filter of its own, which
-    overrides `quiet_third_party_warnings`, so it is dropped here instead."""
+    overrides `quiet_third_party_warnings`, so it is dropped here instead); on the loggers of
+    `THIRD_PARTY_RECORDS`, it leaves out those records."""
 
     _NOTICES = tuple(
         (re.compile(message), re.compile(module.replace(r"\.", "/").replace(".*", "[^:]*")))
@@ -147,10 +148,9 @@ class ThirdPartyNotices(logging.Filter):
     )
 
     def filter(self, record) -> bool:
-        if record.name != "py.warnings":
-            text = record.getMessage()
-            return not any(record.name == name and pattern.search(text) for name, pattern in THIRD_PARTY_RECORDS)
         text = record.getMessage()
+        if record.name != "py.warnings":
+            return not any(record.name == name and pattern.search(text) for name, pattern in THIRD_PARTY_RECORDS)
         return not any(message.search(text) and module.search(text) for message, module in self._NOTICES)
 
 

@@ -12,7 +12,7 @@ import yaml
 from kedro.io import DataCatalog, MemoryDataset
 from kedro.runner import SequentialRunner
 
-from conftest import REPO_ROOT, TINY_DATA_PARAMS, nested
+from conftest import REPO_ROOT, TINY_DATA_PARAMS, kept_dataset, nested
 from medseg.datasets.dicom_source import DicomCasesDataset
 from medseg.datasets.phantoms import PhantomDataset
 from medseg.pipelines.data import create_pipeline
@@ -29,13 +29,6 @@ def _merged(base: dict, override: dict) -> dict:
     return merged
 
 
-class KeptDataset(MemoryDataset):
-    """A MemoryDataset that the runner does not empty once its last reader has run."""
-
-    def _release(self) -> None:
-        pass
-
-
 KEPT = ("splits", "case_geometry", "primary_images", "primary_labels", "case_fingerprints", "dataset_fingerprint")
 
 
@@ -44,7 +37,7 @@ def _catalog(root: Path, data: dict) -> DataCatalog:
 
     return DataCatalog(
         {
-            **{name: KeptDataset() for name in KEPT},
+            **{name: kept_dataset() for name in KEPT},
             "synthetic_phantoms": PhantomDataset(path=str(root / "raw" / "synthetic")),
             "dicom_cases": DicomCasesDataset(path=str(root / "raw" / "dicom")),
             "project_root": MemoryDataset(str(root)),

@@ -12,6 +12,7 @@ import pandas as pd
 from kedro.io import DataCatalog, MemoryDataset
 from kedro.runner import SequentialRunner
 
+from conftest import kept_dataset
 from medseg.imaging.io import Volume, read_volume, write_volume
 from medseg.inference import Segmenter, SegmenterPlan
 from medseg.kinds import model_kinds
@@ -31,11 +32,6 @@ def _above_mean_segmenter() -> Segmenter:
     return Segmenter(model, plan)
 
 
-class KeptDataset(MemoryDataset):
-    def _release(self) -> None:
-        pass
-
-
 def test_the_predict_pipeline_on_an_in_memory_catalog(tmp_path: Path):
     _above_mean_segmenter().save(tmp_path / "segmenter")
     scans, out = tmp_path / "in", tmp_path / "out"
@@ -50,7 +46,7 @@ def test_the_predict_pipeline_on_an_in_memory_catalog(tmp_path: Path):
         "project_root": MemoryDataset(str(tmp_path)),
         **{f"{name}.segmenter_folder": MemoryDataset(str(tmp_path / ("segmenter" if name == "unet" else f"no_{name}")))
            for name in model_kinds()},
-        "predict.predictions": KeptDataset(),
+        "predict.predictions": kept_dataset(),
     })
 
     SequentialRunner().run(create_pipeline(), catalog)

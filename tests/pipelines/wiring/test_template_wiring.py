@@ -11,26 +11,12 @@ import pytest
 import yaml
 from kedro.runner import SequentialRunner
 
-from conftest import TINY_DATA_PARAMS, nested
+from conftest import TINY_DATA_PARAMS, USER_KIND, kept_dataset, nested
 from medseg.imaging.io import read_volume
-from test_data_wiring import KeptDataset, _catalog, _defaults, _merged
+from test_data_wiring import _catalog, _defaults, _merged
 
-USER_KIND = Path(__file__).parents[1] / "user_kind"
 KEPT = ("toy.plan", "toy.settings", "toy.segmenter", "toy.predictions", "toy.metrics_per_case", "toy.metrics_summary",
-        "toy.mlflow_metrics_test", "splits", "synthetic_phantoms")
-
-
-@pytest.fixture
-def toy_kind(monkeypatch):
-    import medseg.kinds as kinds
-
-    kinds.model_kinds()  # the built-in kinds registered first, so that the registry restored after the test holds them
-    monkeypatch.setattr(kinds, "__path__", [*kinds.__path__, str(USER_KIND / "src" / "medseg" / "kinds")])
-    monkeypatch.setattr(kinds, "_REGISTRY", dict(kinds._REGISTRY))
-    yield kinds.model_kinds()["toy"]
-    import sys
-
-    sys.modules.pop("medseg.kinds.toy", None)
+        "toy.mlflow_metrics_test")
 
 
 def test_the_template_for_a_toy_kind_on_an_in_memory_catalog(toy_kind, tmp_path: Path):
@@ -45,8 +31,7 @@ def test_the_template_for_a_toy_kind_on_an_in_memory_catalog(toy_kind, tmp_path:
     toy["training"].update(epochs=1, steps_per_epoch=2, validation_steps=1)  # explicit: no step timing
     catalog = _catalog(tmp_path, data)
     for name in KEPT:
-        if name not in ("splits", "synthetic_phantoms"):
-            catalog[name] = KeptDataset()
+        catalog[name] = kept_dataset()
     catalog["params:toy"] = MemoryDataset(toy_kind.params(**toy))
     catalog["params:planning"] = MemoryDataset(_defaults("planning"))
     catalog["toy.timings"] = MemoryDataset({})
