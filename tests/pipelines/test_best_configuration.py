@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import CV_UNET, TINY_CONV3D, TINY_DATA_PARAMS, copy_project, mlflow_runs, run_pipeline
+from conftest import CV_UNET, TINY_CONV3D, copy_project, mlflow_runs, run_pipeline
 from medseg.datasets.probabilities import ProbabilityDataset
 from medseg.imaging.io import read_volume
 
@@ -93,9 +93,3 @@ def test_the_champion_is_registered_and_predict_uses_it_with_the_test_score_it_r
     table = pd.read_csv(tmp_path / "masks" / "predictions.csv", dtype=str)
     assert set(table["model_uri"]) == {f"models:/{name}/2"}
 
-
-def test_select_without_cross_validation_names_the_fix(prepared_project):
-    from medseg.errors import ConfigurationError
-
-    with pytest.raises(ConfigurationError, match=r"no model was cross-validated.*cv\.folds=5"):
-        run_pipeline(prepared_project, "select", TINY_DATA_PARAMS)

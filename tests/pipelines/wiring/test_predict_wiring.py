@@ -6,34 +6,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import keras
 import numpy as np
 import pandas as pd
 from kedro.io import DataCatalog, MemoryDataset
 from kedro.runner import SequentialRunner
 
-from conftest import kept_dataset
+from conftest import above_mean_segmenter, kept_dataset
 from medseg.imaging.io import Volume, read_volume, write_volume
-from medseg.inference import Segmenter, SegmenterPlan
 from medseg.kinds import model_kinds
 from medseg.pipelines.predict import create_pipeline
 
 
-def _above_mean_segmenter() -> Segmenter:
-    inputs = keras.Input((None, None, 1))
-    layer = keras.layers.Conv2D(1, 1, activation="sigmoid")
-    model = keras.Model(inputs, layer(inputs))
-    layer.set_weights([np.full((1, 1, 1, 1), 10.0, np.float32), np.zeros(1, np.float32)])
-    plan = SegmenterPlan(
-        model_key="unet", display_name="UNet", window="slice", target_spacing=(1.0, 1.0, 2.0), interpolation_order=1,
-        clip_percentiles=None, crop_margin=None, channel=None, label_mode="binary", classes={"1": "lesion"}, lateralized=[],
-        threshold=0.5, depth=2, patch_size=None, overlap=0.0, sigma_scale=0.125, features_per_voxel=10.0, memory_gb=0.5,
-    )
-    return Segmenter(model, plan)
-
-
 def test_the_predict_pipeline_on_an_in_memory_catalog(tmp_path: Path):
-    _above_mean_segmenter().save(tmp_path / "segmenter")
+    above_mean_segmenter().save(tmp_path / "segmenter")
     scans, out = tmp_path / "in", tmp_path / "out"
     scans.mkdir()
     data = np.round(np.random.default_rng(0).normal(100, 20, size=(12, 10, 6))).astype(np.float32)
