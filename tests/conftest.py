@@ -198,8 +198,9 @@ def precision_probe_is_never_the_hosts():
         yield
 
 
-def make_project_copy(root: Path) -> Path:
-    """A copy of conf/ and pyproject.toml in `root`, with empty data folders."""
+def make_project_copy(root: Path, tracking_store: bool = True) -> Path:
+    """A copy of conf/ and pyproject.toml in `root`, with empty data folders and (unless
+    `tracking_store` is False) an empty MLflow store, `mlflow.db`, as MLflow would create it."""
     root.mkdir(parents=True, exist_ok=True)
     shutil.copytree(REPO_ROOT / "conf", root / "conf", dirs_exist_ok=True)
     shutil.copy(REPO_ROOT / "pyproject.toml", root / "pyproject.toml")
@@ -209,7 +210,43 @@ def make_project_copy(root: Path) -> Path:
     # conf/base/mlflow.yml anchors `mlflow.db` at the project root, so each copy has its own store.
     for layer in ("01_raw", "02_intermediate", "03_primary", "05_model_input", "06_models", "07_model_output", "08_reporting"):
         (root / "data" / layer).mkdir(parents=True, exist_ok=True)
+    if tracking_store:
+        template = _empty_tracking_store()
+        shutil.copy(template / "mlflow.db", root / "mlflow.db")
+        _repoint_store(root / "mlflow.db", template, root)
     return root
+
+
+@lru_cache(maxsize=None)
+def _empty_tracking_store() -> Path:
+    """An empty MLflow store made once per test process. MLflow builds a new SQLite store by
+    running its ~60 schema migrations (about 2.5 s); a project copy takes a copy of this one."""
+    import tempfile
+
+    import mlflow
+
+    folder = Path(tempfile.mkdtemp(prefix="medseg-empty-store-"))
+    previous = Path.cwd()
+    os.chdir(folder)  # the Default experiment's artifact location is made from the working folder
+    try:
+        mlflow.MlflowClient(tracking_uri=f"sqlite:///{folder / 'mlflow.db'}").search_experiments()
+    finally:
+        os.chdir(previous)
+    return folder
+
+
+def _repoint_store(db_path: Path, old: Path, new: Path) -> None:
+    """Every path under `old` that the MLflow store `db_path` keeps (artifact locations of the
+    experiments, runs, logged and registered models) now names `new` instead."""
+    import sqlite3
+
+    with sqlite3.connect(db_path) as db:
+        for (table,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall():
+            for column in db.execute(f'PRAGMA table_info("{table}")').fetchall():
+                if column[2].upper().startswith(("VARCHAR", "TEXT")):
+                    name = column[1]
+                    db.execute(f'UPDATE "{table}" SET "{name}" = replace("{name}", ?, ?) WHERE instr("{name}", ?) > 0',
+                               (str(old), str(new), str(old)))
 
 
 def copy_project(source: Path, target: Path) -> Path:
@@ -218,16 +255,8 @@ def copy_project(source: Path, target: Path) -> Path:
     registered models) now name `target`, so runs made in the copy never write into `source`.
     Tables of the data layers (`case_fingerprints.csv`) still name `source`'s raw files, which
     hold the same bytes."""
-    import sqlite3
-
     shutil.copytree(source, target, symlinks=True)
-    old, new = str(source), str(target)
-    with sqlite3.connect(target / "mlflow.db") as db:
-        for (table,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall():
-            for column in db.execute(f'PRAGMA table_info("{table}")').fetchall():
-                if column[2].upper().startswith(("VARCHAR", "TEXT")):
-                    name = column[1]
-                    db.execute(f'UPDATE "{table}" SET "{name}" = replace("{name}", ?, ?) WHERE instr("{name}", ?) > 0', (old, new, old))
+    _repoint_store(target / "mlflow.db", source, target)
     return target
 
 

@@ -7,7 +7,7 @@ from medseg.runs.lock import ProjectBusyError
 
 
 def test_a_second_kedro_run_is_refused_while_one_runs(tmp_path):
-    project = make_project_copy(tmp_path / "project")
+    project = make_project_copy(tmp_path / "project", tracking_store=False)
     before = sorted(p for p in project.rglob("*"))
     holder = hold_project_lock(project)
     try:

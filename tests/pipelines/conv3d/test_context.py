@@ -1,13 +1,19 @@
-"""3D models that see enough (issue 20): on a lateralized task (heads split into a right and a
-left hemisphere that look the same inside, in six orientations), a small full-resolution
-patch cannot tell the sides; `conv3d.model.configuration: auto` plans a low-resolution grid on
-which one patch sees the whole head, and tells them."""
+"""3D models that see enough: on a lateralized task (heads split into a right and a left
+hemisphere that look the same inside, in six orientations), `conv3d.model.configuration: auto`
+plans a low-resolution grid on which one patch sees the whole head, preprocesses the cases
+again on it, and its segmenter maps the masks back to each scan's own grid.
+
+What each configuration learns there (auto and lowres tell the sides, a small full-resolution
+patch cannot, the cascade can) is an accuracy target, measured side by side by
+`benchmarks/context.py`; these runs train a few steps, enough to check the plans and the
+wiring."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 
@@ -17,22 +23,22 @@ from medseg.imaging.io import read_volume
 from medseg.inference.segmenter import Segmenter
 
 SHAPE = (72, 80, 56)  # 2 mm voxels: a 144 x 160 x 112 mm head
-# A fixed schedule, not a time budget: what a configuration learns must not depend on how fast
-# the host trains (a budget of 0.4 minutes gave 36 steps on one 2-core machine and hundreds on
-# another). The planner still plans the grid, the patch, the depth and the batch.
-SCHEDULE = {"conv3d.training.epochs": 5, "conv3d.training.steps_per_epoch": 12, "conv3d.training.validation_steps": 2}
+N_CASES = 6
+# A fixed schedule of a few steps, not a time budget: the planner still plans the grid, the
+# patch, the depth and the batch.
+SCHEDULE = {"conv3d.training.epochs": 1, "conv3d.training.steps_per_epoch": 2, "conv3d.training.validation_steps": 1}
 COMMON = {
     **HOST_INDEPENDENT_CONV3D,
     **SCHEDULE,
     "data.source": "msd",
     "conv3d.reporting.n_overlay_cases": 1,
-    "conv3d.evaluation.patches_per_case": 4,
+    "conv3d.evaluation.patches_per_case": 2,
 }
 
 
 @pytest.fixture(scope="module")
 def task(tmp_path_factory) -> Path:
-    return write_lateralized_task(tmp_path_factory.mktemp("lateralized") / "Task_heads", n_cases=10, shape=SHAPE)
+    return write_lateralized_task(tmp_path_factory.mktemp("lateralized") / "Task_heads", n_cases=N_CASES, shape=SHAPE)
 
 
 def _trained(root: Path, task: Path, extra: dict) -> tuple[Path, dict, dict]:
@@ -63,36 +69,29 @@ def test_auto_plans_a_low_resolution_grid_that_sees_the_whole_head(auto_run):
     assert plan["used"]["sampling.patch_size"] == lowres["patch_size"]
     # The cases were preprocessed again at that spacing, by the data steps, beside the primary layer.
     geometry = json.loads((project / "data/03_primary/conv3d_lowres/geometry.json").read_text())
-    assert len(geometry) == 10 and all(case["target_spacing"] == lowres["spacing"] for case in geometry.values())
-    assert len(list((project / "data/03_primary/conv3d_lowres/images").glob("*.nii.gz"))) == 10
+    assert len(geometry) == N_CASES and all(case["target_spacing"] == lowres["spacing"] for case in geometry.values())
+    assert len(list((project / "data/03_primary/conv3d_lowres/images").glob("*.nii.gz"))) == N_CASES
     segmenter = json.loads((project / "data/06_models/conv3d/segmenter/segmenter.json").read_text())
     assert segmenter["target_spacing"] == lowres["spacing"] and segmenter["data_spacing"] == [2.0, 2.0, 2.0]
 
 
-def test_auto_tells_the_sides_and_the_segmenter_maps_them_back_to_the_scan(auto_run, task):
+def test_the_segmenter_maps_the_low_resolution_masks_back_to_a_scan_in_another_orientation(auto_run, task):
     project, _, dice = auto_run
-    assert dice["right"] >= 0.9 and dice["left"] >= 0.9, dice
+    assert set(dice) == {"right", "left"}  # both classes evaluated
     # A scan stored in another orientation (LPS): the mask comes back on its own grid.
     segmenter = Segmenter.load(project / "data/06_models/conv3d/segmenter")
     scan = read_volume(task / "imagesTr/head_001.nii.gz")
-    truth = read_volume(task / "labelsTr/head_001.nii.gz", role="label")
+    assert nib.aff2axcodes(scan.affine) != ("R", "A", "S")
     mask = segmenter.segment(scan, "head_001")
-    assert mask.data.shape == scan.data.shape
+    assert mask.data.shape == scan.data.shape and mask.data.dtype == np.uint8
     np.testing.assert_allclose(mask.affine, scan.affine)
-    for value in (1, 2):
-        both = np.logical_and(mask.data == value, truth.data == value).sum()
-        assert 2 * both / ((mask.data == value).sum() + (truth.data == value).sum()) >= 0.85, value
+    assert set(np.unique(mask.data)) <= {0, 1, 2}
+    # The same voxels stored in RAS give the same mask, voxel for voxel, once put in RAS too.
+    canonical = nib.as_closest_canonical(nib.Nifti1Image(scan.data, scan.affine))
+    ras_mask = segmenter.segment(read_volume(_saved(canonical, task.parent / "head_001_ras.nii.gz")), "head_001_ras")
+    np.testing.assert_array_equal(nib.as_closest_canonical(nib.Nifti1Image(mask.data, mask.affine)).get_fdata(), ras_mask.data)
 
 
-def test_a_small_full_resolution_patch_cannot_tell_the_sides(auto_run, task, tmp_path):
-    """The same task and budget at full resolution with an 8x8x8 patch (16 mm of a 144 mm
-    head): most of a hemisphere is more than a patch away from any edge that tells its side."""
-    _, _, auto_dice = auto_run
-    # Windows without overlap: the claim is about what an 8^3 patch can see, and 8^3 windows at
-    # overlap 0.5 would cost eight times as many network calls.
-    _, plan, dice = _trained(tmp_path / "fullres", task, {"conv3d.model.configuration": "fullres",
-                                                           "conv3d.sampling.patch_size": [8, 8, 8],
-                                                           "conv3d.inference.overlap": 0.0})
-    assert plan["context"]["configuration"]["used"] == "fullres"
-    assert max(dice.values()) < 0.85, dice
-    assert min(auto_dice.values()) - max(dice.values()) >= 0.05, (auto_dice, dice)
+def _saved(image: nib.Nifti1Image, path: Path) -> Path:
+    nib.save(image, path)
+    return path

@@ -90,7 +90,7 @@ def test_same_seed_from_a_subfolder_gives_identical_weights_and_dice(unet_run: P
 
     import medseg.models  # noqa: F401  (registers the custom loss and metrics)
 
-    project = make_project_copy(tmp_path / "again")
+    project = make_project_copy(tmp_path / "again", tracking_store=False)
     before = _files_under(project)
     run_pipeline(project, "unet", SHARED_UNET, cwd=project / "notebooks")
 
