@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import CV_UNET, TINY_UNET, copy_project, log_lines, mlflow_runs, run_pipeline
+from conftest import CV_UNET, copy_project, log_lines, mlflow_runs, run_pipeline
 from medseg.datasets.probabilities import ProbabilityDataset
 from medseg.imaging.io import read_volume
 
@@ -98,9 +98,10 @@ def test_folds_train_on_dask_workers_and_predict_every_held_out_case(cross_valid
     assert len([r for r in runs if r.data.tags.get("mlflow.parentRunId") == newest.info.run_id]) == 2
 
 
-def test_without_folds_the_run_writes_no_cross_validation(tmp_path, prepared_project):
-    run_pipeline(prepared_project, "unet", TINY_UNET)
-    assert not list((prepared_project / "data/07_model_output").glob("unet_cv/*.npz"))
-    assert not (prepared_project / "data/06_models/unet/cv_ensemble").exists()
-    assert json.loads((prepared_project / "data/08_reporting/unet/cv_summary.json").read_text()) == {}
+def test_without_folds_the_run_writes_no_cross_validation(trained_unet):
+    assert not list((trained_unet / "data/07_model_output").glob("unet_cv/*.npz"))  # conftest.SHARED_UNET: no cv.folds
+    assert not (trained_unet / "data/06_models/unet/cv_ensemble").exists()
+    assert json.loads((trained_unet / "data/08_reporting/unet/cv_summary.json").read_text()) == {}
+    _, runs = mlflow_runs(trained_unet)
+    assert [run for run in runs if "mlflow.parentRunId" in run.data.tags] == []  # no fold runs
 
