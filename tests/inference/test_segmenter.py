@@ -168,6 +168,24 @@ def test_save_and_load_give_the_same_masks(tmp_path: Path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["segmenter"]
 
 
+def test_a_folder_loaded_again_shares_its_network_until_a_new_one_is_saved(tmp_path: Path):
+    """Each load has its own plan; the network is read once while its file is unchanged, and a
+    segmenter saved again in the same folder (a new training) is read anew."""
+    Segmenter(_above_mean_slices(), _plan()).save(tmp_path / "segmenter")
+    first, second = Segmenter.load(tmp_path / "segmenter"), Segmenter.load(tmp_path / "segmenter")
+    assert first.model is second.model and first.plan is not second.plan
+    first.plan.mirror_axes = [0]
+    assert second.plan.mirror_axes != [0]
+
+    inverted = _above_mean_slices()
+    inverted.layers[-1].set_weights([np.full((1, 1, 1, 1), -10.0, np.float32), np.zeros(1, np.float32)])
+    Segmenter(inverted, _plan()).save(tmp_path / "segmenter")
+    third = Segmenter.load(tmp_path / "segmenter")
+    assert third.model is not first.model
+    scan = _scan(seed=4)
+    np.testing.assert_array_equal(third.segment(scan).data, 1 - first.segment(scan).data)
+
+
 def test_a_missing_or_broken_segmenter_names_the_file(tmp_path: Path):
     with pytest.raises(DatasetNotFoundError, match=r"segmenter\.json.*Train one first"):
         Segmenter.load(tmp_path / "nothing")

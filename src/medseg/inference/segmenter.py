@@ -21,6 +21,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -385,10 +387,7 @@ class Segmenter:
         folder = Path(folder)
         plan = read_plan(folder)
         model_path = _required_file(folder, MODEL_FILE)
-        try:
-            model = keras.models.load_model(model_path, compile=False)
-        except Exception as exc:  # Keras raises many types for a bad archive
-            raise CorruptFileError(f"{model_path}: cannot be loaded by Keras ({type(exc).__name__}: {exc}). Train the model again.") from exc
+        model = _load_network(model_path)
         context = folder / CONTEXT_FOLDER
         stages = [path for path in context.iterdir() if path.name.isdigit()] if context.is_dir() else []
         stages.sort(key=lambda path: int(path.name))
@@ -399,6 +398,39 @@ class Segmenter:
                 f"{[str(i) for i in range(expected)]}, but the segmenter holds {[p.name for p in stages]}. Train the model again."
             )
         return cls(model, plan, [cls.load(stage) for stage in stages])
+
+
+# The networks last loaded, by file: a training run loads its segmenter in three nodes (its
+# evaluation, the postprocessing check, the pyfunc export), and each load of a Keras archive
+# costs about a second. A file that changed (a new training writes a new folder) is a new key.
+_LOADED_NETWORKS: OrderedDict[tuple, keras.Model] = OrderedDict()
+_LOADED_NETWORKS_KEPT = 4
+_LOADED_NETWORKS_LOCK = threading.Lock()
+
+
+def _load_network(path: Path) -> keras.Model:
+    """`path`'s Keras network, loaded once while the file stays the same (path, inode, size and
+    modification time). Nothing in medseg changes a loaded network: segmenters sharing one
+    read it only.
+
+    Raises:
+        CorruptFileError: Keras cannot load the file.
+    """
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    with _LOADED_NETWORKS_LOCK:
+        if key in _LOADED_NETWORKS:
+            _LOADED_NETWORKS.move_to_end(key)
+            return _LOADED_NETWORKS[key]
+    try:
+        model = keras.models.load_model(path, compile=False)
+    except Exception as exc:  # Keras raises many types for a bad archive
+        raise CorruptFileError(f"{path}: cannot be loaded by Keras ({type(exc).__name__}: {exc}). Train the model again.") from exc
+    with _LOADED_NETWORKS_LOCK:
+        _LOADED_NETWORKS[key] = model
+        while len(_LOADED_NETWORKS) > _LOADED_NETWORKS_KEPT:
+            _LOADED_NETWORKS.popitem(last=False)
+    return model
 
 
 def check_spacing_against_plan(spacing: Sequence[float], target: Sequence[float], name: str) -> None:
