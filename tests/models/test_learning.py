@@ -79,8 +79,8 @@ def overfit_segmentation(model: keras.Model, images, labels, batch_size: int, ep
     return before, mean_hard_dice(model, images, labels)
 
 
-def unet2d_dice(seed: int, epochs: int = 30, strategy=None) -> tuple[float, float]:
-    """The 2D task. Under a `tf.distribute` strategy (tests/models/test_distribute.py) the model
+def unet2d_dice(seed: int, epochs: int = 12, strategy=None) -> tuple[float, float]:
+    """The 2D task (12 epochs: Dice 0.98 on one device, from 0.18 untrained). Under a `tf.distribute` strategy (tests/models/test_distribute.py) the model
     is built and compiled in its scope, and each step's batch of 4 is split over its replicas;
     the same batches (each epoch a new permutation of the 16 images) then come from a repeated
     `tf.data` stream, as in the pipelines: from an in-memory array, a distributed model would
@@ -100,7 +100,8 @@ def unet2d_dice(seed: int, epochs: int = 30, strategy=None) -> tuple[float, floa
     return before, mean_hard_dice(model, images, labels)
 
 
-def unet3d_dice(seed: int, epochs: int = 20) -> tuple[float, float]:
+def unet3d_dice(seed: int, epochs: int = 12) -> tuple[float, float]:
+    """The 3D task (12 epochs: Dice 0.95, from 0.10 untrained)."""
     keras.utils.set_random_seed(seed)
     images, labels = ball_set(8, (16, 16, 16), (3.0, 5.0), seed)
     model = compile_segmentation_model(build_unet3d((16, 16, 16, 1), base_filters=8, depth=2), "adam", 1e-2)
