@@ -22,9 +22,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # the rest in their usual order: with --dist loadscope a module runs whole on one worker, and a
 # long one drawn last would keep the suite waiting while the other workers sit idle.
 LONG_MODULES = (
-    "test_context.py", "test_cascade.py", "test_best_configuration.py", "test_resume.py", "test_distribute.py", "test_planned_runs.py", "test_cross_validation.py", "test_multiclass_models.py",
-    "test_serving.py", "test_precision_runs.py", "test_notebook.py", "test_predict_pipeline.py",
-    "test_unet_pipeline.py", "test_cli.py", "test_conv3d_pipeline.py", "test_failed_run_keeps_outputs.py",
+    "test_cross_validation.py", "test_resume.py", "test_planned_runs.py", "test_failed_run_keeps_outputs.py",
+    "test_distribute.py", "test_cascade.py", "test_predict_pipeline.py", "test_learning.py", "test_serving.py",
+    "test_multiclass.py", "test_cli.py", "test_notebook.py", "test_precision.py", "test_multiclass_models.py",
+    "test_unet_pipeline.py", "test_precision_runs.py", "test_scale_out.py", "test_layers_on_s3.py",
+    "test_model_compile.py", "test_viz.py", "test_context.py", "test_best_configuration.py",
 )
 
 
