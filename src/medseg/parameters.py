@@ -129,7 +129,9 @@ class SplitParams(Section):
 
     train: Annotated[Fraction, Field(description="Fraction of the cases that train the models.")]
     val: Annotated[Fraction, Field(description="Fraction of the cases that validate them (early stopping).")]
-    test: Annotated[Fraction, Field(description="Fraction of the cases that the reports score; the three sum to 1.")]
+    test: Annotated[Fraction, Field(description="Fraction of the cases that the reports score; the three sum to 1. "
+                                             "0 holds none out, as nnU-Net users work: the test evaluation is skipped "
+                                             "and says so, and with cv.folds the out-of-fold scores are the run's evaluation.")]
 
     def __post_init__(self) -> None:
         if abs(self.train + self.val + self.test - 1.0) > 1e-6:

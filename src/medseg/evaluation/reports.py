@@ -354,6 +354,18 @@ def overlay_title(case: OverlaySlice) -> str:
     return " · ".join(parts)
 
 
+NO_TEST_CASE = "No test case: the split holds none (data.split.test is 0), so nothing was scored here."
+
+
+def plot_note(text: str) -> Figure:
+    """A small figure that holds only `text`, for a report that has nothing to draw."""
+    figure = _new_figure(6.0, 1.5)
+    axis = figure.subplots()
+    axis.axis("off")
+    axis.text(0.5, 0.5, text, ha="center", va="center", wrap=True)
+    return figure
+
+
 def plot_overlays(cases: Sequence[OverlaySlice | tuple]) -> Figure:
     """Lay the reference and predicted contours over one image slice per case.
 
@@ -369,12 +381,14 @@ def plot_overlays(cases: Sequence[OverlaySlice | tuple]) -> Figure:
         prediction contour in red, titled with the case id, the axial slice index and the
         case's (3D) Dice when given (:func:`overlay_title`). An empty mask draws no contour.
 
+        Without a case (a split without test cases), a figure that says so: a run whose
+        split holds no test case still writes its report.
+
     Raises:
-        ValueError: if `cases` is empty.
         GeometryMismatchError: if a case's arrays are not 2D of one shape.
     """
     if len(cases) == 0:
-        raise ValueError("No case to plot: `cases` is empty.")
+        return plot_note(NO_TEST_CASE)
     figure = _new_figure(4.0, 4.0 * len(cases))
     axes = figure.subplots(len(cases), 1, squeeze=False)[:, 0]
     cases = [OverlaySlice(*case) for case in cases]

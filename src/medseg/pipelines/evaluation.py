@@ -204,6 +204,9 @@ def evaluate_predictions(
     classes, multiclass = _evaluated_classes(dataset_fingerprint)
     rows, overlays = [], []
     test_cases = cases_in_split(splits, "test")
+    if not test_cases:
+        logger.warning("The split holds no test case (data.split.test is 0): the test evaluation is skipped; "
+                       "with cv.folds, the cross-validation's out-of-fold scores are the run's evaluation.")
     progress = CaseProgress("Evaluating", len(test_cases), logger=logger)
     for case_id in test_cases:
         reference, reference_volume = _reference_mask(intermediate_labels[case_id](), case_geometry[case_id], multiclass, data)
@@ -223,7 +226,14 @@ def evaluate_predictions(
             dice = float(np.nanmean([row["dice"] for row in case_rows])) if any(np.isfinite(row["dice"]) for row in case_rows) else float("nan")
             overlays.append(OverlaySlice(case_id, *(view[:, :, z] for view in views), z=z, dice=dice))
         progress.advance(case_id)
-    return pd.DataFrame(rows), plot_overlays(overlays)
+    return pd.DataFrame(rows, columns=_per_case_columns(classes) if not rows else None), plot_overlays(overlays)
+
+
+def _per_case_columns(classes: dict[int, str]) -> list[str]:
+    """The columns of a per-case table, for a table without rows (no test case): written as a
+    CSV header, it reads back as an empty table, where a file without columns cannot be read."""
+    empty = np.zeros((1, 1, 1), np.uint8)
+    return ["case_id", *evaluate_case_per_class(empty, empty, (1.0, 1.0, 1.0), classes)[0]]
 
 
 def run_provenance(

@@ -28,7 +28,7 @@ from medseg.imaging.io import Volume, voxel_spacing
 from medseg.inference.ensemble import Ensemble
 from medseg.kinds import model_kinds
 from medseg.parameters import DataParams
-from medseg.pipelines.evaluation import SegmenterExport, _evaluated_classes, _reference_mask
+from medseg.pipelines.evaluation import SegmenterExport, _evaluated_classes, _per_case_columns, _reference_mask
 from medseg.casework.progress import CaseProgress
 from medseg.runs import tracking
 from medseg.cases.split import cases_in_split
@@ -169,9 +169,11 @@ def score_best_configuration(
         rows.extend({"case_id": case_id, **row} for row in
                     evaluate_case_per_class(reference, labels, voxel_spacing(reference_volume.affine), classes))
         progress.advance(case_id)
+    if not rows:
+        logger.warning("select: the split holds no test case (data.split.test is 0); the choice stands on its "
+                       "cross-validation Dice alone.")
+        return pd.DataFrame(columns=_per_case_columns(classes)), {}
     table = pd.DataFrame(rows)
-    if table.empty:
-        return table, {}
     summary = summarize_per_class(table)
     metrics = {**flatten_summary(summary, prefix="best_test_"), **flatten_class_means(summary, prefix="best_test_")}
     logger.info("select: %s scores test Dice %.4f on %d held-out cases.", segmenter.name,

@@ -51,6 +51,9 @@ def model_line(model: str, summary: Mapping[str, Any]) -> str:
     penalized HD95 counts a missed case as the image diagonal, so it never rewards a miss.
     """
     n_cases = int(summary.get("n_cases") or 0)
+    if n_cases == 0:
+        return (f"{model}: no test case in the split (data.split.test is 0), so no test score; with cv.folds, "
+                "cv_summary.json holds the out-of-fold scores")
     parts = []
     for label, metric, digits, unit in (
         ("test Dice", "dice", 3, ""),
