@@ -19,6 +19,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
 from medseg.errors import ConfigurationError, GeometryMismatchError
+from medseg.evaluation.metrics import evaluate_case_per_class
 
 __all__ = [
     "DEFAULT_SUMMARY_METRICS",
@@ -122,6 +123,16 @@ def summarize_metrics(
         summary["n_prediction_empty"] = int(prediction_empty.sum())
         summary["n_both_empty"] = int((reference_empty & prediction_empty).sum())
     return summary
+
+
+def per_case_table(rows: Sequence[Mapping[str, object]], classes: Mapping[int, str]) -> pd.DataFrame:
+    """The per-case, per-class table of `rows` (`case_id` and the keys of
+    `evaluate_case_per_class`). Without a row (a split without test cases) it still has those
+    columns, so its CSV has a header and reads back as an empty table."""
+    if rows:
+        return pd.DataFrame(rows)
+    empty = np.zeros((1, 1, 1), np.uint8)
+    return pd.DataFrame(columns=["case_id", *evaluate_case_per_class(empty, empty, (1.0, 1.0, 1.0), classes)[0]])
 
 
 def summarize_per_class(

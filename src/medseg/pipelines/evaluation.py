@@ -26,6 +26,7 @@ from medseg.evaluation import (
     evaluate_case_per_class,
     flatten_class_means,
     flatten_summary,
+    per_case_table,
     plot_overlays,
     plot_training_curves,
     summarize_per_class,
@@ -226,14 +227,7 @@ def evaluate_predictions(
             dice = float(np.nanmean([row["dice"] for row in case_rows])) if any(np.isfinite(row["dice"]) for row in case_rows) else float("nan")
             overlays.append(OverlaySlice(case_id, *(view[:, :, z] for view in views), z=z, dice=dice))
         progress.advance(case_id)
-    return pd.DataFrame(rows, columns=_per_case_columns(classes) if not rows else None), plot_overlays(overlays)
-
-
-def _per_case_columns(classes: dict[int, str]) -> list[str]:
-    """The columns of a per-case table, for a table without rows (no test case): written as a
-    CSV header, it reads back as an empty table, where a file without columns cannot be read."""
-    empty = np.zeros((1, 1, 1), np.uint8)
-    return ["case_id", *evaluate_case_per_class(empty, empty, (1.0, 1.0, 1.0), classes)[0]]
+    return per_case_table(rows, classes), plot_overlays(overlays)
 
 
 def run_provenance(

@@ -21,14 +21,14 @@ from kedro.pipeline import Node, Pipeline
 from matplotlib.figure import Figure
 
 from medseg.errors import ConfigurationError
-from medseg.evaluation import evaluate_case_per_class, flatten_class_means, flatten_summary, summarize_per_class
+from medseg.evaluation import evaluate_case_per_class, flatten_class_means, flatten_summary, per_case_table, summarize_per_class
 from medseg.evaluation.selection import best_candidate, candidates_table, plot_candidates, registry_name, score_model_sets
 from medseg.imaging.geometry import PreprocessingPlan, from_canonical
 from medseg.imaging.io import Volume, voxel_spacing
 from medseg.inference.ensemble import Ensemble
 from medseg.kinds import model_kinds
 from medseg.parameters import DataParams
-from medseg.pipelines.evaluation import SegmenterExport, _evaluated_classes, _per_case_columns, _reference_mask
+from medseg.pipelines.evaluation import SegmenterExport, _evaluated_classes, _reference_mask
 from medseg.casework.progress import CaseProgress
 from medseg.runs import tracking
 from medseg.cases.split import cases_in_split
@@ -172,8 +172,8 @@ def score_best_configuration(
     if not rows:
         logger.warning("select: the split holds no test case (data.split.test is 0); the choice stands on its "
                        "cross-validation Dice alone.")
-        return pd.DataFrame(columns=_per_case_columns(classes)), {}
-    table = pd.DataFrame(rows)
+        return per_case_table(rows, classes), {}
+    table = per_case_table(rows, classes)
     summary = summarize_per_class(table)
     metrics = {**flatten_summary(summary, prefix="best_test_"), **flatten_class_means(summary, prefix="best_test_")}
     logger.info("select: %s scores test Dice %.4f on %d held-out cases.", segmenter.name,
