@@ -328,9 +328,16 @@ def cross_validated_unet(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def trained_conv3d(tmp_path_factory) -> Path:
-    """`kedro run --pipeline conv3d` with TINY_CONV3D (a 3D U-Net), once for the session (read only)."""
-    return shared_project(tmp_path_factory, "conv3d", lambda project: run_pipeline(project, "conv3d", TINY_CONV3D))
+def trained_conv3d(tmp_path_factory, trained_unet) -> Path:
+    """`kedro run --pipeline conv3d` with TINY_CONV3D (a 3D U-Net) in a copy of `trained_unet`,
+    once for the session (read only): one project with both models, as the notebook wants."""
+
+    def build(project: Path) -> None:
+        shutil.rmtree(project)
+        copy_project(trained_unet, project)
+        run_pipeline(project, "conv3d", TINY_CONV3D)
+
+    return shared_project(tmp_path_factory, "conv3d", build)
 
 
 @pytest.fixture(scope="session")
@@ -359,9 +366,11 @@ def nested(params: dict) -> dict:
     return tree
 
 
-def run_pipeline(project: Path, pipeline: str | None, params: dict | None = None, cwd: Path | None = None) -> None:
+def run_pipeline(project: Path, pipeline: str | None, params: dict | None = None, cwd: Path | None = None,
+                 node_names: list[str] | None = None) -> None:
     """Run a pipeline of the project copy through KedroSession, from `cwd` (default: the copy's
-    root), as `kedro run` from that folder would.
+    root), as `kedro run` from that folder would; only its `node_names` when given, as
+    `kedro run --nodes` does.
 
     `params` use dotted keys, like `kedro run --params`."""
     from kedro.framework.session import KedroSession
@@ -372,7 +381,7 @@ def run_pipeline(project: Path, pipeline: str | None, params: dict | None = None
     try:
         bootstrap_project(project)
         with KedroSession.create(project_path=project, runtime_params=nested(params or {})) as session:
-            session.run(pipeline_names=[pipeline] if pipeline else None)
+            session.run(pipeline_names=[pipeline] if pipeline else None, node_names=node_names)
     finally:
         os.chdir(previous)
         import mlflow

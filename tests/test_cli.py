@@ -3,6 +3,7 @@ can do nothing about, and no TensorFlow C++ lines on any CPU."""
 
 from __future__ import annotations
 
+import inspect
 import os
 import subprocess
 import sys
@@ -102,49 +103,48 @@ def test_no_third_party_notice_nor_tensorflow_line_on_the_console(bad_dataset_ru
         assert notice not in output, notice
 
 
-TF_IMPORT = "import os, sys\nif sys.argv[1] == 'medseg': import medseg\nimport tensorflow\nos.write(2, b'still here\\n')"
+# Imports TensorFlow, after medseg or not, then MLflow, and says whether MLflow's telemetry client runs.
+IMPORTS = (
+    "import os, sys\nif sys.argv[1] == 'medseg': import medseg\nimport tensorflow\nos.write(2, b'still here\\n')\n"
+    "import mlflow\nfrom mlflow.telemetry import get_telemetry_client\nprint(type(get_telemetry_client()).__name__)"
+)
 
 
-def test_tensorflow_start_up_lines_are_dropped_and_the_rest_kept():
-    """TF_ENABLE_ONEDNN_OPTS=1 turns oneDNN on whatever the CPU, so TensorFlow prints its notice
-    on every machine; imported after medseg, nothing of it reaches stderr."""
-    env = {**{k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}, "TF_ENABLE_ONEDNN_OPTS": "1"}
-    plain = subprocess.run([sys.executable, "-c", TF_IMPORT, "plain"], env=env, capture_output=True, text=True, timeout=120)
-    if "oneDNN custom operations are on" not in plain.stderr:
-        pytest.skip("this TensorFlow build prints no oneDNN notice here, so there is nothing to drop")
-    quiet = subprocess.run([sys.executable, "-c", TF_IMPORT, "medseg"], env=env, capture_output=True, text=True, timeout=120)
-    assert quiet.returncode == 0, quiet.stderr
-    assert quiet.stderr == "still here\n"
-
-
-def test_stderr_filter_keeps_every_other_line_and_the_exception(capfd):
+def _shell_environment() -> dict[str, str]:
+    """This environment as a user's shell has it: without the Makefile's TF_CPP_MIN_LOG_LEVEL,
+    nor the variables by which MLflow decides that it runs under CI or a test (read from
+    MLflow's own check), in which case it would send nothing whatever medseg does."""
     import re
 
-    from medseg.runs.console import TENSORFLOW_NOTICE, stderr_without
+    from mlflow.telemetry import utils
 
-    with pytest.raises(RuntimeError, match="boom"):
-        with stderr_without(TENSORFLOW_NOTICE):
-            os.write(2, b"first\nI0000 00:00:1796279045.498467   16882 port.cc:153] oneDNN custom operations are on.\n")
-            os.write(2, b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\nlast\n")
-            raise RuntimeError("boom")
-    assert capfd.readouterr().err == "first\nlast\n"
-    with stderr_without(re.compile(rb"^drop$")):
-        os.write(2, b"drop\ndrop me not\n")
-    assert capfd.readouterr().err == "drop me not\n"
+    markers = set(re.findall(r'"([A-Z][A-Z0-9_]+)"', inspect.getsource(utils._is_ci_env_or_testing)))
+    markers |= {"MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK", "TF_CPP_MIN_LOG_LEVEL"}
+    return {k: v for k, v in os.environ.items() if k not in markers}
 
 
-def test_the_user_error_is_found_behind_kedros_wrapping():
-    from kedro.io import DatasetError
+@pytest.fixture(scope="module")
+def imports() -> dict[str, subprocess.CompletedProcess]:
+    """IMPORTS in a fresh process, with and without medseg first. TF_ENABLE_ONEDNN_OPTS=1 turns
+    oneDNN on whatever the CPU, so that TensorFlow prints its notice on every machine."""
+    env = {**_shell_environment(), "TF_ENABLE_ONEDNN_OPTS": "1"}
+    done = {first: subprocess.run([sys.executable, "-c", IMPORTS, first], env=env, capture_output=True, text=True, timeout=120)
+            for first in ("plain", "medseg")}
+    for result in done.values():
+        assert result.returncode == 0, result.stderr[-2000:]
+    return done
 
-    from medseg.cli import user_error
-    from medseg.errors import CorruptFileError
 
-    cause = CorruptFileError("a.nii.gz: not NIfTI. Replace the file.")
-    try:
-        try:
-            raise cause
-        except CorruptFileError as exc:
-            raise DatasetError("Failed while loading data from dataset") from exc
-    except DatasetError as wrapped:
-        assert user_error(wrapped) is cause
-    assert user_error(RuntimeError("a bug")) is None
+def test_tensorflow_start_up_lines_are_dropped_and_the_rest_kept(imports):
+    """Imported after medseg, nothing of TensorFlow's start-up reaches stderr."""
+    if "oneDNN custom operations are on" not in imports["plain"].stderr:
+        pytest.skip("this TensorFlow build prints no oneDNN notice here, so there is nothing to drop")
+    assert imports["medseg"].stderr == "still here\n"
+
+
+def test_mlflow_telemetry_is_off_once_medseg_is_imported(imports):
+    """MLflow 3 sends usage telemetry from a user's shell; importing medseg (as `kedro run`
+    does, before MLflow) turns it off. Without medseg, the same shell gets MLflow's client:
+    the check sees a shell as MLflow would."""
+    assert imports["plain"].stdout.split() == ["TelemetryClient"]
+    assert imports["medseg"].stdout.split() == ["NoneType"]

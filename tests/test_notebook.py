@@ -12,7 +12,7 @@ import nbclient
 import nbformat
 import pytest
 
-from conftest import REPO_ROOT, TINY_CONV3D, copy_project, mlflow_runs, run_pipeline
+from conftest import REPO_ROOT, copy_project, mlflow_runs
 
 NOTEBOOK = REPO_ROOT / "notebooks" / "medseg_tour.ipynb"
 
@@ -34,9 +34,8 @@ def _stdout(cell) -> str:
     return "".join(out.get("text", "") for out in cell.get("outputs", []) if out.get("output_type") == "stream" and out.get("name") == "stdout")
 
 
-def test_notebook_runs_on_a_trained_project(trained_unet: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    project = copy_project(trained_unet, tmp_path / "project")
-    run_pipeline(project, "conv3d", TINY_CONV3D)
+def test_notebook_runs_on_a_trained_project(trained_conv3d: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    project = copy_project(trained_conv3d, tmp_path / "project")  # the tiny U-Net and 3D U-Net
     shutil.copy(NOTEBOOK, project / "notebooks" / NOTEBOOK.name)
 
     # The kernel inherits this environment: the venv's own `python3` kernelspec first, no telemetry,

@@ -33,18 +33,19 @@ tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfigur
 sys.path[:0] = [sys.argv[2], sys.argv[3]]
 import test_distribute
 
-test_distribute.train_on_two_cpus(sys.argv[1])
+test_distribute.train_on_two_cpus(sys.argv[1], sys.argv[4])
 """
 
 
-def train_on_two_cpus(out: str) -> None:
+def train_on_two_cpus(out: str, prepared: str) -> None:
     """In the child process, with two logical CPU devices: the learning task of
     `test_learning.unet2d_dice` mirrored over both (test_learning's own test trains it on one
     device, to the same target), then the tiny `unet` pipeline with
-    `unet.training.distribute=mirrored` in a project copy. Writes `<out>/result.json`."""
+    `unet.training.distribute=mirrored` in a copy of the `prepared` project (its data layers
+    made). Writes `<out>/result.json`."""
     import tensorflow as tf
 
-    from conftest import TINY_UNET, make_project_copy, mlflow_runs, run_pipeline
+    from conftest import TINY_UNET, copy_project, mlflow_runs, run_pipeline
     from test_learning import SEED, unet2d_dice
 
     result: dict = {"cpu_devices": len(tf.config.list_logical_devices("CPU"))}
@@ -53,7 +54,7 @@ def train_on_two_cpus(out: str) -> None:
     # The same task: the same global batch of 4 (2 per replica), epochs and learning rate.
     result["mirrored"] = unet2d_dice(SEED, strategy=mirrored)
 
-    project = make_project_copy(Path(out) / "project")
+    project = copy_project(Path(prepared), Path(out) / "project")
     run_pipeline(project, "unet", {**TINY_UNET, "unet.training.distribute": "mirrored"})
     import mlflow
 
@@ -69,10 +70,10 @@ def train_on_two_cpus(out: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def two_cpu_run(tmp_path_factory) -> dict:
+def two_cpu_run(tmp_path_factory, prepared_data) -> dict:
     out = tmp_path_factory.mktemp("two_cpus")
     child = subprocess.run(
-        [sys.executable, "-c", CHILD, str(out), str(TESTS), str(TESTS / "models")],
+        [sys.executable, "-c", CHILD, str(out), str(TESTS), str(TESTS / "models"), str(prepared_data)],
         capture_output=True, text=True, timeout=600,
     )
     assert child.returncode == 0, child.stderr[-4000:]

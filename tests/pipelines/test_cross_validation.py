@@ -1,8 +1,7 @@
 """`cv.folds`: folds trained by the template, out-of-fold predictions scored by hand, nested
-MLflow runs, a rerun that trains nothing, and the same folds on Dask workers."""
+MLflow runs, and a rerun on Dask workers that keeps a finished fold and trains the other again."""
 
 import json
-import logging
 import shutil
 
 import numpy as np
@@ -64,37 +63,29 @@ def test_each_fold_is_a_run_nested_under_the_pipeline_run_with_its_metrics(cross
     assert parent.data.metrics["cv_dice_mean"] == pytest.approx(summary["metrics"]["cv_dice_mean"])
 
 
-def test_a_rerun_loads_the_finished_folds_and_trains_none(cross_validated, tmp_path):
-    project = copy_project(cross_validated, tmp_path / "rerun")
-    before = {p.name: ProbabilityDataset(str(p)).load().data for p in (project / "data/07_model_output/unet_cv").glob("*.npz")}
-    with log_lines("medseg.pipelines.training") as lines:
-        run_pipeline(project, "unet", CV_UNET)
-    kept = [line for line in lines.text.splitlines() if "is kept; loaded, not trained again" in line]
-    assert len(kept) >= 2  # both folds, in the fold tasks
-    after = {p.name: ProbabilityDataset(str(project / "data/07_model_output/unet_cv" / p.name)).load().data for p in
-             (project / "data/07_model_output/unet_cv").glob("*.npz")}
-    assert sorted(after) == sorted(before)
-    for name, probability in after.items():  # the kept networks predict what they predicted
-        np.testing.assert_array_equal(probability, before[name])
-
-
-def test_folds_train_on_dask_workers_and_predict_every_held_out_case(cross_validated, tmp_path):
-    """On `local:2` the folds train in the workers' processes, and give exactly the folds
-    trained one after another here: the same out-of-fold probabilities, bit for bit (the
-    initializers' seeds no longer come from Python's global generator, which a Dask worker's
-    own threads also draw from), and both folds logged as nested runs."""
+def test_a_rerun_on_dask_workers_keeps_a_finished_fold_and_trains_the_other_to_the_same_bits(cross_validated, tmp_path):
+    """A rerun on `local:2`, with fold 1's network deleted: fold 0's is kept (loaded, not
+    trained again: its files untouched), fold 1 trains again in a worker's process, and both
+    give exactly the out-of-fold probabilities of the folds trained one after another here,
+    bit for bit (the initializers' seeds no longer come from Python's global generator, which a
+    Dask worker's own threads also draw from); both folds are logged as nested runs."""
     project = copy_project(cross_validated, tmp_path / "dask")
-    shutil.rmtree(project / "data/06_models/unet/cv_backup")  # train the folds again, on the workers
+    backup = project / "data/06_models/unet/cv_backup"
+    kept = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in (backup / "fold0").rglob("*") if p.is_file()}
+    assert kept
+    shutil.rmtree(backup / "fold1")  # train this fold again, on a worker
     with log_lines("medseg.runs.compute") as lines:
         run_pipeline(project, "unet", {**CV_UNET, "compute.scheduler": "local:2"})
     assert any("unet: cross-validation: 2 cases in" in line for line in lines.text.splitlines())
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in (backup / "fold0").rglob("*") if p.is_file()} == kept
+    assert list((backup / "fold1").rglob("model.weights.h5"))  # trained again, and kept for the next rerun
     for path in sorted((cross_validated / "data/07_model_output/unet_cv").glob("*.npz")):
         sequential = ProbabilityDataset(str(path)).load()
         distributed = ProbabilityDataset(str(project / "data/07_model_output/unet_cv" / path.name)).load()
         np.testing.assert_array_equal(distributed.data, sequential.data)
         np.testing.assert_allclose(distributed.affine, sequential.affine)
     _, runs = mlflow_runs(project)
-    newest = runs[0] if "mlflow.parentRunId" not in runs[0].data.tags else next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    newest = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
     assert len([r for r in runs if r.data.tags.get("mlflow.parentRunId") == newest.info.run_id]) == 2
 
 

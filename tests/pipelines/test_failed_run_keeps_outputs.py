@@ -26,28 +26,6 @@ def _outputs(project: Path) -> dict[str, bytes]:
     }
 
 
-def test_a_run_failing_in_evaluation_keeps_the_last_good_outputs(trained_unet, tmp_path, monkeypatch):
-    import medseg.pipelines.evaluation as evaluation
-
-    project = copy_project(trained_unet, tmp_path / "project")  # a good unet run (SHARED_UNET)
-    good = _outputs(project)
-    assert {"data/06_models/unet/model.keras", "data/08_reporting/unet/metrics_summary.json"} <= set(good)
-    assert any(name.startswith("data/07_model_output/unet/") for name in good)
-
-    def crash(*args, **kwargs):
-        raise RuntimeError("evaluation crashed")
-
-    monkeypatch.setattr(evaluation, "summarize_per_class", crash)
-    with pytest.raises(Exception, match="evaluation crashed"):
-        run_pipeline(project, "unet", {**SHARED_UNET, "unet.training.learning_rate": 0.01})  # new model, new masks
-    assert _outputs(project) == good
-    assert not list(project.rglob("*.medseg-staging"))
-    _, runs = mlflow_runs(project)
-    assert [run.info.status for run in runs] == ["FAILED", "FINISHED"]
-    assert runs[0].data.tags["medseg.dataset"] == "medseg-synthetic"
-    assert runs[0].data.tags["mlflow.note.content"].startswith("Dataset: medseg-synthetic (synthetic, ")
-
-
 def test_a_run_killed_while_it_writes_its_masks_leaves_the_last_good_outputs_in_place(trained_unet, tmp_path):
     """SIGKILL while the new masks are being written (each mask save made slow, so the kill
     lands there): the published model, masks and reports stay the last good run's, in place,
@@ -100,8 +78,9 @@ def _files(folder: Path) -> dict[str, bytes]:
 
 def test_with_the_catalog_moved_a_run_writes_nothing_under_data_and_a_failed_one_restores_it(tmp_path, monkeypatch):
     """The catalog owns every file: with every data layer moved elsewhere, a unet run writes
-    only the lock under data/, and a run that fails after training puts the previous outputs
-    back where the catalog points, byte for byte."""
+    only the lock under data/, and a run that fails in its evaluation, after training a new
+    model and writing new masks, puts the previous outputs back where the catalog points, byte
+    for byte, and is recorded as failed, with its dataset."""
     import medseg.pipelines.evaluation as evaluation
 
     project, elsewhere = make_project_copy(tmp_path / "project"), tmp_path / "elsewhere"
@@ -122,4 +101,9 @@ def test_with_the_catalog_moved_a_run_writes_nothing_under_data_and_a_failed_one
     with pytest.raises(Exception, match="evaluation crashed"):
         run_pipeline(project, "unet", {**TINY_UNET, "unet.training.learning_rate": 0.01})  # a new model and masks
     assert _files(elsewhere) == good
+    assert not list(elsewhere.rglob("*.medseg-staging"))
     assert sorted(str(p.relative_to(project)) for p in (project / "data").rglob("*")) == data_after
+    _, runs = mlflow_runs(project)
+    assert [run.info.status for run in runs] == ["FAILED", "FINISHED"]
+    assert runs[0].data.tags["medseg.dataset"] == "medseg-synthetic"
+    assert runs[0].data.tags["mlflow.note.content"].startswith("Dataset: medseg-synthetic (synthetic, ")

@@ -5,7 +5,6 @@ import json
 from pathlib import Path
 
 import keras
-import numpy as np
 
 from medseg.kinds.sizes import median_shape, plan_patches, plan_slices
 from conftest import TINY_CONV3D, TINY_UNET, make_project_copy, mlflow_runs, run_pipeline
@@ -85,7 +84,7 @@ def test_auto_steps_fill_the_budget_and_a_rerun_reuses_the_timing(prepared_proje
         "unet.training.steps_per_epoch": "auto",
         "unet.training.validation_steps": 1,
         "planning.budget_minutes.unet": BUDGET,
-        "planning.retime": False,  # the same epochs whatever the load: the weights must match bit for bit
+        "planning.retime": False,  # a rerun on this machine takes the timing as it is, whatever the load
     }
     run_pipeline(project, "unet", params)
     first = _plan(project, "unet")
@@ -96,12 +95,12 @@ def test_auto_steps_fill_the_budget_and_a_rerun_reuses_the_timing(prepared_proje
     assert first["overrides"]["training.validation_steps"]["given"] == 1
     history = json.loads((project / "data" / "08_reporting" / "unet" / "history.json").read_text())
     assert len(history["loss"]) <= first["used"]["training.epochs"]
-    model_path = project / "data" / "06_models" / "unet" / "model.keras"
-    weights = keras.models.load_model(model_path, compile=False).get_weights()
 
-    run_pipeline(project, "unet", params)
+    # The rerun's planning alone (`kedro run --nodes unet.plan_unet`): it reuses the timing and
+    # plans the same steps. The same steps train the same weights: test_unet_pipeline's
+    # same-seed test.
+    run_pipeline(project, "unet", params, node_names=["unet.plan_unet"])
     second = _plan(project, "unet")
     assert second["calibration"]["reused"] is True
+    assert second["calibration"]["seconds_per_step"] == calibration["seconds_per_step"]
     assert second["used"] == first["used"]
-    for a, b in zip(keras.models.load_model(model_path, compile=False).get_weights(), weights, strict=True):
-        assert np.array_equal(a, b)  # the same steps: the same weights, bit for bit

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import HOST_INDEPENDENT_UNET, TINY_DATA_PARAMS, make_project_copy, mlflow_runs, run_pipeline
+from conftest import HOST_INDEPENDENT_UNET, TINY_DATA_PARAMS, copy_project, mlflow_runs, run_pipeline
 
 EPOCHS = 5
 PARAMS = {
@@ -75,8 +75,8 @@ def _kill_during_training(project: Path, params: dict, after_epochs: int = 2) ->
 
 
 @pytest.fixture(scope="module")
-def killed_then_resumed(tmp_path_factory):
-    project = make_project_copy(tmp_path_factory.mktemp("resume"))
+def killed_then_resumed(tmp_path_factory, prepared_data):
+    project = copy_project(prepared_data, tmp_path_factory.mktemp("resume") / "project")  # straight to training
     killed_at = _kill_during_training(project, PARAMS)
     _, runs = mlflow_runs(project)
     dead = runs[0]
