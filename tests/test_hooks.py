@@ -148,3 +148,59 @@ def test_a_second_run_in_the_same_project_is_refused(tmp_path):
     lock = ProjectLock(tmp_path)  # the OS released the killed holder's lock
     lock.acquire("data")
     lock.release()
+
+
+def test_the_batched_hook_logs_what_kedro_mlflow_logs_with_one_call_per_node(tmp_path, monkeypatch):
+    """The same nodes' inputs through kedro-mlflow's hook and through BatchedMlflowHook give the
+    same run parameters (flattened, a long value truncated by the strategy of mlflow.yml); ours
+    makes one MLflow call for a node's new parameters, none for parameters already logged, and
+    still lets MLflow refuse a changed value."""
+    import mlflow
+    from kedro.pipeline import node
+    from kedro_mlflow.framework.hooks.mlflow_hook import MlflowHook
+    from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
+
+    from medseg.runs.hooks import BatchedMlflowHook
+
+    import shutil
+
+    from conftest import _empty_tracking_store
+
+    shutil.copy(_empty_tracking_store() / "mlflow.db", tmp_path / "mlflow.db")  # without MLflow's migrations
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    data = {"seed": 3, "split": {"train": 0.6, "val": 0.2, "test": 0.2}, "labels": {"values": list(range(2000))}}
+    unet = {"training": {"epochs": 2, "optimizer": "adam"}}
+    nodes = [
+        (node(lambda *a: None, ["x", "params:data"], "y", name="first"), {"x": 1, "params:data": data}),
+        (node(lambda *a: None, ["params:data", "params:unet"], "z", name="second"), {"params:data": data, "params:unet": unet}),
+    ]
+    logged = {}
+    for hook in (MlflowHook(), BatchedMlflowHook()):
+        hook.flatten, hook.long_params_strategy = True, "truncate"
+        calls = []
+        for name in ("log_param", "log_params"):
+            original = getattr(mlflow, name)
+            monkeypatch.setattr(mlflow, name, lambda *a, _o=original, _n=name, **k: (calls.append(_n), _o(*a, **k))[1])
+        with mlflow.start_run(experiment_id="0") as run:  # the store's Default experiment, whatever ran before
+            if isinstance(hook, BatchedMlflowHook):
+                hook._logged = {}
+            for made, inputs in nodes:
+                hook.before_node_run(node=made, catalog=None, inputs=inputs, is_async=False)
+        logged[type(hook).__name__] = (mlflow.get_run(run.info.run_id).data.params, calls)
+        monkeypatch.undo()
+        mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+    theirs, their_calls = logged["MlflowHook"]
+    ours, our_calls = logged["BatchedMlflowHook"]
+    assert ours == theirs
+    assert ours["data.split.train"] == "0.6" and ours["unet.training.epochs"] == "2"
+    assert len(ours["data.labels.values"]) == MAX_PARAM_VAL_LENGTH  # truncated, as kedro-mlflow does
+    assert len(their_calls) == 12  # 5 parameters, then 5 again and 2 new, one call each
+    assert our_calls == ["log_param", "log_params", "log_params"]  # the long one once, then a batch per node with news
+
+    hook = BatchedMlflowHook()
+    hook.flatten = True
+    with mlflow.start_run(experiment_id="0"):
+        hook.before_node_run(node=nodes[0][0], catalog=None, inputs={"params:data": {"seed": 3}}, is_async=False)
+        with pytest.raises(mlflow.exceptions.MlflowException, match="[Cc]hang"):
+            hook.before_node_run(node=nodes[0][0], catalog=None, inputs={"params:data": {"seed": 4}}, is_async=False)

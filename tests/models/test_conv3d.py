@@ -33,6 +33,7 @@ def test_default_shapes_build():
 def test_unet3d_output_matches_input_and_one_step_trains(patches):
     images, labels = patches
     model = compile_segmentation_model(build_unet3d((16, 16, 16, 1), base_filters=4, depth=2))
+    model.run_eagerly = True  # one step costs less than tracing it into a graph
     assert tuple(model.output_shape) == (None, 16, 16, 16, 1)
     logs = model.train_on_batch(images, labels, return_dict=True)
     assert set(logs) == {"loss", "dice", "iou"}
@@ -43,6 +44,7 @@ def test_unet3d_output_matches_input_and_one_step_trains(patches):
 def test_patch_classifier_is_the_small_conv3d_block_and_one_step_trains(patches):
     images, labels = patches
     model = compile_patch_classifier(build_patch_classifier((16, 16, 16, 1)), "sgd", 1e-2)
+    model.run_eagerly = True
     kinds = [type(layer).__name__ for layer in model.layers[1:]]
     assert kinds == ["Conv3D", "MaxPooling3D", "Conv3D", "MaxPooling3D", "Flatten", "Dense"]
     assert [model.layers[i].filters for i in (1, 3)] == [16, 32]

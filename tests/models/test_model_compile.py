@@ -61,8 +61,11 @@ def tiny_data() -> tuple[np.ndarray, np.ndarray]:
 
 
 def _tiny_unet(loss: str = "bce+dice") -> keras.Model:
+    """Run eagerly: a test's few steps cost less than tracing them into graphs (seconds)."""
     keras.utils.set_random_seed(0)
-    return compile_segmentation_model(build_unet2d((16, 16, 1), base_filters=4, depth=2), loss=loss)
+    model = compile_segmentation_model(build_unet2d((16, 16, 1), base_filters=4, depth=2), loss=loss)
+    model.run_eagerly = True
+    return model
 
 
 def test_fit_history_keys_are_exactly_loss_dice_iou(tiny_data):
@@ -88,6 +91,7 @@ def test_saved_model_reloads_in_safe_mode_with_custom_loss_and_metrics(tiny_data
 
     reloaded = keras.models.load_model(path, safe_mode=True, compile=True)
     assert reloaded.loss is bce_dice_loss
+    reloaded.run_eagerly = True
     np.testing.assert_allclose(
         reloaded.predict(images, verbose=0), model.predict(images, verbose=0), rtol=1e-6, atol=1e-6
     )

@@ -286,8 +286,11 @@ def tiny_multiclass_data() -> tuple[np.ndarray, np.ndarray]:
 
 
 def _tiny_multiclass_unet(loss: str = "ce+dice") -> keras.Model:
+    """Run eagerly: a test's few steps cost less than tracing them into graphs (seconds)."""
     keras.utils.set_random_seed(SEED)
-    return compile_segmentation_model(build_unet2d((16, 16, 1), base_filters=4, depth=2, n_classes=2), loss=loss)
+    model = compile_segmentation_model(build_unet2d((16, 16, 1), base_filters=4, depth=2, n_classes=2), loss=loss)
+    model.run_eagerly = True
+    return model
 
 
 def test_compile_infers_the_classes_and_names_the_history(tiny_multiclass_data):
@@ -322,6 +325,7 @@ def test_multiclass_model_reloads_in_safe_mode(tiny_multiclass_data, tmp_path):
 
     reloaded = keras.models.load_model(path, safe_mode=True, compile=True)
     assert reloaded.loss is ce_dice_loss
+    reloaded.run_eagerly = True
     np.testing.assert_allclose(
         reloaded.predict(images, verbose=0), model.predict(images, verbose=0), rtol=1e-6, atol=1e-6
     )
