@@ -10,7 +10,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from conftest import REPO_ROOT, make_project_copy, mlflow_runs, run_pipeline
+from conftest import REPO_ROOT, TINY_DATA_PARAMS, make_project_copy, mlflow_runs, run_pipeline
 from medseg.kinds import parameter_roots
 from medseg.parameters import Section, leaf_names
 
@@ -147,6 +147,26 @@ def test_a_bad_parameter_stops_the_run_before_any_work(tmp_path: Path, params, m
     project = make_project_copy(tmp_path / "project")
     with pytest.raises(ParameterValidationError, match=re.compile(message, re.S)):
         run_pipeline(project, "unet", params)
+    assert [p for p in (project / "data").rglob("*") if p.is_file()] == []
+    _, runs = mlflow_runs(project)
+    assert runs == []  # no MLflow run was opened
+
+
+@pytest.mark.parametrize("pipeline", ["unet", "conv3d"])
+def test_a_split_without_validation_cases_is_refused_before_any_work_by_a_model_run(tmp_path: Path, pipeline):
+    """Training keeps its best epoch by validation loss: with data.split.val=0 a model run would
+    prepare every case, then fail when training starts. It is refused first, saying what to
+    set; a run that trains nothing (`data`) is not."""
+    from medseg.cases.split import require_validation_cases
+    from medseg.errors import SplitError
+
+    assert require_validation_cases(0.0, []) is None
+
+    project = make_project_copy(tmp_path / "project")
+    split = {"data.split.train": 0.8, "data.split.val": 0.0, "data.split.test": 0.2}
+    with pytest.raises(SplitError, match=rf"data.split.val=0 leaves no validation case, and training {pipeline} needs one.*"
+                                         r"Set data.split.val above 0"):
+        run_pipeline(project, pipeline, {**TINY_DATA_PARAMS, **split})
     assert [p for p in (project / "data").rglob("*") if p.is_file()] == []
     _, runs = mlflow_runs(project)
     assert runs == []  # no MLflow run was opened

@@ -128,7 +128,8 @@ class SplitParams(Section):
     """The split of the cases into training, validation and test, by case (`medseg.cases.split`)."""
 
     train: Annotated[Fraction, Field(description="Fraction of the cases that train the models.")]
-    val: Annotated[Fraction, Field(description="Fraction of the cases that validate them (early stopping).")]
+    val: Annotated[Fraction, Field(description="Fraction of the cases that validate them (the best epoch, early "
+                                            "stopping); above 0 for a run that trains: 0 is refused before any work.")]
     test: Annotated[Fraction, Field(description="Fraction of the cases that the reports score; the three sum to 1. "
                                              "0 holds none out, as nnU-Net users work: the test evaluation is skipped "
                                              "and says so, and with cv.folds the out-of-fold scores are the run's evaluation.")]

@@ -42,6 +42,23 @@ def split_sizes(n_cases: int, train: float, val: float, test: float) -> dict[str
     return {"train": n_train, "val": n_val, "test": n_test}
 
 
+def require_validation_cases(val: float, models: Sequence[str]) -> None:
+    """Refuse, before any work, a run that trains `models` on a split without validation cases.
+
+    Training keeps the epoch of lowest validation loss and stops early on it, so a model run
+    with `data.split.val` 0 would otherwise prepare every case and fail when training starts.
+
+    Raises:
+        SplitError: `val` is 0 and `models` is not empty.
+    """
+    if models and float(val) == 0:
+        raise SplitError(
+            f"data.split.val=0 leaves no validation case, and training {', '.join(models)} needs one: it keeps the "
+            "epoch of lowest validation loss and stops early on it. Set data.split.val above 0 (0.1 holds out one "
+            "case in ten; train + val + test must still sum to 1), or run only `--pipeline data`."
+        )
+
+
 def split_cases(case_ids: Sequence[str], train: float, val: float, test: float, seed: int) -> pd.DataFrame:
     """Assign each case to one of train, val and test, deterministically from `seed`.
 
@@ -72,6 +89,36 @@ def split_cases(case_ids: Sequence[str], train: float, val: float, test: float, 
     labels = np.array(["train"] * sizes["train"] + ["val"] * sizes["val"] + ["test"] * sizes["test"])
     assigned = dict(zip((ids[i] for i in order), labels))
     return pd.DataFrame({"case_id": ids, "split": [assigned[i] for i in ids]})
+
+
+def classes_not_in_training(splits: pd.DataFrame, case_fingerprints: pd.DataFrame) -> dict[str, list[str]]:
+    """The classes that no training case holds, each with the cases that do hold it.
+
+    A model cannot learn such a class: its predictions of it are noise, and its scores zero.
+
+    Args:
+        splits: the case split (`splits.csv`).
+        case_fingerprints: `case_fingerprints.csv`: each class's voxel share per case
+            (`share_<label value>`, multi-class mode) or the foreground voxels (binary mode).
+
+    Returns:
+        {"label <value>" (or "foreground"): [case ids holding it, in split order]}, for the
+        classes absent from every training case.
+    """
+    shares = [column for column in case_fingerprints.columns if str(column).startswith("share_")]
+    present = (
+        {f"label {column.removeprefix('share_')}": case_fingerprints[column].astype(float) > 0 for column in shares}
+        if shares
+        else {"foreground": case_fingerprints["foreground_voxels"].astype(float) > 0}
+    )
+    split_of = dict(zip(splits["case_id"].astype(str), splits["split"]))
+    ids = case_fingerprints["case_id"].astype(str)
+    missing = {}
+    for name, holds in present.items():
+        holders = [case for case, held in zip(ids, holds) if held]
+        if not any(split_of.get(case) == "train" for case in holders):
+            missing[name] = sorted(holders, key=lambda case: (("train", "val", "test").index(split_of.get(case, "test")), case))
+    return missing
 
 
 def cases_in_split(splits: pd.DataFrame, *names: str) -> list[str]:

@@ -39,6 +39,7 @@ from mlflow.entities import ViewType
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 from pydantic import ValidationError
 
+from medseg.cases.split import require_validation_cases
 from medseg.runs import compute, credentials
 from medseg.runs.tracking import log_params
 from medseg.errors import ConfigurationError, TrackingError
@@ -235,6 +236,11 @@ class MlflowRunHook:
     @hook_impl(tryfirst=True)
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline: Pipeline, catalog) -> None:
         self._release()
+        if self._context is not None:  # settings that would fail when training starts, refused before any work
+            node_names = {node.name for node in pipeline.nodes}
+            training = [model for model in models_in_pipeline(pipeline) if f"{model}.train_{model}" in node_names]
+            split = (self._context.params.get("data") or {}).get("split") or {}
+            require_validation_cases(split.get("val", 1), training)
         root = self._context.project_path if self._context else Path.cwd()
         self._lock = ProjectLock(root)
         self._lock.acquire(str(run_params.get("pipeline_names") or run_params.get("pipeline_name") or "__default__"))

@@ -41,7 +41,7 @@ from medseg.cases.validation import (
 )
 from medseg.parameters import CvParams, DataParams, PreprocessingParams
 from medseg.storage.incremental import KeyedPartition, content_key
-from medseg.cases.split import assign_folds, split_cases, split_sizes
+from medseg.cases.split import assign_folds, classes_not_in_training, split_cases, split_sizes
 
 logger = logging.getLogger(__name__)
 
@@ -316,7 +316,14 @@ def split_dataset(case_fingerprints: pd.DataFrame, data: DataParams) -> pd.DataF
     """
     split = data["split"]
     case_ids = [_case_id(value) for value in case_fingerprints["case_id"]]
-    return split_cases(case_ids, split["train"], split["val"], split["test"], int(data["seed"]))
+    splits = split_cases(case_ids, split["train"], split["val"], split["test"], int(data["seed"]))
+    for name, holders in classes_not_in_training(splits, case_fingerprints).items():
+        where = ", ".join(f"{case} ({split})" for case, split in zip(holders, splits.set_index("case_id").loc[holders, "split"]))
+        logger.warning(
+            "%s is in no training case%s: a model cannot learn it, and scores 0 on it. Change data.seed or data.split "
+            "so that a case holding it trains.", name, f" (only in {where})" if holders else " (in no case at all)",
+        )
+    return splits
 
 
 def assign_cv_folds(splits: pd.DataFrame, cv: CvParams, data: DataParams, folds_saved: dict) -> dict:
