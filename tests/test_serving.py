@@ -328,30 +328,6 @@ def test_served_model_refuses_an_output_outside_the_roots(trained: Trained, serv
     assert not [p for p in out.iterdir() if p.name.startswith(".refused_batch")]  # no temporary file left
 
 
-def test_served_model_without_roots_accepts_only_image_b64(trained: Trained, tmp_path: Path):
-    image = trained.images[3]
-    target = tmp_path / "out" / "x.nii.gz"
-    with model_server(trained, tmp_path / "serve_noroots.log", None) as url:
-        refused = invoke(url, [{"image_path": str(image), "output_path": str(target)}])
-        refused_input = invoke(url, [{"image_path": str(image)}])
-        accepted = invoke(url, [{"image_b64": b64_of(image)}])
-    assert 400 <= refused.status_code < 600
-    assert READ_ROOTS in refused.text and "image_b64" in refused.text
-    # A refusal is the client's mistake: a 400 whose message says why, with no server traceback.
-    body = refused.json()
-    assert refused.status_code == 400 and body["error_code"] == "INVALID_PARAMETER_VALUE"
-    assert READ_ROOTS in body["message"] and "stack_trace" not in body
-    assert not target.exists() and not target.parent.exists()
-    assert 400 <= refused_input.status_code < 600
-    assert READ_ROOTS in refused_input.text and "image_path" in refused_input.text
-
-    assert accepted.status_code == 200, accepted.text[-4000:]
-    (row,) = accepted.json()["predictions"]
-    assert row["case_id"] == "case_0"
-    assert row["volume_ml"] == pytest.approx(trained.pipeline_volume(image), rel=1e-12, abs=0)
-    assert_b64_mask(row["mask_b64"], trained.pipeline_mask(image), tmp_path)
-
-
 # -- the registry ----------------------------------------------------------------------------
 
 def test_registered_version_drives_the_predict_pipeline(trained: Trained, tmp_path: Path):

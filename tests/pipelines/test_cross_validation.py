@@ -64,8 +64,9 @@ def test_each_fold_is_a_run_nested_under_the_pipeline_run_with_its_metrics(cross
 
 
 def test_a_rerun_on_dask_workers_keeps_a_finished_fold_and_trains_the_other_to_the_same_bits(cross_validated, tmp_path):
-    """A rerun on `local:2`, with fold 1's network deleted: fold 0's is kept (loaded, not
-    trained again: its files untouched), fold 1 trains again in a worker's process, and both
+    """A rerun on a LocalCluster (`local:1`: one worker process, which both fold tasks go to),
+    with fold 1's network deleted: fold 0's is kept (loaded, not trained again: its files
+    untouched), fold 1 trains again in the worker's process, and both
     give exactly the out-of-fold probabilities of the folds trained one after another here,
     bit for bit (the initializers' seeds no longer come from Python's global generator, which a
     Dask worker's own threads also draw from); both folds are logged as nested runs."""
@@ -75,7 +76,7 @@ def test_a_rerun_on_dask_workers_keeps_a_finished_fold_and_trains_the_other_to_t
     assert kept
     shutil.rmtree(backup / "fold1")  # train this fold again, on a worker
     with log_lines("medseg.runs.compute") as lines:
-        run_pipeline(project, "unet", {**CV_UNET, "compute.scheduler": "local:2"})
+        run_pipeline(project, "unet", {**CV_UNET, "compute.scheduler": "local:1"})
     assert any("unet: cross-validation: 2 cases in" in line for line in lines.text.splitlines())
     assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in (backup / "fold0").rglob("*") if p.is_file()} == kept
     assert list((backup / "fold1").rglob("model.weights.h5"))  # trained again, and kept for the next rerun

@@ -131,6 +131,23 @@ def test_3_scans_cannot_be_read_from_the_write_roots(client, monkeypatch, tmp_pa
     assert_refused(invoke(client, [{"image_path": str(write / "x.nii.gz")}]), 400, "MEDSEG_SERVE_READ_ROOTS")
 
 
+def test_3_without_roots_only_image_b64_is_accepted(client, tmp_path):
+    """A server started without roots reads and writes no path: a path in a request is the
+    client's mistake, a 400 that says which variable opens it and what to send instead, with no
+    server traceback; the scan sent as image_b64 gets its mask."""
+    (tmp_path / "a.nii.gz").write_bytes(nifti_bytes(scan()))
+    target = tmp_path / "out" / "m.nii.gz"
+    refused = invoke(client, [{"image_path": str(tmp_path / "a.nii.gz"), "output_path": str(target)}])
+    assert_refused(refused, 400, "MEDSEG_SERVE_READ_ROOTS", "image_b64")
+    body = refused.json()
+    assert body["error_code"] == "INVALID_PARAMETER_VALUE" and "stack_trace" not in body
+    assert not target.parent.exists()
+    assert_refused(invoke(client, [{"image_path": str(tmp_path / "a.nii.gz")}]), 400, "MEDSEG_SERVE_READ_ROOTS", "image_path")
+    accepted = invoke(client, [{"image_b64": b64(nifti_bytes(scan()))}])
+    assert accepted.status_code == 200, accepted.text[:2000]
+    assert accepted.json()["predictions"][0]["mask_b64"]
+
+
 def test_3_the_old_shared_roots_variable_is_refused(client, monkeypatch, tmp_path):
     monkeypatch.setenv("MEDSEG_SERVE_ROOTS", str(tmp_path))
     assert_refused(invoke(client, [{"image_b64": b64(nifti_bytes(scan()))}]), 400, "MEDSEG_SERVE_READ_ROOTS")
