@@ -186,8 +186,10 @@ class TrainingParams(Section):
     """How a model is trained (`medseg.models.training`); `auto` values are planned from the
     data and the budgets (`params:planning`) and recorded in the model's plan (`<model>.plan`)."""
 
-    optimizer: Annotated[Literal["adam", "adamw", "sgd", "rmsprop"], Field(description="The Keras optimizer.")]
-    learning_rate: Annotated[float, Field(gt=0.0, le=10.0, description="The optimizer's learning rate.")]
+    optimizer: Annotated[Literal["adam", "adamw", "sgd", "sgd_nesterov", "rmsprop"], Field(description=(
+        "The Keras optimizer; `sgd_nesterov` is nnU-Net's SGD with Nesterov momentum 0.99 (without its weight "
+        "decay), `sgd` plain SGD without momentum."))]
+    learning_rate: Annotated[float, Field(gt=0.0, le=10.0, description="The optimizer's (initial) learning rate.")]
     loss: Annotated[Literal["bce", "dice", "bce+dice", "ce", "ce+dice"], Field(description=(
         "`bce`, `dice` or `bce+dice`; with several classes the cross-entropy is categorical (`ce` and `ce+dice` "
         "say so). A patch classifier always uses BCE."))]
@@ -214,6 +216,10 @@ class TrainingParams(Section):
     distribute: Annotated[Literal["none", "mirrored"], Field(description=(
         "`none` (one device) or `mirrored`: `tf.distribute.MirroredStrategy`, one replica per visible GPU (per "
         "logical CPU device without one); `batch_size` stays per replica and `learning_rate` is not scaled."))]
+    lr_schedule: Annotated[Literal["constant", "poly"], Field(description=(
+        "`constant`, or `poly`: nnU-Net's polynomial decay from `learning_rate` to 0 over the training's "
+        "epochs × steps_per_epoch, learning_rate × (1 − step / steps) ** 0.9. Early stopping or the time budget may "
+        "end training before the rate reaches 0."))] = "constant"
 
 
 @dataclass(config=STRICT)

@@ -26,6 +26,7 @@ from medseg.models import (
         ("adam", keras.optimizers.Adam, "Adam"),
         ("AdamW", keras.optimizers.AdamW, "AdamW"),
         ("SGD", keras.optimizers.SGD, "SGD"),
+        ("sgd_nesterov", keras.optimizers.SGD, "SGDNesterov"),
         ("rmsprop", keras.optimizers.RMSprop, "RMSprop"),
     ],
 )
@@ -41,10 +42,57 @@ def test_make_optimizer_returns_a_fresh_instance():
 
 
 def test_unknown_optimizer_lists_the_valid_names():
-    with pytest.raises(ConfigurationError, match="'adam', 'adamw', 'sgd', 'rmsprop'"):
+    with pytest.raises(ConfigurationError, match="'adam', 'adamw', 'sgd', 'sgd_nesterov', 'rmsprop'"):
         make_optimizer("adagrad", 1e-3)
     with pytest.raises(ConfigurationError):
         optimizer_display_name("adagrad")
+
+
+def test_sgd_nesterov_is_nnunets_sgd_and_plain_sgd_keeps_no_momentum():
+    nesterov, plain = make_optimizer("sgd_nesterov", 0.01), make_optimizer("sgd", 0.01)
+    assert nesterov.momentum == pytest.approx(0.99) and nesterov.nesterov is True
+    assert plain.momentum == 0.0 and plain.nesterov is False
+
+
+def test_the_poly_schedule_decays_to_zero_over_the_training_steps_as_nnunets():
+    optimizer = make_optimizer("sgd_nesterov", 0.01, "poly", total_steps=100)
+    schedule = optimizer.learning_rate if callable(optimizer.learning_rate) else optimizer._learning_rate
+    for step, expected in [(0, 0.01), (50, 0.01 * 0.5 ** 0.9), (90, 0.01 * 0.1 ** 0.9), (100, 0.0), (150, 0.0)]:
+        assert float(schedule(step)) == pytest.approx(expected, abs=1e-9), step
+    # Without the steps (a model built to time its steps, before they are planned): constant.
+    assert float(make_optimizer("adam", 0.01, "poly", total_steps=None).learning_rate) == pytest.approx(0.01)
+    assert float(make_optimizer("adam", 0.01, "constant", total_steps=100).learning_rate) == pytest.approx(0.01)
+    with pytest.raises(ConfigurationError, match="lr_schedule.*constant, poly"):
+        make_optimizer("adam", 0.01, "cosine", total_steps=100)
+
+
+def test_a_poly_model_steps_down_its_rate_and_reloads_with_its_schedule(tiny_data, tmp_path):
+    images, labels = tiny_data
+    keras.utils.set_random_seed(0)
+    model = compile_segmentation_model(build_unet2d((16, 16, 1), base_filters=4, depth=2), "sgd_nesterov", 0.01,
+                                       lr_schedule="poly", total_steps=10)
+    model.run_eagerly = True
+    model.fit(images, labels, batch_size=2, epochs=2, verbose=0)  # 4 of the 10 steps
+    assert int(model.optimizer.iterations) == 4
+    assert float(model.optimizer.learning_rate) == pytest.approx(0.01 * 0.6 ** 0.9, rel=1e-5)
+    model.save(tmp_path / "poly.keras")
+    reloaded = keras.models.load_model(tmp_path / "poly.keras", safe_mode=True)
+    assert int(reloaded.optimizer.iterations) == 4  # a resumed training goes on down the same curve
+    assert float(reloaded.optimizer.learning_rate) == pytest.approx(0.01 * 0.6 ** 0.9, rel=1e-5)
+
+
+def test_the_kinds_build_their_schedule_over_the_planned_steps():
+    from medseg.kinds.plans import TrainingSettings
+    from medseg.kinds.unet import build_unet
+
+    training = {"optimizer": "sgd_nesterov", "learning_rate": 0.01, "loss": "bce+dice", "lr_schedule": "poly",
+                "epochs": 3, "steps_per_epoch": 5}
+    assert TrainingSettings(training).total_steps == 15
+    assert TrainingSettings({**training, "epochs": "auto"}).total_steps is None
+    assert TrainingSettings({k: v for k, v in training.items() if k != "lr_schedule"}).lr_schedule == "constant"
+    model = build_unet({"model": {"input_size": 16, "base_filters": 4, "depth": 2}, "training": training}, 1)
+    schedule = model.optimizer._learning_rate
+    assert isinstance(schedule, keras.optimizers.schedules.PolynomialDecay) and schedule.decay_steps == 15
 
 
 @pytest.mark.parametrize("learning_rate", [0, -1e-3, "fast", True])

@@ -255,7 +255,8 @@ def build_conv3d(settings: Mapping[str, Any], n_classes: int = 1) -> keras.Model
     training = settings.training
     shape = (*settings.patch_size, settings.input_channels)
     if network(settings) == "patch_classifier":
-        return compile_patch_classifier(build_patch_classifier(shape), training.optimizer, training.learning_rate)
+        return compile_patch_classifier(build_patch_classifier(shape), training.optimizer, training.learning_rate,
+                                        training.lr_schedule, training.total_steps)
     return compile_segmentation_model(
         build_unet3d(
             shape, settings.base_filters, settings.depth, n_classes=n_classes,
@@ -264,6 +265,8 @@ def build_conv3d(settings: Mapping[str, Any], n_classes: int = 1) -> keras.Model
         optimizer=training.optimizer,
         learning_rate=training.learning_rate,
         loss=training.loss,
+        lr_schedule=training.lr_schedule,
+        total_steps=training.total_steps,
     )
 
 

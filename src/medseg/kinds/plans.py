@@ -108,6 +108,17 @@ class TrainingSettings(_View):
         return str(self._values["loss"])
 
     @property
+    def lr_schedule(self) -> str:
+        return str(self._values.get("lr_schedule", "constant"))
+
+    @property
+    def total_steps(self) -> int | None:
+        """epochs × steps per epoch, the length of the learning-rate schedule; None while either
+        is still `auto` (a model built to time its steps, before they are planned)."""
+        epochs, steps = self._values["epochs"], self._values["steps_per_epoch"]
+        return None if "auto" in (epochs, steps) else int(epochs) * int(steps)
+
+    @property
     def epochs(self) -> int:
         return _steps(self._values["epochs"])
 

@@ -117,6 +117,8 @@ def build_unet(settings: Mapping[str, Any], n_classes: int) -> keras.Model:
         optimizer=training.optimizer,
         learning_rate=training.learning_rate,
         loss=training.loss,
+        lr_schedule=training.lr_schedule,
+        total_steps=training.total_steps,
     )
 
 

@@ -6,6 +6,7 @@ Parameter values are plain strings ('adam', 'bce+dice') so they read well in
 
 from __future__ import annotations
 
+import functools
 from numbers import Real
 from typing import Callable
 
@@ -20,8 +21,13 @@ _OPTIMIZERS: dict[str, tuple[Callable[..., keras.optimizers.Optimizer], str]] = 
     "adam": (keras.optimizers.Adam, "Adam"),
     "adamw": (keras.optimizers.AdamW, "AdamW"),
     "sgd": (keras.optimizers.SGD, "SGD"),
+    # nnU-Net's: SGD with Nesterov momentum 0.99 (its weight decay of 3e-5 is left out: PyTorch
+    # adds it to the gradient, Keras decays the weights apart from it, so the two are not the same).
+    "sgd_nesterov": (functools.partial(keras.optimizers.SGD, momentum=0.99, nesterov=True), "SGDNesterov"),
     "rmsprop": (keras.optimizers.RMSprop, "RMSprop"),
 }
+LR_SCHEDULES = ("constant", "poly")
+POLY_POWER = 0.9  # nnU-Net's PolyLRScheduler: lr × (1 − step / steps) ** 0.9
 
 
 def _lookup_optimizer(name: str) -> tuple[Callable[..., keras.optimizers.Optimizer], str]:
@@ -36,16 +42,28 @@ def _lookup_optimizer(name: str) -> tuple[Callable[..., keras.optimizers.Optimiz
     return _OPTIMIZERS[key]
 
 
-def make_optimizer(name: str, learning_rate: float) -> keras.optimizers.Optimizer:
-    """Return a new Keras optimizer: 'adam', 'adamw', 'sgd' or 'rmsprop' (any case).
+def make_optimizer(
+    name: str, learning_rate: float, schedule: str = "constant", total_steps: int | None = None
+) -> keras.optimizers.Optimizer:
+    """Return a new Keras optimizer: 'adam', 'adamw', 'sgd', 'sgd_nesterov' or 'rmsprop' (any case).
 
     Other settings are Keras' defaults (e.g. AdamW's weight decay 0.004, SGD without
-    momentum). A new instance is returned on every call: an optimizer holds per-model state
-    and must not be shared between models.
+    momentum); 'sgd_nesterov' is nnU-Net's SGD, Nesterov momentum 0.99. A new instance is
+    returned on every call: an optimizer holds per-model state and must not be shared between
+    models.
+
+    Args:
+        name: the optimizer.
+        learning_rate: the (initial) step size.
+        schedule: 'constant', or 'poly', nnU-Net's polynomial decay to 0 over `total_steps`
+            (learning_rate × (1 − step / total_steps) ** 0.9). The optimizer counts its steps,
+            and a resumed training restores the count with the optimizer.
+        total_steps: the training's steps (epochs × steps per epoch); without them (a model
+            built to time its steps, before they are planned) 'poly' is constant.
 
     Raises:
-        ConfigurationError: unknown `name` (lists the valid ones), or a `learning_rate`
-            that is not a positive number.
+        ConfigurationError: unknown `name` or `schedule` (lists the valid ones), or a
+            `learning_rate` that is not a positive number.
     """
     optimizer_class, _ = _lookup_optimizer(name)
     if isinstance(learning_rate, bool) or not isinstance(learning_rate, Real) or not learning_rate > 0:
@@ -53,11 +71,16 @@ def make_optimizer(name: str, learning_rate: float) -> keras.optimizers.Optimize
             f"`<model>.training.learning_rate` must be a positive number, got {learning_rate!r}. "
             f"Set it to e.g. 1e-3."
         )
-    return optimizer_class(learning_rate=float(learning_rate))
+    if schedule not in LR_SCHEDULES:
+        raise ConfigurationError(f"Unknown `<model>.training.lr_schedule` {schedule!r}. Set it to one of: {', '.join(LR_SCHEDULES)}.")
+    rate: float | keras.optimizers.schedules.LearningRateSchedule = float(learning_rate)
+    if schedule == "poly" and isinstance(total_steps, int) and not isinstance(total_steps, bool) and total_steps > 0:
+        rate = keras.optimizers.schedules.PolynomialDecay(float(learning_rate), total_steps, 0.0, power=POLY_POWER)
+    return optimizer_class(learning_rate=rate)
 
 
 def optimizer_display_name(name: str) -> str:
-    """Return the name used in MLflow run names: 'Adam', 'AdamW', 'SGD' or 'RMSprop'.
+    """Return the name used in MLflow run names: 'Adam', 'AdamW', 'SGD', 'SGDNesterov' or 'RMSprop'.
 
     Raises:
         ConfigurationError: `name` is not a known optimizer.
@@ -92,6 +115,8 @@ def compile_segmentation_model(
     learning_rate: float = 1e-3,
     loss: str = "bce+dice",
     n_classes: int | None = None,
+    lr_schedule: str = "constant",
+    total_steps: int | None = None,
 ) -> keras.Model:
     """Compile a U-Net (2D or 3D) with a named optimizer and loss, and Dice and IoU metrics.
 
@@ -109,11 +134,13 @@ def compile_segmentation_model(
 
     Args:
         model: a model whose output is (B, *spatial, 1) or (B, *spatial, K + 1) probabilities.
-        optimizer: 'adam', 'adamw', 'sgd' or 'rmsprop'.
+        optimizer: 'adam', 'adamw', 'sgd', 'sgd_nesterov' or 'rmsprop'.
         learning_rate: positive step size.
         loss: 'bce', 'dice', 'bce+dice', 'ce' or 'ce+dice' (see `get_loss`).
         n_classes: foreground classes K. None (default) reads it from the model's output
             channels; when given, it must agree with them.
+        lr_schedule, total_steps: the learning-rate schedule over the training's steps
+            (`make_optimizer`).
 
     Returns:
         The same model, compiled, for chaining.
@@ -131,7 +158,7 @@ def compile_segmentation_model(
         )
     metrics = [dice, iou] if model_classes == 1 else multiclass_metrics(model_classes)
     model.compile(
-        optimizer=make_optimizer(optimizer, learning_rate),
+        optimizer=make_optimizer(optimizer, learning_rate, lr_schedule, total_steps),
         loss=get_loss(loss, model_classes),
         metrics=metrics,
     )
@@ -142,6 +169,8 @@ def compile_patch_classifier(
     model: keras.Model,
     optimizer: str = "adam",
     learning_rate: float = 1e-3,
+    lr_schedule: str = "constant",
+    total_steps: int | None = None,
 ) -> keras.Model:
     """Compile the patch classifier with binary cross-entropy, accuracy and ROC AUC.
 
@@ -149,8 +178,9 @@ def compile_patch_classifier(
 
     Args:
         model: a model whose output is (B, 1) probabilities.
-        optimizer: 'adam', 'adamw', 'sgd' or 'rmsprop'.
+        optimizer: 'adam', 'adamw', 'sgd', 'sgd_nesterov' or 'rmsprop'.
         learning_rate: positive step size.
+        lr_schedule, total_steps: as for `compile_segmentation_model`.
 
     Returns:
         The same model, compiled, for chaining.
@@ -159,7 +189,7 @@ def compile_patch_classifier(
         ConfigurationError: unknown optimizer or a bad learning rate.
     """
     model.compile(
-        optimizer=make_optimizer(optimizer, learning_rate),
+        optimizer=make_optimizer(optimizer, learning_rate, lr_schedule, total_steps),
         loss=keras.losses.BinaryCrossentropy(),
         # Explicit BinaryAccuracy rather than the string "accuracy", whose meaning Keras
         # infers from the loss; the name keeps the history key "accuracy".
