@@ -201,7 +201,7 @@ class TrainingParams(Section):
     steps_per_epoch: Annotated[Positive | Auto, Field(description="Training steps per epoch; `auto`: from the time budget.")]
     validation_steps: Annotated[Positive | Auto, Field(description=(
         "Batches of validation samples per epoch; `auto`: a quarter of the training steps."))]
-    augment: Annotated[bool, Field(description="Augment the training samples (flips along `flip_axes`, intensity jitter).")]
+    augment: Annotated[bool, Field(description="Augment the training samples (flips along `flip_axes`, and `intensity_augmentation`).")]
     early_stopping_patience: Annotated[NonNegative, Field(description=(
         "Epochs without a lower validation loss before training stops; the best weights are kept."))]
     deterministic: Annotated[Determinism, Field(description=(
@@ -220,6 +220,10 @@ class TrainingParams(Section):
         "`constant`, or `poly`: nnU-Net's polynomial decay from `learning_rate` to 0 over the training's "
         "epochs × steps_per_epoch, learning_rate × (1 − step / steps) ** 0.9. Early stopping or the time budget may "
         "end training before the rate reaches 0."))] = "constant"
+    intensity_augmentation: Annotated[Literal["jitter", "nnunet"], Field(description=(
+        "With `augment`: `jitter` (the image scaled by 0.9–1.1 and shifted by ±0.1) or `nnunet`, nnU-Net's "
+        "intensity transforms with its probabilities (Gaussian noise and blur, brightness, contrast, simulated low "
+        "resolution, gamma; `medseg.patching.intensity`)."))] = "jitter"
 
 
 @dataclass(config=STRICT)

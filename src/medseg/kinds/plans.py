@@ -139,6 +139,12 @@ class TrainingSettings(_View):
         return bool(self._values["augment"])
 
     @property
+    def augmentation(self) -> str | bool:
+        """What the training stream augments with: False, or the flips and the intensity
+        augmentation `intensity_augmentation` names (`jitter`, `nnunet`)."""
+        return str(self._values.get("intensity_augmentation", "jitter")) if self.augment else False
+
+    @property
     def early_stopping_patience(self) -> int:
         return int(self._values["early_stopping_patience"])
 

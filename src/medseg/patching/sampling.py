@@ -39,6 +39,7 @@ Sample = tuple[np.ndarray, np.ndarray]
 # Light augmentation of `make_tf_dataset`: intensities are z-score normalised upstream, so a
 # +-10% scale and a +-0.1 shift are small perturbations.
 FLIP_PROBABILITY = 0.5
+INTENSITY_AUGMENTATIONS = ("jitter", "nnunet")
 INTENSITY_SCALE_RANGE = 0.1
 INTENSITY_SHIFT_RANGE = 0.1
 
@@ -334,9 +335,11 @@ def make_tf_dataset(
             (px, py, pz, 1) for patches.
         batch_size: samples per batch, >= 1. A finite stream's last incomplete batch is
             dropped, so the batch dimension is static.
-        augment: apply light augmentation per sample, in TF: each spatial axis flipped with
-            probability 0.5 (image and label together), and the image only scaled by a factor
-            in [0.9, 1.1] and shifted by [-0.1, 0.1]. Default False.
+        augment: apply augmentation per sample, in TF: each spatial axis flipped with
+            probability 0.5 (image and label together), and the image only changed in
+            intensity: True or `jitter`, scaled by a factor in [0.9, 1.1] and shifted by
+            [-0.1, 0.1]; `nnunet`, nnU-Net's intensity transforms (`medseg.patching.intensity`).
+            Default False.
         seed: seeds the augmentation; the same seed and stream give the same batches.
         flip_axes: the spatial axes that augmentation may flip (None: all). Axes beyond the
             sample's (axis 2 of a 2D slice) are ignored. Leave out the left-right axis (0 in
@@ -366,7 +369,13 @@ def make_tf_dataset(
     image_spec = tf.TensorSpec(shape=(*sample_shape[:-1], check_positive_int(image_channels, "image_channels")), dtype=tf.float32)
     dataset = tf.data.Dataset.from_generator(stream_factory, output_signature=(image_spec, spec))
     if augment:
-        augment_sample = _make_augmentation(len(sample_shape) - 1, int(seed), flip_axes)
+        intensity = "jitter" if augment is True else str(augment)
+        if intensity not in INTENSITY_AUGMENTATIONS:
+            raise ConfigurationError(
+                f"Unknown intensity augmentation {augment!r} (`<model>.training.intensity_augmentation`). "
+                f"Set it to one of: {', '.join(INTENSITY_AUGMENTATIONS)}."
+            )
+        augment_sample = _make_augmentation(len(sample_shape) - 1, int(seed), flip_axes, intensity)
         dataset = dataset.enumerate().map(augment_sample, num_parallel_calls=tf.data.AUTOTUNE)
     dataset = dataset.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
     # On a small CPU the autotuner's extra threads fight the training step for cores, and
@@ -377,13 +386,18 @@ def make_tf_dataset(
     return dataset.with_options(options)
 
 
-def _make_augmentation(spatial_axes: int, seed: int, flip_axes: Sequence[int] | None = None) -> Callable:
-    """Build the per-sample map of `make_tf_dataset`: flips on both tensors, intensity on the image.
+def _make_augmentation(
+    spatial_axes: int, seed: int, flip_axes: Sequence[int] | None = None, intensity: str = "jitter"
+) -> Callable:
+    """Build the per-sample map of `make_tf_dataset`: flips on both tensors, intensity on the
+    image: `jitter` (a scale and a shift) or `nnunet` (`medseg.patching.intensity`).
 
     Randomness is stateless, seeded by (seed, sample index), so it is reproducible even with
     parallel map calls.
     """
     import tensorflow as tf
+
+    from medseg.patching.intensity import nnunet_intensity
 
     flipped = set(range(spatial_axes)) if flip_axes is None else {int(a) for a in flip_axes}
 
@@ -398,11 +412,15 @@ def _make_augmentation(spatial_axes: int, seed: int, flip_axes: Sequence[int] | 
             flip = draws[axis] < FLIP_PROBABILITY
             image = tf.where(flip, tf.reverse(image, [axis]), image)
             label = tf.where(flip, tf.reverse(label, [axis]), label)
-        scale = 1.0 + INTENSITY_SCALE_RANGE * (2.0 * draws[spatial_axes] - 1.0)
-        shift = INTENSITY_SHIFT_RANGE * (2.0 * draws[spatial_axes + 1] - 1.0)
+        if intensity == "nnunet":
+            changed = nnunet_intensity(image[..., :1], tf.stack([tf.constant(seed, tf.int64), index]) + [0, 2**40])
+        else:
+            scale = 1.0 + INTENSITY_SCALE_RANGE * (2.0 * draws[spatial_axes] - 1.0)
+            shift = INTENSITY_SHIFT_RANGE * (2.0 * draws[spatial_axes + 1] - 1.0)
+            changed = image[..., :1] * scale + shift
         if image.shape[-1] == 1:
-            return image * scale + shift, label
-        return tf.concat([image[..., :1] * scale + shift, image[..., 1:]], axis=-1), label  # context kept as is
+            return changed, label
+        return tf.concat([changed, image[..., 1:]], axis=-1), label  # context kept as is
 
     return augment_sample
 

@@ -95,6 +95,7 @@ def train_model(
         build_model: returns the compiled model; called after seeding, inside the strategy's
             scope (so its variables and optimizer state are mirrored on every replica).
         make_stream: `(case_ids, seed, augment, flip_axes, batch_size=...) -> tf.data.Dataset`
+            (`augment`: False, or the intensity augmentation's name, `training.augmentation`)
             of batches of `batch_size` (the global batch) samples.
         splits: the case split (train for fitting, val for early stopping).
         case_geometry: the preprocessing plan (`geometry.json`).
@@ -163,7 +164,7 @@ def train_model(
     budget = _budget_callback(model_key, training)
     history = fit_model(
         model,
-        make_stream(cases_in_split(splits, "train"), seed, training.augment, flip_axes, batch_size=batch_size),
+        make_stream(cases_in_split(splits, "train"), seed, training.augmentation, flip_axes, batch_size=batch_size),
         make_stream(cases_in_split(splits, "val"), seed + 1, False, flip_axes, batch_size=batch_size),
         epochs=training.epochs,
         steps_per_epoch=training.steps_per_epoch,
