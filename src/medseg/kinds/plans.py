@@ -115,8 +115,10 @@ class TrainingSettings(_View):
     def total_steps(self) -> int | None:
         """epochs × steps per epoch, the length of the learning-rate schedule; None while either
         is still `auto` (a model built to time its steps, before they are planned)."""
-        epochs, steps = self._values["epochs"], self._values["steps_per_epoch"]
-        return None if "auto" in (epochs, steps) else int(epochs) * int(steps)
+        try:
+            return self.epochs * self.steps_per_epoch
+        except ValueError:  # still `auto` (_steps)
+            return None
 
     @property
     def epochs(self) -> int:

@@ -74,7 +74,7 @@ def make_optimizer(
     if schedule not in LR_SCHEDULES:
         raise ConfigurationError(f"Unknown `<model>.training.lr_schedule` {schedule!r}. Set it to one of: {', '.join(LR_SCHEDULES)}.")
     rate: float | keras.optimizers.schedules.LearningRateSchedule = float(learning_rate)
-    if schedule == "poly" and isinstance(total_steps, int) and not isinstance(total_steps, bool) and total_steps > 0:
+    if schedule == "poly" and total_steps:
         rate = keras.optimizers.schedules.PolynomialDecay(float(learning_rate), total_steps, 0.0, power=POLY_POWER)
     return optimizer_class(learning_rate=rate)
 

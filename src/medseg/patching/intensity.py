@@ -91,7 +91,7 @@ def _resize(image: Any, size: Any, method: str) -> Any:
 
     if len(image.shape) == 3:
         return tf.image.resize(image, size, method=method)
-    # (x, y, z, 1): y and z as the images of a batch of x, then x and y' with z' as the channels' stand-in.
+    # (x, y, z, 1): first y and z, as the 2D images of a batch along x; then x, with y' as the batch.
     inplane = tf.image.resize(image, size[1:], method=method)  # (x, y', z', 1)
     moved = tf.transpose(inplane[..., 0], [1, 0, 2])[..., tf.newaxis]  # (y', x, z', 1)
     resized = tf.image.resize(moved, tf.stack([size[0], size[2]]), method=method)  # (y', x', z', 1)

@@ -40,6 +40,8 @@ Sample = tuple[np.ndarray, np.ndarray]
 # +-10% scale and a +-0.1 shift are small perturbations.
 FLIP_PROBABILITY = 0.5
 INTENSITY_AUGMENTATIONS = ("jitter", "nnunet")
+# nnU-Net's intensity draws take a stream of their own, apart from the flips' (seed, index).
+NNUNET_SEED_OFFSET = 2**40
 INTENSITY_SCALE_RANGE = 0.1
 INTENSITY_SHIFT_RANGE = 0.1
 
@@ -413,7 +415,7 @@ def _make_augmentation(
             image = tf.where(flip, tf.reverse(image, [axis]), image)
             label = tf.where(flip, tf.reverse(label, [axis]), label)
         if intensity == "nnunet":
-            changed = nnunet_intensity(image[..., :1], tf.stack([tf.constant(seed, tf.int64), index]) + [0, 2**40])
+            changed = nnunet_intensity(image[..., :1], tf.stack([tf.constant(seed, tf.int64), index + NNUNET_SEED_OFFSET]))
         else:
             scale = 1.0 + INTENSITY_SCALE_RANGE * (2.0 * draws[spatial_axes] - 1.0)
             shift = INTENSITY_SHIFT_RANGE * (2.0 * draws[spatial_axes + 1] - 1.0)

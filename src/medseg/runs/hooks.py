@@ -96,6 +96,12 @@ def models_in_pipeline(pipeline: Pipeline) -> list[str]:
     return [name for name in model_kinds() if name in namespaces]
 
 
+def models_trained_by(pipeline: Pipeline) -> list[str]:
+    """The model kinds whose training node (the template's `<kind>.train_<kind>`) this run executes."""
+    names = {node.name for node in pipeline.nodes}
+    return [model for model in models_in_pipeline(pipeline) if f"{model}.train_{model}" in names]
+
+
 def _model_parts(model: str, params: dict[str, Any], n_classes: int = 1) -> tuple[str, str, str]:
     # Imported here: Keras loads in seconds, and a `data` run names itself without it.
     from medseg.models import loss_display_name, optimizer_display_name
@@ -237,10 +243,8 @@ class MlflowRunHook:
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline: Pipeline, catalog) -> None:
         self._release()
         if self._context is not None:  # settings that would fail when training starts, refused before any work
-            node_names = {node.name for node in pipeline.nodes}
-            training = [model for model in models_in_pipeline(pipeline) if f"{model}.train_{model}" in node_names]
             split = (self._context.params.get("data") or {}).get("split") or {}
-            require_validation_cases(split.get("val", 1), training)
+            require_validation_cases(split.get("val", 1), models_trained_by(pipeline))
         root = self._context.project_path if self._context else Path.cwd()
         self._lock = ProjectLock(root)
         self._lock.acquire(str(run_params.get("pipeline_names") or run_params.get("pipeline_name") or "__default__"))

@@ -317,8 +317,9 @@ def split_dataset(case_fingerprints: pd.DataFrame, data: DataParams) -> pd.DataF
     split = data["split"]
     case_ids = [_case_id(value) for value in case_fingerprints["case_id"]]
     splits = split_cases(case_ids, split["train"], split["val"], split["test"], int(data["seed"]))
+    split_of = dict(zip(splits["case_id"], splits["split"]))
     for name, holders in classes_not_in_training(splits, case_fingerprints).items():
-        where = ", ".join(f"{case} ({split})" for case, split in zip(holders, splits.set_index("case_id").loc[holders, "split"]))
+        where = ", ".join(f"{case} ({split_of[case]})" for case in holders)
         logger.warning(
             "%s is in no training case%s: a model cannot learn it, and scores 0 on it. Change data.seed or data.split "
             "so that a case holding it trains.", name, f" (only in {where})" if holders else " (in no case at all)",
