@@ -42,12 +42,17 @@ def test_kedro_viz_serves_the_graph(tmp_path):
     project = make_project_copy(tmp_path / "project")
     port = _free_port()
     kedro = str(Path(sys.executable).with_name("kedro"))
-    env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true"}
-    server = subprocess.Popen(
-        [kedro, "viz", "run", "--no-browser", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=project, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        start_new_session=True,  # kedro viz serves from a child process: stop the whole group
-    )
+    # kedro-viz asks PyPI for a newer version at start-up: a proxy that refuses at once keeps the test
+    # offline, and no slower than the network it would otherwise wait on.
+    offline = {"HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9", "NO_PROXY": "127.0.0.1,localhost"}
+    env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", **offline}
+    log = tmp_path / "viz.log"
+    with log.open("wb") as sink:  # a file, not a pipe: a pipe nobody reads blocks the server once it is full
+        server = subprocess.Popen(
+            [kedro, "viz", "run", "--no-browser", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=project, env=env, stdout=sink, stderr=subprocess.STDOUT,
+            start_new_session=True,  # kedro viz serves from a child process: stop the whole group
+        )
     try:
         deadline, graph = time.monotonic() + 240, None
         while time.monotonic() < deadline and server.poll() is None:
@@ -57,7 +62,7 @@ def test_kedro_viz_serves_the_graph(tmp_path):
                 break
             except OSError:
                 time.sleep(2)
-        assert graph is not None, server.stderr.read().decode()[-2000:] if server.poll() is not None else "timed out"
+        assert graph is not None, f"no graph in 240 s (server exit code {server.poll()}):\n{log.read_text()[-3000:]}"
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
