@@ -201,7 +201,7 @@ class TrainingParams(Section):
     steps_per_epoch: Annotated[Positive | Auto, Field(description="Training steps per epoch; `auto`: from the time budget.")]
     validation_steps: Annotated[Positive | Auto, Field(description=(
         "Batches of validation samples per epoch; `auto`: a quarter of the training steps."))]
-    augment: Annotated[bool, Field(description="Augment the training samples (flips along `flip_axes`, and `intensity_augmentation`).")]
+    augment: Annotated[bool, Field(description="Augment the training samples (flips along `flip_axes`, `intensity_augmentation` and `spatial_augmentation`).")]
     early_stopping_patience: Annotated[NonNegative, Field(description=(
         "Epochs without a lower validation loss before training stops; the best weights are kept."))]
     deterministic: Annotated[Determinism, Field(description=(
@@ -224,6 +224,11 @@ class TrainingParams(Section):
         "With `augment`: `jitter` (the image scaled by 0.9–1.1 and shifted by ±0.1) or `nnunet`, nnU-Net's "
         "intensity transforms with its probabilities (Gaussian noise and blur, brightness, contrast, simulated low "
         "resolution, gamma; `medseg.patching.intensity`)."))] = "jitter"
+    spatial_augmentation: Annotated[Literal["none", "nnunet"], Field(description=(
+        "With `augment`: `none`, or `nnunet`: nnU-Net's rotation (probability 0.2; ±30° about each axis for 3D "
+        "patches, ±180° in-plane for 2D slices) and scaling (probability 0.2, 0.7–1.4), applied where each patch is "
+        "cut, the label by nearest neighbour (`medseg.patching.spatial`). Training re-times its first epoch, so the "
+        "time budget includes its cost."))] = "none"
 
 
 @dataclass(config=STRICT)

@@ -9,7 +9,7 @@ import tensorflow as tf
 from scipy import ndimage
 
 from medseg.errors import ConfigurationError
-from medseg.patching import intensity
+from medseg.patching import Augmentation, intensity
 from medseg.patching.intensity import brightness, contrast, gamma, gaussian_blur, gaussian_noise, nnunet_intensity, simulate_low_resolution
 
 
@@ -112,6 +112,6 @@ def test_the_chain_runs_on_3d_patches_and_the_training_settings_name_it():
     for i in range(40):  # 40 draws on a 3D patch: the shape kept, every value finite
         out = run(x, tf.constant([1, i], tf.int64)).numpy()
         assert out.shape == x.shape and np.isfinite(out).all()
-    assert TrainingSettings({"augment": True, "intensity_augmentation": "nnunet"}).augmentation == "nnunet"
-    assert TrainingSettings({"augment": True}).augmentation == "jitter"  # a section written before the parameter
+    assert TrainingSettings({"augment": True, "intensity_augmentation": "nnunet"}).augmentation == Augmentation("nnunet", "none")
+    assert TrainingSettings({"augment": True}).augmentation == Augmentation("jitter", "none")  # a section written before the parameters
     assert TrainingSettings({"augment": False, "intensity_augmentation": "nnunet"}).augmentation is False

@@ -27,6 +27,7 @@ from medseg.models.precision import (
 )
 from medseg.models.training import seconds_per_training_step, training_fingerprint
 from medseg.kinds.sizes import INPUT_PIPELINE_OVERHEAD, plan_steps
+from medseg.patching import Augmentation
 
 logger = logging.getLogger(__name__)
 
@@ -141,10 +142,14 @@ class TrainingSettings(_View):
         return bool(self._values["augment"])
 
     @property
-    def augmentation(self) -> str | bool:
-        """What the training stream augments with: False, or the flips and the intensity
-        augmentation `intensity_augmentation` names (`jitter`, `nnunet`)."""
-        return str(self._values.get("intensity_augmentation", "jitter")) if self.augment else False
+    def augmentation(self) -> Augmentation | bool:
+        """What the training stream augments with: False, or the flips, the intensity
+        augmentation `intensity_augmentation` names (`jitter`, `nnunet`) and the spatial one
+        `spatial_augmentation` names (`none`, `nnunet`)."""
+        if not self.augment:
+            return False
+        return Augmentation(str(self._values.get("intensity_augmentation", "jitter")),
+                            str(self._values.get("spatial_augmentation", "none")))
 
     @property
     def early_stopping_patience(self) -> int:

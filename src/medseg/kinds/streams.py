@@ -10,7 +10,7 @@ import numpy as np
 
 from medseg.imaging.io import Volume
 from medseg.kinds.plans import SamplingSettings
-from medseg.patching import make_tf_dataset
+from medseg.patching import Augmentation, make_tf_dataset
 
 
 def case_loader(
@@ -32,7 +32,7 @@ def sampled_dataset(
     sampling: Mapping[str, Any] | SamplingSettings,
     case_ids: list[str],
     seed: int,
-    augment: bool,
+    augment: bool | str | Augmentation,
     flip_axes: tuple[int, ...] | None = None,
     *,
     batch_size: int,
@@ -43,9 +43,11 @@ def sampled_dataset(
 
     The arguments from `case_ids` on are those of a `make_stream` (see
     `medseg.kinds.ModelKind.sample_stream`); `batch_size` is the global batch (samples per
-    step across all replicas), not `training.batch_size`.
+    step across all replicas), not `training.batch_size`. An `Augmentation`'s spatial part
+    goes to the stream, where patches are cut; the flips and intensities to `make_tf_dataset`.
     """
     sampling = SamplingSettings.of(sampling)
+    spatial = augment.spatial if isinstance(augment, Augmentation) else "none"
     factory = lambda: stream_fn(  # noqa: E731
         load_case,
         case_ids,
@@ -54,6 +56,7 @@ def sampled_dataset(
         queue_length=sampling.queue_length,
         foreground_fraction=sampling.foreground_fraction,
         seed=seed,
+        spatial=spatial,
     )
     return make_tf_dataset(
         factory, sample_shape, batch_size, augment=augment, seed=seed, flip_axes=flip_axes, image_channels=image_channels

@@ -4,6 +4,7 @@ Numpy only at import time; TensorFlow is imported by `make_tf_dataset` when it i
 """
 
 from medseg.patching.sampling import (
+    Augmentation,
     EmptyLabelWarning,
     PatchQueue,
     extract_patch,
@@ -22,6 +23,7 @@ from medseg.patching.sliding_window import (
 )
 
 __all__ = [
+    "Augmentation",
     "EmptyLabelWarning",
     "PatchQueue",
     "extract_patch",

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -29,6 +30,7 @@ from medseg.patching._checks import (
     check_shape,
     check_volume,
 )
+from medseg.patching.spatial import SPATIAL_AUGMENTATIONS, draw_transform, transformed_patch
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -44,6 +46,16 @@ INTENSITY_AUGMENTATIONS = ("jitter", "nnunet")
 NNUNET_SEED_OFFSET = 2**40
 INTENSITY_SCALE_RANGE = 0.1
 INTENSITY_SHIFT_RANGE = 0.1
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """What a training stream augments with: the flips and the `intensity` augmentation in
+    `make_tf_dataset` (`jitter` or `nnunet`), and the `spatial` one where patches are cut
+    (`none` or `nnunet`: `medseg.patching.spatial`)."""
+
+    intensity: str = "jitter"
+    spatial: str = "none"
 
 
 class EmptyLabelWarning(UserWarning):
@@ -191,6 +203,8 @@ class PatchQueue:
         queue_length: shuffle buffer size in patches, >= 1. Default 64.
         foreground_fraction: share of foreground-centred patches, in [0, 1]. Default 0.33.
         seed: seeds the case order, the centres and the shuffling. Default 0.
+        spatial: `none`, or `nnunet`: each patch rotated and scaled as nnU-Net draws it
+            (`medseg.patching.spatial`; in-plane for (H, W, 1) slices), from the same seed.
 
     Yields:
         (image_patch, label_patch), float32 arrays of shape patch_shape + (1,). Label values
@@ -206,6 +220,7 @@ class PatchQueue:
         queue_length: int = 64,
         foreground_fraction: float = 0.33,
         seed: int = 0,
+        spatial: str = "none",
     ) -> None:
         if not callable(load_case):
             raise ConfigurationError("load_case is not callable: pass a function case_id -> (image, label).")
@@ -218,6 +233,12 @@ class PatchQueue:
         self.queue_length = check_positive_int(queue_length, "queue_length")
         self.foreground_fraction = check_fraction(foreground_fraction, "foreground_fraction")
         self.seed = seed
+        if spatial not in SPATIAL_AUGMENTATIONS:
+            raise ConfigurationError(
+                f"Unknown spatial augmentation {spatial!r} (`<model>.training.spatial_augmentation`). "
+                f"Use one of {', '.join(SPATIAL_AUGMENTATIONS)}."
+            )
+        self.spatial = spatial
         self._length = 0
         self.peak_length = 0
 
@@ -238,9 +259,21 @@ class PatchQueue:
                 for center in centers:
                     if len(buffer) == self.queue_length:
                         yield self._pop_random(buffer, rng)
-                    buffer.append(_sample_at(image, label, center, self.patch_shape))
+                    buffer.append(self._sample(image, label, center, rng))
                     self._track(len(buffer))
                 del image, label  # release this case before loading the next one
+
+    def _sample(self, image: np.ndarray, label: np.ndarray, center: np.ndarray, rng: np.random.Generator) -> Sample:
+        """The patch at `center`, rotated and scaled when the spatial augmentation draws it
+        (no draw at all with `none`, so that stream is the same as without the option)."""
+        matrix = draw_transform(rng, in_plane=self.patch_shape[2] == 1) if self.spatial == "nnunet" else None
+        if matrix is None:
+            return _sample_at(image, label, center, self.patch_shape)
+        label_patch = transformed_patch(label, center, self.patch_shape, matrix, order=0).astype(np.float32)
+        channels = [image[..., c] for c in range(image.shape[-1])] if image.ndim == label.ndim + 1 else [image]
+        image_patch = np.stack([transformed_patch(channel, center, self.patch_shape, matrix, order=1)
+                                for channel in channels], axis=-1).astype(np.float32, copy=False)
+        return image_patch, label_patch[..., np.newaxis]
 
     def _load(self, case_id: str) -> tuple[np.ndarray, np.ndarray]:
         image, label = self.load_case(case_id)
@@ -277,6 +310,7 @@ def patch_stream(
     queue_length: int = 64,
     foreground_fraction: float = 0.33,
     seed: int = 0,
+    spatial: str = "none",
 ) -> Iterator[Sample]:
     """Endless generator of 3D (image, label) patches; see `PatchQueue` for the arguments.
 
@@ -284,7 +318,7 @@ def patch_stream(
         (image_patch, label_patch), float32, each patch_shape + (1,).
     """
     yield from PatchQueue(
-        load_case, case_ids, patch_shape, samples_per_volume, queue_length, foreground_fraction, seed
+        load_case, case_ids, patch_shape, samples_per_volume, queue_length, foreground_fraction, seed, spatial
     )
 
 
@@ -296,6 +330,7 @@ def slice_stream(
     queue_length: int = 64,
     foreground_fraction: float = 0.33,
     seed: int = 0,
+    spatial: str = "none",
 ) -> Iterator[Sample]:
     """Endless generator of 2D axial (image, label) slices for a 2D U-Net.
 
@@ -312,7 +347,7 @@ def slice_stream(
     height, width = check_shape(slice_shape, "slice_shape", ndim=2)
     for image, label in patch_stream(
         load_case, case_ids, (height, width, 1), samples_per_volume, queue_length,
-        foreground_fraction, seed,
+        foreground_fraction, seed, spatial,
     ):
         yield image[:, :, 0, :], label[:, :, 0, :]
 
@@ -321,7 +356,7 @@ def make_tf_dataset(
     stream_factory: Callable[[], Iterator[Sample]],
     sample_shape: Sequence[int],
     batch_size: int,
-    augment: bool = False,
+    augment: bool | str | Augmentation = False,
     seed: int = 0,
     flip_axes: Sequence[int] | None = None,
     image_channels: int = 1,
@@ -340,8 +375,8 @@ def make_tf_dataset(
         augment: apply augmentation per sample, in TF: each spatial axis flipped with
             probability 0.5 (image and label together), and the image only changed in
             intensity: True or `jitter`, scaled by a factor in [0.9, 1.1] and shifted by
-            [-0.1, 0.1]; `nnunet`, nnU-Net's intensity transforms (`medseg.patching.intensity`).
-            Default False.
+            [-0.1, 0.1]; `nnunet`, nnU-Net's intensity transforms (`medseg.patching.intensity`);
+            an `Augmentation`, its `intensity` (its `spatial` part is the stream's). Default False.
         seed: seeds the augmentation; the same seed and stream give the same batches.
         flip_axes: the spatial axes that augmentation may flip (None: all). Axes beyond the
             sample's (axis 2 of a 2D slice) are ignored. Leave out the left-right axis (0 in
@@ -371,7 +406,7 @@ def make_tf_dataset(
     image_spec = tf.TensorSpec(shape=(*sample_shape[:-1], check_positive_int(image_channels, "image_channels")), dtype=tf.float32)
     dataset = tf.data.Dataset.from_generator(stream_factory, output_signature=(image_spec, spec))
     if augment:
-        intensity = "jitter" if augment is True else str(augment)
+        intensity = augment.intensity if isinstance(augment, Augmentation) else "jitter" if augment is True else str(augment)
         if intensity not in INTENSITY_AUGMENTATIONS:
             raise ConfigurationError(
                 f"Unknown intensity augmentation {augment!r} (`<model>.training.intensity_augmentation`). "
