@@ -60,6 +60,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -128,8 +129,17 @@ def _image_of(folder: Path, case: str) -> Path:
     raise SystemExit(f"{folder}: no image for case {case} ({case}_0000.nii.gz or {case}.nii.gz).")
 
 
+def _link(source: Path, target: Path) -> None:
+    """`target` as a hard link to `source` (a copy across file systems): medseg refuses a
+    symbolic link that leads out of the folder it reads."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
 def split_task(name: str, source: Path, out: Path, test_share: float, seed: int = 0) -> Task:
-    """The benchmark's split of an MSD folder, as links under `out/<name>`: `imagesTs` +
+    """The benchmark's split of an MSD folder, as hard links under `out/<name>`: `imagesTs` +
     `labelsTs` when the folder has them, else a seeded `test_share` of `imagesTr`."""
     manifest_path = source / "dataset.json"
     if not manifest_path.is_file():
@@ -154,11 +164,11 @@ def split_task(name: str, source: Path, out: Path, test_share: float, seed: int 
     for folder in ("train/imagesTr", "train/labelsTr", "imagesTs", "labelsTs"):
         (root / folder).mkdir(parents=True)
     for case in training:
-        (root / "train/imagesTr" / f"{case}_0000.nii.gz").symlink_to(_image_of(source / "imagesTr", case).resolve())
-        (root / "train/labelsTr" / f"{case}.nii.gz").symlink_to((source / "labelsTr" / f"{case}.nii.gz").resolve())
+        _link(_image_of(source / "imagesTr", case).resolve(), root / "train/imagesTr" / f"{case}_0000.nii.gz")
+        _link((source / "labelsTr" / f"{case}.nii.gz").resolve(), root / "train/labelsTr" / f"{case}.nii.gz")
     for case in testing:
-        (root / "imagesTs" / f"{case}_0000.nii.gz").symlink_to(_image_of(source / f"images{test_from}", case).resolve())
-        (root / "labelsTs" / f"{case}.nii.gz").symlink_to((source / f"labels{test_from}" / f"{case}.nii.gz").resolve())
+        _link(_image_of(source / f"images{test_from}", case).resolve(), root / "imagesTs" / f"{case}_0000.nii.gz")
+        _link((source / f"labels{test_from}" / f"{case}.nii.gz").resolve(), root / "labelsTs" / f"{case}.nii.gz")
     (root / "train/dataset.json").write_text(json.dumps({
         "name": name, "modality": {"0": "MR"}, "labels": {"0": "background", **{str(v): n for v, n in classes.items()}},
         "numTraining": len(training), "file_ending": ".nii.gz",
@@ -167,14 +177,15 @@ def split_task(name: str, source: Path, out: Path, test_share: float, seed: int 
     return Task(name, root / "train", root / "imagesTs", root / "labelsTs", classes)
 
 
-def own_tasks(work: Path, names: list[str], quick: bool) -> list[Task]:
-    """The benchmark's own tasks, written once into `work/sources`; 20 test cases each (4 quick)."""
+def own_tasks(work: Path, names: list[str], quick: bool, n_test: int) -> list[Task]:
+    """The benchmark's own tasks, written once into `work/sources`: 20 training cases and
+    `n_test` test cases each (8 and 4 quick)."""
     import yaml
 
     from lateralized import write_lateralized_task
     from medseg.synthetic.phantoms import ensure_synthetic_dataset, synthesis_settings
 
-    n_train, n_test = (8, 4) if quick else (20, 20)
+    n_train, n_test = (8, 4) if quick else (20, n_test)
     tasks = []
     for name in names:
         source = work / "sources" / name
@@ -293,13 +304,11 @@ def run_medseg(task: Task, work: Path, seed: int, budget: float | None, model: s
                extra: dict[str, object]) -> tuple[dict, list[dict]]:
     """medseg on `task`: both models at their default budgets (`budget` None) and the one with the
     higher validation Dice, or `model` alone at `budget` minutes. The test cases' scores."""
-    from conftest import make_project_copy
-
     label = f"{'default' if budget is None else f'{budget:g}min'}-seed{seed}-{zlib.crc32(json.dumps(extra, sort_keys=True, default=str).encode())}"
     folder = work / "medseg" / task.name / label
     if folder.exists():
         shutil.rmtree(folder)
-    project = make_project_copy(folder / "project")
+    project = _project_copy(folder / "project")
     log = folder / "kedro.log"
     params = _medseg_params(task, seed, extra)
     start = time.perf_counter()
@@ -310,7 +319,7 @@ def run_medseg(task: Task, work: Path, seed: int, budget: float | None, model: s
         splits = list(csv.DictReader((project / "data/03_primary/splits.csv").open()))
         val_cases = [r["case_id"] for r in splits if r["split"] == "val"]
         for case in val_cases:
-            (validation / f"{case}_0000.nii.gz").symlink_to((task.train / "imagesTr" / f"{case}_0000.nii.gz").resolve())
+            _link((task.train / "imagesTr" / f"{case}_0000.nii.gz").resolve(), validation / f"{case}_0000.nii.gz")
         val_task = Task(task.name, task.train, validation, task.train / "labelsTr", task.classes)
         val_dice = {}
         for kind in ("unet", "conv3d"):
@@ -329,6 +338,17 @@ def run_medseg(task: Task, work: Path, seed: int, budget: float | None, model: s
     return row, cases
 
 
+def _project_copy(root: Path) -> Path:
+    """A project of its own: conf/ and pyproject.toml, empty data folders (MLflow makes its store)."""
+    shutil.copytree(ROOT / "conf", root / "conf")
+    (root / "conf" / "local").mkdir(exist_ok=True)
+    shutil.copy(ROOT / "pyproject.toml", root / "pyproject.toml")
+    for folder in ("src", "notebooks", *(f"data/{layer}" for layer in (
+            "01_raw", "02_intermediate", "03_primary", "05_model_input", "06_models", "07_model_output", "08_reporting"))):
+        (root / folder).mkdir(parents=True)
+    return root
+
+
 def _only(task: Task, cases: list[str]) -> Task:
     """`task` with its test labels limited to `cases` (a folder of links)."""
     folder = task.test_images.parent / "labels_only"
@@ -336,7 +356,7 @@ def _only(task: Task, cases: list[str]) -> Task:
         shutil.rmtree(folder)
     folder.mkdir()
     for case in cases:
-        (folder / f"{case}.nii.gz").symlink_to((task.test_labels / f"{case}.nii.gz").resolve())
+        _link((task.test_labels / f"{case}.nii.gz").resolve(), folder / f"{case}.nii.gz")
     return Task(task.name, task.train, task.test_images, folder, task.classes)
 
 
@@ -363,9 +383,14 @@ def _worker(mode: str, spec: dict, env: dict[str, str], log: Path) -> dict:
     augmentation processes end with it; its JSON answer."""
     answer = log.with_suffix(f".{mode}.json")
     spec = {**spec, "answer": str(answer)}
-    with log.open("a") as sink:
-        code = subprocess.call([sys.executable, __file__, "--worker", mode, json.dumps(spec)], env=env,
-                               stdout=sink, stderr=subprocess.STDOUT)
+    with log.open("a") as sink:  # a session of its own: nnU-Net's augmentation workers end with it
+        child = subprocess.Popen([sys.executable, __file__, "--worker", mode, json.dumps(spec)], env=env,
+                                 stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+        code = child.wait()
+    try:
+        os.killpg(child.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
     if code != 0 or not answer.exists():
         raise SystemExit(f"nnU-Net {mode} failed (exit {code}):\n" + "\n".join(log.read_text().splitlines()[-30:]))
     return json.loads(answer.read_text())
@@ -418,7 +443,8 @@ def prepare_nnunet(task: Task, work: Path, budget_s: float, dataset_id: int) -> 
         if plans[-1]["iterations_in_budget"] >= TARGET_ITERATIONS:
             break
     chosen = plans[-1]
-    choice = {"dataset_id": dataset_id, "dataset": dataset, "plans": plans, "chosen": chosen["plans"],
+    search_s = time.perf_counter() - start - preprocessing_s
+    choice = {"plan_search_s": round(search_s, 1), "dataset_id": dataset_id, "dataset": dataset, "plans": plans, "chosen": chosen["plans"],
               "preprocessing_s": round(preprocessing_s, 1), "plans_path": str(plans_dir / f"{chosen['plans']}.json"),
               "dataset_json": str(plans_dir / "dataset.json")}
     choice_path.write_text(json.dumps(choice, indent=1))
@@ -426,7 +452,8 @@ def prepare_nnunet(task: Task, work: Path, budget_s: float, dataset_id: int) -> 
 
 
 def print_plans(task: Task, choice: dict) -> None:
-    print(f"  nnU-Net plans for {task.name} (3d_fullres; preprocessing {choice['preprocessing_s']:.0f} s):")
+    print(f"  nnU-Net plans for {task.name} (3d_fullres; fingerprint, plan and preprocessing {choice['preprocessing_s']:.0f} s, "
+          f"then sizing the plan for this CPU {choice.get('plan_search_s', float('nan')):.0f} s):")
     for plan in choice["plans"]:
         mark = "  <- used" if plan["plans"] == choice["chosen"] else ""
         print(f"    {plan['memory_gb']:>5g} GB  patch {plan['patch_size']}  batch {plan['batch_size']}  "
@@ -528,7 +555,9 @@ def worker(mode: str, spec: dict) -> None:
             trainer.train_step(next(trainer.dataloader_train))
         answer = {"s_per_iteration": (time.perf_counter() - start) / 4}
         Path(spec["answer"]).write_text(json.dumps(answer))
-        os._exit(0)  # the augmentation workers go with the process
+        for loader in (trainer.dataloader_train, trainer.dataloader_val):
+            getattr(loader, "_finish", lambda: None)()
+        os._exit(0)
     answer = trainer.run_training_for(float(spec["budget_s"]))
     trainer.set_deep_supervision_enabled(False)
     trainer.network.eval()
@@ -539,6 +568,7 @@ def worker(mode: str, spec: dict) -> None:
     predictor.manual_initialization(trainer.network, trainer.plans_manager, trainer.configuration_manager,
                                     [trainer.network.state_dict()], trainer.dataset_json, base.__name__,
                                     trainer.inference_allowed_mirroring_axes)
+    Path(spec["masks"]).mkdir(parents=True, exist_ok=True)
     predictor.predict_from_files_sequential(spec["images"], spec["masks"], save_probabilities=False, overwrite=True,
                                             folder_with_segs_from_prev_stage=None)
     answer["predict_s"] = time.perf_counter() - start
@@ -637,9 +667,11 @@ def main() -> int:
     parser.add_argument("--tasks", default="phantoms,lateralized", help="the benchmark's own tasks to run")
     parser.add_argument("--msd-dir", type=Path, help="a dataset in MSD / nnU-Net v2 layout instead of the own tasks")
     parser.add_argument("--test-share", type=float, default=0.2, help="share of imagesTr held out when there is no labelsTs")
+    parser.add_argument("--test-cases", type=int, default=20, help="test cases of the own tasks (20; fewer: a shorter, weaker check)")
     parser.add_argument("--only", choices=["nnunet", "medseg"], help="run one system's rows")
     parser.add_argument("--seeds", type=int, default=2, help="seeds of the nnU-Net and default-budget medseg rows")
-    parser.add_argument("--quick", action="store_true", help="one small task, 2-minute budget, one seed: the plumbing")
+    parser.add_argument("--quick", action="store_true", help=(
+        "the plumbing: one small task, one seed, --budget 2, medseg's default rows at 0.5-minute budgets"))
     parser.add_argument("--ablation", action="store_true", help="medseg with nnU-Net's recipe, one ingredient off at a time")
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -649,8 +681,10 @@ def main() -> int:
     if importlib_missing := [m for m in ("torch", "nnunetv2") if not _importable(m)]:
         raise SystemExit(f"{', '.join(importlib_missing)} missing: run in the peers environment "
                          "(python3 -m venv .venv-peers && .venv-peers/bin/pip install -e '.[cpu,peers]').")
+    quick_budgets = {}
     if args.quick:
         args.budget, args.seeds, args.tasks = min(args.budget, 2.0), 1, args.tasks.split(",")[0]
+        quick_budgets = {"planning.budget_minutes.unet": 0.5, "planning.budget_minutes.conv3d": 0.5}
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     work = out / "work"
@@ -658,7 +692,7 @@ def main() -> int:
     if args.msd_dir:
         tasks = [split_task(args.msd_dir.name, args.msd_dir.resolve(), work / "tasks", args.test_share)]
     else:
-        tasks = own_tasks(work, args.tasks.split(","), args.quick)
+        tasks = own_tasks(work, args.tasks.split(","), args.quick, args.test_cases)
     records = Records(out)
     targets = []
     for index, task in enumerate(tasks):
@@ -674,7 +708,7 @@ def main() -> int:
                         records.add({"task": task.name, "system": "nnunet", "configuration": configuration,
                                      "budget_min": args.budget, "seed": seed, **row}, cases)
         if args.only != "nnunet":
-            runs = [("default", 0.0, seed, None) for seed in range(args.seeds)] + [("chosen", args.budget, 0, None)]
+            runs = [("default", 0.0, seed, quick_budgets) for seed in range(args.seeds)] + [("chosen", args.budget, 0, None)]
             if args.ablation:
                 recipe = {k: v for ingredient in INGREDIENTS.values() for k, v in ingredient.items()}
                 runs.append(("ablation: nnU-Net recipe", 0.0, 0, recipe))
