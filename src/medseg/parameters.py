@@ -224,6 +224,11 @@ class TrainingParams(Section):
         "With `augment`: `jitter` (the image scaled by 0.9–1.1 and shifted by ±0.1) or `nnunet`, nnU-Net's "
         "intensity transforms with its probabilities (Gaussian noise and blur, brightness, contrast, simulated low "
         "resolution, gamma; `medseg.patching.intensity`)."))] = "jitter"
+    deep_supervision: Annotated[bool, Field(description=(
+        "nnU-Net's deep supervision: a 1×1 head on each decoder stage of the U-Net, trained against the label "
+        "downsampled to its resolution, the losses weighted 1, 1/2, 1/4, ... with the coarsest stage 0, normalized "
+        "(`medseg.models.deep_supervision`). The heads are dropped after training: the network saved and served is "
+        "the same. U-Nets only (not `conv3d.model.network: patch_classifier`)."))] = False
     spatial_augmentation: Annotated[Literal["none", "nnunet"], Field(description=(
         "With `augment`: `none`, or `nnunet`: nnU-Net's rotation (probability 0.2; ±30° about each axis for 3D "
         "patches, ±180° in-plane for 2D slices) and scaling (probability 0.2, 0.7–1.4), applied where each patch is "

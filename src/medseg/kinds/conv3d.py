@@ -19,7 +19,7 @@ import keras
 import numpy as np
 import pandas as pd
 from kedro.pipeline import Node
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic.dataclasses import dataclass
 
 from medseg.errors import ConfigurationError
@@ -101,6 +101,13 @@ class Conv3dParams(Section):
     evaluation: PatchEvaluationParams
     reporting: ReportingParams
     export: ExportParams
+
+    @model_validator(mode="after")
+    def _deep_supervision_needs_a_unet(self) -> "Conv3dParams":
+        if self.training.deep_supervision and self.model.network == "patch_classifier":
+            raise ValueError("training.deep_supervision needs a U-Net: set it to false with model.network: "
+                             "patch_classifier, or use model.network: unet3d")
+        return self
 
 
 def network(settings: Mapping[str, Any]) -> str:

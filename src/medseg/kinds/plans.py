@@ -109,6 +109,10 @@ class TrainingSettings(_View):
         return str(self._values["loss"])
 
     @property
+    def deep_supervision(self) -> bool:
+        return bool(self._values.get("deep_supervision", False))
+
+    @property
     def lr_schedule(self) -> str:
         return str(self._values.get("lr_schedule", "constant"))
 

@@ -23,6 +23,8 @@ from typing import Any
 import keras
 import numpy as np
 
+from medseg.models.deep_supervision import PlainHistoryKeys
+
 logger = logging.getLogger(__name__)
 # The lines a default `kedro run` prints (conf/logging.yml): a line per stage and per epoch.
 STAGES = logging.getLogger("medseg.stages")
@@ -377,8 +379,10 @@ def fit_model(
     """Train with early stopping (best weights restored) and crash recovery.
 
     Args:
-        model: a compiled model.
-        train_data, val_data: endless `tf.data` datasets of (image, label) batches.
+        model: a compiled model, or the training graph of one with deep supervision
+            (`medseg.models.deep_supervision`), whose history keeps the network's own keys.
+        train_data, val_data: endless `tf.data` datasets of (image, label) batches (labels
+            per output for a training graph).
         epochs: maximum epochs; `steps_per_epoch` and `validation_steps` batches each.
         backup_dir: `BackupAndRestore` keeps the last finished epoch (weights, optimizer
             state, epoch number) there while training runs and deletes it at the end, so a
@@ -408,6 +412,9 @@ def fit_model(
         steps_per_epoch=int(steps_per_epoch),
         validation_steps=int(validation_steps),
         callbacks=[
+            # A training graph with deep supervision has several outputs: its epoch logs are
+            # given the network's own keys before any other callback reads them.
+            *([PlainHistoryKeys()] if len(model.outputs) > 1 else []),
             keras.callbacks.BackupAndRestore(str(backup_dir)),
             keras.callbacks.EarlyStopping(monitor="val_loss", patience=int(patience), restore_best_weights=True),
             EpochLines(int(epochs)),

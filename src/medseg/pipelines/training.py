@@ -19,6 +19,7 @@ from medseg.kinds import ModelKind
 from medseg.imaging.geometry import PreprocessingPlan
 from medseg.kinds.plans import ModelSettings, TrainingSettings, replica_part
 from medseg.kinds.streams import case_loader
+from medseg.models.deep_supervision import supervision_targets, with_deep_supervision
 from medseg.models.distribute import distribution_strategy, global_batch_size, strategy_name
 from medseg.models.precision import dtype_policy, with_precision
 from medseg.models.training import (
@@ -144,6 +145,8 @@ def train_model(
     # metric variables made by compile must be mirrored too: both happen in the scope.
     with dtype_policy(precision), strategy.scope(), seeded_initializers(seed):
         model = build_model()  # layers take the policy when built; the heads stay float32
+        # nnU-Net's deep supervision trains a graph beside the network (its heads, then dropped).
+        supervised = with_deep_supervision(model) if training.deep_supervision else None
     fingerprint = training_fingerprint(
         model=model_key, section=settings, data=data, splits=splits.to_dict("records"), plan=case_geometry.to_json(),
         fingerprint=dataset_fingerprint, **replica_part(strategy),
@@ -162,10 +165,16 @@ def train_model(
     if tuple(flip_axes) != tuple(sorted(set(training.flip_axes))):
         logger.info("%s: classes %s keep to one side of the body: no left-right flips.", model_key, dataset_fingerprint["lateralized"])
     budget = _budget_callback(model_key, training)
+    train_data = make_stream(cases_in_split(splits, "train"), seed, training.augmentation, flip_axes, batch_size=batch_size)
+    val_data = make_stream(cases_in_split(splits, "val"), seed + 1, False, flip_axes, batch_size=batch_size)
+    if supervised is not None:
+        logger.info("%s: deep supervision, loss weights %s.", model_key, [round(w, 3) for w in supervised.weights])
+        targets = supervision_targets(supervised.strides)
+        train_data, val_data = train_data.map(targets), val_data.map(targets)
     history = fit_model(
-        model,
-        make_stream(cases_in_split(splits, "train"), seed, training.augmentation, flip_axes, batch_size=batch_size),
-        make_stream(cases_in_split(splits, "val"), seed + 1, False, flip_axes, batch_size=batch_size),
+        model if supervised is None else supervised.model,
+        train_data,
+        val_data,
         epochs=training.epochs,
         steps_per_epoch=training.steps_per_epoch,
         validation_steps=training.validation_steps,
