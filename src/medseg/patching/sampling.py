@@ -30,7 +30,7 @@ from medseg.patching._checks import (
     check_shape,
     check_volume,
 )
-from medseg.patching.spatial import SPATIAL_AUGMENTATIONS, draw_transform, transformed_patch
+from medseg.patching.spatial import SPATIAL_AUGMENTATIONS, draw_transform, patch_coordinates, read_at
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -269,9 +269,10 @@ class PatchQueue:
         matrix = draw_transform(rng, in_plane=self.patch_shape[2] == 1) if self.spatial == "nnunet" else None
         if matrix is None:
             return _sample_at(image, label, center, self.patch_shape)
-        label_patch = transformed_patch(label, center, self.patch_shape, matrix, order=0).astype(np.float32)
+        coordinates = patch_coordinates(center, self.patch_shape, matrix)  # one set for the label and each channel
+        label_patch = read_at(label, coordinates, self.patch_shape, order=0).astype(np.float32)
         channels = [image[..., c] for c in range(image.shape[-1])] if image.ndim == label.ndim + 1 else [image]
-        image_patch = np.stack([transformed_patch(channel, center, self.patch_shape, matrix, order=1)
+        image_patch = np.stack([read_at(channel, coordinates, self.patch_shape, order=1)
                                 for channel in channels], axis=-1).astype(np.float32, copy=False)
         return image_patch, label_patch[..., np.newaxis]
 

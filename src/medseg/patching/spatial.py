@@ -58,15 +58,26 @@ def draw_transform(rng: np.random.Generator, in_plane: bool) -> np.ndarray | Non
     return matrix
 
 
-def transformed_patch(volume: np.ndarray, center: Sequence[int], patch_shape: Sequence[int], matrix: np.ndarray,
-                      order: int) -> np.ndarray:
-    """The `patch_shape` patch of `volume` (X, Y, Z) about `center`, its grid mapped by `matrix`
-    (offsets from the patch centre, voxel `p // 2` on each axis, as `extract_patch` centres it);
+def patch_coordinates(center: Sequence[int], patch_shape: Sequence[int], matrix: np.ndarray) -> np.ndarray:
+    """The volume coordinates (3, voxels) that a `patch_shape` patch about `center` reads, its
+    grid mapped by `matrix` (offsets from the patch centre, voxel `p // 2` on each axis, as
+    `extract_patch` centres it). One set serves the label and every image channel."""
+    shape = np.asarray(patch_shape)
+    offsets = np.indices(tuple(int(p) for p in shape), dtype=np.float64).reshape(3, -1) - (shape // 2)[:, None]
+    return np.asarray(matrix, dtype=np.float64) @ offsets + np.asarray(center, dtype=np.float64)[:, None]
+
+
+def read_at(volume: np.ndarray, coordinates: np.ndarray, patch_shape: Sequence[int], order: int) -> np.ndarray:
+    """`volume` (X, Y, Z) at `coordinates` (`patch_coordinates`), as a `patch_shape` patch:
     spline `order` 1 for images, 0 for labels; 0 outside the volume."""
     from scipy.ndimage import map_coordinates
 
-    shape = np.asarray(patch_shape)
-    offsets = np.indices(tuple(int(p) for p in shape), dtype=np.float64).reshape(3, -1) - (shape // 2)[:, None]
-    coordinates = np.asarray(matrix, dtype=np.float64) @ offsets + np.asarray(center, dtype=np.float64)[:, None]
     values = map_coordinates(volume, coordinates, order=order, mode="constant", cval=0.0, prefilter=False)
-    return values.reshape(tuple(int(p) for p in shape))
+    return values.reshape(tuple(int(p) for p in patch_shape))
+
+
+def transformed_patch(volume: np.ndarray, center: Sequence[int], patch_shape: Sequence[int], matrix: np.ndarray,
+                      order: int) -> np.ndarray:
+    """The `patch_shape` patch of `volume` (X, Y, Z) about `center`, its grid mapped by `matrix`;
+    spline `order` 1 for images, 0 for labels; 0 outside the volume."""
+    return read_at(volume, patch_coordinates(center, patch_shape, matrix), patch_shape, order)
