@@ -83,15 +83,16 @@ def with_deep_supervision(network: keras.Model) -> SupervisedTraining:
             outputs.append(conv(head.filters, 1, activation=head.activation, dtype="float32", name=f"ds{stage}")(features))
             strides.append(tuple(int(s) for s in stride))
     model = keras.Model(network.inputs, outputs, name=f"{network.name}_deep_supervision")
+    output_weights = (weights[0], *(weights[stage] for stage in supervised))
     config = network._compile_config.config  # what `network` was compiled with (Keras 3)
     loss, metrics = config["loss"], config["metrics"]
     model.compile(
         optimizer=network.optimizer,
         loss=[loss] * len(outputs),
-        loss_weights=[weights[0], *(weights[stage] for stage in supervised)],
+        loss_weights=list(output_weights),
         metrics=[metrics, *([] for _ in supervised)],
     )
-    return SupervisedTraining(model, tuple(strides), tuple([weights[0], *(weights[stage] for stage in supervised)]))
+    return SupervisedTraining(model, tuple(strides), output_weights)
 
 
 def supervision_targets(strides: tuple[tuple[int, ...], ...]):
