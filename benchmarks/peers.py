@@ -11,9 +11,10 @@ Measured in one run on the same volume (smoothed noise, 160x160x96 float32), the
   2. one training step: medseg's model compiled as medseg trains it (Adam, BCE+Dice) and timed
      as the planner times it (`seconds_per_training_step`, through `model.fit`), against
      MONAI's network with `DiceCELoss` and Adam, same batch and patch: samples/s;
-  3. metric parity on the same masks: `dice_score`, `iou_score`, `hausdorff_distance_95`
-     against `DiceMetric`, `MeanIoU`, `HausdorffDistanceMetric(percentile=95)` with `spacing=`
-     (and its surface distances, `get_edge_surface_distance`, with the percentile in float64),
+  3. metric parity on the same masks: `dice_score`, `iou_score`, `hausdorff_distance_95`,
+     `normalized_surface_dice` against `DiceMetric`, `MeanIoU`,
+     `HausdorffDistanceMetric(percentile=95)` with `spacing=` (and its surface distances,
+     `get_edge_surface_distance`, with the percentile in float64), `SurfaceDiceMetric`,
      on random shapes, anisotropic spacings and empty masks (the conventions for empty masks
      differ and are printed, not hidden); and the two stitching engines on one predictor;
   4. each side in each precision it has on this machine: medseg in the policies that
@@ -72,7 +73,7 @@ import numpy as np  # noqa: E402
 from _targets import Target, report_targets  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
-from medseg.evaluation.metrics import dice_score, hausdorff_distance_95, iou_score  # noqa: E402
+from medseg.evaluation.metrics import dice_score, hausdorff_distance_95, iou_score, normalized_surface_dice  # noqa: E402
 from medseg.kinds.sizes import poolings_per_axis  # noqa: E402
 from medseg.patching.sliding_window import (  # noqa: E402
     activation_budget_gb,
@@ -377,11 +378,19 @@ def mask_cases(rng: np.random.Generator, n_random: int) -> list[tuple[str, np.nd
     return cases
 
 
+# The NSD tolerance of the parity check: not a multiple of any case's spacing, so that no
+# distance sits on it and float32 against float64 cannot decide a voxel.
+NSD_TOLERANCE_MM = 1.3
+
+
 def monai_metrics(
     reference: np.ndarray, prediction: np.ndarray, spacing: tuple[float, ...], ignore_empty: bool = True
-) -> tuple[float, float, float, float]:
-    """MONAI's (Dice, IoU, HD95 in mm, HD95 in mm with its percentile in float64) of one binary
-    case, one channel, background included.
+) -> tuple[float, float, float, float, float]:
+    """MONAI's (Dice, IoU, HD95 in mm, HD95 in mm with its percentile in float64, NSD at
+    `NSD_TOLERANCE_MM`) of one binary case, one channel, background included.
+
+    `SurfaceDiceMetric` counts MONAI's own surface distances (float32) against the tolerance,
+    so it is compared as it is: a count does not round.
 
     `HausdorffDistanceMetric` computes in float32 throughout: its surface distances, and the
     95th percentile by `torch.quantile`, whose interpolation point q·(n - 1) is rounded to
@@ -390,7 +399,7 @@ def monai_metrics(
     metric's first step) and only the percentile in float64; NaN when a mask is empty.
     """
     import torch
-    from monai.metrics import DiceMetric, HausdorffDistanceMetric, MeanIoU
+    from monai.metrics import DiceMetric, HausdorffDistanceMetric, MeanIoU, SurfaceDiceMetric
     from monai.metrics.utils import get_edge_surface_distance
 
     y = torch.from_numpy(reference[None, None].astype(np.float32))
@@ -402,35 +411,39 @@ def monai_metrics(
         hd95 = HausdorffDistanceMetric(include_background=True, percentile=95, reduction="none")(
             y_pred, y, spacing=list(spacing)
         )
+        nsd = SurfaceDiceMetric(class_thresholds=[NSD_TOLERANCE_MM], include_background=True, reduction="none")(
+            y_pred, y, spacing=list(spacing)
+        )
         hd95_float64 = float("nan")
         if reference.any() and prediction.any():
             _, distances, _ = get_edge_surface_distance(y_pred[0, 0], y[0, 0], spacing=list(spacing), symmetric=True)
             hd95_float64 = max(float(torch.quantile(d.double(), 0.95)) for d in distances)
-    return float(dice), float(iou), float(hd95), hd95_float64
+    return float(dice), float(iou), float(hd95), hd95_float64, float(nsd)
 
 
 def metric_parity(n_random: int) -> tuple[float, float, float, list[str]]:
     """Print the parity table.
 
     Returns:
-        (the largest |medseg - MONAI| / max(1, |MONAI|) of Dice, IoU and HD95 with MONAI's
-        percentile in float64, where both define a value; the largest |medseg - MONAI| of the
+        (the largest |medseg - MONAI| / max(1, |MONAI|) of Dice, IoU, HD95 with MONAI's
+        percentile in float64 and NSD, where both define a value; the largest |medseg - MONAI| of the
         same; the largest |medseg - MONAI| of HD95 against `HausdorffDistanceMetric` itself;
         the (case, metric) pairs that one library defines and the other does not).
     """
     print(
         f"{'case':<20} {'shape':>8} {'spacing mm':>11} {'Dice medseg':>11} {'MONAI':>10} {'IoU medseg':>11} {'MONAI':>10} "
-        f"{'HD95 medseg':>12} {'MONAI':>10} {'MONAI f64':>10} {'|diff|':>8}"
+        f"{'HD95 medseg':>12} {'MONAI':>10} {'MONAI f64':>10} {'NSD medseg':>10} {'MONAI':>10} {'|diff|':>8}"
     )
     worst_scaled = worst_abs = worst_metric_object = 0.0
     undefined_on_one_side = []
     empty_rows = []
     for name, reference, prediction, spacing in mask_cases(np.random.default_rng(7), n_random):
-        ours = (dice_score(reference, prediction), iou_score(reference, prediction), hausdorff_distance_95(reference, prediction, spacing))
+        ours = (dice_score(reference, prediction), iou_score(reference, prediction), hausdorff_distance_95(reference, prediction, spacing),
+                normalized_surface_dice(reference, prediction, spacing, NSD_TOLERANCE_MM))
         theirs = monai_metrics(reference, prediction, spacing)
-        compared = (theirs[0], theirs[1], theirs[3])
+        compared = (theirs[0], theirs[1], theirs[3], theirs[4])
         differences = []
-        for metric, a, b in zip(("Dice", "IoU", "HD95"), ours, compared):
+        for metric, a, b in zip(("Dice", "IoU", "HD95", "NSD"), ours, compared):
             if math.isfinite(a) and math.isfinite(b):
                 differences.append(abs(a - b))
                 worst_scaled = max(worst_scaled, abs(a - b) / max(1.0, abs(b)))
@@ -443,24 +456,27 @@ def metric_parity(n_random: int) -> tuple[float, float, float, list[str]]:
         shape = "x".join(str(n) for n in reference.shape)
         print(
             f"{name:<20} {shape:>8} {'x'.join(f'{s:g}' for s in spacing):>11} {ours[0]:11.7f} {theirs[0]:10.7f} "
-            f"{ours[1]:11.7f} {theirs[1]:10.7f} {ours[2]:12.7f} {theirs[2]:10.6f} {theirs[3]:10.6f} {case_worst:8.1e}"
+            f"{ours[1]:11.7f} {theirs[1]:10.7f} {ours[2]:12.7f} {theirs[2]:10.6f} {theirs[3]:10.6f} "
+            f"{ours[3]:10.7f} {theirs[4]:10.7f} {case_worst:8.1e}"
         )
         if not (reference.any() and prediction.any()):
             empty_rows.append((name, ours, theirs, monai_metrics(reference, prediction, spacing, ignore_empty=False)))
-    print("|diff|: Dice, IoU, and HD95 against 'MONAI f64' (MONAI's surface distances, the percentile in float64)")
+    print("|diff|: Dice, IoU, HD95 against 'MONAI f64' (MONAI's surface distances, the percentile in float64), "
+          f"and NSD at {NSD_TOLERANCE_MM:g} mm against SurfaceDiceMetric")
     print(f"max |medseg - MONAI| where both define a value: {worst_abs:.2e}; scaled by max(1, |MONAI|): {worst_scaled:.2e}")
     print(f"HD95 against HausdorffDistanceMetric itself (float32 torch.quantile): max |diff| {worst_metric_object:.2e} mm")
     print("\nempty masks (the conventions differ; parity is only asked where both define a value):")
-    print(f"{'case':<20} {'medseg Dice/IoU/HD95':>24} {'MONAI default (ignore_empty=True)':>34} {'MONAI ignore_empty=False':>26}")
+    print(f"{'case':<20} {'medseg Dice/IoU/HD95/NSD':>26} {'MONAI default (ignore_empty=True)':>34} {'MONAI ignore_empty=False':>26}")
     for name, ours, theirs, theirs_kept in empty_rows:
         print(
-            f"{name:<20} {'/'.join(f'{v:g}' for v in ours):>24} {'/'.join(f'{v:g}' for v in theirs[:3]):>34} "
+            f"{name:<20} {'/'.join(f'{v:g}' for v in ours):>26} {'/'.join(f'{v:g}' for v in (*theirs[:3], theirs[4])):>34} "
             f"{'/'.join(f'{v:g}' for v in theirs_kept[:2]):>26}"
         )
     print("  medseg: Dice/IoU NaN only when both are empty, 0 when exactly one is; HD95 NaN when either is")
     print("  (hausdorff_distance_95_penalized counts a miss as the image diagonal). MONAI's default")
     print("  ignore_empty=True makes Dice/IoU NaN whenever the reference is empty; ignore_empty=False")
     print("  gives 1 for both empty and 0 for one empty. Its HD95 is NaN when either mask is empty.")
+    print("  NSD, both: NaN when both are empty, 0 when exactly one is.")
     return worst_scaled, worst_abs, worst_metric_object, undefined_on_one_side
 
 

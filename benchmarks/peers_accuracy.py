@@ -28,7 +28,7 @@ skipped: it is not part of what is compared. Its predictor then segments the tes
 its default test-time mirroring; on `lateralized` a row with mirroring off in training and
 prediction is added (`nnUNetTrainerNoMirroring`), as a user with left/right classes would run it.
 
-Scoring: per test case and class, medseg's `evaluate_case_per_class` (Dice, HD95 in mm; at parity
+Scoring: per test case and class, medseg's `evaluate_case_per_class` (Dice, NSD at 1 mm, HD95 in mm; at parity
 with MONAI's, `benchmarks/peers.py`) on each mask against its label, in the label's own geometry
 (a mask in another geometry is an error, not a score).
 
@@ -65,6 +65,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,9 +78,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 ROW_FIELDS = ["task", "system", "configuration", "budget_min", "seed", "chosen", "mean_dice", "dice_by_class",
-              "hd95_mm", "train_s", "wall_s", "detail"]
-CASE_FIELDS = ["task", "system", "configuration", "budget_min", "seed", "case", "class", "label", "dice", "hd95_mm",
+              "mean_nsd", "hd95_mm", "train_s", "wall_s", "detail"]
+CASE_FIELDS = ["task", "system", "configuration", "budget_min", "seed", "case", "class", "label", "dice", "nsd", "hd95_mm",
                "hd95_mm_penalized", "reference_empty", "prediction_empty"]
+NSD_TOLERANCE_MM = 1.0  # medseg's default (`evaluation.nsd_tolerance_mm`)
 ITERATIONS_PER_EPOCH = 50  # nnU-Net's 250 would leave a 15-minute CPU budget four epochs of its poly schedule
 VAL_ITERATIONS_PER_EPOCH = 5
 TARGET_ITERATIONS = 1000
@@ -225,15 +227,16 @@ def score(task: Task, masks: Path) -> list[dict]:
         spacing = tuple(float(z) for z in label.header.get_zooms()[:3])
         reference = np.asarray(label.dataobj).astype(np.int16)
         prediction = np.asarray(mask.dataobj).astype(np.int16)
-        for row in evaluate_case_per_class(reference, prediction, spacing, task.classes):
+        for row in evaluate_case_per_class(reference, prediction, spacing, task.classes, NSD_TOLERANCE_MM):
             rows.append({"case": case, **{k: row[k] for k in CASE_FIELDS[6:] if k in row}, "class": row["class"]})
     return rows
 
 
 def summarize(cases: list[dict], classes: dict[int, str]) -> dict[str, object]:
     by_class = {name: float(np.nanmean([r["dice"] for r in cases if r["class"] == name])) for name in classes.values()}
+    nsd = [float(np.nanmean([r["nsd"] for r in cases if r["class"] == name])) for name in classes.values()]
     return {"mean_dice": float(np.mean(list(by_class.values()))), "dice_by_class": json.dumps(by_class),
-            "hd95_mm": float(np.nanmean([r["hd95_mm_penalized"] for r in cases]))}
+            "mean_nsd": float(np.mean(nsd)), "hd95_mm": float(np.nanmean([r["hd95_mm_penalized"] for r in cases]))}
 
 
 # ------------------------------------------------------------------------------------- records
@@ -256,6 +259,12 @@ class Records:
         for path, fields, items in ((self.cases_path, CASE_FIELDS, [{**key, **c} for c in cases]),
                                     (self.rows_path, ROW_FIELDS, [row])):
             new = not path.exists()
+            if not new and next(csv.reader(path.open()), None) != fields:  # a file of an earlier version: its
+                kept = list(csv.DictReader(path.open()))                  # rows under today's header
+                with path.open("w", newline="") as handle:
+                    writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
+                    writer.writeheader()
+                    writer.writerows(kept)
             with path.open("a", newline="") as handle:
                 writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
                 if new:
@@ -264,13 +273,13 @@ class Records:
         self.rows.append({k: str(v) for k, v in row.items()})
         return row
 
-    def cases(self, task: str, system: str, configuration: str, budget: float) -> dict[int, dict[tuple, float]]:
-        """{seed: {(case, class): dice}} of the rows that match."""
+    def cases(self, task: str, system: str, configuration: str, budget: float, metric: str = "dice") -> dict[int, dict[tuple, float]]:
+        """{seed: {(case, class): metric}} of the rows that match (NaN where a row predates the metric)."""
         found: dict[int, dict[tuple, float]] = {}
         if self.cases_path.exists():
             for r in csv.DictReader(self.cases_path.open()):
                 if (r["task"], r["system"], r["configuration"], float(r["budget_min"])) == (task, system, configuration, float(budget)):
-                    found.setdefault(int(r["seed"]), {})[(r["case"], r["class"])] = float(r["dice"])
+                    found.setdefault(int(r["seed"]), {})[(r["case"], r["class"])] = float(r.get(metric) or "nan")
         return found
 
 
@@ -581,19 +590,26 @@ def worker(mode: str, spec: dict) -> None:
 # -------------------------------------------------------------------------------------- report
 def bootstrap_difference(a: dict[tuple, float], b: dict[tuple, float], seed: int = 0) -> tuple[float, float, float]:
     """Mean over test cases of (a - b), each case's Dice the mean over its classes; a paired
-    95 % bootstrap interval over cases."""
+    95 % bootstrap interval over cases (medseg's own, as `select` compares with the champion)."""
+    from medseg.evaluation.statistics import Bootstrap, paired_bootstrap
+
     cases = sorted({case for case, _ in a} & {case for case, _ in b})
     def per_case(scores):
         return np.array([np.nanmean([v for (c, _), v in scores.items() if c == case]) for case in cases])
-    difference = per_case(a) - per_case(b)
-    rng = np.random.default_rng(seed)
-    means = difference[rng.integers(0, len(cases), size=(BOOTSTRAP_RESAMPLES, len(cases)))].mean(axis=1)
-    return float(difference.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+    result = paired_bootstrap(per_case(a), per_case(b), Bootstrap(BOOTSTRAP_RESAMPLES, seed, 0.95))
+    return result.difference, result.low, result.high
 
 
 def _seed_mean(found: dict[int, dict[tuple, float]]) -> dict[tuple, float]:
     keys = set.intersection(*(set(scores) for scores in found.values()))
     return {key: float(np.mean([scores[key] for scores in found.values()])) for key in keys}
+
+
+def _mean_nsd(found: dict[int, dict[tuple, float]], classes: dict[int, str]) -> float:
+    """The NSD's mean over classes and seeds; NaN for rows scored before NSD was."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return float(np.mean(list(_class_means(_seed_mean(found), classes).values()))) if found else float("nan")
 
 
 def _class_means(scores: dict[tuple, float], classes: dict[int, str]) -> dict[str, float]:
@@ -607,7 +623,7 @@ def report(task: Task, records: Records, budget: float, ablation: bool) -> list:
           f"{len(list((task.train / 'labelsTr').glob('*.nii.gz')))} training cases; mean Dice over seeds")
     names = list(task.classes.values())
     print(f"  {'system':<9} {'configuration':<34} {'budget':>8} {'seeds':>5} " + " ".join(f"{n[:9]:>9}" for n in names)
-          + f" {'mean':>7} {'HD95 mm':>8} {'train s':>8} {'wall s':>8}")
+          + f" {'mean':>7} {'NSD':>6} {'HD95 mm':>8} {'train s':>8} {'wall s':>8}")
     seen, scores = set(), {}
     for row in records.rows:
         key = (row["system"], row["configuration"], float(row["budget_min"]))
@@ -620,7 +636,8 @@ def report(task: Task, records: Records, budget: float, ablation: bool) -> list:
         classes = _class_means(scores[key], task.classes)
         budget_text = "default" if float(row["budget_min"]) == 0 else f"{float(row['budget_min']):g} min"
         print(f"  {key[0]:<9} {key[1]:<34} {budget_text:>8} {len(rows):>5} " + " ".join(f"{classes[n]:>9.4f}" for n in names)
-              + f" {np.mean(list(classes.values())):>7.4f} {np.mean([float(r['hd95_mm']) for r in rows]):>8.2f}"
+              + f" {np.mean(list(classes.values())):>7.4f} {_mean_nsd(records.cases(task.name, *key, metric='nsd'), task.classes):>6.3f}"
+              + f" {np.mean([float(r['hd95_mm']) for r in rows]):>8.2f}"
               + f" {np.mean([float(r['train_s']) for r in rows]):>8.0f} {np.mean([float(r['wall_s']) for r in rows]):>8.0f}")
     targets = []
     # The reference is nnU-Net at its best here: with mirroring, or without it where that row scores higher.

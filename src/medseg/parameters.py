@@ -359,6 +359,23 @@ class CvParams(Section):
         super().__post_init__()
 
 
+# evaluation ----------------------------------------------------------------------------------
+@dataclass(config=STRICT)
+class EvaluationParams(Section):
+    """`params:evaluation`: how every evaluation scores and summarises cases (the test split, the
+    cross-validation, `select`; `medseg.evaluation`)."""
+
+    nsd_tolerance_mm: Annotated[float, Field(ge=0.0, le=100.0, description=(
+        "The tolerance of the normalized surface Dice (`nsd`), in mm: a surface voxel within this distance of the "
+        "other mask's surface agrees. Choose it as the error a reader would accept; 1 mm is about a voxel of most scans."))]
+    bootstrap_resamples: Annotated[NonNegative, Field(le=100_000, description=(
+        "Resampled sets of cases behind each mean's confidence interval (`ci_low`, `ci_high`); 0: no interval."))]
+    bootstrap_seed: Annotated[NonNegative, Field(description=(
+        "The seed of the bootstrap's generator, so that a summary's intervals are the same on every rerun."))]
+    confidence_level: Annotated[Probability, Field(description=(
+        "The confidence level of the intervals, e.g. 0.95 for a 95 % interval."))]
+
+
 # predict -------------------------------------------------------------------------------------
 @dataclass(config=STRICT)
 class PredictParams(Section):
@@ -385,6 +402,7 @@ SHARED_ROOTS: dict[str, type[Section]] = {
     "predict": PredictParams,
     "compute": ComputeParams,
     "cv": CvParams,
+    "evaluation": EvaluationParams,
 }
 
 

@@ -11,6 +11,7 @@ from scipy.spatial.distance import cdist
 
 from medseg.errors import GeometryMismatchError, InvalidLabelError
 from medseg.evaluation.metrics import (
+    normalized_surface_dice,
     _directed_surface_distances,
     _mask_surface,
     classification_metrics,
@@ -253,6 +254,9 @@ def test_evaluate_case_returns_every_metric_as_plain_values(overlapping_lines):
     assert row == {
         "dice": pytest.approx(8 / 14),
         "iou": pytest.approx(0.4),
+        # Every voxel of a line is surface. Within 1 mm (0.5 mm a voxel along x): the reference's
+        # x 2..7 (x = 2 is exactly 1 mm from x = 4) and all six of the prediction's: 12 of 14.
+        "nsd": pytest.approx(12 / 14),
         "hd95_mm": pytest.approx(hausdorff_distance_95(reference, prediction, spacing)),
         "hd95_mm_penalized": pytest.approx(hausdorff_distance_95(reference, prediction, spacing)),
         "precision": pytest.approx(4 / 6),
@@ -271,10 +275,11 @@ def test_evaluate_case_flags_empty_masks():
     mask[1, 1, 1] = 1
     both_empty = evaluate_case(empty, empty, (1.0, 1.0, 1.0))
     assert both_empty["reference_empty"] and both_empty["prediction_empty"]
-    assert all(math.isnan(both_empty[key]) for key in ("dice", "iou", "hd95_mm"))
+    assert all(math.isnan(both_empty[key]) for key in ("dice", "iou", "nsd", "hd95_mm"))
     missed = evaluate_case(mask, empty, (1.0, 1.0, 1.0))
     assert not missed["reference_empty"] and missed["prediction_empty"]
-    assert missed["dice"] == 0.0 and missed["iou"] == 0.0 and math.isnan(missed["hd95_mm"])
+    assert missed["dice"] == 0.0 and missed["iou"] == 0.0 and missed["nsd"] == 0.0 and math.isnan(missed["hd95_mm"])
+    assert evaluate_case(empty, mask, (1.0, 1.0, 1.0))["nsd"] == 0.0
     assert missed["reference_ml"] == pytest.approx(0.001) and missed["predicted_ml"] == 0.0
 
 
@@ -375,3 +380,40 @@ def test_per_class_metrics_of_two_label_maps_by_hand():
     assert core["dice"] == 0.0 and core["prediction_empty"] and np.isnan(core["hd95_mm"])
     assert core["reference_ml"] == pytest.approx(4 * 2.0 / 1000)
     assert np.isnan(absent["dice"]) and absent["reference_empty"] and absent["prediction_empty"]
+
+
+def test_nsd_of_two_shifted_cubes_by_hand():
+    # Two 4³ cubes, one voxel apart along x. Each has 56 surface voxels (64 minus the 2³
+    # inside). At distance 0 from the other's surface: its ring voxels in the shared x planes
+    # (3 planes × 12) = 36 each, so NSD = 72 / 112 below 1 voxel; at 1 voxel every other surface
+    # voxel is one step from the other surface, so NSD = 1.
+    reference = np.zeros((10, 10, 10), dtype=bool)
+    prediction = np.zeros_like(reference)
+    reference[2:6, 2:6, 2:6] = True
+    prediction[3:7, 2:6, 2:6] = True
+    assert normalized_surface_dice(reference, prediction, (1.0, 1.0, 1.0), tolerance_mm=0.5) == pytest.approx(72 / 112)
+    assert normalized_surface_dice(reference, prediction, (1.0, 1.0, 1.0), tolerance_mm=1.0) == 1.0
+    # The same voxels 2 mm apart along x: 1 mm reaches only a neighbour in y or z, which adds
+    # the 2×2 inner voxels of each cube's face that lies inside the other (1 mm from its ring).
+    assert normalized_surface_dice(reference, prediction, (2.0, 1.0, 1.0), tolerance_mm=1.0) == pytest.approx(80 / 112)
+    assert evaluate_case(reference, prediction, (2.0, 1.0, 1.0), nsd_tolerance_mm=2.0)["nsd"] == 1.0
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_nsd_matches_brute_force_on_random_blobs(seed):
+    rng = np.random.default_rng(seed)
+    reference = _random_blob(rng, (24, 20, 12), 0.3)
+    prediction = _random_blob(rng, (24, 20, 12), 0.3)
+    spacing, tolerance = (0.7, 1.1, 2.5), 1.5
+    surfaces = [np.argwhere(m & ~ndimage.binary_erosion(m)) * np.asarray(spacing) for m in (reference > 0, prediction > 0)]
+    distances = cdist(surfaces[0], surfaces[1])
+    within = np.count_nonzero(distances.min(axis=1) <= tolerance) + np.count_nonzero(distances.min(axis=0) <= tolerance)
+    expected = within / (len(surfaces[0]) + len(surfaces[1]))
+    assert 0.0 < expected < 1.0
+    assert normalized_surface_dice(reference, prediction, spacing, tolerance) == pytest.approx(expected, rel=1e-12)
+
+
+def test_nsd_refuses_a_negative_tolerance():
+    mask = np.ones((3, 3, 3), dtype=bool)
+    with pytest.raises(GeometryMismatchError, match="nsd_tolerance_mm"):
+        normalized_surface_dice(mask, mask, (1.0, 1.0, 1.0), tolerance_mm=-1.0)

@@ -20,6 +20,7 @@ from matplotlib.ticker import MaxNLocator
 
 from medseg.errors import ConfigurationError, GeometryMismatchError
 from medseg.evaluation.metrics import evaluate_case_per_class
+from medseg.evaluation.statistics import Bootstrap, bootstrap_interval
 
 __all__ = [
     "DEFAULT_SUMMARY_METRICS",
@@ -27,6 +28,7 @@ __all__ = [
     "choose_overlay_slice",
     "flatten_class_means",
     "flatten_summary",
+    "plot_case_metrics",
     "plot_overlays",
     "plot_training_curves",
     "summarize_metrics",
@@ -38,6 +40,7 @@ __all__ = [
 DEFAULT_SUMMARY_METRICS: tuple[str, ...] = (
     "dice",
     "iou",
+    "nsd",
     "hd95_mm",
     "hd95_mm_penalized",
     "precision",
@@ -61,8 +64,24 @@ def _json_float(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _summarize_column(values: pd.Series) -> dict[str, float | int | None]:
-    """Mean, population std, median, n and n_missing of one metric column."""
+def _interval(values: np.ndarray, bootstrap: Bootstrap | None) -> dict[str, float | None]:
+    """`{"ci_low", "ci_high"}` of a mean over cases (None where no interval can be drawn), or
+    nothing without a bootstrap."""
+    if bootstrap is None:
+        return {}
+    low, high = bootstrap_interval(values, bootstrap) or (None, None)
+    return {"ci_low": low, "ci_high": high}
+
+
+def interval_statement(bootstrap: Bootstrap) -> str:
+    """What a summary's `ci_low` and `ci_high` are, in words, for the summary itself."""
+    return (f"{bootstrap.level:.0%} percentile bootstrap interval of the mean over cases: {bootstrap.resamples} "
+            f"resamples of the cases, seed {bootstrap.seed}")
+
+
+def _summarize_column(values: pd.Series, bootstrap: Bootstrap | None = None) -> dict[str, float | int | None]:
+    """Mean, population std, median, n and n_missing of one metric column, and the mean's
+    interval (`ci_low`, `ci_high`) when `bootstrap` is given."""
     numbers = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64)
     finite = numbers[np.isfinite(numbers)]
     if finite.size == 0:
@@ -77,11 +96,12 @@ def _summarize_column(values: pd.Series) -> dict[str, float | int | None]:
         "median": median,
         "n": int(finite.size),
         "n_missing": int(numbers.size - finite.size),
+        **_interval(finite, bootstrap),
     }
 
 
 def summarize_metrics(
-    per_case: pd.DataFrame, metrics: Sequence[str] = DEFAULT_SUMMARY_METRICS
+    per_case: pd.DataFrame, metrics: Sequence[str] | None = None, bootstrap: Bootstrap | None = None
 ) -> dict[str, object]:
     """Summary statistics of the per-case metrics, ready for `json.JSONDataset`.
 
@@ -89,7 +109,11 @@ def summarize_metrics(
         per_case: one row per case, with a column per metric (as from
             `medseg.evaluation.metrics.evaluate_case`). Optional bool columns
             `reference_empty` and `prediction_empty` add the empty-mask counts below.
-        metrics: the metric columns to summarize.
+        metrics: the metric columns to summarize; None: those of `DEFAULT_SUMMARY_METRICS`
+            that the table has (a table written before `nsd` existed has none).
+        bootstrap: when given, each metric also has the bootstrap interval of its mean over
+            cases, `ci_low` and `ci_high` (None with fewer than two finite cases), and the
+            summary says how it was drawn (`confidence_interval`).
 
     Returns:
         `{"n_cases": int, "<metric>": {"mean", "std", "median", "n", "n_missing"}, ...}` where
@@ -107,6 +131,8 @@ def summarize_metrics(
     Raises:
         ConfigurationError: if a requested metric is not a column of `per_case`.
     """
+    if metrics is None:
+        metrics = [name for name in DEFAULT_SUMMARY_METRICS if name in per_case.columns]
     missing_columns = [name for name in metrics if name not in per_case.columns]
     if missing_columns:
         raise ConfigurationError(
@@ -115,7 +141,9 @@ def summarize_metrics(
         )
     summary: dict[str, object] = {"n_cases": int(len(per_case))}
     for name in metrics:
-        summary[name] = _summarize_column(per_case[name])
+        summary[name] = _summarize_column(per_case[name], bootstrap)
+    if bootstrap is not None:
+        summary["confidence_interval"] = interval_statement(bootstrap)
     if {"reference_empty", "prediction_empty"} <= set(per_case.columns):
         reference_empty = per_case["reference_empty"].astype(bool)
         prediction_empty = per_case["prediction_empty"].astype(bool)
@@ -136,7 +164,7 @@ def per_case_table(rows: Sequence[Mapping[str, object]], classes: Mapping[int, s
 
 
 def summarize_per_class(
-    per_case: pd.DataFrame, metrics: Sequence[str] = DEFAULT_SUMMARY_METRICS
+    per_case: pd.DataFrame, metrics: Sequence[str] | None = None, bootstrap: Bootstrap | None = None
 ) -> dict[str, object]:
     """`summarize_metrics` of a per-case, per-class table, with nnU-Net's foreground mean.
 
@@ -150,15 +178,23 @@ def summarize_per_class(
         classes of each class's mean (nnU-Net's `foreground_mean`: a rare class weighs as
         much as a common one) and `std`, `median`, `n`, `n_missing` are over all (case,
         class) rows; `n_cases` counts cases, and `classes` holds each class's own
-        `summarize_metrics`. With one class this is exactly its summary.
+        `summarize_metrics`. With one class this is exactly its summary. With `bootstrap`,
+        each mean has its interval (`ci_low`, `ci_high`), the foreground mean's drawn by
+        resampling whole cases (all classes of a case together).
     """
-    summary = summarize_metrics(per_case, metrics)
+    if metrics is None:
+        metrics = [name for name in DEFAULT_SUMMARY_METRICS if name in per_case.columns]
+    summary = summarize_metrics(per_case, metrics, bootstrap)
     if "class" not in per_case.columns:
         return summary
-    classes = {str(name): summarize_metrics(rows, metrics) for name, rows in per_case.groupby("class", sort=False)}
+    classes = {str(name): summarize_metrics(rows, metrics, bootstrap) for name, rows in per_case.groupby("class", sort=False)}
     for name in metrics:
         means = [c[name]["mean"] for c in classes.values() if c[name]["mean"] is not None]
         summary[name]["mean"] = _json_float(np.mean(means)) if means else None
+        if bootstrap is not None and "case_id" in per_case.columns:
+            by_case = per_case.assign(_value=pd.to_numeric(per_case[name], errors="coerce")).pivot_table(
+                index="case_id", columns="class", values="_value", aggfunc="mean", dropna=False, sort=False)
+            summary[name].update(_interval(by_case.to_numpy(dtype=np.float64), bootstrap))
     summary["n_cases"] = int(per_case["case_id"].nunique()) if "case_id" in per_case.columns else summary["n_cases"]
     summary["classes"] = classes
     return summary
@@ -166,12 +202,16 @@ def summarize_per_class(
 
 def flatten_class_means(summary: Mapping[str, object], prefix: str = "test_") -> dict[str, float]:
     """`{"<prefix><metric>_<class>_mean": float}` for each class of a `summarize_per_class`
-    summary, e.g. `test_dice_core_mean` (None means are left out)."""
+    summary, e.g. `test_dice_core_mean`, and its interval (`test_dice_core_ci_low`,
+    `..._ci_high`) where the summary has one (None values are left out)."""
     flat = {}
     for name, class_summary in dict(summary.get("classes") or {}).items():
         for metric, stats in class_summary.items():
-            if isinstance(stats, Mapping) and stats.get("mean") is not None:
-                flat[f"{prefix}{metric}_{name}_mean"] = float(stats["mean"])
+            if not isinstance(stats, Mapping):
+                continue
+            for stat in ("mean", "ci_low", "ci_high"):
+                if stats.get(stat) is not None:
+                    flat[f"{prefix}{metric}_{name}_{stat}"] = float(stats[stat])
     return flat
 
 
@@ -430,4 +470,58 @@ def plot_overlays(cases: Sequence[OverlaySlice | tuple]) -> Figure:
         axis.set_title(overlay_title(case), fontsize="medium")
         axis.set_axis_off()
         axis.legend(handles=legend_handles, loc="upper right", fontsize="small")
+    return figure
+
+
+METRIC_TITLES = {"dice": "Dice", "nsd": "NSD", "iou": "IoU"}
+
+
+def plot_case_metrics(per_case: pd.DataFrame, summary: Mapping[str, object], metrics: Sequence[str] = ("dice", "nsd")) -> Figure:
+    """Each case's score per class, with the mean and its confidence interval.
+
+    Args:
+        per_case: the per-case, per-class table (`case_id`, `class` and the metric columns).
+        summary: its `summarize_per_class` summary, drawn with a bootstrap (its `classes`
+            hold each class's `mean`, `ci_low`, `ci_high`).
+        metrics: the metrics to draw, one axis each (those that are columns of `per_case`).
+
+    Returns:
+        A Figure with one axis per metric: per class, a dot per case (NaN cases left out) and
+        the mean as a black bar with its interval as a whisker, each titled with the summary's
+        foreground mean and interval. Without a case, a figure that says so.
+    """
+    metrics = [m for m in metrics if m in per_case.columns]
+    if per_case.empty or not metrics:
+        return plot_note(NO_TEST_CASE)
+    classes = dict(summary.get("classes") or {})
+    names = list(classes) or ["foreground"]
+    figure = _new_figure(max(3.5, 1.2 * len(names) + 2.0) * len(metrics), 3.8)
+    axes = figure.subplots(1, len(metrics), squeeze=False)[0]
+    generator = np.random.default_rng(0)  # the dots' jitter only
+    for axis, metric in zip(axes, metrics):
+        for position, name in enumerate(names):
+            rows = per_case[per_case["class"].astype(str) == name] if "class" in per_case.columns else per_case
+            values = pd.to_numeric(rows[metric], errors="coerce").to_numpy(dtype=np.float64)
+            values = values[np.isfinite(values)]
+            axis.scatter(position + generator.uniform(-0.15, 0.15, values.size), values, s=12, alpha=0.6, color="tab:blue")
+            stats = classes.get(name, summary).get(metric, {}) if classes else summary.get(metric, {})
+            if stats.get("mean") is not None:
+                low, high = stats.get("ci_low"), stats.get("ci_high")
+                if low is not None and high is not None:
+                    axis.errorbar(position, stats["mean"], yerr=[[stats["mean"] - low], [high - stats["mean"]]],
+                                  fmt="none", ecolor="black", capsize=6, linewidth=1.5)
+                axis.hlines(stats["mean"], position - 0.3, position + 0.3, colors="black", linewidth=2)
+        overall = summary.get(metric, {})
+        title = METRIC_TITLES.get(metric, metric)
+        if overall.get("mean") is not None:
+            title += f" {overall['mean']:.3f}"
+            if overall.get("ci_low") is not None:
+                title += f" (CI {overall['ci_low']:.3f}–{overall['ci_high']:.3f})"
+        axis.set_title(title, fontsize="medium")
+        axis.set_xticks(range(len(names)), names)
+        axis.set_xlim(-0.6, len(names) - 0.4)
+        axis.set_ylim(min(0.0, axis.get_ylim()[0]), 1.02)
+        axis.grid(True, axis="y", alpha=0.3)
+    figure.supxlabel(f"dots: test cases ({summary.get('n_cases', 0)}); bars: mean and "
+                     f"{summary.get('confidence_interval', 'no interval')}", fontsize="small", wrap=True)
     return figure

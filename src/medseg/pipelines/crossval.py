@@ -24,6 +24,7 @@ import pandas as pd
 
 from medseg.errors import ConfigurationError
 from medseg.evaluation import evaluate_case_per_class
+from medseg.evaluation.statistics import Bootstrap, bootstrap_interval
 from medseg.imaging.geometry import PreprocessingPlan
 from medseg.imaging.io import Volume, voxel_spacing
 from medseg.inference.ensemble import Ensemble
@@ -31,7 +32,7 @@ from medseg.inference.postprocessing import probabilities_on_source_grid, source
 from medseg.kinds import ModelKind, model_kinds
 from medseg.kinds.plans import ModelSettings
 from medseg.kinds.streams import case_loader
-from medseg.parameters import DataParams, PlanningParams
+from medseg.parameters import DataParams, EvaluationParams, PlanningParams
 from medseg.pipelines.evaluation import _evaluated_classes, _reference_mask
 from medseg.pipelines.training import build_segmenter, class_values, train_model
 from medseg.casework.progress import CaseProgress
@@ -177,6 +178,7 @@ def evaluate_cross_validation(
     dataset_fingerprint: dict,
     data: DataParams,
     settings: dict[str, Any],
+    evaluation: EvaluationParams,
     *,
     kind: ModelKind,
 ) -> tuple[pd.DataFrame, dict[str, Any], dict[str, float]]:
@@ -201,11 +203,12 @@ def evaluate_cross_validation(
         probability = cv_probabilities[case_id]()
         reference, reference_volume = _reference_mask(intermediate_labels[case_id](), case_geometry[case_id], multiclass, data)
         labels = source_label_map(probability.data, threshold, values)
-        for row in evaluate_case_per_class(reference, labels, voxel_spacing(reference_volume.affine), classes):
+        for row in evaluate_case_per_class(reference, labels, voxel_spacing(reference_volume.affine), classes,
+                                           evaluation["nsd_tolerance_mm"]):
             rows.append({"case_id": case_id, "fold": fold_of[case_id], **row})
         progress.advance(case_id)
     table = pd.DataFrame(rows)
-    summary = cv_summary(table)
+    summary = cv_summary(table, Bootstrap.of(evaluation))
     metrics = summary["metrics"]
     tracking.log_fold_runs(kind.name, cv_runs, summary["folds"])
     logger.info("%s: cross-validation Dice %.4f (folds %s).", kind.name, metrics["cv_dice_mean"],
@@ -213,19 +216,23 @@ def evaluate_cross_validation(
     return table, summary, metrics
 
 
-def cv_summary(table: pd.DataFrame) -> dict[str, Any]:
+def cv_summary(table: pd.DataFrame, bootstrap: Bootstrap | None = None) -> dict[str, Any]:
     """The pooled out-of-fold metrics of `evaluate_cross_validation`'s table.
 
     `cv_<metric>_mean` is the mean over cases of each case's mean over classes (NaN classes,
-    both masks empty, left out), as `test_dice_mean`; `cv_<metric>_<class>_mean` per class;
-    `cv_dice_fold_std` the standard deviation of the folds' own `dice_mean` (ddof 0).
+    both masks empty, left out), as `test_dice_mean`, with its bootstrap interval over cases
+    (`cv_<metric>_ci_low`, `_ci_high`) when `bootstrap` is given; `cv_<metric>_<class>_mean`
+    per class; `cv_dice_fold_std` the standard deviation of the folds' own `dice_mean` (ddof 0).
     """
     metrics: dict[str, float] = {}
-    for metric in ("dice", "iou", "hd95_mm"):
+    for metric in ("dice", "iou", "nsd", "hd95_mm"):
         if metric not in table:
             continue
         per_case = table.groupby("case_id")[metric].mean()
         metrics[f"cv_{metric}_mean"] = float(per_case.mean())
+        interval = bootstrap_interval(per_case.to_numpy(), bootstrap) if bootstrap is not None else None
+        if interval is not None:
+            metrics[f"cv_{metric}_ci_low"], metrics[f"cv_{metric}_ci_high"] = interval
         for name, values in table.groupby("class")[metric]:
             metrics[f"cv_{metric}_{name}_mean"] = float(values.mean())
     folds = []

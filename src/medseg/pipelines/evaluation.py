@@ -27,10 +27,12 @@ from medseg.evaluation import (
     flatten_class_means,
     flatten_summary,
     per_case_table,
+    plot_case_metrics,
     plot_overlays,
     plot_training_curves,
     summarize_per_class,
 )
+from medseg.evaluation.statistics import Bootstrap
 from medseg.imaging.geometry import CaseGeometry, PreprocessingPlan, from_canonical, to_canonical
 from medseg.imaging.io import Volume, voxel_spacing
 from medseg.cases.validation import binarize_label
@@ -40,7 +42,7 @@ from medseg.kinds.plans import ModelPlan, ModelSettings
 from medseg.models.training import training_fingerprint
 from medseg.models.normalization import as_keras_layers
 from medseg.models.unet import with_input_shape
-from medseg.parameters import DataParams
+from medseg.parameters import DataParams, EvaluationParams
 from medseg.casework.progress import CaseProgress
 from medseg.runs import tracking
 from medseg.cases.split import cases_in_split
@@ -181,6 +183,7 @@ def evaluate_predictions(
     dataset_fingerprint: dict,
     data: DataParams,
     settings: dict[str, Any],
+    evaluation: EvaluationParams,
 ) -> tuple[pd.DataFrame, Figure]:
     """Per-case, per-class metrics of the test cases, in 3D and in each case's original geometry.
 
@@ -195,9 +198,10 @@ def evaluate_predictions(
         dataset_fingerprint: `fingerprint.json` (label_mode and classes).
         data: `params:data` (foreground_labels, for binary mode).
         settings: `<model>.settings` (reporting.n_overlay_cases).
+        evaluation: `params:evaluation` (nsd_tolerance_mm).
 
     Returns:
-        One row per test case and foreground class (`class`, `label`, dice, iou, hd95_mm,
+        One row per test case and foreground class (`class`, `label`, dice, iou, nsd, hd95_mm,
         precision, recall, volumes in ml, empty flags; binary mode has one class) and a
         figure of image/reference/prediction overlays for the first few cases, each titled
         with its case, axial slice and Dice (the mean over its classes).
@@ -218,7 +222,8 @@ def evaluate_predictions(
                 f"has {reference.shape} (or their affines differ). Run the pipeline "
                 "again so that predictions are written in the source geometry."
             )
-        case_rows = evaluate_case_per_class(reference, prediction.data, voxel_spacing(reference_volume.affine), classes)
+        case_rows = evaluate_case_per_class(reference, prediction.data, voxel_spacing(reference_volume.affine), classes,
+                                            evaluation["nsd_tolerance_mm"])
         rows.extend({"case_id": case_id, **row} for row in case_rows)
         if len(overlays) < ModelSettings.of(settings).n_overlay_cases:
             image = intermediate_images[case_id]().data
@@ -269,9 +274,10 @@ def summarize_evaluation(
     section: dict[str, Any],
     project_root: str,
     synthetic_phantoms: str,
+    evaluation: EvaluationParams,
     *,
     kind: ModelKind,
-) -> tuple[dict, Figure, dict[str, float]]:
+) -> tuple[dict, Figure, Figure, dict[str, float]]:
     """Summarise the test metrics and plot the curves.
 
     Args:
@@ -281,19 +287,24 @@ def summarize_evaluation(
         section: `params:<model_key>`.
         project_root: the project's root folder (catalog entry `project_root`).
         synthetic_phantoms: the phantoms' folder (catalog entry `synthetic_phantoms`).
+        evaluation: `params:evaluation` (the bootstrap of the intervals; the NSD's tolerance).
         kind: the model kind (bound by the template).
 
     Returns:
-        The summary (mean, std, median and missing count per metric, then the run's
-        provenance: see `run_provenance`), the training curves, captioned with what their
-        Dice and IoU were computed on (`kind.training_samples`), and the MLflow run's test
-        metrics: `test_<metric>_mean` (the mean over the foreground classes) and
-        `test_<metric>_<class>_mean`.
+        The summary (mean, its bootstrap interval over cases, std, median and missing count
+        per metric, `nsd_tolerance_mm`, then the run's provenance: see `run_provenance`), the
+        training curves, captioned with what their Dice and IoU were computed on
+        (`kind.training_samples`), the per-case scores with each mean and its interval
+        (`plot_case_metrics`), and the MLflow run's test metrics: `test_<metric>_mean` (the
+        mean over the foreground classes), `test_<metric>_ci_low` and `_ci_high`, and the same
+        per class, `test_<metric>_<class>_mean`.
     """
-    summary = summarize_per_class(metrics_per_case)
+    summary = summarize_per_class(metrics_per_case, bootstrap=Bootstrap.of(evaluation))
     metrics = {**flatten_summary(summary, prefix="test_"), **flatten_class_means(summary, prefix="test_")}
+    summary["nsd_tolerance_mm"] = float(evaluation["nsd_tolerance_mm"])  # a parameter, not a metric
     curves = plot_training_curves(history, samples=kind.training_samples)
-    return {**summary, **run_provenance(kind.name, data, section, project_root, synthetic_phantoms)}, curves, metrics
+    provenance = run_provenance(kind.name, data, section, project_root, synthetic_phantoms)
+    return {**summary, **provenance}, curves, plot_case_metrics(metrics_per_case, summary), metrics
 
 
 def export_model(model: keras.Model) -> tuple[keras.Model, dict, keras.Model]:

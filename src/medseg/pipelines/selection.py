@@ -22,12 +22,13 @@ from matplotlib.figure import Figure
 
 from medseg.errors import ConfigurationError
 from medseg.evaluation import evaluate_case_per_class, flatten_class_means, flatten_summary, per_case_table, summarize_per_class
+from medseg.evaluation.statistics import Bootstrap
 from medseg.evaluation.selection import best_candidate, candidates_table, plot_candidates, registry_name, score_model_sets
 from medseg.imaging.geometry import PreprocessingPlan, from_canonical
 from medseg.imaging.io import Volume, voxel_spacing
 from medseg.inference.ensemble import Ensemble
 from medseg.kinds import model_kinds
-from medseg.parameters import DataParams
+from medseg.parameters import DataParams, EvaluationParams
 from medseg.pipelines.evaluation import SegmenterExport, _evaluated_classes, _reference_mask
 from medseg.casework.progress import CaseProgress
 from medseg.runs import tracking
@@ -146,6 +147,7 @@ def score_best_configuration(
     splits: pd.DataFrame,
     dataset_fingerprint: dict,
     data: DataParams,
+    evaluation: EvaluationParams,
 ) -> tuple[pd.DataFrame, dict[str, float]]:
     """The chosen configuration's one score on the held-out test split, per case and class.
 
@@ -167,14 +169,15 @@ def score_best_configuration(
         reference, reference_volume = _reference_mask(intermediate_labels[case_id](), geometry, multiclass, data)
         labels = segmenter.segment(scan, case_id).data
         rows.extend({"case_id": case_id, **row} for row in
-                    evaluate_case_per_class(reference, labels, voxel_spacing(reference_volume.affine), classes))
+                    evaluate_case_per_class(reference, labels, voxel_spacing(reference_volume.affine), classes,
+                                            evaluation["nsd_tolerance_mm"]))
         progress.advance(case_id)
     if not rows:
         logger.warning("select: the split holds no test case (data.split.test is 0); the choice stands on its "
                        "cross-validation Dice alone.")
         return per_case_table(rows, classes), {}
     table = per_case_table(rows, classes)
-    summary = summarize_per_class(table)
+    summary = summarize_per_class(table, bootstrap=Bootstrap.of(evaluation))
     metrics = {**flatten_summary(summary, prefix="best_test_"), **flatten_class_means(summary, prefix="best_test_")}
     logger.info("select: %s scores test Dice %.4f on %d held-out cases.", segmenter.name,
                 metrics.get("best_test_dice_mean", float("nan")), len(test_cases))
@@ -205,7 +208,7 @@ def create_pipeline(**kwargs) -> Pipeline:
             Node(
                 score_best_configuration,
                 ["selection.segmenter", "intermediate_images", "intermediate_labels", "case_geometry", "splits",
-                 "dataset_fingerprint", "params:data"],
+                 "dataset_fingerprint", "params:data", "params:evaluation"],
                 ["selection.metrics_per_case", "selection.mlflow_metrics_test"],
                 name="score_best_configuration",
                 namespace="selection",

@@ -37,7 +37,7 @@ SHARED_INPUTS = {
     "intermediate_labels", "splits", "case_fingerprints",
     "project_root", "synthetic_phantoms", "folds",
 }
-SHARED_PARAMETERS = {"params:data", "params:planning", "params:cv"}
+SHARED_PARAMETERS = {"params:data", "params:planning", "params:cv", "params:evaluation"}
 # The grid the model trains and predicts on, by the template's names: for a kind that plans
 # its grid (`ModelKind.plans_grid`), made by the grid nodes; for the others, the data
 # pipeline's own layer and plan.
@@ -138,14 +138,15 @@ def model_pipeline(kind: ModelKind) -> Pipeline:
             Node(
                 evaluate_predictions,
                 ["predictions", "intermediate_images", "intermediate_labels", "case_geometry", "splits",
-                 "dataset_fingerprint", "params:data", "settings"],
+                 "dataset_fingerprint", "params:data", "settings", "params:evaluation"],
                 ["metrics_per_case", "overlays"],
                 name="evaluate_predictions",
             ),
             Node(
                 _bound(summarize_evaluation, kind=kind),
-                ["metrics_per_case", "history", "params:data", "params:model", "project_root", "synthetic_phantoms"],
-                ["metrics_summary", "training_curves", "mlflow_metrics_test"],
+                ["metrics_per_case", "history", "params:data", "params:model", "project_root", "synthetic_phantoms",
+                 "params:evaluation"],
+                ["metrics_summary", "training_curves", "metrics_plot", "mlflow_metrics_test"],
                 name="summarize_evaluation",
             ),
             Node(export_model, "model", ["mlflow_model", "architecture", "weights"], name="export_model"),
@@ -159,7 +160,7 @@ def model_pipeline(kind: ModelKind) -> Pipeline:
             Node(
                 _bound(evaluate_cross_validation, kind=kind),
                 ["cv_probabilities", "cv_runs", "intermediate_labels", "case_geometry", "folds", "dataset_fingerprint",
-                 "params:data", "settings"],
+                 "params:data", "settings", "params:evaluation"],
                 ["cv_metrics_per_case", "cv_summary", "mlflow_metrics_cv"],
                 name="evaluate_cross_validation",
             ),

@@ -231,7 +231,7 @@ def test_overlay_titles_name_the_case_slice_and_its_test_dice(unet_run: Path):
     fingerprint = json.loads((unet_run / "data" / "03_primary" / "fingerprint.json").read_text())
     per_case, figure = evaluate_predictions(
         predictions, partition("images", "image"), partition("labels", "label"), geometry, splits, fingerprint,
-        {"foreground_labels": None}, {"reporting": {"n_overlay_cases": 4}},
+        {"foreground_labels": None}, {"reporting": {"n_overlay_cases": 4}}, {"nsd_tolerance_mm": 1.0},
     )
     report = pd.read_csv(unet_run / "data" / "08_reporting" / "unet" / "metrics_per_case.csv", dtype={"case_id": str})
     np.testing.assert_allclose(per_case["dice"], report["dice"])

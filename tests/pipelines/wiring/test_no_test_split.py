@@ -20,6 +20,7 @@ from medseg.runs.summary import model_line
 
 SPLITS = pd.DataFrame({"case_id": ["a", "b", "c"], "split": ["train", "train", "val"]})
 FINGERPRINT = {"classes": {"1": "right", "2": "left"}, "label_mode": "multiclass"}
+EVALUATION = {"nsd_tolerance_mm": 1.0, "bootstrap_resamples": 100, "bootstrap_seed": 0, "confidence_level": 0.95}
 
 
 def _never(case_id: str):
@@ -30,7 +31,7 @@ def test_the_evaluation_without_test_cases_writes_an_empty_table_that_reads_back
     never = {case_id: (lambda case_id=case_id: _never(case_id)) for case_id in SPLITS["case_id"]}
     with caplog.at_level(logging.WARNING, logger="medseg"):
         table, figure = evaluate_predictions(never, never, never, PreprocessingPlan({}), SPLITS, FINGERPRINT,
-                                             {"foreground_labels": None}, {"reporting": {"n_overlay_cases": 2}})
+                                             {"foreground_labels": None}, {"reporting": {"n_overlay_cases": 2}}, EVALUATION)
     assert "no test case (data.split.test is 0): the test evaluation is skipped" in caplog.text
     assert table.empty and {"case_id", "class", "label", "dice", "iou", "hd95_mm"} <= set(table.columns)
     assert isinstance(figure, Figure) and NO_TEST_CASE in [t.get_text() for t in figure.axes[0].texts]
@@ -58,6 +59,6 @@ def test_the_selection_without_test_cases_keeps_its_choice_and_scores_nothing(ca
 
     with caplog.at_level(logging.WARNING, logger="medseg"):
         table, metrics = score_best_configuration(NoSegmenter(), never, never, PreprocessingPlan({}), SPLITS, FINGERPRINT,
-                                                  {"foreground_labels": None})
+                                                  {"foreground_labels": None}, EVALUATION)
     assert table.empty and "dice" in table.columns and metrics == {}
     assert "the choice stands on its cross-validation Dice alone" in caplog.text

@@ -89,6 +89,7 @@ def _catalog(root: Path) -> DataCatalog:
         "splits": MemoryDataset(pd.DataFrame({"case_id": cases, "split": ["train", "train", "val", "val", "test"]})),
         "dataset_fingerprint": MemoryDataset({"classes": {"1": "lesion"}, "label_mode": "binary"}),
         "params:data": MemoryDataset(_defaults("data")),
+        "params:evaluation": MemoryDataset(_defaults("evaluation")),
         "params:cv": MemoryDataset({**_defaults("cv"), "registered_model_name": "medseg-wiring"}),
         "project_root": MemoryDataset(str(root)),
         "synthetic_phantoms": MemoryDataset(str(root / "raw")),

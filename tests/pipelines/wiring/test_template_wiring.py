@@ -34,6 +34,7 @@ def test_the_template_for_a_toy_kind_on_an_in_memory_catalog(toy_kind, tmp_path:
         catalog[name] = kept_dataset()
     catalog["params:toy"] = MemoryDataset(toy_kind.params(**toy))
     catalog["params:planning"] = MemoryDataset(_defaults("planning"))
+    catalog["params:evaluation"] = MemoryDataset(_defaults("evaluation"))
     catalog["toy.timings"] = MemoryDataset({})
     catalog["toy.backup"] = MemoryDataset(str(tmp_path / "backup"))
     catalog["toy.cv_backup"] = MemoryDataset(str(tmp_path / "cv_backup"))
