@@ -352,6 +352,13 @@ class CvParams(Section):
     registered_model_name: Annotated[str | None, Field(description=(
         "The registry name that `select` registers its champion under; null: `medseg-<dataset>` (the name in "
         "`dataset.json`)."))]
+    champion_alpha: Annotated[Probability, Field(description=(
+        "`select` moves the `champion` alias to its new version only when the new choice's out-of-fold Dice beats the "
+        "champion's on the same cases at this one-sided level (a paired bootstrap, `params:evaluation`)."))]
+    champion_min_cases: Annotated[int, Field(ge=2, description=(
+        "The fewest paired cases that can move the champion; with fewer, it stays unless `force_champion`."))]
+    force_champion: Annotated[bool, Field(description=(
+        "Move the `champion` alias to `select`'s new version whatever the comparison says (it is still reported)."))]
 
     def __post_init__(self) -> None:
         if self.folds == 1:

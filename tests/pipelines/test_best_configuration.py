@@ -15,8 +15,8 @@ from medseg.imaging.io import read_volume
 
 @pytest.fixture(scope="module")
 def selected(cross_validated_unet, tmp_path_factory):
-    """The cross-validated U-Net's project, then `select` twice (the second promotes a new
-    champion version)."""
+    """The cross-validated U-Net's project, then `select` twice (the second registers a new
+    version, and the champion stays: nothing changed)."""
     project = copy_project(cross_validated_unet, tmp_path_factory.mktemp("select") / "project")
     run_pipeline(project, "select", CV_UNET)
     first = json.loads((project / "data/08_reporting/best_configuration.json").read_text())
@@ -60,8 +60,16 @@ def test_the_champion_is_registered_and_predict_uses_it_with_the_test_score_it_r
     name = configuration["registered_model_name"]
     assert name == "medseg-synthetic"
     versions = sorted(int(v.version) for v in client.search_model_versions(f"name = '{name}'"))
-    assert versions == [1, 2]  # the previous champion keeps its version
-    assert int(client.get_model_version_by_alias(name, "champion").version) == 2
+    assert versions == [1, 2]  # each select registers its choice
+    # The second select chose the same, with the same out-of-fold scores: no evidence, so the
+    # alias stays on the first version, and the run says why.
+    assert int(client.get_model_version_by_alias(name, "champion").version) == 1
+    decision = json.loads((project / "data/08_reporting/champion_decision.json").read_text())
+    assert not decision["promoted"] and decision["champion_version"] == "1"
+    assert decision["dice_difference"] == 0.0 and decision["paired_cases"] == configuration["cases"]
+    assert newest.data.params["selection.promoted"] == "False"
+    stored = pd.read_csv(project / "data/08_reporting/oof_scores.csv", dtype={"case_id": str})
+    assert stored.groupby("case_id")["dice"].mean().mean() == pytest.approx(configuration["chosen"]["cv_dice_mean"])
 
     # predict.model=champion on the test scans gives the masks whose Dice the selection logged.
     splits = pd.read_csv(project / "data/03_primary/splits.csv", dtype={"case_id": str})
@@ -77,7 +85,7 @@ def test_the_champion_is_registered_and_predict_uses_it_with_the_test_score_it_r
     assert newest.data.metrics["best_test_dice_mean"] == pytest.approx(np.nanmean(dices), abs=1e-6)
     _, runs = mlflow_runs(project)
     assert runs[0].info.run_name.startswith(f"Predict-{configuration['chosen']['candidate']}-")
-    assert runs[0].data.tags["medseg.source_model_uri"] == f"models:/{name}/2"  # the version the alias named
+    assert runs[0].data.tags["medseg.source_model_uri"] == f"models:/{name}/1"  # the version the alias named
     table = pd.read_csv(tmp_path / "masks" / "predictions.csv", dtype=str)
-    assert set(table["model_uri"]) == {f"models:/{name}/2"}
+    assert set(table["model_uri"]) == {f"models:/{name}/1"}
 

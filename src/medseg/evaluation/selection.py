@@ -18,6 +18,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from medseg.evaluation.metrics import dice_score
+from medseg.evaluation.statistics import Bootstrap, PairedComparison, paired_bootstrap
 from medseg.inference.postprocessing import keep_largest_component, source_label_map
 
 
@@ -116,9 +117,7 @@ def candidates_table(scores: pd.DataFrame) -> tuple[list[Candidate], pd.DataFram
                 gained.append(int(value))
         for filtered in (False, True) if gained else (False,):
             candidate = Candidate(members, tuple(gained) if filtered else ())
-            # With the filter, the classes that gained take their filtered Dice, the others keep theirs.
-            score = np.where(part["label"].isin(candidate.largest_component), part["dice_largest_component"], part["dice"])
-            table = part.assign(score=score)
+            table = _scored(part, candidate)
             row = {"candidate": candidate.name, "models": "+".join(members),
                    "largest_component": " ".join(str(v) for v in candidate.largest_component),
                    "cv_dice_mean": _mean_of_case_means(table, "score")}
@@ -127,6 +126,22 @@ def candidates_table(scores: pd.DataFrame) -> tuple[list[Candidate], pd.DataFram
             candidates.append(candidate)
             rows.append(row)
     return candidates, pd.DataFrame(rows)
+
+
+def _scored(part: pd.DataFrame, candidate: Candidate) -> pd.DataFrame:
+    """One model set's rows with `score`: with the filter, the classes that gained take their
+    filtered Dice, the others keep theirs."""
+    score = np.where(part["label"].isin(candidate.largest_component), part["dice_largest_component"], part["dice"])
+    return part.assign(score=score)
+
+
+def candidate_case_scores(scores: pd.DataFrame, candidate: Candidate) -> pd.DataFrame:
+    """The candidate's out-of-fold Dice per case and class (`case_id`, `class`, `label`,
+    `dice`), from `score_model_sets`' table: what its `cv_dice_mean` averages, kept with the
+    registered version so that a later candidate can be compared with it case by case."""
+    part = scores[scores["models"] == "+".join(candidate.models)]
+    scored = _scored(part, candidate)
+    return scored[["case_id", "class", "label"]].assign(dice=scored["score"].to_numpy(dtype=float)).reset_index(drop=True)
 
 
 def best_candidate(candidates: Sequence[Candidate], table: pd.DataFrame) -> Candidate:
@@ -162,3 +177,104 @@ def registry_name(dataset_name: str) -> str:
     cleaned = "".join(c if c.isalnum() or c in "-_." else "-" for c in str(dataset_name)).strip("-") or "dataset"
     return cleaned if cleaned.startswith("medseg-") else f"medseg-{cleaned}"
 
+
+
+# ------------------------------------------------------------------------------ the champion
+@dataclass(frozen=True)
+class ChampionRecord:
+    """The registered champion: its version, and its out-of-fold scores per case and class as
+    its `select` run stored them (None for a version registered before they were stored)."""
+
+    version: str
+    scores: pd.DataFrame | None
+
+
+@dataclass(frozen=True)
+class ChampionDecision:
+    """Whether the new version takes the `champion` alias, and why.
+
+    Attributes:
+        promote: the alias moves to the new version.
+        reason: one sentence for the log and `champion_decision.json`.
+        comparison: the paired comparison with the champion, when there was one.
+        champion_version: the version that held the alias, or None.
+    """
+
+    promote: bool
+    reason: str
+    comparison: PairedComparison | None = None
+    champion_version: str | None = None
+
+    def as_record(self) -> dict:
+        """The decision as JSON (`champion_decision.json`)."""
+        record = {"promoted": self.promote, "reason": self.reason, "champion_version": self.champion_version}
+        if self.comparison is not None:
+            record.update({"paired_cases": self.comparison.n_cases, "dice_difference": self.comparison.difference,
+                           "ci_low": self.comparison.low, "ci_high": self.comparison.high,
+                           "p_value": self.comparison.p_value})
+        return record
+
+    def metrics(self) -> dict[str, float]:
+        """The MLflow metrics of the comparison (none without one)."""
+        if self.comparison is None or self.comparison.n_cases == 0:
+            return {}
+        c = self.comparison
+        return {"champion_dice_difference": c.difference, "champion_dice_difference_ci_low": c.low,
+                "champion_dice_difference_ci_high": c.high, "champion_p_value": c.p_value,
+                "champion_paired_cases": float(c.n_cases)}
+
+
+def _case_means(scores: pd.DataFrame) -> pd.Series:
+    """Each case's mean Dice over its classes (NaN classes left out), by `case_id`."""
+    return pd.to_numeric(scores["dice"], errors="coerce").groupby(scores["case_id"].astype(str)).mean()
+
+
+def decide_champion(
+    candidate: pd.DataFrame,
+    champion: ChampionRecord | None,
+    *,
+    alpha: float,
+    min_cases: int,
+    force: bool,
+    bootstrap: Bootstrap,
+) -> ChampionDecision:
+    """Whether a new version replaces the champion: only on evidence, paired by case.
+
+    The test is a paired bootstrap of the mean difference in out-of-fold Dice (each case's mean
+    over its classes), one-sided: the candidate must be better. It compares what `select`
+    ranks by, the mean, and gives the interval the run reports; a Wilcoxon signed-rank test
+    would compare a pseudo-median instead, and drops the cases where both score the same.
+
+    Args:
+        candidate: the new version's `candidate_case_scores`.
+        champion: the current champion, or None when the registry has none (a first
+            champion needs no comparison).
+        alpha: the one-sided level the improvement must reach (`cv.champion_alpha`).
+        min_cases: the fewest paired cases that can decide (`cv.champion_min_cases`): a
+            bootstrap over fewer cases is too narrow to trust.
+        force: move the alias whatever the evidence (`cv.force_champion`).
+        bootstrap: resamples and seed (`params:evaluation`).
+    """
+    if champion is None:
+        return ChampionDecision(True, "no champion yet: the first one needs no comparison")
+    if champion.scores is None or champion.scores.empty:
+        comparison, paired = None, 0
+        why = f"version {champion.version}, the champion, stored no out-of-fold scores to compare with"
+    else:
+        ours, theirs = _case_means(candidate), _case_means(champion.scores)
+        cases = sorted(set(ours.index) & set(theirs.index))
+        comparison = paired_bootstrap(ours[cases].to_numpy(), theirs[cases].to_numpy(), bootstrap)
+        paired = comparison.n_cases
+        why = (f"out-of-fold Dice {comparison.difference:+.4f} against version {champion.version} over {paired} paired "
+               f"cases ({bootstrap.level:.0%} CI {comparison.low:+.4f} to {comparison.high:+.4f}, one-sided p "
+               f"{comparison.p_value:.3g})")
+    if force:
+        return ChampionDecision(True, f"forced (cv.force_champion): {why}", comparison, champion.version)
+    if paired < min_cases:
+        return ChampionDecision(False, f"the champion stays: {why}; fewer than cv.champion_min_cases={min_cases} paired "
+                                       "cases cannot decide. Set cv.force_champion=true to promote anyway.",
+                                comparison, champion.version)
+    if comparison.significant(alpha):
+        return ChampionDecision(True, f"promoted: {why}, significant at {alpha:g}", comparison, champion.version)
+    return ChampionDecision(False, f"the champion stays: {why}, not a significant improvement at {alpha:g}",
+                            comparison, champion.version)

@@ -23,12 +23,20 @@ from matplotlib.figure import Figure
 from medseg.errors import ConfigurationError
 from medseg.evaluation import evaluate_case_per_class, flatten_class_means, flatten_summary, per_case_table, summarize_per_class
 from medseg.evaluation.statistics import Bootstrap
-from medseg.evaluation.selection import best_candidate, candidates_table, plot_candidates, registry_name, score_model_sets
+from medseg.evaluation.selection import (
+    best_candidate,
+    candidate_case_scores,
+    candidates_table,
+    decide_champion,
+    plot_candidates,
+    registry_name,
+    score_model_sets,
+)
 from medseg.imaging.geometry import PreprocessingPlan, from_canonical
 from medseg.imaging.io import Volume, voxel_spacing
 from medseg.inference.ensemble import Ensemble
 from medseg.kinds import model_kinds
-from medseg.parameters import DataParams, EvaluationParams
+from medseg.parameters import CvParams, DataParams, EvaluationParams
 from medseg.pipelines.evaluation import SegmenterExport, _evaluated_classes, _reference_mask
 from medseg.casework.progress import CaseProgress
 from medseg.runs import tracking
@@ -76,14 +84,15 @@ def select_configuration(
     project_root: str,
     synthetic_phantoms: str,
     **model_outputs: Any,
-) -> tuple[dict[str, Any], Figure, Ensemble, dict[str, float], dict[str, Any]]:
+) -> tuple[dict[str, Any], Figure, Ensemble, pd.DataFrame, dict[str, float], dict[str, Any]]:
     """Score every candidate on the out-of-fold predictions and choose the best.
 
     Args:
         intermediate_labels, case_geometry: the references, put back into each source file's
             geometry (the out-of-fold probabilities are on that grid).
         folds: `folds.json`; every model must have been cross-validated on these folds.
-        dataset_fingerprint: the classes and label mode.
+        dataset_fingerprint: the classes and label mode, and the name of the dataset the data
+            pipeline read (`dataset`): the registry name comes from it.
         data: `params:data` (foreground_labels, for binary mode).
         cv: `params:cv` (registered_model_name: null names the registered model
             `medseg-<dataset>`, the dataset's name from its `dataset.json`).
@@ -95,11 +104,14 @@ def select_configuration(
     Returns:
         `best_configuration.json` (the choice, its members and filtered classes, the registry
         name, and the table of every candidate), the plot of the candidates, the chosen
-        segmenter (an ensemble of the chosen models' fold networks), the MLflow metrics
-        (`best_cv_dice_mean`, `cv_dice_mean_<candidate>`) and parameters (`selection.*`).
+        segmenter (an ensemble of the chosen models' fold networks), its out-of-fold Dice per
+        case and class (`selection/oof_scores.csv`, kept with the registered version), the
+        MLflow metrics (`best_cv_dice_mean`, `cv_dice_mean_<candidate>`) and parameters
+        (`selection.*`).
 
     Raises:
-        ConfigurationError: no model was cross-validated, or one on other folds.
+        ConfigurationError: no model was cross-validated, or one on other folds; or the
+            parameters name other data than the models were cross-validated on.
     """
     models = _cross_validated(folds, model_outputs)
     classes, multiclass = _evaluated_classes(dataset_fingerprint)
@@ -115,7 +127,8 @@ def select_configuration(
     candidates, table = candidates_table(scores)
     chosen = best_candidate(candidates, table)
     members = [member for model in chosen.models for member in models[model][1].members]
-    name = cv["registered_model_name"] or registry_name(tracking.dataset_identity(data, project_root, synthetic_phantoms)[0])
+    dataset = _cross_validated_dataset(dataset_fingerprint, data, project_root, synthetic_phantoms)
+    name = cv["registered_model_name"] or registry_name(dataset)
     segmenter = Ensemble(members, chosen.name, largest_component=chosen.largest_component, threshold=threshold,
                          description={"models": list(chosen.models), "folds": int(folds["n_folds"]),
                                       "candidates": table.to_dict(orient="records")})
@@ -136,7 +149,26 @@ def select_configuration(
     params = {"selection.chosen": chosen.name, "selection.models": "+".join(chosen.models),
               "selection.largest_component": " ".join(str(v) for v in chosen.largest_component) or "none",
               "selection.folds": int(folds["n_folds"]), "selection.registered_model_name": name}
-    return configuration, plot_candidates(table, chosen.name), segmenter, metrics, params
+    oof_scores = candidate_case_scores(scores, chosen)
+    return configuration, plot_candidates(table, chosen.name), segmenter, oof_scores, metrics, params
+
+
+def _cross_validated_dataset(dataset_fingerprint: dict, data: DataParams, project_root: str, synthetic_phantoms: str) -> str:
+    """The name of the dataset the models were cross-validated on (`fingerprint.json`, written
+    by the data pipeline of their run); refused when this run's parameters name other data,
+    since the references would be read under the wrong settings."""
+    named, source, folder = tracking.dataset_identity(data, project_root, synthetic_phantoms)
+    recorded = dataset_fingerprint.get("dataset")
+    if recorded is None:  # a fingerprint written before the name was kept
+        return named
+    if str(recorded) != named:
+        raise ConfigurationError(
+            f"select: the models were cross-validated on the dataset '{recorded}' (data/03_primary/fingerprint.json), "
+            f"but this run's parameters name '{named}' (data.source={source}, {folder}). Give select the data parameters "
+            "of the training run, e.g. `kedro run --pipeline select --params data.source=msd,data.msd_dir=<its folder>`, "
+            "or run the data and model pipelines again for these data."
+        )
+    return str(recorded)
 
 
 def score_best_configuration(
@@ -184,11 +216,41 @@ def score_best_configuration(
     return table, metrics
 
 
-def promote_champion(segmenter: Ensemble, configuration: dict[str, Any]) -> SegmenterExport:
+def promote_champion(
+    segmenter: Ensemble,
+    configuration: dict[str, Any],
+    oof_scores: pd.DataFrame,
+    cv: CvParams,
+    evaluation: EvaluationParams,
+) -> tuple[SegmenterExport, dict[str, Any], dict[str, float], dict[str, Any]]:
     """The chosen segmenter for the MLflow run (`best_segmenter`), registered under
-    `medseg-<dataset>` with the alias `champion`, which moves to the new version; the previous
-    champion keeps its version number, so a promotion can be undone in the registry."""
-    return SegmenterExport(segmenter, configuration["registered_model_name"], alias=configuration["alias"])
+    `medseg-<dataset>` as a new version; the alias `champion` moves to it only on evidence.
+
+    The new choice's out-of-fold Dice per case is compared with the champion's, as its own
+    `select` run stored them, on the cases both scored (`medseg.evaluation.selection.decide_champion`:
+    a one-sided paired bootstrap at `cv.champion_alpha`, at least `cv.champion_min_cases`
+    paired cases, or `cv.force_champion`). A first champion needs no comparison. The previous
+    champion keeps its version number, so a promotion can be undone in the registry.
+
+    Returns:
+        The export (alias `champion`, or None when the champion stays), the decision
+        (`champion_decision.json`), its MLflow metrics (`champion_dice_difference` and its
+        interval, `champion_p_value`, `champion_paired_cases`) and parameter
+        (`selection.promoted`).
+    """
+    name = configuration["registered_model_name"]
+    if tracking.active_run_id() is None:  # MLflow off: nothing is registered, so nothing to compare
+        record = {"registered_model_name": name, "candidate": configuration["chosen"]["candidate"], "promoted": False,
+                  "reason": "MLflow is off (no active run): nothing is registered, and no champion moves"}
+        return SegmenterExport(segmenter, name, alias=None), record, {}, {"selection.promoted": False}
+    champion = tracking.champion_record(name, CHAMPION)
+    decision = decide_champion(oof_scores, champion, alpha=float(cv["champion_alpha"]),
+                               min_cases=int(cv["champion_min_cases"]), force=bool(cv["force_champion"]),
+                               bootstrap=Bootstrap.of(evaluation))
+    (logger.info if decision.promote else logger.warning)("select: %s: %s.", name, decision.reason)
+    record = {"registered_model_name": name, "candidate": configuration["chosen"]["candidate"], **decision.as_record()}
+    export = SegmenterExport(segmenter, name, alias=configuration["alias"] if decision.promote else None)
+    return export, record, decision.metrics(), {"selection.promoted": decision.promote}
 
 
 def create_pipeline(**kwargs) -> Pipeline:
@@ -201,7 +263,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                  "dataset_fingerprint": "dataset_fingerprint", "data": "params:data", "cv": "params:cv",
                  "project_root": "project_root", "synthetic_phantoms": "synthetic_phantoms", **outputs},
                 ["selection.best_configuration", "selection.candidates_plot", "selection.segmenter",
-                 "selection.mlflow_metrics_cv", "selection.mlflow_params_choice"],
+                 "selection.oof_scores", "selection.mlflow_metrics_cv", "selection.mlflow_params_choice"],
                 name="select_configuration",
                 namespace="selection",
             ),
@@ -213,7 +275,11 @@ def create_pipeline(**kwargs) -> Pipeline:
                 name="score_best_configuration",
                 namespace="selection",
             ),
-            Node(promote_champion, ["selection.segmenter", "selection.best_configuration"], "selection.mlflow_segmenter",
+            Node(promote_champion,
+                 ["selection.segmenter", "selection.best_configuration", "selection.oof_scores", "params:cv",
+                  "params:evaluation"],
+                 ["selection.mlflow_segmenter", "selection.champion_decision", "selection.mlflow_metrics_champion",
+                  "selection.mlflow_params_promotion"],
                  name="promote_champion", namespace="selection"),
         ]
     )

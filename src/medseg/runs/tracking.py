@@ -281,3 +281,44 @@ def log_params(params: Mapping[str, Any]) -> None:
     """Log parameters to the active MLflow run, if any, as text."""
     if mlflow.active_run() is not None:
         mlflow.log_params({key: redact_urls(str(value)) for key, value in params.items()})
+
+
+# Where `select` keeps its choice's out-of-fold scores per case and class, in its MLflow run:
+# the run of the registered version, so a later `select` compares with them case by case.
+OOF_SCORES_ARTIFACT = "selection/oof_scores.csv"
+
+
+def champion_record(name: str, alias: str = "champion") -> Any:
+    """The registered model `name`'s version under `alias` and the out-of-fold scores its run
+    stored (`OOF_SCORES_ARTIFACT`), as a `medseg.evaluation.selection.ChampionRecord`; None
+    when the registry has no such model or no version holds the alias. A version whose run has
+    no scores (registered before they were kept, or its artifacts gone) has `scores` None.
+
+    Raises:
+        ConfigurationError: the registry cannot be read (the message names the tracking URI).
+    """
+    import tempfile
+
+    import pandas as pd
+
+    from medseg.errors import ConfigurationError
+    from medseg.evaluation.selection import ChampionRecord
+
+    client = mlflow.MlflowClient()
+    try:
+        version = client.get_model_version_by_alias(name, alias)
+    except mlflow.exceptions.MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE") and "not found" in str(exc):
+            return None
+        raise ConfigurationError(f"select: the model registry at {redact_urls(mlflow.get_tracking_uri())} cannot be read "
+                                 f"({exc.error_code}: {str(exc)[:300]}). Check the tracking URI (conf/base/mlflow.yml).") from exc
+    scores = None
+    if version.run_id:
+        with tempfile.TemporaryDirectory(prefix="medseg-champion-") as folder:
+            try:
+                path = mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path=OOF_SCORES_ARTIFACT,
+                                                           dst_path=folder)
+                scores = pd.read_csv(path, dtype={"case_id": str})
+            except Exception:  # no such artifact: a version from before the scores were kept
+                scores = None
+    return ChampionRecord(str(version.version), scores)

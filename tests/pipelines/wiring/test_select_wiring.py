@@ -96,7 +96,9 @@ def _catalog(root: Path) -> DataCatalog:
         **{name: kept_dataset() for name in ("selection.best_configuration", "selection.metrics_per_case",
                                               "selection.mlflow_metrics_cv", "selection.mlflow_metrics_test",
                                               "selection.mlflow_params_choice", "selection.mlflow_segmenter",
-                                              "selection.candidates_plot")},
+                                              "selection.candidates_plot", "selection.oof_scores",
+                                              "selection.champion_decision", "selection.mlflow_metrics_champion",
+                                              "selection.mlflow_params_promotion")},
     })
 
 
@@ -128,8 +130,79 @@ def test_the_select_pipeline_on_an_in_memory_catalog(tmp_path: Path):
     assert catalog.load("selection.mlflow_metrics_test")["best_test_dice_mean"] == pytest.approx(expected)
 
     export = catalog.load("selection.mlflow_segmenter")
-    assert isinstance(export, SegmenterExport) and (export.registered_model_name, export.alias) == ("medseg-wiring", "champion")
+    # MLflow is off here: nothing is registered, so no alias moves, and the decision says why.
+    assert isinstance(export, SegmenterExport) and (export.registered_model_name, export.alias) == ("medseg-wiring", None)
     assert [m.plan.model_key for m in export.segmenter.members] == ["unet", "unet"]
+    assert catalog.load("selection.champion_decision")["reason"].startswith("MLflow is off")
+    # The choice's out-of-fold Dice per case, kept with the version for the next comparison.
+    oof = catalog.load("selection.oof_scores")
+    assert list(oof["case_id"]) == CV_CASES and list(oof["dice"]) == [1.0, 1.0, 1.0, 1.0]
+
+
+def _select_against(monkeypatch, tmp_path: Path, champion, **cv):
+    """The pipeline with MLflow "on" and the registry's champion replaced by `champion`."""
+    from medseg.runs import tracking
+
+    monkeypatch.setattr(tracking, "active_run_id", lambda: "run")
+    monkeypatch.setattr(tracking, "champion_record", lambda name, alias: champion)
+    catalog = _catalog(tmp_path)
+    catalog["params:cv"] = MemoryDataset({**_defaults("cv"), "registered_model_name": "medseg-wiring", **cv})
+    SequentialRunner().run(create_pipeline(), catalog)
+    return catalog.load("selection.mlflow_segmenter").alias, catalog.load("selection.champion_decision")
+
+
+def _champion_scores(dice: list[float]) -> pd.DataFrame:
+    return pd.DataFrame({"case_id": CV_CASES, "class": "lesion", "label": 1, "dice": dice})
+
+
+def test_the_champion_moves_only_on_evidence(monkeypatch, tmp_path: Path):
+    from medseg.evaluation.selection import ChampionRecord
+
+    # The first champion needs no comparison.
+    alias, decision = _select_against(monkeypatch, tmp_path, None)
+    assert alias == "champion" and decision["promoted"] and decision["reason"].startswith("no champion yet")
+
+    # Better on every case (1.0 against 0.9): the alias moves; the difference is exact.
+    alias, decision = _select_against(monkeypatch, tmp_path, ChampionRecord("3", _champion_scores([0.9] * 4)),
+                                      champion_min_cases=2)
+    assert alias == "champion" and decision["promoted"] and decision["champion_version"] == "3"
+    assert decision["dice_difference"] == pytest.approx(0.1) and decision["ci_low"] == pytest.approx(0.1)
+    assert decision["paired_cases"] == 4 and decision["p_value"] < 0.05
+
+    # The same scores (nothing changed): the champion stays, and the run says why.
+    alias, decision = _select_against(monkeypatch, tmp_path, ChampionRecord("3", _champion_scores([1.0] * 4)),
+                                      champion_min_cases=2)
+    assert alias is None and not decision["promoted"]
+    assert "not a significant improvement" in decision["reason"] and decision["dice_difference"] == 0.0
+
+    # Better by noise (+0.04 on one case, -0.02 on two): not significant.
+    alias, decision = _select_against(monkeypatch, tmp_path, ChampionRecord("3", _champion_scores([0.96, 1.0, 1.02, 1.02])),
+                                      champion_min_cases=2)
+    assert alias is None and decision["dice_difference"] == pytest.approx(0.0)
+    assert decision["ci_low"] < 0 < decision["ci_high"]
+
+    # Better on every case, but fewer paired cases than the minimum (6 by default): it stays,
+    # unless forced.
+    worse = ChampionRecord("3", _champion_scores([0.9] * 4))
+    alias, decision = _select_against(monkeypatch, tmp_path, worse)
+    assert alias is None and "fewer than cv.champion_min_cases=6 paired cases" in decision["reason"]
+    alias, decision = _select_against(monkeypatch, tmp_path, worse, force_champion=True)
+    assert alias == "champion" and decision["reason"].startswith("forced")
+
+    # A champion that stored no scores cannot be compared with: it stays.
+    alias, decision = _select_against(monkeypatch, tmp_path, ChampionRecord("2", None), champion_min_cases=2)
+    assert alias is None and "stored no out-of-fold scores" in decision["reason"]
+
+
+def test_select_refuses_parameters_that_name_other_data(tmp_path: Path):
+    from medseg.errors import ConfigurationError
+
+    catalog = _catalog(tmp_path)
+    catalog["dataset_fingerprint"] = MemoryDataset({"classes": {"1": "lesion"}, "label_mode": "binary",
+                                                    "dataset": "Task04_Hippocampus"})
+    with pytest.raises(ConfigurationError, match=r"cross-validated on the dataset 'Task04_Hippocampus'.*"
+                                                 r"parameters name 'medseg-synthetic'.*data\.msd_dir"):
+        SequentialRunner().run(create_pipeline(), catalog)
 
 
 def test_select_without_a_cross_validated_model_names_the_fix(tmp_path: Path):

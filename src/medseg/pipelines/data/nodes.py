@@ -90,8 +90,8 @@ def list_source_cases(
     Returns:
         `source_cases`, one row per case: case_id, image_path, label_path, channel (the paths
         are URLs for a URL `msd_dir`); and `source_classes`: {"manifest": dataset.json's path,
-        "classes": {label value: name}}, the foreground labels it lists
-        (:func:`medseg.cases.msd.foreground_classes`).
+        "classes": {label value: name}, the foreground labels it lists
+        (:func:`medseg.cases.msd.foreground_classes`), "dataset": its name in `dataset.json`}.
     """
     source = data["source"]
     if source in ("synthetic", "dicom"):
@@ -101,8 +101,11 @@ def list_source_cases(
         root = dataset_location(anchor_path(data["msd_dir"], project_root))
         cases = list_msd_cases(root, channel=data["channel"])
     manifest = root / "dataset.json"
-    classes = foreground_classes(read_dataset_json(root), manifest)
-    return pd.DataFrame([case.__dict__ for case in cases]), {"manifest": str(manifest), "classes": classes}
+    description = read_dataset_json(root)
+    classes = foreground_classes(description, manifest)
+    # The dataset's name, as the MLflow runs and the registry call it (`tracking.dataset_identity`).
+    name = str(description.get("name") or root.name)
+    return pd.DataFrame([case.__dict__ for case in cases]), {"manifest": str(manifest), "classes": classes, "dataset": name}
 
 
 def _case_id(value: Any) -> str:
@@ -143,7 +146,7 @@ def validate_cases(
     Returns:
         The per-case fingerprint table (with `share_<value>` per class and each file's size,
         mtime and SHA-256) and the dataset fingerprint (median spacing, `label_mode`,
-        `classes`, `lateralized`, etc.).
+        `classes`, `lateralized`, etc., and `dataset`, its name).
 
     Raises:
         SplitError, ConfigurationError and the MedsegErrors of
@@ -165,7 +168,9 @@ def validate_cases(
         cases, data["foreground_labels"], crop_margin, classes if label_mode == "multiclass" else None,
         previous=previous, mapper=compute.current().map,
     )
-    return pd.DataFrame(records), dataset_fingerprint(records, label_mode, classes)
+    # The dataset's name goes with its fingerprint, so that `select` registers the champion of
+    # the data the models were cross-validated on, whatever the parameters of its own run say.
+    return pd.DataFrame(records), {**dataset_fingerprint(records, label_mode, classes), "dataset": source_classes.get("dataset")}
 
 
 def _canonical_loader(path: str, role: str, channel: int | None) -> Callable[[], Volume]:
