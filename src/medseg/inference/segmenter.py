@@ -51,6 +51,7 @@ from medseg.inference.postprocessing import (
     volumes_ml,
 )
 from medseg.inference.cascade import context_channels, with_context
+from medseg.inference.temperature import apply_temperature, temperature_threshold
 from medseg.models.normalization import FusedBatchNormalization  # noqa: F401 (registered for keras.models.load_model)
 from medseg.inference.windows import WindowStrategy, window_predictor, window_strategy  # noqa: F401 (window_predictor re-exported)
 from medseg.patching.sliding_window import (
@@ -112,6 +113,9 @@ class SegmenterPlan:
             target spacing. A scan's voxel size is checked against it.
         context_stages: a cascade's low-resolution networks, saved in `context/0..n-1`
             (set by :class:`Segmenter` from its `context`); 0 for one network.
+        temperature: the logits are divided by it before the sigmoid or softmax
+            (`medseg.evaluation.calibration`), fitted on held-out cases after training; 1.0:
+            the network's own probabilities. The masks do not depend on it.
     """
 
     model_key: str
@@ -137,6 +141,7 @@ class SegmenterPlan:
     provenance: dict[str, Any] = field(default_factory=dict)
     data_spacing: tuple[float, float, float] | None = None
     context_stages: int = 0
+    temperature: float = 1.0
     format_version: int = FORMAT_VERSION
 
     @property
@@ -270,7 +275,19 @@ class Segmenter:
         )
 
     def _mirrored(self, image: np.ndarray, axes: Sequence[int]) -> tuple[np.ndarray, np.ndarray | None]:
-        return predict_with_mirroring(self._predict_network_input, self._network_input(image), axes)
+        plain, mirrored = predict_with_mirroring(self._predict_network_input, self._network_input(image), axes)
+        return self.calibrated(plain), None if mirrored is None else self.calibrated(mirrored)
+
+    def calibrated(self, probability: np.ndarray) -> np.ndarray:
+        """`probability` at the plan's temperature (itself when it is 1)."""
+        temperature = float(self.plan.temperature)
+        return probability if temperature == 1.0 else apply_temperature(probability, temperature, probability.ndim == 3)
+
+    @property
+    def mask_threshold(self) -> float:
+        """The threshold on calibrated probabilities that gives the masks of `plan.threshold`
+        on the network's own: calibration never changes a mask."""
+        return temperature_threshold(float(self.plan.threshold), float(self.plan.temperature))
 
     def effective_mirror_axes(self, mirror_axes: Sequence[int] | None = None) -> tuple[int, ...]:
         """The mirroring axes that apply: the plan's (or `mirror_axes`), without left-right
@@ -281,7 +298,7 @@ class Segmenter:
 
     def label_map(self, probability: np.ndarray, geometry: CaseGeometry) -> np.ndarray:
         """uint8 label map on the source grid (:func:`probabilities_to_label_map`)."""
-        return probabilities_to_label_map(probability, geometry, float(self.plan.threshold), self.plan.class_values)
+        return probabilities_to_label_map(probability, geometry, self.mask_threshold, self.plan.class_values)
 
     # -- whole scans ----------------------------------------------------------------------------
     def segment_preprocessed(
@@ -305,7 +322,7 @@ class Segmenter:
         """The rest of `segment_preprocessed`, without the network (it pickles small, so a Dask
         worker can map probabilities back to the scan's grid and write the mask)."""
         keep = self.plan.keep_largest_component if largest_component is None else largest_component
-        return LabelMapper(float(self.plan.threshold), self.plan.class_values, bool(keep))
+        return LabelMapper(self.mask_threshold, self.plan.class_values, bool(keep))
 
     def variants(self, image: np.ndarray, geometry: CaseGeometry) -> dict[str, np.ndarray]:
         """Label maps with and without each postprocessing option the plan turns on.

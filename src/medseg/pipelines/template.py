@@ -18,6 +18,7 @@ from medseg.imaging.geometry import PreprocessingPlan
 from medseg.kinds import ModelKind
 from medseg.parameters import PlanningParams
 from medseg.pipelines.evaluation import (
+    calibrate_segmenter,
     evaluate_postprocessing,
     evaluate_predictions,
     export_model,
@@ -123,8 +124,14 @@ def model_pipeline(kind: ModelKind) -> Pipeline:
                 _bound(build_segmenter, kind=kind),
                 ["model", "case_fingerprints", "grid_geometry", "dataset_fingerprint", "params:data", "settings",
                  "params:planning", *(["context_models"] if kind.plans_grid else [])],
-                "segmenter",
+                "built_segmenter",
                 name=f"build_{name}_segmenter",
+            ),
+            Node(
+                calibrate_segmenter,
+                ["built_segmenter", "grid_images", "grid_labels", "splits", "params:evaluation"],
+                ["segmenter", "calibration", "mlflow_metrics_calibration"],
+                name="calibrate_segmenter",
             ),
             Node(predict_split, ["segmenter", "grid_images", "grid_geometry", "splits"], "predictions", name="predict_split"),
             Node(

@@ -67,12 +67,23 @@ def test_mlflow_run_is_named_and_complete(unet_run: Path):
     report = pd.read_csv(unet_run / "data" / "08_reporting" / "unet" / "metrics_per_case.csv")
     assert metrics["test_dice_mean"] == pytest.approx(report["dice"].mean())
     assert metrics["test_iou_mean"] == pytest.approx(report["iou"].mean())
+    assert metrics["test_nsd_mean"] == pytest.approx(report["nsd"].mean())
+    summary = json.loads((unet_run / "data" / "08_reporting" / "unet" / "metrics_summary.json").read_text())
+    if summary["dice"]["ci_low"] is None:  # fewer than two test cases: no interval
+        assert "test_dice_ci_low" not in metrics
+    else:
+        assert (metrics["test_dice_ci_low"], metrics["test_dice_ci_high"]) == (summary["dice"]["ci_low"], summary["dice"]["ci_high"])
+    # The temperature fitted on the validation cases is in the run, the report and the segmenter.
+    calibration = json.loads((unet_run / "data" / "08_reporting" / "unet" / "calibration.json").read_text())
+    plan = json.loads((unet_run / "data" / "06_models" / "unet" / "segmenter" / "segmenter.json").read_text())
+    assert metrics["calibration_temperature"] == pytest.approx(calibration["temperature"]) == pytest.approx(plan["temperature"])
+    assert 0.05 <= calibration["temperature"] <= 20 and calibration["n_cases_fitted"] >= 1
     for key in ("loss", "dice", "iou", "val_loss", "val_dice", "val_iou"):
         assert len(client.get_metric_history(run.info.run_id, key)) == 1  # one epoch
     assert run.data.params["unet.training.epochs"] == "1"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "unet")}
     for name in ("metrics_per_case.csv", "metrics_summary.json", "history.json", "architecture.json",
-                 "model.weights.h5", "training_curves.png", "overlays.png"):
+                 "model.weights.h5", "training_curves.png", "overlays.png", "metrics_plot.png", "calibration.json"):
         assert f"unet/{name}" in artifacts
     with tracking_store(unet_run):
         model = mlflow.keras.load_model(f"runs:/{run.info.run_id}/unet_model")
