@@ -145,6 +145,11 @@ class Ensemble:
     def volumes_ml(self, mask: Volume) -> dict[str, float]:
         return volumes_ml(mask, self.plan.classes)
 
+    def quality(self, volume: Volume, probability: Any) -> dict[str, Any]:
+        """No QC columns: the fold members of a cross-validation have no held-out cases of
+        their own to set the flags' thresholds (`Segmenter.quality` has them)."""
+        return {}
+
     # -- on disk --------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -72,6 +72,10 @@ class Scan:
         return read_dicom_series(self.dicom_source(), self.series_uid)
 
 
+# The QC flags as a DICOM SEG's series description names them (it holds 64 characters).
+QC_SHORT = {"out_of_distribution": "OOD", "low_confidence": "uncertain", "implausible_size": "size"}
+
+
 @dataclass(frozen=True)
 class SegWriter:
     """Writes a DICOM scan's mask as a DICOM SEG over its source series
@@ -89,12 +93,17 @@ class SegWriter:
     algorithm_name: str
     model_uri: str
 
-    def __call__(self, mask: Volume, path: Path) -> str:
+    def __call__(self, mask: Volume, path: Path, qc_flags: str = "") -> str:
+        """Write the SEG; its series description says "QC: <flags>" when a QC flag is raised,
+        where a viewer's series list shows it."""
         from medseg.dicom.seg import write_dicom_seg
 
+        name = f"medseg {self.algorithm_name}"
+        flags = [QC_SHORT.get(flag, flag) for flag in qc_flags.split(";") if flag]
+        description = f"{name} QC: {', '.join(flags)}" if flags else f"{name} segmentation"  # at most 64 characters
         return write_dicom_seg(
-            np.asarray(mask.data), self.series, dict(self.classes), algorithm_name=f"medseg {self.algorithm_name}",
-            algorithm_version=medseg_version(), model_uri=self.model_uri, path=path,
+            np.asarray(mask.data), self.series, dict(self.classes), algorithm_name=name,
+            algorithm_version=medseg_version(), model_uri=self.model_uri, path=path, series_description=description,
         )
 
 
@@ -301,6 +310,16 @@ def write_predictions(
         published = [f"{row['case_id']}.nii.gz" for row in rows] + [row["seg_file"] for row in rows if row.get("seg_file")]
         publish_files(staging, target, [*published, PREDICTIONS_TABLE])
     return table
+
+
+def segmented_scan_with_qc(parts_and_qc: tuple[Any, Mapping[str, Any]], **kwargs: Any) -> tuple[Volume, dict, Any]:
+    """`segmented_scan` of a driver that also gave the scan's QC columns: they join its row,
+    and a DICOM SEG's series description says when a flag is raised."""
+    parts, qc = parts_and_qc
+    write_seg = kwargs.pop("write_seg", None)
+    if isinstance(write_seg, SegWriter) and qc.get("qc_flags"):
+        write_seg = partial(write_seg, qc_flags=qc["qc_flags"])
+    return segmented_scan(parts, extra={**kwargs.pop("extra"), **qc}, write_seg=write_seg, **kwargs)
 
 
 def segmented_scan(

@@ -51,6 +51,7 @@ from medseg.inference.postprocessing import (
     volumes_ml,
 )
 from medseg.inference.cascade import context_channels, with_context
+from medseg.inference.qc import QualityReference, assess, entropy_of, grid_volumes_ml, predicted_foreground, scan_features
 from medseg.inference.temperature import apply_temperature, temperature_threshold
 from medseg.models.normalization import FusedBatchNormalization  # noqa: F401 (registered for keras.models.load_model)
 from medseg.inference.windows import WindowStrategy, window_predictor, window_strategy  # noqa: F401 (window_predictor re-exported)
@@ -113,6 +114,8 @@ class SegmenterPlan:
             target spacing. A scan's voxel size is checked against it.
         context_stages: a cascade's low-resolution networks, saved in `context/0..n-1`
             (set by :class:`Segmenter` from its `context`); 0 for one network.
+        qc: the training data's ranges and the QC flags' thresholds
+            (`medseg.inference.qc.QualityReference`); empty: no QC (a model trained before it).
         temperature: the logits are divided by it before the sigmoid or softmax
             (`medseg.evaluation.calibration`), fitted on held-out cases after training; 1.0:
             the network's own probabilities. The masks do not depend on it.
@@ -142,6 +145,7 @@ class SegmenterPlan:
     data_spacing: tuple[float, float, float] | None = None
     context_stages: int = 0
     temperature: float = 1.0
+    qc: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
     @property
@@ -282,6 +286,18 @@ class Segmenter:
         """`probability` at the plan's temperature (itself when it is 1)."""
         temperature = float(self.plan.temperature)
         return probability if temperature == 1.0 else apply_temperature(probability, temperature, probability.ndim == 3)
+
+    def quality(self, volume: Volume, probability: np.ndarray) -> dict[str, Any]:
+        """The QC columns of a scan (`medseg.inference.qc.assess`) from the scan and its
+        calibrated probabilities on the model's grid; {} for a plan without QC."""
+        if not self.plan.qc:
+            return {}
+        reference = QualityReference.from_dict(self.plan.qc)
+        voxel_ml = float(np.prod(self.plan.target_spacing)) / 1000.0
+        features = scan_features(volume.data, volume.affine)
+        entropy = entropy_of(predicted_foreground(probability, self.mask_threshold))
+        volumes = grid_volumes_ml(probability, self.mask_threshold, list(self.plan.classes), voxel_ml)
+        return assess(reference, reference.raw_scores(features, entropy, volumes))
 
     @property
     def mask_threshold(self) -> float:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 
 from medseg.casework import DriverThenWorker
 from medseg.storage.paths import anchor_path
-from medseg.errors import GeometryMismatchError
+from medseg.errors import ConfigurationError, GeometryMismatchError
 from medseg.evaluation import (
     OverlaySlice,
     choose_overlay_slice,
@@ -33,6 +33,16 @@ from medseg.evaluation import (
     summarize_per_class,
 )
 from medseg.evaluation.calibration import CalibrationCounts, apply_temperature, balanced_sample, fit_temperature
+from medseg.inference.qc import (
+    QC_COLUMNS,
+    QualityReference,
+    ScanFeatures,
+    assess,
+    canonical_extent_mm,
+    entropy_of,
+    grid_volumes_ml,
+    predicted_foreground,
+)
 from medseg.evaluation.statistics import Bootstrap
 from medseg.imaging.geometry import CaseGeometry, PreprocessingPlan, from_canonical, to_canonical
 from medseg.imaging.io import Volume, voxel_spacing
@@ -103,32 +113,55 @@ def predict_split(
 CALIBRATION_VOXELS_PER_SIDE = 20_000
 
 
+def _training_features(row: Mapping[str, Any]) -> ScanFeatures:
+    """A case's QC features from its `case_fingerprints` row (its source scan, as read)."""
+    shape, affine = json.loads(row["original_shape"]), np.asarray(json.loads(row["original_affine"]), dtype=float)
+    return ScanFeatures((float(row["spacing_x"]), float(row["spacing_y"]), float(row["spacing_z"])),
+                        canonical_extent_mm(shape, affine), str(row["orientation"]), float(row["intensity_mean"]),
+                        float(row["intensity_std"]))
+
+
+def _training_volumes(row: Mapping[str, Any], classes: Mapping[str, str]) -> dict[str, float]:
+    """Each class's reference volume (ml) of a case, from its `case_fingerprints` row."""
+    voxel_ml = float(row["spacing_x"]) * float(row["spacing_y"]) * float(row["spacing_z"]) / 1000.0
+    if len(classes) == 1 and f"share_{next(iter(classes))}" not in row:  # binary: the merged foreground
+        return {next(iter(classes)): float(row["foreground_voxels"]) * voxel_ml}
+    n_voxels = float(np.prod(json.loads(row["original_shape"])[:3]))
+    return {value: float(row.get(f"share_{value}", 0.0) or 0.0) * n_voxels * voxel_ml for value in classes}
+
+
 def calibrate_segmenter(
     segmenter: Segmenter,
     grid_images: dict[str, Callable[[], Volume]],
     grid_labels: dict[str, Callable[[], Volume]],
     splits: pd.DataFrame,
+    case_fingerprints: pd.DataFrame,
     evaluation: EvaluationParams,
-) -> tuple[Segmenter, dict[str, Any], dict[str, float]]:
-    """Fit the segmenter's temperature on the validation cases, and measure its effect on the
-    test cases (`medseg.evaluation.calibration`).
+) -> tuple[Segmenter, dict[str, Any], dict[str, float], pd.DataFrame]:
+    """Fit the segmenter's temperature and its QC thresholds on the validation cases, and
+    measure both on the test cases (`medseg.evaluation.calibration`, `medseg.inference.qc`).
 
     The network's probabilities of each validation case (on the training grid, as `predict`
     makes them) give a balanced sample of voxels, seeded by `evaluation.bootstrap_seed`; the
-    temperature minimises its negative log-likelihood. The test cases' foreground-weighted ECE
-    is taken before and after, from the same probabilities. The masks do not change: the
-    segmenter moves its threshold with the temperature.
+    temperature minimises its negative log-likelihood. The QC reference takes its ranges from
+    the training cases' fingerprints and its thresholds from the validation cases' scores. The
+    test cases' foreground-weighted ECE is taken before and after, from the same probabilities,
+    and each test case gets its QC columns. The masks do not change: the segmenter moves its
+    threshold with the temperature.
 
     Returns:
-        The segmenter with `plan.temperature` set (1.0 without validation cases), the report
-        (`calibration.json`) and the MLflow metrics `calibration_temperature`,
-        `test_ece_before`, `test_ece_after`.
+        The segmenter with `plan.temperature` and `plan.qc` set (T = 1.0 without validation
+        cases), the report (`calibration.json`), the MLflow metrics `calibration_temperature`,
+        `test_ece_before`, `test_ece_after`, and the test cases' QC table (`case_id`, `qc_*`).
     """
     multiclass = segmenter.plan.label_mode == "multiclass"
     values = tuple(range(1, len(segmenter.plan.classes) + 1)) if multiclass else (1,)  # the grid's class indices
+    class_values = list(segmenter.plan.classes)
+    voxel_ml = float(np.prod(segmenter.plan.target_spacing)) / 1000.0
     rng = np.random.default_rng(int(evaluation["bootstrap_seed"]))
-    segmenter.plan.temperature = 1.0
-    samples, labels = [], []
+    segmenter.plan.temperature, segmenter.plan.qc = 1.0, {}
+    rows = {str(row["case_id"]): row for row in case_fingerprints.to_dict("records")}
+    samples, labels, held_out = [], [], []
     fitted_on = cases_in_split(splits, "val")
     for case_id in fitted_on:
         probability = segmenter.probabilities(grid_images[case_id]().data)
@@ -136,23 +169,45 @@ def calibrate_segmenter(
                                                 CALIBRATION_VOXELS_PER_SIDE, rng)
         samples.append(sample)
         labels.append(sample_labels)
+        foreground = predicted_foreground(probability, segmenter.mask_threshold)  # the same at any temperature
+        keep = rng.choice(foreground.shape[0], size=min(foreground.shape[0], 8 * CALIBRATION_VOXELS_PER_SIDE), replace=False)
+        held_out.append((case_id, foreground[keep], grid_volumes_ml(probability, segmenter.mask_threshold, class_values, voxel_ml)))
     temperature = fit_temperature(np.concatenate(samples), np.concatenate(labels), values) if samples else 1.0
+    training = [rows[c] for c in cases_in_split(splits, "train") if c in rows]
+    if not training:
+        raise ConfigurationError("calibration: no training case has a fingerprint (data/03_primary/case_fingerprints.csv); "
+                                 "run the data pipeline again: `kedro run --pipeline data`.")
+    reference = QualityReference.from_training([_training_features(r) for r in training],
+                                               [_training_volumes(r, segmenter.plan.classes) for r in training])
+    reference.calibrated([
+        reference.raw_scores(_training_features(rows[case_id]),
+                             entropy_of(apply_temperature(foreground, temperature, not multiclass)), volumes)
+        for case_id, foreground, volumes in held_out
+    ])
+    segmenter.plan.temperature, segmenter.plan.qc = temperature, reference.to_dict()
     before, after = CalibrationCounts(values), CalibrationCounts(values)
     test_cases = cases_in_split(splits, "test")
+    test_qc = []
     for case_id in test_cases:
-        probability = segmenter.probabilities(grid_images[case_id]().data)
-        reference = grid_labels[case_id]().data
-        before.add(probability, reference)
-        after.add(apply_temperature(probability, temperature, not multiclass), reference)
-    segmenter.plan.temperature = temperature
+        probability = segmenter.probabilities(grid_images[case_id]().data)  # calibrated now
+        reference_labels = grid_labels[case_id]().data
+        raw = apply_temperature(probability, 1.0 / temperature, not multiclass)  # the network's own, for "before"
+        before.add(raw, reference_labels)
+        after.add(probability, reference_labels)
+        scores = reference.raw_scores(_training_features(rows[case_id]),
+                                      entropy_of(predicted_foreground(probability, segmenter.mask_threshold)),
+                                      grid_volumes_ml(probability, segmenter.mask_threshold, class_values, voxel_ml))
+        test_qc.append({"case_id": case_id, **assess(reference, scores)})
     report = {"temperature": temperature, "fitted_on": "validation", "n_cases_fitted": len(fitted_on),
               "n_voxels_fitted": int(sum(len(label) for label in labels)), "n_test_cases": len(test_cases),
-              "test_ece_before": before.ece(), "test_ece_after": after.ece(), "ece_bins": before.bins}
-    logger.info("%s: temperature %.3f fitted on %d validation cases; test ECE %.4f before, %.4f after.",
-                segmenter.plan.model_key, temperature, len(fitted_on), report["test_ece_before"], report["test_ece_after"])
+              "test_ece_before": before.ece(), "test_ece_after": after.ece(), "ece_bins": before.bins,
+              "qc": reference.to_dict(), "test_cases_flagged": sum(1 for row in test_qc if row["qc_flags"])}
+    logger.info("%s: temperature %.3f fitted on %d validation cases; test ECE %.4f before, %.4f after; "
+                "%d of %d test cases flagged by QC.", segmenter.plan.model_key, temperature, len(fitted_on),
+                report["test_ece_before"], report["test_ece_after"], report["test_cases_flagged"], len(test_cases))
     metrics = {"calibration_temperature": temperature,
                **{k: v for k, v in report.items() if k.startswith("test_ece") and np.isfinite(v)}}
-    return segmenter, report, metrics
+    return segmenter, report, metrics, pd.DataFrame(test_qc, columns=["case_id", *QC_COLUMNS])
 
 
 def _reference_mask(
@@ -242,6 +297,7 @@ def evaluate_predictions(
     data: DataParams,
     settings: dict[str, Any],
     evaluation: EvaluationParams,
+    test_qc: pd.DataFrame | None = None,
 ) -> tuple[pd.DataFrame, Figure]:
     """Per-case, per-class metrics of the test cases, in 3D and in each case's original geometry.
 
@@ -257,6 +313,7 @@ def evaluate_predictions(
         data: `params:data` (foreground_labels, for binary mode).
         settings: `<model>.settings` (reporting.n_overlay_cases).
         evaluation: `params:evaluation` (nsd_tolerance_mm).
+        test_qc: each test case's QC columns (`calibrate_segmenter`), joined to its rows.
 
     Returns:
         One row per test case and foreground class (`class`, `label`, dice, iou, nsd, hd95_mm,
@@ -290,7 +347,10 @@ def evaluate_predictions(
             dice = float(np.nanmean([row["dice"] for row in case_rows])) if any(np.isfinite(row["dice"]) for row in case_rows) else float("nan")
             overlays.append(OverlaySlice(case_id, *(view[:, :, z] for view in views), z=z, dice=dice))
         progress.advance(case_id)
-    return per_case_table(rows, classes), plot_overlays(overlays)
+    table = per_case_table(rows, classes)
+    if test_qc is not None and not test_qc.empty:
+        table = table.merge(test_qc, on="case_id", how="left")
+    return table, plot_overlays(overlays)
 
 
 def run_provenance(

@@ -129,8 +129,8 @@ def model_pipeline(kind: ModelKind) -> Pipeline:
             ),
             Node(
                 calibrate_segmenter,
-                ["built_segmenter", "grid_images", "grid_labels", "splits", "params:evaluation"],
-                ["segmenter", "calibration", "mlflow_metrics_calibration"],
+                ["built_segmenter", "grid_images", "grid_labels", "splits", "case_fingerprints", "params:evaluation"],
+                ["segmenter", "calibration", "mlflow_metrics_calibration", "test_qc"],
                 name="calibrate_segmenter",
             ),
             Node(predict_split, ["segmenter", "grid_images", "grid_geometry", "splits"], "predictions", name="predict_split"),
@@ -145,7 +145,7 @@ def model_pipeline(kind: ModelKind) -> Pipeline:
             Node(
                 evaluate_predictions,
                 ["predictions", "intermediate_images", "intermediate_labels", "case_geometry", "splits",
-                 "dataset_fingerprint", "params:data", "settings", "params:evaluation"],
+                 "dataset_fingerprint", "params:data", "settings", "params:evaluation", "test_qc"],
                 ["metrics_per_case", "overlays"],
                 name="evaluate_predictions",
             ),

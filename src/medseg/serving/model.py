@@ -237,8 +237,11 @@ def _segment_checked(segmenter: Segmenter, requests: list[_Row], roots: Roots, b
                     f"MEDSEG_SERVE_MAX_REQUEST_VOXELS ({describe(bounds.max_request_voxels)}). Send fewer scans per request."
                 )
             _check_deadline(deadline, f"before row {row}")
-            mask = segmenter.segment(scan, name)
-            result = {"case_id": case_id, "mask_path": None, "mask_b64": None, **segmenter.volumes_ml(mask)}
+            parts = segmenter.network_part(scan, name)
+            qc = segmenter.quality(scan, parts[0])  # how far to trust this mask (medseg.inference.qc)
+            mask = segmenter.finisher()(parts)
+            del parts
+            result = {"case_id": case_id, "mask_path": None, "mask_b64": None, **segmenter.volumes_ml(mask), **qc}
             if series is not None:
                 result.update(_dicom_seg_answer(segmenter, series, mask))
             if output_path is None:

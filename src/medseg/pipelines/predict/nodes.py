@@ -26,7 +26,7 @@ from medseg.inference.scans import (
     lineage,
     list_scans,
     medseg_version,
-    segmented_scan,
+    segmented_scan_with_qc,
     write_predictions,
 )
 from medseg.parameters import PredictParams
@@ -96,7 +96,8 @@ def segment_scans(scans: pd.DataFrame, model: dict[str, str], predict: PredictPa
 
     Returns:
         The table written as `predictions.csv`: case_id, volume_ml (and volume_ml_<class> with
-        several classes), model_uri, medseg_version, and the lineage of DICOM scans
+        several classes), the QC columns (`qc_score`, `qc_flags`, `qc_reason` and each flag's
+        score: `medseg.inference.qc`), model_uri, medseg_version, and the lineage of DICOM scans
         (study_instance_uid, series_instance_uid, seg_file, seg_sop_instance_uid); also logged
         to the MLflow run, with the source model URI as a tag and the scans as the run's input
         dataset (case ids and a digest: no patient data).
@@ -119,9 +120,10 @@ def segment_scans(scans: pd.DataFrame, model: dict[str, str], predict: PredictPa
         write_seg = SegWriter(series, classes, segmenter.plan.display_name, model_uri) if series is not None else None
 
         def network() -> tuple:
-            return segmenter.network_part(volume, scan.path)
+            parts = segmenter.network_part(volume, scan.path)
+            return parts, segmenter.quality(volume, parts[0])  # the QC columns need the probabilities
 
-        return DriverThenWorker(network, partial(segmented_scan, finish=finish, classes=segmenter.plan.classes,
+        return DriverThenWorker(network, partial(segmented_scan_with_qc, finish=finish, classes=segmenter.plan.classes,
                                                  extra={**row, **lineage(series)}, write_seg=write_seg))
 
     items = [Scan(str(r.case_id), str(r.image_path), str(r.format), predict.get("series_uid")) for r in scans.itertuples()]
