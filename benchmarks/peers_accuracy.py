@@ -75,6 +75,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _project import kedro, project_copy  # noqa: E402
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 ROW_FIELDS = ["task", "system", "configuration", "budget_min", "seed", "chosen", "mean_dice", "dice_by_class",
@@ -284,21 +286,6 @@ class Records:
 
 
 # -------------------------------------------------------------------------------------- medseg
-def _kedro(project: Path, args: list[str], params: dict[str, object], log: Path) -> float:
-    """`kedro run <args> --params ...` in `project`; its wall time. Exits with the log's tail on a failure."""
-    text = ",".join(f"{key}={value}" for key, value in params.items())
-    command = [sys.executable, "-m", "kedro", "run", *args] + (["--params", text] if text else [])
-    env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", "TF_CPP_MIN_LOG_LEVEL": "2", "COLUMNS": "200"}
-    start = time.perf_counter()
-    with log.open("a") as sink:
-        sink.write(f"\n$ {' '.join(command)}\n")
-        sink.flush()
-        code = subprocess.call(command, cwd=project, env=env, stdout=sink, stderr=subprocess.STDOUT)
-    if code != 0:
-        raise SystemExit(f"{' '.join(command[2:])} failed in {project} (exit {code}):\n" + "\n".join(log.read_text().splitlines()[-30:]))
-    return time.perf_counter() - start
-
-
 def _medseg_params(task: Task, seed: int, extra: dict[str, object]) -> dict[str, object]:
     return {"data.source": "msd", "data.msd_dir": task.train, "data.split.train": 0.8, "data.split.val": 0.2,
             "data.split.test": 0, "unet.seed": 7 + seed, "conv3d.seed": 11 + seed, **extra}
@@ -307,7 +294,7 @@ def _medseg_params(task: Task, seed: int, extra: dict[str, object]) -> dict[str,
 def _predict(project: Path, model: str, images: Path, out: Path, log: Path) -> None:
     if out.exists():
         shutil.rmtree(out)
-    _kedro(project, ["--pipelines", "predict"], {"predict.model": model, "predict.input_dir": images,
+    kedro(project, ["--pipelines", "predict"], {"predict.model": model, "predict.input_dir": images,
                                                  "predict.output_dir": out}, log)
 
 
@@ -319,12 +306,12 @@ def run_medseg(task: Task, work: Path, seed: int, budget: float | None, model: s
     folder = work / "medseg" / task.name / label
     if folder.exists():
         shutil.rmtree(folder)
-    project = _project_copy(folder / "project")
+    project = project_copy(folder / "project")
     log = folder / "kedro.log"
     params = _medseg_params(task, seed, extra)
     start = time.perf_counter()
     if budget is None:
-        train_s = _kedro(project, [], params, log)
+        train_s = kedro(project, [], params, log)
         validation = folder / "validation"
         validation.mkdir()
         splits = list(csv.DictReader((project / "data/03_primary/splits.csv").open()))
@@ -340,24 +327,13 @@ def run_medseg(task: Task, work: Path, seed: int, budget: float | None, model: s
         model = max(val_dice, key=val_dice.get)
         detail = f"validation Dice {json.dumps({k: round(v, 4) for k, v in val_dice.items()})} on {len(val_cases)} cases"
     else:
-        train_s = _kedro(project, ["--pipelines", model], {**params, f"planning.budget_minutes.{model}": budget}, log)
+        train_s = kedro(project, ["--pipelines", model], {**params, f"planning.budget_minutes.{model}": budget}, log)
         detail = ""
     _predict(project, model, task.test_images, folder / "test", log)
     cases = score(task, folder / "test")
     row = {"chosen": model, "train_s": round(train_s, 1), "wall_s": round(time.perf_counter() - start, 1), "detail": detail,
            **summarize(cases, task.classes)}
     return row, cases
-
-
-def _project_copy(root: Path) -> Path:
-    """A project of its own: conf/ and pyproject.toml, empty data folders (MLflow makes its store)."""
-    shutil.copytree(ROOT / "conf", root / "conf")
-    (root / "conf" / "local").mkdir(exist_ok=True)
-    shutil.copy(ROOT / "pyproject.toml", root / "pyproject.toml")
-    for folder in ("src", "notebooks", *(f"data/{layer}" for layer in (
-            "01_raw", "02_intermediate", "03_primary", "05_model_input", "06_models", "07_model_output", "08_reporting"))):
-        (root / folder).mkdir(parents=True)
-    return root
 
 
 def _only(task: Task, cases: list[str]) -> Task:

@@ -2,6 +2,7 @@
 
 import datetime as dt
 import hashlib
+import json
 import shutil
 from pathlib import Path
 
@@ -88,6 +89,23 @@ def test_the_table_the_run_and_the_untouched_input(trained: Path, predicted, new
         voxel_ml = float(np.prod(mask.header.get_zooms()[:3])) / 1000
         assert row.volume_ml == pytest.approx(np.count_nonzero(np.asarray(mask.dataobj)) * voxel_ml)
     assert _snapshot(new_scans) == before
+    # Every row says how far to trust its mask: the combined score is 1 or more exactly when a
+    # flag is raised; the same scan stored another way scores the same, and a flipped one
+    # differs only by its orientation, flagged where training never saw it.
+    flags = table["qc_flags"].fillna("")
+    assert ((table["qc_score"] >= 1.0) == (flags != "")).all()
+    rows, source = table.set_index("case_id"), _predicted_cases(trained)[0]
+    assert rows.loc["channel_axis", "qc_score"] == rows.loc[source, "qc_score"]
+    qc = json.loads((trained / "data/06_models/unet/segmenter/segmenter.json").read_text())["qc"]
+    threshold = qc["thresholds"]["out_of_distribution"]
+    seen = {}
+    for case, path in (("flipped", new_scans / "flipped.nii.gz"), (source, new_scans / f"{source}_0000.nii.gz")):
+        seen[case] = "".join(nib.aff2axcodes(nib.load(path).affine)) in qc["orientations"]
+        if not seen[case]:  # an orientation never seen scores 1 before its threshold
+            assert rows.loc[case, "qc_out_of_distribution"] * threshold == pytest.approx(1.0, abs=1e-3) or \
+                rows.loc[case, "qc_out_of_distribution"] * threshold > 1.0
+    if all(seen.values()):
+        assert rows.loc["flipped", "qc_out_of_distribution"] == rows.loc[source, "qc_out_of_distribution"]
 
     client, runs = mlflow_runs(trained)
     training = next(r for r in runs if r.info.run_name.startswith("UNet-"))
