@@ -708,12 +708,13 @@ def main() -> int:
                         records.add({"task": task.name, "system": "nnunet", "configuration": configuration,
                                      "budget_min": args.budget, "seed": seed, **row}, cases)
         if args.only != "nnunet":
-            runs = [("default", 0.0, seed, quick_budgets) for seed in range(args.seeds)] + [("chosen", args.budget, 0, None)]
-            if args.ablation:
+            runs = [("default", 0.0, seed, quick_budgets) for seed in range(args.seeds)]
+            if args.ablation:  # before the long row, so that a stopped run has the ablation whole
                 recipe = {k: v for ingredient in INGREDIENTS.values() for k, v in ingredient.items()}
                 runs.append(("ablation: nnU-Net recipe", 0.0, 0, recipe))
                 for name, ingredient in INGREDIENTS.items():
                     runs.append((f"ablation: recipe - {name}", 0.0, 0, {k: v for k, v in recipe.items() if k not in ingredient}))
+            runs.append(("chosen", args.budget, 0, None))
             for configuration, budget, seed, extra in runs:
                 if records.find(task.name, "medseg", configuration, budget, seed) is not None:
                     continue
