@@ -35,6 +35,8 @@ def test_the_seed_fixes_the_interval_and_no_resample_draws_none():
     assert bootstrap_interval(values, Bootstrap(500, 7)) != bootstrap_interval(values, Bootstrap(500, 8))
     assert bootstrap_interval(values, Bootstrap(0, 7)) is None
     assert bootstrap_interval(np.array([0.5, np.nan])) is None  # one finite case
+    assert bootstrap_interval(np.array([])) is None  # no case (a metric no case has)
+    assert bootstrap_interval(np.empty((0, 2))) is None
 
 
 def test_several_classes_resample_whole_cases_and_leave_nan_out():

@@ -296,7 +296,7 @@ def test_an_unexpected_error_sends_no_stack_trace(client, monkeypatch):
     def broken(self, volume, name="the scan"):
         raise RuntimeError("/secret/server/path exploded")
 
-    monkeypatch.setattr(Segmenter, "segment", broken)
+    monkeypatch.setattr(Segmenter, "network_part", broken)  # the part of `segment` serving calls
     response = invoke(client, [{"image_b64": b64(nifti_bytes(scan()))}])
     assert_refused(response, 500, "RuntimeError", "server's log")
     assert "/secret/server/path" not in response.text

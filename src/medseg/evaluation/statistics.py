@@ -71,7 +71,9 @@ def bootstrap_interval(values: np.ndarray, bootstrap: Bootstrap = Bootstrap()) -
         than two cases with a finite value. A resample whose cases are all NaN is left out.
     """
     array = np.asarray(values, dtype=np.float64)
-    array = array.reshape(array.shape[0], -1) if array.ndim else array.reshape(0, 1)
+    if array.ndim == 0 or array.shape[0] == 0:
+        return None
+    array = array.reshape(array.shape[0], -1)
     array = array[np.isfinite(array).any(axis=1)]
     n_cases = array.shape[0]
     if bootstrap.resamples <= 0 or n_cases < 2:

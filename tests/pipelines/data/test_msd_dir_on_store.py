@@ -45,7 +45,7 @@ def test_list_source_cases_reads_an_msd_dir_on_s3_in_place(s3_bucket, tmp_path):
         }
     )
     pd.testing.assert_frame_equal(cases, expected)
-    assert classes == {"manifest": f"{url}/dataset.json", "classes": {1: "liver", 2: "tumour"}}
+    assert classes == {"manifest": f"{url}/dataset.json", "classes": {1: "liver", 2: "tumour"}, "dataset": "Task77_Store"}
     assert not any(tmp_path.iterdir())  # nothing anchored at, or written to, the project root
 
 
