@@ -151,6 +151,9 @@ def main() -> int:
     clean_flagged = float((clean["qc_flags"] != "").mean())
     print(f"clean test cases flagged: {clean_flagged:.1%} ({int((clean['qc_flags'] != '').sum())} of {len(clean)})")
     calibration = json.loads((project / "data/08_reporting/unet/calibration.json").read_text())
+    if "val_ece_before" in calibration:
+        print(f"fitted temperature {calibration['fitted_temperature']:.3f}; validation ECE (balanced sample) "
+              f"{calibration['val_ece_before']:.4f} before, {calibration['val_ece_after']:.4f} after")
     print(f"temperature {calibration['temperature']:.3f}; test ECE {calibration['test_ece_before']:.4f} before, "
           f"{calibration['test_ece_after']:.4f} after ({calibration['n_test_cases']} test cases)")
     print(f"per scan: {out / 'qc_cases.csv'}")

@@ -400,6 +400,10 @@ class PredictParams(Section):
     keep_largest_component: Annotated[bool | None, Field(description="null: the model's own `inference.keep_largest_component`.")]
     series_uid: Annotated[str | None, Field(description=(
         "The SeriesInstanceUID to segment where a DICOM input holds several series; null refuses such an input, listing them."))] = None
+    generate_missing_uids: Annotated[bool, Field(description=(
+        "Give a DICOM series whose Study, Series, SOP Instance or SOP Class UIDs are blank (as anonymisers leave them) new "
+        "UIDs, derived from its voxels, so that its SEG can reference it; `predictions.csv` records which. false: such a "
+        "series gets its NIfTI mask only, and its row says why."))] = False
 
 
 # The sections every project has; each model kind adds its own (`medseg.kinds.parameter_roots`).

@@ -442,7 +442,7 @@ def test_corrupt_file_is_named(tmp_path):
 def test_file_cut_inside_its_header_is_named(tmp_path):
     files = _series(tmp_path / "in")
     files[1].write_bytes(files[1].read_bytes()[:300])  # preamble, magic, the file meta, a few attributes
-    with pytest.raises(DicomFileError, match=r"0002\.dcm: an image without a SeriesInstanceUID, so it is truncated"):
+    with pytest.raises(DicomFileError, match=r"0002\.dcm: an image whose file ends before its pixel data, so it is truncated"):
         read_dicom_series(tmp_path / "in")
 
 
@@ -513,6 +513,31 @@ def test_zip_bomb_is_refused_before_inflating(tmp_path, monkeypatch):
     raw = _zip([], extra={"zeros.dcm": bytes(2 * 2**20)})
     assert len(raw) < 10_000
     with pytest.raises(DicomArchiveError, match=r"inflates to 2\.0 MiB, above the limit of 1\.0 MiB"):
+        read_dicom_series(raw)
+
+
+def test_a_member_that_inflates_a_thousand_times_is_refused_before_inflating(tmp_path):
+    from tests.security.conftest import PeakMemory, zip_bomb
+
+
+    raw = zip_bomb(zeros=64 * 2**20)  # one member, 64 MiB of zeros, under MEDSEG_MAX_SCAN_MB
+    with PeakMemory() as memory, pytest.raises(DicomArchiveError, match=r"IM0000\.dcm' inflates 1,0\d\d times .* above the 100:1"):
+        read_dicom_series(raw)
+    assert memory.grown_mib < 16
+
+
+def test_an_archive_of_many_small_zero_members_is_refused_as_a_whole(tmp_path):
+    from tests.security.conftest import zip_bomb
+
+    raw = zip_bomb(zeros=512 * 2**10, members=160)  # each under the 1 MiB floor; 80 MiB in all
+    with pytest.raises(DicomArchiveError, match=r"the archive inflates .* times .* to 80\.0 MiB\), above the 100:1"):
+        read_dicom_series(raw)
+
+
+def test_a_dcm_member_that_does_not_begin_like_dicom_is_named(tmp_path):
+    files = _series(tmp_path / "in")
+    raw = _zip(files, extra={"study/series/zeros.dcm": bytes(4096)})
+    with pytest.raises(DicomFileError, match=r"zeros\.dcm: named \.dcm, but it has no DICM preamble"):
         read_dicom_series(raw)
 
 

@@ -80,6 +80,23 @@ def test_the_thresholds_come_from_the_held_out_cases():
     assert QualityReference.from_dict(reference.to_dict()) == reference
 
 
+def test_the_entropy_threshold_rises_to_its_prediction_bound_with_enough_held_out_cases():
+    from medseg.inference.qc import FALSE_FLAG_RATE, prediction_bound
+
+    # Logarithms -3, -2.5, -2 (entropies 0.0498, 0.0821, 0.1353): mean -2.5, sd 0.5, n 3.
+    # Student's t with 2 degrees of freedom has F(t) = 1/2 + t / (2 sqrt(2 + t^2)): at
+    # F = 1 - 0.1 / 3, t / sqrt(2 + t^2) = 0.9333..., so t^2 = 2 q / (1 - q) with q = 0.9333^2.
+    q = (2 * (1 - 0.1 / 3) - 1) ** 2
+    t = np.sqrt(2 * q / (1 - q))
+    entropies = list(np.exp([-3.0, -2.5, -2.0]))
+    expected = np.exp(-2.5 + t * 0.5 * np.sqrt(1 + 1 / 3))
+    assert prediction_bound(entropies, FALSE_FLAG_RATE / 3) == pytest.approx(expected, rel=1e-3)
+    assert prediction_bound(entropies[:2], 0.05) == 0.0  # too few to say
+    reference = _reference()
+    reference.calibrated([reference.raw_scores(_features(), entropy=e, volumes={"1": 12.0}) for e in entropies])
+    assert reference.thresholds["low_confidence"] == pytest.approx(expected, rel=1e-3)  # above 1.1 x 0.1353
+
+
 def test_entropy_volumes_and_features_of_a_prediction():
     probability = np.zeros((4, 4, 4), np.float32)
     probability[0, 0, :2] = 0.5  # one bit each

@@ -19,6 +19,7 @@ from tests.security.conftest import (
     nifti_bytes,
     scan,
     snapshot,
+    zip_bomb,
 )
 
 MEMORY_BOUND_MIB = 64
@@ -69,6 +70,16 @@ def test_1_a_gzip_bomb_is_inflated_with_a_cap(client):
     with PeakMemory() as memory:
         response = invoke(client, [{"image_b64": b64(bomb)}])
     assert_refused(response, 400, "decompresses to more than")
+    assert memory.grown_mib < MEMORY_BOUND_MIB
+
+
+@pytest.mark.parametrize("members", [1, 400], ids=["one member", "many small members"])
+def test_1_a_zip_bomb_is_refused_before_inflating(client, members):
+    bomb = zip_bomb(zeros=200 * 2**20 // members, members=members)  # 200 MiB of zeros in ~0.2-0.5 MiB
+    assert len(bomb) < 2**20
+    with PeakMemory() as memory:
+        response = invoke(client, [{"image_b64": b64(bomb)}])
+    assert_refused(response, 400, "inflates", "100:1", "Refused before inflating")
     assert memory.grown_mib < MEMORY_BOUND_MIB
 
 

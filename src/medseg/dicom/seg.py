@@ -192,7 +192,13 @@ def write_dicom_seg(
     """
     mask = np.asarray(mask)
     shape = series.volume.data.shape
-    what = f"the SEG for series {series.series_uid} ({series.description or 'no description'!r}) at {path}"
+    what = f"the SEG for series {series.series_uid or '(no UID)'} ({series.description or 'no description'!r}) at {path}"
+    if series.missing_uids:
+        raise DicomSegError(
+            f"{what}: the source series has no {', '.join(series.missing_uids)} (blank, as anonymisers leave them), "
+            "and a SEG references its source by them. Give it new UIDs first (medseg.dicom.uids.with_generated_uids; "
+            "predict.generate_missing_uids=true), or export the series with its UIDs."
+        )
     if mask.shape != shape:
         raise DicomSegError(
             f"{what}: the mask has shape {mask.shape}, the series {shape} (X, Y, Z); a SEG covers the series' own "

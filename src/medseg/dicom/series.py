@@ -39,14 +39,18 @@ positions within max(1 % of the median gap, 0.02 mm) of a regular grid (a gap of
 the median is named as n - 1 missing slices); the slices' step off their normal within a tangent
 of 1e-3 (0.057 degrees) before it counts as a gantry tilt.
 
-A zip is read in memory, member by member, never extracted: it may hold at most
-:data:`MAX_ZIP_MEMBERS` members and :attr:`Limits.max_scan_bytes` inflated bytes, and a member
-named with an absolute path or `..` refuses the archive.
+A zip is read in memory, member by member as a stream, never extracted: it may hold at most
+:data:`MAX_ZIP_MEMBERS` members and :attr:`Limits.max_scan_bytes` inflated bytes, no member
+(above 1 MiB) nor the whole (above 64 MiB) may inflate more than :data:`MAX_COMPRESSION_RATIO`
+times, all checked on its declared sizes before anything is inflated, and a member named with
+an absolute path or `..` refuses the archive. A header is read from the member's first bytes,
+before its pixels; a `.dcm` member without the DICM preamble must begin with a DICOM element.
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import math
 import os
 import zipfile
@@ -54,18 +58,21 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO, Union
+from typing import BinaryIO, NamedTuple, Union
 
 import numpy as np
 import pydicom
 from pydicom import uid as dicom_uid
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut
 from pydicom.pixels.decoders.base import get_decoder
 
 from medseg.errors import CorruptFileError, DatasetNotFoundError, InvalidGeometryError, MedsegError
 from medseg.imaging.io import Volume, check_affine
 from medseg.storage.limits import describe, limits
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "DicomArchiveError",
@@ -76,10 +83,13 @@ __all__ = [
     "DicomSeries",
     "DicomSeriesError",
     "DicomSource",
+    "MAX_COMPRESSION_RATIO",
     "MAX_ZIP_MEMBERS",
     "ORIENTATION_TOLERANCE",
     "SLICE_GAP_ABSOLUTE_TOLERANCE_MM",
     "SLICE_GAP_RELATIVE_TOLERANCE",
+    "SOURCE_UIDS",
+    "SeriesCheck",
     "TILT_TOLERANCE",
     "is_dicom_input",
     "lps_to_ras",
@@ -136,6 +146,24 @@ TILT_TOLERANCE = 1e-3
 # A CT study of several thin-slice series holds a few thousand files; 100 000 is beyond any
 # real archive and bounds the memory that the member list alone may take.
 MAX_ZIP_MEMBERS = 100_000
+# A zip may inflate at most this many times its compressed size, member by member and as a
+# whole, checked on the sizes its headers declare before anything is inflated. A CT or MR export
+# deflates by 2 to 10 (air and padding compress well); JPEG series by about 1; 1000:1 is only
+# reached by blocks of zeros, the zip bomb's trick. Members and archives that inflate to less
+# than the floors below are not checked: they cost little whatever their ratio.
+MAX_COMPRESSION_RATIO = 100
+_RATIO_FLOOR_MEMBER = 2**20
+_RATIO_FLOOR_ARCHIVE = 64 * 2**20
+# Tag groups a DICOM file without the DICM preamble may start with: File Meta (0002) or the
+# identifying group (0008) of an old export; anything else (a block of zeros) is not DICOM.
+_FIRST_GROUPS = (0x0002, 0x0008)
+
+# The UIDs a DICOM output (SEG, RTSTRUCT) needs from each source instance to reference it.
+SOURCE_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
+# How instances without a SeriesInstanceUID are grouped into series, as dcm2niix does: what
+# they do share (the key of a blank series is built from these, never from a position).
+_BLANK_SERIES_KEYS = ("FrameOfReferenceUID", "ImageOrientationPatient", "Rows", "Columns", "PixelSpacing", "Modality",
+                      "SeriesNumber", "SeriesDescription")
 
 # LPS (DICOM's patient coordinates) to RAS (NIfTI's, medseg's): x and y change sign.
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -184,6 +212,10 @@ class DicomSeries:
         source: the input as given (a path, `<zip bytes>`), for messages.
         files: where each instance of `datasets` came from (a path, or `archive.zip!member`).
         skipped: what was left out, one `name: reason` each (non-image instances, copies).
+        missing_uids: the UIDs that some instance lacks, of :data:`SOURCE_UIDS` (in that order),
+            as anonymisers leave them: such a series is grouped as dcm2niix groups it (see
+            :func:`read_dicom_series`) and gets its mask, but a SEG or RTSTRUCT cannot reference
+            it until new UIDs are given (:func:`medseg.dicom.uids.with_generated_uids`).
     """
 
     volume: Volume
@@ -195,6 +227,7 @@ class DicomSeries:
     source: str = ""
     files: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    missing_uids: tuple[str, ...] = ()
 
 
 def lps_to_ras(affine: np.ndarray) -> np.ndarray:
@@ -258,26 +291,44 @@ def read_dicom_series(source: DicomSource, series_uid: str | None = None) -> Dic
     check_affine(affine, what)
     data, datasets = _read_voxels(ordered, what)
     first = ordered[0].header
+    missing = _missing_uids(ordered)
+    if missing:
+        logger.warning(
+            "%s: %s %s blank in some or all instances, as anonymisers leave them; its instances were grouped by "
+            "Frame of Reference, orientation and size, as dcm2niix groups them. It gets its NIfTI mask; a SEG or "
+            "RTSTRUCT needs these UIDs (predict.generate_missing_uids gives it new ones).",
+            what, ", ".join(missing), "is" if len(missing) == 1 else "are",
+        )
     return DicomSeries(
         volume=Volume(data=data, affine=affine, header=None),
         datasets=datasets,
-        series_uid=str(first.SeriesInstanceUID),
+        series_uid=str(first.get("SeriesInstanceUID", "") or ""),
         study_uid=str(first.get("StudyInstanceUID", "")),
         modality=str(first.get("Modality", "")),
         description=str(first.get("SeriesDescription", "")),
         source=label,
         files=[instance.name for instance in ordered],
         skipped=skipped,
+        missing_uids=missing,
     )
 
 
-def check_dicom_series(source: DicomSource, series_uid: str | None = None) -> str:
+class SeriesCheck(NamedTuple):
+    """What :func:`check_dicom_series` found: the series' UID ("" when blank) and the UIDs of
+    :data:`SOURCE_UIDS` that its instances lack."""
+
+    series_uid: str
+    missing_uids: tuple[str, ...]
+
+
+def check_dicom_series(source: DicomSource, series_uid: str | None = None) -> SeriesCheck:
     """Every check of :func:`read_dicom_series` that the headers allow (the series chosen,
     localizers, orientation, gaps, tilt, sizes against the limits, decoders), without decoding
     a pixel: what `predict` runs on every input before it segments the first.
 
     Returns:
-        The SeriesInstanceUID of the series that would be read.
+        The SeriesInstanceUID of the series that would be read ("" when blank), and the UIDs
+        its instances lack.
 
     Raises:
         The errors of :func:`read_dicom_series`, but for a file whose pixel data is corrupt.
@@ -290,7 +341,7 @@ def check_dicom_series(source: DicomSource, series_uid: str | None = None) -> st
     ordered, affine = _slice_geometry(chosen, what)
     check_affine(affine, what)
     _check_decoders(ordered, what)
-    return str(ordered[0].header.SeriesInstanceUID)
+    return SeriesCheck(str(ordered[0].header.get("SeriesInstanceUID", "") or ""), _missing_uids(ordered))
 
 
 # --- sources --------------------------------------------------------------------------------------
@@ -404,6 +455,7 @@ def _zip_members(archive_source: bytes | Path, label: str) -> list[_Member]:
             f"{describe(budget, 'bytes')} (MEDSEG_MAX_SCAN_MB). Refused before inflating; zip only the series to "
             "segment, or raise MEDSEG_MAX_SCAN_MB for a larger one."
         )
+    _check_compression_ratios(infos, label)
     members = []
     for info in infos:
         name = PurePosixPath(info.filename)
@@ -411,6 +463,11 @@ def _zip_members(archive_source: bytes | Path, label: str) -> list[_Member]:
             continue
         head = _read_zip_member(archive, info, label, DICOM_MAGIC_OFFSET + len(DICOM_MAGIC))
         magic = head[DICOM_MAGIC_OFFSET:] == DICOM_MAGIC
+        if not magic and name.suffix.lower() == ".dcm" and not _starts_like_dicom(head):
+            raise DicomFileError(
+                f"{label}!{info.filename}: named .dcm, but it has no DICM preamble and does not begin with a DICOM "
+                "element, so it is not a DICOM file. Remove it from the archive, or export the series again."
+            )
         if magic or name.suffix.lower() == ".dcm":
             members.append(_Member(name=f"{label}!{info.filename}", open=_zip_opener(archive, info, label), magic=magic))
     if not members:
@@ -421,6 +478,33 @@ def _zip_members(archive_source: bytes | Path, label: str) -> list[_Member]:
     return members
 
 
+def _check_compression_ratios(infos: list[zipfile.ZipInfo], label: str) -> None:
+    """Refuse a zip whose members, or whole, inflate more than :data:`MAX_COMPRESSION_RATIO`
+    times, on the declared sizes (zipfile never inflates a member past its declared size)."""
+    files = [info for info in infos if not info.is_dir()]
+    for info in files:
+        ratio = info.file_size / max(info.compress_size, 1)
+        if info.file_size > _RATIO_FLOOR_MEMBER and ratio > MAX_COMPRESSION_RATIO:
+            raise DicomArchiveError(
+                f"{label}: the member {info.filename!r} inflates {ratio:,.0f} times (from {describe(info.compress_size, 'bytes')} "
+                f"to {describe(info.file_size, 'bytes')}), above the {MAX_COMPRESSION_RATIO}:1 that no DICOM export comes near. "
+                "Refused before inflating (a zip bomb, or a member that is not an image); zip the exported series itself."
+            )
+    inflated, compressed = sum(i.file_size for i in files), sum(i.compress_size for i in files)
+    if inflated > _RATIO_FLOOR_ARCHIVE and inflated > MAX_COMPRESSION_RATIO * max(compressed, 1):
+        raise DicomArchiveError(
+            f"{label}: the archive inflates {inflated / max(compressed, 1):,.0f} times (from {describe(compressed, 'bytes')} "
+            f"to {describe(inflated, 'bytes')}), above the {MAX_COMPRESSION_RATIO}:1 that no DICOM export comes near. "
+            "Refused before inflating; zip the exported series itself."
+        )
+
+
+def _starts_like_dicom(head: bytes) -> bool:
+    """Whether a file without the DICM preamble begins with a DICOM element of group 0002 or
+    0008 (little endian), as old exports do; a block of zeros or text does not."""
+    return len(head) >= 8 and int.from_bytes(head[:2], "little") in _FIRST_GROUPS
+
+
 def _read_zip_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, label: str, size: int = -1) -> bytes:
     """Inflate one member (at most its declared size: zipfile stops there, and the declared sizes
     were checked against the limit)."""
@@ -428,15 +512,66 @@ def _read_zip_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, label: str
         with archive.open(info) as stream:
             return stream.read(size)
     except (zipfile.BadZipFile, RuntimeError, OSError, EOFError, ValueError, NotImplementedError) as exc:
-        # RuntimeError: an encrypted member; NotImplementedError: an unknown compression method.
-        raise DicomArchiveError(
-            f"{label}: the member {info.filename!r} cannot be inflated ({type(exc).__name__}: {exc}). "
-            "Zip the series again without encryption, with the usual deflate method."
-        ) from exc
+        raise _inflate_error(info.filename, label, exc) from exc
 
 
 def _zip_opener(archive: zipfile.ZipFile, info: zipfile.ZipInfo, label: str) -> Callable[[], BinaryIO]:
-    return lambda: io.BytesIO(_read_zip_member(archive, info, label))
+    """A member as a stream, inflated as it is read: a header read with `stop_before_pixels`
+    inflates the header's bytes only. Inflating errors become a :class:`DicomArchiveError`."""
+
+    def opener() -> BinaryIO:
+        try:
+            return _GuardedStream(archive.open(info), info.filename, label)
+        except (zipfile.BadZipFile, RuntimeError, OSError, ValueError, NotImplementedError) as exc:
+            raise _inflate_error(info.filename, label, exc) from exc
+
+    return opener
+
+
+def _inflate_error(member: str, label: str, exc: BaseException) -> DicomArchiveError:
+    # RuntimeError: an encrypted member; NotImplementedError: an unknown compression method.
+    return DicomArchiveError(
+        f"{label}: the member {member!r} cannot be inflated ({type(exc).__name__}: {exc}). "
+        "Zip the series again without encryption, with the usual deflate method."
+    )
+
+
+class _GuardedStream(io.RawIOBase):
+    """A zip member's stream whose inflating errors (a bad CRC found at its end, a damaged
+    block) name the member, as a :class:`DicomArchiveError`, instead of a reader's error."""
+
+    def __init__(self, stream: BinaryIO, member: str, label: str):
+        self._stream, self._member, self._label = stream, member, label
+
+    def _guard(self, call, *args):
+        try:
+            return call(*args)
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+            raise _inflate_error(self._member, self._label, exc) from exc
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        return self._guard(self._stream.read, size)
+
+    def readinto(self, buffer) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self._guard(self._stream.seek, offset, whence)
+
+    def tell(self) -> int:
+        return self._stream.tell()
+
+    def close(self) -> None:
+        self._stream.close()
+        super().close()
 
 
 # --- headers and series ---------------------------------------------------------------------------
@@ -444,9 +579,19 @@ def _zip_opener(archive: zipfile.ZipFile, info: zipfile.ZipInfo, label: str) -> 
 
 def _read_dataset(member: _Member, stop_before_pixels: bool) -> Dataset:
     """One file's dataset; a file without the DICM magic is read with force (old exports drop
-    the preamble), and must then prove to be DICOM by its SOP class."""
+    the preamble), and must then prove to be DICOM by its SOP class, or by the attributes of an
+    image when an anonymiser blanked that. A header read (`stop_before_pixels`) records in
+    `_header_ended` whether the file ended before any pixel data: a truncated image."""
+    source = member.open()
+    if isinstance(source, str):
+        try:
+            source = open(source, "rb")
+        except OSError as exc:
+            raise DicomFileError(f"{member.name}: cannot be opened ({exc}). Check the file's permissions.") from exc
     try:
-        dataset = pydicom.dcmread(member.open(), stop_before_pixels=stop_before_pixels, force=not member.magic)
+        dataset = pydicom.dcmread(source, stop_before_pixels=stop_before_pixels, force=not member.magic)
+        if stop_before_pixels:
+            dataset._header_ended = source.read(1) == b""  # nothing after the header: no pixel data
     except MedsegError:
         raise
     except Exception as exc:  # pydicom raises many types for a damaged file
@@ -454,12 +599,22 @@ def _read_dataset(member: _Member, stop_before_pixels: bool) -> Dataset:
             f"{member.name}: not a readable DICOM file ({type(exc).__name__}: {exc}). It is corrupt or truncated: "
             "export or copy it again, or remove it from the input."
         ) from exc
-    if not _sop_class(dataset):
+    finally:
+        source.close()
+    if not _sop_class(dataset) and not _looks_like_image(dataset):
         raise DicomFileError(
-            f"{member.name}: has no SOP Class UID, so it is truncated or not a DICOM file. Export or copy it again, "
-            "or remove it from the input."
+            f"{member.name}: has no SOP Class UID and no image attributes (Rows, Columns), so it is truncated or not "
+            "a DICOM file. Export or copy it again, or remove it from the input."
         )
+    if not dataset.get("SOPClassUID") and _sop_class(dataset):
+        dataset.SOPClassUID = _sop_class(dataset)  # the file meta's MediaStorageSOPClassUID names the same class
     return dataset
+
+
+def _looks_like_image(dataset: Dataset) -> bool:
+    """An instance whose SOP class was blanked (as some anonymisers do) that still has the
+    attributes of an image: a size in rows and columns and a place in the patient."""
+    return all(dataset.get(keyword) not in (None, "") for keyword in ("Rows", "Columns", "ImagePositionPatient"))
 
 
 def _sop_class(dataset: Dataset) -> str:
@@ -473,7 +628,9 @@ def _non_image_reason(dataset: Dataset) -> str | None:
     sop_class = dicom_uid.UID(_sop_class(dataset))
     modality = str(dataset.get("Modality", "")).upper()
     if modality in _NON_IMAGE_MODALITIES:
-        return f"{modality} instance ({sop_class.name})"
+        return f"{modality} instance ({sop_class.name or 'no SOP Class UID'})"
+    if not sop_class:
+        return None  # blanked, and image attributes are there (_read_dataset checked)
     if "Image Storage" not in sop_class.name:
         return f"not an image ({sop_class.name})"
     return None
@@ -488,12 +645,11 @@ def _scan_headers(members: list[_Member], label: str) -> tuple[list[_Instance], 
         if reason is not None:
             skipped.append(f"{member.name}: {reason}")
             continue
-        for keyword in ("SeriesInstanceUID", "SOPInstanceUID"):
-            if not header.get(keyword):
-                raise DicomFileError(
-                    f"{member.name}: an image without a {keyword}, so it is truncated or damaged. Export or copy it "
-                    "again, or remove it from the input."
-                )
+        if getattr(header, "_header_ended", False):
+            raise DicomFileError(
+                f"{member.name}: an image whose file ends before its pixel data, so it is truncated. Export or copy it "
+                "again, or remove it from the input."
+            )
         instances.append(_Instance(member, header))
     if not instances:
         raise DicomSeriesError(
@@ -508,7 +664,28 @@ def _series_name(header: Dataset, label: str) -> str:
     description = str(header.get("SeriesDescription", "") or "no description")
     number = header.get("SeriesNumber")
     number_text = f", number {number}" if number not in (None, "") else ""
-    return f"series {header.SeriesInstanceUID} ({description!r}{number_text}) in {label}"
+    uid = str(header.get("SeriesInstanceUID", "") or "") or "without a SeriesInstanceUID"
+    return f"series {uid} ({description!r}{number_text}) in {label}"
+
+
+def _series_key(header: Dataset) -> str:
+    """The series an instance belongs to: its SeriesInstanceUID, or for a blank one what the
+    instance shares with the rest of its series (:data:`_BLANK_SERIES_KEYS`), as dcm2niix groups."""
+    uid = str(header.get("SeriesInstanceUID", "") or "").strip()
+    if uid:
+        return uid
+    values = []
+    for keyword in _BLANK_SERIES_KEYS:
+        value = header.get(keyword)
+        if keyword == "ImageOrientationPatient" and value is not None:
+            value = [round(float(v), 3) for v in value]  # one plane, whatever its rounding
+        values.append(str(list(value) if isinstance(value, (list, tuple, MultiValue)) else value))
+    return "no-uid:" + "|".join(values)
+
+
+def _missing_uids(instances: Sequence[_Instance]) -> tuple[str, ...]:
+    """The UIDs of :data:`SOURCE_UIDS` that at least one instance lacks."""
+    return tuple(k for k in SOURCE_UIDS if any(not str(i.header.get(k, "") or "").strip() for i in instances))
 
 
 def _is_localizer(header: Dataset) -> bool:
@@ -534,7 +711,7 @@ def _is_multi_frame(header: Dataset) -> bool:
 def _choose_series(instances: list[_Instance], series_uid: str | None, label: str) -> list[_Instance]:
     by_series: dict[str, list[_Instance]] = {}
     for instance in instances:
-        by_series.setdefault(str(instance.header.SeriesInstanceUID), []).append(instance)
+        by_series.setdefault(_series_key(instance.header), []).append(instance)
     if series_uid is not None:
         series_uid = str(series_uid).strip()
         if series_uid not in by_series:
@@ -563,7 +740,8 @@ def _list_series(by_series: dict[str, list[_Instance]], most: int = 20) -> str:
             notes.append("multi-frame")
         note = f", {' and '.join(notes)}" if notes else ""
         lines.append(
-            f"{uid} ({str(header.get('SeriesDescription', '') or 'no description')!r}, number "
+            f"{uid if not uid.startswith('no-uid:') else 'a series without a SeriesInstanceUID'} "
+            f"({str(header.get('SeriesDescription', '') or 'no description')!r}, number "
             f"{header.get('SeriesNumber', '?')}, {header.get('Modality', '?')}, {len(members)} "
             f"instance{'s' if len(members) != 1 else ''}{note})"
         )
@@ -577,8 +755,10 @@ def _drop_copies(instances: list[_Instance]) -> tuple[list[_Instance], list[str]
     kept: dict[str, _Instance] = {}
     copies = []
     for instance in instances:
-        uid = str(instance.header.SOPInstanceUID)
-        if uid in kept:
+        uid = str(instance.header.get("SOPInstanceUID", "") or "")
+        if not uid:
+            kept[f"#{len(kept)}"] = instance  # a blank UID names nothing: its position decides (_slice_geometry)
+        elif uid in kept:
             copies.append(f"{instance.name}: a copy of {kept[uid].name} (same SOPInstanceUID)")
         else:
             kept[uid] = instance

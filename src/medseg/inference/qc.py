@@ -15,7 +15,9 @@ one spacing still has a tolerance); an orientation never seen counts 1, a class 
 was always present counts `MISSING`; for confidence, the entropy itself. The ranges come from
 the training cases, the thresholds from the held-out (validation) cases: each flag's threshold
 is the largest raw score of a held-out case times `HELD_OUT_SLACK`, and never below the flag's
-floor (`FLOORS`), so no held-out case is flagged. A flag's score is its raw score over its
+floor (`FLOORS`), so no held-out case is flagged; the entropy's is raised further to the bound
+that a new clean case exceeds with probability `FALSE_FLAG_RATE` / 3 if the held-out entropies
+are log-normal (`prediction_bound`), since a few held-out cases underestimate their tail. A flag's score is its raw score over its
 threshold: 1 or more flags it. The combined QC score is the largest of the three scores, so it is
 at least 1 exactly when some flag is raised, and a higher one is further from what the model knows.
 """
@@ -35,6 +37,9 @@ FLAGS = ("out_of_distribution", "low_confidence", "implausible_size")
 QC_COLUMNS = ("qc_score", "qc_flags", "qc_reason", *(f"qc_{flag}" for flag in FLAGS))
 FLOORS = {"out_of_distribution": 0.5, "low_confidence": 0.1, "implausible_size": 0.5}
 HELD_OUT_SLACK = 1.1
+# The share of clean cases the flags may raise between them, by design: the entropy's threshold
+# is its held-out prediction bound at a third of it (`prediction_bound`).
+FALSE_FLAG_RATE = 0.1
 MISSING = 10.0  # the raw size score of a class predicted empty where every training case had it
 RELATIVE_WIDTH = 0.1
 
@@ -184,11 +189,39 @@ class QualityReference:
         }
 
     def calibrated(self, held_out: Sequence[Mapping[str, tuple[float, str]]]) -> QualityReference:
-        """The thresholds from the held-out cases' raw scores (`raw_scores`)."""
-        self.thresholds = {flag: max(FLOORS[flag], HELD_OUT_SLACK * max((case[flag][0] for case in held_out), default=0.0))
-                           for flag in FLAGS}
+        """The thresholds from the held-out cases' raw scores (`raw_scores`): each flag's floor,
+        the largest held-out score times `HELD_OUT_SLACK`, and for the entropy (a score every
+        case has) its log-normal prediction bound at `FALSE_FLAG_RATE` / 3, whichever is highest."""
+        thresholds = {}
+        for flag in FLAGS:
+            values = [case[flag][0] for case in held_out]
+            threshold = max(FLOORS[flag], HELD_OUT_SLACK * max(values, default=0.0))
+            if flag == "low_confidence":
+                threshold = max(threshold, prediction_bound(values, FALSE_FLAG_RATE / len(FLAGS)))
+            thresholds[flag] = threshold
+        self.thresholds = thresholds
         self.held_out_cases = len(held_out)
         return self
+
+
+def prediction_bound(values: Sequence[float], rate: float) -> float:
+    """The value a new case from the held-out cases' population exceeds with probability
+    `rate`, if their logarithms are normal: exp(m + t_{n-1}(1 - rate) s sqrt(1 + 1/n)), with m
+    and s the mean and standard deviation of the n logarithms (Student's prediction interval,
+    which widens as n shrinks). 0 with fewer than 3 positive values.
+
+    Why: the held-out cases are few (8 validation cases) and they chose the checkpoint, so
+    their entropies run low; the largest of 8 is exceeded by about one new clean case in 9,
+    and more, which would flag clean cases as often as the flag is worth.
+    """
+    from scipy import stats
+
+    logs = np.log([v for v in values if v > 0])
+    n = logs.size
+    if n < 3:
+        return 0.0
+    spread = float(logs.std(ddof=1)) * np.sqrt(1.0 + 1.0 / n)
+    return float(np.exp(logs.mean() + stats.t.ppf(1.0 - rate, n - 1) * spread))
 
 
 def assess(reference: QualityReference, raw: Mapping[str, tuple[float, str]]) -> dict[str, Any]:

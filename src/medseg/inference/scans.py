@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -26,6 +26,7 @@ import pandas as pd
 from medseg.casework import DriverThenWorker, map_in_order
 from medseg.errors import ConfigurationError, DatasetNotFoundError, EmptyDatasetError
 from medseg.dicom.series import DicomSeries, check_dicom_series, is_dicom_input, read_dicom_series
+from medseg.dicom.uids import missing_uids_reason
 from medseg.imaging.geometry import CaseGeometry
 from medseg.imaging.io import Volume, read_header_geometry, write_volume
 from medseg.inference.postprocessing import LabelMapper, volumes_ml
@@ -116,12 +117,15 @@ def medseg_version() -> str:
         return "unknown"
 
 
-def lineage(series: DicomSeries | None) -> dict[str, str]:
+def lineage(series: DicomSeries | None, generated: Sequence[str] = ()) -> dict[str, str]:
     """The columns of `predictions.csv` that trace a mask to its source: StudyInstanceUID and
-    SeriesInstanceUID of a DICOM scan (empty for NIfTI). UIDs, never patient data."""
+    SeriesInstanceUID of a DICOM scan, `uids_generated` (the UIDs medseg gave a series that had
+    them blank, `;`-separated) and `dicom_outputs_note` (why no SEG was written); all empty for
+    NIfTI. UIDs, never patient data."""
     if series is None:
-        return {"study_instance_uid": "", "series_instance_uid": ""}
-    return {"study_instance_uid": series.study_uid, "series_instance_uid": series.series_uid}
+        return {"study_instance_uid": "", "series_instance_uid": "", "uids_generated": "", "dicom_outputs_note": ""}
+    return {"study_instance_uid": series.study_uid, "series_instance_uid": series.series_uid,
+            "uids_generated": ";".join(generated), "dicom_outputs_note": missing_uids_reason(series)}
 
 
 def _loose_dicom_files(folder: Path) -> list[Path]:
@@ -201,8 +205,17 @@ def list_scans(input_dir: str | os.PathLike, channel: int | None = None, series_
             f"{folder}: holds no scan (`<case>_0000.nii.gz`, `<case>.nii.gz`, or DICOM series in subfolders or .zip files). "
             "Point predict.input_dir at a folder of scans."
         )
+    blank = []
     for scan in dicom:
-        check_dicom_series(scan.dicom_source(), series_uid)  # every header, before any prediction
+        check = check_dicom_series(scan.dicom_source(), series_uid)  # every header, before any prediction
+        if check.missing_uids:
+            blank.append(f"{scan.case_id} (no {', '.join(check.missing_uids)})")
+    if blank:
+        logger.warning(
+            "%d of %d DICOM series lack the UIDs a SEG references: %s. They get their NIfTI masks, and their rows in "
+            "predictions.csv say why they have no SEG; predict.generate_missing_uids=true writes their SEGs over new UIDs.",
+            len(blank), len(dicom), "; ".join(blank[:5]) + ("; ..." if len(blank) > 5 else ""),
+        )
     scans = []
     for case_id, files in sorted(by_case.items()):
         if any(ch is None for ch, _ in files) and len(files) > 1:

@@ -143,7 +143,9 @@ def calibrate_segmenter(
 
     The network's probabilities of each validation case (on the training grid, as `predict`
     makes them) give a balanced sample of voxels, seeded by `evaluation.bootstrap_seed`; the
-    temperature minimises its negative log-likelihood. The QC reference takes its ranges from
+    temperature minimises its negative log-likelihood, and is kept only if it lowers that
+    sample's ECE (else 1: `fitted_temperature`, `val_ece_before` and `val_ece_after` in the
+    report say why). The QC reference takes its ranges from
     the training cases' fingerprints and its thresholds from the validation cases' scores. The
     test cases' foreground-weighted ECE is taken before and after, from the same probabilities,
     and each test case gets its QC columns. The masks do not change: the segmenter moves its
@@ -172,7 +174,18 @@ def calibrate_segmenter(
         foreground = predicted_foreground(probability, segmenter.mask_threshold)  # the same at any temperature
         keep = rng.choice(foreground.shape[0], size=min(foreground.shape[0], 8 * CALIBRATION_VOXELS_PER_SIDE), replace=False)
         held_out.append((case_id, foreground[keep], grid_volumes_ml(probability, segmenter.mask_threshold, class_values, voxel_ml)))
-    temperature = fit_temperature(np.concatenate(samples), np.concatenate(labels), values) if samples else 1.0
+    temperature, val_ece = 1.0, {}
+    if samples:
+        sample, sample_labels = np.concatenate(samples), np.concatenate(labels)
+        fitted = fit_temperature(sample, sample_labels, values)
+        # The balanced sample weighs foreground and background one half each, as the ECE does.
+        val_before, val_after = CalibrationCounts(values), CalibrationCounts(values)
+        val_before.add(sample, sample_labels)
+        val_after.add(apply_temperature(sample, fitted, not multiclass), sample_labels)
+        val_ece = {"val_ece_before": val_before.ece(), "val_ece_after": val_after.ece()}
+        # A temperature that does not lower the validation cases' own ECE is not worth its change.
+        temperature = fitted if val_ece["val_ece_after"] < val_ece["val_ece_before"] else 1.0
+        val_ece["fitted_temperature"] = fitted
     training = [rows[c] for c in cases_in_split(splits, "train") if c in rows]
     if not training:
         raise ConfigurationError("calibration: no training case has a fingerprint (data/03_primary/case_fingerprints.csv); "
@@ -200,7 +213,7 @@ def calibrate_segmenter(
         test_qc.append({"case_id": case_id, **assess(reference, scores)})
     report = {"temperature": temperature, "fitted_on": "validation", "n_cases_fitted": len(fitted_on),
               "n_voxels_fitted": int(sum(len(label) for label in labels)), "n_test_cases": len(test_cases),
-              "test_ece_before": before.ece(), "test_ece_after": after.ece(), "ece_bins": before.bins,
+              **val_ece, "test_ece_before": before.ece(), "test_ece_after": after.ece(), "ece_bins": before.bins,
               "qc": reference.to_dict(), "test_cases_flagged": sum(1 for row in test_qc if row["qc_flags"])}
     logger.info("%s: temperature %.3f fitted on %d validation cases; test ECE %.4f before, %.4f after; "
                 "%d of %d test cases flagged by QC.", segmenter.plan.model_key, temperature, len(fitted_on),

@@ -272,6 +272,8 @@ def _dicom_seg_answer(segmenter: Segmenter, series, mask: Volume) -> dict[str, s
     """A DICOM scan's SEG (base64) and lineage columns for the answer; the model is named by
     its segmenter (the served model's own URI is not known inside the server)."""
     classes = {int(value): name for value, name in segmenter.plan.classes.items()}
+    if series.missing_uids:  # the mask, and its note saying why there is no SEG
+        return {**lineage(series), "seg_sop_instance_uid": None, "seg_b64": None}
     with tempfile.TemporaryDirectory(prefix="medseg-seg-") as folder:
         path = Path(folder) / "mask.seg.dcm"
         uid = SegWriter(series, classes, segmenter.plan.display_name, f"served:{segmenter.plan.display_name}")(mask, path)

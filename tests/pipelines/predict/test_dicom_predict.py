@@ -20,8 +20,10 @@ from conftest import SHARED_UNET, copy_project, mlflow_runs, run_pipeline
 from medseg.errors import MedsegError
 from medseg.dicom.series import read_dicom_series
 from medseg.dicom.seg import read_dicom_seg
+from medseg.dicom.uids import with_generated_uids
 from medseg.synthetic.dicom_series import write_dicom_series
 from medseg.imaging.io import read_volume
+from tests.imaging.test_dicom_blank_uids import blank
 
 PATIENT_ID = "PID-7731-SECRET"
 
@@ -45,6 +47,10 @@ def dicom_prediction(trained_unet, tmp_path_factory):
     with zipfile.ZipFile(scans / "zipped.zip", "w") as archive:
         for path in files:
             archive.write(path, f"export/{path.name}")
+    blank(root / "anonymised", source=scans / "series")  # every UID blank, as some anonymisers leave a series
+    with zipfile.ZipFile(scans / "anonymised.zip", "w") as archive:
+        for path in sorted((root / "anonymised").iterdir()):
+            archive.write(path, f"export/{path.name}")
     if shutil.which("dcm2niix"):  # the same series converted by an independent tool
         converted = root / "dcm2niix"
         converted.mkdir()
@@ -60,7 +66,8 @@ def dicom_prediction(trained_unet, tmp_path_factory):
 def test_a_dicom_series_is_segmented_as_its_nifti_and_its_seg_reads_back_as_the_mask(dicom_prediction):
     _, scans, out = dicom_prediction
     names = sorted(p.name for p in out.iterdir() if p.name != "dcm2niix.nii.gz")
-    assert names == ["nifti.nii.gz", "predictions.csv", "series.nii.gz", "series.seg.dcm", "zipped.nii.gz", "zipped.seg.dcm"]
+    assert names == ["anonymised.nii.gz", "nifti.nii.gz", "predictions.csv", "series.nii.gz", "series.seg.dcm", "zipped.nii.gz",
+                     "zipped.seg.dcm"]
     series = read_dicom_series(scans / "series")
     mask = read_volume(out / "series.nii.gz", role="label")
     # The mask is on the series' own grid, the affine built from its IPP/IOP.
@@ -106,6 +113,38 @@ def test_predictions_trace_each_mask_to_its_series_and_model(dicom_prediction):
         assert seg.SegmentSequence[0].SegmentAlgorithmName.startswith("medseg")
         assert seg.PatientID == PATIENT_ID  # the SEG carries the patient module, as the standard requires
     assert table.loc["nifti", "series_instance_uid"] == "" and table.loc["nifti", "seg_file"] == ""
+
+
+def test_a_series_without_uids_gets_its_mask_and_a_row_that_says_why_it_has_no_seg(dicom_prediction):
+    _, _, out = dicom_prediction
+    table = pd.read_csv(out / "predictions.csv", dtype=str, keep_default_na=False).set_index("case_id")
+    row = table.loc["anonymised"]
+    assert row["seg_file"] == "" and row["series_instance_uid"] == "" and row["uids_generated"] == ""
+    assert "no StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID, SOPClassUID" in row["dicom_outputs_note"]
+    assert "predict.generate_missing_uids=true" in row["dicom_outputs_note"]
+    np.testing.assert_array_equal(read_volume(out / "anonymised.nii.gz", role="label").data,
+                                  read_volume(out / "series.nii.gz", role="label").data)
+    assert table.loc["series", "dicom_outputs_note"] == ""
+
+
+def test_with_new_uids_asked_for_the_anonymised_series_gets_a_seg_over_them(dicom_prediction, tmp_path):
+    project, scans, out = dicom_prediction
+    only = tmp_path / "in"
+    only.mkdir()
+    shutil.copy(scans / "anonymised.zip", only / "anonymised.zip")
+    masks = tmp_path / "out"
+    run_pipeline(project, "predict", {**SHARED_UNET, "predict.model": "unet", "predict.input_dir": str(only),
+                                      "predict.output_dir": str(masks), "predict.generate_missing_uids": True})
+    row = pd.read_csv(masks / "predictions.csv", dtype=str, keep_default_na=False).iloc[0]
+    assert row["uids_generated"] == "StudyInstanceUID;SeriesInstanceUID;SOPInstanceUID;SOPClassUID"
+    assert row["dicom_outputs_note"] == "" and row["seg_file"] == "anonymised.seg.dcm"
+    seg = pydicom.dcmread(masks / "anonymised.seg.dcm")
+    assert seg.StudyInstanceUID == row["study_instance_uid"] and row["study_instance_uid"].startswith("2.25.")
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == row["series_instance_uid"]
+    # The SEG reads back as the mask over the series with the same new UIDs (they follow its voxels).
+    filled, _ = with_generated_uids(read_dicom_series(only / "anonymised.zip"))
+    np.testing.assert_array_equal(read_dicom_seg(masks / "anonymised.seg.dcm", filled),
+                                  read_volume(masks / "anonymised.nii.gz", role="label").data)
 
 
 def test_the_tracking_store_holds_no_patient_identifier_and_the_run_lists_its_inputs(dicom_prediction):

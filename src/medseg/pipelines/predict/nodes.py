@@ -17,6 +17,7 @@ import pandas as pd
 from medseg.runs import compute
 from medseg.casework import DriverThenWorker
 from medseg.storage.paths import anchor_path
+from medseg.dicom.uids import with_generated_uids
 from medseg.errors import ConfigurationError
 from medseg.inference.ensemble import load_segmenter, read_any_plan
 from medseg.inference.scans import (
@@ -98,7 +99,9 @@ def segment_scans(scans: pd.DataFrame, model: dict[str, str], predict: PredictPa
         The table written as `predictions.csv`: case_id, volume_ml (and volume_ml_<class> with
         several classes), the QC columns (`qc_score`, `qc_flags`, `qc_reason` and each flag's
         score: `medseg.inference.qc`), model_uri, medseg_version, and the lineage of DICOM scans
-        (study_instance_uid, series_instance_uid, seg_file, seg_sop_instance_uid); also logged
+        (study_instance_uid, series_instance_uid, uids_generated, dicom_outputs_note, seg_file,
+        seg_sop_instance_uid: a series without its UIDs gets no SEG unless
+        `predict.generate_missing_uids`, and its note says so); also logged
         to the MLflow run, with the source model URI as a tag and the scans as the run's input
         dataset (case ids and a digest: no patient data).
     """
@@ -116,15 +119,19 @@ def segment_scans(scans: pd.DataFrame, model: dict[str, str], predict: PredictPa
 
     def segment(scan: Scan) -> DriverThenWorker:
         series = scan.read_series() if scan.is_dicom else None
+        generated: tuple[str, ...] = ()
+        if series is not None and series.missing_uids and predict.get("generate_missing_uids"):
+            series, generated = with_generated_uids(series)
         volume = series.volume if series is not None else segmenter.read_scan(scan.path)
-        write_seg = SegWriter(series, classes, segmenter.plan.display_name, model_uri) if series is not None else None
+        can_reference = series is not None and not series.missing_uids
+        write_seg = SegWriter(series, classes, segmenter.plan.display_name, model_uri) if can_reference else None
 
         def network() -> tuple:
             parts = segmenter.network_part(volume, scan.path)
             return parts, segmenter.quality(volume, parts[0])  # the QC columns need the probabilities
 
         return DriverThenWorker(network, partial(segmented_scan_with_qc, finish=finish, classes=segmenter.plan.classes,
-                                                 extra={**row, **lineage(series)}, write_seg=write_seg))
+                                                 extra={**row, **lineage(series, generated)}, write_seg=write_seg))
 
     items = [Scan(str(r.case_id), str(r.image_path), str(r.format), predict.get("series_uid")) for r in scans.itertuples()]
     table = write_predictions(items, segment, output_dir, mapper=compute.current().map)
