@@ -385,6 +385,28 @@ class EvaluationParams(Section):
 
 # predict -------------------------------------------------------------------------------------
 @dataclass(config=STRICT)
+class DicomWebParams(Section):
+    """`predict.dicomweb`: scans from a DICOMweb server (a PACS), results back to it (`medseg.dicom.web`)."""
+
+    url: Annotated[str, Field(description=(
+        "The server's DICOMweb root, e.g. `http://pacs:8042/dicom-web` for Orthanc."))]
+    credentials: Annotated[str | None, Field(description=(
+        "The name of an entry of `conf/local/credentials.yml` holding `username` and `password` (basic) or `token` "
+        "(bearer); never the secret itself. null: no authentication."))] = None
+    study_uid: Annotated[str | None, Field(description=(
+        "Segment this study's series (all of them, or `series_uid`'s). null: search with `query`."))] = None
+    series_uid: Annotated[str | None, Field(description=(
+        "Segment only this series of `study_uid`."))] = None
+    query: Annotated[dict[str, str] | None, Field(description=(
+        "A QIDO-RS series search by DICOM keyword, e.g. `{Modality: CT, StudyDate: 20240101-20241231}`. A query run is "
+        "incremental: a series this model already answered, whose stored results the server still holds, is skipped; "
+        "a series the reader refuses (a localizer, a gap) is skipped and listed."))] = None
+    store: Annotated[bool, Field(description=(
+        "Store each series' SEG back on the server (STOW-RS), as a new series in its study."))] = True
+    timeout_s: Annotated[float, Field(gt=0.0, description="Seconds to wait for each answer of the server.")] = 60.0
+
+
+@dataclass(config=STRICT)
 class PredictParams(Section):
     """`params:predict`: `kedro run --pipeline predict`: which model, which scans, where the masks go."""
 
@@ -392,7 +414,8 @@ class PredictParams(Section):
         "A model kind's name (this project's last trained model of that kind, e.g. `unet`), `champion` (the "
         "selection's champion), or an MLflow model URI (`runs:/<run_id>/unet_segmenter`, `models:/<name>/<version>`)."))]
     input_dir: Annotated[str | None, Field(description=(
-        "The scans to segment: NIfTI files (`<case>_0000.nii.gz` or `<case>.nii.gz`) or DICOM series; never written to."))]
+        "The scans to segment: NIfTI files (`<case>_0000.nii.gz` or `<case>.nii.gz`) or DICOM series; never written to. "
+        "null with `dicomweb`."))]
     output_dir: Annotated[str | None, Field(description=(
         "Where the `<case>.nii.gz` masks (and DICOM SEGs for DICOM inputs) and `predictions.csv` go; not inside `input_dir`."))]
     mirror_axes: Annotated[list[Axis] | None, Field(description=(
@@ -404,6 +427,8 @@ class PredictParams(Section):
         "Give a DICOM series whose Study, Series, SOP Instance or SOP Class UIDs are blank (as anonymisers leave them) new "
         "UIDs, derived from its voxels, so that its SEG can reference it; `predictions.csv` records which. false: such a "
         "series gets its NIfTI mask only, and its row says why."))] = False
+    dicomweb: Annotated[DicomWebParams | None, Field(description=(
+        "Take the scans from a DICOMweb server instead of `input_dir`, and store the SEGs back (see its keys)."))] = None
 
 
 # The sections every project has; each model kind adds its own (`medseg.kinds.parameter_roots`).

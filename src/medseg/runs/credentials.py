@@ -93,6 +93,23 @@ def name_of(credentials: Any) -> CredentialsName:
     )
 
 
+def named(name: str, what: str) -> Any:
+    """The credentials entry `name` of the project's credentials files, for the driver's own
+    use (a DICOMweb server's): `what` names the parameter in the message.
+
+    Raises:
+        ConfigurationError: no project is registered, or no such entry (the message names the
+            entries there are, never a secret).
+    """
+    table = _registered.credentials if _registered is not None else {}
+    if name not in table:
+        raise ConfigurationError(
+            f"{what}={name!r} names no entry of the project's credentials files (conf/local/credentials.yml); it has "
+            f"{sorted(table) or 'none'}. Add `{name}: {{username: ..., password: ...}}` (or `{{token: ...}}`) there."
+        )
+    return table[name]
+
+
 def resolved(value: Any) -> Any:
     """`value` with a :class:`CredentialsName` replaced by the credentials it names."""
     return value.resolve() if isinstance(value, CredentialsName) else value

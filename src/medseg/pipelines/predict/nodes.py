@@ -9,6 +9,8 @@ training cases were; nothing is recomputed from the new scans.
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
 from functools import partial
 from pathlib import Path
 
@@ -34,23 +36,34 @@ from medseg.parameters import PredictParams
 from medseg.runs import tracking
 from medseg.serving.model import fetch_segmenter
 
+from . import pacs
+
 logger = logging.getLogger(__name__)
 
 
-def _folders(predict: PredictParams, project_root: str) -> tuple[Path, Path]:
-    missing = [name for name in ("input_dir", "output_dir") if not predict.get(name)]
+def _folders(predict: PredictParams, project_root: str) -> tuple[Path | None, Path]:
+    """(input folder, output folder); the input is None for scans from a DICOMweb server."""
+    web = predict.get("dicomweb")
+    if web and predict.get("input_dir"):
+        raise ConfigurationError(
+            "predict.input_dir and predict.dicomweb are both set; give one: the scans come from a folder or from a "
+            "DICOMweb server."
+        )
+    missing = [name for name in ("output_dir",) + (() if web else ("input_dir",)) if not predict.get(name)]
     if missing:
         raise ConfigurationError(
             f"predict.{' and predict.'.join(missing)} not set: kedro run --pipeline predict --params "
             "predict.input_dir=/abs/scans,predict.output_dir=/abs/masks"
         )
+    output = anchor_path(predict["output_dir"], project_root)
+    if web:
+        return None, check_output_folder(Path(tempfile.gettempdir()) / "medseg-no-input", output)
     input_dir = anchor_path(predict["input_dir"], project_root)
-    output_dir = check_output_folder(input_dir, anchor_path(predict["output_dir"], project_root))
-    return input_dir, output_dir
+    return input_dir, check_output_folder(input_dir, output)
 
 
 def list_scans_to_predict(
-    predict: PredictParams, project_root: str, **local_segmenters: str
+    predict: PredictParams, project_root: str, dicomweb_answers: str, **local_segmenters: str
 ) -> tuple[pd.DataFrame, dict[str, str]]:
     """List the scans of `predict.input_dir` and check their headers, before anything is written.
 
@@ -58,6 +71,8 @@ def list_scans_to_predict(
         predict: `params:predict` (model, input_dir, output_dir). Relative folders are taken
             from the project root.
         project_root: the project's root folder (catalog entry `project_root`).
+        dicomweb_answers: the folder of `answers.csv`, the series a DICOMweb run answered
+            (catalog entry `predict.dicomweb_answers`; `medseg.pipelines.predict.pacs`).
         local_segmenters: {model: folder} of this project's trained segmenters (catalog
             entries `<model>.segmenter_folder`, one per model kind).
 
@@ -74,13 +89,21 @@ def list_scans_to_predict(
     """
     input_dir, _ = _folders(predict, project_root)
     folder, model_uri = fetch_segmenter(str(predict["model"]), local_segmenters)
-    scans = list_scans(input_dir, read_any_plan(folder).channel, predict.get("series_uid"))
-    logger.info("predict: %d scans in %s (%d DICOM).", len(scans), input_dir, sum(scan.is_dicom for scan in scans))
-    table = pd.DataFrame([{"case_id": scan.case_id, "image_path": scan.path, "format": scan.format} for scan in scans])
-    return table, {"folder": folder, "uri": model_uri}
+    source = {"folder": folder, "uri": model_uri}
+    if input_dir is None:  # a DICOMweb server's series, in a staging folder of this run's
+        scans, source["staging"], source["skipped"] = pacs.fetch_series(
+            predict["dicomweb"], pacs.server_of(predict["dicomweb"]), model_uri, dicomweb_answers)
+    else:
+        scans = list_scans(input_dir, read_any_plan(folder).channel, predict.get("series_uid"))
+        logger.info("predict: %d scans in %s (%d DICOM).", len(scans), input_dir, sum(scan.is_dicom for scan in scans))
+    table = pd.DataFrame([{"case_id": scan.case_id, "image_path": scan.path, "format": scan.format} for scan in scans],
+                         columns=["case_id", "image_path", "format"])
+    return table, source
 
 
-def segment_scans(scans: pd.DataFrame, model: dict[str, str], predict: PredictParams, project_root: str) -> pd.DataFrame:
+def segment_scans(
+    scans: pd.DataFrame, model: dict[str, str], predict: PredictParams, project_root: str, dicomweb_answers: str
+) -> pd.DataFrame:
     """Segment every scan and write `<output_dir>/<case>.nii.gz` and `predictions.csv`.
 
     Each mask is a uint8 label map on exactly its scan's grid (shape and affine; a trailing
@@ -106,6 +129,19 @@ def segment_scans(scans: pd.DataFrame, model: dict[str, str], predict: PredictPa
         dataset (case ids and a digest: no patient data).
     """
     input_dir, output_dir = _folders(predict, project_root)
+    try:
+        return _segment_scans(scans, model, predict, input_dir, output_dir, dicomweb_answers)
+    finally:
+        if model.get("staging"):
+            shutil.rmtree(model["staging"], ignore_errors=True)
+
+
+def _segment_scans(scans: pd.DataFrame, model: dict, predict: PredictParams, input_dir: Path | None, output_dir: Path,
+                   dicomweb_answers: str) -> pd.DataFrame:
+    if scans.empty:  # a DICOMweb query with nothing new
+        logger.info("predict: nothing new to segment on %s; %s written to.", predict["dicomweb"]["url"],
+                    "nothing was")
+        return pd.DataFrame(columns=["case_id"])
     segmenter, model_uri = load_segmenter(model["folder"]), model["uri"]
     segmenter.configure(predict.get("mirror_axes"), predict.get("keep_largest_component"))
     tracking.set_tags({"medseg.source_model_uri": model_uri, "medseg.source_model": segmenter.plan.display_name})
@@ -135,6 +171,10 @@ def segment_scans(scans: pd.DataFrame, model: dict[str, str], predict: PredictPa
 
     items = [Scan(str(r.case_id), str(r.image_path), str(r.format), predict.get("series_uid")) for r in scans.itertuples()]
     table = write_predictions(items, segment, output_dir, mapper=compute.current().map)
-    tracking.log_input_cases("predict-input", str(input_dir), table, context="inference")
+    web = predict.get("dicomweb")
+    tracking.log_input_cases("predict-input", web["url"] if web else str(input_dir), table, context="inference")
     logger.info("predict: %d masks and predictions.csv written to %s.", len(table), output_dir)
+    if web and web.get("store", True):
+        stored = pacs.store_results(pacs.server_of(web), table, output_dir, model_uri, dicomweb_answers)
+        logger.info("predict: %d SEGs stored on %s.", len(stored), web["url"])
     return table

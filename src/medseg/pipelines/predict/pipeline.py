@@ -14,14 +14,15 @@ def create_pipeline(**kwargs) -> Pipeline:
         [
             Node(
                 list_scans_to_predict,
-                {"predict": "params:predict", "project_root": "project_root", **segmenters},
+                {"predict": "params:predict", "project_root": "project_root", "dicomweb_answers": "predict.dicomweb_answers",
+                 **segmenters},
                 ["predict.scans", "predict.segmenter_source"],
                 name="list_scans_to_predict",
                 namespace="predict",
             ),
             Node(
                 segment_scans,
-                ["predict.scans", "predict.segmenter_source", "params:predict", "project_root"],
+                ["predict.scans", "predict.segmenter_source", "params:predict", "project_root", "predict.dicomweb_answers"],
                 "predict.predictions",
                 name="segment_scans",
                 namespace="predict",
