@@ -82,11 +82,15 @@ docs: $(VENV)/.installed-$(EXTRAS)-test $(MERMAID_JS)
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
 
 # Optional, for the DICOM tests that skip without them: Debian's dcm2niix (geometry against an
-# independent converter) and dicom3tools (dciodvfy validates the DICOM SEGs). Needs root and apt.
+# independent converter), dicom3tools (dciodvfy validates the DICOM SEGs), and Orthanc with its
+# DICOMweb plugin (a real PACS for the DICOMweb tests; the packages' own service is not started:
+# the tests start Orthanc with a configuration of their own). Needs root and apt.
 dicom-tools:
-	@if command -v dcm2niix >/dev/null && command -v dciodvfy >/dev/null; then exit 0; fi; \
+	@if command -v dcm2niix >/dev/null && command -v dciodvfy >/dev/null && [ -x /usr/sbin/Orthanc ] && \
+		[ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ]; then exit 0; fi; \
 	if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then echo "dicom-tools: needs root and apt-get" >&2; exit 1; fi; \
-	timeout 600 apt-get update -qq && DEBIAN_FRONTEND=noninteractive timeout 600 apt-get install -y -qq dcm2niix dicom3tools >/dev/null
+	timeout 600 apt-get update -qq && DEBIAN_FRONTEND=noninteractive timeout 900 apt-get install -y -qq \
+		dcm2niix dicom3tools orthanc orthanc-dicomweb >/dev/null
 
 viz: $(VENV)/.installed-$(EXTRAS)
 	$(VENV)/bin/kedro viz run --no-browser

@@ -90,8 +90,23 @@ def _rows(section: type, prefix: str, defaults: Any, sections: list[tuple[str, t
             continue
         description = (field.description or "").replace("|", "\\|").replace("\n", " ")
         kind = type_text(field.annotation, field.metadata).replace("|", "\\|")
-        rows.append(f"| `{dotted}` | {_default_text(default)} | {kind} | {description} |")
+        given = isinstance(defaults, dict) and name in defaults
+        shown = _default_text(default) if given or not field.is_required() else "required"
+        rows.append(f"| `{dotted}` | {shown} | {kind} | {description} |")
+        optional = _optional_section(field.annotation)
+        if optional is not None:  # null by default: its keys, with the defaults they take when it is given
+            sections.append((dotted, optional))
+            own = {name: f.default for name, f in optional.__pydantic_fields__.items() if not f.is_required()}
+            rows.extend(_rows(optional, dotted, {**own, **(default or {})}, sections))
     return rows
+
+
+def _optional_section(annotation: Any) -> type | None:
+    """The section of a `Section | None` field, else None."""
+    if get_origin(annotation) in (Union, types.UnionType):
+        found = [arg for arg in get_args(annotation) if _is_section(arg)]
+        return found[0] if len(found) == 1 else None
+    return None
 
 
 def _docstring(section: type) -> str:

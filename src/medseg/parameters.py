@@ -397,7 +397,7 @@ class DicomWebParams(Section):
         "Segment this study's series (all of them, or `series_uid`'s). null: search with `query`."))] = None
     series_uid: Annotated[str | None, Field(description=(
         "Segment only this series of `study_uid`."))] = None
-    query: Annotated[dict[str, str] | None, Field(description=(
+    query: Annotated[dict[str, str | int] | None, Field(description=(
         "A QIDO-RS series search by DICOM keyword, e.g. `{Modality: CT, StudyDate: 20240101-20241231}`. A query run is "
         "incremental: a series this model already answered, whose stored results the server still holds, is skipped; "
         "a series the reader refuses (a localizer, a gap) is skipped and listed."))] = None

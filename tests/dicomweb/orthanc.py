@@ -52,6 +52,10 @@ class Orthanc:
     process: subprocess.Popen
 
     @property
+    def port(self) -> int:
+        return int(self.root.rsplit(":", 1)[1])
+
+    @property
     def auth(self) -> tuple[str, str]:
         return USER, PASSWORD
 
@@ -85,9 +89,11 @@ class Orthanc:
         self.process.wait()
 
 
-def start_orthanc(folder: Path) -> Orthanc:
+def start_orthanc(folder: Path, port: int | None = None) -> Orthanc:
+    """Orthanc on `port` (a free one by default), storing in `folder`: started again on the same
+    folder and port, it is the same server with what it held."""
     folder.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
+    port = port or _free_port()
     config = {
         "Name": "medseg-tests",
         "StorageDirectory": str(folder / "storage"),

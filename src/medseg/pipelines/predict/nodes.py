@@ -49,7 +49,7 @@ def _folders(predict: PredictParams, project_root: str) -> tuple[Path | None, Pa
             "predict.input_dir and predict.dicomweb are both set; give one: the scans come from a folder or from a "
             "DICOMweb server."
         )
-    missing = [name for name in ("output_dir",) + (() if web else ("input_dir",)) if not predict.get(name)]
+    missing = [name for name in (() if web else ("input_dir",)) + ("output_dir",) if not predict.get(name)]
     if missing:
         raise ConfigurationError(
             f"predict.{' and predict.'.join(missing)} not set: kedro run --pipeline predict --params "

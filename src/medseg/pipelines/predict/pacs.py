@@ -35,6 +35,7 @@ from medseg.runs import credentials
 from medseg.storage.publishing import atomic_path
 
 logger = logging.getLogger(__name__)
+STAGES = logging.getLogger("medseg.stages")  # what a default `kedro run` shows
 
 ANSWERS_FILE = "answers.csv"
 ANSWER_COLUMNS = ["server", "study_instance_uid", "series_instance_uid", "model_uri", "seg_series_instance_uid",
@@ -106,6 +107,9 @@ def fetch_series(web: dict, server: DicomWebServer, model_uri: str, answers_fold
     logger.info("predict: %d series on %s, %d to segment, %d skipped.", len(refs), server.url, len(scans), len(skipped))
     for line in skipped:
         logger.info("predict: skipped %s", line)
+    STAGES.info("          %s: %d series found, %d to segment, %d skipped%s", server.url, len(refs), len(scans),
+                len(skipped), f" (answered before: {sum('answered by this model' in line for line in skipped)})"
+                if skipped else "")
     return scans, staging, skipped
 
 
@@ -145,4 +149,5 @@ def store_results(server: DicomWebServer, table: pd.DataFrame, output_dir: Path,
         })
         stored.extend(uids)
         logger.info("predict: stored %s on %s (%d of %d).", row["seg_file"], server.url, index + 1, len(rows))
+    STAGES.info("          %s: %d SEG%s stored", server.url, len(rows), "s" if len(rows) != 1 else "")
     return stored
