@@ -6,8 +6,9 @@ roots. For `--seconds` (default 30), `--clients` threads (default 8) send in tur
 
 - good: a scan by path with a new `output_path` under the write root, and a scan in `image_b64`;
 - hostile: a 352-byte header claiming 512 x 512 x 256 int16, a gzip bomb (200 MiB of zeros in
-  ~200 KiB), a 64 mm spacing, a path through a symlink to outside the roots, an `output_path`
-  onto an existing file (the user's own), a body above the cap, and a folder as `output_path`.
+  ~200 KiB), a zip bomb (a `.dcm` member of 200 MiB of zeros, its sizes declared honestly), a
+  64 mm spacing, a path through a symlink to outside the roots, an `output_path` onto an
+  existing file (the user's own), a body above the cap, and a folder as `output_path`.
 
 It prints the p50 and p95 latency of the good requests, their error rate, the hostile requests
 refused (and with which statuses), the server's peak RSS (the server and its children, sampled
@@ -34,6 +35,7 @@ import sys
 import tempfile
 import threading
 import time
+import zipfile
 from pathlib import Path
 
 import httpx
@@ -89,10 +91,15 @@ def hostile_payloads(read: Path, write: Path, outside: Path) -> dict[str, list[d
         out.write(nib.Nifti1Image(np.zeros((16, 16, 8), np.float32), AFFINE).to_bytes())
         for _ in range(200):
             out.write(bytes(2**20))
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as bomb, bomb.open("export/IM0001.dcm", "w") as member:
+        for _ in range(200):
+            member.write(bytes(2**20))
     b64 = lambda raw: base64.b64encode(raw).decode()  # noqa: E731
     return {
         "forged_header": [{"image_b64": b64(forged.header.binaryblock + b"\0" * 4)}],
         "gzip_bomb": [{"image_b64": b64(stream.getvalue())}],
+        "zip_bomb": [{"image_b64": b64(archive.getvalue())}],
         "spacing_64mm": [{"image_b64": b64(nifti(np.ones((16, 16, 16), np.float32), np.diag([64.0, 64, 64, 1])))}],
         "symlink_out": [{"image_path": str(read / "escape" / "secret.nii.gz")}],
         "overwrite_users_file": [{"image_path": str(read / "a.nii.gz"), "output_path": str(write / "users_own.nii.gz")}],

@@ -427,6 +427,14 @@ class PredictParams(Section):
         "Give a DICOM series whose Study, Series, SOP Instance or SOP Class UIDs are blank (as anonymisers leave them) new "
         "UIDs, derived from its voxels, so that its SEG can reference it; `predictions.csv` records which. false: such a "
         "series gets its NIfTI mask only, and its row says why."))] = False
+    outputs: Annotated[list[Literal["nifti", "seg", "rtstruct"]], Field(min_length=1, description=(
+        "What each scan gives, in any combination: `nifti` (`<case>.nii.gz`, the mask), `seg` (`<case>.seg.dcm`, a DICOM "
+        "SEG over a DICOM input), `rtstruct` (`<case>.rtstruct.dcm`, an RT Structure Set: one ROI per class, contours "
+        "on the source slices, holes by the even-odd rule). A scan that can give none of them is named in its row; "
+        "the run fails before any work only when no scan can give any."))] = ("nifti", "seg")
+    seg_type: Annotated[Literal["binary", "labelmap"], Field(description=(
+        "`binary`: a frame per slice and segment, what every viewer reads; `labelmap`: one frame per slice of segment "
+        "numbers (DICOM 2024c), for viewers that show label maps."))] = "binary"
     dicomweb: Annotated[DicomWebParams | None, Field(description=(
         "Take the scans from a DICOMweb server instead of `input_dir`, and store the SEGs back (see its keys)."))] = None
 

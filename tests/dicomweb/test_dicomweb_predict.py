@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from conftest import SHARED_UNET, copy_project, run_pipeline
+from medseg.dicom.rtstruct import read_rtstruct
 from medseg.dicom.seg import read_dicom_seg
 from medseg.dicom.series import read_dicom_series
 from medseg.dicom.web import DicomWebError, DicomWebServer, SeriesRef, find_series, retrieve_series
@@ -55,6 +56,7 @@ def _with_credentials(project, password=pacs_server.PASSWORD):
 
 def _params(orthanc, out, **web):
     return {**SHARED_UNET, "predict.model": "unet", "predict.input_dir": None, "predict.output_dir": str(out),
+            "predict.outputs": ["nifti", "seg", "rtstruct"],
             "predict.dicomweb": {"url": orthanc.dicomweb, "credentials": "pacs", "query": {"Modality": "CT"}, **web}}
 
 
@@ -97,6 +99,10 @@ def test_a_query_run_segments_both_studies_and_orthanc_serves_their_segs_back_as
         mask = read_volume(first_run / f"{row['case_id']}.nii.gz", role="label").data
         assert mask.sum() > 0
         np.testing.assert_array_equal(read_dicom_seg(seg_file, source), mask)
+        rt_ref = next(ref for ref in find_series(server, query={"Modality": "RTSTRUCT"}) if ref.study_uid == row["study_instance_uid"])
+        (rt_file,) = retrieve_series(server, rt_ref, tmp_path / f"{row['case_id']}-rt")
+        assert pydicom.dcmread(rt_file).SOPInstanceUID == row["rtstruct_sop_instance_uid"]
+        np.testing.assert_array_equal(read_rtstruct(rt_file, source), mask)
     answers = pd.read_csv(project / "data/07_model_output/dicomweb/answers.csv", dtype=str)
     assert sorted(answers["series_instance_uid"]) == sorted(table["series_instance_uid"])
     assert set(answers["server"]) == {orthanc.dicomweb} and answers["model_uri"].str.startswith("runs:/").all()
@@ -108,7 +114,7 @@ def test_a_second_query_run_skips_what_was_answered_and_says_so(pacs, first_run,
     stamp = (first_run / "predictions.csv").stat().st_mtime_ns
     with caplog.at_level(logging.INFO, logger="medseg.pipelines.predict.pacs"):
         run_pipeline(project, "predict", _params(orthanc, first_run))
-    assert "0 to segment" in caplog.text and caplog.text.count("SEG still on the server") == 2
+    assert "0 to segment" in caplog.text and caplog.text.count("its results still on the server") == 2
     assert "localizer" in caplog.text  # skipped, with the reader's reason
     assert sorted(p.name for p in first_run.iterdir()) == before
     assert (first_run / "predictions.csv").stat().st_mtime_ns == stamp
@@ -154,7 +160,7 @@ def test_a_server_that_dies_mid_run_stores_nothing_unfinished_and_a_rerun_finish
         with pytest.raises(Exception) as caught:
             run_pipeline(project, "predict", _params(orthanc, tmp_path / "masks"))
         message = str(caught.value)
-        assert "unreachable" in message and "1 of 2 SEGs were stored" in message and "Run again" in message
+        assert "unreachable" in message and "1 of 2 series' results were stored" in message and "Run again" in message
         answers = pd.read_csv(project / "data/07_model_output/dicomweb/answers.csv", dtype=str)
         assert len(answers) == 1  # what was stored, and only that
         # The masks and SEGs are all in the output folder, with the table.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -276,3 +277,47 @@ def test_dciodvfy_finds_no_error(series, tmp_path, kind):
     report = (result.stdout + result.stderr).splitlines()
     assert report and report[0] == "Segmentation"
     assert [line for line in report if line.startswith("Error")] == []
+
+
+@pytest.mark.parametrize("source", ["oblique", "CT5N"])
+def test_a_labelmap_seg_reads_back_as_the_mask(series, tmp_path, source):
+    if source == "CT5N":
+        series = read_dicom_series(CT5N)
+    mask = np.zeros(series.volume.data.shape, np.uint8)
+    mask[1:4, 1:3, 1:3] = 3
+    mask[0, 0, 0] = 7
+    write_dicom_seg(mask, series, {3: "liver", 7: "tumour", 9: "spleen"}, path=tmp_path / "seg.dcm", labelmap=True, **ALGORITHM)
+    seg = pydicom.dcmread(tmp_path / "seg.dcm")
+    assert seg.SegmentationType == "LABELMAP"
+    assert int(seg.NumberOfFrames) <= series.volume.data.shape[2]  # one frame per slice, not per segment
+    np.testing.assert_array_equal(read_dicom_seg(tmp_path / "seg.dcm", series), mask)
+
+
+def test_fractional_and_labelmap_together_are_refused(series, tmp_path):
+    with pytest.raises(DicomSegError, match="FRACTIONAL or LABELMAP, not both"):
+        write_dicom_seg(np.zeros(series.volume.data.shape, np.uint8), series, {1: "liver"}, path=tmp_path / "seg.dcm",
+                        fractional=True, labelmap=True, **ALGORITHM)
+
+
+# Debian's dicom3tools (2022) predates LABELMAP (DICOM 2024c), so it gives exactly these two
+# messages for one: it does not know the Label Map Segmentation Storage SOP class (so it checks
+# no module of it), and it counts segment numbers from 1 where a label map's background is
+# segment 0 (highdicom lists it). Any other message is a real error.
+LABELMAP_EXPECTED = (
+    re.compile(r"^Error - SegmentNumber not monotonically increasing from one by one - have SegmentSequence item number 1 "
+               r"\(from one\) with SegmentNumber of 0$"),
+    re.compile(r"^Error - Information Object Not found$"),
+)
+
+
+@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy is not installed (apt-get install dicom3tools)")
+def test_dciodvfy_on_a_labelmap_seg_gives_only_the_messages_of_its_older_standard(tmp_path):
+    series = read_dicom_series(CT5N)
+    mask = np.zeros(series.volume.data.shape, np.uint8)
+    mask[1:4, 1:3, 1:3] = 1
+    write_dicom_seg(mask, series, {1: "liver"}, path=tmp_path / "seg.dcm", labelmap=True, **ALGORITHM)
+    result = subprocess.run(["dciodvfy", str(tmp_path / "seg.dcm")], capture_output=True, text=True, timeout=60)
+    report = (result.stdout + result.stderr).splitlines()
+    problems = [line.strip() for line in report if line.startswith(("Error", "Warning"))]
+    unexpected = [line for line in problems if not any(p.match(line) for p in LABELMAP_EXPECTED)]
+    assert unexpected == [], "\n".join(report)

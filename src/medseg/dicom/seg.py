@@ -19,7 +19,8 @@ What the SEG holds:
   `model_uri=<uri>` (an LT value: a `runs:/` URI can exceed the 64 characters of
   SeriesDescription or ContentDescription);
 - BINARY frames by default (what every viewer reads); FRACTIONAL (PROBABILITY, 8-bit) when
-  asked, from the model's probabilities;
+  asked, from the model's probabilities; LABELMAP (DICOM 2024c) when asked, one frame per
+  slice holding segment numbers, for viewers that show label maps;
 - one frame per slice and segment that holds something: the frame over `series.datasets[k]`
   is `mask[:, :, k]` transposed (DICOM frames are rows x columns; medseg's axis 0 runs along
   the columns), placed at that slice's ImagePositionPatient.
@@ -154,6 +155,7 @@ def write_dicom_seg(
     model_uri: str,
     fractional: bool = False,
     probabilities: np.ndarray | None = None,
+    labelmap: bool = False,
     path: str | os.PathLike,
     series_number: int = 1000,
     series_description: str | None = None,
@@ -176,6 +178,9 @@ def write_dicom_seg(
         probabilities: (X, Y, Z, K) in [0, 1], channel k for the k-th class in ascending label
             value; (X, Y, Z, K + 1) is accepted too, channel 0 then being background and dropped.
             Stored with 8 bits (steps of 1/255).
+        labelmap: write a LABELMAP SEG (DICOM 2024c, Supplement 243): one frame per slice whose
+            pixels hold segment numbers, for viewers that show label maps, instead of a BINARY
+            one (a frame per slice and segment).
         path: the SEG file to write (`.dcm`); its folder is created. Written to a temporary file
             beside it, then renamed: a failure leaves no half-written SEG.
         series_number: SeriesNumber of the SEG's new series.
@@ -224,7 +229,9 @@ def write_dicom_seg(
         )
     numbers = {value: number for number, value in enumerate(values, start=1)}
     # Frame k is slice k of axis 2, its rows along axis 1 and its columns along axis 0.
-    segmentation_type = hd.seg.SegmentationTypeValues.BINARY
+    segmentation_type = hd.seg.SegmentationTypeValues.LABELMAP if labelmap else hd.seg.SegmentationTypeValues.BINARY
+    if fractional and labelmap:
+        raise DicomSegError(f"{what}: a SEG is FRACTIONAL or LABELMAP, not both. Choose one.")
     if fractional:
         pixels = _fractional_frames(probabilities, shape, len(values), what)
         segmentation_type = hd.seg.SegmentationTypeValues.FRACTIONAL
@@ -344,6 +351,7 @@ def read_dicom_seg(path: str | os.PathLike, series: DicomSeries, classes: dict[i
     values = _segment_values(seg, classes, what)
     _check_frame_geometry(seg, series, what)
     fractional = seg.segmentation_type == hd.seg.SegmentationTypeValues.FRACTIONAL
+    labelmap = seg.segmentation_type == hd.seg.SegmentationTypeValues.LABELMAP
     try:
         pixels = seg.get_pixels_by_source_instance(
             source_sop_instance_uids=source_uids,

@@ -80,19 +80,22 @@ QC_SHORT = {"out_of_distribution": "OOD", "low_confidence": "uncertain", "implau
 @dataclass(frozen=True)
 class SegWriter:
     """Writes a DICOM scan's mask as a DICOM SEG over its source series
-    (:func:`medseg.dicom.seg.write_dicom_seg`, BINARY); picklable, for a Dask worker.
+    (:func:`medseg.dicom.seg.write_dicom_seg`, BINARY, or LABELMAP with `labelmap`);
+    picklable, for a Dask worker.
 
     Attributes:
         series: the source series (its datasets without pixel data).
         classes: {label value: name} of the foreground classes.
         algorithm_name: the model's name (`UNet`, `unet+conv3d`).
         model_uri: the model the mask came from (`runs:/...`, `models:/...`).
+        labelmap: a LABELMAP SEG instead of a BINARY one.
     """
 
     series: DicomSeries
     classes: Mapping[int, str]
     algorithm_name: str
     model_uri: str
+    labelmap: bool = False
 
     def __call__(self, mask: Volume, path: Path, qc_flags: str = "") -> str:
         """Write the SEG; its series description says "QC: <flags>" when a QC flag is raised,
@@ -100,12 +103,43 @@ class SegWriter:
         from medseg.dicom.seg import write_dicom_seg
 
         name = f"medseg {self.algorithm_name}"
-        flags = [QC_SHORT.get(flag, flag) for flag in qc_flags.split(";") if flag]
-        description = f"{name} QC: {', '.join(flags)}" if flags else f"{name} segmentation"  # at most 64 characters
         return write_dicom_seg(
             np.asarray(mask.data), self.series, dict(self.classes), algorithm_name=name,
-            algorithm_version=medseg_version(), model_uri=self.model_uri, path=path, series_description=description,
+            algorithm_version=medseg_version(), model_uri=self.model_uri, path=path,
+            series_description=_description(name, "segmentation", qc_flags), labelmap=self.labelmap,
         )
+
+
+@dataclass(frozen=True)
+class RtstructWriter:
+    """Writes a DICOM scan's mask as an RT Structure Set over its source series
+    (:func:`medseg.dicom.rtstruct.write_rtstruct`); the attributes of :class:`SegWriter`."""
+
+    series: DicomSeries
+    classes: Mapping[int, str]
+    algorithm_name: str
+    model_uri: str
+
+    def __call__(self, mask: Volume, path: Path, qc_flags: str = "") -> str:
+        from medseg.dicom.rtstruct import write_rtstruct
+
+        name = f"medseg {self.algorithm_name}"
+        return write_rtstruct(
+            np.asarray(mask.data), self.series, dict(self.classes), algorithm_name=name,
+            algorithm_version=medseg_version(), model_uri=self.model_uri, path=path,
+            series_description=_description(name, "structures", qc_flags),
+        )
+
+
+def _description(name: str, what: str, qc_flags: str) -> str:
+    """A DICOM output's series description: `<name> QC: <flags>` when a QC flag is raised (a
+    viewer's series list shows it), else `<name> <what>`; at most 64 characters."""
+    flags = [QC_SHORT.get(flag, flag) for flag in qc_flags.split(";") if flag]
+    return (f"{name} QC: {', '.join(flags)}" if flags else f"{name} {what}")[:64]
+
+
+# The DICOM outputs `predict.outputs` may ask for beside `nifti`, and each one's file suffix.
+DICOM_OUTPUTS = {"seg": SEG_SUFFIX, "rtstruct": ".rtstruct.dcm"}
 
 
 def medseg_version() -> str:
@@ -252,11 +286,15 @@ def _stage_mask(job: tuple[Scan, Any, Path]) -> dict:
     """Make one scan's mask and row (on a Dask worker, or here) and write the mask into the
     staging folder; returns the row."""
     scan, made, staging = job
-    mask, row, *seg = made() if callable(made) else made
+    mask, row, *writers = made() if callable(made) else made
     write_volume(mask, staging / f"{scan.case_id}.nii.gz")
-    if seg and seg[0] is not None:
-        row = {**row, "seg_file": f"{scan.case_id}{SEG_SUFFIX}",
-               "seg_sop_instance_uid": seg[0](mask, staging / f"{scan.case_id}{SEG_SUFFIX}")}
+    writers = writers[0] if writers else None
+    if callable(writers):  # one SEG writer, as before several outputs
+        writers = {"seg": writers}
+    for kind, writer in (writers or {}).items():
+        if writer is not None:
+            name = f"{scan.case_id}{DICOM_OUTPUTS[kind]}"
+            row = {**row, f"{kind}_file": name, f"{kind}_sop_instance_uid": writer(mask, staging / name)}
     return {"case_id": scan.case_id, **row}
 
 
@@ -284,6 +322,7 @@ def write_predictions(
     segment: Callable[[Scan], Any],
     output_dir: str | os.PathLike,
     mapper: Callable[..., list] | None = None,
+    outputs: Sequence[str] = ("nifti", "seg"),
 ) -> pd.DataFrame:
     """Segment each scan and publish the masks and `predictions.csv` together.
 
@@ -296,12 +335,15 @@ def write_predictions(
     Args:
         scans: the scans to segment.
         segment: `scan -> (mask, row)`, or a :class:`medseg.casework.DriverThenWorker` whose
-            result is `(mask, row)` or `(mask, row, write_seg)`: its driver part (the network)
+            result is `(mask, row)` or `(mask, row, writers)`: its driver part (the network)
             runs here and its worker part (inverse geometry, volumes) where `mapper` runs
-            tasks, which also write the mask, and for a DICOM scan `write_seg(mask, path)`,
-            which writes its DICOM SEG and returns the SEG's SOPInstanceUID. The row holds the
-            table's columns for that case (`case_id`, and `seg_file` and
-            `seg_sop_instance_uid` for a SEG, are added).
+            tasks, which also write the mask, and for a DICOM scan each of `writers`
+            ({"seg": ..., "rtstruct": ...}, or one SEG writer) as `writer(mask, path)`, which
+            writes that DICOM object and returns its SOPInstanceUID. The row holds the
+            table's columns for that case (`case_id`, and `<kind>_file` and
+            `<kind>_sop_instance_uid` for each DICOM object, are added).
+        outputs: what is published: `nifti` (the masks), and the DICOM objects the writers
+            made. The masks are made either way (the DICOM objects are drawn from them).
         output_dir: the folder to write; created if missing. Under a Dask scheduler the
             workers write into it, so it must be on storage they share.
         mapper: a `medseg.runs.compute` executor's `map` (default: this process, in order).
@@ -311,8 +353,9 @@ def write_predictions(
     """
     target = Path(output_dir)
     scans = list(scans)
-    segs = [f"{scan.case_id}{SEG_SUFFIX}" for scan in scans if scan.is_dicom]
-    check_targets(target, [*(f"{scan.case_id}.nii.gz" for scan in scans), *segs, PREDICTIONS_TABLE])
+    dicom = [f"{scan.case_id}{DICOM_OUTPUTS[kind]}" for scan in scans if scan.is_dicom for kind in DICOM_OUTPUTS if kind in outputs]
+    masks = [f"{scan.case_id}.nii.gz" for scan in scans] if "nifti" in outputs else []
+    check_targets(target, [*masks, *dicom, PREDICTIONS_TABLE])
     with staging_folder(target, prefix=".medseg-predict-staging-") as staging:
         rows = (mapper or map_in_order)(
             _stage_mask, scans, task="Segmenting", case_ids=[scan.case_id for scan in scans],
@@ -320,7 +363,8 @@ def write_predictions(
         )
         table = pd.DataFrame(rows)
         spreadsheet_safe(table).to_csv(staging / PREDICTIONS_TABLE, index=False)
-        published = [f"{row['case_id']}.nii.gz" for row in rows] + [row["seg_file"] for row in rows if row.get("seg_file")]
+        published = [f"{row['case_id']}.nii.gz" for row in rows] if "nifti" in outputs else []
+        published += [row[f"{kind}_file"] for row in rows for kind in DICOM_OUTPUTS if row.get(f"{kind}_file")]
         publish_files(staging, target, [*published, PREDICTIONS_TABLE])
     return table
 
@@ -330,17 +374,22 @@ def segmented_scan_with_qc(parts_and_qc: tuple[Any, Mapping[str, Any]], **kwargs
     and a DICOM SEG's series description says when a flag is raised."""
     parts, qc = parts_and_qc
     write_seg = kwargs.pop("write_seg", None)
-    if isinstance(write_seg, SegWriter) and qc.get("qc_flags"):
-        write_seg = partial(write_seg, qc_flags=qc["qc_flags"])
+    if qc.get("qc_flags"):
+        if isinstance(write_seg, Mapping):
+            write_seg = {kind: partial(writer, qc_flags=qc["qc_flags"]) if writer is not None else None
+                         for kind, writer in write_seg.items()}
+        elif isinstance(write_seg, SegWriter):
+            write_seg = partial(write_seg, qc_flags=qc["qc_flags"])
     return segmented_scan(parts, extra={**kwargs.pop("extra"), **qc}, write_seg=write_seg, **kwargs)
 
 
 def segmented_scan(
     parts: Any, finish: Callable[[Any], Volume], classes: Mapping[str, str], extra: Mapping[str, Any],
-    write_seg: Callable[[Volume, Path], str] | None = None,
-) -> tuple[Volume, dict, Callable[[Volume, Path], str] | None]:
+    write_seg: Callable[[Volume, Path], str] | Mapping[str, Callable[[Volume, Path], str] | None] | None = None,
+) -> tuple[Volume, dict, Any]:
     """A scan's mask on its own grid and its `predictions.csv` row, from what a segmenter's
     `network_part` gave and its `finisher()`: the worker part of a prediction (no network).
-    `write_seg` (for a DICOM scan) goes back with them, for `write_predictions` to call."""
+    `write_seg` (for a DICOM scan: a SEG writer, or the writers by output kind) goes back with
+    them, for `write_predictions` to call."""
     mask = finish(parts)
     return mask, {**volumes_ml(mask, classes), **extra}, write_seg

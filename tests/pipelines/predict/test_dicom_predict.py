@@ -19,6 +19,7 @@ import pytest
 from conftest import SHARED_UNET, copy_project, mlflow_runs, run_pipeline
 from medseg.errors import MedsegError
 from medseg.dicom.series import read_dicom_series
+from medseg.dicom.rtstruct import read_rtstruct
 from medseg.dicom.seg import read_dicom_seg
 from medseg.dicom.uids import with_generated_uids
 from medseg.synthetic.dicom_series import write_dicom_series
@@ -147,11 +148,45 @@ def test_with_new_uids_asked_for_the_anonymised_series_gets_a_seg_over_them(dico
                                   read_volume(masks / "anonymised.nii.gz", role="label").data)
 
 
+def test_outputs_give_a_structure_set_and_a_labelmap_seg_that_read_back_as_the_mask(dicom_prediction, tmp_path):
+    project, scans, out = dicom_prediction
+    only = tmp_path / "in"
+    shutil.copytree(scans / "series", only / "series")
+    masks = tmp_path / "out"
+    run_pipeline(project, "predict", {**SHARED_UNET, "predict.model": "unet", "predict.input_dir": str(only),
+                                      "predict.output_dir": str(masks), "predict.outputs": ["seg", "rtstruct"],
+                                      "predict.seg_type": "labelmap"})
+    assert sorted(p.name for p in masks.iterdir()) == ["predictions.csv", "series.rtstruct.dcm", "series.seg.dcm"]
+    row = pd.read_csv(masks / "predictions.csv", dtype=str, keep_default_na=False).iloc[0]
+    assert row["rtstruct_file"] == "series.rtstruct.dcm" and row["seg_file"] == "series.seg.dcm"
+    assert pydicom.dcmread(masks / "series.rtstruct.dcm").SOPInstanceUID == row["rtstruct_sop_instance_uid"]
+    assert pydicom.dcmread(masks / "series.seg.dcm").SegmentationType == "LABELMAP"
+    series = read_dicom_series(only / "series")
+    expected = read_volume(out / "series.nii.gz", role="label").data  # the first run's mask, same model and series
+    assert expected.sum() > 0
+    np.testing.assert_array_equal(read_dicom_seg(masks / "series.seg.dcm", series), expected)
+    redrawn = read_rtstruct(masks / "series.rtstruct.dcm", series)
+    for value in np.unique(expected[expected > 0]):
+        a, b = redrawn == value, expected == value
+        assert 2 * (a & b).sum() / (a.sum() + b.sum()) >= 0.98  # the bound; the even-odd rule gives 1.0
+    np.testing.assert_array_equal(redrawn, expected)
+
+
+def test_dicom_outputs_only_for_nifti_scans_are_refused_before_any_work(dicom_prediction, tmp_path):
+    project, scans, _ = dicom_prediction
+    only = tmp_path / "in"
+    only.mkdir()
+    shutil.copy(scans / "nifti_0000.nii.gz", only / "nifti_0000.nii.gz")
+    with pytest.raises(MedsegError, match=r"asks only for DICOM objects, and none of the 1 scans can give one: 1 are NIfTI"):
+        run_pipeline(project, "predict", {**SHARED_UNET, "predict.model": "unet", "predict.input_dir": str(only),
+                                          "predict.output_dir": str(tmp_path / "out"), "predict.outputs": ["rtstruct"]})
+    assert not (tmp_path / "out").exists()
+
+
 def test_the_tracking_store_holds_no_patient_identifier_and_the_run_lists_its_inputs(dicom_prediction):
     project, _, _ = dicom_prediction
     _, runs = mlflow_runs(project)
-    run = runs[0]
-    assert run.info.run_name.startswith("Predict-UNet-")
+    run = [r for r in runs if r.info.run_name.startswith("Predict-UNet-")][-1]  # the fixture's, the first predict run
     identifiers = {PATIENT_ID, "PHANTOM^SYNTHETIC", "PHANTOM"}
     for what in (run.data.params, run.data.tags, {k: str(v) for k, v in run.data.metrics.items()}):
         for key, value in what.items():

@@ -19,10 +19,12 @@ import pandas as pd
 from medseg.runs import compute
 from medseg.casework import DriverThenWorker
 from medseg.storage.paths import anchor_path
+from medseg.dicom.series import check_dicom_series
 from medseg.dicom.uids import with_generated_uids
 from medseg.errors import ConfigurationError
 from medseg.inference.ensemble import load_segmenter, read_any_plan
 from medseg.inference.scans import (
+    RtstructWriter,
     Scan,
     SegWriter,
     check_output_folder,
@@ -96,9 +98,27 @@ def list_scans_to_predict(
     else:
         scans = list_scans(input_dir, read_any_plan(folder).channel, predict.get("series_uid"))
         logger.info("predict: %d scans in %s (%d DICOM).", len(scans), input_dir, sum(scan.is_dicom for scan in scans))
+    _check_some_output(scans, predict)
     table = pd.DataFrame([{"case_id": scan.case_id, "image_path": scan.path, "format": scan.format} for scan in scans],
                          columns=["case_id", "image_path", "format"])
     return table, source
+
+
+def _check_some_output(scans: list[Scan], predict: PredictParams) -> None:
+    """Refuse, before any work, a run in which no scan can give any output `predict.outputs`
+    asks for: only DICOM objects asked, and no DICOM series with the UIDs they reference."""
+    outputs = list(predict.get("outputs") or ("nifti", "seg"))
+    if "nifti" in outputs or not scans:
+        return
+    dicom = [scan for scan in scans if scan.is_dicom]
+    generate = bool(predict.get("generate_missing_uids"))
+    able = [scan for scan in dicom if generate or not check_dicom_series(scan.dicom_source(), scan.series_uid).missing_uids]
+    if not able:
+        raise ConfigurationError(
+            f"predict.outputs={outputs} asks only for DICOM objects, and none of the {len(scans)} scans can give one: "
+            f"{len(scans) - len(dicom)} are NIfTI, {len(dicom)} are DICOM series without the UIDs a DICOM object "
+            "references. Add nifti to predict.outputs, or set predict.generate_missing_uids=true for such series."
+        )
 
 
 def segment_scans(
@@ -149,6 +169,7 @@ def _segment_scans(scans: pd.DataFrame, model: dict, predict: PredictParams, inp
         "predict: %s from %s; mirroring over %s, largest component %s.", segmenter.plan.display_name, model_uri,
         list(segmenter.effective_mirror_axes()) or "no axes", "kept" if segmenter.plan.keep_largest_component else "off",
     )
+    outputs = list(predict.get("outputs") or ("nifti", "seg"))
     finish = segmenter.finisher()
     classes = {int(value): name for value, name in segmenter.plan.classes.items()}
     row = {"model_uri": model_uri, "medseg_version": medseg_version()}
@@ -159,18 +180,26 @@ def _segment_scans(scans: pd.DataFrame, model: dict, predict: PredictParams, inp
         if series is not None and series.missing_uids and predict.get("generate_missing_uids"):
             series, generated = with_generated_uids(series)
         volume = series.volume if series is not None else segmenter.read_scan(scan.path)
-        can_reference = series is not None and not series.missing_uids
-        write_seg = SegWriter(series, classes, segmenter.plan.display_name, model_uri) if can_reference else None
+        writers = None
+        if series is not None and not series.missing_uids:  # a DICOM output references its source by its UIDs
+            name = segmenter.plan.display_name
+            writers = {"seg": SegWriter(series, classes, name, model_uri, labelmap=predict.get("seg_type") == "labelmap")
+                       if "seg" in outputs else None,
+                       "rtstruct": RtstructWriter(series, classes, name, model_uri) if "rtstruct" in outputs else None}
+        columns = lineage(series, generated)
+        if series is None and "nifti" not in outputs:
+            columns["dicom_outputs_note"] = ("no output: a NIfTI scan gives no DICOM object, and predict.outputs "
+                                             "leaves out nifti; add nifti to have its mask")
 
         def network() -> tuple:
             parts = segmenter.network_part(volume, scan.path)
             return parts, segmenter.quality(volume, parts[0])  # the QC columns need the probabilities
 
         return DriverThenWorker(network, partial(segmented_scan_with_qc, finish=finish, classes=segmenter.plan.classes,
-                                                 extra={**row, **lineage(series, generated)}, write_seg=write_seg))
+                                                 extra={**row, **columns}, write_seg=writers))
 
     items = [Scan(str(r.case_id), str(r.image_path), str(r.format), predict.get("series_uid")) for r in scans.itertuples()]
-    table = write_predictions(items, segment, output_dir, mapper=compute.current().map)
+    table = write_predictions(items, segment, output_dir, mapper=compute.current().map, outputs=outputs)
     web = predict.get("dicomweb")
     tracking.log_input_cases("predict-input", web["url"] if web else str(input_dir), table, context="inference")
     logger.info("predict: %d masks and predictions.csv written to %s.", len(table), output_dir)

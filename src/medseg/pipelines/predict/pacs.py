@@ -6,13 +6,13 @@
   the user's folders, removed when the run ends) and checked as a folder's series are.
 - A query run is incremental. `answers.csv` (catalog entry `predict.dicomweb_answers`) records
   every series answered: the server, the study and series UIDs, the model URI (its version), and
-  the stored SEG's series and SOP Instance UIDs. A series the same model answered on the same
+  what was stored (each object's series and SOP Instance UIDs). A series the same model answered on the same
   server is skipped when the server still holds what was stored (a QIDO-RS search for those
   instances, nothing more), and the run says what it skipped.
 - A series the reader refuses (a localizer, a gap, a missing decoder) is skipped in a query run,
   listed with its reason; a series named by its UIDs is an error instead.
-- Each SEG is stored with STOW-RS as a new series of its source study, once every mask has been
-  written; each stored SEG is recorded at once. If the server fails part way, the run stops,
+- Each series' SEG (and RTSTRUCT, when asked) is stored with STOW-RS as new series of its
+  source study, once every mask has been written; each series' results are recorded at once. If the server fails part way, the run stops,
   naming what was stored and what was not; a second run stores the rest.
 - Credentials are read by name (`predict.dicomweb.credentials`, `medseg.runs.credentials`) in
   the driver only: no Dask task carries them, and no message or record names them.
@@ -38,8 +38,9 @@ logger = logging.getLogger(__name__)
 STAGES = logging.getLogger("medseg.stages")  # what a default `kedro run` shows
 
 ANSWERS_FILE = "answers.csv"
-ANSWER_COLUMNS = ["server", "study_instance_uid", "series_instance_uid", "model_uri", "seg_series_instance_uid",
-                  "seg_sop_instance_uids", "answered_at"]
+# `stored`: what was stored for the series, `<series UID>/<SOP Instance UID>` each, `;`-separated
+# (its SEG, and its RTSTRUCT when asked).
+ANSWER_COLUMNS = ["server", "study_instance_uid", "series_instance_uid", "model_uri", "stored", "answered_at"]
 
 
 def server_of(web: dict) -> DicomWebServer:
@@ -83,7 +84,7 @@ def fetch_series(web: dict, server: DicomWebServer, model_uri: str, answers_fold
     for ref in refs:
         done = answered[answered["series_instance_uid"] == ref.series_uid]
         if len(done) and _still_stored(server, ref, done.iloc[-1]):
-            skipped.append(f"series {ref.series_uid}: answered by this model on {done.iloc[-1]['answered_at']}, its SEG still on the server")
+            skipped.append(f"series {ref.series_uid}: answered by this model on {done.iloc[-1]['answered_at']}, its results still on the server")
             continue
         todo.append(ref)
     staging = tempfile.mkdtemp(prefix="medseg-dicomweb-")
@@ -114,10 +115,14 @@ def fetch_series(web: dict, server: DicomWebServer, model_uri: str, answers_fold
 
 
 def _still_stored(server: DicomWebServer, ref: SeriesRef, record: pd.Series) -> bool:
-    uids = [uid for uid in str(record["seg_sop_instance_uids"]).split(";") if uid]
-    if not uids or not record["seg_series_instance_uid"]:
+    by_series: dict[str, list[str]] = {}
+    for item in str(record.get("stored", "")).split(";"):
+        if "/" in item:
+            series, sop = item.split("/", 1)
+            by_series.setdefault(series, []).append(sop)
+    if not by_series:
         return False
-    return instances_present(server, ref.study_uid, str(record["seg_series_instance_uid"]), uids)
+    return all(instances_present(server, ref.study_uid, series, sops) for series, sops in by_series.items())
 
 
 def store_results(server: DicomWebServer, table: pd.DataFrame, output_dir: Path, model_uri: str, answers_folder: str) -> list[str]:
@@ -129,25 +134,26 @@ def store_results(server: DicomWebServer, table: pd.DataFrame, output_dir: Path,
     import pydicom
 
     stored: list[str] = []
-    rows = [row for row in table.to_dict("records") if row.get("seg_file")]
+    kinds = ("seg", "rtstruct")
+    rows = [row for row in table.to_dict("records") if any(row.get(f"{kind}_file") for kind in kinds)]
     for index, row in enumerate(rows):
-        path = output_dir / str(row["seg_file"])
+        paths = [output_dir / str(row[f"{kind}_file"]) for kind in kinds if row.get(f"{kind}_file")]
         try:
-            uids = store(server, [path], str(row["study_instance_uid"]))
+            uids = store(server, paths, str(row["study_instance_uid"]))
         except DicomWebError as error:
-            done = f"{len(stored)} of {len(rows)} SEGs were stored ({', '.join(stored) or 'none'})"
+            done = f"{index} of {len(rows)} series' results were stored ({', '.join(stored) or 'none'})"
             raise DicomWebError(
-                f"{error} {done}; the rest were not, and their masks and SEGs are in {output_dir}. Run again to store "
-                "them: what was stored is recorded and skipped."
+                f"{error} {done}; the rest were not, and their masks and DICOM objects are in {output_dir}. Run again "
+                "to store them: what was stored is recorded and skipped."
             ) from None
-        seg = pydicom.dcmread(path, stop_before_pixels=True)
+        series = [str(pydicom.dcmread(path, stop_before_pixels=True).SeriesInstanceUID) for path in paths]
         record_answer(answers_folder, {
             "server": server.url, "study_instance_uid": row["study_instance_uid"],
             "series_instance_uid": row["series_instance_uid"], "model_uri": model_uri,
-            "seg_series_instance_uid": str(seg.SeriesInstanceUID), "seg_sop_instance_uids": ";".join(uids),
+            "stored": ";".join(f"{s}/{u}" for s, u in zip(series, uids)),
             "answered_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         })
         stored.extend(uids)
-        logger.info("predict: stored %s on %s (%d of %d).", row["seg_file"], server.url, index + 1, len(rows))
-    STAGES.info("          %s: %d SEG%s stored", server.url, len(rows), "s" if len(rows) != 1 else "")
+        logger.info("predict: stored %s on %s (%d of %d).", ", ".join(p.name for p in paths), server.url, index + 1, len(rows))
+    STAGES.info("          %s: the results of %d series stored", server.url, len(rows))
     return stored
