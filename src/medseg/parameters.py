@@ -432,6 +432,10 @@ class PredictParams(Section):
         "SEG over a DICOM input), `rtstruct` (`<case>.rtstruct.dcm`, an RT Structure Set: one ROI per class, contours "
         "on the source slices, holes by the even-odd rule). A scan that can give none of them is named in its row; "
         "the run fails before any work only when no scan can give any."))] = ("nifti", "seg")
+    hash_uids: Annotated[bool, Field(description=(
+        "Record the input's and outputs' UIDs as SHA-256 digests (`sha256:<hex>`) in each scan's audit record "
+        "(`<case>.audit.json`) and in what MLflow keeps of the run; `predictions.csv` in `output_dir` keeps them as "
+        "they are. The same UID gives the same digest, so records still link."))] = False
     seg_type: Annotated[Literal["binary", "labelmap"], Field(description=(
         "`binary`: a frame per slice and segment, what every viewer reads; `labelmap`: one frame per slice of segment "
         "numbers (DICOM 2024c), for viewers that show label maps."))] = "binary"

@@ -70,6 +70,12 @@ class DicomWebServer:
                 f"predict.dicomweb.url={url!r} is not an http:// or https:// URL. Give the server's DICOMweb root, "
                 "e.g. http://pacs.example.org:8042/dicom-web for Orthanc."
             )
+        if re.match(r"^https?://[^/\s]*@", url):
+            raise DicomWebError(
+                "predict.dicomweb.url holds a user name or password before its host; give the URL without them and put "
+                "them in conf/local/credentials.yml, named by predict.dicomweb.credentials, so that no log or record "
+                "shows them."
+            )
         credentials = dict(credentials or {})
         unknown = sorted(set(credentials) - {"username", "password", "token"})
         if unknown or ("token" in credentials and "username" in credentials) or (("username" in credentials) != ("password" in credentials)):

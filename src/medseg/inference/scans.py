@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -28,6 +29,7 @@ from medseg.errors import ConfigurationError, DatasetNotFoundError, EmptyDataset
 from medseg.dicom.series import DicomSeries, check_dicom_series, is_dicom_input, read_dicom_series
 from medseg.dicom.uids import missing_uids_reason
 from medseg.imaging.geometry import CaseGeometry
+from medseg.inference.audit import AUDIT_SUFFIX
 from medseg.imaging.io import Volume, read_header_geometry, write_volume
 from medseg.inference.postprocessing import LabelMapper, volumes_ml
 from medseg.storage.publishing import check_replaceable, publish_files, spreadsheet_safe, staging_folder
@@ -285,25 +287,33 @@ def check_output_folder(input_dir: str | os.PathLike, output_dir: str | os.PathL
 def _stage_mask(job: tuple[Scan, Any, Path]) -> dict:
     """Make one scan's mask and row (on a Dask worker, or here) and write the mask into the
     staging folder; returns the row."""
-    scan, made, staging = job
+    scan, made, staging, *network = job
+    start = time.perf_counter()
     mask, row, *writers = made() if callable(made) else made
-    write_volume(mask, staging / f"{scan.case_id}.nii.gz")
-    writers = writers[0] if writers else None
-    if callable(writers):  # one SEG writer, as before several outputs
-        writers = {"seg": writers}
-    for kind, writer in (writers or {}).items():
+    mask_path = staging / f"{scan.case_id}.nii.gz"
+    write_volume(mask, mask_path)
+    writers = dict(writers[0]) if isinstance(writers[0] if writers else None, Mapping) else (
+        {"seg": writers[0]} if writers and writers[0] is not None else {})  # one SEG writer, as before several outputs
+    audit = writers.pop("audit", None)
+    files = {"nifti": mask_path}
+    for kind, writer in writers.items():
         if writer is not None:
             name = f"{scan.case_id}{DICOM_OUTPUTS[kind]}"
             row = {**row, f"{kind}_file": name, f"{kind}_sop_instance_uid": writer(mask, staging / name)}
+            files[kind] = staging / name
+    if audit is not None:
+        seconds = {"network": network[0] if network else 0.0, "mapping_and_writing": time.perf_counter() - start}
+        row = {**row, **audit(staging / f"{scan.case_id}{AUDIT_SUFFIX}", scan.case_id, row, files, seconds)}
     return {"case_id": scan.case_id, **row}
 
 
 def _driver_part(segment: Callable[[Scan], Any], staging: Path) -> Callable[[Scan], tuple[Scan, Any, Path]]:
-    def prepare(scan: Scan) -> tuple[Scan, Any, Path]:
+    def prepare(scan: Scan) -> tuple[Scan, Any, Path, float]:
+        start = time.perf_counter()
         made = segment(scan)
         if isinstance(made, DriverThenWorker):
             made = partial(made.worker, made.driver())
-        return scan, made, staging
+        return scan, made, staging, time.perf_counter() - start  # the network's time, for the audit
 
     return prepare
 
@@ -355,7 +365,8 @@ def write_predictions(
     scans = list(scans)
     dicom = [f"{scan.case_id}{DICOM_OUTPUTS[kind]}" for scan in scans if scan.is_dicom for kind in DICOM_OUTPUTS if kind in outputs]
     masks = [f"{scan.case_id}.nii.gz" for scan in scans] if "nifti" in outputs else []
-    check_targets(target, [*masks, *dicom, PREDICTIONS_TABLE])
+    audits = [f"{scan.case_id}{AUDIT_SUFFIX}" for scan in scans]
+    check_targets(target, [*masks, *dicom, *audits, PREDICTIONS_TABLE])
     with staging_folder(target, prefix=".medseg-predict-staging-") as staging:
         rows = (mapper or map_in_order)(
             _stage_mask, scans, task="Segmenting", case_ids=[scan.case_id for scan in scans],
@@ -365,6 +376,7 @@ def write_predictions(
         spreadsheet_safe(table).to_csv(staging / PREDICTIONS_TABLE, index=False)
         published = [f"{row['case_id']}.nii.gz" for row in rows] if "nifti" in outputs else []
         published += [row[f"{kind}_file"] for row in rows for kind in DICOM_OUTPUTS if row.get(f"{kind}_file")]
+        published += [row["audit_file"] for row in rows if row.get("audit_file")]
         publish_files(staging, target, [*published, PREDICTIONS_TABLE])
     return table
 
@@ -376,8 +388,8 @@ def segmented_scan_with_qc(parts_and_qc: tuple[Any, Mapping[str, Any]], **kwargs
     write_seg = kwargs.pop("write_seg", None)
     if qc.get("qc_flags"):
         if isinstance(write_seg, Mapping):
-            write_seg = {kind: partial(writer, qc_flags=qc["qc_flags"]) if writer is not None else None
-                         for kind, writer in write_seg.items()}
+            write_seg = {kind: partial(writer, qc_flags=qc["qc_flags"]) if writer is not None and kind in DICOM_OUTPUTS
+                         else writer for kind, writer in write_seg.items()}
         elif isinstance(write_seg, SegWriter):
             write_seg = partial(write_seg, qc_flags=qc["qc_flags"])
     return segmented_scan(parts, extra={**kwargs.pop("extra"), **qc}, write_seg=write_seg, **kwargs)

@@ -288,6 +288,33 @@ def log_params(params: Mapping[str, Any]) -> None:
 OOF_SCORES_ARTIFACT = "selection/oof_scores.csv"
 
 
+def model_version(uri: str) -> tuple[str, str]:
+    """(version, aliases) of a model URI, for an audit record: a registered model's version and
+    its aliases now (`,`-separated), a run's id for `runs:/`, ("", "") where the registry cannot
+    say (a local folder, no registry): never an error."""
+    match = re.match(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>.+))$", uri)
+    try:
+        if match:
+            client = mlflow.MlflowClient()
+            if match["alias"]:
+                found = client.get_model_version_by_alias(match["name"], match["alias"])
+            else:
+                found = client.get_model_version(match["name"], match["version"])
+            return str(found.version), ",".join(sorted(found.aliases or []))
+    except mlflow.exceptions.MlflowException:
+        return "", ""
+    run = re.match(r"^runs:/(?P<run>[^/]+)/", uri)
+    return (run["run"], "") if run else ("", "")
+
+
+def log_files(paths: Iterable[Any], artifact_path: str) -> None:
+    """Log files to the active run under `artifact_path`; nothing outside a tracked run."""
+    if mlflow.active_run() is None:
+        return
+    for path in paths:
+        mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+
 def champion_record(name: str, alias: str = "champion") -> Any:
     """The registered model `name`'s version under `alias` and the out-of-fold scores its run
     stored (`OOF_SCORES_ARTIFACT`), as a `medseg.evaluation.selection.ChampionRecord`; None

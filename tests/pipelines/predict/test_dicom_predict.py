@@ -5,6 +5,8 @@ patient identifier."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 import subprocess
 import zipfile
@@ -27,6 +29,9 @@ from medseg.imaging.io import read_volume
 from tests.imaging.test_dicom_blank_uids import blank
 
 PATIENT_ID = "PID-7731-SECRET"
+# Attributes of DICOM PS3.15's basic de-identification profile, each with a marker to search for.
+IDENTIFIERS = {"PatientBirthDate": "19010203", "AccessionNumber": "ACC-SECRET-991", "InstitutionName": "St Secret Hospital",
+               "ReferringPhysicianName": "DOCTOR^SECRET", "OtherPatientIDs": "OPID-SECRET-5"}
 
 
 def _canonical(volume_data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -45,6 +50,11 @@ def dicom_prediction(trained_unet, tmp_path_factory):
     scans.mkdir()
     shutil.copy(source, scans / "nifti_0000.nii.gz")
     files = write_dicom_series(read_volume(source), scans / "series", patient_id=PATIENT_ID, seed=3)
+    for path in files:  # the patient and study attributes a de-identification profile removes, as markers
+        dataset = pydicom.dcmread(path)
+        for keyword, marker in IDENTIFIERS.items():
+            setattr(dataset, keyword, marker)
+        dataset.save_as(path)
     with zipfile.ZipFile(scans / "zipped.zip", "w") as archive:
         for path in files:
             archive.write(path, f"export/{path.name}")
@@ -66,8 +76,9 @@ def dicom_prediction(trained_unet, tmp_path_factory):
 
 def test_a_dicom_series_is_segmented_as_its_nifti_and_its_seg_reads_back_as_the_mask(dicom_prediction):
     _, scans, out = dicom_prediction
-    names = sorted(p.name for p in out.iterdir() if p.name != "dcm2niix.nii.gz")
-    assert names == ["anonymised.nii.gz", "nifti.nii.gz", "predictions.csv", "series.nii.gz", "series.seg.dcm", "zipped.nii.gz",
+    names = sorted(p.name for p in out.iterdir() if not p.name.startswith("dcm2niix"))
+    assert names == ["anonymised.audit.json", "anonymised.nii.gz", "nifti.audit.json", "nifti.nii.gz", "predictions.csv",
+                     "series.audit.json", "series.nii.gz", "series.seg.dcm", "zipped.audit.json", "zipped.nii.gz",
                      "zipped.seg.dcm"]
     series = read_dicom_series(scans / "series")
     mask = read_volume(out / "series.nii.gz", role="label")
@@ -156,7 +167,7 @@ def test_outputs_give_a_structure_set_and_a_labelmap_seg_that_read_back_as_the_m
     run_pipeline(project, "predict", {**SHARED_UNET, "predict.model": "unet", "predict.input_dir": str(only),
                                       "predict.output_dir": str(masks), "predict.outputs": ["seg", "rtstruct"],
                                       "predict.seg_type": "labelmap"})
-    assert sorted(p.name for p in masks.iterdir()) == ["predictions.csv", "series.rtstruct.dcm", "series.seg.dcm"]
+    assert sorted(p.name for p in masks.iterdir()) == ["predictions.csv", "series.audit.json", "series.rtstruct.dcm", "series.seg.dcm"]
     row = pd.read_csv(masks / "predictions.csv", dtype=str, keep_default_na=False).iloc[0]
     assert row["rtstruct_file"] == "series.rtstruct.dcm" and row["seg_file"] == "series.seg.dcm"
     assert pydicom.dcmread(masks / "series.rtstruct.dcm").SOPInstanceUID == row["rtstruct_sop_instance_uid"]
@@ -183,14 +194,71 @@ def test_dicom_outputs_only_for_nifti_scans_are_refused_before_any_work(dicom_pr
     assert not (tmp_path / "out").exists()
 
 
+def test_every_scan_has_an_audit_record_that_says_what_went_in_and_came_out(dicom_prediction):
+    project, scans, out = dicom_prediction
+    table = pd.read_csv(out / "predictions.csv", dtype=str, keep_default_na=False).set_index("case_id")
+    series = read_dicom_series(scans / "series")
+    for name, source in (("series", f"folder: {scans / 'series'}"), ("zipped", f"zip: {scans / 'zipped.zip'}")):
+        row = table.loc[name]
+        record = json.loads((out / row["audit_file"]).read_text())
+        assert record["schema"] == "medseg-audit/1" and record["case_id"] == name and record["source"] == source
+        assert record["input"]["study_instance_uid"] == series.study_uid
+        assert record["input"]["series_instance_uid"] == series.series_uid
+        assert record["input"]["sop_instance_uids"] == [str(d.SOPInstanceUID) for d in series.datasets]
+        assert record["model"]["uri"] == row["model_uri"] and row["model_uri"] == f"runs:/{record['model']['version']}/unet_segmenter"
+        assert record["software"]["medseg"] == row["medseg_version"] and {"numpy", "pydicom", "highdicom"} <= set(record["software"])
+        kinds = {item["kind"]: item for item in record["outputs"]}
+        assert set(kinds) == {"nifti", "seg"}
+        for kind, file in (("nifti", f"{name}.nii.gz"), ("seg", f"{name}.seg.dcm")):
+            assert kinds[kind]["file"] == file and kinds[kind]["sha256"] == hashlib.sha256((out / file).read_bytes()).hexdigest()
+            assert row[f"{kind}_sha256"] == kinds[kind]["sha256"]
+        assert kinds["seg"]["sop_instance_uid"] == row["seg_sop_instance_uid"]
+        assert record["seconds"]["total"] == pytest.approx(float(row["seconds"])) and record["seconds"]["network"] > 0
+        assert record["qc"]["flags"] == row["qc_flags"] and record["volumes_ml"]["volume_ml"] == pytest.approx(float(row["volume_ml"]))
+    nifti = json.loads((out / "nifti.audit.json").read_text())
+    assert nifti["input"]["sop_instance_uids"] == [] and nifti["source"].startswith("file: ")
+    assert json.loads((out / "anonymised.audit.json").read_text())["input"]["study_instance_uid"] == ""
+
+
+def test_hashed_uids_in_the_audit_record_and_in_mlflow(dicom_prediction, tmp_path):
+    project, scans, _ = dicom_prediction
+    only = tmp_path / "in"
+    shutil.copytree(scans / "series", only / "series")
+    masks = tmp_path / "out"
+    run_pipeline(project, "predict", {**SHARED_UNET, "predict.model": "unet", "predict.input_dir": str(only),
+                                      "predict.output_dir": str(masks), "predict.hash_uids": True})
+    series = read_dicom_series(only / "series")
+    record = json.loads((masks / "series.audit.json").read_text())
+    digest = "sha256:" + hashlib.sha256(series.series_uid.encode()).hexdigest()
+    assert record["input"]["series_instance_uid"] == digest and record["input"]["uids_hashed"] is True
+    assert all(uid.startswith("sha256:") for uid in record["input"]["sop_instance_uids"])
+    kept = pd.read_csv(project / "data/08_reporting/predict/predictions.csv", dtype=str, keep_default_na=False)
+    assert kept.loc[0, "series_instance_uid"] == digest  # what MLflow logs
+    written = pd.read_csv(masks / "predictions.csv", dtype=str, keep_default_na=False)
+    assert written.loc[0, "series_instance_uid"] == series.series_uid  # the user's own table keeps them
+    client, runs = mlflow_runs(project)
+    logged = Path(client.download_artifacts(runs[0].info.run_id, "predict", str(tmp_path / "logged")))
+    texts = [p.read_text() for p in logged.rglob("*") if p.is_file()]
+    assert len(texts) == 2 and all(series.series_uid not in text and digest in text for text in texts)  # table, record
+
+
 def test_the_tracking_store_holds_no_patient_identifier_and_the_run_lists_its_inputs(dicom_prediction):
-    project, _, _ = dicom_prediction
+    project, _, out = dicom_prediction
     _, runs = mlflow_runs(project)
     run = [r for r in runs if r.info.run_name.startswith("Predict-UNet-")][-1]  # the fixture's, the first predict run
-    identifiers = {PATIENT_ID, "PHANTOM^SYNTHETIC", "PHANTOM"}
+    identifiers = {PATIENT_ID, "PHANTOM^SYNTHETIC", "PHANTOM", *IDENTIFIERS.values()}
     for what in (run.data.params, run.data.tags, {k: str(v) for k, v in run.data.metrics.items()}):
         for key, value in what.items():
             assert not any(i in str(value) or i in key for i in identifiers), (key, value)
+    # Nor any file of the project (the MLflow store and its artifacts: predictions, audit records).
+    markers = [m.encode() for m in (PATIENT_ID, *IDENTIFIERS.values())]  # (the phantom's name is in medseg's own code)
+    for path in project.rglob("*"):
+        if path.is_file() and path.stat().st_size < 50_000_000:
+            content = path.read_bytes()
+            assert not any(m in content for m in markers), path
+    for record in out.glob("*.audit.json"):
+        content = record.read_bytes()
+        assert not any(m in content for m in markers), record
     inputs = run.inputs.dataset_inputs
     assert [i.dataset.name for i in inputs] == ["predict-input"]
     assert inputs[0].tags[0].value == "inference"

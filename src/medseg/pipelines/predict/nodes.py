@@ -22,6 +22,7 @@ from medseg.storage.paths import anchor_path
 from medseg.dicom.series import check_dicom_series
 from medseg.dicom.uids import with_generated_uids
 from medseg.errors import ConfigurationError
+from medseg.inference.audit import AuditWriter, hashed_uid_columns, library_versions
 from medseg.inference.ensemble import load_segmenter, read_any_plan
 from medseg.inference.scans import (
     RtstructWriter,
@@ -104,6 +105,13 @@ def list_scans_to_predict(
     return table, source
 
 
+def _source_of(scan: Scan) -> str:
+    """Where a scan came from, for its audit record: `zip: <path>`, `folder: <path>`, `file: <path>`."""
+    path = Path(scan.path)
+    kind = "zip" if path.suffix.lower() == ".zip" else "folder" if path.is_dir() else "file"
+    return f"{kind}: {path}"
+
+
 def _check_some_output(scans: list[Scan], predict: PredictParams) -> None:
     """Refuse, before any work, a run in which no scan can give any output `predict.outputs`
     asks for: only DICOM objects asked, and no DICOM series with the UIDs they reference."""
@@ -170,6 +178,9 @@ def _segment_scans(scans: pd.DataFrame, model: dict, predict: PredictParams, inp
         list(segmenter.effective_mirror_axes()) or "no axes", "kept" if segmenter.plan.keep_largest_component else "off",
     )
     outputs = list(predict.get("outputs") or ("nifti", "seg"))
+    web = predict.get("dicomweb")
+    version, alias = tracking.model_version(model_uri)
+    software, hash_uids = library_versions(), bool(predict.get("hash_uids"))
     finish = segmenter.finisher()
     classes = {int(value): name for value, name in segmenter.plan.classes.items()}
     row = {"model_uri": model_uri, "medseg_version": medseg_version()}
@@ -186,6 +197,16 @@ def _segment_scans(scans: pd.DataFrame, model: dict, predict: PredictParams, inp
             writers = {"seg": SegWriter(series, classes, name, model_uri, labelmap=predict.get("seg_type") == "labelmap")
                        if "seg" in outputs else None,
                        "rtstruct": RtstructWriter(series, classes, name, model_uri) if "rtstruct" in outputs else None}
+        if series is not None:
+            sop_uids = tuple(str(d.get("SOPInstanceUID", "") or "") for d in series.datasets)
+            study_uid, series_uid = series.study_uid, series.series_uid
+        else:
+            sop_uids, study_uid, series_uid = (), "", ""
+        audit = AuditWriter(source=f"dicomweb: {tracking.redact_urls(web['url'])}" if web else _source_of(scan), model_uri=model_uri,
+                            model_version=version, model_alias=alias, study_uid=study_uid, series_uid=series_uid,
+                            sop_uids=sop_uids, uids_generated=generated, hash_uids=hash_uids, software=software,
+                            published=tuple(outputs))
+        writers = {**(writers or {}), "audit": audit}
         columns = lineage(series, generated)
         if series is None and "nifti" not in outputs:
             columns["dicom_outputs_note"] = ("no output: a NIfTI scan gives no DICOM object, and predict.outputs "
@@ -200,10 +221,10 @@ def _segment_scans(scans: pd.DataFrame, model: dict, predict: PredictParams, inp
 
     items = [Scan(str(r.case_id), str(r.image_path), str(r.format), predict.get("series_uid")) for r in scans.itertuples()]
     table = write_predictions(items, segment, output_dir, mapper=compute.current().map, outputs=outputs)
-    web = predict.get("dicomweb")
     tracking.log_input_cases("predict-input", web["url"] if web else str(input_dir), table, context="inference")
+    tracking.log_files([output_dir / name for name in table["audit_file"]], "predict/audit")
     logger.info("predict: %d masks and predictions.csv written to %s.", len(table), output_dir)
     if web and web.get("store", True):
         stored = pacs.store_results(pacs.server_of(web), table, output_dir, model_uri, dicomweb_answers)
-        logger.info("predict: %d SEGs stored on %s.", len(stored), web["url"])
-    return table
+        logger.info("predict: %d DICOM objects stored on %s.", len(stored), web["url"])
+    return hashed_uid_columns(table) if hash_uids else table  # what MLflow keeps
