@@ -42,7 +42,7 @@ def test_a_series_with_every_uid_blank_reads_as_the_original(tmp_path, caplog):
     np.testing.assert_array_equal(series.volume.data, original.volume.data)
     np.testing.assert_array_equal(series.volume.affine, original.volume.affine)
     assert series.missing_uids == SOURCE_UIDS and series.series_uid == "" and series.study_uid == ""
-    assert "StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID, SOPClassUID are blank" in caplog.text
+    assert "StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID, SOPClassUID, FrameOfReferenceUID are blank" in caplog.text
     assert "predict.generate_missing_uids" in caplog.text
     assert check_dicom_series(tmp_path / "blank") == ("", SOURCE_UIDS)
     assert "set predict.generate_missing_uids=true" in missing_uids_reason(series)
@@ -73,7 +73,7 @@ def test_a_seg_over_a_blank_series_is_refused_naming_the_uids_and_the_fix(tmp_pa
     series = read_dicom_series(blank(tmp_path / "blank"))
     mask = np.zeros(series.volume.data.shape, np.uint8)
     mask[3:9, 2:4, 0:3] = 1
-    with pytest.raises(DicomSegError, match=r"no StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID, SOPClassUID .*generate_missing_uids"):
+    with pytest.raises(DicomSegError, match=r"no StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID, SOPClassUID, FrameOfReferenceUID .*generate_missing_uids"):
         write_dicom_seg(mask, series, {1: "heart"}, path=tmp_path / "seg.dcm", **ALGORITHM)
     assert not (tmp_path / "seg.dcm").exists()
 
@@ -113,3 +113,14 @@ def test_an_unknown_modality_keeps_its_sop_class_missing(tmp_path):
     series.modality = "XA"
     filled, generated = with_generated_uids(series)
     assert "SOPClassUID" not in generated and filled.missing_uids == ("SOPClassUID",)
+
+
+def test_a_real_mr_folder_without_uids_is_split_as_dcm2niix_splits_it_and_the_fix_named(tmp_path):
+    # pydicom's MR2: a localizer and a three-plane pilot, all SeriesNumber 2. Without their UIDs
+    # they are told apart by orientation and size alone: the localizer, and each plane of the pilot.
+    mr2 = CT5N.parents[1] / "98892003" / "MR2"
+    with pytest.raises(DicomSeriesError) as named:
+        read_dicom_series(mr2)
+    with pytest.raises(DicomSeriesError, match=r"holds 4 image series .*cannot be chosen by UID: give it a folder or zip"):
+        read_dicom_series(blank(tmp_path / "mr2", source=mr2))
+    assert "cannot be chosen by UID" not in str(named.value)  # with UIDs, the UID chooses

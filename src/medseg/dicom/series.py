@@ -158,8 +158,9 @@ _RATIO_FLOOR_ARCHIVE = 64 * 2**20
 # identifying group (0008) of an old export; anything else (a block of zeros) is not DICOM.
 _FIRST_GROUPS = (0x0002, 0x0008)
 
-# The UIDs a DICOM output (SEG, RTSTRUCT) needs from each source instance to reference it.
-SOURCE_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
+# The UIDs a DICOM output (SEG, RTSTRUCT) needs from each source instance to reference it and to
+# place its frames or contours (the Frame of Reference).
+SOURCE_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "FrameOfReferenceUID")
 # How instances without a SeriesInstanceUID are grouped into series, as dcm2niix does: what
 # they do share (the key of a blank series is built from these, never from a position).
 _BLANK_SERIES_KEYS = ("FrameOfReferenceUID", "ImageOrientationPatient", "Rows", "Columns", "PixelSpacing", "Modality",
@@ -725,6 +726,9 @@ def _choose_series(instances: list[_Instance], series_uid: str | None, label: st
             f"{label}: holds {len(by_series)} image series and none was chosen: {_list_series(by_series)}. "
             "Pass the SeriesInstanceUID of the one to segment (e.g. predict.series_uid), or remove the others "
             "from the input."
+            + (" A series without a SeriesInstanceUID (grouped by Frame of Reference, orientation and size, as dcm2niix "
+               "groups) cannot be chosen by UID: give it a folder or zip of its own."
+               if any(key.startswith("no-uid:") for key in by_series) else "")
         )
     return next(iter(by_series.values()))
 

@@ -48,8 +48,9 @@ def missing_uids_reason(series: DicomSeries) -> str:
 
 
 def with_generated_uids(series: DicomSeries) -> tuple[DicomSeries, tuple[str, ...]]:
-    """A copy of `series` whose blank UIDs are filled: one new Study and Series UID for the
-    whole series, one SOP Instance UID per slice, the SOP class of its modality.
+    """A copy of `series` whose blank UIDs are filled: one new Study, Series and Frame of
+    Reference UID for the whole series, one SOP Instance UID per slice, the SOP class of its
+    modality.
 
     Returns:
         The series (its `missing_uids` what is still missing: a SOP class of an unknown
@@ -64,6 +65,7 @@ def with_generated_uids(series: DicomSeries) -> tuple[DicomSeries, tuple[str, ..
     shared = {
         "StudyInstanceUID": _first(datasets, "StudyInstanceUID") or _uid(seed, "study"),
         "SeriesInstanceUID": _first(datasets, "SeriesInstanceUID") or _uid(seed, "series"),
+        "FrameOfReferenceUID": _first(datasets, "FrameOfReferenceUID") or _uid(seed, "frame of reference"),
     }
     sop_class = SOP_CLASS_OF_MODALITY.get(series.modality.upper())
     generated = []

@@ -148,7 +148,7 @@ def test_with_new_uids_asked_for_the_anonymised_series_gets_a_seg_over_them(dico
     run_pipeline(project, "predict", {**SHARED_UNET, "predict.model": "unet", "predict.input_dir": str(only),
                                       "predict.output_dir": str(masks), "predict.generate_missing_uids": True})
     row = pd.read_csv(masks / "predictions.csv", dtype=str, keep_default_na=False).iloc[0]
-    assert row["uids_generated"] == "StudyInstanceUID;SeriesInstanceUID;SOPInstanceUID;SOPClassUID"
+    assert row["uids_generated"] == "StudyInstanceUID;SeriesInstanceUID;SOPInstanceUID;SOPClassUID;FrameOfReferenceUID"
     assert row["dicom_outputs_note"] == "" and row["seg_file"] == "anonymised.seg.dcm"
     seg = pydicom.dcmread(masks / "anonymised.seg.dcm")
     assert seg.StudyInstanceUID == row["study_instance_uid"] and row["study_instance_uid"].startswith("2.25.")
