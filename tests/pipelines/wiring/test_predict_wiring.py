@@ -32,6 +32,7 @@ def test_the_predict_pipeline_on_an_in_memory_catalog(tmp_path: Path):
         **{f"{name}.segmenter_folder": MemoryDataset(str(tmp_path / ("segmenter" if name == "unet" else f"no_{name}")))
            for name in model_kinds()},
         "predict.predictions": kept_dataset(),
+        "predict.dicomweb_answers": MemoryDataset(str(tmp_path / "dicomweb")),
     })
 
     SequentialRunner().run(create_pipeline(), catalog)
