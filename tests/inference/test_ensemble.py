@@ -74,3 +74,26 @@ def test_an_ensemble_folder_loads_as_an_ensemble_that_segments_the_same(tmp_path
 def test_members_with_other_classes_are_refused():
     with pytest.raises(ConfigurationError, match="only models of the same dataset"):
         Ensemble([_segmenter(1.0, 0.0), _segmenter(1.0, 0.0, classes={"1": "liver"})], "mixed")
+
+
+def test_a_calibrated_ensemble_keeps_its_masks_moves_its_probabilities_and_says_its_qc(tmp_path, scan):
+    from medseg.inference.qc import QualityReference, scan_features
+    from medseg.inference.temperature import apply_temperature
+
+    members = [_segmenter(1.0, 0.3), _segmenter(0.5, -0.2)]
+    plain = Ensemble(members, "plain")
+    features = scan_features(scan.data, scan.affine)
+    reference = QualityReference.from_training([features], [{"1": 100.0}]).calibrated([])
+    calibrated = Ensemble(members, "calibrated", threshold=0.6, temperature=2.0, qc=reference.to_dict())
+    raw = plain.source_probabilities(scan)
+    # The mean is calibrated, the threshold moves with it: the masks stay those of 0.6 on the raw mean.
+    np.testing.assert_allclose(calibrated.source_probabilities(scan), apply_temperature(raw, 2.0, True), atol=1e-6)
+    assert np.array_equal(calibrated.segment(scan).data, (raw >= 0.6).astype(np.uint8))
+    row = calibrated.quality(scan, calibrated.source_probabilities(scan))
+    assert set(row) >= {"qc_score", "qc_flags", "qc_implausible_size"} and plain.quality(scan, raw) == {}
+    # The volume is far from the 100 ml of the one training case: an implausible size.
+    assert "implausible_size" in row["qc_flags"]
+    calibrated.save(tmp_path / "champion")
+    loaded = load_segmenter(tmp_path / "champion")
+    assert (loaded.temperature, loaded.qc) == (2.0, calibrated.qc)
+    assert np.array_equal(loaded.segment(scan).data, calibrated.segment(scan).data)

@@ -88,4 +88,12 @@ def test_the_champion_is_registered_and_predict_uses_it_with_the_test_score_it_r
     assert runs[0].data.tags["medseg.source_model_uri"] == f"models:/{name}/1"  # the version the alias named
     table = pd.read_csv(tmp_path / "masks" / "predictions.csv", dtype=str)
     assert set(table["model_uri"]) == {f"models:/{name}/1"}
+    # The champion has its own QC, thresholds from the out-of-fold cases, and its temperature.
+    assert table["qc_score"].astype(float).notna().all()
+    assert {"qc_out_of_distribution", "qc_low_confidence", "qc_implausible_size"} <= set(table.columns)
+    calibration = configuration["calibration"]
+    assert calibration["fitted_on"] == "out-of-fold" and calibration["n_cases_fitted"] == configuration["cases"]
+    assert newest.data.metrics["cv_calibration_temperature"] == pytest.approx(calibration["temperature"])
+    audit = json.loads((tmp_path / "masks" / f"{test_cases[0]}.audit.json").read_text())
+    assert audit["model"] == {"uri": f"models:/{name}/1", "version": "1", "alias": "champion"}
 

@@ -39,6 +39,7 @@ __all__ = [
     "CalibrationCounts",
     "apply_temperature",
     "balanced_sample",
+    "fit_kept_temperature",
     "fit_temperature",
     "one_vs_rest",
     "temperature_threshold",
@@ -112,6 +113,26 @@ def fit_temperature(probability: np.ndarray, labels: np.ndarray, class_values: t
         bounds=tuple(np.log(TEMPERATURE_RANGE)), method="bounded", options={"xatol": 1e-4},
     )
     return float(np.exp(result.x))
+
+
+def fit_kept_temperature(probability: np.ndarray, labels: np.ndarray, class_values: tuple[int, ...]) -> tuple[float, dict[str, float]]:
+    """`fit_temperature` on a balanced sample, kept only if it lowers that sample's ECE (the
+    balanced sample weighs foreground and background one half each, as the ECE does).
+
+    Returns:
+        (the temperature to use: the fitted one, or 1.0 when it did not lower the ECE or
+        nothing could be fitted; {`fitted_temperature`, `val_ece_before`, `val_ece_after`}).
+    """
+    labels = np.asarray(labels).reshape(-1)
+    if labels.size == 0:
+        return 1.0, {}
+    fitted = fit_temperature(probability, labels, class_values)
+    binary = np.asarray(probability).ndim == 1
+    before, after = CalibrationCounts(class_values), CalibrationCounts(class_values)
+    before.add(probability, labels)
+    after.add(apply_temperature(probability, fitted, binary), labels)
+    report = {"fitted_temperature": fitted, "val_ece_before": before.ece(), "val_ece_after": after.ece()}
+    return (fitted if report["val_ece_after"] < report["val_ece_before"] else 1.0), report
 
 
 @dataclass

@@ -33,7 +33,9 @@ from medseg.inference.postprocessing import (
     source_label_map,
     volumes_ml,
 )
+from medseg.inference.qc import QualityReference, assess, entropy_of, grid_volumes_ml, predicted_foreground, scan_features
 from medseg.inference.segmenter import PLAN_FILE, Segmenter, SegmenterPlan, read_plan
+from medseg.inference.temperature import apply_temperature, temperature_threshold
 from medseg.storage.publishing import apply_umask, staged_folder
 
 ENSEMBLE_FILE = "ensemble.json"
@@ -68,6 +70,11 @@ class Ensemble:
         largest_component: the label values whose largest connected region alone is kept.
         threshold: for one sigmoid channel; default the first member's.
         description: what it is made of, for `ensemble.json` (e.g. the selection's table).
+        temperature: applied to the mean probabilities (`medseg.evaluation.calibration`), the
+            threshold moving with it so that the masks do not change; fitted by `select` on the
+            out-of-fold probabilities.
+        qc: the QC reference (`medseg.inference.qc.QualityReference.to_dict`), its thresholds
+            from the out-of-fold cases; {} for no QC columns.
 
     Raises:
         ConfigurationError: no member, or members with other classes or channels.
@@ -80,6 +87,8 @@ class Ensemble:
         largest_component: Sequence[int] = (),
         threshold: float | None = None,
         description: Mapping[str, Any] | None = None,
+        temperature: float = 1.0,
+        qc: Mapping[str, Any] | None = None,
     ):
         if not members:
             raise ConfigurationError(f"ensemble {name}: it needs at least one member.")
@@ -96,6 +105,8 @@ class Ensemble:
         self.largest_component = tuple(int(v) for v in largest_component)
         self.threshold = float(first.threshold if threshold is None else threshold)
         self.description = dict(description or {})
+        self.temperature = float(temperature)
+        self.qc = dict(qc or {})
         # What callers read of a plan (the channel to read, the classes, the names, the
         # memory budget): the first member's, named for the ensemble.
         self.plan: SegmenterPlan = replace(first, model_key="ensemble", display_name=self.name,
@@ -129,7 +140,13 @@ class Ensemble:
                 total += probability
             del probability
         total /= len(self.members)
-        return total
+        return total if self.temperature == 1.0 else apply_temperature(total, self.temperature, total.ndim == 3)
+
+    @property
+    def mask_threshold(self) -> float:
+        """The threshold on the calibrated mean that gives the masks of `threshold` on the
+        members' own mean: calibration never changes a mask."""
+        return temperature_threshold(self.threshold, self.temperature)
 
     def network_part(self, volume: Volume, name: str = "the scan") -> tuple[np.ndarray, np.ndarray]:
         """The part with networks (the driver's): the mean probabilities and the scan's affine."""
@@ -137,7 +154,7 @@ class Ensemble:
 
     def finisher(self):
         """The part without networks: `finisher()(network_part(...))` is the mask."""
-        return SourceLabelMapper(self.threshold, self.plan.class_values, self.largest_component).from_parts
+        return SourceLabelMapper(self.mask_threshold, self.plan.class_values, self.largest_component).from_parts
 
     def segment(self, volume: Volume, name: str = "the scan") -> Volume:
         return self.finisher()(self.network_part(volume, name))
@@ -146,9 +163,16 @@ class Ensemble:
         return volumes_ml(mask, self.plan.classes)
 
     def quality(self, volume: Volume, probability: Any) -> dict[str, Any]:
-        """No QC columns: the fold members of a cross-validation have no held-out cases of
-        their own to set the flags' thresholds (`Segmenter.quality` has them)."""
-        return {}
+        """The QC columns of a scan (`medseg.inference.qc.assess`) from the scan and the
+        calibrated mean probabilities on its own grid; {} for an ensemble without QC (saved
+        before `select` set its thresholds on the out-of-fold cases)."""
+        if not self.qc:
+            return {}
+        reference = QualityReference.from_dict(self.qc)
+        voxel_ml = abs(float(np.linalg.det(np.asarray(volume.affine, dtype=np.float64)[:3, :3]))) / 1000.0
+        entropy = entropy_of(predicted_foreground(probability, self.mask_threshold))
+        volumes = grid_volumes_ml(probability, self.mask_threshold, list(self.plan.classes), voxel_ml)
+        return assess(reference, reference.raw_scores(scan_features(volume.data, volume.affine), entropy, volumes))
 
     # -- on disk --------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -159,6 +183,8 @@ class Ensemble:
             "member_models": [m.plan.model_key for m in self.members],
             "largest_component": list(self.largest_component),
             "threshold": self.threshold,
+            "temperature": self.temperature,
+            "qc": self.qc,
             "classes": self.plan.classes,
             "description": self.description,
         }
@@ -184,7 +210,7 @@ class Ensemble:
             raise ConfigurationError(f"{path}: ensemble format {record.get('format_version')} is not {FORMAT_VERSION}.")
         members = [Segmenter.load(folder / MEMBERS_FOLDER / str(i)) for i in range(count)]
         return cls(members, record["name"], record.get("largest_component", ()), record.get("threshold"),
-                   record.get("description"))
+                   record.get("description"), float(record.get("temperature", 1.0)), record.get("qc"))
 
 
 def is_ensemble(folder: str | os.PathLike) -> bool:

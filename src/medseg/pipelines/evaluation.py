@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -32,7 +32,7 @@ from medseg.evaluation import (
     plot_training_curves,
     summarize_per_class,
 )
-from medseg.evaluation.calibration import CalibrationCounts, apply_temperature, balanced_sample, fit_temperature
+from medseg.evaluation.calibration import CalibrationCounts, apply_temperature, balanced_sample, fit_kept_temperature
 from medseg.inference.qc import (
     QC_COLUMNS,
     QualityReference,
@@ -130,6 +130,24 @@ def _training_volumes(row: Mapping[str, Any], classes: Mapping[str, str]) -> dic
     return {value: float(row.get(f"share_{value}", 0.0) or 0.0) * n_voxels * voxel_ml for value in classes}
 
 
+def quality_reference(rows: Mapping[str, Mapping[str, Any]], training_cases: Sequence[str], classes: Mapping[str, str],
+                      held_out: Sequence[tuple[str, float, Mapping[str, float]]]) -> QualityReference:
+    """The QC reference: ranges from the training cases' fingerprints (`rows` by case id), and
+    thresholds from the held-out cases' (case id, foreground entropy, predicted volumes).
+
+    Raises:
+        ConfigurationError: no training case has a fingerprint.
+    """
+    training = [rows[c] for c in training_cases if c in rows]
+    if not training:
+        raise ConfigurationError("calibration: no training case has a fingerprint (data/03_primary/case_fingerprints.csv); "
+                                 "run the data pipeline again: `kedro run --pipeline data`.")
+    reference = QualityReference.from_training([_training_features(r) for r in training],
+                                               [_training_volumes(r, classes) for r in training])
+    return reference.calibrated([reference.raw_scores(_training_features(rows[case_id]), entropy, volumes)
+                                 for case_id, entropy, volumes in held_out])
+
+
 def calibrate_segmenter(
     segmenter: Segmenter,
     grid_images: dict[str, Callable[[], Volume]],
@@ -175,28 +193,11 @@ def calibrate_segmenter(
         keep = rng.choice(foreground.shape[0], size=min(foreground.shape[0], 8 * CALIBRATION_VOXELS_PER_SIDE), replace=False)
         held_out.append((case_id, foreground[keep], grid_volumes_ml(probability, segmenter.mask_threshold, class_values, voxel_ml)))
     temperature, val_ece = 1.0, {}
-    if samples:
-        sample, sample_labels = np.concatenate(samples), np.concatenate(labels)
-        fitted = fit_temperature(sample, sample_labels, values)
-        # The balanced sample weighs foreground and background one half each, as the ECE does.
-        val_before, val_after = CalibrationCounts(values), CalibrationCounts(values)
-        val_before.add(sample, sample_labels)
-        val_after.add(apply_temperature(sample, fitted, not multiclass), sample_labels)
-        val_ece = {"val_ece_before": val_before.ece(), "val_ece_after": val_after.ece()}
-        # A temperature that does not lower the validation cases' own ECE is not worth its change.
-        temperature = fitted if val_ece["val_ece_after"] < val_ece["val_ece_before"] else 1.0
-        val_ece["fitted_temperature"] = fitted
-    training = [rows[c] for c in cases_in_split(splits, "train") if c in rows]
-    if not training:
-        raise ConfigurationError("calibration: no training case has a fingerprint (data/03_primary/case_fingerprints.csv); "
-                                 "run the data pipeline again: `kedro run --pipeline data`.")
-    reference = QualityReference.from_training([_training_features(r) for r in training],
-                                               [_training_volumes(r, segmenter.plan.classes) for r in training])
-    reference.calibrated([
-        reference.raw_scores(_training_features(rows[case_id]),
-                             entropy_of(apply_temperature(foreground, temperature, not multiclass)), volumes)
-        for case_id, foreground, volumes in held_out
-    ])
+    if samples:  # a temperature that does not lower the validation cases' own ECE is not worth its change
+        temperature, val_ece = fit_kept_temperature(np.concatenate(samples), np.concatenate(labels), values)
+    reference = quality_reference(rows, cases_in_split(splits, "train"), segmenter.plan.classes, [
+        (case_id, entropy_of(apply_temperature(foreground, temperature, not multiclass)), volumes)
+        for case_id, foreground, volumes in held_out])
     segmenter.plan.temperature, segmenter.plan.qc = temperature, reference.to_dict()
     before, after = CalibrationCounts(values), CalibrationCounts(values)
     test_cases = cases_in_split(splits, "test")

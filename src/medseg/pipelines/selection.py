@@ -37,7 +37,15 @@ from medseg.imaging.io import Volume, voxel_spacing
 from medseg.inference.ensemble import Ensemble
 from medseg.kinds import model_kinds
 from medseg.parameters import CvParams, DataParams, EvaluationParams
-from medseg.pipelines.evaluation import SegmenterExport, _evaluated_classes, _reference_mask
+from medseg.evaluation.calibration import apply_temperature, balanced_sample, fit_kept_temperature, temperature_threshold
+from medseg.inference.qc import entropy_of, grid_volumes_ml, predicted_foreground
+from medseg.pipelines.evaluation import (
+    CALIBRATION_VOXELS_PER_SIDE,
+    SegmenterExport,
+    _evaluated_classes,
+    _reference_mask,
+    quality_reference,
+)
 from medseg.casework.progress import CaseProgress
 from medseg.runs import tracking
 from medseg.cases.split import cases_in_split
@@ -79,8 +87,10 @@ def select_configuration(
     case_geometry: PreprocessingPlan,
     folds: dict,
     dataset_fingerprint: dict,
+    case_fingerprints: pd.DataFrame,
     data: DataParams,
     cv: Mapping[str, Any],
+    evaluation: Mapping[str, Any],
     project_root: str,
     synthetic_phantoms: str,
     **model_outputs: Any,
@@ -93,6 +103,9 @@ def select_configuration(
         folds: `folds.json`; every model must have been cross-validated on these folds.
         dataset_fingerprint: the classes and label mode, and the name of the dataset the data
             pipeline read (`dataset`): the registry name comes from it.
+        case_fingerprints: each case's source scan (spacing, size, intensity, volumes): the
+            ranges of the chosen ensemble's QC flags.
+        evaluation: `params:evaluation` (`bootstrap_seed` seeds the calibration sample).
         data: `params:data` (foreground_labels, for binary mode).
         cv: `params:cv` (registered_model_name: null names the registered model
             `medseg-<dataset>`, the dataset's name from its `dataset.json`).
@@ -103,8 +116,9 @@ def select_configuration(
 
     Returns:
         `best_configuration.json` (the choice, its members and filtered classes, the registry
-        name, and the table of every candidate), the plot of the candidates, the chosen
-        segmenter (an ensemble of the chosen models' fold networks), its out-of-fold Dice per
+        name, the table of every candidate, and the calibration), the plot of the candidates,
+        the chosen segmenter (an ensemble of the chosen models' fold networks, with a
+        temperature and QC thresholds fitted on the out-of-fold cases), its out-of-fold Dice per
         case and class (`selection/oof_scores.csv`, kept with the registered version), the
         MLflow metrics (`best_cv_dice_mean`, `cv_dice_mean_<candidate>`) and parameters
         (`selection.*`).
@@ -129,9 +143,13 @@ def select_configuration(
     members = [member for model in chosen.models for member in models[model][1].members]
     dataset = _cross_validated_dataset(dataset_fingerprint, data, project_root, synthetic_phantoms)
     name = cv["registered_model_name"] or registry_name(dataset)
+    temperature, qc, calibration = _calibrate_on_out_of_fold(
+        cases, [loaders[model] for model in chosen.models], reference, case_geometry, case_fingerprints, classes,
+        multiclass, threshold, int(evaluation["bootstrap_seed"]))
     segmenter = Ensemble(members, chosen.name, largest_component=chosen.largest_component, threshold=threshold,
                          description={"models": list(chosen.models), "folds": int(folds["n_folds"]),
-                                      "candidates": table.to_dict(orient="records")})
+                                      "candidates": table.to_dict(orient="records")},
+                         temperature=temperature, qc=qc)
     row = table.loc[table["candidate"] == chosen.name].iloc[0]
     logger.info("select: %s chosen, cross-validation Dice %.4f; %s", chosen.name, row["cv_dice_mean"],
                 {r.candidate: round(float(r.cv_dice_mean), 4) for r in table.itertuples()})
@@ -143,14 +161,65 @@ def select_configuration(
         "registered_model_name": name,
         "alias": CHAMPION,
         "candidates": table.to_dict(orient="records"),
+        "calibration": calibration,
     }
-    metrics = {"best_cv_dice_mean": float(row["cv_dice_mean"]),
+    metrics = {"best_cv_dice_mean": float(row["cv_dice_mean"]), "cv_calibration_temperature": temperature,
+               **{f"cv_{k}": float(v) for k, v in calibration.items() if k.endswith(("ece_before", "ece_after"))},
                **{f"cv_dice_mean_{r.candidate.replace('+', '_and_')}": float(r.cv_dice_mean) for r in table.itertuples()}}
     params = {"selection.chosen": chosen.name, "selection.models": "+".join(chosen.models),
               "selection.largest_component": " ".join(str(v) for v in chosen.largest_component) or "none",
               "selection.folds": int(folds["n_folds"]), "selection.registered_model_name": name}
     oof_scores = candidate_case_scores(scores, chosen)
     return configuration, plot_candidates(table, chosen.name), segmenter, oof_scores, metrics, params
+
+
+def _calibrate_on_out_of_fold(
+    cases: list[str], loaders: list[Callable[[str], np.ndarray]], reference: Callable[[str], np.ndarray],
+    case_geometry: PreprocessingPlan, case_fingerprints: pd.DataFrame, classes: Mapping[int, str], multiclass: bool,
+    threshold: float, seed: int,
+) -> tuple[float, dict[str, Any], dict[str, Any]]:
+    """The chosen ensemble's temperature and QC reference from the out-of-fold cases, as
+    `calibrate_segmenter` fits a single model's on its validation cases: each case's
+    out-of-fold probabilities (the mean over the chosen models, on its source grid) give a
+    balanced sample for the temperature (kept only if it lowers the sample's ECE) and the
+    entropy and volumes behind the QC thresholds; the QC ranges come from every case's
+    fingerprint. Each case was predicted by one fold's networks, where the ensemble averages
+    all folds: its mean is smoother, so the temperature fitted here is, if anything, too high
+    for it; the guard keeps T = 1 unless the out-of-fold cases show a gain.
+
+    Returns:
+        (temperature, the QC reference as a dict, the report for `best_configuration.json`).
+    """
+    values = tuple(sorted(classes)) if multiclass else (1,)
+    class_names = {str(value): name for value, name in classes.items()} if multiclass else {"1": next(iter(classes.values()))}
+    rng = np.random.default_rng(seed)
+    rows = {str(row["case_id"]): row for row in case_fingerprints.to_dict("records")}
+    samples, labels, held_out = [], [], []
+    for case_id in cases:
+        probability = loaders[0](case_id).astype(np.float32)
+        for load in loaders[1:]:
+            probability += load(case_id)
+        probability /= len(loaders)
+        sample, sample_labels = balanced_sample(probability, reference(case_id), values, CALIBRATION_VOXELS_PER_SIDE, rng)
+        samples.append(sample)
+        labels.append(sample_labels)
+        voxel_ml = abs(float(np.linalg.det(np.asarray(case_geometry[case_id].original_affine, dtype=float)[:3, :3]))) / 1000.0
+        held_out.append((case_id, probability, voxel_ml))
+    temperature, report = fit_kept_temperature(np.concatenate(samples), np.concatenate(labels), values) if samples else (1.0, {})
+    mask_threshold = temperature_threshold(threshold, temperature)
+    scores = []
+    for case_id, probability, voxel_ml in held_out:
+        calibrated = apply_temperature(probability, temperature, not multiclass)
+        scores.append((case_id, entropy_of(predicted_foreground(calibrated, mask_threshold)),
+                       grid_volumes_ml(calibrated, mask_threshold, list(class_names), voxel_ml)))
+    qc = quality_reference(rows, cases, class_names, scores)
+    logger.info("select: temperature %.3f on %d out-of-fold cases (fitted %.3f; ECE %.4f before, %.4f after).", temperature,
+                len(cases), report.get("fitted_temperature", 1.0), report.get("val_ece_before", float("nan")),
+                report.get("val_ece_after", float("nan")))
+    calibration = {"temperature": temperature, "fitted_on": "out-of-fold", "n_cases_fitted": len(cases),
+                   **{("oof_" + k[4:] if k.startswith("val_") else k): v for k, v in report.items()},
+                   "qc_thresholds": dict(qc.thresholds)}
+    return temperature, qc.to_dict(), calibration
 
 
 def _cross_validated_dataset(dataset_fingerprint: dict, data: DataParams, project_root: str, synthetic_phantoms: str) -> str:
@@ -260,7 +329,8 @@ def create_pipeline(**kwargs) -> Pipeline:
             Node(
                 select_configuration,
                 {"intermediate_labels": "intermediate_labels", "case_geometry": "case_geometry", "folds": "folds",
-                 "dataset_fingerprint": "dataset_fingerprint", "data": "params:data", "cv": "params:cv",
+                 "dataset_fingerprint": "dataset_fingerprint", "case_fingerprints": "case_fingerprints",
+                 "data": "params:data", "cv": "params:cv", "evaluation": "params:evaluation",
                  "project_root": "project_root", "synthetic_phantoms": "synthetic_phantoms", **outputs},
                 ["selection.best_configuration", "selection.candidates_plot", "selection.segmenter",
                  "selection.oof_scores", "selection.mlflow_metrics_cv", "selection.mlflow_params_choice"],

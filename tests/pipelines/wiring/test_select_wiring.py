@@ -6,6 +6,7 @@ session, no MLflow store, no training."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +67,16 @@ def _partitions(arrays: dict[str, np.ndarray]) -> dict:
     return {case_id: (lambda array=array: Volume(array, AFFINE)) for case_id, array in arrays.items()}
 
 
+def _fingerprints(images: dict[str, np.ndarray], labels: dict[str, np.ndarray]) -> pd.DataFrame:
+    """The `case_fingerprints` rows the QC ranges read, from the cases' arrays (RAS, AFFINE)."""
+    return pd.DataFrame([{
+        "case_id": case_id, "original_shape": json.dumps(list(SHAPE)), "original_affine": json.dumps(AFFINE.tolist()),
+        "spacing_x": 1.0, "spacing_y": 1.0, "spacing_z": 2.0, "orientation": "RAS",
+        "intensity_mean": float(images[case_id].mean()), "intensity_std": float(images[case_id].std()),
+        "foreground_voxels": int((labels[case_id] > 0).sum()),
+    } for case_id in images])
+
+
 def _catalog(root: Path) -> DataCatalog:
     cases = CV_CASES + ["t1"]
     labels = {case_id: _reference(case_id) for case_id in cases}
@@ -86,6 +97,7 @@ def _catalog(root: Path) -> DataCatalog:
         "intermediate_images": MemoryDataset(_partitions(images), copy_mode="assign"),
         "case_geometry": MemoryDataset(PreprocessingPlan({case_id: _geometry() for case_id in cases}), copy_mode="assign"),
         "folds": MemoryDataset(FOLDS),
+        "case_fingerprints": MemoryDataset(_fingerprints(images, labels)),
         "splits": MemoryDataset(pd.DataFrame({"case_id": cases, "split": ["train", "train", "val", "val", "test"]})),
         "dataset_fingerprint": MemoryDataset({"classes": {"1": "lesion"}, "label_mode": "binary"}),
         "params:data": MemoryDataset(_defaults("data")),
@@ -117,6 +129,13 @@ def test_the_select_pipeline_on_an_in_memory_catalog(tmp_path: Path):
     assert (configuration["folds"], configuration["cases"], configuration["registered_model_name"]) == (2, 4, "medseg-wiring")
     assert catalog.load("selection.mlflow_params_choice")["selection.chosen"] == "unet"
     assert catalog.load("selection.mlflow_metrics_cv")["best_cv_dice_mean"] == 1.0
+    # Calibrated on the out-of-fold cases: unet says 0.9 where the reference is 1 and 0 elsewhere,
+    # so a sharper temperature (T < 1) lowers the ECE from about 0.05 (half the weight, 0.1 off).
+    calibration = configuration["calibration"]
+    assert calibration["fitted_on"] == "out-of-fold" and calibration["n_cases_fitted"] == 4
+    assert calibration["oof_ece_before"] == pytest.approx(0.05, abs=1e-3) and calibration["oof_ece_after"] < 0.01
+    assert calibration["temperature"] == calibration["fitted_temperature"] < 1.0
+    assert catalog.load("selection.mlflow_metrics_cv")["cv_calibration_temperature"] == calibration["temperature"]
 
     # The test case, segmented once by the chosen fold networks: every voxel above the scan's
     # mean; its reference keeps those in x < 6 only.
@@ -133,6 +152,8 @@ def test_the_select_pipeline_on_an_in_memory_catalog(tmp_path: Path):
     # MLflow is off here: nothing is registered, so no alias moves, and the decision says why.
     assert isinstance(export, SegmenterExport) and (export.registered_model_name, export.alias) == ("medseg-wiring", None)
     assert [m.plan.model_key for m in export.segmenter.members] == ["unet", "unet"]
+    assert export.segmenter.temperature == calibration["temperature"] and export.segmenter.qc["held_out_cases"] == 4
+    assert export.segmenter.qc["thresholds"] == calibration["qc_thresholds"]
     assert catalog.load("selection.champion_decision")["reason"].startswith("MLflow is off")
     # The choice's out-of-fold Dice per case, kept with the version for the next comparison.
     oof = catalog.load("selection.oof_scores")
