@@ -126,6 +126,15 @@ def test_a_second_query_run_skips_what_was_answered_and_says_so(pacs, first_run,
             assert pacs_server.PASSWORD.encode() not in path.read_bytes(), path
 
 
+def test_a_study_run_skips_the_results_already_stored_in_it_without_retrieving_them(pacs, first_run, tmp_path, caplog):
+    orthanc, project, _ = pacs
+    row = pd.read_csv(first_run / "predictions.csv", dtype=str, keep_default_na=False).iloc[0]
+    with caplog.at_level(logging.INFO, logger="medseg.pipelines.predict.pacs"):
+        run_pipeline(project, "predict", _params(orthanc, tmp_path / "masks", query=None, study_uid=row["study_instance_uid"]))
+    assert "a SEG series, not an image to segment" in caplog.text and "a RTSTRUCT series" in caplog.text
+    assert "its results still on the server" in caplog.text and not (tmp_path / "masks").exists()
+
+
 def test_a_wrong_password_is_refused_naming_the_server_and_the_fix(pacs, tmp_path):
     orthanc, project, root = pacs
     other = _with_credentials(copy_project(project, tmp_path / "project"), password="not-the-password")

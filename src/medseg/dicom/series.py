@@ -84,6 +84,7 @@ __all__ = [
     "DicomSeriesError",
     "DicomSource",
     "MAX_COMPRESSION_RATIO",
+    "NON_IMAGE_MODALITIES",
     "MAX_ZIP_MEMBERS",
     "ORIENTATION_TOLERANCE",
     "SLICE_GAP_ABSOLUTE_TOLERANCE_MM",
@@ -171,7 +172,7 @@ _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 # Modalities whose instances hold no image to segment, even when they carry pixel data (a SEG's
 # frames, an RTDOSE grid): skipped like the SOP classes below.
-_NON_IMAGE_MODALITIES = frozenset({"SEG", "RTSTRUCT", "RTDOSE", "RTPLAN", "RTRECORD", "SR", "PR", "KO", "REG", "DOC"})
+NON_IMAGE_MODALITIES = frozenset({"SEG", "RTSTRUCT", "RTDOSE", "RTPLAN", "RTRECORD", "SR", "PR", "KO", "REG", "DOC"})
 
 # What to install for each compressed transfer syntax whose decoder is missing or failed.
 _PYLIBJPEG_LIBJPEG = "`pip install pylibjpeg pylibjpeg-libjpeg` (or `pip install python-gdcm`)"
@@ -628,7 +629,7 @@ def _non_image_reason(dataset: Dataset) -> str | None:
     """Why an instance holds no image to segment, or None for an image."""
     sop_class = dicom_uid.UID(_sop_class(dataset))
     modality = str(dataset.get("Modality", "")).upper()
-    if modality in _NON_IMAGE_MODALITIES:
+    if modality in NON_IMAGE_MODALITIES:
         return f"{modality} instance ({sop_class.name or 'no SOP Class UID'})"
     if not sop_class:
         return None  # blanked, and image attributes are there (_read_dataset checked)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from medseg.dicom.series import DicomError, check_dicom_series
+from medseg.dicom.series import NON_IMAGE_MODALITIES, DicomError, check_dicom_series
 from medseg.dicom.web import DicomWebError, DicomWebServer, SeriesRef, find_series, instances_present, retrieve_series, store
 from medseg.inference.scans import DICOM, Scan
 from medseg.runs import credentials
@@ -82,6 +82,9 @@ def fetch_series(web: dict, server: DicomWebServer, model_uri: str, answers_fold
     answered = answered[(answered["server"] == server.url) & (answered["model_uri"] == model_uri)]
     skipped, todo = [], []
     for ref in refs:
+        if ref.modality.upper() in NON_IMAGE_MODALITIES:  # a SEG or RTSTRUCT (this run's own, earlier), a report...
+            skipped.append(f"series {ref.series_uid}: a {ref.modality} series, not an image to segment")
+            continue
         done = answered[answered["series_instance_uid"] == ref.series_uid]
         if len(done) and _still_stored(server, ref, done.iloc[-1]):
             skipped.append(f"series {ref.series_uid}: answered by this model on {done.iloc[-1]['answered_at']}, its results still on the server")
