@@ -14,6 +14,7 @@ import shutil
 import numpy as np
 import pandas as pd
 import pydicom
+import pydicom.data
 import pytest
 import yaml
 
@@ -133,6 +134,20 @@ def test_a_study_run_skips_the_results_already_stored_in_it_without_retrieving_t
         run_pipeline(project, "predict", _params(orthanc, tmp_path / "masks", query=None, study_uid=row["study_instance_uid"]))
     assert "a SEG series, not an image to segment" in caplog.text and "a RTSTRUCT series" in caplog.text
     assert "its results still on the server" in caplog.text and not (tmp_path / "masks").exists()
+
+
+def test_a_compressed_series_is_retrieved_as_stored_without_asking_the_server_to_transcode(pacs, tmp_path):
+    # Debian's Orthanc cannot transcode JPEG 2000 (it answers 500 to a request for the default
+    # Explicit VR Little Endian); as stored, the reader decodes it or names the package it needs.
+    orthanc, _, _ = pacs
+    jpeg2000 = pydicom.data.get_testdata_file("MR_small_jp2klossless.dcm")
+    orthanc.upload([jpeg2000])
+    source = pydicom.dcmread(jpeg2000)
+    ref = SeriesRef(str(source.StudyInstanceUID), str(source.SeriesInstanceUID))
+    (path,) = retrieve_series(_server(orthanc), ref, tmp_path / "series")
+    retrieved = pydicom.dcmread(path)
+    assert retrieved.file_meta.TransferSyntaxUID == pydicom.uid.JPEG2000Lossless
+    assert retrieved.PixelData == source.PixelData
 
 
 def test_a_wrong_password_is_refused_naming_the_server_and_the_fix(pacs, tmp_path):

@@ -14,8 +14,8 @@ What can go wrong is a :class:`DicomWebError` that names the server, the request
 - an answer that is not DICOM (an HTML login page, a proxy's error page);
 - any other HTTP error, with its status.
 
-Retrieval writes each instance as a Part 10 file into a folder of the caller's (the run's
-staging), counting bytes against :attr:`medseg.storage.limits.Limits.max_scan_bytes`, so a
+Retrieval asks for each instance as stored (`transfer-syntax=*`, no transcoding) and writes it as
+a Part 10 file into a folder of the caller's (the run's staging), counting bytes against :attr:`medseg.storage.limits.Limits.max_scan_bytes`, so a
 series costs at most that on disk; the files are then checked as a folder's series are.
 """
 
@@ -195,7 +195,11 @@ def retrieve_series(server: DicomWebServer, ref: SeriesRef, folder: Path) -> lis
     request = f"WADO-RS retrieval of series {ref.series_uid} of study {ref.study_uid}"
     paths, total = [], 0
     with _request(server, request):
-        for index, dataset in enumerate(server.client().iter_series(ref.study_uid, ref.series_uid)):
+        # As stored (`transfer-syntax=*`): without it a server must transcode to Explicit VR Little
+        # Endian, and one that cannot (Debian's Orthanc, for JPEG 2000) answers 500. The reader
+        # decodes, or names the package its transfer syntax needs.
+        instances = server.client().iter_series(ref.study_uid, ref.series_uid, media_types=(("application/dicom", "*"),))
+        for index, dataset in enumerate(instances):
             if not isinstance(dataset, Dataset):
                 raise DicomWebError(f"{server.url}: the {request} answered something that is not a DICOM instance.")
             path = folder / f"{index:05d}.dcm"
