@@ -136,6 +136,16 @@ def test_a_study_run_skips_the_results_already_stored_in_it_without_retrieving_t
     assert "its results still on the server" in caplog.text and not (tmp_path / "masks").exists()
 
 
+def test_a_series_named_by_uid_that_is_a_seg_is_refused_naming_it(pacs, first_run, tmp_path):
+    orthanc, project, _ = pacs
+    seg = find_series(_server(orthanc), query={"Modality": "SEG"})[0]
+    with pytest.raises(Exception) as caught:
+        run_pipeline(project, "predict", _params(orthanc, tmp_path / "masks", query=None, study_uid=seg.study_uid,
+                                                 series_uid=seg.series_uid))
+    assert f"series {seg.series_uid} is a SEG series, not an image to segment" in str(caught.value)
+    assert not (tmp_path / "masks").exists()
+
+
 def test_a_compressed_series_is_retrieved_as_stored_without_asking_the_server_to_transcode(pacs, tmp_path):
     # Debian's Orthanc cannot transcode JPEG 2000 (it answers 500 to a request for the default
     # Explicit VR Little Endian); as stored, the reader decodes it or names the package it needs.

@@ -83,6 +83,11 @@ def fetch_series(web: dict, server: DicomWebServer, model_uri: str, answers_fold
     skipped, todo = [], []
     for ref in refs:
         if ref.modality.upper() in NON_IMAGE_MODALITIES:  # a SEG or RTSTRUCT (this run's own, earlier), a report...
+            if by_uid:
+                raise DicomWebError(
+                    f"{server.url}: series {ref.series_uid} is a {ref.modality} series, not an image to segment. Give "
+                    "predict.dicomweb.series_uid the image series it was made over."
+                )
             skipped.append(f"series {ref.series_uid}: a {ref.modality} series, not an image to segment")
             continue
         done = answered[answered["series_instance_uid"] == ref.series_uid]
