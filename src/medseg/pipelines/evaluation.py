@@ -140,7 +140,7 @@ def quality_reference(rows: Mapping[str, Mapping[str, Any]], training_cases: Seq
     """
     training = [rows[c] for c in training_cases if c in rows]
     if not training:
-        raise ConfigurationError("calibration: no training case has a fingerprint (data/03_primary/case_fingerprints.csv); "
+        raise ConfigurationError("calibration: no training case has a fingerprint (the catalog's `case_fingerprints`); "
                                  "run the data pipeline again: `kedro run --pipeline data`.")
     reference = QualityReference.from_training([_training_features(r) for r in training],
                                                [_training_volumes(r, classes) for r in training])

@@ -232,7 +232,7 @@ def _cross_validated_dataset(dataset_fingerprint: dict, data: DataParams, projec
         return named
     if str(recorded) != named:
         raise ConfigurationError(
-            f"select: the models were cross-validated on the dataset '{recorded}' (data/03_primary/fingerprint.json), "
+            f"select: the models were cross-validated on the dataset '{recorded}' (the catalog's `dataset_fingerprint`), "
             f"but this run's parameters name '{named}' (data.source={source}, {folder}). Give select the data parameters "
             "of the training run, e.g. `kedro run --pipeline select --params data.source=msd,data.msd_dir=<its folder>`, "
             "or run the data and model pipelines again for these data."
