@@ -38,6 +38,7 @@ from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, RTStructureSetStorage, generate_uid
 
 from medseg.dicom.series import DicomError, DicomSeries, lps_to_ras
+from medseg.dicom.uids import refuse_missing_uids
 from medseg.storage.publishing import atomic_path
 
 __all__ = ["DicomRtstructError", "mask_contours", "read_rtstruct", "write_rtstruct"]
@@ -146,11 +147,7 @@ def write_rtstruct(
     """
     mask = np.asarray(mask)
     what = f"the RTSTRUCT for series {series.series_uid or '(no UID)'} at {path}"
-    if series.missing_uids:
-        raise DicomRtstructError(
-            f"{what}: the source series has no {', '.join(series.missing_uids)}, and a structure set references its "
-            "source by them. Give it new UIDs first (predict.generate_missing_uids=true)."
-        )
+    refuse_missing_uids(series, what, DicomRtstructError)
     if mask.shape != series.volume.data.shape:
         raise DicomRtstructError(f"{what}: the mask has shape {mask.shape}, the series {series.volume.data.shape} (X, Y, Z).")
     if not classes or 0 in classes:

@@ -48,6 +48,7 @@ from medseg.dicom.series import (
     DicomError,
     DicomSeries,
 )
+from medseg.dicom.uids import refuse_missing_uids
 from medseg.storage.publishing import atomic_path
 
 __all__ = [
@@ -198,12 +199,7 @@ def write_dicom_seg(
     mask = np.asarray(mask)
     shape = series.volume.data.shape
     what = f"the SEG for series {series.series_uid or '(no UID)'} ({series.description or 'no description'!r}) at {path}"
-    if series.missing_uids:
-        raise DicomSegError(
-            f"{what}: the source series has no {', '.join(series.missing_uids)} (blank, as anonymisers leave them), "
-            "and a SEG references its source by them. Give it new UIDs first (medseg.dicom.uids.with_generated_uids; "
-            "predict.generate_missing_uids=true), or export the series with its UIDs."
-        )
+    refuse_missing_uids(series, what, DicomSegError)
     if mask.shape != shape:
         raise DicomSegError(
             f"{what}: the mask has shape {mask.shape}, the series {shape} (X, Y, Z); a SEG covers the series' own "
@@ -351,7 +347,6 @@ def read_dicom_seg(path: str | os.PathLike, series: DicomSeries, classes: dict[i
     values = _segment_values(seg, classes, what)
     _check_frame_geometry(seg, series, what)
     fractional = seg.segmentation_type == hd.seg.SegmentationTypeValues.FRACTIONAL
-    labelmap = seg.segmentation_type == hd.seg.SegmentationTypeValues.LABELMAP
     try:
         pixels = seg.get_pixels_by_source_instance(
             source_sop_instance_uids=source_uids,

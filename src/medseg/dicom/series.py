@@ -579,11 +579,11 @@ class _GuardedStream(io.RawIOBase):
 # --- headers and series ---------------------------------------------------------------------------
 
 
-def _read_dataset(member: _Member, stop_before_pixels: bool) -> Dataset:
-    """One file's dataset; a file without the DICM magic is read with force (old exports drop
-    the preamble), and must then prove to be DICOM by its SOP class, or by the attributes of an
-    image when an anonymiser blanked that. A header read (`stop_before_pixels`) records in
-    `_header_ended` whether the file ended before any pixel data: a truncated image."""
+def _read_dataset(member: _Member, stop_before_pixels: bool) -> tuple[Dataset, bool]:
+    """One file's dataset, and whether the file ended with it (for a header read,
+    `stop_before_pixels`: no pixel data follows, a truncated image). A file without the DICM
+    magic is read with force (old exports drop the preamble), and must then prove to be DICOM by
+    its SOP class, or by the attributes of an image when an anonymiser blanked that."""
     source = member.open()
     if isinstance(source, str):
         try:
@@ -592,8 +592,7 @@ def _read_dataset(member: _Member, stop_before_pixels: bool) -> Dataset:
             raise DicomFileError(f"{member.name}: cannot be opened ({exc}). Check the file's permissions.") from exc
     try:
         dataset = pydicom.dcmread(source, stop_before_pixels=stop_before_pixels, force=not member.magic)
-        if stop_before_pixels:
-            dataset._header_ended = source.read(1) == b""  # nothing after the header: no pixel data
+        ended = source.read(1) == b""
     except MedsegError:
         raise
     except Exception as exc:  # pydicom raises many types for a damaged file
@@ -610,7 +609,7 @@ def _read_dataset(member: _Member, stop_before_pixels: bool) -> Dataset:
         )
     if not dataset.get("SOPClassUID") and _sop_class(dataset):
         dataset.SOPClassUID = _sop_class(dataset)  # the file meta's MediaStorageSOPClassUID names the same class
-    return dataset
+    return dataset, ended
 
 
 def _looks_like_image(dataset: Dataset) -> bool:
@@ -642,12 +641,12 @@ def _scan_headers(members: list[_Member], label: str) -> tuple[list[_Instance], 
     """Every image instance's header (pixel data not read), and what was skipped."""
     instances, skipped = [], []
     for member in members:
-        header = _read_dataset(member, stop_before_pixels=True)
+        header, ended = _read_dataset(member, stop_before_pixels=True)
         reason = _non_image_reason(header)
         if reason is not None:
             skipped.append(f"{member.name}: {reason}")
             continue
-        if getattr(header, "_header_ended", False):
+        if ended:
             raise DicomFileError(
                 f"{member.name}: an image whose file ends before its pixel data, so it is truncated. Export or copy it "
                 "again, or remove it from the input."
@@ -1033,7 +1032,7 @@ def _read_voxels(instances: list[_Instance], what: str) -> tuple[np.ndarray, lis
     data = np.empty((columns, rows, len(instances)), dtype=np.float32)
     datasets = []
     for k, instance in enumerate(instances):
-        dataset = _read_dataset(instance.member, stop_before_pixels=False)
+        dataset, _ = _read_dataset(instance.member, stop_before_pixels=False)
         pixels = _decode(dataset, instance, what)
         if pixels.shape != (rows, columns):
             raise DicomFileError(

@@ -26,7 +26,7 @@ from pydicom import uid as dicom_uid
 
 from medseg.dicom.series import SOURCE_UIDS, DicomSeries
 
-__all__ = ["SOP_CLASS_OF_MODALITY", "missing_uids_reason", "with_generated_uids"]
+__all__ = ["SOP_CLASS_OF_MODALITY", "missing_uids_reason", "refuse_missing_uids", "with_generated_uids"]
 
 # The storage class of a single-frame image of each modality, for an instance whose class is blank.
 SOP_CLASS_OF_MODALITY = {
@@ -45,6 +45,17 @@ def missing_uids_reason(series: DicomSeries) -> str:
         f"no DICOM output: the source series has no {', '.join(series.missing_uids)} (blank, as anonymisers leave "
         "them); set predict.generate_missing_uids=true to write them over new UIDs"
     )
+
+
+def refuse_missing_uids(series: DicomSeries, what: str, error: type[Exception]) -> None:
+    """Raise `error` naming `what` (a SEG, an RTSTRUCT and its path) when the source series lacks
+    a UID that a DICOM object references it by, with the fix."""
+    if series.missing_uids:
+        raise error(
+            f"{what}: the source series has no {', '.join(series.missing_uids)} (blank, as anonymisers leave them), "
+            "and a DICOM object references its source by them. Give it new UIDs first "
+            "(medseg.dicom.uids.with_generated_uids; predict.generate_missing_uids=true), or export the series with its UIDs."
+        )
 
 
 def with_generated_uids(series: DicomSeries) -> tuple[DicomSeries, tuple[str, ...]]:

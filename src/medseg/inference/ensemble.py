@@ -33,7 +33,7 @@ from medseg.inference.postprocessing import (
     source_label_map,
     volumes_ml,
 )
-from medseg.inference.qc import QualityReference, assess, entropy_of, grid_volumes_ml, predicted_foreground, scan_features
+from medseg.inference.qc import assess_prediction
 from medseg.inference.segmenter import PLAN_FILE, Segmenter, SegmenterPlan, read_plan
 from medseg.inference.temperature import apply_temperature, temperature_threshold
 from medseg.storage.publishing import apply_umask, staged_folder
@@ -166,13 +166,9 @@ class Ensemble:
         """The QC columns of a scan (`medseg.inference.qc.assess`) from the scan and the
         calibrated mean probabilities on its own grid; {} for an ensemble without QC (saved
         before `select` set its thresholds on the out-of-fold cases)."""
-        if not self.qc:
-            return {}
-        reference = QualityReference.from_dict(self.qc)
         voxel_ml = abs(float(np.linalg.det(np.asarray(volume.affine, dtype=np.float64)[:3, :3]))) / 1000.0
-        entropy = entropy_of(predicted_foreground(probability, self.mask_threshold))
-        volumes = grid_volumes_ml(probability, self.mask_threshold, list(self.plan.classes), voxel_ml)
-        return assess(reference, reference.raw_scores(scan_features(volume.data, volume.affine), entropy, volumes))
+        return assess_prediction(self.qc, volume.data, volume.affine, probability, self.mask_threshold,
+                                 list(self.plan.classes), voxel_ml)
 
     # -- on disk --------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

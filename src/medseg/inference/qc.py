@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from nibabel.orientations import aff2axcodes, io_orientation
 
-__all__ = ["QC_COLUMNS", "QualityReference", "ScanFeatures", "assess", "entropy_of", "grid_volumes_ml", "predicted_foreground", "scan_features"]
+__all__ = ["QC_COLUMNS", "QualityReference", "ScanFeatures", "assess", "assess_prediction", "entropy_of", "grid_volumes_ml", "predicted_foreground", "scan_features"]
 
 FLAGS = ("out_of_distribution", "low_confidence", "implausible_size")
 QC_COLUMNS = ("qc_score", "qc_flags", "qc_reason", *(f"qc_{flag}" for flag in FLAGS))
@@ -222,6 +222,19 @@ def prediction_bound(values: Sequence[float], rate: float) -> float:
         return 0.0
     spread = float(logs.std(ddof=1)) * np.sqrt(1.0 + 1.0 / n)
     return float(np.exp(logs.mean() + stats.t.ppf(1.0 - rate, n - 1) * spread))
+
+
+def assess_prediction(record: Mapping[str, Any], data: np.ndarray, affine: np.ndarray, probability: np.ndarray,
+                      threshold: float, class_values: Sequence[str], voxel_ml: float) -> dict[str, Any]:
+    """The QC columns of one prediction (`assess`), from the reference `record`
+    (`QualityReference.to_dict`; {} gives no columns), the scan's array and affine, and its
+    calibrated probabilities on a grid of `voxel_ml` ml voxels thresholded at `threshold`."""
+    if not record:
+        return {}
+    reference = QualityReference.from_dict(record)
+    entropy = entropy_of(predicted_foreground(probability, threshold))
+    volumes = grid_volumes_ml(probability, threshold, class_values, voxel_ml)
+    return assess(reference, reference.raw_scores(scan_features(data, affine), entropy, volumes))
 
 
 def assess(reference: QualityReference, raw: Mapping[str, tuple[float, str]]) -> dict[str, Any]:

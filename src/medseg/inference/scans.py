@@ -16,7 +16,7 @@ import os
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -54,12 +54,15 @@ class Scan:
         format: `nifti`, `dicom` or `dicom-files`.
         series_uid: for DICOM, the SeriesInstanceUID to read (`predict.series_uid`), or None
             for the only series of the input.
+        missing_uids: for DICOM, the UIDs its instances lack, as `list_scans` found them in the
+            headers (`medseg.dicom.series.SeriesCheck`).
     """
 
     case_id: str
     path: str
     format: str = NIFTI
     series_uid: str | None = None
+    missing_uids: tuple[str, ...] = ()
 
     @property
     def is_dicom(self) -> bool:
@@ -241,11 +244,9 @@ def list_scans(input_dir: str | os.PathLike, channel: int | None = None, series_
             f"{folder}: holds no scan (`<case>_0000.nii.gz`, `<case>.nii.gz`, or DICOM series in subfolders or .zip files). "
             "Point predict.input_dir at a folder of scans."
         )
-    blank = []
-    for scan in dicom:
-        check = check_dicom_series(scan.dicom_source(), series_uid)  # every header, before any prediction
-        if check.missing_uids:
-            blank.append(f"{scan.case_id} (no {', '.join(check.missing_uids)})")
+    # Every header, before any prediction; what each series lacks is kept for the outputs' checks.
+    dicom = [replace(scan, missing_uids=check_dicom_series(scan.dicom_source(), series_uid).missing_uids) for scan in dicom]
+    blank = [f"{scan.case_id} (no {', '.join(scan.missing_uids)})" for scan in dicom if scan.missing_uids]
     if blank:
         logger.warning(
             "%d of %d DICOM series lack the UIDs a SEG references: %s. They get their NIfTI masks, and their rows in "
@@ -292,8 +293,7 @@ def _stage_mask(job: tuple[Scan, Any, Path]) -> dict:
     mask, row, *writers = made() if callable(made) else made
     mask_path = staging / f"{scan.case_id}.nii.gz"
     write_volume(mask, mask_path)
-    writers = dict(writers[0]) if isinstance(writers[0] if writers else None, Mapping) else (
-        {"seg": writers[0]} if writers and writers[0] is not None else {})  # one SEG writer, as before several outputs
+    writers = dict(writers[0] or {}) if writers else {}
     audit = writers.pop("audit", None)
     files = {"nifti": mask_path}
     for kind, writer in writers.items():
@@ -348,7 +348,7 @@ def write_predictions(
             result is `(mask, row)` or `(mask, row, writers)`: its driver part (the network)
             runs here and its worker part (inverse geometry, volumes) where `mapper` runs
             tasks, which also write the mask, and for a DICOM scan each of `writers`
-            ({"seg": ..., "rtstruct": ...}, or one SEG writer) as `writer(mask, path)`, which
+            ({"seg": ..., "rtstruct": ...}; `audit` writes the audit record) as `writer(mask, path)`, which
             writes that DICOM object and returns its SOPInstanceUID. The row holds the
             table's columns for that case (`case_id`, and `<kind>_file` and
             `<kind>_sop_instance_uid` for each DICOM object, are added).
@@ -385,23 +385,20 @@ def segmented_scan_with_qc(parts_and_qc: tuple[Any, Mapping[str, Any]], **kwargs
     """`segmented_scan` of a driver that also gave the scan's QC columns: they join its row,
     and a DICOM SEG's series description says when a flag is raised."""
     parts, qc = parts_and_qc
-    write_seg = kwargs.pop("write_seg", None)
-    if qc.get("qc_flags"):
-        if isinstance(write_seg, Mapping):
-            write_seg = {kind: partial(writer, qc_flags=qc["qc_flags"]) if writer is not None and kind in DICOM_OUTPUTS
-                         else writer for kind, writer in write_seg.items()}
-        elif isinstance(write_seg, SegWriter):
-            write_seg = partial(write_seg, qc_flags=qc["qc_flags"])
-    return segmented_scan(parts, extra={**kwargs.pop("extra"), **qc}, write_seg=write_seg, **kwargs)
+    writers = kwargs.pop("write_seg", None)
+    if writers and qc.get("qc_flags"):
+        writers = {kind: partial(writer, qc_flags=qc["qc_flags"]) if writer is not None and kind in DICOM_OUTPUTS
+                   else writer for kind, writer in writers.items()}
+    return segmented_scan(parts, extra={**kwargs.pop("extra"), **qc}, write_seg=writers, **kwargs)
 
 
 def segmented_scan(
     parts: Any, finish: Callable[[Any], Volume], classes: Mapping[str, str], extra: Mapping[str, Any],
-    write_seg: Callable[[Volume, Path], str] | Mapping[str, Callable[[Volume, Path], str] | None] | None = None,
+    write_seg: Mapping[str, Callable[..., Any] | None] | None = None,
 ) -> tuple[Volume, dict, Any]:
     """A scan's mask on its own grid and its `predictions.csv` row, from what a segmenter's
     `network_part` gave and its `finisher()`: the worker part of a prediction (no network).
-    `write_seg` (for a DICOM scan: a SEG writer, or the writers by output kind) goes back with
-    them, for `write_predictions` to call."""
+    `write_seg` (the writers by output kind: `seg`, `rtstruct`, `audit`) goes back with them,
+    for `write_predictions` to call."""
     mask = finish(parts)
     return mask, {**volumes_ml(mask, classes), **extra}, write_seg

@@ -51,7 +51,7 @@ from medseg.inference.postprocessing import (
     volumes_ml,
 )
 from medseg.inference.cascade import context_channels, with_context
-from medseg.inference.qc import QualityReference, assess, entropy_of, grid_volumes_ml, predicted_foreground, scan_features
+from medseg.inference.qc import assess_prediction
 from medseg.inference.temperature import apply_temperature, temperature_threshold
 from medseg.models.normalization import FusedBatchNormalization  # noqa: F401 (registered for keras.models.load_model)
 from medseg.inference.windows import WindowStrategy, window_predictor, window_strategy  # noqa: F401 (window_predictor re-exported)
@@ -290,14 +290,9 @@ class Segmenter:
     def quality(self, volume: Volume, probability: np.ndarray) -> dict[str, Any]:
         """The QC columns of a scan (`medseg.inference.qc.assess`) from the scan and its
         calibrated probabilities on the model's grid; {} for a plan without QC."""
-        if not self.plan.qc:
-            return {}
-        reference = QualityReference.from_dict(self.plan.qc)
         voxel_ml = float(np.prod(self.plan.target_spacing)) / 1000.0
-        features = scan_features(volume.data, volume.affine)
-        entropy = entropy_of(predicted_foreground(probability, self.mask_threshold))
-        volumes = grid_volumes_ml(probability, self.mask_threshold, list(self.plan.classes), voxel_ml)
-        return assess(reference, reference.raw_scores(features, entropy, volumes))
+        return assess_prediction(self.plan.qc, volume.data, volume.affine, probability, self.mask_threshold,
+                                 list(self.plan.classes), voxel_ml)
 
     @property
     def mask_threshold(self) -> float:

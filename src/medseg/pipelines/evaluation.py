@@ -130,6 +130,22 @@ def _training_volumes(row: Mapping[str, Any], classes: Mapping[str, str]) -> dic
     return {value: float(row.get(f"share_{value}", 0.0) or 0.0) * n_voxels * voxel_ml for value in classes}
 
 
+def held_out_case(
+    probability: np.ndarray, labels: np.ndarray, values: tuple[int, ...], threshold: float, class_values: Sequence[str],
+    voxel_ml: float, rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, float]]:
+    """What calibration keeps of one held-out case, and no more of its volume: its balanced
+    sample of voxels and their labels (the temperature's fit), up to `8 x
+    CALIBRATION_VOXELS_PER_SIDE` of its predicted-foreground probabilities (their entropy, once
+    the temperature is known) and its predicted volumes (ml), both taken at the uncalibrated
+    `threshold`: the foreground and the volumes are the same at any temperature, since the
+    threshold moves with it."""
+    sample, sample_labels = balanced_sample(probability, labels, values, CALIBRATION_VOXELS_PER_SIDE, rng)
+    foreground = predicted_foreground(probability, threshold)
+    keep = rng.choice(foreground.shape[0], size=min(foreground.shape[0], 8 * CALIBRATION_VOXELS_PER_SIDE), replace=False)
+    return sample, sample_labels, foreground[keep], grid_volumes_ml(probability, threshold, class_values, voxel_ml)
+
+
 def quality_reference(rows: Mapping[str, Mapping[str, Any]], training_cases: Sequence[str], classes: Mapping[str, str],
                       held_out: Sequence[tuple[str, float, Mapping[str, float]]]) -> QualityReference:
     """The QC reference: ranges from the training cases' fingerprints (`rows` by case id), and
@@ -185,13 +201,11 @@ def calibrate_segmenter(
     fitted_on = cases_in_split(splits, "val")
     for case_id in fitted_on:
         probability = segmenter.probabilities(grid_images[case_id]().data)
-        sample, sample_labels = balanced_sample(probability, grid_labels[case_id]().data, values,
-                                                CALIBRATION_VOXELS_PER_SIDE, rng)
+        sample, sample_labels, foreground, volumes = held_out_case(
+            probability, grid_labels[case_id]().data, values, segmenter.mask_threshold, class_values, voxel_ml, rng)
         samples.append(sample)
         labels.append(sample_labels)
-        foreground = predicted_foreground(probability, segmenter.mask_threshold)  # the same at any temperature
-        keep = rng.choice(foreground.shape[0], size=min(foreground.shape[0], 8 * CALIBRATION_VOXELS_PER_SIDE), replace=False)
-        held_out.append((case_id, foreground[keep], grid_volumes_ml(probability, segmenter.mask_threshold, class_values, voxel_ml)))
+        held_out.append((case_id, foreground, volumes))
     temperature, val_ece = 1.0, {}
     if samples:  # a temperature that does not lower the validation cases' own ECE is not worth its change
         temperature, val_ece = fit_kept_temperature(np.concatenate(samples), np.concatenate(labels), values)

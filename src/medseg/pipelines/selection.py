@@ -37,15 +37,9 @@ from medseg.imaging.io import Volume, voxel_spacing
 from medseg.inference.ensemble import Ensemble
 from medseg.kinds import model_kinds
 from medseg.parameters import CvParams, DataParams, EvaluationParams
-from medseg.evaluation.calibration import apply_temperature, balanced_sample, fit_kept_temperature, temperature_threshold
-from medseg.inference.qc import entropy_of, grid_volumes_ml, predicted_foreground
-from medseg.pipelines.evaluation import (
-    CALIBRATION_VOXELS_PER_SIDE,
-    SegmenterExport,
-    _evaluated_classes,
-    _reference_mask,
-    quality_reference,
-)
+from medseg.evaluation.calibration import apply_temperature, fit_kept_temperature
+from medseg.inference.qc import entropy_of
+from medseg.pipelines.evaluation import SegmenterExport, _evaluated_classes, _reference_mask, held_out_case, quality_reference
 from medseg.casework.progress import CaseProgress
 from medseg.runs import tracking
 from medseg.cases.split import cases_in_split
@@ -200,19 +194,16 @@ def _calibrate_on_out_of_fold(
         for load in loaders[1:]:
             probability += load(case_id)
         probability /= len(loaders)
-        sample, sample_labels = balanced_sample(probability, reference(case_id), values, CALIBRATION_VOXELS_PER_SIDE, rng)
+        voxel_ml = abs(float(np.linalg.det(np.asarray(case_geometry[case_id].original_affine, dtype=float)[:3, :3]))) / 1000.0
+        sample, sample_labels, foreground, volumes = held_out_case(
+            probability, reference(case_id), values, threshold, list(class_names), voxel_ml, rng)
         samples.append(sample)
         labels.append(sample_labels)
-        voxel_ml = abs(float(np.linalg.det(np.asarray(case_geometry[case_id].original_affine, dtype=float)[:3, :3]))) / 1000.0
-        held_out.append((case_id, probability, voxel_ml))
+        held_out.append((case_id, foreground, volumes))  # not the case's whole probabilities: a CT's are gigabytes
     temperature, report = fit_kept_temperature(np.concatenate(samples), np.concatenate(labels), values) if samples else (1.0, {})
-    mask_threshold = temperature_threshold(threshold, temperature)
-    scores = []
-    for case_id, probability, voxel_ml in held_out:
-        calibrated = apply_temperature(probability, temperature, not multiclass)
-        scores.append((case_id, entropy_of(predicted_foreground(calibrated, mask_threshold)),
-                       grid_volumes_ml(calibrated, mask_threshold, list(class_names), voxel_ml)))
-    qc = quality_reference(rows, cases, class_names, scores)
+    qc = quality_reference(rows, cases, class_names, [
+        (case_id, entropy_of(apply_temperature(foreground, temperature, not multiclass)), volumes)
+        for case_id, foreground, volumes in held_out])
     logger.info("select: temperature %.3f on %d out-of-fold cases (fitted %.3f; ECE %.4f before, %.4f after).", temperature,
                 len(cases), report.get("fitted_temperature", 1.0), report.get("val_ece_before", float("nan")),
                 report.get("val_ece_after", float("nan")))

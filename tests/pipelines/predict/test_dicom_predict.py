@@ -159,14 +159,19 @@ def test_with_new_uids_asked_for_the_anonymised_series_gets_a_seg_over_them(dico
                                   read_volume(masks / "anonymised.nii.gz", role="label").data)
 
 
-def test_outputs_give_a_structure_set_and_a_labelmap_seg_that_read_back_as_the_mask(dicom_prediction, tmp_path):
-    project, scans, out = dicom_prediction
-    only = tmp_path / "in"
+def _predict_the_series(dicom_prediction, tmp_path: Path, **params) -> tuple[Path, Path]:
+    """`predict` on the fixture's series folder alone, with `params` (`predict.<key>`); (its input, its output)."""
+    project, scans, _ = dicom_prediction
+    only, masks = tmp_path / "in", tmp_path / "out"
     shutil.copytree(scans / "series", only / "series")
-    masks = tmp_path / "out"
     run_pipeline(project, "predict", {**SHARED_UNET, "predict.model": "unet", "predict.input_dir": str(only),
-                                      "predict.output_dir": str(masks), "predict.outputs": ["seg", "rtstruct"],
-                                      "predict.seg_type": "labelmap"})
+                                      "predict.output_dir": str(masks), **{f"predict.{k}": v for k, v in params.items()}})
+    return only, masks
+
+
+def test_outputs_give_a_structure_set_and_a_labelmap_seg_that_read_back_as_the_mask(dicom_prediction, tmp_path):
+    _, _, out = dicom_prediction
+    only, masks = _predict_the_series(dicom_prediction, tmp_path, outputs=["seg", "rtstruct"], seg_type="labelmap")
     assert sorted(p.name for p in masks.iterdir()) == ["predictions.csv", "series.audit.json", "series.rtstruct.dcm", "series.seg.dcm"]
     row = pd.read_csv(masks / "predictions.csv", dtype=str, keep_default_na=False).iloc[0]
     assert row["rtstruct_file"] == "series.rtstruct.dcm" and row["seg_file"] == "series.seg.dcm"
@@ -221,12 +226,8 @@ def test_every_scan_has_an_audit_record_that_says_what_went_in_and_came_out(dico
 
 
 def test_hashed_uids_in_the_audit_record_and_in_mlflow(dicom_prediction, tmp_path):
-    project, scans, _ = dicom_prediction
-    only = tmp_path / "in"
-    shutil.copytree(scans / "series", only / "series")
-    masks = tmp_path / "out"
-    run_pipeline(project, "predict", {**SHARED_UNET, "predict.model": "unet", "predict.input_dir": str(only),
-                                      "predict.output_dir": str(masks), "predict.hash_uids": True})
+    project, _, _ = dicom_prediction
+    only, masks = _predict_the_series(dicom_prediction, tmp_path, hash_uids=True)
     series = read_dicom_series(only / "series")
     record = json.loads((masks / "series.audit.json").read_text())
     digest = "sha256:" + hashlib.sha256(series.series_uid.encode()).hexdigest()

@@ -19,7 +19,6 @@ import pandas as pd
 from medseg.runs import compute
 from medseg.casework import DriverThenWorker
 from medseg.storage.paths import anchor_path
-from medseg.dicom.series import check_dicom_series
 from medseg.dicom.uids import with_generated_uids
 from medseg.errors import ConfigurationError
 from medseg.inference.audit import AuditWriter, hashed_uid_columns, library_versions
@@ -120,7 +119,7 @@ def _check_some_output(scans: list[Scan], predict: PredictParams) -> None:
         return
     dicom = [scan for scan in scans if scan.is_dicom]
     generate = bool(predict.get("generate_missing_uids"))
-    able = [scan for scan in dicom if generate or not check_dicom_series(scan.dicom_source(), scan.series_uid).missing_uids]
+    able = [scan for scan in dicom if generate or not scan.missing_uids]  # as list_scans found them
     if not able:
         raise ConfigurationError(
             f"predict.outputs={outputs} asks only for DICOM objects, and none of the {len(scans)} scans can give one: "

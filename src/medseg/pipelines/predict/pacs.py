@@ -30,7 +30,7 @@ import pandas as pd
 
 from medseg.dicom.series import NON_IMAGE_MODALITIES, DicomError, check_dicom_series
 from medseg.dicom.web import DicomWebError, DicomWebServer, SeriesRef, find_series, instances_present, retrieve_series, store
-from medseg.inference.scans import DICOM, Scan
+from medseg.inference.scans import DICOM, DICOM_OUTPUTS, Scan
 from medseg.runs import credentials
 from medseg.storage.publishing import atomic_path
 
@@ -102,14 +102,14 @@ def fetch_series(web: dict, server: DicomWebServer, model_uri: str, answers_fold
             folder = Path(staging) / ref.series_uid
             retrieve_series(server, ref, folder)
             try:
-                check_dicom_series(folder)
+                check = check_dicom_series(folder)
             except DicomError as error:
                 if by_uid:
                     raise
                 skipped.append(f"series {ref.series_uid} ({ref.modality} {ref.description!r}): {error}")
                 shutil.rmtree(folder, ignore_errors=True)
                 continue
-            scans.append(Scan(ref.series_uid, str(folder), DICOM))
+            scans.append(Scan(ref.series_uid, str(folder), DICOM, missing_uids=check.missing_uids))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -142,7 +142,7 @@ def store_results(server: DicomWebServer, table: pd.DataFrame, output_dir: Path,
     import pydicom
 
     stored: list[str] = []
-    kinds = ("seg", "rtstruct")
+    kinds = tuple(DICOM_OUTPUTS)
     rows = [row for row in table.to_dict("records") if any(row.get(f"{kind}_file") for kind in kinds)]
     for index, row in enumerate(rows):
         paths = [output_dir / str(row[f"{kind}_file"]) for kind in kinds if row.get(f"{kind}_file")]
