@@ -25,7 +25,7 @@ names = {d.metadata["Name"].lower().replace("_", "-") for d in distributions()};
 sys.exit("$(VENV) holds both tensorflow and tensorflow-cpu: remove $(VENV) (rm -rf $(VENV)) and rerun." \
 if {"tensorflow", "tensorflow-cpu"} <= names else 0)'
 
-.PHONY: run test test-quick docs viz benchmarks clean-data check-extras dicom-tools
+.PHONY: run test test-quick docs viz benchmarks clean-data check-extras dicom-tools niivue browser-tools serve-onnx-env
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -54,15 +54,36 @@ $(VENV)/.installed-$(EXTRAS)-test: pyproject.toml | $(PY) check-extras
 run: $(VENV)/.installed-$(EXTRAS)
 	$(VENV)/bin/kedro run
 
+# The viewer pages (medseg.evaluation.viewer) inline NiiVue's browser bundle, so that a page opens
+# offline: its UMD build (dist/niivue.umd.js, one script with its dependencies, no import) is
+# fetched once from the npm registry (npm checks the package's integrity, and the file's SHA-256
+# is checked against the one pinned here) into the package, where git ignores it. The package
+# ships no LICENSE file: its BSD-2-Clause text is kept beside the script (niivue.LICENSE, in git),
+# and the fetch fails if a new version declares another licence.
+NIIVUE_VERSION := 0.69.0
+NIIVUE_SHA256 := 47b896b77ec4a5be3ef1949c33ad393b6f45629921f326c279000bcf51bdb4af
+NIIVUE_JS := src/medseg/evaluation/assets/niivue.js
+
+$(NIIVUE_JS):
+	@command -v npm >/dev/null || { echo "niivue: npm fetches NiiVue $(NIIVUE_VERSION) once for the viewer pages; install Node.js and npm (apt-get install npm)." >&2; exit 1; }
+	@tmp=$$(mktemp -d) && (cd $$tmp && npm pack --silent @niivue/niivue@$(NIIVUE_VERSION) >/dev/null) && \
+		tar -xzf $$tmp/niivue-niivue-$(NIIVUE_VERSION).tgz -C $$tmp package/dist/niivue.umd.js package/package.json && \
+		licence=$$(node -p "require('$$tmp/package/package.json').license") && \
+		{ [ "$$licence" = BSD-2-Clause ] || { echo "niivue: NiiVue $(NIIVUE_VERSION) declares the licence $$licence, not niivue.LICENSE's BSD-2-Clause." >&2; false; }; } && \
+		{ echo "$(NIIVUE_SHA256)  $$tmp/package/dist/niivue.umd.js" | sha256sum --check --quiet - || { echo "niivue: dist/niivue.umd.js of NiiVue $(NIIVUE_VERSION) is not the one pinned (NIIVUE_SHA256)." >&2; false; }; } && \
+		mkdir -p $(@D) && cp $$tmp/package/dist/niivue.umd.js $@.tmp && mv $@.tmp $@; status=$$?; rm -rf $$tmp; exit $$status
+
+niivue: $(NIIVUE_JS)
+
 # Everything CI checks: the layers of docs/architecture.md (import-linter contracts in
 # pyproject.toml), the documentation site (no broken link), then every test tier.
-test: $(VENV)/.installed-$(EXTRAS)-test
+test: $(VENV)/.installed-$(EXTRAS)-test $(NIIVUE_JS) serve-onnx-env
 	$(VENV)/bin/lint-imports
 	$(MAKE) --no-print-directory docs
 	$(PY) -m pytest
 
 # The unit and wiring tiers only: no KedroSession, training run, server or subprocess.
-test-quick: $(VENV)/.installed-$(EXTRAS)-test
+test-quick: $(VENV)/.installed-$(EXTRAS)-test $(NIIVUE_JS)
 	$(PY) -m pytest -m "not integration"
 
 # The documentation site into site/ (browse it with `.venv/bin/mkdocs serve`). Its diagrams are
@@ -92,6 +113,13 @@ dicom-tools:
 	timeout 600 apt-get update -qq && DEBIAN_FRONTEND=noninteractive timeout 900 apt-get install -y -qq \
 		dcm2niix dicom3tools orthanc orthanc-dicomweb >/dev/null
 
+# Optional, for the viewer page's browser test, which skips without it: Debian's chromium, run
+# headless with WebGL2 drawn by SwiftShader (no GPU needed). Needs root and apt.
+browser-tools:
+	@if command -v chromium >/dev/null; then exit 0; fi; \
+	if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then echo "browser-tools: needs root and apt-get" >&2; exit 1; fi; \
+	timeout 600 apt-get update -qq && DEBIAN_FRONTEND=noninteractive timeout 900 apt-get install -y -qq chromium >/dev/null
+
 viz: $(VENV)/.installed-$(EXTRAS)
 	$(VENV)/bin/kedro viz run --no-browser
 
@@ -102,3 +130,21 @@ benchmarks: $(VENV)/.installed-$(EXTRAS)
 
 clean-data:
 	find data -mindepth 2 ! -name .gitkeep -delete
+
+# The serving environment of a segmenter's onnxruntime variant (`<model>_segmenter_onnx`): built
+# with pip from the requirements that variant logs (medseg.serving.model.pip_requirements), which
+# hold no TensorFlow and no Keras. tests/test_serving.py serves the variant from it with
+# `mlflow models serve --env-manager local`: MLflow's default virtualenv manager would fetch
+# Python through pyenv, which cannot work offline. Rebuilt when pyproject.toml changes; a failed
+# build leaves nothing (the test then skips, naming this target).
+SERVE_ONNX := .venv-serve-onnx
+
+$(SERVE_ONNX)/.installed: pyproject.toml | $(VENV)/.installed-$(EXTRAS)-test
+	rm -rf $(SERVE_ONNX)
+	$(PYTHON) -m venv $(SERVE_ONNX)
+	$(PY) -c "from medseg.serving.model import pip_requirements; print('\\n'.join(pip_requirements('onnxruntime')))" \
+		> $(SERVE_ONNX)/requirements.txt
+	$(SERVE_ONNX)/bin/python -m pip install --quiet -r $(SERVE_ONNX)/requirements.txt || { rm -rf $(SERVE_ONNX); exit 1; }
+	touch $@
+
+serve-onnx-env: $(SERVE_ONNX)/.installed

@@ -115,6 +115,7 @@ TINY_UNET = {
     "unet.training.steps_per_epoch": 3,
     "unet.training.validation_steps": 1,
     "unet.reporting.n_overlay_cases": 1,
+    "unet.export.onnx": False,
 }
 TINY_CONV3D = {
     **TINY_DATA_PARAMS,
@@ -128,6 +129,7 @@ TINY_CONV3D = {
     "conv3d.training.validation_steps": 1,
     "conv3d.evaluation.patches_per_case": 6,
     "conv3d.reporting.n_overlay_cases": 1,
+    "conv3d.export.onnx": False,
 }
 
 
@@ -287,7 +289,8 @@ def shared_project(tmp_path_factory, name: str, build) -> Path:
 # probabilities are close to 0.5, and keeping the largest component of its masks leaves some
 # scans all foreground, which would make the mask comparisons of the serving tests prove little.
 REGISTERED_UNET = "medseg-unet-test"
-SHARED_UNET = {**TINY_UNET, "unet.export.registered_model_name": REGISTERED_UNET}
+# It and `trained_conv3d` also export their networks to ONNX, with the parity check on.
+SHARED_UNET = {**TINY_UNET, "unet.export.registered_model_name": REGISTERED_UNET, "unet.export.onnx": True}
 
 
 @pytest.fixture(scope="session")
@@ -335,7 +338,7 @@ def trained_conv3d(tmp_path_factory, trained_unet) -> Path:
     def build(project: Path) -> None:
         shutil.rmtree(project)
         copy_project(trained_unet, project)
-        run_pipeline(project, "conv3d", TINY_CONV3D)
+        run_pipeline(project, "conv3d", {**TINY_CONV3D, "conv3d.export.onnx": True})
 
     return shared_project(tmp_path_factory, "conv3d", build)
 

@@ -70,11 +70,11 @@ def assert_same_mask(actual: Path, expected: Path) -> None:
     assert np.array_equal(np.asanyarray(got.dataobj), np.asanyarray(want.dataobj)), f"{actual} differs from {expected}"
 
 
-def clean_env(**extra: str) -> dict[str, str]:
-    """This process's environment without the serving policy variables, plus `extra`; the venv's
-    bin/ first on PATH (`mlflow models serve` starts `uvicorn` by name)."""
-    env = {k: v for k, v in os.environ.items() if k not in (*POLICY, SERVING_ENV, "MLFLOW_TRACKING_URI")}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+def clean_env(python: str = sys.executable, **extra: str) -> dict[str, str]:
+    """This process's environment without the serving policy variables, plus `extra`; the bin/
+    of `python`'s venv first on PATH (`mlflow models serve` starts `uvicorn` by name)."""
+    env = {k: v for k, v in os.environ.items() if k not in (*POLICY, SERVING_ENV, "MLFLOW_TRACKING_URI", "PYTHONPATH")}
+    env["PATH"] = f"{Path(python).parent}{os.pathsep}{env.get('PATH', '')}"
     env.update(extra)
     return env
 
@@ -201,7 +201,7 @@ def test_logged_requirements_pin_this_environment_and_leave_medseg_out(trained: 
     assert "tensorflow" not in names  # the cpu build only: never both
     if name == "unet_segmenter":
         # pydicom and highdicom: the segmenter reads DICOM series and writes DICOM SEG.
-        for package in ("nibabel", "scipy", "numpy", "pandas", "mlflow", "pydicom", "highdicom"):
+        for package in ("nibabel", "scipy", "numpy", "pandas", "mlflow", "fsspec", "pydicom", "highdicom"):
             assert f"{package}=={importlib.metadata.version(package)}" in requirements
     assert_satisfied_here(requirements)
 
@@ -215,9 +215,11 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def model_server(trained: Trained, log: Path, roots: tuple[Path, Path] | None):
-    """`mlflow models serve` of the training run's unet_segmenter; yields its base URL. The
-    server (its own process group: mlflow, then uvicorn) is terminated on exit."""
+def model_server(trained: Trained, log: Path, roots: tuple[Path, Path] | None, python: str = sys.executable,
+                 model_uri: str | None = None):
+    """`mlflow models serve` of the training run's unet_segmenter (or `model_uri`) from the
+    environment of `python`; yields its base URL. The server (its own process group: mlflow,
+    then uvicorn) is terminated on exit."""
     import httpx
 
     extra = {"MLFLOW_TRACKING_URI": trained.tracking_uri}
@@ -226,9 +228,9 @@ def model_server(trained: Trained, log: Path, roots: tuple[Path, Path] | None):
     port = free_port()
     with open(log, "wb") as sink:
         server = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "models", "serve", "-m", trained.model_uri, "--env-manager", "local",
+            [python, "-m", "mlflow", "models", "serve", "-m", model_uri or trained.model_uri, "--env-manager", "local",
              "-p", str(port), "-h", "127.0.0.1"],
-            cwd=log.parent, env=clean_env(**extra), stdout=sink, stderr=subprocess.STDOUT, start_new_session=True,
+            cwd=log.parent, env=clean_env(python, **extra), stdout=sink, stderr=subprocess.STDOUT, start_new_session=True,
         )
     try:
         url = f"http://127.0.0.1:{port}"
@@ -362,3 +364,82 @@ def test_registered_version_drives_the_predict_pipeline(trained: Trained, tmp_pa
     assert match.group(1) in {started.strftime("%Y%m%d"), dt.date.today().strftime("%Y%m%d")}
     assert run.info.status == "FINISHED"
     assert run.data.tags["medseg.source_model_uri"] == uri
+
+
+# -- the onnxruntime engine: parity, predict, and a served model without TensorFlow -------------
+
+# Built by `make serve-onnx-env` from the requirements the onnxruntime variant logs.
+SERVE_ONNX_ENV = REPO_SRC.parent / ".venv-serve-onnx"
+
+
+def mask_dice(actual: Path, expected: Path) -> float:
+    from medseg.inference.engines import mask_agreement
+
+    got, want = (np.asanyarray(nib.load(str(p)).dataobj) for p in (actual, expected))
+    return mask_agreement(want, got, (1,))["dice"]
+
+
+def test_onnx_parity_is_logged_and_predict_on_onnxruntime_gives_tensorflows_masks(trained: Trained, tmp_path: Path):
+    from medseg.inference.engines import MASK_AGREEMENT_DICE
+
+    client = mlflow_runs(trained.project)[0]
+    metrics = client.get_run(trained.run_id).data.metrics
+    record = json.loads((trained.project / "data" / "08_reporting" / "unet" / "onnx_parity.json").read_text())
+    saved = json.loads((trained.project / "data" / "06_models" / "unet" / "segmenter" / "onnx.json").read_text())
+    assert record == saved and record["status"] == "passed" and record["tolerance"] == MASK_AGREEMENT_DICE
+    splits = pd.read_csv(trained.project / "data" / "03_primary" / "splits.csv")
+    assert sorted(record["cases"]) == sorted(splits.loc[splits["split"] == "test", "case_id"])
+    assert metrics["onnx_export_passed"] == 1.0
+    assert metrics["onnx_parity_min_dice"] == pytest.approx(record["min_dice"]) and record["min_dice"] >= MASK_AGREEMENT_DICE
+    assert metrics["onnx_parity_cases"] == len(record["cases"])
+    artifacts = {a.path for a in client.list_artifacts(trained.run_id, "unet")}
+    assert "unet/onnx_parity.json" in artifacts
+
+    out = tmp_path / "onnx_masks"
+    run_pipeline(trained.project, "predict", {"predict.model": "unet", "predict.input_dir": str(trained.images[0].parent),
+                                              "predict.output_dir": str(out), "predict.engine": "onnxruntime"})
+    table = pd.read_csv(out / "predictions.csv")
+    assert set(table["engine"]) == {"onnxruntime"}
+    assert set(pd.read_csv(trained.pipeline_out / "predictions.csv")["engine"]) == {"tensorflow"}
+    for image in trained.images:
+        assert mask_dice(out / f"{case_of(image)}.nii.gz", trained.pipeline_mask(image)) >= MASK_AGREEMENT_DICE
+
+
+def test_the_onnx_variant_requires_no_tensorflow_or_keras(trained: Trained, tmp_path: Path):
+    requirements = logged_requirements(trained, "unet_segmenter_onnx", tmp_path)
+    names = [re.split(r"[\[<>=!~; ]", line, maxsplit=1)[0].lower() for line in requirements]
+    assert not {"tensorflow", "tensorflow-cpu", "keras", "tf2onnx"} & set(names)
+    assert f"onnxruntime=={importlib.metadata.version('onnxruntime')}" in requirements
+    for package in ("nibabel", "numpy", "mlflow", "fsspec", "pydicom", "highdicom"):
+        assert f"{package}=={importlib.metadata.version(package)}" in requirements
+
+
+def test_the_onnx_variant_serves_from_an_environment_built_from_its_requirements(trained: Trained, tmp_path: Path):
+    """The environment `make serve-onnx-env` built, checked against this model's own
+    requirements.txt with pip (offline: `--no-index`, so every pin must already be there), has no
+    TensorFlow, and `mlflow models serve --env-manager local` of the variant segments a scan as
+    the TensorFlow pipeline did."""
+    from medseg.inference.engines import MASK_AGREEMENT_DICE
+
+    python = SERVE_ONNX_ENV / "bin" / "python"
+    if not python.exists():
+        pytest.skip(f"{SERVE_ONNX_ENV} is missing: `make serve-onnx-env` builds it (make test does)")
+    model = f"runs:/{trained.run_id}/unet_segmenter_onnx"
+    import mlflow
+
+    folder = mlflow.artifacts.download_artifacts(artifact_uri=model, dst_path=str(tmp_path / "model"),
+                                                 tracking_uri=trained.tracking_uri)
+    pip = subprocess.run([str(python), "-m", "pip", "install", "--no-index", "--quiet", "-r",
+                          str(Path(folder) / "requirements.txt")], capture_output=True, text=True, timeout=300)
+    assert pip.returncode == 0, f"the environment lacks a requirement of the model: {pip.stderr[-3000:]}"
+    probe = subprocess.run([str(python), "-c", "import tensorflow"], capture_output=True, text=True, env=clean_env(str(python)))
+    assert probe.returncode != 0 and "No module named 'tensorflow'" in probe.stderr
+    with model_server(trained, tmp_path / "serve_onnx.log", None, python=str(python), model_uri=model) as url:
+        image = trained.images[1]
+        response = invoke(url, [{"image_b64": b64_of(image), "case_id": case_of(image)}])
+        assert response.status_code == 200, response.text[-4000:]
+        (row,) = response.json()["predictions"]
+    decoded = tmp_path / "served_onnx.nii.gz"
+    decoded.write_bytes(base64.b64decode(row["mask_b64"]))
+    assert mask_dice(decoded, trained.pipeline_mask(image)) >= MASK_AGREEMENT_DICE
+    assert "tensorflow" not in (tmp_path / "serve_onnx.log").read_text().lower()

@@ -282,6 +282,11 @@ class ExportParams(Section):
 
     registered_model_name: Annotated[str | None, Field(description=(
         "Also register the `<model>_segmenter` pyfunc model in the MLflow model registry under this name; null: not registered."))]
+    onnx: Annotated[bool, Field(description=(
+        "Export the trained network to ONNX and check on the test split that onnxruntime gives TensorFlow's masks "
+        "(equal, or Dice >= 0.999 per case and class; `<model>.onnx_parity`, MLflow `onnx_*`); the onnxruntime engine "
+        "(`predict.engine`) and the `<model>_segmenter_onnx` model need it. false: no export (faster tests).")),
+    ] = True
 
 
 # planning ------------------------------------------------------------------------------------
@@ -421,6 +426,10 @@ class PredictParams(Section):
     mirror_axes: Annotated[list[Axis] | None, Field(description=(
         "Test-time mirroring axes; null: the model's own `inference.mirror_axes`."))]
     keep_largest_component: Annotated[bool | None, Field(description="null: the model's own `inference.keep_largest_component`.")]
+    engine: Annotated[Literal["tensorflow", "onnxruntime"], Field(description=(
+        "What runs the network: `tensorflow` (the Keras network, in the precision training chose) or `onnxruntime` (its "
+        "float32 ONNX export; refused for a model whose export failed its parity check or was off). Everything around "
+        "the network (plan, windows, mirroring, temperature, QC, postprocessing) is the same code on both."))] = "tensorflow"
     series_uid: Annotated[str | None, Field(description=(
         "The SeriesInstanceUID to segment where a DICOM input holds several series; null refuses such an input, listing them."))] = None
     generate_missing_uids: Annotated[bool, Field(description=(

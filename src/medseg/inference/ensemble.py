@@ -33,6 +33,7 @@ from medseg.inference.postprocessing import (
     source_label_map,
     volumes_ml,
 )
+from medseg.inference.engines import TENSORFLOW
 from medseg.inference.qc import assess_prediction
 from medseg.inference.segmenter import PLAN_FILE, Segmenter, SegmenterPlan, read_plan
 from medseg.inference.temperature import apply_temperature, temperature_threshold
@@ -194,7 +195,8 @@ class Ensemble:
             apply_umask(staging / ENSEMBLE_FILE)
 
     @classmethod
-    def load(cls, folder: str | os.PathLike) -> Ensemble:
+    def load(cls, folder: str | os.PathLike, engine: str = TENSORFLOW) -> Ensemble:
+        """Read an ensemble folder; each member's network on `engine` (`Segmenter.load`)."""
         folder = Path(folder)
         path = folder / ENSEMBLE_FILE
         try:
@@ -204,7 +206,7 @@ class Ensemble:
             raise CorruptFileError(f"{path}: not a readable ensemble ({exc}). Run the selection again.") from exc
         if int(record.get("format_version", 0)) != FORMAT_VERSION:
             raise ConfigurationError(f"{path}: ensemble format {record.get('format_version')} is not {FORMAT_VERSION}.")
-        members = [Segmenter.load(folder / MEMBERS_FOLDER / str(i)) for i in range(count)]
+        members = [Segmenter.load(folder / MEMBERS_FOLDER / str(i), engine) for i in range(count)]
         return cls(members, record["name"], record.get("largest_component", ()), record.get("threshold"),
                    record.get("description"), float(record.get("temperature", 1.0)), record.get("qc"))
 
@@ -213,9 +215,10 @@ def is_ensemble(folder: str | os.PathLike) -> bool:
     return (Path(folder) / ENSEMBLE_FILE).is_file()
 
 
-def load_segmenter(folder: str | os.PathLike) -> Segmenter | Ensemble:
-    """A segmenter folder or an ensemble folder, whichever `folder` holds."""
-    return Ensemble.load(folder) if is_ensemble(folder) else Segmenter.load(folder)
+def load_segmenter(folder: str | os.PathLike, engine: str = TENSORFLOW) -> Segmenter | Ensemble:
+    """A segmenter folder or an ensemble folder, whichever `folder` holds, its networks on
+    `engine` (`medseg.inference.engines`)."""
+    return Ensemble.load(folder, engine) if is_ensemble(folder) else Segmenter.load(folder, engine)
 
 
 def segmenter_name(folder: str | os.PathLike) -> str:

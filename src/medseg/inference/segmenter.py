@@ -13,7 +13,10 @@ parameters), never recomputed from the new scans. The evaluation of the training
 through the same object, so what is scored on the test split is what `predict` and the MLflow
 model return.
 
-On disk a segmenter is a folder: `segmenter.json` (the plan) and `model.keras`.
+On disk a segmenter is a folder: `segmenter.json` (the plan) and `model.keras`, and where the
+network was exported, `model.onnx` with its parity record `onnx.json`
+(`medseg.inference.engines`). A segmenter loaded for the `onnxruntime` engine reads only the
+latter two and imports no TensorFlow.
 """
 
 from __future__ import annotations
@@ -26,9 +29,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import keras
 import numpy as np
 
 from medseg.errors import ConfigurationError, CorruptFileError, DatasetNotFoundError, InvalidGeometryError
@@ -53,8 +55,8 @@ from medseg.inference.postprocessing import (
 from medseg.inference.cascade import context_channels, with_context
 from medseg.inference.qc import assess_prediction
 from medseg.inference.temperature import apply_temperature, temperature_threshold
-from medseg.models.normalization import FusedBatchNormalization  # noqa: F401 (registered for keras.models.load_model)
-from medseg.inference.windows import WindowStrategy, window_predictor, window_strategy  # noqa: F401 (window_predictor re-exported)
+from medseg.inference.engines import ONNXRUNTIME, PASSED, TENSORFLOW, OnnxNetwork, ParityRecord, check_engine
+from medseg.inference.windows import Network, WindowStrategy, window_predictor, window_strategy  # noqa: F401 (window_predictor re-exported)
 from medseg.patching.sliding_window import (
     GIB,
     MIN_ACTIVATION_GB,
@@ -64,10 +66,15 @@ from medseg.patching.sliding_window import (
 )
 from medseg.storage.publishing import apply_umask, staged_folder
 
+if TYPE_CHECKING:
+    import keras
+
 logger = logging.getLogger(__name__)
 
 PLAN_FILE = "segmenter.json"
 MODEL_FILE = "model.keras"
+ONNX_FILE = "model.onnx"
+PARITY_FILE = "onnx.json"
 CONTEXT_FOLDER = "context"  # a cascade's low-resolution stage: one segmenter folder per network
 FORMAT_VERSION = 1
 
@@ -177,16 +184,53 @@ class Segmenter:
         context: a cascade's low-resolution stage (`conv3d.model.configuration: cascade`):
             segmenters whose mean class probabilities (`medseg.inference.cascade`) the
             network takes after the image. Saved in `context/<n>/` of the segmenter's folder.
+        onnx: the network's ONNX export (`medseg.models.onnx_export`), or None.
+        parity: the export's record (`medseg.inference.engines.ParityRecord`), or None.
+        network: what runs on the `onnxruntime` engine (set by `load(..., engine=...)` or
+            `use_engine`); None: the Keras `model` on TensorFlow.
+
+    Attributes:
+        model: the Keras network; None for a segmenter loaded for onnxruntime only.
+        engine: `tensorflow` or `onnxruntime`, the engine its network runs on.
     """
 
-    def __init__(self, model: keras.Model, plan: SegmenterPlan, context: Sequence[Segmenter] = ()):
+    def __init__(self, model: keras.Model | None, plan: SegmenterPlan, context: Sequence[Segmenter] = (),
+                 onnx: bytes | None = None, parity: ParityRecord | None = None, network: OnnxNetwork | None = None):
         self.model = model
         self.context = list(context)
         self.plan = plan if plan.context_stages == len(self.context) else replace(plan, context_stages=len(self.context))
         window_strategy(self.plan.window)  # an unknown window is refused here, not at the first scan
+        self.onnx, self.parity = onnx, parity
+        self._network: Network | None = network or model
+        self.engine = ONNXRUNTIME if network is not None else TENSORFLOW
         self._predict_batch: Callable[[np.ndarray], np.ndarray] | None = None
         self._warned_budget = False
         self._logged_shapes: set[tuple[int, ...]] = set()
+
+    # -- the engine -------------------------------------------------------------------------
+    def use_engine(self, engine: str) -> Segmenter:
+        """Run the network (and a cascade's stages) on `engine` from now on; itself.
+
+        Raises:
+            ConfigurationError: onnxruntime for a network with no export, or one whose parity
+                with TensorFlow failed (the record's reason), or TensorFlow for a segmenter
+                loaded for onnxruntime only.
+        """
+        check_engine(engine)
+        for stage in self.context:
+            stage.use_engine(engine)
+        if engine == self.engine:
+            return self
+        if engine == TENSORFLOW:
+            if self.model is None:
+                raise ConfigurationError(f"{self.plan.model_key}: loaded for onnxruntime only; load it again with engine "
+                                         "tensorflow.")
+            self._network = self.model
+        else:
+            self._network = OnnxNetwork(onnx_export_of(self.plan.model_key, self.onnx, self.parity))
+        self.engine = engine
+        self._predict_batch = None
+        return self
 
     # -- the parts --------------------------------------------------------------------------
     def preprocess(self, volume: Volume, name: str = "the scan") -> tuple[np.ndarray, CaseGeometry]:
@@ -271,7 +315,7 @@ class Segmenter:
     def _predict_network_input(self, image: np.ndarray) -> np.ndarray:
         windows = self.windows
         if self._predict_batch is None:
-            self._predict_batch = windows.predictor(self.model)
+            self._predict_batch = windows.predictor(self._network)
         budget = self.activation_budget(image.shape[:3], 1 if image.ndim == 3 else int(image.shape[-1]))
         return windows.predict(
             self._predict_batch, image, self.plan, budget,
@@ -393,29 +437,48 @@ class Segmenter:
 
     # -- on disk --------------------------------------------------------------------------------
     def save(self, folder: str | os.PathLike) -> None:
-        """Write `segmenter.json` and `model.keras` into `folder`, replacing it only once both
-        are written (:func:`medseg.storage.publishing.staged_folder`: a staging folder beside it, then
-        a rename)."""
+        """Write `segmenter.json` and `model.keras` (and `model.onnx` with `onnx.json` where the
+        network was exported) into `folder`, replacing it only once all are written
+        (:func:`medseg.storage.publishing.staged_folder`: a staging folder beside it, then a
+        rename)."""
+        if self.model is None:
+            raise ConfigurationError(f"{self.plan.model_key}: loaded for onnxruntime only, so it has no Keras network to "
+                                     "save; copy its folder instead.")
         with staged_folder(folder) as staging:
             self.model.save(staging / MODEL_FILE)
             (staging / PLAN_FILE).write_text(json.dumps(self.plan.to_dict(), indent=2))
+            if self.onnx is not None:
+                (staging / ONNX_FILE).write_bytes(self.onnx)
+            if self.parity is not None:
+                (staging / PARITY_FILE).write_text(json.dumps(self.parity.to_dict(), indent=2))
             for path in staging.iterdir():
                 apply_umask(path)
             for index, stage in enumerate(self.context):
                 stage.save(staging / CONTEXT_FOLDER / str(index))
 
     @classmethod
-    def load(cls, folder: str | os.PathLike) -> Segmenter:
-        """Read a segmenter folder written by :meth:`save`.
+    def load(cls, folder: str | os.PathLike, engine: str = TENSORFLOW) -> Segmenter:
+        """Read a segmenter folder written by :meth:`save`, for `engine`: `tensorflow` loads
+        the Keras network (and keeps the ONNX export, if any, for a later `use_engine`);
+        `onnxruntime` loads only the ONNX export, and no TensorFlow.
 
         Raises:
             DatasetNotFoundError: the folder or one of its files is missing (train first).
             CorruptFileError: a file cannot be read.
+            ConfigurationError: onnxruntime for a folder with no export, or one whose parity
+                failed (the record's reason).
         """
+        check_engine(engine)
         folder = Path(folder)
         plan = read_plan(folder)
-        model_path = _required_file(folder, MODEL_FILE)
-        model = _load_network(model_path)
+        parity = read_parity(folder)
+        onnx_path = folder / ONNX_FILE
+        onnx = onnx_path.read_bytes() if onnx_path.is_file() else None
+        model = network = None
+        if engine == ONNXRUNTIME:
+            network = OnnxNetwork(onnx_export_of(f"{folder}", onnx, parity), str(onnx_path))
+        else:
+            model = _load_network(_required_file(folder, MODEL_FILE))
         context = folder / CONTEXT_FOLDER
         stages = [path for path in context.iterdir() if path.name.isdigit()] if context.is_dir() else []
         stages.sort(key=lambda path: int(path.name))
@@ -425,13 +488,13 @@ class Segmenter:
                 f"{context}: {PLAN_FILE} names {expected} low-resolution stage(s), folders "
                 f"{[str(i) for i in range(expected)]}, but the segmenter holds {[p.name for p in stages]}. Train the model again."
             )
-        return cls(model, plan, [cls.load(stage) for stage in stages])
+        return cls(model, plan, [cls.load(stage, engine) for stage in stages], onnx, parity, network)
 
 
 # The networks last loaded, by file: a training run loads its segmenter in three nodes (its
 # evaluation, the postprocessing check, the pyfunc export), and each load of a Keras archive
 # costs about a second. A file that changed (a new training writes a new folder) is a new key.
-_LOADED_NETWORKS: OrderedDict[tuple, keras.Model] = OrderedDict()
+_LOADED_NETWORKS: OrderedDict[tuple, Any] = OrderedDict()
 _LOADED_NETWORKS_KEPT = 4
 _LOADED_NETWORKS_LOCK = threading.Lock()
 
@@ -444,6 +507,10 @@ def _load_network(path: Path) -> keras.Model:
     Raises:
         CorruptFileError: Keras cannot load the file.
     """
+    import keras
+
+    from medseg.models.normalization import FusedBatchNormalization  # noqa: F401 (registered for keras.models.load_model)
+
     stat = path.stat()
     key = (str(path.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)
     with _LOADED_NETWORKS_LOCK:
@@ -486,6 +553,33 @@ def _required_file(folder: Path, name: str) -> Path:
             "(`kedro run --pipeline unet` or `--pipeline conv3d`), or give an MLflow model URI."
         )
     return path
+
+
+def read_parity(folder: str | os.PathLike) -> ParityRecord | None:
+    """The ONNX export's parity record of a segmenter folder (`onnx.json`), or None."""
+    path = Path(folder) / PARITY_FILE
+    if not path.is_file():
+        return None
+    try:
+        return ParityRecord.from_dict(json.loads(path.read_text()))
+    except (json.JSONDecodeError, TypeError, AttributeError) as exc:
+        raise CorruptFileError(f"{path}: not a readable ONNX parity record ({exc}). Train the model again.") from exc
+
+
+def onnx_export_of(where: str, onnx: bytes | None, parity: ParityRecord | None) -> bytes:
+    """The ONNX export that the onnxruntime engine may run: one whose parity with TensorFlow
+    passed. Refused, with the record's reason, otherwise."""
+    if onnx is None or parity is None or parity.status == "off":
+        raise ConfigurationError(
+            f"{where}: the network has no ONNX export (trained with `<model>.export.onnx: false`, or before medseg "
+            "exported ONNX). Use predict.engine: tensorflow, or train it again with the export on."
+        )
+    if parity.status != PASSED:
+        raise ConfigurationError(
+            f"{where}: its ONNX export failed its parity check with TensorFlow ({parity.reason}), so onnxruntime may not "
+            "run it. Use predict.engine: tensorflow."
+        )
+    return onnx
 
 
 def read_plan(folder: str | os.PathLike) -> SegmenterPlan:

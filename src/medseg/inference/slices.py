@@ -10,15 +10,20 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
-import keras
+from typing import TYPE_CHECKING
+
 import numpy as np
 
+from medseg.inference.engines import ONNXRUNTIME, OnnxNetwork
 from medseg.patching.sliding_window import sliding_window_predict, unet_features_per_voxel, windows_per_batch
+
+if TYPE_CHECKING:
+    import keras
 
 PredictSlices = Callable[[np.ndarray], np.ndarray]
 
 
-def slice_predictor(model: keras.Model) -> PredictSlices:
+def slice_predictor(model: keras.Model | OnnxNetwork) -> PredictSlices:
     """A 2D model as `predict_batch` for `sliding_window_predict` with axial-slice windows.
 
     The forward pass is traced once (`tf.function` with a (None, None, None, 1) signature), for
@@ -28,6 +33,9 @@ def slice_predictor(model: keras.Model) -> PredictSlices:
     `medseg.patching.sliding_window.ACTIVATION_BYTES_PER_FEATURE` assumes a traced call). The
     traced graph runs the same layers on the same inputs as the eager call.
 
+    An ONNX network (`medseg.inference.engines.OnnxNetwork`) runs its own graph, which takes
+    any H and W too.
+
     Args:
         model: maps (B, H, W, 1) to (B, H, W, C) probabilities for any H and W (see
             `medseg.models.with_input_shape(model, (None, None, 1))`); C is 1 (sigmoid) or
@@ -36,6 +44,8 @@ def slice_predictor(model: keras.Model) -> PredictSlices:
     Returns:
         A callable mapping windows (B, H, W, 1, 1) to probabilities (B, H, W, 1, C).
     """
+    if getattr(model, "engine", None) == ONNXRUNTIME:
+        return lambda windows: model.predict_on_batch(windows[:, :, :, 0, :])[:, :, :, None, :]
     import tensorflow as tf
 
     forward = tf.function(
@@ -93,7 +103,7 @@ def slices_per_batch(
 
 
 def predict_axial_slices(
-    model: keras.Model | PredictSlices, volume: np.ndarray, multiple: int, batch_size: int
+    model: keras.Model | OnnxNetwork | PredictSlices, volume: np.ndarray, multiple: int, batch_size: int
 ) -> np.ndarray:
     """Foreground probabilities of a whole volume from a 2D model, slice by slice along Z.
 
@@ -108,7 +118,7 @@ def predict_axial_slices(
 
     Args:
         model: a 2D model mapping (B, H, W, 1) to (B, H, W, 1) probabilities for any H and W
-            (see `medseg.models.with_input_shape(model, (None, None, 1))`), or
+            (see `medseg.models.with_input_shape(model, (None, None, 1))`), its ONNX network, or
             `slice_predictor(model)`; pass the latter to trace the model once for several
             volumes.
         volume: (X, Y, Z) float32, preprocessed.
@@ -119,7 +129,7 @@ def predict_axial_slices(
         (X, Y, Z) float32 foreground probabilities, or (X, Y, Z, K + 1) class probabilities
         for a multi-class model.
     """
-    predict = slice_predictor(model) if isinstance(model, keras.Model) else model
+    predict = slice_predictor(model) if hasattr(model, "predict_on_batch") else model
     return sliding_window_predict(
         volume,
         predict,

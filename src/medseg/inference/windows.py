@@ -19,15 +19,20 @@ is refused, naming the window.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, Union
 
-import keras
 import numpy as np
 
 from medseg.errors import ConfigurationError
+from medseg.inference.engines import OnnxNetwork
 from medseg.inference.slices import axial_window, predict_axial_slices, slice_predictor
 from medseg.patching.sliding_window import sliding_window_predict, windows_per_batch
 
+if TYPE_CHECKING:
+    import keras
+
+# A network on either engine (`medseg.inference.engines`): both answer `predict_on_batch`.
+Network = Union["keras.Model", OnnxNetwork]
 # `log_batch(batch, what, window)`: the segmenter's one line per volume shape about its batches.
 LogBatch = Callable[[int, str, Sequence[int]], None]
 
@@ -43,7 +48,7 @@ class WindowStrategy(Protocol):
     name: str
     takes_context: bool
 
-    def predictor(self, model: keras.Model) -> Callable[[np.ndarray], np.ndarray]:
+    def predictor(self, model: Network) -> Callable[[np.ndarray], np.ndarray]:
         """`predict_batch(windows) -> probabilities` of `model` for this strategy's windows."""
 
     def predict(self, predict_batch: Callable[[np.ndarray], np.ndarray], image: np.ndarray, plan: Any,
@@ -56,7 +61,7 @@ class WindowStrategy(Protocol):
         """The test-time mirroring axes that change this strategy's prediction."""
 
 
-def window_predictor(model: keras.Model) -> Callable[[np.ndarray], np.ndarray]:
+def window_predictor(model: Network) -> Callable[[np.ndarray], np.ndarray]:
     """`predict_batch` for sliding windows: (B, wx, wy, wz, C) -> (B, wx, wy, wz) foreground
     probabilities, or (B, wx, wy, wz, K + 1) class probabilities for a multi-class model.
 
@@ -80,7 +85,7 @@ class SliceWindows:
     name = "slice"
     takes_context = False
 
-    def predictor(self, model: keras.Model) -> Callable[[np.ndarray], np.ndarray]:
+    def predictor(self, model: Network) -> Callable[[np.ndarray], np.ndarray]:
         return slice_predictor(model)
 
     def predict(self, predict_batch, image, plan, budget_gb, log_batch) -> np.ndarray:
@@ -101,7 +106,7 @@ class PatchWindows:
     name = "patch"
     takes_context = True
 
-    def predictor(self, model: keras.Model) -> Callable[[np.ndarray], np.ndarray]:
+    def predictor(self, model: Network) -> Callable[[np.ndarray], np.ndarray]:
         return window_predictor(model)
 
     def predict(self, predict_batch, image, plan, budget_gb, log_batch) -> np.ndarray:

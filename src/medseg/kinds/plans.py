@@ -307,6 +307,11 @@ class ModelSettings(dict):
         return self["export"]["registered_model_name"] or None
 
     @property
+    def onnx_export(self) -> bool:
+        """`export.onnx`: export the network to ONNX and check its parity."""
+        return bool(self["export"].get("onnx", True))
+
+    @property
     def n_overlay_cases(self) -> int:
         return int(self["reporting"]["n_overlay_cases"])
 

@@ -48,6 +48,8 @@ from medseg.imaging.geometry import CaseGeometry, PreprocessingPlan, from_canoni
 from medseg.imaging.io import Volume, voxel_spacing
 from medseg.cases.validation import binarize_label
 from medseg.inference import Segmenter
+from medseg.inference.engines import OFF, ParityRecord
+from medseg.inference.parity import export_with_parity
 from medseg.kinds import ModelKind
 from medseg.kinds.plans import ModelPlan, ModelSettings
 from medseg.models.training import training_fingerprint
@@ -64,6 +66,32 @@ logger = logging.getLogger(__name__)
 def logged_plan(plan: ModelPlan) -> dict[str, Any]:
     """The values the plan used, as the MLflow run's parameters `<model>.plan.<path>`."""
     return plan.logged_parameters()
+
+
+def export_onnx_segmenter(
+    segmenter: Segmenter,
+    grid_images: dict[str, Callable[[], Volume]],
+    splits: pd.DataFrame,
+    settings: dict[str, Any],
+) -> tuple[Segmenter, dict[str, Any], dict[str, float]]:
+    """Export the segmenter's network to ONNX and check that onnxruntime gives TensorFlow's
+    masks on the test cases (`medseg.inference.parity`), unless `<model>.export.onnx` is false.
+
+    The validation cases stand in where the split has no test case. A failure (of the
+    conversion or of the masks) does not fail the run: the record says why, MLflow's
+    `onnx_export_passed` is 0, and the onnxruntime engine refuses the export.
+
+    Returns:
+        The segmenter with its export and record (saved as `model.onnx` and `onnx.json` in its
+        folder), the record (`<model>.onnx_parity`), and the MLflow metrics `onnx_export_passed`,
+        `onnx_parity_min_dice`, `onnx_parity_equal_cases`, `onnx_parity_cases`.
+    """
+    if not ModelSettings.of(settings).onnx_export:
+        segmenter.onnx, segmenter.parity = None, ParityRecord(OFF, f"{segmenter.plan.model_key}.export.onnx is false")
+        return segmenter, segmenter.parity.to_dict(), {}
+    cases = cases_in_split(splits, "test") or cases_in_split(splits, "val")
+    record = export_with_parity(segmenter, {case_id: (lambda c=case_id: grid_images[c]().data) for case_id in cases})
+    return segmenter, record.to_dict(), record.metrics()
 
 
 def predict_split(

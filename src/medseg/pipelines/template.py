@@ -20,6 +20,7 @@ from medseg.parameters import PlanningParams
 from medseg.pipelines.evaluation import (
     calibrate_segmenter,
     evaluate_postprocessing,
+    export_onnx_segmenter,
     evaluate_predictions,
     export_model,
     logged_plan,
@@ -130,8 +131,14 @@ def model_pipeline(kind: ModelKind) -> Pipeline:
             Node(
                 calibrate_segmenter,
                 ["built_segmenter", "grid_images", "grid_labels", "splits", "case_fingerprints", "params:evaluation"],
-                ["segmenter", "calibration", "mlflow_metrics_calibration", "test_qc"],
+                ["calibrated_segmenter", "calibration", "mlflow_metrics_calibration", "test_qc"],
                 name="calibrate_segmenter",
+            ),
+            Node(
+                export_onnx_segmenter,
+                ["calibrated_segmenter", "grid_images", "splits", "settings"],
+                ["segmenter", "onnx_parity", "mlflow_metrics_onnx"],
+                name="export_onnx",
             ),
             Node(predict_split, ["segmenter", "grid_images", "grid_geometry", "splits"], "predictions", name="predict_split"),
             Node(

@@ -12,12 +12,14 @@ from typing import Any
 
 from kedro.io.core import AbstractDataset, DatasetError
 
-from medseg.serving.model import log_segmenter
+from medseg.inference.engines import ONNXRUNTIME
+from medseg.serving.model import log_segmenter, onnx_ready
 
 
 class MlflowSegmenterDataset(AbstractDataset[Any, None]):
     """Logs a segmenter to the active MLflow run as the pyfunc model `name`
-    (`SegmenterModel`), and registers it when the node asks. kedro-mlflow's
+    (`SegmenterModel`), and registers it when the node asks; where its ONNX export passed its
+    parity check, also as `<name>_onnx` on the onnxruntime engine (not registered). kedro-mlflow's
     `MlflowModelTrackingDataset` logs a model object with fixed `save_args`; a segmenter is a
     folder (plan and network) logged with medseg's code and a registry name that a parameter
     chooses.
@@ -44,6 +46,8 @@ class MlflowSegmenterDataset(AbstractDataset[Any, None]):
         with tempfile.TemporaryDirectory(prefix="medseg-segmenter-") as folder:
             data.segmenter.save(Path(folder) / "segmenter")
             info = log_segmenter(Path(folder) / "segmenter", self._name, data.registered_model_name)
+            if onnx_ready(data.segmenter):  # the TensorFlow-free variant, where the export passed its parity check
+                log_segmenter(Path(folder) / "segmenter", f"{self._name}_onnx", engine=ONNXRUNTIME)
         self.model_uri = info.model_uri
         alias = getattr(data, "alias", None)
         if alias and data.registered_model_name:

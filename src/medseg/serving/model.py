@@ -5,6 +5,12 @@ plan, shipped as the artifact `segmenter`). medseg's own code travels with it (`
 and its requirements pin the TensorFlow build that trained it, so `mlflow models serve` and
 `mlflow.pyfunc.load_model` work on a machine that has never seen medseg.
 
+Engines (`medseg.inference.engines`): the model's configuration names one (`engine`,
+`tensorflow` by default). A segmenter whose ONNX export passed its parity check is also logged
+as `<name>_onnx`, whose engine is `onnxruntime` and whose requirements hold no TensorFlow and
+no Keras: it serves from an environment without them. Any variant can be switched at load time,
+`mlflow.pyfunc.load_model(uri, model_config={"engine": "onnxruntime"})`.
+
 Input: a pandas DataFrame, one row per scan, with
 - `image_path`: a NIfTI scan on the server's disk, or `image_b64`: the bytes of a `.nii` or
   `.nii.gz` file, base64-encoded (a client on another machine needs no shared disk). Either may
@@ -68,8 +74,9 @@ from medseg.errors import ConfigurationError, CorruptFileError, MedsegError
 from medseg.dicom.series import read_dicom_series
 from medseg.imaging.io import Volume, read_volume_bytes, volume_bytes
 from medseg.inference.scans import SegWriter, case_id_of, lineage
+from medseg.inference.engines import ONNXRUNTIME, PASSED, TENSORFLOW, check_engine
 from medseg.inference.segmenter import Segmenter
-from medseg.inference.ensemble import is_ensemble, load_segmenter
+from medseg.inference.ensemble import Ensemble, is_ensemble, load_segmenter
 from medseg.storage.limits import Limits, describe, limits
 from medseg.serving.files import PathNotAllowedError, Roots, serve_roots  # noqa: F401 (re-exported)
 
@@ -357,7 +364,8 @@ class SegmenterModel(mlflow.pyfunc.PythonModel):
         serve_roots()  # a misconfigured server fails to start, with the message
         if os.environ.get(SERVER_MODEL_ENV) or _in_scoring_server():
             _install_body_limit()
-        self.segmenter = load_segmenter(context.artifacts[ARTIFACT])
+        engine = str((getattr(context, "model_config", None) or {}).get("engine") or TENSORFLOW)
+        self.segmenter = load_segmenter(context.artifacts[ARTIFACT], check_engine(engine, "the model's engine"))
         self._requests = _Idempotency()
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
@@ -409,19 +417,22 @@ def _version(distribution: str) -> str | None:
         return None
 
 
-def pip_requirements() -> list[str]:
-    """What the segmenter needs, pinned to the versions installed here: the TensorFlow build of
-    this environment (`tensorflow-cpu`, or `tensorflow[and-cuda]` for the gpu extra), Keras,
-    nibabel, SciPy, NumPy, pandas, MLflow, and pydicom with highdicom (DICOM series in, DICOM
-    SEG out). medseg itself travels as code, not a package."""
+def pip_requirements(engine: str = TENSORFLOW) -> list[str]:
+    """What the segmenter needs on `engine`, pinned to the versions installed here: the
+    TensorFlow build of this environment (`tensorflow-cpu`, or `tensorflow[and-cuda]` for the
+    gpu extra) and Keras, or for `onnxruntime` onnxruntime instead of both; then nibabel, SciPy,
+    NumPy, pandas, MLflow, fsspec (scans by path or URL), and pydicom with highdicom (DICOM series
+    in, DICOM SEG out). medseg itself travels as code, not a package."""
     requirements = []
-    if _version("tensorflow-cpu"):
+    if engine == ONNXRUNTIME:
+        requirements.append(f"onnxruntime=={_version('onnxruntime')}")
+    elif _version("tensorflow-cpu"):
         requirements.append(f"tensorflow-cpu=={_version('tensorflow-cpu')}")
     elif _version("tensorflow"):
         cuda = any(_version(name) for name in ("nvidia-cudnn-cu12", "nvidia-cuda-runtime-cu12"))
         requirements.append(f"tensorflow{'[and-cuda]' if cuda else ''}=={_version('tensorflow')}")
-    for name in ("keras", "nibabel", "scipy", "numpy", "pandas", "mlflow", "pydicom", "highdicom"):
-        if _version(name):
+    for name in ("keras", "nibabel", "scipy", "numpy", "pandas", "mlflow", "fsspec", "pydicom", "highdicom"):
+        if _version(name) and not (engine == ONNXRUNTIME and name == "keras"):
             requirements.append(f"{name}=={_version(name)}")
     return requirements
 
@@ -433,8 +444,11 @@ def _medseg_code(folder: Path) -> str:
     return str(target)
 
 
-def log_segmenter(segmenter_dir: str | os.PathLike, name: str, registered_model_name: str | None = None):
-    """Log a segmenter folder to the active MLflow run as a pyfunc model named `name`.
+def log_segmenter(segmenter_dir: str | os.PathLike, name: str, registered_model_name: str | None = None,
+                  engine: str = TENSORFLOW):
+    """Log a segmenter folder to the active MLflow run as a pyfunc model named `name`, whose
+    network runs on `engine` (`onnxruntime`: a folder whose ONNX export passed, and no
+    TensorFlow or Keras in its requirements).
 
     Returns:
         MLflow's ModelInfo (its `model_uri` loads the model).
@@ -445,10 +459,20 @@ def log_segmenter(segmenter_dir: str | os.PathLike, name: str, registered_model_
             python_model=SegmenterModel(),
             artifacts={ARTIFACT: str(segmenter_dir)},
             code_paths=[_medseg_code(Path(code))],
-            pip_requirements=pip_requirements(),
+            pip_requirements=pip_requirements(engine),
             signature=SIGNATURE,
             registered_model_name=registered_model_name or None,
+            model_config={"engine": engine},
         )
+
+
+def onnx_ready(segmenter: Segmenter | Ensemble) -> bool:
+    """Whether every network of `segmenter` (an ensemble's members, a cascade's stages) has an
+    ONNX export whose parity passed: what the `<name>_onnx` variant needs."""
+    if isinstance(segmenter, Ensemble):
+        return all(onnx_ready(member) for member in segmenter.members)
+    return (segmenter.onnx is not None and segmenter.parity is not None and segmenter.parity.status == PASSED
+            and all(onnx_ready(stage) for stage in segmenter.context))
 
 
 def fetch_segmenter(source: str, local_folders: Mapping[str, str]) -> tuple[str, str]:
