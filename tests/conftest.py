@@ -116,6 +116,7 @@ TINY_UNET = {
     "unet.training.validation_steps": 1,
     "unet.reporting.n_overlay_cases": 1,
     "unet.export.onnx": False,
+    "unet.inference.profiles": False,
 }
 TINY_CONV3D = {
     **TINY_DATA_PARAMS,
@@ -130,6 +131,7 @@ TINY_CONV3D = {
     "conv3d.evaluation.patches_per_case": 6,
     "conv3d.reporting.n_overlay_cases": 1,
     "conv3d.export.onnx": False,
+    "conv3d.inference.profiles": False,
 }
 
 
@@ -289,8 +291,10 @@ def shared_project(tmp_path_factory, name: str, build) -> Path:
 # probabilities are close to 0.5, and keeping the largest component of its masks leaves some
 # scans all foreground, which would make the mask comparisons of the serving tests prove little.
 REGISTERED_UNET = "medseg-unet-test"
-# It and `trained_conv3d` also export their networks to ONNX, with the parity check on.
-SHARED_UNET = {**TINY_UNET, "unet.export.registered_model_name": REGISTERED_UNET, "unet.export.onnx": True}
+# It and `trained_conv3d` also export their networks to ONNX, with the parity check on, and choose
+# their inference profiles.
+SHARED_UNET = {**TINY_UNET, "unet.export.registered_model_name": REGISTERED_UNET, "unet.export.onnx": True,
+               "unet.inference.profiles": True}
 
 
 @pytest.fixture(scope="session")
@@ -338,7 +342,7 @@ def trained_conv3d(tmp_path_factory, trained_unet) -> Path:
     def build(project: Path) -> None:
         shutil.rmtree(project)
         copy_project(trained_unet, project)
-        run_pipeline(project, "conv3d", {**TINY_CONV3D, "conv3d.export.onnx": True})
+        run_pipeline(project, "conv3d", {**TINY_CONV3D, "conv3d.export.onnx": True, "conv3d.inference.profiles": True})
 
     return shared_project(tmp_path_factory, "conv3d", build)
 

@@ -443,3 +443,31 @@ def test_the_onnx_variant_serves_from_an_environment_built_from_its_requirements
     decoded.write_bytes(base64.b64decode(row["mask_b64"]))
     assert mask_dice(decoded, trained.pipeline_mask(image)) >= MASK_AGREEMENT_DICE
     assert "tensorflow" not in (tmp_path / "serve_onnx.log").read_text().lower()
+
+
+def test_inference_profiles_are_measured_recorded_and_used_by_predict(trained: Trained, tmp_path: Path):
+    from medseg.inference.profiles import BALANCED_DICE, FAST_DICE
+
+    plan = json.loads((trained.project / "data" / "06_models" / "unet" / "segmenter" / "segmenter.json").read_text())
+    table = pd.read_csv(trained.project / "data" / "08_reporting" / "unet" / "profiles.csv")
+    profiles = plan["profiles"]
+    assert set(profiles) == {"fast", "balanced", "accurate"}
+    # every candidate the model has: mirroring none and over x, y (z never changes a whole slice),
+    # with and without the largest component, on both engines (the export passed)
+    assert len(table) == 2 * 2 * 2 and set(table["engine"]) == {"tensorflow", "onnxruntime"}
+    best = table["dice"].max()
+    assert profiles["accurate"]["dice"] == pytest.approx(best)
+    for name, margin in (("balanced", BALANCED_DICE), ("fast", FAST_DICE)):
+        within = table[table["dice"] >= best - margin]
+        assert profiles[name]["seconds"] == pytest.approx(within["seconds"].min())
+        assert name in table.loc[table["label"] == profiles[name]["label"], "profiles"].iloc[0].split()
+    assert table["pareto"].any()
+    metrics = mlflow_runs(trained.project)[0].get_run(trained.run_id).data.metrics
+    assert metrics["profile_accurate_dice"] == pytest.approx(best)
+
+    out = tmp_path / "accurate"
+    run_pipeline(trained.project, "predict", {"predict.model": "unet", "predict.input_dir": str(trained.images[0].parent),
+                                              "predict.output_dir": str(out), "predict.profile": "accurate"})
+    written = pd.read_csv(out / "predictions.csv")
+    assert set(written["profile"]) == {"accurate"} and set(written["engine"]) == {profiles["accurate"]["engine"]}
+    assert set(pd.read_csv(trained.pipeline_out / "predictions.csv")["profile"]) == {"plan"}

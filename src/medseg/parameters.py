@@ -258,7 +258,8 @@ class PatchSamplingParams(Section):
     queue_length: Annotated[Positive, Field(description="Patches held in memory for shuffling.")]
 
 
-@dataclass(config=STRICT)
+# kw_only: a kind's subclass adds fields without defaults after `profiles`, which has one.
+@dataclass(config=STRICT, kw_only=True)
 class InferenceParams(Section):
     """How the segmenter turns the network's probabilities into a mask (`medseg.inference`)."""
 
@@ -267,6 +268,11 @@ class InferenceParams(Section):
         "Test-time mirroring: predictions averaged over flips along these RAS axes (nnU-Net: `[0, 1, 2]`); "
         "left-right is dropped for lateralized classes; `[]`: off."))]
     keep_largest_component: Annotated[bool, Field(description="Keep only the largest connected region of each class.")]
+    profiles: Annotated[bool, Field(description=(
+        "After training, time and score every inference setting the model has (mirroring, overlap, largest component, "
+        "engine) on the validation cases and record the profiles `fast`, `balanced` and `accurate` in `segmenter.json` "
+        "(`predict.profile`; the front in `<model>/profiles.csv`). false: none (faster tests).")),
+    ] = True
 
 
 @dataclass(config=STRICT)
@@ -426,10 +432,16 @@ class PredictParams(Section):
     mirror_axes: Annotated[list[Axis] | None, Field(description=(
         "Test-time mirroring axes; null: the model's own `inference.mirror_axes`."))]
     keep_largest_component: Annotated[bool | None, Field(description="null: the model's own `inference.keep_largest_component`.")]
-    engine: Annotated[Literal["tensorflow", "onnxruntime"], Field(description=(
+    engine: Annotated[Literal["tensorflow", "onnxruntime"] | None, Field(description=(
         "What runs the network: `tensorflow` (the Keras network, in the precision training chose) or `onnxruntime` (its "
         "float32 ONNX export; refused for a model whose export failed its parity check or was off). Everything around "
-        "the network (plan, windows, mirroring, temperature, QC, postprocessing) is the same code on both."))] = "tensorflow"
+        "the network (plan, windows, mirroring, temperature, QC, postprocessing) is the same code on both. null: the "
+        "profile's engine, else tensorflow."))] = None
+    profile: Annotated[Literal["fast", "balanced", "accurate"] | None, Field(description=(
+        "An inference profile the model chose after training on its validation cases: `accurate` (its best Dice), "
+        "`balanced` (the quickest within 0.005 of it), `fast` (the quickest within 0.02); each sets mirroring, overlap, "
+        "largest component and engine, which `mirror_axes`, `keep_largest_component` and `engine` still override. null: "
+        "the model's own setting."))] = None
     series_uid: Annotated[str | None, Field(description=(
         "The SeriesInstanceUID to segment where a DICOM input holds several series; null refuses such an input, listing them."))] = None
     generate_missing_uids: Annotated[bool, Field(description=(

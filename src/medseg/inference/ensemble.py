@@ -34,6 +34,7 @@ from medseg.inference.postprocessing import (
     volumes_ml,
 )
 from medseg.inference.engines import TENSORFLOW
+from medseg.inference.profiles import profile_setting
 from medseg.inference.qc import assess_prediction
 from medseg.inference.segmenter import PLAN_FILE, Segmenter, SegmenterPlan, read_plan
 from medseg.inference.temperature import apply_temperature, temperature_threshold
@@ -221,6 +222,20 @@ def load_segmenter(folder: str | os.PathLike, engine: str = TENSORFLOW) -> Segme
     return Ensemble.load(folder, engine) if is_ensemble(folder) else Segmenter.load(folder, engine)
 
 
+def load_for_profile(folder: str | os.PathLike, profile: str | None, engine: str | None) -> tuple[Segmenter | Ensemble, str, str]:
+    """A segmenter folder loaded for `profile` (None: the plan's own setting, named `plan`) on
+    `engine` (None: the profile's, else TensorFlow): the segmenter, its engine and the
+    profile's name. An ensemble has no profiles: one is refused, naming the fix."""
+    if profile is None:
+        segmenter = load_segmenter(folder, engine or TENSORFLOW)
+        return segmenter, engine or TENSORFLOW, "plan"
+    if is_ensemble(folder):
+        raise ConfigurationError(f"{folder}: an ensemble has no inference profiles; leave predict.profile null for it.")
+    setting = profile_setting(read_plan(folder).profiles, profile, str(folder))
+    segmenter = Segmenter.load(folder, engine or setting.engine).apply_profile(profile, engine)
+    return segmenter, segmenter.engine, profile
+
+
 def segmenter_name(folder: str | os.PathLike) -> str:
     """The display name of a segmenter folder (`UNet`), or an ensemble's own name
     (`unet+conv3d+largest_component`), without loading a network."""
@@ -242,4 +257,4 @@ def read_any_plan(folder: str | os.PathLike) -> SegmenterPlan:
     return read_plan(folder)
 
 
-__all__ = ["Ensemble", "SourceLabelMapper", "is_ensemble", "load_segmenter", "read_any_plan", "segmenter_name", "PLAN_FILE"]
+__all__ = ["Ensemble", "SourceLabelMapper", "is_ensemble", "load_for_profile", "load_segmenter", "read_any_plan", "segmenter_name", "PLAN_FILE"]

@@ -55,6 +55,7 @@ from medseg.inference.postprocessing import (
 from medseg.inference.cascade import context_channels, with_context
 from medseg.inference.qc import assess_prediction
 from medseg.inference.temperature import apply_temperature, temperature_threshold
+from medseg.inference.profiles import profile_setting
 from medseg.inference.engines import ONNXRUNTIME, PASSED, TENSORFLOW, OnnxNetwork, ParityRecord, check_engine
 from medseg.inference.windows import Network, WindowStrategy, window_predictor, window_strategy  # noqa: F401 (window_predictor re-exported)
 from medseg.patching.sliding_window import (
@@ -126,6 +127,9 @@ class SegmenterPlan:
         temperature: the logits are divided by it before the sigmoid or softmax
             (`medseg.evaluation.calibration`), fitted on held-out cases after training; 1.0:
             the network's own probabilities. The masks do not depend on it.
+        profiles: {`fast` | `balanced` | `accurate`: its setting (mirroring axes, overlap,
+            largest component, engine) with the seconds and Dice it measured}
+            (`medseg.inference.profiles`); empty: none were chosen.
     """
 
     model_key: str
@@ -153,6 +157,7 @@ class SegmenterPlan:
     context_stages: int = 0
     temperature: float = 1.0
     qc: dict[str, Any] = field(default_factory=dict)
+    profiles: dict[str, dict[str, Any]] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
     @property
@@ -231,6 +236,19 @@ class Segmenter:
         self.engine = engine
         self._predict_batch = None
         return self
+
+    def apply_profile(self, name: str, engine: str | None = None) -> Segmenter:
+        """Run with the setting of profile `name` (`plan.profiles`): its mirroring, overlap,
+        largest component and engine (`engine` overrides the last); itself.
+
+        Raises:
+            ConfigurationError: an unknown profile, or a model without profiles.
+        """
+        setting = profile_setting(self.plan.profiles, name, self.plan.model_key)
+        self.configure(setting.mirror_axes, setting.keep_largest_component)
+        if setting.overlap is not None:
+            self.plan.overlap = setting.overlap
+        return self.use_engine(engine or setting.engine)
 
     # -- the parts --------------------------------------------------------------------------
     def preprocess(self, volume: Volume, name: str = "the scan") -> tuple[np.ndarray, CaseGeometry]:

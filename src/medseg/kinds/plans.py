@@ -198,6 +198,11 @@ class InferenceSettings(_View):
         return bool(self._values["keep_largest_component"])
 
     @property
+    def profiles(self) -> bool:
+        """`inference.profiles`: choose the inference profiles after training."""
+        return bool(self._values.get("profiles", True))
+
+    @property
     def overlap(self) -> float:
         return float(self._values["overlap"])
 

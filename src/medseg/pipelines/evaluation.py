@@ -50,6 +50,7 @@ from medseg.cases.validation import binarize_label
 from medseg.inference import Segmenter
 from medseg.inference.engines import OFF, ParityRecord
 from medseg.inference.parity import export_with_parity
+from medseg.inference.profiles import choose_profiles, measure_settings, pareto_front
 from medseg.kinds import ModelKind
 from medseg.kinds.plans import ModelPlan, ModelSettings
 from medseg.models.training import training_fingerprint
@@ -92,6 +93,43 @@ def export_onnx_segmenter(
     cases = cases_in_split(splits, "test") or cases_in_split(splits, "val")
     record = export_with_parity(segmenter, {case_id: (lambda c=case_id: grid_images[c]().data) for case_id in cases})
     return segmenter, record.to_dict(), record.metrics()
+
+
+def choose_inference_profiles(
+    segmenter: Segmenter,
+    grid_images: dict[str, Callable[[], Volume]],
+    grid_labels: dict[str, Callable[[], Volume]],
+    splits: pd.DataFrame,
+    settings: dict[str, Any],
+) -> tuple[Segmenter, pd.DataFrame, dict[str, float]]:
+    """Time and score every inference setting the segmenter has on the validation cases and
+    record the profiles `fast`, `balanced` and `accurate` in its plan
+    (`medseg.inference.profiles`), unless `<model>.inference.profiles` is false or there is no
+    validation case.
+
+    Returns:
+        The segmenter with `plan.profiles`, the table of every setting (`label`, its knobs,
+        `seconds`, `dice`, `pareto`, `profiles`: the profiles it is), and the MLflow metrics
+        `profile_<name>_seconds` and `profile_<name>_dice`.
+    """
+    columns = ["label", "mirror_axes", "overlap", "keep_largest_component", "engine", "seconds", "dice", "pareto", "profiles"]
+    cases = cases_in_split(splits, "val")
+    segmenter.plan.profiles = {}
+    if not ModelSettings.of(settings).inference.profiles or not cases:
+        if ModelSettings.of(settings).inference.profiles:
+            logger.warning("%s: no validation case to measure the inference profiles on; none chosen.", segmenter.plan.model_key)
+        return segmenter, pd.DataFrame(columns=columns), {}
+    rows = measure_settings(segmenter, {c: (lambda c=c: grid_images[c]().data, lambda c=c: grid_labels[c]().data) for c in cases})
+    chosen = choose_profiles(rows)
+    segmenter.plan.profiles = chosen
+    for row, pareto in zip(rows, pareto_front(rows)):
+        row["pareto"] = pareto
+        row["profiles"] = " ".join(name for name, pick in chosen.items() if pick["label"] == row["label"])
+    for name, pick in chosen.items():
+        logger.info("%s: profile %s = %s (%.2f s, Dice %.4f on %d validation case(s)).", segmenter.plan.model_key, name,
+                    pick["label"], pick["seconds"], pick["dice"], len(cases))
+    metrics = {f"profile_{name}_{key}": float(pick[key]) for name, pick in chosen.items() for key in ("seconds", "dice")}
+    return segmenter, pd.DataFrame(rows)[columns], metrics
 
 
 def predict_split(

@@ -19,6 +19,7 @@ from medseg.kinds import ModelKind
 from medseg.parameters import PlanningParams
 from medseg.pipelines.evaluation import (
     calibrate_segmenter,
+    choose_inference_profiles,
     evaluate_postprocessing,
     export_onnx_segmenter,
     evaluate_predictions,
@@ -137,8 +138,14 @@ def model_pipeline(kind: ModelKind) -> Pipeline:
             Node(
                 export_onnx_segmenter,
                 ["calibrated_segmenter", "grid_images", "splits", "settings"],
-                ["segmenter", "onnx_parity", "mlflow_metrics_onnx"],
+                ["exported_segmenter", "onnx_parity", "mlflow_metrics_onnx"],
                 name="export_onnx",
+            ),
+            Node(
+                choose_inference_profiles,
+                ["exported_segmenter", "grid_images", "grid_labels", "splits", "settings"],
+                ["segmenter", "inference_profiles", "mlflow_metrics_profiles"],
+                name="choose_inference_profiles",
             ),
             Node(predict_split, ["segmenter", "grid_images", "grid_geometry", "splits"], "predictions", name="predict_split"),
             Node(

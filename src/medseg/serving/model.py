@@ -5,11 +5,12 @@ plan, shipped as the artifact `segmenter`). medseg's own code travels with it (`
 and its requirements pin the TensorFlow build that trained it, so `mlflow models serve` and
 `mlflow.pyfunc.load_model` work on a machine that has never seen medseg.
 
-Engines (`medseg.inference.engines`): the model's configuration names one (`engine`,
-`tensorflow` by default). A segmenter whose ONNX export passed its parity check is also logged
+Engines and profiles (`medseg.inference.engines`, `medseg.inference.profiles`): the model's
+configuration may name an `engine` and a `profile` (`fast`, `balanced`, `accurate`); without
+them it runs the segmenter's own setting on TensorFlow. A segmenter whose ONNX export passed its parity check is also logged
 as `<name>_onnx`, whose engine is `onnxruntime` and whose requirements hold no TensorFlow and
 no Keras: it serves from an environment without them. Any variant can be switched at load time,
-`mlflow.pyfunc.load_model(uri, model_config={"engine": "onnxruntime"})`.
+`mlflow.pyfunc.load_model(uri, model_config={"engine": "onnxruntime", "profile": "fast"})`.
 
 Input: a pandas DataFrame, one row per scan, with
 - `image_path`: a NIfTI scan on the server's disk, or `image_b64`: the bytes of a `.nii` or
@@ -76,7 +77,7 @@ from medseg.imaging.io import Volume, read_volume_bytes, volume_bytes
 from medseg.inference.scans import SegWriter, case_id_of, lineage
 from medseg.inference.engines import ONNXRUNTIME, PASSED, TENSORFLOW, check_engine
 from medseg.inference.segmenter import Segmenter
-from medseg.inference.ensemble import Ensemble, is_ensemble, load_segmenter
+from medseg.inference.ensemble import Ensemble, is_ensemble, load_for_profile, load_segmenter  # noqa: F401 (re-exported)
 from medseg.storage.limits import Limits, describe, limits
 from medseg.serving.files import PathNotAllowedError, Roots, serve_roots  # noqa: F401 (re-exported)
 
@@ -364,8 +365,10 @@ class SegmenterModel(mlflow.pyfunc.PythonModel):
         serve_roots()  # a misconfigured server fails to start, with the message
         if os.environ.get(SERVER_MODEL_ENV) or _in_scoring_server():
             _install_body_limit()
-        engine = str((getattr(context, "model_config", None) or {}).get("engine") or TENSORFLOW)
-        self.segmenter = load_segmenter(context.artifacts[ARTIFACT], check_engine(engine, "the model's engine"))
+        config = getattr(context, "model_config", None) or {}
+        engine = config.get("engine") or None
+        self.segmenter, self.engine, self.profile = load_for_profile(
+            context.artifacts[ARTIFACT], config.get("profile") or None, engine and check_engine(str(engine), "the model's engine"))
         self._requests = _Idempotency()
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
@@ -462,7 +465,9 @@ def log_segmenter(segmenter_dir: str | os.PathLike, name: str, registered_model_
             pip_requirements=pip_requirements(engine),
             signature=SIGNATURE,
             registered_model_name=registered_model_name or None,
-            model_config={"engine": engine},
+            # The onnxruntime variant pins its engine (its environment has no TensorFlow); the other
+            # takes a profile's engine when a profile is asked for at load time.
+            model_config={"engine": engine} if engine != TENSORFLOW else None,
         )
 
 

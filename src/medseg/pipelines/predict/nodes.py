@@ -22,8 +22,7 @@ from medseg.storage.paths import anchor_path
 from medseg.dicom.uids import with_generated_uids
 from medseg.errors import ConfigurationError
 from medseg.inference.audit import AuditWriter, hashed_uid_columns, library_versions
-from medseg.inference.engines import TENSORFLOW
-from medseg.inference.ensemble import load_segmenter, read_any_plan
+from medseg.inference.ensemble import load_for_profile, read_any_plan
 from medseg.inference.scans import (
     RtstructWriter,
     Scan,
@@ -149,7 +148,7 @@ def segment_scans(
     Returns:
         The table written as `predictions.csv`: case_id, volume_ml (and volume_ml_<class> with
         several classes), the QC columns (`qc_score`, `qc_flags`, `qc_reason` and each flag's
-        score: `medseg.inference.qc`), model_uri, engine (`predict.engine`), medseg_version, and the lineage of DICOM scans
+        score: `medseg.inference.qc`), model_uri, engine and profile (`predict.engine`, `predict.profile`; `plan`: the model's own setting), medseg_version, and the lineage of DICOM scans
         (study_instance_uid, series_instance_uid, uids_generated, dicom_outputs_note, seg_file,
         seg_sop_instance_uid: a series without its UIDs gets no SEG unless
         `predict.generate_missing_uids`, and its note says so); also logged
@@ -170,12 +169,13 @@ def _segment_scans(scans: pd.DataFrame, model: dict, predict: PredictParams, inp
         logger.info("predict: nothing new to segment on %s; %s written to.", predict["dicomweb"]["url"],
                     "nothing was")
         return pd.DataFrame(columns=["case_id"])
-    engine = predict.get("engine") or TENSORFLOW
-    segmenter, model_uri = load_segmenter(model["folder"], engine), model["uri"]
+    segmenter, engine, profile = load_for_profile(model["folder"], predict.get("profile"), predict.get("engine"))
+    model_uri = model["uri"]
     segmenter.configure(predict.get("mirror_axes"), predict.get("keep_largest_component"))
     tracking.set_tags({"medseg.source_model_uri": model_uri, "medseg.source_model": segmenter.plan.display_name})
     logger.info(
-        "predict: %s from %s on %s; mirroring over %s, largest component %s.", segmenter.plan.display_name, model_uri, engine,
+        "predict: %s from %s on %s (profile %s); mirroring over %s, largest component %s.", segmenter.plan.display_name,
+        model_uri, engine, profile,
         list(segmenter.effective_mirror_axes()) or "no axes", "kept" if segmenter.plan.keep_largest_component else "off",
     )
     outputs = list(predict.get("outputs") or ("nifti", "seg"))
@@ -184,7 +184,7 @@ def _segment_scans(scans: pd.DataFrame, model: dict, predict: PredictParams, inp
     software, hash_uids = library_versions(), bool(predict.get("hash_uids"))
     finish = segmenter.finisher()
     classes = {int(value): name for value, name in segmenter.plan.classes.items()}
-    row = {"model_uri": model_uri, "engine": engine, "medseg_version": medseg_version()}
+    row = {"model_uri": model_uri, "engine": engine, "profile": profile, "medseg_version": medseg_version()}
 
     def segment(scan: Scan) -> DriverThenWorker:
         series = scan.read_series() if scan.is_dicom else None
