@@ -33,6 +33,13 @@ def project(tmp_path: Path) -> Path:
     mermaid = tmp_path / "docs" / "assets" / "javascripts" / "mermaid.min.js"
     mermaid.parent.mkdir(parents=True)
     mermaid.write_text("")
+    # ... NiiVue's script, as `make niivue` leaves it, and the onnxruntime serving environment as
+    # `make serve-onnx-env` leaves it (its stamp newer than pyproject.toml): nothing is installed.
+    niivue = tmp_path / "src" / "medseg" / "evaluation" / "assets" / "niivue.js"
+    niivue.parent.mkdir(parents=True)
+    niivue.write_text("")
+    (tmp_path / ".venv-serve-onnx").mkdir()
+    (tmp_path / ".venv-serve-onnx" / ".installed").write_text("")
     bin_dir = tmp_path / ".venv" / "bin"
     bin_dir.mkdir(parents=True)
     for name in ("python", "kedro", "lint-imports", "mkdocs"):
