@@ -51,7 +51,7 @@ $(VENV)/.installed-$(EXTRAS)-test: pyproject.toml | $(PY) check-extras
 	echo $(EXTRAS) > $(EXTRAS_FILE)
 	touch $@
 
-run: $(VENV)/.installed-$(EXTRAS)
+run: $(VENV)/.installed-$(EXTRAS) $(NIIVUE_JS)
 	$(VENV)/bin/kedro run
 
 # The viewer pages (medseg.evaluation.viewer) inline NiiVue's browser bundle, so that a page opens

@@ -1,4 +1,5 @@
-"""Evaluation of segmentations: numpy metrics on hard masks, and the reports built on them."""
+"""Evaluation of segmentations: numpy metrics on hard masks, the reports built on them, and
+interactive viewer pages of a scan with its masks."""
 
 from medseg.evaluation.metrics import (
     classification_metrics,
@@ -27,6 +28,7 @@ from medseg.evaluation.reports import (
     summarize_metrics,
     summarize_per_class,
 )
+from medseg.evaluation.viewer import viewer_page, write_viewer_page
 
 __all__ = [
     "DEFAULT_SUMMARY_METRICS",
@@ -51,5 +53,7 @@ __all__ = [
     "recall_score",
     "summarize_metrics",
     "summarize_per_class",
+    "viewer_page",
     "volume_ml",
+    "write_viewer_page",
 ]
