@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import datetime as dt
+import gzip
 import importlib.metadata
 import json
 import os
@@ -467,7 +468,18 @@ def test_inference_profiles_are_measured_recorded_and_used_by_predict(trained: T
 
     out = tmp_path / "accurate"
     run_pipeline(trained.project, "predict", {"predict.model": "unet", "predict.input_dir": str(trained.images[0].parent),
-                                              "predict.output_dir": str(out), "predict.profile": "accurate"})
+                                              "predict.output_dir": str(out), "predict.profile": "accurate",
+                                              "predict.viewer": True})
     written = pd.read_csv(out / "predictions.csv")
     assert set(written["profile"]) == {"accurate"} and set(written["engine"]) == {profiles["accurate"]["engine"]}
+    # predict.viewer: a page beside each mask, holding that mask over its scan
+    pattern = re.compile(r'<script type="application/octet-stream" id="volume-(\w+)">([^<]*)</script>')
+    for image in trained.images:
+        page = (out / f"{case_of(image)}.html").read_text()
+        volumes = dict(pattern.findall(page))
+        assert set(volumes) == {"scan", "prediction"}  # no reference for a new scan
+        shown = nib.Nifti1Image.from_bytes(gzip.decompress(base64.b64decode(volumes["prediction"])))
+        mask = nib.load(str(out / f"{case_of(image)}.nii.gz"))
+        np.testing.assert_array_equal(np.asanyarray(shown.dataobj), np.asanyarray(mask.dataobj))
+        np.testing.assert_allclose(shown.affine, mask.affine, atol=1e-5)
     assert set(pd.read_csv(trained.pipeline_out / "predictions.csv")["profile"]) == {"plan"}

@@ -280,6 +280,10 @@ class ReportingParams(Section):
     """What the model's report draws (`medseg.evaluation.reports`)."""
 
     n_overlay_cases: Annotated[Positive, Field(description="Test cases drawn in the report's overlays (`<model>.overlays`).")]
+    n_viewer_cases: Annotated[NonNegative, Field(description=(
+        "Test cases given an interactive viewer page (`<model>/viewer/<case>.html`: the scan with the reference and the "
+        "prediction as switchable overlays, in 3 planes and 3D; offline, at most 10 MB); 0: none.")),
+    ] = 2
 
 
 @dataclass(config=STRICT)
@@ -460,6 +464,9 @@ class PredictParams(Section):
     seg_type: Annotated[Literal["binary", "labelmap"], Field(description=(
         "`binary`: a frame per slice and segment, what every viewer reads; `labelmap`: one frame per slice of segment "
         "numbers (DICOM 2024c), for viewers that show label maps."))] = "binary"
+    viewer: Annotated[bool, Field(description=(
+        "Also write `<case>.html` beside each mask: an offline viewer page of the scan with its mask as an overlay, in 3 "
+        "planes and 3D (NiiVue, inlined; at most 10 MB). Needs `nifti` in `outputs`."))] = False
     dicomweb: Annotated[DicomWebParams | None, Field(description=(
         "Take the scans from a DICOMweb server instead of `input_dir`, and store the SEGs back (see its keys)."))] = None
 

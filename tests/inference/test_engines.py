@@ -175,3 +175,26 @@ def test_the_onnxruntime_engine_segments_without_tensorflow(tmp_path: Path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout.strip().splitlines()[-1]) == []
     np.testing.assert_array_equal(np.load(tmp_path / "mask.npy"), segmenter.use_engine(ONNXRUNTIME).segment(scan).data)
+
+
+def test_an_export_that_does_not_compute_the_network_is_caught_on_its_probe():
+    from medseg.models.onnx_export import _check_probe, export_onnx
+
+    exported = export_onnx(_unet2d(), slices=True)
+    keras.utils.set_random_seed(1)  # another network of the same shape: other weights
+    other = with_input_shape(build_unet2d((32, 32, 1), base_filters=4, depth=2), (None, None, 1))
+    with pytest.raises(ValueError, match="differ from the network's"):
+        _check_probe(exported, other, (1, 64, 64, 1))
+
+
+def test_an_export_that_fails_to_run_is_recorded_not_raised(monkeypatch):
+    import medseg.inference.engines as engines
+
+    def broken(self, x):
+        raise RuntimeError("Non-zero status code returned while running Conv node")
+
+    monkeypatch.setattr(engines.OnnxNetwork, "predict_on_batch", broken)
+    segmenter = Segmenter(_unet2d(), _plan())
+    record = export_with_parity(segmenter, _images(_scan(), segmenter=segmenter))
+    assert record.status == FAILED and "could not run the export" in record.reason and "Conv node" in record.reason
+    assert segmenter.engine == TENSORFLOW and segmenter.onnx is None

@@ -321,6 +321,10 @@ class ModelSettings(dict):
         return int(self["reporting"]["n_overlay_cases"])
 
     @property
+    def n_viewer_cases(self) -> int:
+        return int(self["reporting"].get("n_viewer_cases", 2))
+
+    @property
     def grid(self) -> dict[str, Any]:
         """The model's own grid when its plan chose one (`configuration`, `spacing`,
         `data_spacing`); empty: the data pipeline's training grid."""

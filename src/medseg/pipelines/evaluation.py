@@ -51,6 +51,7 @@ from medseg.inference import Segmenter
 from medseg.inference.engines import OFF, ParityRecord
 from medseg.inference.parity import export_with_parity
 from medseg.inference.profiles import choose_profiles, measure_settings, pareto_front
+from medseg.evaluation.viewer import viewer_page
 from medseg.kinds import ModelKind
 from medseg.kinds.plans import ModelPlan, ModelSettings
 from medseg.models.training import training_fingerprint
@@ -445,6 +446,39 @@ def evaluate_predictions(
     if test_qc is not None and not test_qc.empty:
         table = table.merge(test_qc, on="case_id", how="left")
     return table, plot_overlays(overlays)
+
+
+def make_viewer_pages(
+    predictions: dict[str, Callable[[], Volume]],
+    intermediate_images: dict[str, Callable[[], Volume]],
+    intermediate_labels: dict[str, Callable[[], Volume]],
+    case_geometry: PreprocessingPlan,
+    splits: pd.DataFrame,
+    dataset_fingerprint: dict,
+    data: DataParams,
+    settings: dict[str, Any],
+) -> dict[str, bytes]:
+    """An interactive viewer page (`medseg.evaluation.viewer`) for each of the first
+    `<model>.reporting.n_viewer_cases` test cases: its scan with the reference and the
+    prediction, as the evaluation scored them, on the scan's canonical grid.
+
+    Returns:
+        {`<case>.html`: the page}; empty when none is asked for, or when NiiVue's script is
+        missing (`make niivue`: a warning says so, and the run goes on).
+    """
+    classes, multiclass = _evaluated_classes(dataset_fingerprint)
+    pages: dict[str, bytes] = {}
+    for case_id in cases_in_split(splits, "test")[: ModelSettings.of(settings).n_viewer_cases]:
+        image = intermediate_images[case_id]()
+        reference, reference_volume = _reference_mask(intermediate_labels[case_id](), case_geometry[case_id], multiclass, data)
+        masks = [to_canonical(Volume(np.asarray(a, dtype=np.uint8), reference_volume.affine)) for a in (reference, predictions[case_id]().data)]
+        try:
+            pages[f"{case_id}.html"] = viewer_page(image, Volume(masks[1].data, image.affine), Volume(masks[0].data, image.affine),
+                                                   {str(v): n for v, n in classes.items()}, title=case_id)
+        except ConfigurationError as exc:  # NiiVue's script not built: the report goes on without pages
+            logger.warning("No viewer pages: %s", exc)
+            return {}
+    return pages
 
 
 def run_provenance(

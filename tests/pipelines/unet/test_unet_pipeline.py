@@ -250,3 +250,31 @@ def test_overlay_titles_name_the_case_slice_and_its_test_dice(unet_run: Path):
     assert len(titles) == len(report)
     for title, (_, row) in zip(titles, report.iterrows()):
         assert re.fullmatch(rf"{row['case_id']} · axial slice \d+ · case Dice {row['dice']:.3f}", title)
+
+
+def test_viewer_pages_hold_the_scored_masks_and_are_logged(unet_run: Path):
+    """`<model>.reporting.n_viewer_cases` (2) test cases get a page whose prediction and reference
+    are the evaluated masks on the scan's canonical grid, also in the run's artifacts."""
+    import base64
+    import gzip
+
+    from medseg.imaging.geometry import to_canonical
+    from medseg.imaging.io import Volume
+
+    splits = pd.read_csv(unet_run / "data" / "03_primary" / "splits.csv")
+    expected = sorted(splits.loc[splits["split"] == "test", "case_id"])[:2]
+    folder = unet_run / "data" / "08_reporting" / "unet" / "viewer"
+    assert sorted(p.name for p in folder.iterdir()) == sorted(f"{case}.html" for case in expected)
+    client, runs = mlflow_runs(unet_run)
+    run = next(r for r in runs if r.info.run_name.startswith("UNet-"))
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "unet/viewer")} == {f"unet/viewer/{c}.html" for c in expected}
+    pattern = re.compile(r'<script type="application/octet-stream" id="volume-(\w+)">([^<]*)</script>')
+    for case in expected:
+        page = (folder / f"{case}.html").read_text()
+        assert len(page.encode()) <= 10_000_000 and case in page
+        volumes = {name: nib.Nifti1Image.from_bytes(gzip.decompress(base64.b64decode(text))) for name, text in pattern.findall(page)}
+        prediction = nib.load(str(unet_run / "data" / "07_model_output" / "unet" / f"{case}.nii.gz"))
+        canonical = to_canonical(Volume(np.asanyarray(prediction.dataobj).astype(np.uint8), prediction.affine))
+        np.testing.assert_array_equal(np.asanyarray(volumes["prediction"].dataobj), canonical.data)
+        np.testing.assert_allclose(volumes["prediction"].affine, volumes["scan"].affine)
+        assert set(np.unique(np.asanyarray(volumes["reference"].dataobj))) <= {0, 1}

@@ -21,6 +21,8 @@ from medseg.casework import DriverThenWorker
 from medseg.storage.paths import anchor_path
 from medseg.dicom.uids import with_generated_uids
 from medseg.errors import ConfigurationError
+from medseg.evaluation.viewer import write_viewer_page
+from medseg.imaging.io import read_volume
 from medseg.inference.audit import AuditWriter, hashed_uid_columns, library_versions
 from medseg.inference.ensemble import load_for_profile, read_any_plan
 from medseg.inference.scans import (
@@ -128,6 +130,24 @@ def _check_some_output(scans: list[Scan], predict: PredictParams) -> None:
         )
 
 
+def write_pages(scans: list[Scan], segmenter, output_dir: Path, classes: dict[int, str]) -> int:
+    """`<case>.html` beside each published mask (`medseg.evaluation.viewer`): the scan, read
+    again, with its mask as the overlay. Scans without a NIfTI mask (`predict.outputs` without
+    `nifti`) get none. Returns the pages written."""
+    written = 0
+    for scan in scans:
+        mask_path = output_dir / f"{scan.case_id}.nii.gz"
+        if not mask_path.is_file():
+            continue
+        volume = scan.read_series().volume if scan.is_dicom else segmenter.read_scan(scan.path)
+        mask = read_volume(mask_path, role="label")
+        write_viewer_page(output_dir / f"{scan.case_id}.html", volume, mask, None, {str(v): n for v, n in classes.items()},
+                          title=scan.case_id)
+        written += 1
+    logger.info("predict: %d viewer pages written beside the masks.", written)
+    return written
+
+
 def segment_scans(
     scans: pd.DataFrame, model: dict[str, str], predict: PredictParams, project_root: str, dicomweb_answers: str
 ) -> pd.DataFrame:
@@ -225,6 +245,8 @@ def _segment_scans(scans: pd.DataFrame, model: dict, predict: PredictParams, inp
     tracking.log_input_cases("predict-input", web["url"] if web else str(input_dir), table, context="inference")
     tracking.log_files([output_dir / name for name in table["audit_file"]], "predict/audit")
     logger.info("predict: %d masks and predictions.csv written to %s.", len(table), output_dir)
+    if predict.get("viewer"):
+        write_pages(items, segmenter, output_dir, classes)
     if web and web.get("store", True):
         stored = pacs.store_results(pacs.server_of(web), table, output_dir, model_uri, dicomweb_answers)
         logger.info("predict: %d DICOM objects stored on %s.", len(stored), web["url"])
