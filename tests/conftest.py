@@ -325,7 +325,8 @@ TINY_UNET_POSTPROCESSED = {
 }
 
 
-CV_UNET = {**TINY_UNET, "data.synthetic.n_cases": 8, "cv.folds": 2}
+# With each fold's ONNX export on, so that the champion ensemble has its onnxruntime variant.
+CV_UNET = {**TINY_UNET, "data.synthetic.n_cases": 8, "cv.folds": 2, "unet.export.onnx": True}
 
 
 @pytest.fixture(scope="session")

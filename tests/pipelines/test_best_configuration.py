@@ -5,12 +5,13 @@ several models and their ensemble, scored by hand, is the wiring test
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import CV_UNET, copy_project, mlflow_runs, run_pipeline
+from conftest import CV_UNET, copy_project, mlflow_runs, run_pipeline, tracking_store
 from medseg.imaging.io import read_volume
 
 @pytest.fixture(scope="module")
@@ -96,4 +97,23 @@ def test_the_champion_is_registered_and_predict_uses_it_with_the_test_score_it_r
     assert newest.data.metrics["cv_calibration_temperature"] == pytest.approx(calibration["temperature"])
     audit = json.loads((tmp_path / "masks" / f"{test_cases[0]}.audit.json").read_text())
     assert audit["model"] == {"uri": f"models:/{name}/1", "version": "1", "alias": "champion"}
+
+    # Each fold's network was exported and checked on its own validation cases, so the champion
+    # ensemble also runs on onnxruntime (and was logged as best_segmenter_onnx) with its masks.
+    from medseg.inference.engines import MASK_AGREEMENT_DICE, mask_agreement
+
+    members = sorted((project / "data/06_models/best/segmenter/members").iterdir())
+    assert members and all(json.loads((m / "onnx.json").read_text())["status"] == "passed" for m in members)
+    import mlflow
+
+    with tracking_store(project):
+        variant = Path(mlflow.artifacts.download_artifacts(f"runs:/{newest.info.run_id}/best_segmenter_onnx",
+                                                           dst_path=str(tmp_path / "variant")))
+    requirements = (variant / "requirements.txt").read_text()
+    assert "onnxruntime==" in requirements and "tensorflow" not in requirements and "keras" not in requirements
+    run_pipeline(project, "predict", {**CV_UNET, "predict.model": "champion", "predict.input_dir": str(scans),
+                                      "predict.output_dir": str(tmp_path / "onnx"), "predict.engine": "onnxruntime"})
+    for c in test_cases:
+        tensorflow, onnx = (read_volume(tmp_path / folder / f"{c}.nii.gz", role="label").data for folder in ("masks", "onnx"))
+        assert mask_agreement(tensorflow, onnx, (1,))["dice"] >= MASK_AGREEMENT_DICE
 

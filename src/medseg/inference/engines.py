@@ -144,6 +144,10 @@ class OnnxNetwork:
         if threads:
             options.intra_op_num_threads = threads
         options.log_severity_level = 3  # errors only: its warnings name graph internals
+        # No memory pattern: it plans one block for every intermediate tensor of each input shape
+        # it has seen. Off, a batch of 16 slices of 256x256 through the 2D U-Net peaked 1.0 GB
+        # above the model instead of 1.9 GB, at the same speed (1.51 s against 1.55 s, AMD EPYC).
+        options.enable_mem_pattern = False
         try:
             self.session = onnxruntime.InferenceSession(
                 model if isinstance(model, bytes) else os.fspath(model), options, providers=["CPUExecutionProvider"])

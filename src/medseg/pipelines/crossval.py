@@ -28,6 +28,7 @@ from medseg.evaluation.statistics import Bootstrap, bootstrap_interval
 from medseg.imaging.geometry import PreprocessingPlan
 from medseg.imaging.io import Volume, voxel_spacing
 from medseg.inference.ensemble import Ensemble
+from medseg.inference.parity import export_with_parity
 from medseg.inference.postprocessing import probabilities_on_source_grid, source_label_map
 from medseg.kinds import ModelKind, model_kinds
 from medseg.kinds.plans import ModelSettings
@@ -143,6 +144,7 @@ def cross_validate(
         records = executor.map(task, list(range(n_folds)), task=f"{kind.name}: cross-validation",
                                case_ids=[f"fold {i}" for i in range(n_folds)])
     members = []
+    fold_cases = {int(f["fold"]): list(f["val"]) for f in folds["folds"]}
     for i in range(n_folds):  # each fold's kept network, loaded here (nothing is trained again)
         model, _, _ = train_model(
             kind.name, lambda: kind.build(settings, kind.class_count(settings, dataset_fingerprint)),
@@ -152,6 +154,8 @@ def cross_validate(
         segmenter = build_segmenter(model, case_fingerprints, grid_geometry, dataset_fingerprint, data, settings, planning,
                                     kind=kind)
         segmenter.plan.display_name = f"{segmenter.plan.display_name}-fold{i}"
+        if ModelSettings.of(settings).onnx_export:  # each fold's export, checked on its own validation cases
+            export_with_parity(segmenter, {c: (lambda c=c: grid_images[c]().data) for c in fold_cases[i]})
         members.append(segmenter)
     ensemble = Ensemble(members, f"{kind.display_name(settings)}-{n_folds}folds",
                         description={"folds": n_folds, "model": kind.name})
