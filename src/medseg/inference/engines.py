@@ -28,12 +28,19 @@ TENSORFLOW = "tensorflow"
 ONNXRUNTIME = "onnxruntime"
 ENGINES = (TENSORFLOW, ONNXRUNTIME)
 
-# The one tolerance between engines and precisions, for the whole project: two ways of running
-# one trained network (TensorFlow and onnxruntime; bfloat16 and float32) agree when each case's
-# masks are equal or reach this Dice against each other, per class. Masks differ only where a
-# probability lies within rounding of the threshold: a few voxels of a boundary, so a Dice
-# below this is a real disagreement, not rounding.
+# The one tolerance between engines and precisions, for the whole project (`masks_agree`): two
+# ways of running one trained network (TensorFlow and onnxruntime; bfloat16 and float32) agree on
+# a case when, for every class, its masks are equal, or reach Dice MASK_AGREEMENT_DICE against
+# each other, or reach BORDER_AGREEMENT_DICE with every voxel that differs on the border of the
+# reference mask (within one voxel of its surface). Rounding flips only voxels whose probability
+# lies at the threshold, and those are border voxels; on a structure of 1,700 voxels five such
+# flips already cost 0.0015 Dice (bfloat16 against float32, a phantom's lesion, AMD EPYC,
+# 2026-12-07), where a wrong conversion moves voxels inside or away from the structure, or shifts
+# it by a voxel, which costs far more than 0.01.
 MASK_AGREEMENT_DICE = 0.999
+BORDER_AGREEMENT_DICE = 0.99
+TOLERANCE = (f"equal, Dice >= {MASK_AGREEMENT_DICE}, or Dice >= {BORDER_AGREEMENT_DICE} with every differing voxel on "
+             "the mask's border")
 
 PASSED, FAILED, OFF = "passed", "failed", "off"
 
@@ -55,8 +62,9 @@ class ParityRecord:
             `off` (no export: `<model>.export.onnx` was false).
         reason: why it failed, or how the masks may differ where they passed (float32 against
             bfloat16).
-        tolerance: `MASK_AGREEMENT_DICE` when it was measured.
-        cases: {case_id: {"equal": bool, "dice": min Dice over the classes, "differing_voxels": n}}.
+        tolerance: the tolerance the cases were held to (`TOLERANCE`).
+        cases: {case_id: `mask_agreement`'s record (equal, dice: the lowest over the classes,
+            differing_voxels, border_only, agree) and each engine's seconds}.
         tensorflow_precision: the precision the TensorFlow network computes in; the export is
             float32.
         versions: tf2onnx, onnx, onnxruntime, opset.
@@ -64,7 +72,7 @@ class ParityRecord:
 
     status: str
     reason: str = ""
-    tolerance: float = MASK_AGREEMENT_DICE
+    tolerance: str = TOLERANCE
     cases: dict[str, dict[str, Any]] = field(default_factory=dict)
     tensorflow_precision: str = "float32"
     versions: dict[str, Any] = field(default_factory=dict)
@@ -96,25 +104,44 @@ class ParityRecord:
 
 
 def mask_agreement(reference: np.ndarray, other: np.ndarray, class_values: Sequence[int]) -> dict[str, Any]:
-    """How two label maps of one case agree: equal, the smallest Dice over the classes (1 for a
-    class empty in both), and the voxels that differ."""
-    dice = []
+    """How two label maps of one case agree: `equal`, the smallest Dice over the classes (1 for
+    a class empty in both), the voxels that differ, whether each of them lies on the border of
+    `reference`'s mask of its class (`border_only`), and whether they agree within the
+    project's tolerance (`agree`, see `masks_agree`)."""
+    from scipy import ndimage
+
+    cube = np.ones((3,) * reference.ndim, dtype=bool)
+    dice, border_only = [], True
     for value in class_values:
         a, b = reference == value, other == value
         total = int(a.sum()) + int(b.sum())
         dice.append(1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total)
+        differs = a != b
+        if border_only and differs.any():
+            border = ndimage.binary_dilation(a, cube) & ~ndimage.binary_erosion(a, cube)
+            border_only = not bool((differs & ~border).any())
     differing = int(np.count_nonzero(reference != other))
-    return {"equal": differing == 0, "dice": float(min(dice, default=1.0)), "differing_voxels": differing}
+    agreement = {"equal": differing == 0, "dice": float(min(dice, default=1.0)), "differing_voxels": differing,
+                 "border_only": bool(border_only)}
+    return {**agreement, "agree": masks_agree(agreement)}
 
 
-def parity_status(cases: Mapping[str, Mapping[str, Any]], tolerance: float = MASK_AGREEMENT_DICE) -> tuple[str, str]:
-    """`passed` when every case's masks are equal or within `tolerance`, else `failed`, with
-    the cases below it named."""
-    below = sorted(case_id for case_id, case in cases.items() if not case["equal"] and case["dice"] < tolerance)
+def masks_agree(agreement: Mapping[str, Any]) -> bool:
+    """The project's one tolerance between engines and precisions (see `MASK_AGREEMENT_DICE`):
+    equal, or Dice >= 0.999, or Dice >= 0.99 with every differing voxel on the border."""
+    dice = float(agreement["dice"])
+    return bool(agreement["equal"] or dice >= MASK_AGREEMENT_DICE
+                or (dice >= BORDER_AGREEMENT_DICE and agreement.get("border_only", False)))
+
+
+def parity_status(cases: Mapping[str, Mapping[str, Any]]) -> tuple[str, str]:
+    """`passed` when every case's masks agree (`masks_agree`), else `failed`, with the cases
+    that do not named."""
+    below = sorted(case_id for case_id, case in cases.items() if not masks_agree(case))
     if below:
         worst = min(float(cases[c]["dice"]) for c in below)
-        return FAILED, (f"{len(below)} case(s) below Dice {tolerance} against TensorFlow's masks ({', '.join(below[:5])}; "
-                        f"lowest {worst:.4f})")
+        return FAILED, (f"{len(below)} case(s) outside the tolerance ({TOLERANCE}) against TensorFlow's masks "
+                        f"({', '.join(below[:5])}; lowest Dice {worst:.4f})")
     return PASSED, ""
 
 

@@ -2,8 +2,9 @@
 
 `export_with_parity` exports the network (and a cascade's low-resolution networks) with
 `medseg.models.onnx_export`, then segments the given cases on both engines through the same
-segmenter (plan, windows, mirroring, temperature): the masks must be equal, or each class reach
-`medseg.inference.engines.MASK_AGREEMENT_DICE` against TensorFlow's. The record says which, and
+segmenter (plan, windows, mirroring, temperature): the masks must agree within the project's one
+tolerance between engines and precisions (`medseg.inference.engines.masks_agree`: equal, or Dice
+>= 0.999, or Dice >= 0.99 with every differing voxel on the border). The record says which, and
 why they may differ (a TensorFlow network in bfloat16 against the float32 export). A failure,
 of the conversion or of the masks, never fails the run: the record says `failed` with the
 reason, and the onnxruntime engine refuses that export.
@@ -19,10 +20,10 @@ import numpy as np
 
 from medseg.inference.engines import (
     FAILED,
-    MASK_AGREEMENT_DICE,
     ONNXRUNTIME,
     PASSED,
     TENSORFLOW,
+    TOLERANCE,
     ParityRecord,
     mask_agreement,
     parity_status,
@@ -97,12 +98,12 @@ def export_with_parity(segmenter: Segmenter, images: Mapping[str, Callable[[], n
         return _recorded(stages, None, record)
     status, reason = parity_status(cases)
     if status == PASSED and any(not case["equal"] for case in cases.values()):
-        reason = (f"masks differ on {sum(not c['equal'] for c in cases.values())} of {len(cases)} case(s), each within Dice "
-                  f"{MASK_AGREEMENT_DICE}: the export computes in float32, TensorFlow in {precision}"
+        reason = (f"masks differ on {sum(not c['equal'] for c in cases.values())} of {len(cases)} case(s), each within the "
+                  f"tolerance ({TOLERANCE}): the export computes in float32, TensorFlow in {precision}"
                   + ("" if precision != "float32" else " too, with other kernels (rounding at the threshold)"))
     elif status == FAILED:
         reason = f"{reason}; the export computes in float32, TensorFlow in {precision}"
-    record = ParityRecord(status, reason, MASK_AGREEMENT_DICE, cases, precision, versions())
+    record = ParityRecord(status, reason, TOLERANCE, cases, precision, versions())
     log = logger.info if status == PASSED else logger.warning
     log("%s: ONNX export %s on %d case(s) (%d equal, lowest Dice %.4f)%s.", segmenter.plan.model_key, status, len(cases),
         record.equal_cases, record.min_dice, f": {reason}" if reason else "")
