@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import REGISTERED_UNET, TINY_DATA_PARAMS, copy_project, mlflow_runs, run_pipeline
+from conftest import REGISTERED_UNET, TINY_DATA_PARAMS, copy_project, mlflow_runs, run_pipeline, tracking_store
 
 REGISTERED = REGISTERED_UNET
 READ_ROOTS, WRITE_ROOTS, ANY_PATH = "MEDSEG_SERVE_READ_ROOTS", "MEDSEG_SERVE_WRITE_ROOTS", "MEDSEG_SERVE_ANY_PATH"
@@ -483,3 +483,18 @@ def test_inference_profiles_are_measured_recorded_and_used_by_predict(trained: T
         np.testing.assert_array_equal(np.asanyarray(shown.dataobj), np.asanyarray(mask.dataobj))
         np.testing.assert_allclose(shown.affine, mask.affine, atol=1e-5)
     assert set(pd.read_csv(trained.pipeline_out / "predictions.csv")["profile"]) == {"plan"}
+
+
+def test_a_load_chooses_the_engine_and_the_profile(trained: Trained):
+    """MLflow overrides only the model configuration's logged keys: `engine` and `profile` are
+    logged empty, so a load (or a server, through MLFLOW_PYFUNC_INFERENCE_CONFIG) sets them."""
+    import mlflow
+
+    with tracking_store(trained.project):
+        plain = mlflow.pyfunc.load_model(trained.model_uri).unwrap_python_model()
+        chosen = mlflow.pyfunc.load_model(trained.model_uri, model_config={"engine": "onnxruntime", "profile": "fast"})
+    assert (plain.engine, plain.profile) == ("tensorflow", "plan")
+    model = chosen.unwrap_python_model()
+    assert (model.engine, model.profile) == ("onnxruntime", "fast") and model.segmenter.engine == "onnxruntime"
+    fast = json.loads((trained.project / "data/06_models/unet/segmenter/segmenter.json").read_text())["profiles"]["fast"]
+    assert model.segmenter.plan.mirror_axes == fast["mirror_axes"]

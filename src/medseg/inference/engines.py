@@ -31,16 +31,17 @@ ENGINES = (TENSORFLOW, ONNXRUNTIME)
 # The one tolerance between engines and precisions, for the whole project (`masks_agree`): two
 # ways of running one trained network (TensorFlow and onnxruntime; bfloat16 and float32) agree on
 # a case when, for every class, its masks are equal, or reach Dice MASK_AGREEMENT_DICE against
-# each other, or reach BORDER_AGREEMENT_DICE with every voxel that differs on the border of the
-# reference mask (within one voxel of its surface). Rounding flips only voxels whose probability
-# lies at the threshold, and those are border voxels; on a structure of 1,700 voxels five such
-# flips already cost 0.0015 Dice (bfloat16 against float32, a phantom's lesion, AMD EPYC,
-# 2026-12-07), where a wrong conversion moves voxels inside or away from the structure, or shifts
-# it by a voxel, which costs far more than 0.01.
+# each other, or differ only on the border of the reference mask (the voxels within one voxel of
+# its surface) and in at most BORDER_SHARE of that border. Rounding flips only voxels whose
+# probability lies at the threshold, and those are a few border voxels; on a lesion of 1,700
+# voxels five such flips already cost 0.0015 Dice (bfloat16 against float32, AMD EPYC,
+# 2026-12-07), and on a structure of 100 voxels one flip costs 0.005, so Dice alone cannot be
+# the rule. A wrong conversion moves voxels inside or away from the structure (not on its
+# border), or shifts it by a voxel (a third of its border or more).
 MASK_AGREEMENT_DICE = 0.999
-BORDER_AGREEMENT_DICE = 0.99
-TOLERANCE = (f"equal, Dice >= {MASK_AGREEMENT_DICE}, or Dice >= {BORDER_AGREEMENT_DICE} with every differing voxel on "
-             "the mask's border")
+BORDER_SHARE = 0.02
+TOLERANCE = (f"equal, Dice >= {MASK_AGREEMENT_DICE}, or differing only on the mask's border, in at most "
+             f"{BORDER_SHARE:.0%} of it")
 
 PASSED, FAILED, OFF = "passed", "failed", "off"
 
@@ -111,27 +112,27 @@ def mask_agreement(reference: np.ndarray, other: np.ndarray, class_values: Seque
     from scipy import ndimage
 
     cube = np.ones((3,) * reference.ndim, dtype=bool)
-    dice, border_only = [], True
+    dice, border_only, border_share = [], True, 0.0
     for value in class_values:
         a, b = reference == value, other == value
         total = int(a.sum()) + int(b.sum())
         dice.append(1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total)
         differs = a != b
-        if border_only and differs.any():
+        if differs.any():
             border = ndimage.binary_dilation(a, cube) & ~ndimage.binary_erosion(a, cube)
-            border_only = not bool((differs & ~border).any())
+            border_only = border_only and not bool((differs & ~border).any())
+            border_share = max(border_share, int(differs.sum()) / max(int(border.sum()), 1))
     differing = int(np.count_nonzero(reference != other))
     agreement = {"equal": differing == 0, "dice": float(min(dice, default=1.0)), "differing_voxels": differing,
-                 "border_only": bool(border_only)}
+                 "border_only": bool(border_only), "border_share": round(float(border_share), 6)}
     return {**agreement, "agree": masks_agree(agreement)}
 
 
 def masks_agree(agreement: Mapping[str, Any]) -> bool:
     """The project's one tolerance between engines and precisions (see `MASK_AGREEMENT_DICE`):
-    equal, or Dice >= 0.999, or Dice >= 0.99 with every differing voxel on the border."""
-    dice = float(agreement["dice"])
-    return bool(agreement["equal"] or dice >= MASK_AGREEMENT_DICE
-                or (dice >= BORDER_AGREEMENT_DICE and agreement.get("border_only", False)))
+    equal, or Dice >= 0.999, or differing only on the border, in at most 2 % of it."""
+    return bool(agreement["equal"] or float(agreement["dice"]) >= MASK_AGREEMENT_DICE
+                or (agreement.get("border_only", False) and float(agreement.get("border_share", 1.0)) <= BORDER_SHARE))
 
 
 def parity_status(cases: Mapping[str, Mapping[str, Any]]) -> tuple[str, str]:
@@ -167,7 +168,7 @@ class OnnxNetwork:
                 "predict.engine: tensorflow."
             ) from None
         options = onnxruntime.SessionOptions()
-        threads = threads or int(os.environ.get("MEDSEG_ONNX_THREADS", "0") or 0)
+        threads = threads or onnx_threads()
         if threads:
             options.intra_op_num_threads = threads
         options.log_severity_level = 3  # errors only: its warnings name graph internals
@@ -188,6 +189,17 @@ class OnnxNetwork:
 
     def predict_on_batch(self, x: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self._input: np.ascontiguousarray(x, dtype=np.float32)})[0]
+
+
+def onnx_threads() -> int:
+    """`MEDSEG_ONNX_THREADS`, or 0 (onnxruntime's default: one thread per physical core)."""
+    text = os.environ.get("MEDSEG_ONNX_THREADS", "").strip()
+    if not text:
+        return 0
+    if not text.isdigit():
+        raise ConfigurationError(f"MEDSEG_ONNX_THREADS is '{text}'; give a whole number of threads, or unset it for "
+                                 "onnxruntime's default (one per physical core).")
+    return int(text)
 
 
 def versions() -> dict[str, Any]:

@@ -119,8 +119,14 @@ def measure_settings(
     engine, overlap = segmenter.engine, segmenter.plan.overlap
     sums: dict[InferenceSetting, list[float]] = {s: [0.0, 0.0] for s in settings}
     try:
+        warmed = False
         for load_image, load_labels in cases.values():
             image, reference = load_image(), load_labels()
+            if not warmed:  # each engine's first call (a graph traced, a session's first run) is not a setting's time
+                corner = image[tuple(slice(0, min(int(n), 48)) for n in image.shape[:3])]
+                for name in dict.fromkeys(s.engine for s in settings):
+                    segmenter.use_engine(name).probabilities(corner)
+                warmed = True
             # The network runs once per (engine, mirroring, overlap); the filter reuses its labels.
             for key in dict.fromkeys((s.engine, s.mirror_axes, s.overlap) for s in settings):
                 segmenter.use_engine(key[0])

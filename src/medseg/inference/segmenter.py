@@ -206,9 +206,14 @@ class Segmenter:
         self.plan = plan if plan.context_stages == len(self.context) else replace(plan, context_stages=len(self.context))
         window_strategy(self.plan.window)  # an unknown window is refused here, not at the first scan
         self.onnx, self.parity = onnx, parity
-        self._network: Network | None = network or model
         self.engine = ONNXRUNTIME if network is not None else TENSORFLOW
-        self._predict_batch: Callable[[np.ndarray], np.ndarray] | None = None
+        # Each engine's network and its `predict_batch`, made once: switching back and forth (the
+        # parity check, the profiles' timings) neither opens a session nor traces a graph again.
+        self._networks: dict[str, Network] = {ONNXRUNTIME: network} if network is not None else {}
+        self._session_of = onnx if network is not None else None  # the export the onnxruntime session runs
+        if model is not None:
+            self._networks[TENSORFLOW] = model
+        self._predictors: dict[str, Callable[[np.ndarray], np.ndarray]] = {}
         self._warned_budget = False
         self._logged_shapes: set[tuple[int, ...]] = set()
 
@@ -222,20 +227,26 @@ class Segmenter:
                 loaded for onnxruntime only.
         """
         check_engine(engine)
-        for stage in self.context:
-            stage.use_engine(engine)
-        if engine == self.engine:
-            return self
+        stages = [self, *self.context]
+        for stage in stages:  # every network made (or refused) before any stage changes engine
+            stage._network_on(engine)
+        for stage in stages:
+            stage.engine = engine
+        return self
+
+    def _network_on(self, engine: str) -> Network:
+        """This segmenter's network on `engine`, made once (an onnxruntime session of the export)."""
         if engine == TENSORFLOW:
-            if self.model is None:
+            if TENSORFLOW not in self._networks:
                 raise ConfigurationError(f"{self.plan.model_key}: loaded for onnxruntime only; load it again with engine "
                                          "tensorflow.")
-            self._network = self.model
-        else:
-            self._network = OnnxNetwork(onnx_export_of(self.plan.model_key, self.onnx, self.parity))
-        self.engine = engine
-        self._predict_batch = None
-        return self
+            return self._networks[TENSORFLOW]
+        export = onnx_export_of(self.plan.model_key, self.onnx, self.parity)  # checked every time: the record may change
+        if self._session_of is not export:
+            self._networks[ONNXRUNTIME] = OnnxNetwork(export)
+            self._predictors.pop(ONNXRUNTIME, None)
+            self._session_of = export
+        return self._networks[ONNXRUNTIME]
 
     def apply_profile(self, name: str, engine: str | None = None) -> Segmenter:
         """Run with the setting of profile `name` (`plan.profiles`): its mirroring, overlap,
@@ -245,10 +256,11 @@ class Segmenter:
             ConfigurationError: an unknown profile, or a model without profiles.
         """
         setting = profile_setting(self.plan.profiles, name, self.plan.model_key)
+        self.use_engine(engine or setting.engine)  # first: a refused engine leaves the setting as it was
         self.configure(setting.mirror_axes, setting.keep_largest_component)
         if setting.overlap is not None:
             self.plan.overlap = setting.overlap
-        return self.use_engine(engine or setting.engine)
+        return self
 
     # -- the parts --------------------------------------------------------------------------
     def preprocess(self, volume: Volume, name: str = "the scan") -> tuple[np.ndarray, CaseGeometry]:
@@ -332,11 +344,11 @@ class Segmenter:
 
     def _predict_network_input(self, image: np.ndarray) -> np.ndarray:
         windows = self.windows
-        if self._predict_batch is None:
-            self._predict_batch = windows.predictor(self._network)
+        if self.engine not in self._predictors:
+            self._predictors[self.engine] = windows.predictor(self._network_on(self.engine))
         budget = self.activation_budget(image.shape[:3], 1 if image.ndim == 3 else int(image.shape[-1]))
         return windows.predict(
-            self._predict_batch, image, self.plan, budget,
+            self._predictors[self.engine], image, self.plan, budget,
             lambda batch, what, window: self._log_batch(image.shape, batch, what, window, budget),
         )
 
@@ -584,18 +596,28 @@ def read_parity(folder: str | os.PathLike) -> ParityRecord | None:
         raise CorruptFileError(f"{path}: not a readable ONNX parity record ({exc}). Train the model again.") from exc
 
 
+# What a refusal of the onnxruntime engine tells the user to do instead, in predict and in serving.
+USE_TENSORFLOW = ("Use the tensorflow engine (predict.engine: tensorflow; for a served model, its TensorFlow variant "
+                  "`<model>_segmenter`)")
+
+
 def onnx_export_of(where: str, onnx: bytes | None, parity: ParityRecord | None) -> bytes:
     """The ONNX export that the onnxruntime engine may run: one whose parity with TensorFlow
     passed. Refused, with the record's reason, otherwise."""
-    if onnx is None or parity is None or parity.status == "off":
+    if parity is None or parity.status == "off":
         raise ConfigurationError(
             f"{where}: the network has no ONNX export (trained with `<model>.export.onnx: false`, or before medseg "
-            "exported ONNX). Use predict.engine: tensorflow, or train it again with the export on."
+            f"exported ONNX). {USE_TENSORFLOW}, or train it again with the export on."
         )
     if parity.status != PASSED:
         raise ConfigurationError(
             f"{where}: its ONNX export failed its parity check with TensorFlow ({parity.reason}), so onnxruntime may not "
-            "run it. Use predict.engine: tensorflow."
+            f"run it. {USE_TENSORFLOW}."
+        )
+    if onnx is None:
+        raise ConfigurationError(
+            f"{where}: {PARITY_FILE} records an ONNX export that passed, but {ONNX_FILE} is missing (a folder copied in "
+            f"part?). Copy the whole segmenter folder again. {USE_TENSORFLOW} meanwhile."
         )
     return onnx
 

@@ -203,6 +203,11 @@ class InferenceSettings(_View):
         return bool(self._values.get("profiles", True))
 
     @property
+    def profile_cases(self) -> int:
+        """`inference.profile_cases`: the validation cases the profiles are measured on, at most."""
+        return int(self._values.get("profile_cases", 3))
+
+    @property
     def overlap(self) -> float:
         return float(self._values["overlap"])
 

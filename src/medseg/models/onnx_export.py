@@ -73,7 +73,7 @@ def export_onnx(model: keras.Model, slices: bool) -> bytes:
     with _without_optimizer("reshape_optimizer"):
         proto, _ = tf2onnx.convert.from_function(forward, input_signature=signature, opset=OPSET)
     serialized = proto.SerializeToString()
-    _check_probe(serialized, network, (1, 64, 64, 1) if slices else (1, *network.input_shape[1:]))
+    _check_probe(serialized, network, (1, 64, 64, 1) if slices else (1, *(n or 32 for n in network.input_shape[1:])))
     return serialized
 
 

@@ -103,8 +103,8 @@ def choose_inference_profiles(
     splits: pd.DataFrame,
     settings: dict[str, Any],
 ) -> tuple[Segmenter, pd.DataFrame, dict[str, float]]:
-    """Time and score every inference setting the segmenter has on the validation cases and
-    record the profiles `fast`, `balanced` and `accurate` in its plan
+    """Time and score every inference setting the segmenter has on the validation cases (the
+    first `<model>.inference.profile_cases`) and record the profiles `fast`, `balanced` and `accurate` in its plan
     (`medseg.inference.profiles`), unless `<model>.inference.profiles` is false or there is no
     validation case.
 
@@ -114,7 +114,7 @@ def choose_inference_profiles(
         `profile_<name>_seconds` and `profile_<name>_dice`.
     """
     columns = ["label", "mirror_axes", "overlap", "keep_largest_component", "engine", "seconds", "dice", "pareto", "profiles"]
-    cases = cases_in_split(splits, "val")
+    cases = cases_in_split(splits, "val")[: ModelSettings.of(settings).inference.profile_cases]
     segmenter.plan.profiles = {}
     if not ModelSettings.of(settings).inference.profiles or not cases:
         if ModelSettings.of(settings).inference.profiles:

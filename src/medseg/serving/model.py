@@ -6,11 +6,13 @@ and its requirements pin the TensorFlow build that trained it, so `mlflow models
 `mlflow.pyfunc.load_model` work on a machine that has never seen medseg.
 
 Engines and profiles (`medseg.inference.engines`, `medseg.inference.profiles`): the model's
-configuration may name an `engine` and a `profile` (`fast`, `balanced`, `accurate`); without
-them it runs the segmenter's own setting on TensorFlow. A segmenter whose ONNX export passed its parity check is also logged
-as `<name>_onnx`, whose engine is `onnxruntime` and whose requirements hold no TensorFlow and
-no Keras: it serves from an environment without them. Any variant can be switched at load time,
-`mlflow.pyfunc.load_model(uri, model_config={"engine": "onnxruntime", "profile": "fast"})`.
+configuration holds an `engine` and a `profile` (`fast`, `balanced`, `accurate`), empty by
+default: the segmenter's own setting on TensorFlow. A load sets them
+(`mlflow.pyfunc.load_model(uri, model_config={"profile": "fast"})`), and so does a server
+(`MLFLOW_PYFUNC_INFERENCE_CONFIG='{"profile": "fast"}' mlflow models serve ...`). A
+segmenter whose ONNX export passed its parity check is also logged as `<name>_onnx`, whose
+engine is `onnxruntime` and whose requirements hold no TensorFlow and no Keras: it serves from
+an environment without them.
 
 Input: a pandas DataFrame, one row per scan, with
 - `image_path`: a NIfTI scan on the server's disk, or `image_b64`: the bytes of a `.nii` or
@@ -426,9 +428,9 @@ def pip_requirements(engine: str = TENSORFLOW) -> list[str]:
     gpu extra) and Keras, or for `onnxruntime` onnxruntime instead of both; then nibabel, SciPy,
     NumPy, pandas, MLflow, fsspec (scans by path or URL), and pydicom with highdicom (DICOM series
     in, DICOM SEG out). medseg itself travels as code, not a package."""
-    requirements = []
+    requirements = [f"onnxruntime=={_version('onnxruntime')}"]  # both: a TensorFlow variant may be loaded for onnxruntime
     if engine == ONNXRUNTIME:
-        requirements.append(f"onnxruntime=={_version('onnxruntime')}")
+        pass
     elif _version("tensorflow-cpu"):
         requirements.append(f"tensorflow-cpu=={_version('tensorflow-cpu')}")
     elif _version("tensorflow"):
@@ -465,9 +467,9 @@ def log_segmenter(segmenter_dir: str | os.PathLike, name: str, registered_model_
             pip_requirements=pip_requirements(engine),
             signature=SIGNATURE,
             registered_model_name=registered_model_name or None,
-            # The onnxruntime variant pins its engine (its environment has no TensorFlow); the other
-            # takes a profile's engine when a profile is asked for at load time.
-            model_config={"engine": engine} if engine != TENSORFLOW else None,
+            # The keys a load may set (MLflow overrides only keys logged here): the onnxruntime
+            # variant's engine is set (its environment has no TensorFlow); "" is the default.
+            model_config={"engine": engine if engine != TENSORFLOW else "", "profile": ""},
         )
 
 

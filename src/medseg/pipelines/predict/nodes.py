@@ -20,8 +20,8 @@ from medseg.runs import compute
 from medseg.casework import DriverThenWorker
 from medseg.storage.paths import anchor_path
 from medseg.dicom.uids import with_generated_uids
-from medseg.errors import ConfigurationError
-from medseg.evaluation.viewer import write_viewer_page
+from medseg.errors import ConfigurationError, MedsegError
+from medseg.evaluation.viewer import NIIVUE_SCRIPT, write_viewer_page
 from medseg.imaging.io import read_volume
 from medseg.inference.audit import AuditWriter, hashed_uid_columns, library_versions
 from medseg.inference.ensemble import load_for_profile, read_any_plan
@@ -115,8 +115,16 @@ def _source_of(scan: Scan) -> str:
 
 def _check_some_output(scans: list[Scan], predict: PredictParams) -> None:
     """Refuse, before any work, a run in which no scan can give any output `predict.outputs`
-    asks for: only DICOM objects asked, and no DICOM series with the UIDs they reference."""
+    asks for: only DICOM objects asked, and no DICOM series with the UIDs they reference; and
+    `predict.viewer` without what a page needs (the NIfTI masks, NiiVue's script)."""
     outputs = list(predict.get("outputs") or ("nifti", "seg"))
+    if predict.get("viewer"):
+        if "nifti" not in outputs:
+            raise ConfigurationError(f"predict.viewer draws each scan's NIfTI mask, but predict.outputs={outputs} leaves "
+                                     "out nifti. Add nifti to predict.outputs, or set predict.viewer=false.")
+        if not NIIVUE_SCRIPT.is_file():
+            raise ConfigurationError(f"predict.viewer: NiiVue's script {NIIVUE_SCRIPT} is missing. Run `make niivue` once "
+                                     "(it fetches the pinned version from the npm registry), or set predict.viewer=false.")
     if "nifti" in outputs or not scans:
         return
     dicom = [scan for scan in scans if scan.is_dicom]
@@ -139,11 +147,14 @@ def write_pages(scans: list[Scan], segmenter, output_dir: Path, classes: dict[in
         mask_path = output_dir / f"{scan.case_id}.nii.gz"
         if not mask_path.is_file():
             continue
-        volume = scan.read_series().volume if scan.is_dicom else segmenter.read_scan(scan.path)
-        mask = read_volume(mask_path, role="label")
-        write_viewer_page(output_dir / f"{scan.case_id}.html", volume, mask, None, {str(v): n for v, n in classes.items()},
-                          title=scan.case_id)
-        written += 1
+        try:  # the masks and DICOM objects are out already: a page that fails costs only itself
+            volume = scan.read_series().volume if scan.is_dicom else segmenter.read_scan(scan.path)
+            mask = read_volume(mask_path, role="label")
+            write_viewer_page(output_dir / f"{scan.case_id}.html", volume, mask, None,
+                              {str(v): n for v, n in classes.items()}, title=scan.case_id)
+            written += 1
+        except MedsegError as exc:
+            logger.warning("predict: no viewer page for %s: %s", scan.case_id, exc)
     logger.info("predict: %d viewer pages written beside the masks.", written)
     return written
 
@@ -245,9 +256,9 @@ def _segment_scans(scans: pd.DataFrame, model: dict, predict: PredictParams, inp
     tracking.log_input_cases("predict-input", web["url"] if web else str(input_dir), table, context="inference")
     tracking.log_files([output_dir / name for name in table["audit_file"]], "predict/audit")
     logger.info("predict: %d masks and predictions.csv written to %s.", len(table), output_dir)
-    if predict.get("viewer"):
-        write_pages(items, segmenter, output_dir, classes)
     if web and web.get("store", True):
         stored = pacs.store_results(pacs.server_of(web), table, output_dir, model_uri, dicomweb_answers)
         logger.info("predict: %d DICOM objects stored on %s.", len(stored), web["url"])
+    if predict.get("viewer"):  # last: the results reach the PACS whatever a page does
+        write_pages(items, segmenter, output_dir, classes)
     return hashed_uid_columns(table) if hash_uids else table  # what MLflow keeps
