@@ -5,9 +5,10 @@ phantoms.
 1. Trains `unet` and `conv3d` on the default phantoms in a project of its own (`--out`; kept,
    so a second run reuses the models), with the ONNX export and the profiles on, as real runs
    have them. `--budget` sets both models' training minutes.
-2. Synthesizes `--scans` phantoms of 256x256 pixels and 160 slices (the generator and spacings
-   of training, another index), preprocesses each as the segmenter does, and puts its label on
-   the same grid.
+2. Makes `--scans` scans of 256x256x160 voxels at the models' own spacing: mosaics of 2x2x4
+   phantoms of 128x128x40 (the generator of training, other indices; it makes no phantom larger
+   than 128 pixels, and a mosaic keeps its lesions at their sizes), preprocesses each as the
+   segmenter does, and puts its label on the same grid.
 3. Measures every candidate setting (`medseg.inference.profiles.measure_settings`: mirroring,
    overlap, largest component, engine) on them: seconds per scan of the network part and the
    postprocessing, and mean Dice. Prints the table with its Pareto front, the profiles these
@@ -35,6 +36,32 @@ from _project import kedro, project_copy  # noqa: E402
 from _targets import Target, report_targets  # noqa: E402
 
 MODELS = ("unet", "conv3d")
+
+
+TILE = (128, 128, 40)
+
+
+def mosaic(index: int, shape: tuple[int, int, int], spacing: tuple[float, ...], synthesize) -> tuple:
+    """A scan of `shape` voxels at `spacing` (mm) and its label: phantoms of `TILE` side by side,
+    each in RAS order first (the generator stores some in other orientations, as scanners do)."""
+    from medseg.imaging.geometry import to_canonical
+    from medseg.imaging.io import Volume
+
+    image, label = np.zeros(shape, np.float32), np.zeros(shape, np.uint8)
+    tile = 0
+    for x in range(0, shape[0], TILE[0]):
+        for y in range(0, shape[1], TILE[1]):
+            for z in range(0, shape[2], TILE[2]):
+                part, labels, affine = synthesize(10_000 + 100 * index + tile, 42, in_plane_size=TILE[0],
+                                                  n_slices_range=(TILE[2], TILE[2]), in_plane_spacing_range=(spacing[0],) * 2,
+                                                  slice_spacing_range=(spacing[2],) * 2)
+                part, labels = (to_canonical(Volume(a, affine)).data for a in (part, labels))
+                box = tuple(slice(start, min(start + size, total)) for start, size, total in zip((x, y, z), TILE, shape))
+                crop = tuple(slice(0, b.stop - b.start) for b in box)
+                image[box], label[box] = part[crop], labels[crop]
+                tile += 1
+    affine = np.diag([*spacing, 1.0])
+    return Volume(image, affine), Volume(label, affine)
 
 
 def main() -> int:
@@ -70,14 +97,10 @@ def main() -> int:
 
     cpu = next((line.split(":", 1)[1].strip() for line in read_cpuinfo().splitlines() if line.startswith("model name")), "?")
     print(f"machine: {cpu}, {os.cpu_count()} cores, bfloat16 units: {'yes' if cpu_has_bfloat16(read_cpuinfo()) else 'no'}")
-    nx, ny, nz = args.shape
-    scans = []
-    for index in range(args.scans):
-        image, label, affine = synthesize_case(1000 + index, 42, in_plane_size=nx, n_slices_range=(nz, nz))
-        image = image[:, :ny] if ny < nx else image
-        label = label[:, :ny] if ny < nx else label
-        scans.append((Volume(image.astype(np.float32), affine), Volume(label.astype(np.uint8), affine)))
-    print(f"{len(scans)} scans of {'x'.join(str(n) for n in scans[0][0].data.shape)} voxels")
+    spacing = tuple(json.loads((project / "data/06_models/unet/segmenter/segmenter.json").read_text())["target_spacing"])
+    scans = [mosaic(index, tuple(args.shape), spacing, synthesize_case) for index in range(args.scans)]
+    print(f"{len(scans)} scans of {'x'.join(str(n) for n in scans[0][0].data.shape)} voxels at "
+          f"{'x'.join(f'{s:.2f}' for s in spacing)} mm")
 
     targets, report = [], {}
     for model in MODELS:

@@ -13,6 +13,7 @@ from medseg.inference.engines import ONNXRUNTIME, PASSED, TENSORFLOW, ParityReco
 from medseg.inference.ensemble import load_for_profile
 from medseg.inference.parity import export_with_parity
 from medseg.inference.profiles import (
+    ACCURATE_DICE,
     BALANCED_DICE,
     FAST_DICE,
     InferenceSetting,
@@ -49,6 +50,7 @@ def _row(label: str, seconds: float, dice: float) -> dict:
 def test_profiles_are_the_best_dice_and_the_quickest_within_each_margin():
     rows = [
         _row("slow best", 10.0, 0.900),
+        _row("best by rounding, slower", 14.0, 0.900 + ACCURATE_DICE / 20),
         _row("quick within balanced", 4.0, 0.900 - BALANCED_DICE + 1e-4),
         _row("quicker within fast", 2.0, 0.900 - FAST_DICE + 1e-4),
         _row("quickest but too coarse", 1.0, 0.900 - FAST_DICE - 1e-3),
@@ -57,7 +59,7 @@ def test_profiles_are_the_best_dice_and_the_quickest_within_each_margin():
     chosen = choose_profiles(rows)
     assert {name: row["label"] for name, row in chosen.items()} == {
         "accurate": "slow best", "balanced": "quick within balanced", "fast": "quicker within fast"}
-    assert pareto_front(rows) == [True, True, True, True, False]
+    assert pareto_front(rows) == [True, True, True, True, True, False]
     assert choose_profiles([]) == {}
 
 
