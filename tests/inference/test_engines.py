@@ -248,3 +248,18 @@ def test_no_case_to_compare_is_no_proof(tmp_path: Path):
     assert record.status == FAILED and "no case to compare" in record.reason and segmenter.onnx is None
     with pytest.raises(ConfigurationError, match="no case to compare"):
         segmenter.use_engine(ONNXRUNTIME)
+
+
+def test_a_segmenter_on_onnxruntime_copies_and_pickles(tmp_path: Path):
+    """A Dask worker or a MemoryDataset copies a segmenter: its onnxruntime session does not pickle,
+    so the copy opens its own, and segments as the original does."""
+    import copy
+    import pickle
+
+    segmenter = Segmenter(_unet2d(), _plan())
+    scan = _scan(seed=7)
+    export_with_parity(segmenter, _images(scan, segmenter=segmenter))
+    expected = segmenter.use_engine(ONNXRUNTIME).segment(scan).data
+    for clone in (copy.deepcopy(segmenter), pickle.loads(pickle.dumps(segmenter))):
+        assert clone.engine == ONNXRUNTIME
+        np.testing.assert_array_equal(clone.segment(scan).data, expected)

@@ -217,6 +217,14 @@ class Segmenter:
         self._warned_budget = False
         self._logged_shapes: set[tuple[int, ...]] = set()
 
+    def __getstate__(self) -> dict[str, Any]:
+        """What a copy or a Dask worker gets: everything but the onnxruntime session and the
+        traced predictors, which do not pickle and are made again on first use."""
+        state = dict(self.__dict__)
+        state["_networks"] = {k: v for k, v in self._networks.items() if k != ONNXRUNTIME}
+        state["_predictors"], state["_session_of"] = {}, None
+        return state
+
     # -- the engine -------------------------------------------------------------------------
     def use_engine(self, engine: str) -> Segmenter:
         """Run the network (and a cascade's stages) on `engine` from now on; itself.
