@@ -577,13 +577,15 @@ def main() -> int:
     print("\nstitching engines, one predictor (window x a ramp along x, so the weights matter):")
     print("  both Gaussians have sigma = sigma_scale x window per axis, centred at (w - 1) / 2; medseg scales the map to a")
     print("  maximum of 1 and raises only float32 underflow (nnU-Net), MONAI floors every weight at 1e-3")
-    stitch_rows = stitching_parity(setup)
+    # torch in a process of its own here too: this one has TensorFlow loaded (the hardware probe), and torch's
+    # import of triton after it crashed the interpreter (Segmentation fault; AMD EPYC, torch 2.14.1, 2026-12-07)
+    stitch_rows = in_fresh_process(stitching_parity, setup)
     for what, difference, share, ours_s, theirs_s in stitch_rows:
         print(f"  {what:<42} max abs diff {difference:.2e}, voxels > 1e-3 apart {share:7.3%}; engine alone: medseg {ours_s:.3f} s, MONAI {theirs_s:.3f} s")
     same_map = max(row[1] for row in stitch_rows if row[0] != "gaussian, MONAI's own map")
 
     print("\nmetric parity (medseg reference/prediction = MONAI y/y_pred; background included, one channel):")
-    worst_scaled, _, _, undefined = metric_parity(n_random=3 if args.quick else 6)
+    worst_scaled, _, _, undefined = in_fresh_process(metric_parity, 3 if args.quick else 6)
     for line in undefined:
         print(f"  defined on one side only: {line}")
 
