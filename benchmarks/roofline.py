@@ -6,6 +6,11 @@
    bfloat16 units, so off by default there).
 2. Each model, at the sizes the planner gives the default phantoms (`benchmarks/precision.py`):
    the training step (forward, backward, Adam) and the inference window, in GFLOP/s.
+   Per model, a table of its convolutions (plain and transposed), each timed alone at its own
+   shape and batch in every precision measured: GFLOP/s, % of that precision's matmul peak, and
+   share of the layers' summed time, so the layers that waste the hardware are named; and each
+   precision beyond float32 against that precision's bounds: the matmul peak, and the
+   time-weighted per-layer bound (the layers' FLOPs over their summed time alone).
 3. The end-to-end `Segmenter.segment` of a real-size scan (256×256×160 at 1 mm; random weights,
    default plan): seconds per scan, and the share of it spent in the network.
 
@@ -56,7 +61,7 @@ from scale_out import cpu_name  # noqa: E402
 from medseg.imaging.io import Volume  # noqa: E402
 from medseg.inference import Segmenter, SegmenterPlan  # noqa: E402
 from medseg.models import build_unet2d, build_unet3d, compile_segmentation_model  # noqa: E402
-from medseg.models.precision import cpu_has_bfloat16  # noqa: E402
+from medseg.models.precision import cpu_has_bfloat16, dtype_policy  # noqa: E402
 from medseg.patching.sliding_window import unet_features_per_voxel  # noqa: E402
 from medseg.kinds.sizes import plan_patches, plan_slices  # noqa: E402
 
@@ -119,6 +124,35 @@ def conv_peak(layer: keras.layers.Layer, batch: int, dtype: str, repeats: int) -
     return layer_flops(layer) * batch / seconds / 1e9
 
 
+def layer_table(model: keras.Model, batch: int, dtypes: list[str], repeats: int) -> list[dict]:
+    """Per convolution of `model` (plain and transposed), in each precision: its GFLOP/s timed
+    alone at its own shape and batch, and its share of the sum of those times: the layers that
+    take the time, and how far each is from what the hardware gives a large matmul."""
+    rows = []
+    for layer in model.layers:
+        if not isinstance(layer, CONV + TRANSPOSED):
+            continue
+        row = {"layer": layer.name, "kernel": tuple(layer.kernel.shape), "input": tuple(layer.input.shape[1:]),
+               "gflop": layer_flops(layer) * batch / 1e9}
+        for dtype in dtypes:
+            rate = conv_peak(layer, batch, dtype, repeats)
+            row[dtype] = {"gflops": rate, "seconds": row["gflop"] / rate}
+        rows.append(row)
+    for dtype in dtypes:
+        total = sum(row[dtype]["seconds"] for row in rows)
+        for row in rows:
+            row[dtype]["share"] = row[dtype]["seconds"] / total
+    return rows
+
+
+def print_layer_table(name: str, rows: list[dict], dtypes: list[str], peaks: dict[str, float]) -> None:
+    print(f"\n{name}, per convolution timed alone (share of the layers' summed time; GFLOP/s and % of that precision's matmul peak):")
+    print(f"  {'layer':<14} {'kernel':<22} {'input':<18}" + "".join(f"{d:>26}" for d in dtypes))
+    for row in sorted(rows, key=lambda r: -r[dtypes[-1]]["share"]):
+        cells = "".join(f"{row[d]['share']:>7.1%} {row[d]['gflops']:>8.1f} ({row[d]['gflops'] / peaks[d]:>4.0%})   " for d in dtypes)
+        print(f"  {row['layer']:<14} {str(row['kernel']):<22} {str(row['input']):<18}{cells}")
+
+
 def model_rates(model: keras.Model, batch: int, repeats: int) -> tuple[float, float]:
     """(training, inference) GFLOP/s of a compiled model on one random batch."""
     compiled = compile_segmentation_model(model, "adam", 1e-3, "bce+dice")
@@ -179,7 +213,20 @@ def main() -> int:
         "3D U-Net": (build_unet3d((*patch, 1), 8, len(pools), pool_sizes=pools), 4, "x".join(map(str, patch))),
     }
     results = {}
+    names = [name for name, _ in dtypes]
     for name, (model, batch, shape) in models.items():
+        rows = layer_table(model, batch, names, args.repeats)
+        print_layer_table(f"{name} {shape}, batch {batch}", rows, names, peaks)
+        for dtype in names[1:]:  # each precision's model against its own time-weighted per-layer bound
+            with dtype_policy(f"mixed_{dtype}"):
+                mixed = (build_unet2d((size, size, 1), 32, 3) if name == "2D U-Net"
+                         else build_unet3d((*patch, 1), 8, len(pools), pool_sizes=pools))
+            train, infer = model_rates(mixed, batch, args.repeats)
+            layers_s = sum(row[dtype]["seconds"] for row in rows)
+            flops = sum(row["gflop"] for row in rows)
+            print(f"  {dtype}: training {train:.1f} GFLOP/s, inference {infer:.1f} GFLOP/s = {infer / peaks[dtype]:.0%} of the "
+                  f"{dtype} matmul peak, {infer / (flops / layers_s):.0%} of the time-weighted per-layer bound "
+                  f"({flops / layers_s:.1f} GFLOP/s)")
         layer = dominant_conv(model)
         conv = {dtype: conv_peak(layer, batch, dtype, args.repeats) for dtype, _ in dtypes}
         train, infer = model_rates(model, batch, args.repeats)
