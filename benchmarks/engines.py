@@ -59,7 +59,6 @@ def _rss_mb() -> float:
 def _segmenter(model: str, precision: str):
     """The default-sized segmenter of `model` in `precision`, with its ONNX export."""
     import keras
-    import numpy as np
 
     from medseg.inference import Segmenter, SegmenterPlan
     from medseg.inference.engines import PASSED, ParityRecord
@@ -85,7 +84,6 @@ def _segmenter(model: str, precision: str):
     network = with_precision(network, precision)
     segmenter = Segmenter(network, plan)
     segmenter.onnx, segmenter.parity = export_onnx(network, slices=model == "unet"), ParityRecord(PASSED, "benchmark")
-    del np
     return segmenter
 
 

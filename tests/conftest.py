@@ -608,6 +608,19 @@ def kept_dataset():
     return KeptDataset()
 
 
+def slice_plan(**overrides):
+    """A hand-made segmenter plan: a 2D model over whole slices at 1 x 1 x 2 mm, one class
+    (`lesion`), no postprocessing; `overrides` replace any field."""
+    from medseg.inference import SegmenterPlan
+
+    fields = dict(
+        model_key="unet", display_name="UNet", window="slice", target_spacing=(1.0, 1.0, 2.0), interpolation_order=1,
+        clip_percentiles=None, crop_margin=None, channel=None, label_mode="binary", classes={"1": "lesion"}, lateralized=[],
+        threshold=0.5, depth=2, patch_size=None, overlap=0.0, sigma_scale=0.125, features_per_voxel=10.0, memory_gb=0.01,
+    )
+    return SegmenterPlan(**{**fields, **overrides})
+
+
 def above_mean_segmenter():
     """A segmenter made by hand, for wiring tests: a 1x1 network whose foreground is every voxel
     above the scan's mean (z-score >= 0), on 2D slices at 1 x 1 x 2 mm, so its masks are known
@@ -615,15 +628,10 @@ def above_mean_segmenter():
     import keras
     import numpy as np
 
-    from medseg.inference import Segmenter, SegmenterPlan
+    from medseg.inference import Segmenter
 
     inputs = keras.Input((None, None, 1))
     layer = keras.layers.Conv2D(1, 1, activation="sigmoid")
     model = keras.Model(inputs, layer(inputs))
     layer.set_weights([np.full((1, 1, 1, 1), 10.0, np.float32), np.zeros(1, np.float32)])
-    plan = SegmenterPlan(
-        model_key="unet", display_name="UNet", window="slice", target_spacing=(1.0, 1.0, 2.0), interpolation_order=1,
-        clip_percentiles=None, crop_margin=None, channel=None, label_mode="binary", classes={"1": "lesion"}, lateralized=[],
-        threshold=0.5, depth=2, patch_size=None, overlap=0.0, sigma_scale=0.125, features_per_voxel=10.0, memory_gb=0.5,
-    )
-    return Segmenter(model, plan)
+    return Segmenter(model, slice_plan(memory_gb=0.5))

@@ -6,6 +6,7 @@ import keras
 import numpy as np
 import pytest
 
+from conftest import slice_plan
 from medseg.errors import ConfigurationError
 from medseg.imaging.io import Volume
 from medseg.inference import Segmenter, SegmenterPlan
@@ -25,13 +26,7 @@ from medseg.inference.profiles import (
 
 
 def _plan(**overrides) -> SegmenterPlan:
-    fields = dict(
-        model_key="unet", display_name="UNet", window="slice", target_spacing=(1.0, 1.0, 2.0),
-        interpolation_order=1, clip_percentiles=None, crop_margin=None, channel=None, label_mode="binary",
-        classes={"1": "lesion"}, lateralized=[], threshold=0.5, depth=2, patch_size=None, overlap=0.5,
-        sigma_scale=0.125, features_per_voxel=10.0, memory_gb=2.0,
-    )
-    return SegmenterPlan(**{**fields, **overrides})
+    return slice_plan(**{**dict(overlap=0.5, memory_gb=2.0), **overrides})
 
 
 def _above_mean() -> keras.Model:

@@ -8,19 +8,14 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from conftest import slice_plan
 from medseg.errors import ConfigurationError, CorruptFileError, DatasetNotFoundError
 from medseg.imaging.io import Volume
 from medseg.inference import Segmenter, SegmenterPlan
 
 
 def _plan(**overrides) -> SegmenterPlan:
-    fields = dict(
-        model_key="unet", display_name="UNet", window="slice", target_spacing=(1.0, 1.0, 2.0),
-        interpolation_order=1, clip_percentiles=None, crop_margin=None, channel=None, label_mode="binary",
-        classes={"1": "lesion"}, lateralized=[], threshold=0.5, depth=2, patch_size=None, overlap=0.0,
-        sigma_scale=0.125, features_per_voxel=10.0, memory_gb=0.01,
-    )
-    return SegmenterPlan(**{**fields, **overrides})
+    return slice_plan(**overrides)
 
 
 def _above_mean_slices(channels: int = 1) -> keras.Model:

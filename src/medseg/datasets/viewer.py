@@ -40,11 +40,12 @@ class ViewerPagesDataset(AbstractDataset[dict[str, bytes], dict[str, bytes]]):
         if not data:
             shutil.rmtree(self._path, ignore_errors=True)
             return
+        names = {Path(name).name: page for name, page in data.items()}  # a file name, never a path
         with staged_folder(self._path) as staging:
-            for name, page in data.items():
-                (staging / Path(name).name).write_bytes(page)
-                apply_umask(staging / Path(name).name)
-        tracking.log_files([self._path / Path(name).name for name in data], self._artifact_path)
+            for name, page in names.items():
+                (staging / name).write_bytes(page)
+                apply_umask(staging / name)
+        tracking.log_files([self._path / name for name in names], self._artifact_path)
 
     def _exists(self) -> bool:
         return self._path.is_dir()

@@ -104,6 +104,17 @@ class ParityRecord:
         return out
 
 
+def class_dice(reference: np.ndarray, other: np.ndarray, class_values: Sequence[int]) -> list[float]:
+    """Dice of two label maps per class value, 1 for a class empty in both (hard masks, no
+    spacing: the agreement of two predictions, not a metric against a reference)."""
+    scores = []
+    for value in class_values:
+        a, b = reference == value, other == value
+        total = int(a.sum()) + int(b.sum())
+        scores.append(1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total)
+    return scores
+
+
 def mask_agreement(reference: np.ndarray, other: np.ndarray, class_values: Sequence[int]) -> dict[str, Any]:
     """How two label maps of one case agree: `equal`, the smallest Dice over the classes (1 for
     a class empty in both), the voxels that differ, whether each of them lies on the border of
@@ -112,12 +123,10 @@ def mask_agreement(reference: np.ndarray, other: np.ndarray, class_values: Seque
     from scipy import ndimage
 
     cube = np.ones((3,) * reference.ndim, dtype=bool)
-    dice, border_only, border_share = [], True, 0.0
+    dice, border_only, border_share = class_dice(reference, other, class_values), True, 0.0
     for value in class_values:
-        a, b = reference == value, other == value
-        total = int(a.sum()) + int(b.sum())
-        dice.append(1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total)
-        differs = a != b
+        a = reference == value
+        differs = a != (other == value)
         if differs.any():
             border = ndimage.binary_dilation(a, cube) & ~ndimage.binary_erosion(a, cube)
             border_only = border_only and not bool((differs & ~border).any())

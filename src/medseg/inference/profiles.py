@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from medseg.errors import ConfigurationError
-from medseg.inference.engines import ONNXRUNTIME, PASSED, TENSORFLOW
+from medseg.inference.engines import ONNXRUNTIME, PASSED, TENSORFLOW, class_dice
 from medseg.inference.postprocessing import keep_largest_component, source_label_map
 
 PROFILES = ("fast", "balanced", "accurate")
@@ -90,15 +90,6 @@ def _onnx_passed(segmenter) -> bool:
     return all(s.onnx is not None and s.parity is not None and s.parity.status == PASSED for s in stages)
 
 
-def _dice(labels: np.ndarray, reference: np.ndarray, values: Sequence[int]) -> float:
-    scores = []
-    for value in values:
-        a, b = labels == value, reference == value
-        total = int(a.sum()) + int(b.sum())
-        scores.append(1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total)
-    return float(np.mean(scores))
-
-
 def measure_settings(
     segmenter,
     cases: Mapping[str, tuple[Callable[[], np.ndarray], Callable[[], np.ndarray]]],
@@ -146,7 +137,7 @@ def measure_settings(
                     if (setting.engine, setting.mirror_axes, setting.overlap) == key:
                         kept = filtered if setting.keep_largest_component else labels
                         sums[setting][0] += network + (filtering if setting.keep_largest_component else 0.0)
-                        sums[setting][1] += _dice(kept, reference, values)
+                        sums[setting][1] += float(np.mean(class_dice(kept, reference, values)))
     finally:
         segmenter.use_engine(engine)
         segmenter.plan.overlap = overlap

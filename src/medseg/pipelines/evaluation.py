@@ -452,7 +452,6 @@ def make_viewer_pages(
     predictions: dict[str, Callable[[], Volume]],
     intermediate_images: dict[str, Callable[[], Volume]],
     intermediate_labels: dict[str, Callable[[], Volume]],
-    case_geometry: PreprocessingPlan,
     splits: pd.DataFrame,
     dataset_fingerprint: dict,
     data: DataParams,
@@ -469,11 +468,12 @@ def make_viewer_pages(
     classes, multiclass = _evaluated_classes(dataset_fingerprint)
     pages: dict[str, bytes] = {}
     for case_id in cases_in_split(splits, "test")[: ModelSettings.of(settings).n_viewer_cases]:
-        image = intermediate_images[case_id]()
-        reference, reference_volume = _reference_mask(intermediate_labels[case_id](), case_geometry[case_id], multiclass, data)
-        masks = [to_canonical(Volume(np.asarray(a, dtype=np.uint8), reference_volume.affine)) for a in (reference, predictions[case_id]().data)]
+        image, label = intermediate_images[case_id](), intermediate_labels[case_id]().data  # both canonical already
+        reference = label if multiclass else binarize_label(label, data["foreground_labels"])
+        prediction = to_canonical(predictions[case_id]()).data  # the mask as written, in its source geometry
         try:
-            pages[f"{case_id}.html"] = viewer_page(image, Volume(masks[1].data, image.affine), Volume(masks[0].data, image.affine),
+            pages[f"{case_id}.html"] = viewer_page(image, Volume(np.asarray(prediction, np.uint8), image.affine),
+                                                   Volume(np.asarray(reference, np.uint8), image.affine),
                                                    {str(v): n for v, n in classes.items()}, title=case_id)
         except ConfigurationError as exc:  # NiiVue's script not built: the report goes on without pages
             logger.warning("No viewer pages: %s", exc)

@@ -166,8 +166,8 @@ def model_pipeline(kind: ModelKind) -> Pipeline:
             ),
             Node(
                 make_viewer_pages,
-                ["predictions", "intermediate_images", "intermediate_labels", "case_geometry", "splits",
-                 "dataset_fingerprint", "params:data", "settings"],
+                ["predictions", "intermediate_images", "intermediate_labels", "splits", "dataset_fingerprint",
+                 "params:data", "settings"],
                 "viewer_pages",
                 name="make_viewer_pages",
             ),

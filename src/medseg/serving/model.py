@@ -429,11 +429,9 @@ def pip_requirements(engine: str = TENSORFLOW) -> list[str]:
     NumPy, pandas, MLflow, fsspec (scans by path or URL), and pydicom with highdicom (DICOM series
     in, DICOM SEG out). medseg itself travels as code, not a package."""
     requirements = [f"onnxruntime=={_version('onnxruntime')}"]  # both: a TensorFlow variant may be loaded for onnxruntime
-    if engine == ONNXRUNTIME:
-        pass
-    elif _version("tensorflow-cpu"):
+    if engine != ONNXRUNTIME and _version("tensorflow-cpu"):
         requirements.append(f"tensorflow-cpu=={_version('tensorflow-cpu')}")
-    elif _version("tensorflow"):
+    elif engine != ONNXRUNTIME and _version("tensorflow"):
         cuda = any(_version(name) for name in ("nvidia-cudnn-cu12", "nvidia-cuda-runtime-cu12"))
         requirements.append(f"tensorflow{'[and-cuda]' if cuda else ''}=={_version('tensorflow')}")
     for name in ("keras", "nibabel", "scipy", "numpy", "pandas", "mlflow", "fsspec", "pydicom", "highdicom"):
