@@ -489,6 +489,32 @@ S3_TEST_ENV = {
 }
 
 
+def free_port() -> int:
+    """A loopback port free now, and outside the kernel's ephemeral range.
+
+    A port the OS hands out (bind to 0) can be taken again by any outgoing connection or
+    server of a parallel test between this probe and the server's own bind: CI once saw
+    kedro viz fail with "address already in use" that way. Below the ephemeral range only an
+    explicit bind takes a port, so two tests collide only if both draw the same one of
+    thousands. kedro-viz also refuses ports of 49152 and above.
+    """
+    import random
+    import socket
+
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    for port in random.Random().sample(range(20000, max(low, 20001)), 200):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free loopback port found in 20000-{low}")
+
+
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """A real S3 HTTP API (moto's `ThreadedMotoServer`) on 127.0.0.1 and a free port, for the

@@ -16,7 +16,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,7 +27,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import REGISTERED_UNET, TINY_DATA_PARAMS, copy_project, mlflow_runs, run_pipeline, tracking_store
+from conftest import REGISTERED_UNET, TINY_DATA_PARAMS, copy_project, free_port, mlflow_runs, run_pipeline, tracking_store
 
 REGISTERED = REGISTERED_UNET
 READ_ROOTS, WRITE_ROOTS, ANY_PATH = "MEDSEG_SERVE_READ_ROOTS", "MEDSEG_SERVE_WRITE_ROOTS", "MEDSEG_SERVE_ANY_PATH"
@@ -208,12 +207,6 @@ def test_logged_requirements_pin_this_environment_and_leave_medseg_out(trained: 
 
 
 # -- REST: mlflow models serve ---------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 @contextlib.contextmanager
 def model_server(trained: Trained, log: Path, roots: tuple[Path, Path] | None, python: str = sys.executable,

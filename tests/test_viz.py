@@ -2,28 +2,14 @@
 
 import json
 import os
-import random
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
 
-from conftest import make_project_copy
-
-
-def _free_port() -> int:
-    """A free port below 49152: kedro-viz refuses the ephemeral range the OS would pick."""
-    for port in random.Random().sample(range(20000, 49000), 200):
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port found in 20000-49000")
+from conftest import free_port, make_project_copy
 
 
 def _wait_for_group_to_end(group: int, timeout_s: float = 30) -> None:
@@ -40,7 +26,7 @@ def _wait_for_group_to_end(group: int, timeout_s: float = 30) -> None:
 
 def test_kedro_viz_serves_the_graph(tmp_path):
     project = make_project_copy(tmp_path / "project")
-    port = _free_port()
+    port = free_port()
     kedro = str(Path(sys.executable).with_name("kedro"))
     # kedro-viz asks PyPI for a newer version at start-up: a proxy that refuses at once keeps the test
     # offline, and no slower than the network it would otherwise wait on.

@@ -13,13 +13,14 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import requests
+
+from conftest import free_port
 
 ORTHANC = shutil.which("Orthanc") or ("/usr/sbin/Orthanc" if os.path.exists("/usr/sbin/Orthanc") else None)
 PLUGIN_PATHS = ("/usr/share/orthanc/plugins/libOrthancDicomWeb.so", "/usr/lib/orthanc/libOrthancDicomWeb.so")
@@ -34,12 +35,6 @@ def missing() -> str | None:
     if PLUGIN is None:
         return "Orthanc's DICOMweb plugin (Debian's `orthanc-dicomweb`) is not installed: make dicom-tools"
     return None
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass
@@ -93,7 +88,7 @@ def start_orthanc(folder: Path, port: int | None = None) -> Orthanc:
     """Orthanc on `port` (a free one by default), storing in `folder`: started again on the same
     folder and port, it is the same server with what it held."""
     folder.mkdir(parents=True, exist_ok=True)
-    port = port or _free_port()
+    port = port or free_port()
     config = {
         "Name": "medseg-tests",
         "StorageDirectory": str(folder / "storage"),
