@@ -10,8 +10,8 @@ import pytest
 import tensorflow as tf
 from keras import layers
 
-from medseg.models import build_unet2d
-from medseg.models.normalization import FusedBatchNormalization, as_keras_layers
+from medseg.models import build_unet2d, build_unet3d
+from medseg.models.normalization import FusedBatchNormalization, as_keras_layers, inference_network
 from medseg.pipelines.evaluation import export_model
 
 
@@ -43,7 +43,8 @@ def _train_step(layer, x):
     return y, dx.numpy(), dgamma.numpy()
 
 
-@pytest.mark.parametrize("shape", [(4, 12, 10, 6), (2, 8, 6, 4, 5)], ids=["2d", "3d"])
+# 5 channels normalize in float32, 16 in bfloat16; a 3D activation goes to the kernel as 4D.
+@pytest.mark.parametrize("shape", [(4, 12, 10, 6), (2, 8, 6, 4, 5), (2, 6, 4, 4, 16)], ids=["2d", "3d", "3d-16"])
 def test_bfloat16_training_matches_keras_batch_normalization(shape):
     x = tf.constant((np.random.default_rng(0).normal(size=shape) * 3.0 + 1.0).astype("float32"))
     keras_layer, fused = _pair("mixed_bfloat16", shape)
@@ -90,3 +91,53 @@ def test_a_saved_unet_reloads_with_it_and_exports_with_keras_layers_only(tmp_pat
     x = np.random.default_rng(2).normal(size=(2, 16, 16, 1)).astype("float32")
     np.testing.assert_array_equal(exported.predict_on_batch(x), model.predict_on_batch(x))
     assert as_keras_layers(exported) is exported
+
+
+def _with_statistics(model: keras.Model, seed: int = 4) -> keras.Model:
+    """Non-trivial gamma, beta and moving statistics in every normalization, as training leaves them."""
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if isinstance(layer, layers.BatchNormalization):
+            c = layer.gamma.shape[0]
+            layer.set_weights([rng.uniform(0.5, 2.0, c), rng.normal(size=c) * 0.3, rng.normal(size=c) * 0.3,
+                               rng.uniform(0.5, 2.0, c)])
+    return model
+
+
+@pytest.mark.parametrize("build, shape", [
+    (lambda: build_unet2d((16, 16, 1), 4, 2), (3, 16, 16, 1)),
+    (lambda: build_unet3d((8, 8, 8, 1), 4, 2), (2, 8, 8, 8, 1)),
+], ids=["2d", "3d"])
+def test_the_inference_network_folds_each_normalization_into_its_convolution(build, shape):
+    model = _with_statistics(build())
+    x = np.random.default_rng(5).normal(size=shape).astype("float32")
+    before = model.predict_on_batch(x)
+    folded = inference_network(model)
+
+    assert not any(isinstance(layer, layers.BatchNormalization) for layer in folded.layers)
+    assert [layer.name for layer in folded.layers[1:]] == [layer.name for layer in model.layers[1:]]
+    convolutions = [layer for layer in folded.layers if isinstance(layer, (layers.Conv2D, layers.Conv3D))]
+    assert all(layer.use_bias for layer in convolutions)
+    np.testing.assert_allclose(folded.predict_on_batch(x), before, rtol=0, atol=1e-5)
+    # the model itself is untouched: it is what the segmenter saves and trains on
+    assert sum(isinstance(layer, layers.BatchNormalization) for layer in model.layers) == 10
+    np.testing.assert_array_equal(model.predict_on_batch(x), before)
+
+
+def test_the_inference_network_keeps_a_normalization_it_cannot_fold():
+    inputs = keras.Input((8, 8, 2))
+    activated = layers.Conv2D(3, 3, padding="same", activation="relu", name="activated")(inputs)
+    shared = layers.Conv2D(3, 3, padding="same", name="shared")(inputs)
+    outputs = layers.Concatenate()([
+        layers.BatchNormalization(name="after_relu")(activated),
+        layers.BatchNormalization(name="after_shared")(shared),
+        shared,  # a second consumer of the convolution: folding would change it
+    ])
+    model = _with_statistics(keras.Model(inputs, outputs))
+    assert inference_network(model) is model  # nothing to fold: the same model, no copy
+
+    folded_one = keras.Model(inputs, layers.BatchNormalization(name="plain")(layers.Conv2D(3, 1, name="conv")(inputs)))
+    _with_statistics(folded_one)
+    x = np.random.default_rng(6).normal(size=(2, 8, 8, 2)).astype("float32")
+    np.testing.assert_allclose(inference_network(folded_one).predict_on_batch(x), folded_one.predict_on_batch(x), atol=1e-5)
+    assert inference_network(object) is object  # a stand-in network passes through

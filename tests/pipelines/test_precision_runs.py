@@ -142,3 +142,33 @@ def test_the_logged_models_own_predict_agrees_with_the_segmenters_forward_pass(a
     theirs = np.asarray(logged.predict(slices, verbose=0))
     assert theirs.dtype == ours.dtype == np.float32
     np.testing.assert_allclose(theirs, ours, rtol=0, atol=PROBABILITY_ATOL[expected])
+
+
+def test_folding_the_normalizations_for_inference_keeps_the_masks_within_the_tolerance(auto_run, monkeypatch):
+    """The segmenter runs its network with each batch normalization folded into its convolution
+    (`inference_network`); in bfloat16 that rounds differently, so its masks are held to the
+    project's one tolerance against the network as trained, in the precision it trained in."""
+    import medseg.models.normalization as normalization
+    from medseg.inference import Segmenter
+    from medseg.inference.engines import mask_agreement
+
+    project, expected, _ = auto_run
+    folder = project / "data" / "06_models" / "unet" / "segmenter"
+    folded = Segmenter.load(folder)
+    scans = [folded.read_scan(project / "data" / "01_raw" / "synthetic" / "imagesTr" / f"{case}_0000.nii.gz")
+             for case in _evaluated_cases(project)]
+    masks = [folded.segment(scan).data for scan in scans]
+    assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in folded._network_on("tensorflow").layers)
+
+    monkeypatch.setattr(normalization, "inference_network", lambda model: model)
+    as_trained = Segmenter.load(folder)
+    assert _policies(as_trained.model) == ({expected}, "float32")
+    foreground = 0
+    for scan, mask in zip(scans, masks, strict=True):
+        reference = as_trained.segment(scan).data
+        foreground += int(reference.sum())
+        agreement = mask_agreement(reference, mask, folded.plan.class_values)
+        assert agreement["agree"], agreement
+        if expected == "float32":
+            assert agreement["dice"] >= 0.9999
+    assert foreground > 0

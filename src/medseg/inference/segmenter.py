@@ -218,10 +218,11 @@ class Segmenter:
         self._logged_shapes: set[tuple[int, ...]] = set()
 
     def __getstate__(self) -> dict[str, Any]:
-        """What a copy or a Dask worker gets: everything but the onnxruntime session and the
-        traced predictors, which do not pickle and are made again on first use."""
+        """What a copy or a Dask worker gets: everything but the onnxruntime session, the
+        inference network (the model with its normalizations folded) and the traced predictors,
+        which are made again on first use."""
         state = dict(self.__dict__)
-        state["_networks"] = {k: v for k, v in self._networks.items() if k != ONNXRUNTIME}
+        state["_networks"] = {TENSORFLOW: self.model} if self.model is not None else {}  # folded again on first use
         state["_predictors"], state["_session_of"] = {}, None
         return state
 
@@ -248,6 +249,10 @@ class Segmenter:
             if TENSORFLOW not in self._networks:
                 raise ConfigurationError(f"{self.plan.model_key}: loaded for onnxruntime only; load it again with engine "
                                          "tensorflow.")
+            if self._networks[TENSORFLOW] is self.model:  # folded once, on first use
+                from medseg.models.normalization import inference_network
+
+                self._networks[TENSORFLOW] = inference_network(self.model)
             return self._networks[TENSORFLOW]
         export = onnx_export_of(self.plan.model_key, self.onnx, self.parity)  # checked every time: the record may change
         if self._session_of is not export:

@@ -28,6 +28,7 @@ does that for the exported Keras model).
 from __future__ import annotations
 
 import keras
+import numpy as np
 import tensorflow as tf
 from keras import layers
 
@@ -37,6 +38,7 @@ _FUSED_RANKS = (4, 5)
 _HALF = {"bfloat16", "float16"}
 # Fewer channels than oneDNN's bfloat16 block: the fused kernel runs in float32 (module docstring).
 _NARROW_CHANNELS = 16
+_CONVOLUTIONS = (layers.Conv1D, layers.Conv2D, layers.Conv3D)
 
 
 @keras.saving.register_keras_serializable(package="medseg")
@@ -86,3 +88,67 @@ def as_keras_layers(model: keras.Model) -> keras.Model:
         return kind.from_config(layer.get_config())
 
     return clone_with_layers(model, clone)
+
+
+class _Folded(layers.Layer):
+    """Where a batch normalization was, once `inference_network` folded it into its convolution."""
+
+    def call(self, inputs, training=None, mask=None):
+        return inputs
+
+
+def inference_network(model: keras.Model) -> keras.Model:
+    """`model` as inference runs it: each batch normalization that follows a convolution (with
+    no activation of its own, and no other consumer) folded into that convolution's kernel and
+    bias, with the moving statistics: scale = gamma / sqrt(variance + epsilon), kernel × scale,
+    (bias − mean) × scale + beta.
+
+    The same function, without a pass over every activation: Keras's inference normalization
+    is a multiply and an add, and under a mixed-precision policy a cast to float32 and back
+    around them; folded, oneDNN fuses the bias and the ReLU into the convolution. Measured on
+    the AMD EPYC (`avx512_bf16`, 2 cores): a batch of four 64³ windows of the 3D U-Net 185 ->
+    129 ms in bfloat16 (261 -> 221 ms in float32), sixteen 96² slices of the 2D U-Net 130 ->
+    103 ms (211 -> 195 ms). In float32 the probabilities move by rounding (about 1e-7); in
+    bfloat16 the folded kernel is rounded to bfloat16 once, so masks stay within the project's
+    tolerance (`medseg.inference.engines.masks_agree`, tested on a trained segmenter).
+
+    A copy for inference only (never saved; the segmenter keeps and saves `model`). Anything
+    that is not a Keras model with such a pair (a stand-in network in a test) is returned as is.
+    """
+    if not isinstance(model, keras.Model):
+        return model
+    pairs = {}
+    for layer in model.layers:
+        if not isinstance(layer, layers.BatchNormalization) or len(layer._inbound_nodes) != 1:
+            continue
+        source = layer.input._keras_history.operation
+        if (isinstance(source, _CONVOLUTIONS) and source.activation is keras.activations.linear
+                and len(source._inbound_nodes) == 1 and len(source._outbound_nodes) == 1 and layer.axis in (-1, len(layer.input.shape) - 1)):
+            pairs[source.name] = layer
+    if not pairs:
+        return model
+    folded = {bn.name for bn in pairs.values()}
+
+    def clone(layer):
+        if layer.name in pairs:
+            return type(layer).from_config({**layer.get_config(), "use_bias": True})
+        if layer.name in folded:
+            return _Folded(name=layer.name, dtype=layer.dtype_policy)
+        return layer.__class__.from_config(layer.get_config())
+
+    copy = keras.models.clone_model(model, clone_function=clone)
+    for layer in model.layers:
+        if not layer.weights:  # the input layer, which the clone renames, and weightless layers
+            continue
+        target = copy.get_layer(layer.name)
+        if layer.name in pairs:
+            bn = pairs[layer.name]
+            kernel = keras.ops.convert_to_numpy(layer.kernel)
+            bias = keras.ops.convert_to_numpy(layer.bias) if layer.use_bias else 0.0
+            gamma = keras.ops.convert_to_numpy(bn.gamma) if bn.scale else 1.0
+            beta = keras.ops.convert_to_numpy(bn.beta) if bn.center else 0.0
+            scale = gamma / np.sqrt(keras.ops.convert_to_numpy(bn.moving_variance) + bn.epsilon)
+            target.set_weights([kernel * scale, (bias - keras.ops.convert_to_numpy(bn.moving_mean)) * scale + beta])
+        elif layer.name not in folded:
+            target.set_weights(layer.get_weights())
+    return copy
