@@ -37,7 +37,7 @@ over its RSS once the network is built: for the first call (TensorFlow traces th
 there), and in steady state (the peak mark reset through /proc/self/clear_refs). Torch uses
 `torch.set_num_threads(os.cpu_count())`, the pool TensorFlow sizes by default.
 
-Targets: medseg >= 1.0x MONAI on inference voxels/s and on training samples/s, each at its
+Targets: medseg >= 2.0x MONAI on inference voxels/s and on training samples/s, each at its
 fastest precision; metric parity |medseg - MONAI| / max(1, |MONAI|) <= 1e-6 wherever both
 define a value. MONAI computes in float32, so a distance in mm agrees to float32's relative
 resolution, not to 1e-6 mm; and its HD95 is compared after MONAI's own surface distances with
@@ -90,6 +90,7 @@ from medseg.patching.sliding_window import (  # noqa: E402
 MIB = 2**20
 BASE_FILTERS = 8  # build_unet3d's default width
 DEPTH = 4  # BasicUNet's fixed four poolings, and what the planner gives a 64^3 isotropic patch
+SPEED_TARGET = 2.0  # medseg / MONAI, inference voxels/s and training samples/s, each at its fastest (issue 39)
 PARITY_TOLERANCE = 1e-6
 STITCH_TOLERANCE = 1e-5
 
@@ -187,6 +188,7 @@ def measure_medseg(setup: Setup, precision: str) -> dict:
 
     from medseg.inference.windows import window_predictor
     from medseg.models import build_unet3d, compile_segmentation_model
+    from medseg.models.normalization import inference_network
     from medseg.models.precision import dtype_policy
     from medseg.models.training import seconds_per_training_step
 
@@ -195,7 +197,7 @@ def measure_medseg(setup: Setup, precision: str) -> dict:
     with dtype_policy(precision):
         model = build_unet3d((*setup.window, 1), base_filters=BASE_FILTERS, depth=DEPTH)
     compile_segmentation_model(model, "adam", setup.learning_rate, "bce+dice")
-    predict = window_predictor(model)
+    predict = window_predictor(inference_network(model))  # as the segmenter runs it: normalizations folded
 
     def sliding():
         return sliding_window_predict(
@@ -591,8 +593,8 @@ def main() -> int:
 
     return report_targets(
         [
-            Target(f"inference voxels/s medseg ({ours_infer_p}) / MONAI ({theirs_infer_p})", inference_ratio, ">=", 1.0),
-            Target(f"training samples/s medseg ({ours_train_p}) / MONAI ({theirs_train_p})", training_ratio, ">=", 1.0),
+            Target(f"inference voxels/s medseg ({ours_infer_p}) / MONAI ({theirs_infer_p})", inference_ratio, ">=", SPEED_TARGET),
+            Target(f"training samples/s medseg ({ours_train_p}) / MONAI ({theirs_train_p})", training_ratio, ">=", SPEED_TARGET),
             Target("metric parity |diff| / max(1, |MONAI|) where both define a value", worst_scaled, "<=", PARITY_TOLERANCE),
             Target("stitching on the same weights, max abs difference", same_map, "<=", STITCH_TOLERANCE),
         ]
