@@ -185,6 +185,7 @@ def measure_precision(
     Returns:
         (the measurement, the check model trained in `precision`, its initial weights).
     """
+    from medseg.models.normalization import inference_network
     from medseg.models.training import seconds_per_training_step
 
     with dtype_policy(precision):
@@ -194,17 +195,18 @@ def measure_precision(
     start_weights = model.get_weights()
     x, y = check_batch(model.input_shape, model.output_shape, batch_size, seed=0)
     train_seconds = seconds_per_training_step(model, batch_size, data=(x, y))
-    infer_seconds = seconds_per_inference_batch(model, x)
+    # Inference is timed and checked on the network as the segmenter runs it: normalizations folded.
+    infer_seconds = seconds_per_inference_batch(inference_network(model), x)
     model.set_weights(start_weights)
     x_check, y_check = check_batch(model.input_shape, model.output_shape, min(CHECK_BATCH, batch_size), seed=1)
     x_held, y_held = check_batch(model.input_shape, model.output_shape, min(CHECK_BATCH, batch_size), seed=2)
     for _ in range(CHECK_STEPS):
         model.train_on_batch(x_check, y_check)
-    train_dice = check_dice(model, x_held, y_held)
+    train_dice = check_dice(inference_network(model), x_held, y_held)
     if float32_model is None:
         infer_dice = train_dice
     else:
-        infer_dice = check_dice(with_precision(float32_model, precision), x_held, y_held)
+        infer_dice = check_dice(inference_network(with_precision(float32_model, precision)), x_held, y_held)
     return PrecisionMeasurement(train_seconds, infer_seconds, train_dice, infer_dice), model, start_weights
 
 
