@@ -1,5 +1,6 @@
 """How close the networks run to this machine's attainable peak, in each precision medseg runs
-(a roofline, measured in one run; every figure the median of `--repeats` timings, 3 by default).
+(a roofline, measured in one run; every figure the median of `--repeats` timings, 3 by default,
+each the mean of as many calls as take a quarter of a second).
 
 1. The peaks, measured here in float32 and in bfloat16 (where the CPU has bfloat16 units, or
    with `--bf16`, emulated): a large matmul (2048³, `tf.linalg.matmul`), and each model's
@@ -41,6 +42,7 @@ About 5 minutes on 2 CPU cores.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import sys
@@ -89,15 +91,20 @@ def dominant_conv(model: keras.Model) -> keras.layers.Layer:
     return max((layer for layer in model.layers if isinstance(layer, CONV)), key=layer_flops)
 
 
-def median_seconds(call, repeats: int) -> float:
-    """The median of `repeats` calls after two warm-ups (tracing excluded)."""
+def median_seconds(call, repeats: int, min_seconds: float = 0.25) -> float:
+    """Seconds per call: the median of `repeats` timings after two warm-ups (tracing excluded),
+    each timing the mean of as many consecutive calls as take about `min_seconds` (as `timeit`
+    does), so that a millisecond layer is not timed by one noisy call."""
     call()
+    start = time.perf_counter()
     call()
+    calls = max(1, math.ceil(min_seconds / max(time.perf_counter() - start, 1e-6)))
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
+        for _ in range(calls):
+            call()
+        times.append((time.perf_counter() - start) / calls)
     return statistics.median(times)
 
 
