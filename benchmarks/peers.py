@@ -45,7 +45,10 @@ the percentile taken in float64, since `torch.quantile` in float32 rounds the in
 point itself (the metric object's own difference is printed beside it). The two engines on one
 Gaussian map agree to 1e-5. Exits 1 on a miss and prints where medseg loses.
 
-Run: .venv-peers/bin/python benchmarks/peers.py [--quick] [--repeats 3] [--memory-gb 4]
+Every speed figure is the median of `--runs` (3) runs, each side and precision in a fresh process
+per run, the sides taking turns.
+
+Run: .venv-peers/bin/python benchmarks/peers.py [--quick] [--runs 3] [--repeats 3] [--memory-gb 4]
 It needs the `peers` extra (torch, MONAI) in its own environment:
   python3 -m venv .venv-peers && .venv-peers/bin/pip install -e '.[cpu,peers]'
 """
@@ -302,6 +305,16 @@ def measure_monai(setup: Setup, precision: str, probe_precisions: tuple[str, ...
     return result
 
 
+def median_of_runs(runs: list[dict]) -> dict:
+    """One side's figures over its runs: the median of each number, the first run's other values
+    (its memory layout, probe, parameter counts)."""
+    merged = dict(runs[0])
+    for key, value in runs[0].items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            merged[key] = statistics.median(run[key] for run in runs)
+    return merged
+
+
 def in_fresh_process(function: Callable, *args) -> dict:
     """`function(*args)` in a newly spawned interpreter: one framework per process."""
     with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
@@ -487,6 +500,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="a 96x96x64 volume, one repeat, two training steps")
     parser.add_argument("--repeats", type=int, default=None, help="warm sliding-window calls per side (default 3, quick 1)")
     parser.add_argument("--memory-gb", type=float, default=4.0, help="planning.memory_gb, for medseg's inference batch")
+    parser.add_argument("--runs", type=int, default=None,
+                        help="fresh processes per side and precision; each figure is their median (default 3, quick 1)")
     args = parser.parse_args()
     missing = [name for name in ("torch", "monai") if importlib.util.find_spec(name) is None]
     if missing:
@@ -521,17 +536,22 @@ def main() -> int:
           f"planning.memory_gb={args.memory_gb:g}), training batch {setup.train_batch}, {setup.repeats} repeats; poolings_per_axis plans {planned_depth} stages for "
           f"this window at 1 mm")
 
-    results = {}
-    for precision in precision_candidates("auto"):
-        print(f"  measuring medseg {precision} ...", flush=True)
-        results["medseg", precision] = in_fresh_process(measure_medseg, setup, precision)
-    print("  measuring MONAI float32 ...", flush=True)
-    results["MONAI", "float32"] = in_fresh_process(measure_monai, setup, "float32", ("bfloat16",) if bf16 else ())
-    probe_s = results["MONAI", "float32"]["probe_s"]
-    fastest_policy, _ = min(probe_s, key=probe_s.get)
-    if fastest_policy == "bfloat16":
-        print("  measuring MONAI bfloat16 ...", flush=True)
-        results["MONAI", "bfloat16"] = in_fresh_process(measure_monai, setup, "bfloat16")
+    runs = args.runs or (1 if args.quick else 3)
+    every: dict[tuple[str, str], list[dict]] = {}
+    for run in range(runs):  # the sides take turns, so a slow spell of the machine falls on both
+        print(f"  run {run + 1} of {runs}:", flush=True)
+        for precision in precision_candidates("auto"):
+            print(f"    measuring medseg {precision} ...", flush=True)
+            every.setdefault(("medseg", precision), []).append(in_fresh_process(measure_medseg, setup, precision))
+        print("    measuring MONAI float32 ...", flush=True)
+        every.setdefault(("MONAI", "float32"), []).append(
+            in_fresh_process(measure_monai, setup, "float32", ("bfloat16",) if bf16 and run == 0 else ()))
+        probe_s = every["MONAI", "float32"][0]["probe_s"]
+        fastest_policy, _ = min(probe_s, key=probe_s.get)
+        if fastest_policy == "bfloat16":
+            print("    measuring MONAI bfloat16 ...", flush=True)
+            every.setdefault(("MONAI", "bfloat16"), []).append(in_fresh_process(measure_monai, setup, "bfloat16"))
+    results = {key: median_of_runs(values) for key, values in every.items()}
 
     ours, theirs = results["medseg", "float32"], results["MONAI", "float32"]
     print(f"\nnetworks: medseg build_unet3d(base_filters={BASE_FILTERS}, depth={DEPTH}): {ours['trainable']:,} trainable "
@@ -568,7 +588,13 @@ def main() -> int:
     inference_ratio = theirs_infer["sliding_s"] / ours_infer["sliding_s"]
     training_ratio = theirs_train["train_step_s"] / ours_train["train_step_s"]
     print(f"\nfastest: inference medseg {ours_infer_p} / MONAI {theirs_infer_p}: {inference_ratio:.2f}x voxels/s; "
-          f"training medseg {ours_train_p} / MONAI {theirs_train_p}: {training_ratio:.2f}x samples/s")
+          f"training medseg {ours_train_p} / MONAI {theirs_train_p}: {training_ratio:.2f}x samples/s "
+          f"(the medians of {runs} runs)")
+    if runs > 1:
+        pairs = zip(every["MONAI", theirs_infer_p], every["medseg", ours_infer_p], every["MONAI", theirs_train_p],
+                    every["medseg", ours_train_p])
+        print("  each run: " + "; ".join(f"inference {a['sliding_s'] / b['sliding_s']:.2f}x, training "
+                                         f"{c['train_step_s'] / d['train_step_s']:.2f}x" for a, b, c, d in pairs))
     if inference_ratio < 1.0:
         print(f"where medseg loses on inference: network {ours_infer['network_s']:.3f} s vs MONAI's {theirs_infer['network_s']:.3f} s, "
               f"engine {ours_infer['sliding_s'] - ours_infer['network_s']:.3f} s vs {theirs_infer['sliding_s'] - theirs_infer['network_s']:.3f} s")
