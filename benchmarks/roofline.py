@@ -3,7 +3,7 @@
 each the mean of as many calls as take a quarter of a second).
 
 1. The peaks, measured here in float32 and in bfloat16 (where the CPU has bfloat16 units, or
-   with `--bf16`, emulated): a large matmul (2048³, `tf.linalg.matmul`), and each model's
+   with `--bf16`, emulated; on a GPU also float16, a path not yet run): a large matmul (2048³, `tf.linalg.matmul`), and each model's
    dominant convolution alone (the same layer, batch and channels the model runs).
 2. Each model (the 2D and 3D U-Nets at the sizes the planner gives the default phantoms,
    `benchmarks/precision.py`), per convolution (plain and transposed), timed alone at its own
@@ -260,7 +260,9 @@ def main() -> int:
     print(f"{cpu_name()}, {os.cpu_count()} cores, bfloat16 units: {'yes' if units else 'no'}; TensorFlow {tf.__version__}; "
           f"every figure the median of {args.repeats} timings")
 
-    dtypes = [("float32", tf.float32)] + ([("bfloat16", tf.bfloat16)] if args.bf16 or units else [])
+    gpu = bool(tf.config.list_physical_devices("GPU"))  # there float16 too (not run yet: no GPU was lent)
+    dtypes = ([("float32", tf.float32)] + ([("bfloat16", tf.bfloat16)] if args.bf16 or units or gpu else [])
+              + ([("float16", tf.float16)] if gpu else []))
     names = [name for name, _ in dtypes]
     peaks = {name: matmul_peak(dtype, args.repeats) for name, dtype in dtypes}
     for name, value in peaks.items():
@@ -290,7 +292,7 @@ def main() -> int:
             for what, rate, bound in (("training step", train, train_bound), ("inference", infer, infer_bound)):
                 print(f"  {dtype:<9} {what:<13} {rate:7.1f} GFLOP/s = {rate / peaks[dtype]:4.0%} of the {dtype} matmul peak, "
                       f"{rate / bound:4.0%} of the per-layer bound ({bound:.1f} GFLOP/s = {bound / peaks[dtype]:.0%} of the peak)")
-            if dtype == "bfloat16" and units:
+            if dtype == "bfloat16" and units and not gpu:  # issue 39's targets are the CPU's
                 targets += [precision_target(name, "training", train, peaks[dtype], train_bound),
                             precision_target(name, "inference", infer, peaks[dtype], infer_bound)]
         print(f"  float32 training step = {results[name, 'float32']['train'] / conv['float32']:.0%} of its dominant "
