@@ -145,11 +145,6 @@ def layer_seconds(layer: keras.layers.Layer, batch: int, dtype: str, repeats: in
             median_seconds(lambda: [g.numpy() for g in both()], repeats))
 
 
-def conv_peak(layer: keras.layers.Layer, batch: int, dtype: str, repeats: int) -> float:
-    """Forward GFLOP/s of the model's own dominant convolution alone, at its input shape and batch."""
-    return layer_flops(layer) * batch / layer_seconds(layer, batch, dtype, repeats)[0] / 1e9
-
-
 def layer_table(model: keras.Model, batch: int, dtypes: list[str], repeats: int) -> list[dict]:
     """Per convolution of `model` (plain and transposed), in each precision: its forward and
     forward + backward GFLOP/s timed alone at its own shape and batch, and its share of the sum
@@ -273,13 +268,14 @@ def main() -> int:
         "3D U-Net": (lambda: build_unet3d((*patch, 1), 8, len(pools), pool_sizes=pools), min(16, patches["batch_size"]),
                      "x".join(map(str, patch))),
     }
-    results, targets = {}, []
+    results, targets, models = {}, [], {}
     for name, (build, batch, shape) in builders.items():
-        model = build()
+        model = models[name] = build()
         rows = layer_table(model, batch, names, args.repeats)
         print_layer_table(f"{name} {shape}, batch {batch}", rows, names, peaks)
         layer = dominant_conv(model)
-        conv = {dtype: conv_peak(layer, batch, dtype, args.repeats) for dtype in names}
+        (dominant,) = [row for row in rows if row["layer"] == layer.name]  # its forward rate, timed in the table
+        conv = {dtype: dominant[dtype]["gflops"] for dtype in names}
         print(f"\n{name} {shape}, batch {batch}: {forward_flops(model) / 1e9:.3f} GFLOP forward per sample; "
               f"dominant convolution {layer.name} {tuple(layer.kernel.shape)} on {tuple(layer.input.shape[1:])}: "
               + ", ".join(f"{d} {v:.1f} GFLOP/s" for d, v in conv.items()))
@@ -298,7 +294,7 @@ def main() -> int:
         print(f"  float32 training step = {results[name, 'float32']['train'] / conv['float32']:.0%} of its dominant "
               f"convolution's forward rate, inference {results[name, 'float32']['infer'] / conv['float32']:.0%}")
 
-    seconds, share = segment_share(build_unet3d((*patch, 1), 8, len(pools), pool_sizes=pools), patch, len(pools))
+    seconds, share = segment_share(models["3D U-Net"], patch, len(pools))
     print(f"\nSegmenter.segment, 3D U-Net, 256x256x160 at 1 mm, overlap 0.5: {seconds:.1f} s per scan, "
           f"network {share:.0%} of it")
     return report_targets([

@@ -19,7 +19,9 @@ EPYC with `avx512_bf16`, 2 cores; the profiler's `FusedBatchNormGradV3` was 20 %
   as 4D, casts included. So narrow layers normalize in float32 and cast back.
 
 Only that path changes: float32 layers, inference (the moving statistics) and masked inputs
-run Keras's own code, so float32 training and every prediction are unchanged, bit for bit. The
+run Keras's own code, so float32 training and the layer's predictions are unchanged, bit for
+bit. (The segmenter predicts with `inference_network`, which folds each normalization into
+its convolution: the same function up to rounding.) The
 weights (gamma, beta, moving mean and variance) and the configuration are Keras's, so a
 trained model's weights load into a plain `keras.layers.BatchNormalization` (`as_keras_layers`
 does that for the exported Keras model).
@@ -122,8 +124,12 @@ def inference_network(model: keras.Model) -> keras.Model:
         if not isinstance(layer, layers.BatchNormalization) or len(layer._inbound_nodes) != 1:
             continue
         source = layer.input._keras_history.operation
-        if (isinstance(source, _CONVOLUTIONS) and source.activation is keras.activations.linear
-                and len(source._inbound_nodes) == 1 and len(source._outbound_nodes) == 1 and layer.axis in (-1, len(layer.input.shape) - 1)):
+        foldable = (
+            isinstance(source, _CONVOLUTIONS) and source.activation is keras.activations.linear
+            and len(source._inbound_nodes) == 1 and len(source._outbound_nodes) == 1  # used once, by this layer
+            and layer.axis in (-1, len(layer.input.shape) - 1)
+        )
+        if foldable:
             pairs[source.name] = layer
     if not pairs:
         return model
