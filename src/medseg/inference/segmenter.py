@@ -552,7 +552,8 @@ def _load_network(path: Path) -> keras.Model:
     """
     import keras
 
-    from medseg.models.normalization import FusedBatchNormalization  # noqa: F401 (registered for keras.models.load_model)
+    from medseg.models.convolution import NarrowConv3D  # noqa: F401 (registered for keras.models.load_model)
+    from medseg.models.normalization import FusedBatchNormalization  # noqa: F401 (likewise)
 
     stat = path.stat()
     key = (str(path.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)

@@ -35,6 +35,7 @@ import tensorflow as tf
 from keras import layers
 
 from medseg.models.cloning import clone_with_layers
+from medseg.models.convolution import NarrowConv3D
 
 _FUSED_RANKS = (4, 5)
 _HALF = {"bfloat16", "float16"}
@@ -79,15 +80,23 @@ class FusedBatchNormalization(layers.BatchNormalization):
         return tf.cast(outputs, self.compute_dtype)
 
 
+def _keras_class(layer: layers.Layer) -> type[layers.Layer] | None:
+    """The Keras layer a medseg layer computes (same config, weights and outputs), or None."""
+    if isinstance(layer, FusedBatchNormalization):
+        return layers.BatchNormalization
+    if isinstance(layer, NarrowConv3D):
+        return layers.Conv3D
+    return None
+
+
 def as_keras_layers(model: keras.Model) -> keras.Model:
-    """A copy of `model` with every `FusedBatchNormalization` a plain Keras one (same config and
-    weights): a model that loads with Keras alone."""
-    if not any(isinstance(layer, FusedBatchNormalization) for layer in model.layers):
+    """A copy of `model` with every medseg layer (`FusedBatchNormalization`, `NarrowConv3D`) the
+    plain Keras one it computes (same config and weights): a model that loads with Keras alone."""
+    if not any(_keras_class(layer) for layer in model.layers):
         return model
 
     def clone(layer):
-        kind = layers.BatchNormalization if isinstance(layer, FusedBatchNormalization) else layer.__class__
-        return kind.from_config(layer.get_config())
+        return (_keras_class(layer) or layer.__class__).from_config(layer.get_config())
 
     return clone_with_layers(model, clone)
 
@@ -136,11 +145,14 @@ def inference_network(model: keras.Model) -> keras.Model:
     folded = {bn.name for bn in pairs.values()}
 
     def clone(layer):
+        # medseg's layers differ from Keras's in training only: the copy has Keras's (so the
+        # forward graph is the one oneDNN fuses, convolution, bias and ReLU).
+        kind = _keras_class(layer) or type(layer)
         if layer.name in pairs:
-            return type(layer).from_config({**layer.get_config(), "use_bias": True})
+            return kind.from_config({**layer.get_config(), "use_bias": True})
         if layer.name in folded:
             return _Folded(name=layer.name, dtype=layer.dtype_policy)
-        return layer.__class__.from_config(layer.get_config())
+        return kind.from_config(layer.get_config())
 
     copy = keras.models.clone_model(model, clone_function=clone)
     for layer in model.layers:
