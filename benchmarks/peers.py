@@ -558,7 +558,8 @@ def main() -> int:
           f"(+{ours['other_weights']:,} BatchNorm moving statistics)")
     print(f"          MONAI BasicUNet(features={basic_unet_features(BASE_FILTERS)}, norm=batch, act=relu): "
           f"{theirs['trainable']:,} trainable (+{theirs['other_weights']:,} BatchNorm running statistics)")
-    print("          (BasicUNet's last up-convolution keeps 16 channels where medseg's halves them to 8: "
+    print("          (BasicUNet's last up-convolution keeps 16 channels where medseg's halves them to 8, and its "
+          "convolutions have biases, which medseg's 3D U-Net leaves out before a normalization: "
           f"{theirs['trainable'] - ours['trainable']:+,})")
     probe = ", ".join(f"{policy} {layout} {seconds:.3f} s" for (policy, layout), seconds in probe_s.items())
     print(f"MONAI forward pass of one batch of {setup.train_batch}: {probe}; torch threads {theirs['threads']}")
