@@ -27,7 +27,8 @@ import keras
 import tensorflow as tf
 from keras import layers
 
-# oneDNN's channel block for bfloat16 (and float32 on AVX-512): fewer output channels are padded to it.
+# oneDNN's channel block for bfloat16 (and float32 on AVX-512): fewer output channels are padded
+# to it (the timings per layer: benchmarks/README.md, "The figures behind constants in the code").
 _CHANNEL_BLOCK = 16
 
 
