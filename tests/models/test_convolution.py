@@ -99,6 +99,15 @@ def test_every_other_convolution_is_keras_own(channels_in, channels_out, kwargs)
     assert not valid._swaps()
 
 
+def test_where_a_gpu_is_visible_every_convolution_is_keras_own(monkeypatch):
+    layer = NarrowConv3D(8, 3, padding="same")
+    layer.build((1, 8, 8, 8, 16))
+    assert layer._swaps()
+    real = tf.config.list_physical_devices
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: ["GPU:0"] if kind == "GPU" else real(kind))
+    assert not layer._swaps()
+
+
 def test_the_3d_unet_blocks_use_it_the_2d_unet_and_heads_do_not(tmp_path, monkeypatch):
     model = build_unet3d((8, 8, 8, 1), 4, 2)
     narrow = [layer.name for layer in model.layers if isinstance(layer, NarrowConv3D)]

@@ -15,10 +15,11 @@ step. Measured alone on the AMD EPYC (`avx512_bf16`, no AMX; 2 cores), a batch o
 patches: the weight gradient of 16 → 8 channels 50.5 ms, the same gradient through 8 → 16
 25.2 ms; 8 → 8 21.1 / 21.3 ms; 32 → 16 at 32³ 10.5 / 10.9 ms; 1 → 8 4.6 / 21.1 ms. So only a
 layer with fewer output channels than input channels, and fewer than 16 of them, takes the
-other way (`_swaps`); every other convolution and both other gradients (the input's, and the
-forward pass) are Keras's own. The two ways agree to the rounding of the dtype (tested), and the
-layer's weights, configuration and predictions are Keras's `Conv3D`, so `as_keras_layers` turns
-it back into one for an export.
+other way (`_swaps`), and only where no GPU is visible (cuDNN's kernels were not measured);
+every other convolution and both other gradients (the input's, and the forward pass) are
+Keras's own. The two ways agree to the rounding of the dtype (tested), and the layer's weights,
+configuration and predictions are Keras's `Conv3D`, so `as_keras_layers` turns it back into one
+for an export.
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ class NarrowConv3D(layers.Conv3D):
         channels_in, channels_out = self.kernel.shape[-2], self.kernel.shape[-1]
         return (
             keras.backend.backend() == "tensorflow"
+            and not tf.config.list_physical_devices("GPU")  # measured with oneDNN only (module docstring)
             and self.padding == "same" and self.data_format == "channels_last" and self.groups == 1
             and all(k % 2 == 1 for k in kernel) and tuple(self.strides) == (1, 1, 1)
             and tuple(self.dilation_rate) == (1, 1, 1)
