@@ -16,11 +16,19 @@ from medseg.models.convolution import NarrowConv3D
 from medseg.models.normalization import as_keras_layers
 
 
+@pytest.fixture(autouse=True)
+def no_gpu(monkeypatch):
+    """The swap is for oneDNN: these tests see no GPU, whichever TensorFlow build runs them."""
+    real = tf.config.list_physical_devices
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: [] if kind == "GPU" else real(kind))
+
+
 def _pair(channels_in: int, channels_out: int, dtype: str = "float32", **kwargs):
     """Keras's Conv3D and NarrowConv3D with the same (non-trivial) weights."""
     shape = (2, 7, 6, 5, channels_in)
-    keras_layer = layers.Conv3D(channels_out, 3, padding="same", dtype=dtype, **kwargs)
-    narrow = NarrowConv3D(channels_out, 3, padding="same", dtype=dtype, **kwargs)
+    kwargs = {"kernel_size": 3, **kwargs}
+    keras_layer = layers.Conv3D(channels_out, padding="same", dtype=dtype, **kwargs)
+    narrow = NarrowConv3D(channels_out, padding="same", dtype=dtype, **kwargs)
     keras_layer.build(shape)
     narrow.build(shape)
     rng = np.random.default_rng(1)
@@ -56,8 +64,9 @@ def _swapped_calls(monkeypatch) -> list:
     return calls
 
 
-def test_a_narrowing_layer_has_keras_outputs_and_gradients_through_the_swapped_convolution(monkeypatch):
-    keras_layer, narrow, x = _pair(16, 8)
+@pytest.mark.parametrize("kernel_size", [(3, 3, 3), (5, 3, 1)], ids=["3x3x3", "5x3x1"])
+def test_a_narrowing_layer_has_keras_outputs_and_gradients_through_the_swapped_convolution(monkeypatch, kernel_size):
+    keras_layer, narrow, x = _pair(16, 8, kernel_size=kernel_size)
     assert narrow._swaps()
     calls = _swapped_calls(monkeypatch)
     y_keras, dx_keras, dkernel_keras = _gradients(keras_layer, x)
@@ -72,10 +81,12 @@ def test_a_narrowing_layer_has_keras_outputs_and_gradients_through_the_swapped_c
     assert np.abs(dkernel_keras - np.flip(dkernel_keras, axis=(0, 1, 2))).max() > 0.1 * np.abs(dkernel_keras).max()
 
 
-def test_in_bfloat16_the_kernel_gradient_agrees_to_bfloat16s_rounding():
+def test_in_bfloat16_the_kernel_gradient_agrees_to_bfloat16s_rounding(monkeypatch):
     keras_layer, narrow, x = _pair(12, 4, "mixed_bfloat16")
     _, _, dkernel_keras = _gradients(keras_layer, x)
+    calls = _swapped_calls(monkeypatch)
     _, _, dkernel_narrow = _gradients(narrow, x)
+    assert calls == [((2, 7, 6, 5, 12), (2, 7, 6, 5, 4))]  # in bfloat16, the swapped way
     assert dkernel_narrow.dtype == np.float32  # the variable's gradient, as Keras gives it
     # bfloat16 keeps 8 bits of mantissa; the two ways round 30 x 7 x 6 x 5 products in other orders.
     np.testing.assert_allclose(dkernel_narrow, dkernel_keras, rtol=0.03, atol=0.02 * np.abs(dkernel_keras).max())
