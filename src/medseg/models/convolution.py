@@ -33,31 +33,29 @@ from keras import layers
 _CHANNEL_BLOCK = 16
 
 
+_UNIT_STRIDES = [1, 1, 1, 1, 1]
+
+
 def _kernel_gradient_swapped(x, dy, kernel_shape):
     """dW of a "same", unit-stride 3D convolution from x (B, X, Y, Z, i) and dy (B, X, Y, Z, o),
     through the kernel gradient of the swapped convolution (module docstring)."""
     *spatial, channels_in, channels_out = kernel_shape
     swapped = tf.raw_ops.Conv3DBackpropFilterV2(
-        input=dy, filter_sizes=[*spatial, channels_out, channels_in], out_backprop=x,
-        strides=[1, 1, 1, 1, 1], padding="SAME",
+        input=dy, filter_sizes=[*spatial, channels_out, channels_in], out_backprop=x, strides=_UNIT_STRIDES, padding="SAME"
     )
     return tf.transpose(tf.reverse(swapped, axis=[0, 1, 2]), [0, 1, 2, 4, 3])
 
 
+@tf.custom_gradient
 def _convolve(x, kernel):
-    @tf.custom_gradient
-    def convolve(x, kernel):
-        y = tf.nn.conv3d(x, kernel, strides=[1, 1, 1, 1, 1], padding="SAME")
+    """Keras's "same", unit-stride convolution, with the kernel gradient taken the swapped way."""
+    def gradient(dy):
+        dx = tf.raw_ops.Conv3DBackpropInputV2(
+            input_sizes=tf.shape(x), filter=kernel, out_backprop=dy, strides=_UNIT_STRIDES, padding="SAME"
+        )
+        return dx, _kernel_gradient_swapped(x, dy, kernel.shape)
 
-        def gradient(dy):
-            dx = tf.raw_ops.Conv3DBackpropInputV2(
-                input_sizes=tf.shape(x), filter=kernel, out_backprop=dy, strides=[1, 1, 1, 1, 1], padding="SAME"
-            )
-            return dx, _kernel_gradient_swapped(x, dy, kernel.shape)
-
-        return y, gradient
-
-    return convolve(x, kernel)
+    return tf.nn.conv3d(x, kernel, strides=_UNIT_STRIDES, padding="SAME"), gradient
 
 
 @keras.saving.register_keras_serializable(package="medseg")

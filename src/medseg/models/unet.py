@@ -23,8 +23,8 @@ convolution's window overlaps the volume's edge, and its gradient (a reduction o
 full-resolution voxel) and its addition took 18 ms of a 500 ms step. The 3D blocks'
 convolutions are `NarrowConv3D` (medseg.models.convolution): Keras's Conv3D, whose kernel
 gradient in a layer narrowing to fewer than 16 channels takes the way that oneDNN runs twice as
-fast. The multi-class head gives channel 0 to the background and channel k to foreground class k, the layout nnU-Net and MONAI use; its
-channels sum to 1 at every voxel.
+fast. The multi-class head gives channel 0 to the background and channel k to foreground class
+k, the layout nnU-Net and MONAI use; its channels sum to 1 at every voxel.
 
 All convolutions use "same" padding, so the output has the input's spatial shape as long
 as every spatial size is divisible by 2^depth (each pooling halves it, each transposed
